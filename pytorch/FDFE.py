@@ -830,13 +830,19 @@ class _Step:
 
 
 class _CallStep(_Step):
-    """Applies the recorded function itself to dense values (ops that act per pixel)."""
+    """Applies the recorded function itself to dense values (ops that act per pixel).
+
+    In-place variants are used only where the input is not needed afterwards (``overwrite``),
+    so a user's in-place op never changes the padded image or a value read later.
+    """
 
     def __init__(self, node, func=None, args=None, kwargs=None):
         super().__init__(node.in_slots, node.out_slots, node.name)
         self.func = func or node.func
         self.args = node.args if args is None else args
         self.kwargs = node.kwargs if kwargs is None else kwargs
+        self.func_inplace, self.func_copy = _inplace_variants(self.func)
+        self.overwrite = False  # set by DenseFeatureNet once it knows which values are read later
 
     def run(self, values, net):
         env = dict(zip(self.inputs, values))
@@ -847,8 +853,35 @@ class _CallStep(_Step):
             if isinstance(v, (_Param, _Const)):
                 return net._resolve(v)
             return v
-        out = self.func(*_map_structure(self.args, sub), **_map_structure(self.kwargs, sub))
+        args, kwargs = _map_structure(self.args, sub), _map_structure(self.kwargs, sub)
+        func = self.func_inplace if self.overwrite else self.func_copy
+        if func is _WITH_INPLACE_FLAG:
+            func, kwargs = self.func, dict(kwargs, inplace=self.overwrite)
+        out = func(*args, **kwargs)
         return [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
+
+
+_WITH_INPLACE_FLAG = object()
+_INPLACE_TWINS = {torch.tanh: torch.tanh_, torch.sigmoid: torch.sigmoid_, torch.relu: torch.relu_,
+                  torch.Tensor.tanh: torch.Tensor.tanh_, torch.Tensor.sigmoid: torch.Tensor.sigmoid_,
+                  torch.Tensor.relu: torch.Tensor.relu_}
+
+
+def _inplace_variants(func):
+    """(in-place version, out-of-place version) of an element-wise function."""
+    try:
+        import inspect
+        if "inplace" in inspect.signature(func).parameters:
+            return _WITH_INPLACE_FLAG, _WITH_INPLACE_FLAG
+    except (TypeError, ValueError):
+        pass
+    if func in _INPLACE_TWINS:
+        return _INPLACE_TWINS[func], func
+    name = getattr(func, "__name__", "")
+    if name.endswith("_") and not name.endswith("__") and hasattr(torch.Tensor, name[:-1]) \
+            and getattr(torch.Tensor, name, None) is func:
+        return func, getattr(torch.Tensor, name[:-1])
+    return func, func
 
 
 class _PoolStep(_Step):
@@ -1333,6 +1366,10 @@ class DenseFeatureNet(nn.Module):
                 last_use[s] = i
         self._free_after = [[s for s in step.inputs if last_use.get(s) == i and s != output_slot]
                             for i, step in enumerate(steps)]
+        for step, free in zip(steps, self._free_after):
+            if isinstance(step, _CallStep):
+                # slot 0 is the padded image (a view of it when tiling): never overwritten
+                step.overwrite = len(step.inputs) == 1 and step.inputs[0] in free and step.inputs[0] != 0
 
     def _resolve(self, ref):
         if isinstance(ref, _Param):
@@ -1351,9 +1388,12 @@ class DenseFeatureNet(nn.Module):
             (N, C, H' + pH - 1, W' + pW - 1) -> (M * N, K, >= H'/SH, >= W'/SW).
         """
         values = {0: padded}
+        layout = self.memory_format
         for step, free in zip(self.steps, self._free_after):
             outs = step.run([values[s] for s in step.inputs], self)
             for s, v in zip(step.outputs, outs):
+                if layout == torch.channels_last and v.dim() == 4 and not _is_channels_last(v) and v.shape[1] > 1:
+                    v = v.contiguous(memory_format=layout)  # a 1-channel input leaves convs in NCHW
                 values[s] = v
             for s in free:
                 values.pop(s, None)
@@ -1387,9 +1427,9 @@ class DenseFeatureNet(nn.Module):
             hp, wp = -(-h // sh) * sh, -(-w // sw) * sw
             part = self._dense(padded[:, :, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1], h, w)
             if out is None:
-                out = part.new_empty((padded.shape[0], part.shape[1], height, width),
-                                     memory_format=torch.channels_last if _is_channels_last(part)
-                                     else torch.contiguous_format)
+                out = torch.empty((padded.shape[0], part.shape[1], height, width), dtype=part.dtype,
+                                  device=part.device, memory_format=torch.channels_last
+                                  if _is_channels_last(part) else torch.contiguous_format)
             out[:, :, y0:y0 + h, x0:x0 + w] = part
             if bar is not None:
                 bar.update(1)
