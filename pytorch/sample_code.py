@@ -70,10 +70,10 @@ def time_ci(ci, image, warmup, repeats, device):
     return out, float(np.median(times))
 
 
-def time_cp(base_net, image, patch, positions, batch_size, device):
+def time_cp(base_net, image, patch, positions, batch_size, device, progress):
     synchronize(device)
     start = time.perf_counter()
-    ref = FDFE.patch_outputs(base_net, image, patch, positions, batch_size=batch_size)
+    ref = FDFE.patch_outputs(base_net, image, patch, positions, batch_size=batch_size, progress=progress)
     synchronize(device)
     return ref, (time.perf_counter() - start) / len(positions)
 
@@ -89,6 +89,7 @@ def save_figure(path, ci_map, cp_map, title):
         ax.set_title(name)
         fig.colorbar(shown, ax=ax, fraction=0.046)
     fig.suptitle(title)
+    fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -130,7 +131,8 @@ def main(argv=None):
         positions = np.stack([np.zeros_like(flat), flat // width, flat % width], 1)
         what = f"a random sample of {len(positions)} of the {height * width} patches"
     with torch.inference_mode():
-        ref, cp_time = time_cp(base_net, image, patch, positions, args.batch_size, device)
+        ref, cp_time = time_cp(base_net, image, patch, positions, args.batch_size, device,
+                               None if args.all_patches else False)
     print(f"Averaged time for C_P per Patch without warm up: {cp_time:.8f} sec (batch {args.batch_size})")
     cp_all = cp_time * height * width
     print(f"C_P on all {height * width} patches: about {cp_all:.3f} sec (extrapolated); "
@@ -155,7 +157,7 @@ def main(argv=None):
     crop_pos = np.stack(np.meshgrid(np.arange(y0, y1), np.arange(x0, x1), indexing="ij"), -1).reshape(-1, 2)
     crop_pos = np.concatenate([np.zeros((len(crop_pos), 1), np.int64), crop_pos], 1)
     with torch.inference_mode():
-        cp_crop = FDFE.patch_outputs(base_net, image, patch, crop_pos, batch_size=4096)
+        cp_crop = FDFE.patch_outputs(base_net, image, patch, crop_pos, batch_size=4096, progress=False)
     cp_map = cp_crop[:, 0].double().cpu().numpy().reshape(y1 - y0, x1 - x0)
     ci_map = out[0, 0, y0:y1, x0:x1].double().cpu().numpy()
     save_figure(args.figure, ci_map, cp_map, f"PyTorch, rows {y0}-{y1 - 1}, columns {x0}-{x1 - 1}")

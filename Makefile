@@ -1,0 +1,39 @@
+# Two-command setup: `make demo` (environment + both samples) and `make test` (full suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONDONTWRITEBYTECODE = 1
+
+.PHONY: all venv demo test bench weights golden clean
+
+all: test
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) pytorch/sample_code.py
+	$(PY) tensorflow/sample_code.py
+
+test: $(STAMP)
+	$(PY) -m pytest shared_tests -q
+
+bench: $(STAMP)
+	$(PY) bench/bench.py
+
+weights: $(STAMP)
+	$(PY) weights/make_weights.py
+
+golden: $(STAMP)
+	$(PY) weights/make_golden.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .hypothesis

@@ -1,0 +1,75 @@
+"""SlimNet: CI for BaseNet, wired by hand from FDFE's building blocks (TensorFlow / Keras).
+
+This file is a template.  To make CI for your own patch network by hand:
+
+  1. Copy it next to your BaseNet.
+  2. In __init__, go through your Cp layer by layer:
+       - a layer without pooling or striding (Conv2D with strides 1, activation,
+         batch normalisation, ...) is reused unchanged: ``self.x = base_net.x``;
+       - a pooling layer becomes multipooling with the same kernel and stride
+         (FDFE.multiMaxPooling / multiAvgPooling / multiLPPooling);
+       - a strided Conv2D becomes ``FDFE.multiConv(base_net.conv)``.
+  3. List every stride in ``self.strides`` in network order (for unwarping).
+  4. Mirror your Cp's call in ``call``.
+
+No padding may happen inside Cp (see the README's limits).  FDFE.convert(base_net,
+patch_size) does all of this automatically; this file shows what it builds.
+"""
+
+import FDFE
+import keras
+
+
+def _check_stride(pool, stride: int, name: str) -> None:
+    """The strides given to SlimNet must be the ones the trained net pools with."""
+    actual = pool.strides[0]
+    if stride != actual:
+        raise ValueError(f"{name}={stride} does not fit the net: its pooling layer pools with stride {actual}")
+
+
+class SlimNet(keras.Model):
+    """CI for BaseNet: (N, H, W, 1) -> (N, H, W, 113), Cp's output for the patch around every pixel.
+
+    Args:
+        base_net: the trained BaseNet (its layers and weights are shared, not copied).
+        pH, pW: patch size Cp was trained on (BaseNet: 14 to 17 with strides 2, 2).
+        sL1, sL2: strides of BaseNet's two pooling layers.
+        naive: paper-faithful multipooling (s*s shifted poolings) and per-layer unwarping;
+            the default is one stride-1 pooling + space-to-batch and a single unwarping.
+
+    The image size is taken from the input at call time: any N, H, W >= 1.
+    """
+
+    def __init__(self, base_net, pH: int, pW: int, sL1: int = 2, sL2: int = 2, naive: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        _check_stride(base_net.pool1, sL1, "sL1")
+        _check_stride(base_net.pool2, sL2, "sL2")
+        self.out_channels = FDFE.check_patch_size(base_net, (pH, pW), in_channels=1)
+        self.in_channels = 1
+        self.strides = [(sL1, sL1), (sL2, sL2)]
+
+        # Zero padding: a patch around every pixel, and the image size up to a multiple of sL1*sL2.
+        self.prepare = FDFE.multiPoolPrepare(pH, pW, stride_product=sL1 * sL2)
+
+        # Layers without pooling or striding: used unchanged (same layers, same weights).
+        self.conv1, self.relu1 = base_net.conv1, base_net.relu1
+        self.conv2, self.relu2 = base_net.conv2, base_net.relu2
+        self.conv3, self.relu3 = base_net.conv3, base_net.relu3
+        self.conv4 = base_net.conv4
+
+        # Pooling layers -> multipooling with the same kernel and stride (kW, kH, dW, dH).
+        k1, k2 = base_net.pool1.pool_size[0], base_net.pool2.pool_size[0]
+        self.pool1 = FDFE.multiMaxPooling(k1, k1, sL1, sL1, naive=naive)
+        self.pool2 = FDFE.multiMaxPooling(k2, k2, sL2, sL2, naive=naive)
+
+        # Unwarping: undo the stacking of shifts (all layers, innermost last) and crop to the image.
+        self.unwarp = FDFE.unwarpAll(self.strides, naive=naive)
+
+    def call(self, images):
+        FDFE.check_images(images, self.in_channels)
+        x = self.prepare(images)
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        x = self.relu3(self.conv3(x))
+        x = self.conv4(x)
+        return self.unwarp([x, images])
