@@ -76,6 +76,15 @@ __all__ = [
 _register = keras.saving.register_keras_serializable(package="FDFE")
 
 
+class _Layer(keras.layers.Layer):
+    """Base of FDFE's layers: pure rearrangements and shared-weight ops that keep their input's
+    dtype (no autocast to the default float32 policy)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("autocast", False)
+        super().__init__(**kwargs)
+
+
 class ConversionError(ValueError):
     """Raised when a patch network cannot be turned into an exact CI."""
 
@@ -179,6 +188,11 @@ def check_patch_size(base_net, patch_size, in_channels: int) -> int:
 
 
 def _compute_dtype(model):
+    """The dtype Cp computes in: that of its first weight, else its dtype policy's."""
+    for weight in getattr(model, "weights", []):
+        dtype = tf.as_dtype(weight.dtype)
+        if dtype.is_floating:
+            return dtype
     return tf.as_dtype(getattr(model, "compute_dtype", None) or "float32")
 
 
@@ -422,7 +436,7 @@ def unwarp(x, strides: Sequence, naive: bool = False):
 # ---------------------------------------------------------------------------
 
 @_register
-class multiPoolPrepare(keras.layers.Layer):
+class multiPoolPrepare(_Layer):
     """Zero padding before CI: a patch around every pixel, size up to the stride product.
 
     Args:
@@ -449,7 +463,7 @@ class multiPoolPrepare(keras.layers.Layer):
                 "stride_product": list(self.stride_product)}
 
 
-class _MultiPoolBase(keras.layers.Layer):
+class _MultiPoolBase(_Layer):
     kind = "max"
 
     def __init__(self, kW, kH, dW=None, dH=None, naive: bool = False, **kwargs):
@@ -510,7 +524,7 @@ def _activation_of(layer):
 
 
 @_register
-class multiConv(keras.layers.Layer):
+class multiConv(_Layer):
     """A trained strided Conv2D made dense.  Reuses (shares) the layer's weights and activation.
 
     Args:
@@ -556,7 +570,7 @@ class multiConv(keras.layers.Layer):
 
 
 @_register
-class unwrapPrepare(keras.layers.Layer):
+class unwrapPrepare(_Layer):
     """Crop every stacked shift to the image's grid, ready for :class:`unwrapPool`.
 
     Call as ``unwrapPrepare(stride_product)([stacked, images])``.
@@ -581,7 +595,7 @@ class unwrapPrepare(keras.layers.Layer):
 
 
 @_register
-class unwrapPool(keras.layers.Layer):
+class unwrapPool(_Layer):
     """Undo one multipooling layer; apply once per layer, the last layer's first.
 
     Shape:
@@ -600,7 +614,7 @@ class unwrapPool(keras.layers.Layer):
 
 
 @_register
-class unwarpAll(keras.layers.Layer):
+class unwarpAll(_Layer):
     """Unwarping of all multipooling layers at once, plus the crop to the image size.
 
     Args:
@@ -636,7 +650,7 @@ class unwarpAll(keras.layers.Layer):
 # ---------------------------------------------------------------------------
 
 @_register
-class LPPooling2D(keras.layers.Layer):
+class LPPooling2D(_Layer):
     """Power-average pooling, (sum of x^p over each window)^(1/p), like torch.nn.LPPool2d.
 
     Args:
@@ -664,7 +678,7 @@ class LPPooling2D(keras.layers.Layer):
 
 
 @_register
-class LocalResponseNormalization(keras.layers.Layer):
+class LocalResponseNormalization(_Layer):
     """Local response normalisation across channels, like torch.nn.LocalResponseNorm.
 
     b_c = a_c / (k + alpha / n * sum of a_c'^2 over the n channels around c)^beta, with the
@@ -926,7 +940,7 @@ def _rule_flatten(call, geoms):
 
 
 @_register
-class DenseAsConv(keras.layers.Layer):
+class DenseAsConv(_Layer):
     """A trained Dense layer applied to a flattened (h, w, C) map, as an h x w convolution.
 
     Shares the Dense layer's weights: its kernel (h*w*C, K) is read as (h, w, C, K).
@@ -1107,6 +1121,7 @@ class DenseFeatureModel(keras.Model):
 
     def __init__(self, core, patch_size, strides, in_channels, out_channels, naive=False, tile=None,
                  progress=None, **kwargs):
+        kwargs.setdefault("autocast", False)  # images are cast to the core's dtype in call()
         super().__init__(**kwargs)
         self.core = core
         self.patch_size = _pair(patch_size, "patch_size")
@@ -1285,7 +1300,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
 
 
 @_register
-class _FlattenOutput(keras.layers.Layer):
+class _FlattenOutput(_Layer):
     """Cp returns a flattened (h, w, C) map: gather its h*w shifts into channels (H, W, C order)."""
 
     def __init__(self, size, **kwargs):

@@ -41,6 +41,7 @@ class SlimNet(keras.Model):
     """
 
     def __init__(self, base_net, pH: int, pW: int, sL1: int = 2, sL2: int = 2, naive: bool = False, **kwargs):
+        kwargs.setdefault("autocast", False)  # keep the images' dtype (float64 stays float64)
         super().__init__(**kwargs)
         _check_stride(base_net.pool1, sL1, "sL1")
         _check_stride(base_net.pool2, sL2, "sL2")

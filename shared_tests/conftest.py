@@ -1,0 +1,112 @@
+"""Test harness: loads both backends side by side and parametrizes over every available device.
+
+The backends are loaded from their files under unique module names (fdfe_torch, fdfe_tf, ...),
+so both live in one process without clashes, and nothing puts the repository root ahead of
+site-packages (tensorflow/ must never shadow the real tensorflow package).
+"""
+
+import importlib.util
+import os
+import sys
+import types
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS_DIR = os.path.join(ROOT, "weights")
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # netspec, appended: never ahead of site-packages
+
+settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _load(path, name, fdfe=None):
+    """Load a backend file as module ``name``; its ``import FDFE`` resolves to ``fdfe``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    saved = sys.modules.get("FDFE")
+    if fdfe is not None:
+        sys.modules["FDFE"] = fdfe
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if fdfe is not None:
+            if saved is None:
+                sys.modules.pop("FDFE", None)
+            else:
+                sys.modules["FDFE"] = saved
+    sys.modules[name] = module
+    return module
+
+
+def load_backend(folder, suffix):
+    base = os.path.join(ROOT, folder)
+    fdfe = _load(os.path.join(base, "FDFE.py"), f"fdfe_{suffix}")
+    return types.SimpleNamespace(
+        FDFE=fdfe,
+        BaseNet=_load(os.path.join(base, "BaseNet.py"), f"basenet_{suffix}", fdfe),
+        SlimNet=_load(os.path.join(base, "SlimNet.py"), f"slimnet_{suffix}", fdfe),
+    )
+
+
+@pytest.fixture(scope="session")
+def tb():
+    """The PyTorch backend (skipped where PyTorch is not installed)."""
+    pytest.importorskip("torch")
+    return load_backend("pytorch", "torch")
+
+
+@pytest.fixture(scope="session")
+def kb():
+    """The TensorFlow / Keras backend (skipped where TensorFlow is not installed)."""
+    pytest.importorskip("tensorflow")
+    return load_backend("tensorflow", "tf")
+
+
+def torch_devices():
+    try:
+        import torch
+    except ImportError:
+        return ["cpu"]
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def tf_devices():
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return ["cpu"]
+    return ["cpu"] + (["gpu"] if tf.config.list_physical_devices("GPU") else [])
+
+
+def pytest_generate_tests(metafunc):
+    if "torch_device" in metafunc.fixturenames:
+        metafunc.parametrize("torch_device", torch_devices())
+    if "tf_device" in metafunc.fixturenames:
+        metafunc.parametrize("tf_device", tf_devices())
+
+
+@pytest.fixture
+def tf_scope(tf_device):
+    import tensorflow as tf
+    with tf.device(f"/{tf_device.upper()}:0"):
+        yield tf_device
+
+
+def max_rel_error(got, ref):
+    """max |got - ref| / max |ref|, in float64."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    assert np.all(np.isfinite(got)), "non-finite values in the output"
+    scale = np.abs(ref).max()
+    assert scale > 0, "reference is all zeros: the test could not fail"
+    return float(np.abs(got - ref).max() / scale)
+
+
+#: tolerances on max|CI - Cp| / max|Cp|
+TOL = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-2, "bfloat16": 5e-2}

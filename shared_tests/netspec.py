@@ -1,0 +1,268 @@
+"""Framework-neutral patch networks for the tests: one description, identical weights in both backends.
+
+A spec is a list of layer dicts:
+
+    {"type": "conv", "out": 8, "k": [3, 3], "stride": [1, 1], "dilation": [1, 1], "groups": 1}
+    {"type": "pool", "kind": "max" | "avg" | "lp", "k": [2, 2], "stride": [2, 2], "p": 2.0}
+    {"type": "act", "fn": "relu" | "tanh" | "sigmoid" | "elu" | "leaky_relu" | "gelu" | "silu" | "softplus"}
+    {"type": "bn"}            batch normalisation with random statistics (inference)
+    {"type": "lrn", "size": 3}
+    {"type": "l2norm"}        unit length over channels
+    {"type": "dropout"}
+    {"type": "flatten"}       then "linear" layers
+    {"type": "linear", "out": 5}
+
+Weights are numpy arrays in PyTorch's layout (OIHW kernels, (out, in) linear weights in
+C, H, W flattening order); the Keras builder converts them (HWIO kernels, (in, out) dense
+kernels in H, W, C order).
+"""
+
+import json
+import math
+
+import numpy as np
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+
+
+def shapes(spec, in_channels, patch):
+    """Patch-level (C, h, w) before every layer and at the end; raises ValueError if the patch is too small."""
+    c, (h, w) = in_channels, _pair(patch)
+    out = []
+    flat = None
+    for layer in spec:
+        out.append((c, h, w))
+        t = layer["type"]
+        if t == "conv":
+            (kh, kw), (dh, dw), (sh, sw) = _pair(layer["k"]), _pair(layer.get("dilation", 1)), _pair(layer.get("stride", 1))
+            h, w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+            c = layer["out"]
+        elif t == "pool":
+            (kh, kw), (sh, sw) = _pair(layer["k"]), _pair(layer.get("stride", layer["k"]))
+            h, w = (h - kh) // sh + 1, (w - kw) // sw + 1
+        elif t == "flatten":
+            flat = (c, h, w)
+            c, h, w = c * h * w, 1, 1
+        elif t == "linear":
+            c = layer["out"]
+        if h < 1 or w < 1:
+            raise ValueError(f"patch {patch} is too small for {spec}")
+    out.append((c, h, w))
+    return out
+
+
+def patch_sizes(spec, in_channels, lo=1, hi=80):
+    """The patch sizes (one axis, square patches) for which the spec ends in a 1x1 map."""
+    out = []
+    for p in range(lo, hi):
+        try:
+            if shapes(spec, in_channels, p)[-1][1:] == (1, 1):
+                out.append(p)
+        except ValueError:
+            pass
+    return out
+
+
+def make_weights(spec, in_channels, patch, seed=0):
+    """Random weights for a spec, in PyTorch's layout, as float64 numpy arrays keyed by layer index."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for i, (layer, (c, h, w)) in enumerate(zip(spec, shapes(spec, in_channels, patch))):
+        t = layer["type"]
+        if t == "conv":
+            kh, kw = _pair(layer["k"])
+            groups = layer.get("groups", 1)
+            fan_in = c // groups * kh * kw
+            weights[f"{i}.weight"] = rng.uniform(-1, 1, (layer["out"], c // groups, kh, kw)) * math.sqrt(3 / fan_in)
+            weights[f"{i}.bias"] = rng.uniform(-0.5, 0.5, layer["out"])
+        elif t == "linear":
+            weights[f"{i}.weight"] = rng.uniform(-1, 1, (layer["out"], c)) * math.sqrt(3 / c)
+            weights[f"{i}.bias"] = rng.uniform(-0.5, 0.5, layer["out"])
+        elif t == "bn":
+            weights[f"{i}.weight"] = rng.uniform(0.5, 1.5, c)
+            weights[f"{i}.bias"] = rng.uniform(-0.5, 0.5, c)
+            weights[f"{i}.running_mean"] = rng.uniform(-0.5, 0.5, c)
+            weights[f"{i}.running_var"] = rng.uniform(0.5, 2.0, c)
+    return weights
+
+
+def random_images(n, c, h, w, seed=0):
+    """Random non-zero images, (N, H, W, C) float64 (transpose to (N, C, H, W) for PyTorch)."""
+    return np.random.default_rng(seed + 1000).standard_normal((n, h, w, c))
+
+
+def dumps(spec):
+    return json.dumps(spec, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------
+# PyTorch
+# ---------------------------------------------------------------------------
+
+def build_torch(spec, in_channels, patch, weights, dtype="float64"):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class L2Norm(nn.Module):
+        def forward(self, x):
+            return F.normalize(x, dim=1)
+
+    acts = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "elu": nn.ELU,
+            "leaky_relu": lambda: nn.LeakyReLU(0.1), "gelu": nn.GELU, "silu": nn.SiLU, "softplus": nn.Softplus}
+    modules = []
+    for i, (layer, (c, h, w)) in enumerate(zip(spec, shapes(spec, in_channels, patch))):
+        t = layer["type"]
+        if t == "conv":
+            m = nn.Conv2d(c, layer["out"], _pair(layer["k"]), _pair(layer.get("stride", 1)), 0,
+                          _pair(layer.get("dilation", 1)), layer.get("groups", 1))
+        elif t == "pool":
+            k, s = _pair(layer["k"]), _pair(layer.get("stride", layer["k"]))
+            m = {"max": lambda: nn.MaxPool2d(k, s), "avg": lambda: nn.AvgPool2d(k, s),
+                 "lp": lambda: nn.LPPool2d(layer.get("p", 2.0), k, s)}[layer["kind"]]()
+        elif t == "act":
+            m = acts[layer["fn"]]()
+        elif t == "bn":
+            after_head = any(prev["type"] == "flatten" for prev in spec[:i])
+            m = nn.BatchNorm1d(c) if after_head else nn.BatchNorm2d(c)
+        elif t == "lrn":
+            m = nn.LocalResponseNorm(layer["size"])
+        elif t == "l2norm":
+            m = L2Norm()
+        elif t == "dropout":
+            m = nn.Dropout(0.3)
+        elif t == "flatten":
+            m = nn.Flatten()
+        elif t == "linear":
+            m = nn.Linear(c, layer["out"])
+        else:
+            raise ValueError(t)
+        modules.append(m)
+    net = nn.Sequential(*modules).to(getattr(torch, dtype))
+    state = {k: torch.from_numpy(np.asarray(v)).to(getattr(torch, dtype)) for k, v in weights.items()}
+    for name, buf in net.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = buf
+    net.load_state_dict(state)
+    return net.eval()
+
+
+# ---------------------------------------------------------------------------
+# Keras
+# ---------------------------------------------------------------------------
+
+def build_keras(spec, in_channels, patch, weights, fdfe, dtype="float64"):
+    import keras
+    L = keras.layers
+    acts = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "elu": "elu", "gelu": "gelu", "silu": "silu",
+            "softplus": "softplus"}
+    layers, assign = [], []
+    ph, pw = _pair(patch)
+    for i, (layer, (c, h, w)) in enumerate(zip(spec, shapes(spec, in_channels, patch))):
+        t = layer["type"]
+        if t == "conv":
+            m = L.Conv2D(layer["out"], _pair(layer["k"]), _pair(layer.get("stride", 1)), "valid",
+                         dilation_rate=_pair(layer.get("dilation", 1)), groups=layer.get("groups", 1), dtype=dtype)
+            assign.append((m, [weights[f"{i}.weight"].transpose(2, 3, 1, 0), weights[f"{i}.bias"]]))
+        elif t == "pool":
+            k, s = _pair(layer["k"]), _pair(layer.get("stride", layer["k"]))
+            m = {"max": lambda: L.MaxPooling2D(k, s, dtype=dtype), "avg": lambda: L.AveragePooling2D(k, s, dtype=dtype),
+                 "lp": lambda: fdfe.LPPooling2D(layer.get("p", 2.0), k, s, dtype=dtype)}[layer["kind"]]()
+        elif t == "act":
+            m = L.LeakyReLU(0.1, dtype=dtype) if layer["fn"] == "leaky_relu" else L.Activation(acts[layer["fn"]], dtype=dtype)
+        elif t == "bn":
+            m = L.BatchNormalization(epsilon=1e-5, dtype=dtype)
+            assign.append((m, [weights[f"{i}.weight"], weights[f"{i}.bias"], weights[f"{i}.running_mean"],
+                               weights[f"{i}.running_var"]]))
+        elif t == "lrn":
+            m = fdfe.LocalResponseNormalization(layer["size"], dtype=dtype)
+        elif t == "l2norm":
+            m = L.UnitNormalization(axis=-1, dtype=dtype)
+        elif t == "dropout":
+            m = L.Dropout(0.3, dtype=dtype)
+        elif t == "flatten":
+            m = L.Flatten(dtype=dtype)
+        elif t == "linear":
+            m = L.Dense(layer["out"], dtype=dtype)
+            wt = weights[f"{i}.weight"]
+            prev = [j for j in range(i) if spec[j]["type"] == "flatten"]
+            if prev and spec[i - 1]["type"] == "flatten":
+                fc, fh, fw = shapes(spec, in_channels, patch)[prev[-1]]
+                wt = wt.reshape(-1, fc, fh, fw).transpose(2, 3, 1, 0).reshape(fh * fw * fc, -1)
+            else:
+                wt = wt.T
+            assign.append((m, [wt, weights[f"{i}.bias"]]))
+        else:
+            raise ValueError(t)
+        layers.append(m)
+    net = keras.Sequential([keras.Input((ph, pw, in_channels), dtype=dtype)] + layers)
+    for m, values in assign:
+        m.set_weights([np.asarray(v, dtype=dtype) for v in values])
+    return net
+
+
+# ---------------------------------------------------------------------------
+# Hand-wired CI from FDFE's public blocks (what SlimNet does, for any spec without a head)
+# ---------------------------------------------------------------------------
+
+def hand_wired_torch(net, spec, patch, fdfe, naive=False):
+    """CI built by hand from multiPoolPrepare / multi*Pooling / multiConv / unwarpAll."""
+    import torch.nn as nn
+    blocks, stride_list = [], []
+    for module, layer in zip(net, spec):
+        t = layer["type"]
+        if t == "pool":
+            k, s = _pair(layer["k"]), _pair(layer.get("stride", layer["k"]))
+            cls = {"max": fdfe.multiMaxPooling, "avg": fdfe.multiAvgPooling}.get(layer["kind"])
+            blocks.append(cls(k[1], k[0], s[1], s[0], naive=naive) if cls else
+                          fdfe.multiLPPooling(layer.get("p", 2.0), k[1], k[0], s[1], s[0], naive=naive))
+            stride_list.append(s)
+        elif t == "conv" and _pair(layer.get("stride", 1)) != (1, 1):
+            blocks.append(fdfe.multiConv(module, naive=naive))
+            stride_list.append(_pair(layer["stride"]))
+        else:
+            blocks.append(module)
+    sh = int(np.prod([s[0] for s in stride_list])) if stride_list else 1
+    sw = int(np.prod([s[1] for s in stride_list])) if stride_list else 1
+
+    class HandWired(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.prepare = fdfe.multiPoolPrepare(*_pair(patch), stride_product=(sh, sw))
+            self.body = nn.Sequential(*blocks)
+            self.unwarp = fdfe.unwarpAll(stride_list, naive=naive)
+
+        def forward(self, images):
+            return self.unwarp(self.body(self.prepare(images)), images.shape[-2:])
+    return HandWired()
+
+
+def hand_wired_keras(net, spec, patch, fdfe, naive=False):
+    import keras
+    blocks, stride_list = [], []
+    for layer_obj, layer in zip(net.layers, spec):
+        t = layer["type"]
+        if t == "pool":
+            k, s = _pair(layer["k"]), _pair(layer.get("stride", layer["k"]))
+            cls = {"max": fdfe.multiMaxPooling, "avg": fdfe.multiAvgPooling}.get(layer["kind"])
+            blocks.append(cls(k[1], k[0], s[1], s[0], naive=naive) if cls else
+                          fdfe.multiLPPooling(layer.get("p", 2.0), k[1], k[0], s[1], s[0], naive=naive))
+            stride_list.append(s)
+        elif t == "conv" and _pair(layer.get("stride", 1)) != (1, 1):
+            blocks.append(fdfe.multiConv(layer_obj, naive=naive))
+            stride_list.append(_pair(layer["stride"]))
+        else:
+            blocks.append(layer_obj)
+    sh = int(np.prod([s[0] for s in stride_list])) if stride_list else 1
+    sw = int(np.prod([s[1] for s in stride_list])) if stride_list else 1
+    prepare = fdfe.multiPoolPrepare(*_pair(patch), stride_product=(sh, sw))
+    unwarp = fdfe.unwarpAll(stride_list, naive=naive)
+
+    def run(images):
+        x = prepare(images)
+        for b in blocks:
+            x = b(x)
+        return unwarp([x, images])
+    return run
