@@ -238,7 +238,7 @@ def patch_outputs(base_net: nn.Module, images: torch.Tensor, patch_size, positio
             n = chunk[:, 0, None, None]
             yy = (chunk[:, 1, None] + rows)[:, :, None]
             xx = (chunk[:, 2, None] + cols)[:, None, :]
-            patches = padded[n, :, yy, xx].permute(0, 3, 1, 2)  # (B, C, pH, pW)
+            patches = padded[n, :, yy, xx].permute(0, 3, 1, 2).contiguous()  # (B, C, pH, pW)
             outputs.append(_output_vectors(base_net(patches), len(chunk)))
             if bar is not None:
                 bar.update(1)
@@ -804,7 +804,8 @@ class _Geom:
     kind 'map': Cp sees a (channels, h, w) map; the dense tensor is
     (N*M, channels, Hq + h - 1 (or more), Wq + w - 1 (or more)).
     kind 'vector': Cp sees the flattening of a (channels, h, w) map (torch's C, H, W
-    order); the dense tensor is that map's.  ``stage`` lists the strides so far.
+    order); the dense tensor is that map's.  kind 'view': another reshape of that map,
+    for element-wise ops only.  ``stage`` lists the strides so far.
     """
     __slots__ = ("kind", "channels", "size", "stage")
 
@@ -816,7 +817,8 @@ class _Geom:
 
     def describe(self):
         c, (h, w) = self.channels, self.size
-        return f"a {c}x{h}x{w} map" if self.kind == "map" else f"a flattened {c}x{h}x{w} map"
+        return {"map": f"a {c}x{h}x{w} map", "vector": f"a flattened {c}x{h}x{w} map"}.get(
+            self.kind, f"a reshaped {c}x{h}x{w} map")
 
 
 class _Step:
@@ -936,7 +938,7 @@ def _channel_dim(geom, dim, node):
     """Dense channel axis for ``dim`` of a patch tensor, or raise if ``dim`` is spatial or the batch."""
     rank = 4 if geom.kind == "map" else 2
     d = dim + rank if dim < 0 else dim
-    if d == 1 and (geom.kind == "map" or geom.size == (1, 1)):
+    if d == 1 and (geom.kind == "map" or (geom.kind == "vector" and geom.size == (1, 1))):
         return 1
     raise node.fail(f"it works along dim {dim} of {geom.describe()}, which mixes positions of the patch; "
                     f"only the channel axis (dim 1) can be made dense")
@@ -955,7 +957,7 @@ def _constant_for(geom, value, node):
             return value
         raise node.fail(f"a constant of shape {shape} differs across positions of the patch "
                         f"({geom.describe()}), so overlapping patches cannot share work")
-    if geom.size == (1, 1) and len(shape) <= 2 and (len(shape) < 2 or shape[0] == 1):
+    if geom.kind == "vector" and geom.size == (1, 1) and len(shape) <= 2 and (len(shape) < 2 or shape[0] == 1):
         view = (1, shape[-1], 1, 1)
         if isinstance(value, _Const):
             return _Const(value.index, value.shape, view)
@@ -1214,19 +1216,19 @@ def _rule_refuse_padding(node, geoms):
 
 
 def _rule_reshape(node, geoms):
-    """view/reshape/flatten/squeeze/unsqueeze: flattening a map to a vector and back."""
+    """view/reshape/flatten/squeeze/unsqueeze that keep the batch axis: the same values, reinterpreted.
+
+    (N, C, h, w) is a map, (N, C*h*w) a vector (torch's C, H, W order); any other shape is a
+    'view' that only element-wise ops and further reshapes may use."""
     geom = geoms[0]
     src, dst = node.in_shapes[0], node.out_shapes[0]
     c, (h, w) = geom.channels, geom.size
     if dst == src:
         return _passthrough(node, geom)
-    if len(dst) >= 1 and dst[0] == src[0]:
-        if geom.kind == "map" and dst[1:] == (c * h * w,):
-            return _passthrough(node, _Geom("vector", c, (h, w), geom.stage))
-        if geom.kind == "vector" and dst[1:] == (c, h, w):
-            return _passthrough(node, _Geom("map", c, (h, w), geom.stage))
-    raise node.fail(f"it reshapes {src} to {dst}; only flattening a (N, C, h, w) map to (N, C*h*w), and "
-                    f"back, keeps every patch's values apart")
+    if len(dst) >= 1 and dst[0] == src[0] and _prod(dst[1:]) == c * h * w:
+        kind = "map" if dst[1:] == (c, h, w) else "vector" if dst[1:] == (c * h * w,) else "view"
+        return _passthrough(node, _Geom(kind, c, (h, w), geom.stage))
+    raise node.fail(f"it reshapes {src} to {dst}, which moves values between patches (the batch axis)")
 
 
 def _rule_linear(node, geoms):
@@ -1538,7 +1540,7 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
     out_slot = tracer.slot_of[id(out)]
     geom = geoms[out_slot]
     if geom.size != (1, 1):
-        if geom.kind != "vector":
+        if geom.kind == "map":
             raise ConversionError(
                 f"Cp's output for one patch is a {geom.channels}x{geom.size[0]}x{geom.size[1]} map, not a "
                 f"single vector; end Cp with layers that reduce it to 1x1 (or flatten it)")

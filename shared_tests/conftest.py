@@ -22,6 +22,8 @@ sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # netspec, appended
 
 settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=400, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
@@ -108,5 +110,7 @@ def max_rel_error(got, ref):
     return float(np.abs(got - ref).max() / scale)
 
 
-#: tolerances on max|CI - Cp| / max|Cp|
-TOL = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-2, "bfloat16": 5e-2}
+#: tolerances on max|CI - Cp| / max|Cp|.  "cross_float64" compares PyTorch with Keras in float64:
+#: Keras evaluates some activations with float32 constants even in float64 (GELU is off by 5e-9),
+#: so the two frameworks' Cp differ by more than float64 rounding.
+TOL = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-2, "bfloat16": 5e-2, "cross_float64": 1e-7}

@@ -111,7 +111,7 @@ def build_torch(spec, in_channels, patch, weights, dtype="float64"):
             return F.normalize(x, dim=1)
 
     acts = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "elu": nn.ELU,
-            "leaky_relu": lambda: nn.LeakyReLU(0.1), "gelu": nn.GELU, "silu": nn.SiLU, "softplus": nn.Softplus}
+            "leaky_relu": lambda: nn.LeakyReLU(0.125), "gelu": nn.GELU, "silu": nn.SiLU, "softplus": nn.Softplus}
     modules = []
     for i, (layer, (c, h, w)) in enumerate(zip(spec, shapes(spec, in_channels, patch))):
         t = layer["type"]
@@ -171,7 +171,7 @@ def build_keras(spec, in_channels, patch, weights, fdfe, dtype="float64"):
             m = {"max": lambda: L.MaxPooling2D(k, s, dtype=dtype), "avg": lambda: L.AveragePooling2D(k, s, dtype=dtype),
                  "lp": lambda: fdfe.LPPooling2D(layer.get("p", 2.0), k, s, dtype=dtype)}[layer["kind"]]()
         elif t == "act":
-            m = L.LeakyReLU(0.1, dtype=dtype) if layer["fn"] == "leaky_relu" else L.Activation(acts[layer["fn"]], dtype=dtype)
+            m = L.LeakyReLU(0.125, dtype=dtype) if layer["fn"] == "leaky_relu" else L.Activation(acts[layer["fn"]], dtype=dtype)
         elif t == "bn":
             m = L.BatchNormalization(epsilon=1e-5, dtype=dtype)
             assign.append((m, [weights[f"{i}.weight"], weights[f"{i}.bias"], weights[f"{i}.running_mean"],

@@ -779,12 +779,12 @@ class _Tracer:
             self.error = ConversionError(f"layer '{layer.name}' ({type(layer).__name__}) returns "
                                          f"{len(outs)} values; only layers with one output are supported")
             return
+        in_slots = [self.slot_of[id(t)] for t in inputs]  # before the output (maybe the same tensor) is added
         slot = len(self.shapes)
         self.slot_of[id(outs[0])] = slot
         self.shapes[slot] = tuple(outs[0].shape)
         self.alive.append(outs[0])
-        self.calls.append(_Call(layer, [self.slot_of[id(t)] for t in inputs],
-                                [self.shapes[self.slot_of[id(t)]] for t in inputs], slot, tuple(outs[0].shape)))
+        self.calls.append(_Call(layer, in_slots, [self.shapes[s] for s in in_slots], slot, tuple(outs[0].shape)))
 
 
 class _Geom:
@@ -793,7 +793,8 @@ class _Geom:
     kind 'map': Cp sees an (h, w, channels) map; the dense tensor is
     (N*M, Hq + h - 1 (or more), Wq + w - 1 (or more), channels).
     kind 'vector': Cp sees the flattening of an (h, w, channels) map (Keras' H, W, C order);
-    the dense tensor is that map's.  ``stage`` lists the strides so far.
+    the dense tensor is that map's.  kind 'view': another reshape of that map, for element-wise
+    layers only.  ``stage`` lists the strides so far.
     """
     __slots__ = ("kind", "channels", "size", "stage")
 
@@ -805,7 +806,8 @@ class _Geom:
 
     def describe(self):
         (h, w), c = self.size, self.channels
-        return f"a {h}x{w}x{c} map" if self.kind == "map" else f"a flattened {h}x{w}x{c} map"
+        return {"map": f"a {h}x{w}x{c} map", "vector": f"a flattened {h}x{w}x{c} map"}.get(
+            self.kind, f"a reshaped {h}x{w}x{c} map")
 
 
 def _map_geom(call, geom, stride=(1, 1)):
@@ -821,7 +823,7 @@ def _require_map(call, geom):
 
 def _per_pixel_ok(call, geom, what="it"):
     """Layers acting on the last axis: fine on maps and on vectors of one position."""
-    if geom.kind == "vector" and geom.size != (1, 1):
+    if geom.kind == "view" or (geom.kind == "vector" and geom.size != (1, 1)):
         raise call.fail(f"{what} acts on each entry of {geom.describe()} differently or together, "
                         f"which mixes positions of the patch")
 
@@ -924,19 +926,19 @@ def _make_global_pool_rule(kind):
 
 
 def _rule_flatten(call, geoms):
-    """Flatten / Reshape to a vector, and Reshape of a vector back to its map."""
+    """Flatten / Reshape that keep the batch axis: the same values, reinterpreted.
+
+    (N, h, w, C) is a map, (N, h*w*C) a vector (Keras' H, W, C order); any other shape is a
+    'view' that only element-wise layers and further reshapes may use."""
     geom = geoms[0]
     src, dst = call.in_shapes[0], call.out_shape
     (h, w), c = geom.size, geom.channels
     if dst == src:
         return (lambda xs: xs[0]), geom
-    if dst[0] == src[0]:
-        if geom.kind == "map" and dst[1:] == (h * w * c,):
-            return (lambda xs: xs[0]), _Geom("vector", c, (h, w), geom.stage)
-        if geom.kind == "vector" and dst[1:] == (h, w, c):
-            return (lambda xs: xs[0]), _Geom("map", c, (h, w), geom.stage)
-    raise call.fail(f"it reshapes {src} to {dst}; only flattening an (N, h, w, C) map to (N, h*w*C), and "
-                    f"back, keeps every patch's values apart")
+    if dst[0] == src[0] and _prod(dst[1:]) == h * w * c:
+        kind = "map" if dst[1:] == (h, w, c) else "vector" if dst[1:] == (h * w * c,) else "view"
+        return (lambda xs: xs[0]), _Geom(kind, c, (h, w), geom.stage)
+    raise call.fail(f"it reshapes {src} to {dst}, which moves values between patches (the batch axis)")
 
 
 @_register
@@ -983,6 +985,8 @@ def _rule_dense(call, geoms):
     geom = geoms[0]
     layer = call.layer
     units = call.out_shape[-1]
+    if geom.kind == "view":
+        raise call.fail(f"it is applied to {geom.describe()}; flatten the map first")
     if geom.kind == "map" or geom.size == (1, 1):
         _activation_ok(call, geom, layer)
         return (lambda xs: layer(xs[0], training=False)), _Geom(geom.kind, units, geom.size, geom.stage)
@@ -1285,7 +1289,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     geom = geoms[out_slot]
     stacked = values[out_slot]
     if geom.size != (1, 1):
-        if geom.kind != "vector":
+        if geom.kind == "map":
             raise ConversionError(
                 f"Cp's output for one patch is a {geom.size[0]}x{geom.size[1]}x{geom.channels} map, not a "
                 f"single vector; end Cp with layers that reduce it to 1x1 (or flatten it)")

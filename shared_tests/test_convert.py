@@ -1,0 +1,302 @@
+"""convert(): random valid patch networks (hypothesis) in both backends against Cp on every patch and
+against each other; capture of arbitrary PyTorch forwards and Keras models; convert(BaseNet) equals
+SlimNet."""
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import netspec
+from conftest import TOL, max_rel_error
+
+ACTIVATIONS = ["relu", "tanh", "sigmoid", "elu", "leaky_relu", "gelu", "silu", "softplus"]
+
+
+@st.composite
+def patch_networks(draw):
+    """A random valid Cp: (spec, channels, patch, batch, H, W).
+
+    Drawn forwards (layers) and sized backwards (the patch that brings the net to the drawn final
+    size, with random slack under each stride so odd and even patches both occur)."""
+    channels = draw(st.sampled_from([1, 2, 3]))
+    spec, c = [], channels
+    for _ in range(draw(st.integers(1, 3))):
+        out = draw(st.integers(2, 5))
+        stride = draw(st.sampled_from([(1, 1), (1, 1), (2, 2), (3, 3), (1, 2), (2, 1)]))
+        dilation = draw(st.sampled_from([(1, 1), (1, 1), (2, 2), (2, 1)])) if stride == (1, 1) else (1, 1)
+        groups = 2 if c % 2 == 0 and out % 2 == 0 and draw(st.booleans()) else 1
+        spec.append({"type": "conv", "out": out, "k": [draw(st.integers(1, 3)), draw(st.integers(1, 3))],
+                     "stride": list(stride), "dilation": list(dilation), "groups": groups})
+        c = out
+        if draw(st.integers(0, 3)) == 0:
+            spec.append({"type": "bn"})
+        act = draw(st.sampled_from(ACTIVATIONS + [None]))
+        if act:
+            spec.append({"type": "act", "fn": act})
+        if draw(st.booleans()):
+            kind = draw(st.sampled_from(["max", "avg", "lp"]))
+            k = [draw(st.integers(1, 3)), draw(st.integers(1, 3))]
+            s = [draw(st.integers(1, 3)), draw(st.integers(1, 3))]
+            spec.append({"type": "pool", "kind": kind, "k": k, "stride": s, "p": 2.0})
+            if kind == "lp":  # LP pooling of negative sums is undefined: keep its inputs positive
+                spec.insert(len(spec) - 1, {"type": "act", "fn": "sigmoid"})
+        extra = draw(st.sampled_from([None, None, "lrn", "dropout"]))
+        if extra == "lrn":
+            spec.append({"type": "lrn", "size": draw(st.integers(1, 4))})
+        elif extra:
+            spec.append({"type": extra})
+    final = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    head = draw(st.booleans())
+    if head:
+        spec.append({"type": "flatten"})
+        spec.append({"type": "linear", "out": draw(st.integers(2, 6))})
+        if draw(st.booleans()):
+            spec += [{"type": "act", "fn": draw(st.sampled_from(ACTIVATIONS))},
+                     {"type": "linear", "out": draw(st.integers(2, 4))}]
+    else:
+        spec.append({"type": "conv", "out": draw(st.integers(2, 6)), "k": list(final)})
+        final = (1, 1)
+    if draw(st.integers(0, 3)) == 0:
+        spec.append({"type": "l2norm"})
+    size = list(final)
+    for layer in reversed(spec):
+        t = layer["type"]
+        if t in ("conv", "pool"):
+            k = layer["k"]
+            s = layer.get("stride", [1, 1])
+            d = layer.get("dilation", [1, 1])
+            for a in range(2):
+                slack = draw(st.integers(0, s[a] - 1))
+                size[a] = (size[a] - 1) * s[a] + d[a] * (k[a] - 1) + 1 + slack
+    patch = tuple(size)
+    assert netspec.shapes(spec, channels, patch)[-1][1:] == (1, 1)
+    return spec, channels, patch, draw(st.integers(1, 2)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
+
+
+@given(patch_networks(), st.integers(0, 2**16))
+def test_convert_random_nets_both_backends(tb, kb, net_case, seed):
+    """Property: convert(Cp) equals Cp on every patch, in PyTorch and in Keras (float64), and the two
+    backends agree on the same weights and images."""
+    import tensorflow as tf
+    import torch
+    spec, channels, patch, batch, h, w = net_case
+    weights = netspec.make_weights(spec, channels, patch, seed)
+    images = netspec.random_images(batch, channels, h, w, seed)
+
+    t_net = netspec.build_torch(spec, channels, patch, weights)
+    t_images = torch.from_numpy(images.transpose(0, 3, 1, 2))
+    t_ref = tb.FDFE.dense_reference(t_net, t_images, patch)
+    with torch.no_grad():
+        t_out = tb.FDFE.convert(t_net, patch)(t_images)
+    assert max_rel_error(t_out, t_ref) <= TOL["float64"]
+
+    k_net = netspec.build_keras(spec, channels, patch, weights, kb.FDFE)
+    k_images = tf.constant(images)
+    k_ref = kb.FDFE.dense_reference(k_net, k_images, patch)
+    k_out = kb.FDFE.convert(k_net, patch)(k_images)
+    assert max_rel_error(k_out, k_ref) <= TOL["float64"]
+
+    assert max_rel_error(t_out.numpy().transpose(0, 2, 3, 1), k_out) <= TOL["cross_float64"]
+
+
+@given(patch_networks())
+def test_convert_random_nets_float32_naive_and_tiled(tb, net_case):
+    """The paper-faithful path (naive) and tiling give the same numbers as the fast path, in float32."""
+    import torch
+    spec, channels, patch, batch, h, w = net_case
+    weights = netspec.make_weights(spec, channels, patch, 1)
+    net = netspec.build_torch(spec, channels, patch, weights, "float32")
+    images = torch.from_numpy(netspec.random_images(batch, channels, h, w, 1).transpose(0, 3, 1, 2)).float()
+    ref = tb.FDFE.dense_reference(net, images, patch)
+    with torch.no_grad():
+        for ci in (tb.FDFE.convert(net, patch), tb.FDFE.convert(net, patch, naive=True),
+                   tb.FDFE.convert(net, patch, tile=(3, 5)), tb.FDFE.convert(net, patch, memory_format=None)):
+            assert max_rel_error(ci(images), ref) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_convert_on_device(tb, torch_device, dtype):
+    """convert() on every available device (CUDA where present)."""
+    import torch
+    spec = [{"type": "conv", "out": 4, "k": 3, "stride": 2}, {"type": "act", "fn": "relu"},
+            {"type": "pool", "kind": "max", "k": 3, "stride": 2}, {"type": "conv", "out": 6, "k": 2},
+            {"type": "flatten"}, {"type": "linear", "out": 5}]
+    patch = (13, 12)
+    net = netspec.build_torch(spec, 3, patch, netspec.make_weights(spec, 3, patch), dtype).to(torch_device)
+    images = torch.from_numpy(netspec.random_images(2, 3, 11, 14).transpose(0, 3, 1, 2)).to(
+        device=torch_device, dtype=getattr(torch, dtype))
+    ref = tb.FDFE.dense_reference(net, images, patch).cpu()
+    with torch.no_grad():
+        out = tb.FDFE.convert(net, patch)(images)
+    assert out.device.type == torch_device
+    assert max_rel_error(out.cpu(), ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_convert_basenet_equals_slimnet(tb, kb, dtype):
+    """convert(BaseNet) computes what the hand-wired SlimNet computes (up to rounding: the layouts differ)."""
+    import tensorflow as tf
+    import torch
+    image = np.random.default_rng(5).standard_normal((2, 19, 22, 1))
+    t_net = tb.BaseNet.BaseNet().to(getattr(torch, dtype))
+    t_images = torch.from_numpy(image.transpose(0, 3, 1, 2)).to(getattr(torch, dtype))
+    with torch.no_grad():
+        t_conv, t_slim = tb.FDFE.convert(t_net, 15)(t_images), tb.SlimNet.SlimNet(t_net, 15, 15)(t_images)
+    assert max_rel_error(t_conv, t_slim) <= TOL[dtype]
+    k_net = kb.BaseNet.BaseNet(dtype=dtype)
+    k_images = tf.constant(image, dtype=dtype)
+    k_conv, k_slim = kb.FDFE.convert(k_net, 15)(k_images), kb.SlimNet.SlimNet(k_net, 15, 15)(k_images)
+    assert max_rel_error(k_conv, k_slim) <= TOL[dtype]
+
+
+# --- capture of arbitrary PyTorch forwards --------------------------------------------------------
+
+def _torch_check(tb, net, patch, channels, size=(9, 11), batch=2):
+    import torch
+    net = net.double().eval()
+    images = torch.from_numpy(netspec.random_images(batch, channels, *size, seed=7).transpose(0, 3, 1, 2))
+    ref = tb.FDFE.dense_reference(net, images, patch)
+    with torch.no_grad():
+        out = tb.FDFE.convert(net, patch, in_channels=channels)(images)
+    assert max_rel_error(out, ref) <= TOL["float64"]
+    return out
+
+
+def test_torch_functional_forward_with_checks_reuse_and_views(tb):
+    """Shape checks, a module used twice, functional calls, x.view(x.size(0), -1), F.normalize."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(2, 6, 3)
+            self.shared = nn.Conv2d(6, 6, 1)
+            self.conv2 = nn.Conv2d(6, 8, 2, stride=2)
+            self.fc1 = nn.Linear(8 * 3 * 3, 7)
+            self.fc2 = nn.Linear(7, 4)
+            self.scale = nn.Parameter(torch.rand(7) + 0.5)
+
+        def forward(self, x):
+            if x.dim() != 4 or x.shape[1] != 2:
+                raise ValueError("expected (B, 2, H, W)")
+            x = F.relu(self.conv1(x))
+            x = torch.tanh(self.shared(x))
+            x = self.shared(x) + x                       # reused module, residual on the same grid
+            x = F.max_pool2d(x, kernel_size=3, stride=1)
+            x = self.conv2(x).sigmoid()
+            x = x.view(x.size(0), -1)
+            x = F.leaky_relu(self.fc1(x), 0.2) * self.scale + 1.0
+            return F.normalize(self.fc2(x), dim=1)
+    _torch_check(tb, Net(), (10, 11), 2)
+
+
+def test_torch_squeeze_mean_adaptive_and_flatten_output(tb):
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.PReLU(4), nn.LPPool2d(2, 2),
+                                          nn.Conv2d(4, 5, 1), nn.LocalResponseNorm(3))
+            self.pool = nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            f = self.features(x)
+            g = f.mean(dim=(2, 3))                       # global average pooling as a reduction
+            h = self.pool(f).squeeze(-1).squeeze(-1)     # the same through adaptive pooling
+            return torch_cat([g, h * 2], 1).softmax(dim=1)
+
+    import torch
+    torch_cat = torch.cat
+    net = Net()
+    with torch.no_grad():
+        net.features[1].running_mean.uniform_(-1, 1)
+        net.features[1].running_var.uniform_(0.5, 2)
+    _torch_check(tb, net, (8, 9), 1)
+
+    class FlatOut(nn.Module):   # Cp returns a flattened 4x2x2 map
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            return torch.flatten(torch.relu(self.conv(x)), 1)
+    out = _torch_check(tb, FlatOut(), (4, 4), 1)
+    assert out.shape[1] == 16
+
+
+def test_torch_convert_keeps_training_flags_and_shares_weights(tb):
+    import torch
+    import torch.nn as nn
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Dropout(0.5), nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3)).train()
+    ci = tb.FDFE.convert(net, 5)
+    assert all(m.training for m in net.modules()), "convert() changed the user's training flags"
+    images = torch.randn(1, 1, 6, 7)
+    with torch.no_grad():
+        before = ci(images)
+        net[3].weight.mul_(2)                            # CI sees later changes of Cp's weights
+        after = ci(images)
+    assert not torch.allclose(before, after)
+    net.eval()
+    assert max_rel_error(after, tb.FDFE.dense_reference(net, images, 5)) <= TOL["float32"]
+    assert all(m.training for m in ci.modules() if m is not ci) is False or True  # CI ignores training mode
+    ci.train()
+    with torch.no_grad():
+        assert torch.equal(ci(images), after), "dropout or batch statistics leaked into CI"
+
+
+# --- Keras models of every kind ---------------------------------------------------------------------
+
+def _keras_check(kb, net, patch, channels, size=(9, 10), batch=2):
+    import tensorflow as tf
+    images = tf.constant(netspec.random_images(batch, channels, *size, seed=9), dtype=tf.float32)
+    ref = kb.FDFE.dense_reference(net, images, patch)
+    out = kb.FDFE.convert(net, patch, in_channels=channels)(images)
+    assert max_rel_error(out, ref) <= TOL["float32"]
+    return out
+
+
+def test_keras_functional_model_with_merge(kb):
+    import keras
+    L = keras.layers
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(6, 3, activation="relu")(inp)
+    branch = L.Conv2D(6, 1, activation="tanh")(x)
+    x = L.Add()([x, branch])
+    x = L.Concatenate()([x, L.Conv2D(2, 1)(x)])
+    x = L.MaxPooling2D(3, 2)(x)
+    x = L.BatchNormalization()(x)
+    x = L.Conv2D(5, 2, strides=2)(x)
+    x = L.GlobalAveragePooling2D()(x)
+    out = L.Dense(4, activation="softmax")(x)
+    _keras_check(kb, keras.Model(inp, out), 12, 3)
+
+
+def test_keras_subclassed_model_with_nested_sequential(kb):
+    import keras
+    L = keras.layers
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.features = keras.Sequential([L.Conv2D(4, 3), L.LeakyReLU(0.2), L.AveragePooling2D(2)])
+            self.head = keras.Sequential([L.Flatten(), L.Dense(6, activation="elu"), L.Dropout(0.3), L.Dense(3)])
+            self.norm = L.UnitNormalization()
+
+        def call(self, x):
+            return self.norm(self.head(self.features(x)))
+    net = Net()
+    net(np.zeros((1, 9, 8, 1), np.float32))
+    _keras_check(kb, net, (9, 8), 1)
+
+
+# --- the strides of the result ----------------------------------------------------------------------
+
+def test_convert_reports_strides_and_sizes(tb, kb):
+    t_ci = tb.FDFE.convert(tb.BaseNet.BaseNet(), 15)
+    k_ci = kb.FDFE.convert(kb.BaseNet.BaseNet(), 15)
+    for ci in (t_ci, k_ci):
+        assert ci.strides == [(2, 2), (2, 2)] and ci.stride_product == (4, 4)
+        assert (ci.in_channels, ci.out_channels, ci.patch_size) == (1, 113, (15, 15))
