@@ -1215,6 +1215,11 @@ def _rule_refuse_padding(node, geoms):
     raise node.fail(f"it pads an activation inside Cp; {_PADDING_REASON}")
 
 
+def _rule_refuse_indices(node, geoms):
+    """Pooling that returns indices: they refer to positions inside one patch."""
+    raise node.fail("it returns pooling indices, which refer to positions inside one patch")
+
+
 def _rule_reshape(node, geoms):
     """view/reshape/flatten/squeeze/unsqueeze that keep the batch axis: the same values, reinterpreted.
 
@@ -1285,6 +1290,7 @@ def _build_rules() -> Dict[Callable, Callable]:
          "feature_dropout"], _rule_identity, (torch, F))
     add(["conv2d"], _rule_conv2d, (torch, F))
     add(["max_pool2d"], _make_pool_rule("max"), (torch, F))
+    add(["max_pool2d_with_indices", "adaptive_max_pool2d_with_indices"], _rule_refuse_indices, (torch, F))
     add(["avg_pool2d"], _make_pool_rule("avg"), (torch, F))
     add(["lp_pool2d"], _make_pool_rule("lp"), (F,))
     add(["adaptive_avg_pool2d"], _make_adaptive_rule("avg"), (torch, F))
@@ -1523,9 +1529,6 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     tracer, out, example = _trace(base_net, (ph, pw), int(in_channels))
     batch = example.shape[0]
-    _output_vectors(out, batch)
-    if id(out) not in tracer.slot_of:
-        raise ConversionError("Cp's output does not depend on its input patch")
     geoms = {0: _Geom("map", in_channels, (ph, pw), ())}
     steps: List[_Step] = []
     for node in tracer.nodes:
@@ -1537,6 +1540,9 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
         for slot, geom in zip(node.out_slots, out_geoms):
             geoms[slot] = geom
         steps.append(step)
+    _output_vectors(out, batch)
+    if id(out) not in tracer.slot_of:
+        raise ConversionError("Cp's output does not depend on its input patch")
     out_slot = tracer.slot_of[id(out)]
     geom = geoms[out_slot]
     if geom.size != (1, 1):

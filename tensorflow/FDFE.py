@@ -1268,10 +1268,6 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     tracer, out, example = _trace(base_net, (ph, pw), int(in_channels))
     batch = int(example.shape[0])
-    _output_vectors(out, batch)
-    if id(out) not in tracer.slot_of:
-        raise ConversionError("Cp's output is not the output of one of its Keras layers (a TensorFlow op "
-                              "after the last layer?); only chains and graphs of Keras layers can be converted")
     dtype = _compute_dtype(base_net)
     images = keras.Input((None, None, in_channels), dtype=dtype.name, name="padded_images")
     values = {0: images}
@@ -1285,6 +1281,10 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
         build, geom = rule(call, [geoms[s] for s in call.in_slots])
         values[call.out_slot] = build([values[s] for s in call.in_slots])
         geoms[call.out_slot] = geom
+    _output_vectors(out, batch)
+    if id(out) not in tracer.slot_of:
+        raise ConversionError("Cp's output is not the output of one of its Keras layers (a TensorFlow op "
+                              "after the last layer?); only chains and graphs of Keras layers can be converted")
     out_slot = tracer.slot_of[id(out)]
     geom = geoms[out_slot]
     stacked = values[out_slot]

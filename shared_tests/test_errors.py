@@ -1,0 +1,237 @@
+"""Bad input gets a clear error that names the problem; what cannot be exact is refused, with the reason."""
+
+import numpy as np
+import pytest
+
+
+# --- refusals of convert(): PyTorch ----------------------------------------------------------------
+
+def _torch_refusal(tb, forward_modules, patch, match, in_channels=1, forward=None):
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(forward_modules)
+
+        def forward(self, x):
+            if forward is not None:
+                return forward(self, x)
+            for m in self.layers:
+                x = m(x)
+            return x
+    with pytest.raises(tb.FDFE.ConversionError, match=match):
+        tb.FDFE.convert(Net(), patch, in_channels=in_channels)
+
+
+def test_torch_refuses_padded_convolution(tb):
+    import torch.nn as nn
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 5)], 5,
+                   r"layers\.0 \(Conv2d\).*pads its input \(padding=\(1, 1\)\).*patch border")
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3, padding="same"), nn.Conv2d(4, 2, 5)], 5, r"padding='same'")
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(4, 2, 5)], 5,
+                   r"F\.pad.*pads an activation")
+
+
+def test_torch_refuses_padded_pooling_and_partial_windows(tb):
+    import torch.nn as nn
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 2), nn.MaxPool2d(3, 2, padding=1), nn.Conv2d(4, 2, 2)], 5,
+                   r"MaxPool2d.*pads its input")
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 2), nn.MaxPool2d(2, 2, ceil_mode=True), nn.Conv2d(4, 2, 3)], 6,
+                   r"ceil_mode=True makes a last, partial window")
+
+
+def test_torch_refuses_per_patch_normalisation(tb):
+    import torch.nn as nn
+    _torch_refusal(tb, [nn.InstanceNorm2d(1), nn.Conv2d(1, 2, 5)], 5,
+                   r"layers\.0 \(InstanceNorm2d\).*statistics computed over each patch.*cannot be exact")
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 2), nn.GroupNorm(2, 4), nn.Conv2d(4, 2, 4)], 5, r"over each patch")
+
+    def standardise(self, x):  # subtract the patch mean, divide by its standard deviation
+        x = (x - x.mean(dim=(2, 3), keepdim=True)) / x.std(dim=(2, 3), keepdim=True)
+        return self.layers[0](x)
+    _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"(combines a 1x5x5 map with a 1x1x1 map|std)",
+                   forward=standardise)
+
+    def layer_norm(self, x):
+        import torch.nn.functional as F
+        return self.layers[0](F.layer_norm(x, x.shape[1:]))
+    _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"statistics of each patch", forward=layer_norm)
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 2), nn.BatchNorm2d(4, track_running_stats=False), nn.Conv2d(4, 2, 4)], 5,
+                   r"no running statistics")
+
+
+def test_torch_refuses_ops_that_mix_positions(tb):
+    import torch.nn as nn
+    import torch.nn.functional as F
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 2), nn.Linear(4, 3)], 5, r"Linear.*flatten the map first")
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 5)], 5, r"moves values between patches",
+                   forward=lambda self, x: self.layers[0](x).view(-1))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 2)], 5, r"F\.interpolate is not supported.*unknown op",
+                   forward=lambda self, x: F.interpolate(self.layers[0](x), size=1))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 2), nn.MaxPool2d(2, return_indices=True)], 5, r"pooling indices",
+                   forward=lambda self, x: self.layers[1](self.layers[0](x))[0].flatten(1))
+    _torch_refusal(tb, [nn.Conv2d(1, 2, 3)], 5, r"softmax.*mixes positions of the patch",
+                   forward=lambda self, x: self.layers[0](x).flatten(1).softmax(1))
+
+
+def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):
+    import torch.nn as nn
+
+    def branchy(self, x):
+        y = self.layers[0](x)
+        return y if float(y.max()) > 0 else -y
+    _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"reads the values of an activation", forward=branchy)
+    _torch_refusal(tb, [nn.Conv2d(1, 2, 3)], 5, r"not a single vector.*\(2, 2, 3, 3\)")
+
+
+# --- refusals of convert(): Keras ----------------------------------------------------------------------
+
+def _keras_refusal(kb, layers, patch, match, channels=1):
+    import keras
+    net = keras.Sequential([keras.Input((patch, patch, channels))] + layers)
+    with pytest.raises(kb.FDFE.ConversionError, match=match):
+        kb.FDFE.convert(net, patch)
+
+
+def test_keras_refusals(kb):
+    import keras
+    L = keras.layers
+    _keras_refusal(kb, [L.Conv2D(4, 3, padding="same"), L.Conv2D(2, 5)], 5,
+                   r"layer 'conv2d.*' \(Conv2D\).*pads its input \(padding='same'\).*patch border")
+    _keras_refusal(kb, [L.ZeroPadding2D(1), L.Conv2D(2, 7)], 5, r"ZeroPadding2D.*pads or crops")
+    _keras_refusal(kb, [L.Conv2D(4, 2), L.MaxPooling2D(2, padding="same"), L.Conv2D(2, 2)], 5, r"pads its input")
+    _keras_refusal(kb, [L.Conv2D(4, 2), L.GroupNormalization(2), L.Conv2D(2, 4)], 5, r"over each patch")
+    _keras_refusal(kb, [L.LayerNormalization(axis=[1, 2, 3]), L.Conv2D(2, 5)], 5, r"statistics of each patch")
+    _keras_refusal(kb, [L.Lambda(lambda x: x * 2), L.Conv2D(2, 5)], 5, r"Lambda layer is opaque")
+    _keras_refusal(kb, [L.Conv2D(4, 3), L.UpSampling2D(2), L.Conv2D(2, 6)], 5, r"UpSampling2D.*unknown layer kind")
+    _keras_refusal(kb, [L.Conv2D(4, 3), L.PReLU(), L.Conv2D(2, 3)], 5, r"slopes differ per position")
+    _keras_refusal(kb, [L.Conv2D(2, 3)], 5, r"not a single vector.*\(2, 3, 3, 2\)")
+    _keras_refusal(kb, [L.Conv2D(2, 3), L.Flatten(), L.Softmax()], 5, r"mixes positions of the patch")
+
+
+def test_keras_refuses_tensorflow_ops_between_layers(kb):
+    import keras
+    import tensorflow as tf
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = keras.layers.Conv2D(3, 3), keras.layers.Conv2D(2, 3)
+
+        def call(self, x):
+            return self.b(tf.nn.relu(self.a(x)))
+    net = Net()
+    net(np.zeros((1, 5, 5, 1), np.float32))
+    with pytest.raises(kb.FDFE.ConversionError, match=r"receives a tensor that no Keras layer of Cp produced"):
+        kb.FDFE.convert(net, 5)
+
+
+# --- bad input to CI, dense_reference, convert and SlimNet ------------------------------------------
+
+def test_torch_bad_inputs(tb):
+    import torch
+    net = tb.BaseNet.BaseNet()
+    ci = tb.FDFE.convert(net, 15)
+    with pytest.raises(ValueError, match=r"rank 4 \(N, C, H, W\).*\(5, 5\)"):
+        ci(torch.randn(5, 5))
+    with pytest.raises(ValueError, match=r"3 channels but the network expects 1"):
+        ci(torch.randn(1, 3, 8, 8))
+    with pytest.raises(TypeError, match=r"floating-point.*torch.int64"):
+        ci(torch.ones(1, 1, 8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"must not be empty"):
+        ci(torch.randn(1, 1, 0, 8))
+    with pytest.raises(ValueError, match=r"patch_size must be at least 1"):
+        tb.FDFE.convert(net, 0)
+    with pytest.raises(TypeError, match=r"patch_size must be an int or a pair"):
+        tb.FDFE.convert(net, "15")
+    with pytest.raises(tb.FDFE.ConversionError, match=r"patch 7x7 may be smaller"):
+        tb.FDFE.convert(net, 7)
+    with pytest.raises(tb.FDFE.ConversionError, match=r"not a single vector"):
+        tb.FDFE.convert(net, 21)
+    with pytest.raises(ValueError, match=r"in_channels cannot be inferred"):
+        tb.FDFE.convert(torch.nn.Sequential(torch.nn.Tanh()), 3)
+    with pytest.raises(ValueError, match=r"positions must lie inside the images"):
+        tb.FDFE.patch_outputs(net, torch.randn(1, 1, 4, 4), 15, [[0, 4, 0]])
+    with pytest.raises(ValueError, match=r"sL1=3 does not fit the net: its pooling layer pools with stride 2"):
+        tb.SlimNet.SlimNet(net, 15, 15, sL1=3)
+    with pytest.raises(ValueError, match=r"patch 5x5 does not fit the net"):
+        tb.SlimNet.SlimNet(net, 5, 5)
+    with pytest.raises(ValueError, match=r"patch 19x19 does not fit the net.*not a single vector"):
+        tb.SlimNet.SlimNet(net, 19, 19)
+
+
+def test_keras_bad_inputs(kb):
+    import tensorflow as tf
+    net = kb.BaseNet.BaseNet()
+    ci = kb.FDFE.convert(net, 15)
+    with pytest.raises(ValueError, match=r"rank 4 \(N, H, W, C\).*\(5, 5\)"):
+        ci(tf.random.normal((5, 5)))
+    with pytest.raises(ValueError, match=r"3 channels but the network expects 1"):
+        ci(tf.random.normal((1, 8, 8, 3)))
+    with pytest.raises(TypeError, match=r"floating-point.*int32"):
+        ci(tf.ones((1, 8, 8, 1), tf.int32))
+    with pytest.raises(ValueError, match=r"patch_size must be at least 1"):
+        kb.FDFE.convert(net, (15, 0))
+    with pytest.raises(kb.FDFE.ConversionError, match=r"patch 7x7 may be smaller"):
+        kb.FDFE.convert(net, 7)
+    with pytest.raises(ValueError, match=r"positions must lie inside the images"):
+        kb.FDFE.patch_outputs(net, tf.random.normal((1, 4, 4, 1)), 15, np.array([[1, 0, 0]]))
+    with pytest.raises(ValueError, match=r"sL2=3 does not fit the net: its pooling layer pools with stride 2"):
+        kb.SlimNet.SlimNet(net, 15, 15, sL2=3)
+    with pytest.raises(ValueError, match=r"patch 5x5 does not fit the net"):
+        kb.SlimNet.SlimNet(net, 5, 5)
+
+
+# --- the weights file ----------------------------------------------------------------------------------
+
+@pytest.fixture(params=["torch", "keras"])
+def basenet_module(request, tb, kb):
+    return tb.BaseNet if request.param == "torch" else kb.BaseNet
+
+
+def test_missing_weights_file(basenet_module, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"weights file not found: .*nothere\.npz.*make_weights"):
+        basenet_module.BaseNet(weights=str(tmp_path / "nothere.npz"))
+
+
+def test_corrupt_weights_file(basenet_module, tmp_path):
+    from conftest import WEIGHTS_DIR
+    good = open(f"{WEIGHTS_DIR}/basenet.npz", "rb").read()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good[: len(good) // 2])
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip archive at all" * 10)
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF                       # one bit flip inside the data: CRC mismatch
+    bitflip = tmp_path / "bitflip.npz"
+    bitflip.write_bytes(bytes(flipped))
+    for path in (truncated, garbage, bitflip):
+        with pytest.raises(ValueError, match=r"corrupt"):
+            basenet_module.BaseNet(weights=str(path))
+    pickled = tmp_path / "pickled.npz"
+    arrays = dict(np.load(f"{WEIGHTS_DIR}/basenet.npz"))
+    arrays["conv1.bias"] = np.array([object()], dtype=object)
+    np.savez(pickled, **arrays)
+    with pytest.raises(ValueError, match=r"corrupt or not an \.npz archive.*allow_pickle"):
+        basenet_module.BaseNet(weights=str(pickled))
+    arrays = dict(np.load(f"{WEIGHTS_DIR}/basenet.npz"))
+    arrays["conv2.bias"] = arrays["conv2.bias"] * np.nan
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, **arrays)
+    with pytest.raises(ValueError, match=r"conv2\.bias holds NaN"):
+        basenet_module.BaseNet(weights=str(nan))
+
+
+def test_mismatched_weights_file(basenet_module, tmp_path):
+    from conftest import WEIGHTS_DIR
+    arrays = dict(np.load(f"{WEIGHTS_DIR}/basenet.npz"))
+    wrong = dict(arrays, **{"conv3.weight": arrays["conv3.weight"][:, :, :1, :1]})
+    path = tmp_path / "wrong.npz"
+    np.savez(path, **wrong)
+    with pytest.raises(ValueError, match=r"does not match BaseNet: conv3\.weight has shape \(128, 16, 1, 1\)"):
+        basenet_module.BaseNet(weights=str(path))
+    missing = {k: v for k, v in arrays.items() if k != "conv4.bias"}
+    np.savez(path, **missing)
+    with pytest.raises(ValueError, match=r"missing \['conv4\.bias'\]"):
+        basenet_module.BaseNet(weights=str(path))

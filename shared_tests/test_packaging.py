@@ -1,0 +1,57 @@
+"""tensorflow/ never shadows the real package; both backends live in one process; the samples run."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def test_tensorflow_folder_is_not_a_package():
+    assert not os.path.exists(os.path.join(ROOT, "tensorflow", "__init__.py"))
+    assert not os.path.exists(os.path.join(ROOT, "pytorch", "__init__.py"))
+
+
+def test_import_tensorflow_from_the_repository_root_gets_the_real_package():
+    pytest.importorskip("tensorflow")
+    code = "import tensorflow, os; print(os.path.realpath(tensorflow.__file__)); print(tensorflow.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    path, version = out.stdout.split()
+    assert not path.startswith(os.path.realpath(ROOT) + os.sep), path
+    assert version[0].isdigit()
+
+
+def test_tensorflow_in_this_process_is_the_real_package(kb):
+    import tensorflow
+    assert not os.path.realpath(tensorflow.__file__).startswith(os.path.realpath(ROOT) + os.sep)
+    assert hasattr(tensorflow, "nn")
+
+
+def test_both_backends_in_one_process(tb, kb):
+    assert tb.FDFE is not kb.FDFE
+    assert tb.FDFE.__file__ != kb.FDFE.__file__
+    assert tb.SlimNet.FDFE is tb.FDFE and kb.SlimNet.FDFE is kb.FDFE
+    assert "FDFE" not in sys.modules or sys.modules["FDFE"] in (tb.FDFE, kb.FDFE)
+    assert all(not p or os.path.realpath(p) != os.path.realpath(ROOT) for p in sys.path[1:])
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "tensorflow"])
+def test_sample_code_runs_and_matches(backend, tmp_path):
+    pytest.importorskip("torch" if backend == "pytorch" else "tensorflow")
+    figure = tmp_path / "figure.png"
+    cmd = [sys.executable, f"{backend}/sample_code.py", "--imH", "37", "--imW", "29", "--pH", "16", "--pW", "17",
+           "--samples", "300", "--net", "convert", "--device", "cpu", "--figure", str(figure)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout
+    for expected in ("Total time for C_I:", "Averaged time for C_P per Patch without warm up:",
+                     "aggregated difference percentage =", "maximal abs difference =", "speedup",
+                     "random sample of 300 of the 1073 patches"):
+        assert expected in lines, lines
+    max_diff = float(lines.split("maximal abs difference = ")[1].split()[0])
+    assert max_diff <= 1e-5
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,61 @@
+"""Exact tiling: tiled CI equals untiled CI (and Cp) for every tile size, in both backends."""
+
+import numpy as np
+import pytest
+
+import netspec
+from conftest import TOL, max_rel_error
+
+TILES = [(4, 4), (5, 7), (8, 12), (64, 64)]
+SPEC = [{"type": "conv", "out": 4, "k": 3, "stride": 2}, {"type": "act", "fn": "tanh"},
+        {"type": "pool", "kind": "avg", "k": 3, "stride": 3}, {"type": "conv", "out": 3, "k": 2}]
+PATCH = (14, 15)
+
+
+def test_torch_tiling_is_exact(tb, torch_device):
+    import torch
+    net = netspec.build_torch(SPEC, 2, PATCH, netspec.make_weights(SPEC, 2, PATCH)).to(torch_device)
+    images = torch.from_numpy(netspec.random_images(2, 2, 23, 31).transpose(0, 3, 1, 2)).to(torch_device)
+    ref = tb.FDFE.dense_reference(net, images, PATCH).cpu()
+    ci = tb.FDFE.convert(net, PATCH)
+    with torch.no_grad():
+        full = ci(images).cpu()
+        assert max_rel_error(full, ref) <= TOL["float64"]
+        for tile in TILES:
+            ci.tile = tile
+            assert max_rel_error(ci(images).cpu(), full) <= 1e-13, tile
+
+
+def test_keras_tiling_is_exact(kb, tf_scope):
+    import tensorflow as tf
+    net = netspec.build_keras(SPEC, 2, PATCH, netspec.make_weights(SPEC, 2, PATCH), kb.FDFE)
+    images = tf.constant(netspec.random_images(2, 2, 23, 31))
+    ref = kb.FDFE.dense_reference(net, images, PATCH)
+    ci = kb.FDFE.convert(net, PATCH)
+    full = ci(images)
+    assert max_rel_error(full, ref) <= TOL["float64"]
+    for tile in TILES:
+        ci.tile = tile
+        assert max_rel_error(ci(images), full) <= 1e-13, tile
+
+
+def test_tiled_basenet_float32(tb, kb):
+    import tensorflow as tf
+    import torch
+    image = np.random.default_rng(2).standard_normal((1, 45, 38, 1)).astype(np.float32)
+    t_ci = tb.FDFE.convert(tb.BaseNet.BaseNet(), 15, tile=(16, 12))
+    k_ci = kb.FDFE.convert(kb.BaseNet.BaseNet(), 15, tile=(16, 12))
+    with torch.no_grad():
+        t_out = t_ci(torch.from_numpy(image.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    t_ci.tile = None
+    with torch.no_grad():
+        t_full = t_ci(torch.from_numpy(image.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    k_out = k_ci(tf.constant(image)).numpy()
+    assert max_rel_error(t_out, t_full) <= TOL["float32"]
+    assert max_rel_error(k_out, t_out) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("tile", [(0, 4), (4, -1), "big"])
+def test_bad_tile(tb, tile):
+    with pytest.raises((ValueError, TypeError), match="tile"):
+        tb.FDFE.convert(tb.BaseNet.BaseNet(), 15, tile=tile)
