@@ -1119,8 +1119,14 @@ def _make_reduce_rule(kind):
             if kind is None:
                 raise node.fail("only mean and amax over the spatial axes are supported (as global pooling)")
             return _global_pool_step(node, geom, kind, keep_map=keepdim)
-        if [_channel_dim(geom, d, node) for d in dims] != [1]:
-            raise node.fail(f"it reduces over dims {dims} of {geom.describe()}")
+        rank = 4 if geom.kind == "map" else len(node.in_shapes[0])
+        if any(d % rank == 0 for d in dims):
+            raise node.fail("it reduces over the batch of patches")
+        per_pixel = dims and all(d % rank == 1 for d in dims) and (
+            geom.kind == "map" or (geom.kind == "vector" and geom.size == (1, 1)))
+        if not per_pixel:
+            raise node.fail(f"it computes a statistic over positions of each patch (dims {dims} of "
+                            f"{geom.describe()}), as per-patch normalisation does; {_PER_PATCH_REASON}")
         if not keepdim and geom.kind == "map":
             raise node.fail("a channel reduction without keepdim=True turns the map into (N, h, w)")
         first = p.pop(names[0])
