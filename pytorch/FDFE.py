@@ -1350,7 +1350,9 @@ class DenseFeatureNet(nn.Module):
         strides: (sh, sw) of each multipooling/striding layer, in network order.
         stride_product: (SH, SW).
         naive: use the paper-faithful per-shift multipooling and per-layer unwarping.
-        tile: None, or (th, tw): process the image in tiles of this output size (exact; bounded memory).
+        tile: "auto" (default: tiles of about 128x128 output pixels on the CPU, where cache-sized
+            tiles run faster; none on GPUs), None (no tiling), or (th, tw): process the image in
+            tiles of this output size.  Tiling is exact (overlapping inputs) and bounds memory.
         memory_format: torch.channels_last (default) or torch.contiguous_format for the internal tensors.
 
     Shape:
@@ -1358,7 +1360,7 @@ class DenseFeatureNet(nn.Module):
     """
 
     def __init__(self, base_net, patch_size, in_channels, out_channels, steps, output_slot, strides,
-                 constants, naive=False, tile=None, memory_format=torch.channels_last, progress=None):
+                 constants, naive=False, tile="auto", memory_format=torch.channels_last, progress=None):
         super().__init__()
         self.base_net = base_net
         self.patch_size = _pair(patch_size, "patch_size")
@@ -1371,7 +1373,7 @@ class DenseFeatureNet(nn.Module):
             self.register_buffer(f"constant_{i}", c)
         self.n_constants = len(constants)
         self.naive = naive
-        self.tile = None if tile is None else _pair(tile, "tile")
+        self.tile = tile
         self.memory_format = memory_format
         self.progress = progress
         last_use: Dict[int, int] = {}
@@ -1423,14 +1425,32 @@ class DenseFeatureNet(nn.Module):
         padded = multipool_prepare(images, self.patch_size, self.stride_product)
         if self.memory_format is not None and self.memory_format != torch.contiguous_format:
             padded = padded.contiguous(memory_format=self.memory_format)
-        if self.tile is None:
+        tile = self._tile_size(images.device, height, width)
+        if tile is None:
             return self._dense(padded, height, width)
-        return self._tiled(padded, height, width)
+        return self._tiled(padded, height, width, tile)
 
-    def _tiled(self, padded, height, width):
+    @property
+    def tile(self):
+        return self._tile
+
+    @tile.setter
+    def tile(self, value):
+        self._tile = value if value is None or value == "auto" else _pair(value, "tile")
+
+    def _tile_size(self, device, height, width):
+        """The tile in use: the one asked for, or for "auto" ~128 px (at least 4 patches) on the CPU."""
+        if self._tile != "auto":
+            return self._tile
+        if device.type != "cpu":
+            return None
+        edge = max(128, 4 * max(self.patch_size))
+        return None if height <= edge and width <= edge else (edge, edge)
+
+    def _tiled(self, padded, height, width, tile):
         sh, sw = self.stride_product
-        th = -(-self.tile[0] // sh) * sh
-        tw = -(-self.tile[1] // sw) * sw
+        th = -(-tile[0] // sh) * sh
+        tw = -(-tile[1] // sw) * sw
         ph, pw = self.patch_size
         out = None
         origins = [(y, x) for y in range(0, height, th) for x in range(0, width, tw)]
@@ -1499,7 +1519,7 @@ def _trace(base_net, patch_size, in_channels):
 
 
 def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, *, naive: bool = False,
-            tile=None, memory_format=torch.channels_last, check: bool = True,
+            tile="auto", memory_format=torch.channels_last, check: bool = True,
             progress: Optional[bool] = None) -> DenseFeatureNet:
     """Turn a patch network Cp into CI, which computes Cp for the patch around every pixel.
 
@@ -1515,7 +1535,8 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
         patch_size: int or (pH, pW).
         in_channels: C; inferred from the first module with ``in_channels`` when omitted.
         naive: paper-faithful per-shift multipooling and per-layer unwarping (slower, same result).
-        tile: None or (th, tw): process images in tiles of this output size (exact, bounded memory).
+        tile: "auto" (CPU: cache-sized tiles, GPU: none), None, or (th, tw): process images in tiles
+            of this output size (exact, bounded memory).
         memory_format: internal layout; channels_last (default) is fastest on CPU.
         check: compare CI with Cp on a few patches of a small random image before returning.
         progress: progress bar for tiled runs (None: automatic).
