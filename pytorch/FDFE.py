@@ -55,6 +55,7 @@ __all__ = [
     "multi_pool",
     "multi_conv",
     "unwarp",
+    "unwarp_into",
     "unwarp_layer",
     "multiPoolPrepare",
     "multiMaxPooling",
@@ -407,6 +408,40 @@ def unwarp_layer(x: torch.Tensor, stride) -> torch.Tensor:
     return y.reshape(b // (sh * sw), k, h * sh, w * sw)
 
 
+def _unwarp_views(x, strides, dest):
+    """(source, destination) views whose element-wise copy is the unwarping (channels innermost
+    when ``x`` is channels-last)."""
+    n = len(strides)
+    sizes = [v for s in reversed(strides) for v in s]
+    b, k, h, w = x.shape
+    n_img = b // _prod(sizes)
+    ydims, xdims = list(range(0, 2 * n, 2)), list(range(1, 2 * n, 2))
+    ysizes, xsizes = [s[0] for s in reversed(strides)], [s[1] for s in reversed(strides)]
+    if _is_channels_last(x):
+        src = x.permute(0, 2, 3, 1).reshape(*sizes, n_img, h, w, k)
+        src = src.permute([2 * n, 2 * n + 1] + ydims + [2 * n + 2] + xdims + [2 * n + 3])
+        dst = dest.permute(0, 2, 3, 1).view(n_img, h, *ysizes, w, *xsizes, k)
+    else:
+        src = x.reshape(*sizes, n_img, k, h, w)
+        src = src.permute([2 * n, 2 * n + 1, 2 * n + 2] + ydims + [2 * n + 3] + xdims)
+        dst = dest.view(n_img, k, h, *ysizes, w, *xsizes)
+    return src, dst
+
+
+def unwarp_into(x: torch.Tensor, strides: Sequence, dest: torch.Tensor) -> torch.Tensor:
+    """:func:`unwarp` written straight into ``dest`` (N, K, h * SH, w * SW), e.g. a slice of the output.
+
+    ``dest`` must allow the split of its height and width into the stride digits (true for
+    slices of a contiguous or channels-last tensor).  Returns ``dest``.
+    """
+    strides = [_pair(s, "stride") for s in strides]
+    if not strides:
+        return dest.copy_(x)
+    src, dst = _unwarp_views(x, strides, dest)
+    dst.copy_(src)
+    return dest
+
+
 def unwarp(x: torch.Tensor, strides: Sequence, naive: bool = False) -> torch.Tensor:
     """Unwarping: turn the shift-stacked output of n multipooling layers into the image grid.
 
@@ -430,24 +465,15 @@ def unwarp(x: torch.Tensor, strides: Sequence, naive: bool = False) -> torch.Ten
         return x
     if not strides:
         return x
-    n = len(strides)
-    sizes = [v for s in reversed(strides) for v in s]
     b, k, h, w = x.shape
-    m = _prod(sizes)
+    m = _prod(v for s in strides for v in s)
     if b % m:
         raise ValueError(f"batch {b} is not a multiple of the {m} stacked shifts")
-    n_img = b // m
     big_h = _prod(s[0] for s in strides)
     big_w = _prod(s[1] for s in strides)
-    ydims = list(range(0, 2 * n, 2))
-    xdims = list(range(1, 2 * n, 2))
-    if _is_channels_last(x):
-        v = x.permute(0, 2, 3, 1).reshape(*sizes, n_img, h, w, k)
-        perm = [2 * n, 2 * n + 1] + ydims + [2 * n + 2] + xdims + [2 * n + 3]
-        return v.permute(perm).reshape(n_img, h * big_h, w * big_w, k).permute(0, 3, 1, 2)
-    v = x.reshape(*sizes, n_img, k, h, w)
-    perm = [2 * n, 2 * n + 1, 2 * n + 2] + ydims + [2 * n + 3] + xdims
-    return v.permute(perm).reshape(n_img, k, h * big_h, w * big_w)
+    dest = torch.empty((b // m, k, h * big_h, w * big_w), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
+    return unwarp_into(x, strides, dest)
 
 
 # ---------------------------------------------------------------------------
@@ -1448,6 +1474,8 @@ class DenseFeatureNet(nn.Module):
         return None if height <= edge and width <= edge else (edge, edge)
 
     def _tiled(self, padded, height, width, tile):
+        """Exact tiling: each output tile from its own crop of the padded image (overlap pH-1, pW-1),
+        unwarped straight into the output."""
         sh, sw = self.stride_product
         th = -(-tile[0] // sh) * sh
         tw = -(-tile[1] // sw) * sw
@@ -1457,19 +1485,23 @@ class DenseFeatureNet(nn.Module):
         bar = _progress(len(origins), "CI tiles", self.progress if self.progress is not None else
                         (None if len(origins) >= 50 else False))
         for y0, x0 in origins:
-            h, w = min(th, height - y0), min(tw, width - x0)
-            hp, wp = -(-h // sh) * sh, -(-w // sw) * sw
-            part = self._dense(padded[:, :, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1], h, w)
-            if out is None:
-                out = torch.empty((padded.shape[0], part.shape[1], height, width), dtype=part.dtype,
-                                  device=part.device, memory_format=torch.channels_last
-                                  if _is_channels_last(part) else torch.contiguous_format)
-            out[:, :, y0:y0 + h, x0:x0 + w] = part
+            hp, wp = -(-min(th, height - y0) // sh) * sh, -(-min(tw, width - x0) // sw) * sw
+            stacked = self.stacked(padded[:, :, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1])
+            stacked = stacked[:, :, :hp // sh, :wp // sw]
+            if out is None:  # the image size rounded up to the stride product; cropped at the end
+                out = torch.empty((padded.shape[0], stacked.shape[1], -(-height // sh) * sh, -(-width // sw) * sw),
+                                  dtype=stacked.dtype, device=stacked.device, memory_format=torch.channels_last
+                                  if _is_channels_last(stacked) else torch.contiguous_format)
+            dest = out[:, :, y0:y0 + hp, x0:x0 + wp]
+            if self.naive:
+                dest.copy_(unwarp(stacked, self.strides, naive=True))
+            else:
+                unwarp_into(stacked, self.strides, dest)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        return out
+        return out[:, :, :height, :width]
 
     def extra_repr(self):
         lines = [f"patch_size={self.patch_size}, in_channels={self.in_channels}, out_channels="

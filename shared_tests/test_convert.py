@@ -300,3 +300,21 @@ def test_convert_reports_strides_and_sizes(tb, kb):
     for ci in (t_ci, k_ci):
         assert ci.strides == [(2, 2), (2, 2)] and ci.stride_product == (4, 4)
         assert (ci.in_channels, ci.out_channels, ci.patch_size) == (1, 113, (15, 15))
+
+
+def test_keras_converted_model_saves_and_loads(kb, tmp_path):
+    """FDFE's Keras layers serialise: a converted model survives model.save / load_model."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+    net = keras.Sequential([keras.Input((12, 11, 2)), L.Conv2D(4, 3, strides=2, activation="tanh"),
+                            kb.FDFE.LPPooling2D(2, 2), L.Conv2D(3, 2), L.Flatten(), L.Dense(5)])
+    ci = kb.FDFE.convert(net, (12, 11))
+    images = tf.constant(netspec.random_images(2, 2, 9, 7, seed=4), tf.float32)
+    path = str(tmp_path / "ci.keras")
+    ci.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, kb.FDFE.DenseFeatureModel)
+    assert loaded.strides == ci.strides and loaded.patch_size == ci.patch_size
+    np.testing.assert_allclose(loaded(images).numpy(), ci(images).numpy(), rtol=0, atol=1e-6)
+    assert max_rel_error(loaded(images), kb.FDFE.dense_reference(net, images, (12, 11))) <= TOL["float32"]
