@@ -32,7 +32,7 @@ unwarpAll                                               -- the same as nn.Module
 convert, DenseFeatureNet, ConversionError               -- automatic Cp -> CI
 """
 
-import math
+import collections
 import numbers
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -1364,6 +1364,52 @@ def _lookup_rule(func):
 # CI as a module
 # ---------------------------------------------------------------------------
 
+def _peak_live_channels(steps_io, channels):
+    """Largest total channel count of the dense values alive at once while CI's steps run.
+
+    ``steps_io`` lists (input slots, output slots) per step; slot 0 is the padded image."""
+    last_use = {}
+    for i, (ins, _) in enumerate(steps_io):
+        for s in ins:
+            last_use[s] = i
+    alive, peak = {0}, channels[0]
+    for i, (ins, outs) in enumerate(steps_io):
+        alive |= set(outs)
+        peak = max(peak, sum(channels[s] for s in alive))
+        alive -= {s for s in ins if last_use.get(s) == i and s not in outs}
+    return peak
+
+
+def _memory_estimate(image_size, batch, in_channels, out_channels, patch, stride_product, peak_channels,
+                     itemsize, tile=None):
+    """Bytes CI needs: the padded input and the output, plus the values alive at once on one tile
+    (1.5 times, for convolution workspaces and layout copies).  An upper bound in practice."""
+    (height, width), (ph, pw), (sh, sw) = image_size, patch, stride_product
+    full_h, full_w = -(-height // sh) * sh, -(-width // sw) * sw
+    fixed = batch * (in_channels * (full_h + ph - 1) * (full_w + pw - 1) + out_channels * full_h * full_w)
+    th, tw = (full_h, full_w) if tile is None else (min(-(-tile[0] // sh) * sh, full_h),
+                                                  min(-(-tile[1] // sw) * sw, full_w))
+    work = 1.5 * batch * peak_channels * (th + ph - 1 + sh) * (tw + pw - 1 + sw)
+    return int((fixed + work) * itemsize)
+
+
+def _tile_for_memory(budget, estimate, image_size, stride_product, patch):
+    """The largest square-ish tile (multiple of the stride product) whose estimate fits the budget."""
+    (height, width), (sh, sw) = image_size, stride_product
+    if estimate(None) <= budget:
+        return None
+    edge = max(height, width)
+    smallest = max(sh, sw, 8)
+    while edge > smallest:
+        edge = max(smallest, edge * 3 // 4)
+        tile = (-(-min(edge, height) // sh) * sh, -(-min(edge, width) // sw) * sw)
+        if estimate(tile) <= budget:
+            return tile
+    raise MemoryError(f"CI needs about {estimate((smallest, smallest)) / 2**20:.0f} MiB even with "
+                      f"{smallest}x{smallest} tiles (the padded image and the output alone take "
+                      f"{estimate((1, 1)) / 2**20:.0f} MiB); the budget is {budget / 2**20:.0f} MiB")
+
+
 class DenseFeatureNet(nn.Module):
     """CI built by :func:`convert`: Cp's output for the patch around every pixel.
 
@@ -1380,13 +1426,16 @@ class DenseFeatureNet(nn.Module):
             tiles run faster; none on GPUs), None (no tiling), or (th, tw): process the image in
             tiles of this output size.  Tiling is exact (overlapping inputs) and bounds memory.
         memory_format: torch.channels_last (default) or torch.contiguous_format for the internal tensors.
+        max_memory: None, or a budget in bytes: tiles are chosen so that :meth:`estimate_memory`
+            stays under it (overrides ``tile``).
 
     Shape:
         (N, C, H, W) -> (N, K, H, W), any N, H, W >= 1.  The result may have channels-last strides.
     """
 
     def __init__(self, base_net, patch_size, in_channels, out_channels, steps, output_slot, strides,
-                 constants, naive=False, tile="auto", memory_format=torch.channels_last, progress=None):
+                 constants, naive=False, tile="auto", memory_format=torch.channels_last, progress=None,
+                 slot_channels=None, max_memory=None):
         super().__init__()
         self.base_net = base_net
         self.patch_size = _pair(patch_size, "patch_size")
@@ -1408,6 +1457,11 @@ class DenseFeatureNet(nn.Module):
                 last_use[s] = i
         self._free_after = [[s for s in step.inputs if last_use.get(s) == i and s != output_slot]
                             for i, step in enumerate(steps)]
+        self.max_memory = max_memory
+        channels = dict(slot_channels or {})
+        channels.setdefault(0, self.in_channels)
+        self._peak_channels = _peak_live_channels([(st.inputs, st.outputs) for st in steps],
+                                                  collections.defaultdict(lambda: self.out_channels, channels))
         for step, free in zip(steps, self._free_after):
             if isinstance(step, _CallStep):
                 # slot 0 is the padded image (a view of it when tiling): never overwritten
@@ -1451,7 +1505,7 @@ class DenseFeatureNet(nn.Module):
         padded = multipool_prepare(images, self.patch_size, self.stride_product)
         if self.memory_format is not None and self.memory_format != torch.contiguous_format:
             padded = padded.contiguous(memory_format=self.memory_format)
-        tile = self._tile_size(images.device, height, width)
+        tile = self._tile_size(images.device, height, width, images.shape[0], images.dtype)
         if tile is None:
             return self._dense(padded, height, width)
         return self._tiled(padded, height, width, tile)
@@ -1464,8 +1518,22 @@ class DenseFeatureNet(nn.Module):
     def tile(self, value):
         self._tile = value if value is None or value == "auto" else _pair(value, "tile")
 
-    def _tile_size(self, device, height, width):
-        """The tile in use: the one asked for, or for "auto" ~128 px (at least 4 patches) on the CPU."""
+    def estimate_memory(self, image_size, batch: int = 1, tile=None, dtype=torch.float32) -> int:
+        """Estimated peak bytes of CI on images of ``image_size`` (H, W): the padded input, the
+        output, and 1.5 times the values alive at once on one tile (``tile`` None: whole image)."""
+        return _memory_estimate(image_size, batch, self.in_channels, self.out_channels, self.patch_size,
+                                self.stride_product, self._peak_channels, torch.empty((), dtype=dtype).element_size(),
+                                None if tile is None else _pair(tile, "tile"))
+
+    def tile_for_memory(self, budget: int, image_size, batch: int = 1, dtype=torch.float32):
+        """The largest tile whose :meth:`estimate_memory` fits ``budget`` bytes (None: no tiling needed)."""
+        return _tile_for_memory(budget, lambda t: self.estimate_memory(image_size, batch, t, dtype),
+                                tuple(image_size), self.stride_product, self.patch_size)
+
+    def _tile_size(self, device, height, width, batch=1, dtype=torch.float32):
+        """The tile in use: from max_memory, the one asked for, or for "auto" ~128 px on the CPU."""
+        if self.max_memory is not None:
+            return self.tile_for_memory(self.max_memory, (height, width), batch, dtype)
         if self._tile != "auto":
             return self._tile
         if device.type != "cpu":
@@ -1551,8 +1619,8 @@ def _trace(base_net, patch_size, in_channels):
 
 
 def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, *, naive: bool = False,
-            tile="auto", memory_format=torch.channels_last, check: bool = True,
-            progress: Optional[bool] = None) -> DenseFeatureNet:
+            tile="auto", max_memory: Optional[int] = None, memory_format=torch.channels_last,
+            check: bool = True, progress: Optional[bool] = None) -> DenseFeatureNet:
     """Turn a patch network Cp into CI, which computes Cp for the patch around every pixel.
 
     Cp's forward is captured on an example batch of patches (so any ``nn.Module`` works:
@@ -1569,6 +1637,7 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
         naive: paper-faithful per-shift multipooling and per-layer unwarping (slower, same result).
         tile: "auto" (CPU: cache-sized tiles, GPU: none), None, or (th, tw): process images in tiles
             of this output size (exact, bounded memory).
+        max_memory: a budget in bytes; tiles are chosen so that CI's estimated peak stays under it.
         memory_format: internal layout; channels_last (default) is fastest on CPU.
         check: compare CI with Cp on a few patches of a small random image before returning.
         progress: progress bar for tiled runs (None: automatic).
@@ -1613,7 +1682,8 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
     out_channels = out.reshape(batch, -1).shape[1]
     net = DenseFeatureNet(base_net, (ph, pw), in_channels, out_channels, steps, out_slot,
                           [s for s in geom.stage], tracer.constants, naive=naive, tile=tile,
-                          memory_format=memory_format, progress=progress)
+                          memory_format=memory_format, progress=progress, max_memory=max_memory,
+                          slot_channels={slot: g.channels for slot, g in geoms.items()})
     if check:
         _self_check(net, base_net)
     return net

@@ -59,3 +59,27 @@ def test_tiled_basenet_float32(tb, kb):
 def test_bad_tile(tb, tile):
     with pytest.raises((ValueError, TypeError), match="tile"):
         tb.FDFE.convert(tb.BaseNet.BaseNet(), 15, tile=tile)
+
+
+def test_memory_budget_picks_tiles_and_stays_exact(tb, kb):
+    """max_memory: the estimate of the chosen tiling fits the budget; the result is unchanged."""
+    import tensorflow as tf
+    import torch
+    image = np.random.default_rng(3).standard_normal((1, 70, 90, 1)).astype(np.float32)
+    t_ci = tb.FDFE.convert(tb.BaseNet.BaseNet(), 15, tile=None)
+    k_ci = kb.FDFE.convert(kb.BaseNet.BaseNet(), 15)
+    for ci in (t_ci, k_ci):
+        full = ci.estimate_memory((70, 90))
+        budget = full // 2
+        tile = ci.tile_for_memory(budget, (70, 90))
+        assert tile is not None and ci.estimate_memory((70, 90), tile=tile) <= budget
+        assert ci.tile_for_memory(full, (70, 90)) is None
+        with pytest.raises(MemoryError, match="budget"):
+            ci.tile_for_memory(1000, (70, 90))
+    with torch.no_grad():
+        t_img = torch.from_numpy(image.transpose(0, 3, 1, 2))
+        ref = t_ci(t_img)
+        t_ci.max_memory = t_ci.estimate_memory((70, 90)) // 2
+        assert max_rel_error(t_ci(t_img), ref) <= TOL["float32"]
+    k_ci.max_memory = k_ci.estimate_memory((70, 90)) // 2
+    assert max_rel_error(k_ci(tf.constant(image)), ref.numpy().transpose(0, 2, 3, 1)) <= TOL["float32"]

@@ -34,6 +34,7 @@ LPPooling2D, LocalResponseNormalization                 -- Cp layers Keras lacks
 convert, DenseFeatureModel, ConversionError             -- automatic Cp -> CI
 """
 
+import collections
 import numbers
 import sys
 from typing import List, Optional, Sequence, Tuple
@@ -1103,6 +1104,52 @@ def _lookup_rule(layer):
 # CI as a Keras model
 # ---------------------------------------------------------------------------
 
+def _peak_live_channels(steps_io, channels):
+    """Largest total channel count of the dense values alive at once while CI's steps run.
+
+    ``steps_io`` lists (input slots, output slots) per step; slot 0 is the padded image."""
+    last_use = {}
+    for i, (ins, _) in enumerate(steps_io):
+        for s in ins:
+            last_use[s] = i
+    alive, peak = {0}, channels[0]
+    for i, (ins, outs) in enumerate(steps_io):
+        alive |= set(outs)
+        peak = max(peak, sum(channels[s] for s in alive))
+        alive -= {s for s in ins if last_use.get(s) == i and s not in outs}
+    return peak
+
+
+def _memory_estimate(image_size, batch, in_channels, out_channels, patch, stride_product, peak_channels,
+                     itemsize, tile=None):
+    """Bytes CI needs: the padded input and the output, plus the values alive at once on one tile
+    (1.5 times, for convolution workspaces and layout copies).  An upper bound in practice."""
+    (height, width), (ph, pw), (sh, sw) = image_size, patch, stride_product
+    full_h, full_w = -(-height // sh) * sh, -(-width // sw) * sw
+    fixed = batch * (in_channels * (full_h + ph - 1) * (full_w + pw - 1) + out_channels * full_h * full_w)
+    th, tw = (full_h, full_w) if tile is None else (min(-(-tile[0] // sh) * sh, full_h),
+                                                  min(-(-tile[1] // sw) * sw, full_w))
+    work = 1.5 * batch * peak_channels * (th + ph - 1 + sh) * (tw + pw - 1 + sw)
+    return int((fixed + work) * itemsize)
+
+
+def _tile_for_memory(budget, estimate, image_size, stride_product, patch):
+    """The largest square-ish tile (multiple of the stride product) whose estimate fits the budget."""
+    (height, width), (sh, sw) = image_size, stride_product
+    if estimate(None) <= budget:
+        return None
+    edge = max(height, width)
+    smallest = max(sh, sw, 8)
+    while edge > smallest:
+        edge = max(smallest, edge * 3 // 4)
+        tile = (-(-min(edge, height) // sh) * sh, -(-min(edge, width) // sw) * sw)
+        if estimate(tile) <= budget:
+            return tile
+    raise MemoryError(f"CI needs about {estimate((smallest, smallest)) / 2**20:.0f} MiB even with "
+                      f"{smallest}x{smallest} tiles (the padded image and the output alone take "
+                      f"{estimate((1, 1)) / 2**20:.0f} MiB); the budget is {budget / 2**20:.0f} MiB")
+
+
 @_register
 class DenseFeatureModel(keras.Model):
     """CI built by :func:`convert`: Cp's output for the patch around every pixel.
@@ -1118,13 +1165,15 @@ class DenseFeatureModel(keras.Model):
         naive: paper-faithful per-shift multipooling and per-layer unwarping.
         tile: None, or (th, tw): process the image in tiles of this output size (exact; bounded
             memory; needs the image size to be known, e.g. eager calls).
+        max_memory: None, or a budget in bytes: tiles are chosen so that :meth:`estimate_memory`
+            stays under it (overrides ``tile``).
 
     Shape:
         (N, H, W, C) -> (N, H, W, K), any N, H, W >= 1.
     """
 
     def __init__(self, core, patch_size, strides, in_channels, out_channels, naive=False, tile=None,
-                 progress=None, **kwargs):
+                 progress=None, peak_channels=None, max_memory=None, **kwargs):
         kwargs.setdefault("autocast", False)  # images are cast to the core's dtype in call()
         super().__init__(**kwargs)
         self.core = core
@@ -1135,6 +1184,21 @@ class DenseFeatureModel(keras.Model):
         self.naive = bool(naive)
         self.tile = None if tile is None else _pair(tile, "tile")
         self.progress = progress
+        self.peak_channels = int(peak_channels or in_channels + out_channels)
+        self.max_memory = max_memory
+
+    def estimate_memory(self, image_size, batch: int = 1, tile=None, dtype=None) -> int:
+        """Estimated peak bytes of CI on images of ``image_size`` (H, W): the padded input, the
+        output, and 1.5 times the values alive at once on one tile (``tile`` None: whole image)."""
+        itemsize = tf.as_dtype(dtype or self.core.inputs[0].dtype).size
+        return _memory_estimate(image_size, batch, self.in_channels, self.out_channels, self.patch_size,
+                                self.stride_product, self.peak_channels, itemsize,
+                                None if tile is None else _pair(tile, "tile"))
+
+    def tile_for_memory(self, budget: int, image_size, batch: int = 1, dtype=None):
+        """The largest tile whose :meth:`estimate_memory` fits ``budget`` bytes (None: no tiling needed)."""
+        return _tile_for_memory(budget, lambda t: self.estimate_memory(image_size, batch, t, dtype),
+                                tuple(image_size), self.stride_product, self.patch_size)
 
     def stacked(self, padded):
         """Run CI's layers on padded images; the shift-stacked result before unwarping.
@@ -1164,16 +1228,19 @@ class DenseFeatureModel(keras.Model):
         images = tf.cast(images, self.core.inputs[0].dtype)
         shape = _static_or_dynamic(images)
         padded = multipool_prepare(images, self.patch_size, self.stride_product)
-        if self.tile is None:
+        tile = self.tile
+        if self.max_memory is not None and all(isinstance(s, int) for s in shape[:3]):
+            tile = self.tile_for_memory(self.max_memory, (shape[1], shape[2]), shape[0])
+        if tile is None:
             return self._dense(padded, shape[1], shape[2])
         if not all(isinstance(s, int) for s in shape[1:3]):
             raise ValueError("tiling needs the image size to be known (call the model eagerly)")
-        return self._tiled(padded, shape[1], shape[2])
+        return self._tiled(padded, shape[1], shape[2], tile)
 
-    def _tiled(self, padded, height, width):
+    def _tiled(self, padded, height, width, tile):
         sh, sw = self.stride_product
-        th = -(-self.tile[0] // sh) * sh
-        tw = -(-self.tile[1] // sw) * sw
+        th = -(-tile[0] // sh) * sh
+        tw = -(-tile[1] // sw) * sw
         ph, pw = self.patch_size
         origins_y, origins_x = range(0, height, th), range(0, width, tw)
         bar = _progress(len(origins_y) * len(origins_x), "CI tiles",
@@ -1200,7 +1267,8 @@ class DenseFeatureModel(keras.Model):
         return {"core": keras.saving.serialize_keras_object(self.core), "patch_size": list(self.patch_size),
                 "strides": [list(s) for s in self.strides], "in_channels": self.in_channels,
                 "out_channels": self.out_channels, "naive": self.naive,
-                "tile": None if self.tile is None else list(self.tile), "name": self.name}
+                "tile": None if self.tile is None else list(self.tile), "peak_channels": self.peak_channels,
+                "max_memory": self.max_memory, "name": self.name}
 
     @classmethod
     def from_config(cls, config):
@@ -1247,7 +1315,8 @@ def _trace(base_net, patch_size, in_channels):
 
 
 def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: bool = False, tile=None,
-            check: bool = True, progress: Optional[bool] = None) -> DenseFeatureModel:
+            max_memory: Optional[int] = None, check: bool = True,
+            progress: Optional[bool] = None) -> DenseFeatureModel:
     """Turn a patch network Cp (Keras) into CI, which computes Cp for the patch around every pixel.
 
     Cp is run once eagerly on an example batch of patches and the Keras layers it calls are
@@ -1262,6 +1331,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
         in_channels: C; inferred from the model's input or first Conv2D when omitted.
         naive: paper-faithful per-shift multipooling and per-layer unwarping (slower, same result).
         tile: None or (th, tw): process images in tiles of this output size (exact, bounded memory).
+        max_memory: a budget in bytes; tiles are chosen so that CI's estimated peak stays under it.
         check: compare CI with Cp on a few patches of a small random image before returning.
         progress: progress bar for tiled runs (None: automatic).
 
@@ -1308,8 +1378,11 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
         stacked = _FlattenOutput(geom.size)(stacked)
     out_channels = int(_output_vectors(out, batch).shape[1])
     core = keras.Model(images, stacked, name=f"{base_net.name}_dense_core")
+    channels = collections.defaultdict(lambda: out_channels, {slot: g.channels for slot, g in geoms.items()})
+    peak = _peak_live_channels([(c.in_slots, [c.out_slot]) for c in tracer.calls], channels)
     net = DenseFeatureModel(core, (ph, pw), list(geom.stage), in_channels, out_channels, naive=naive,
-                            tile=tile, progress=progress, name=f"{base_net.name}_dense")
+                            tile=tile, progress=progress, peak_channels=peak, max_memory=max_memory,
+                            name=f"{base_net.name}_dense")
     if check:
         _self_check(net, base_net, dtype)
     return net
