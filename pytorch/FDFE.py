@@ -1422,9 +1422,10 @@ class DenseFeatureNet(nn.Module):
         strides: (sh, sw) of each multipooling/striding layer, in network order.
         stride_product: (SH, SW).
         naive: use the paper-faithful per-shift multipooling and per-layer unwarping.
-        tile: "auto" (default: tiles of about 128x128 output pixels on the CPU, where cache-sized
-            tiles run faster; none on GPUs), None (no tiling), or (th, tw): process the image in
-            tiles of this output size.  Tiling is exact (overlapping inputs) and bounds memory.
+        tile: "auto" (default: 128x128 output tiles on the CPU for patches up to 32 px, where
+            cache-sized tiles run faster; none on GPUs or for larger patches), None (no tiling), or
+            (th, tw): process the image in tiles of this output size.  Tiling is exact
+            (overlapping inputs) and bounds memory.
         memory_format: torch.channels_last (default) or torch.contiguous_format for the internal tensors.
         max_memory: None, or a budget in bytes: tiles are chosen so that :meth:`estimate_memory`
             stays under it (overrides ``tile``).
@@ -1531,15 +1532,15 @@ class DenseFeatureNet(nn.Module):
                                 tuple(image_size), self.stride_product, self.patch_size)
 
     def _tile_size(self, device, height, width, batch=1, dtype=torch.float32):
-        """The tile in use: from max_memory, the one asked for, or for "auto" ~128 px on the CPU."""
+        """The tile in use: from max_memory, the one asked for, or for "auto" 128 px tiles on the CPU
+        when patches are at most 32 px (larger patches make the overlap cost more than tiles save)."""
         if self.max_memory is not None:
             return self.tile_for_memory(self.max_memory, (height, width), batch, dtype)
         if self._tile != "auto":
             return self._tile
-        if device.type != "cpu":
+        if device.type != "cpu" or max(self.patch_size) > 32 or (height <= 128 and width <= 128):
             return None
-        edge = max(128, 4 * max(self.patch_size))
-        return None if height <= edge and width <= edge else (edge, edge)
+        return (128, 128)
 
     def _tiled(self, padded, height, width, tile):
         """Exact tiling: each output tile from its own crop of the padded image (overlap pH-1, pW-1),

@@ -1238,27 +1238,29 @@ class DenseFeatureModel(keras.Model):
         return self._tiled(padded, shape[1], shape[2], tile)
 
     def _tiled(self, padded, height, width, tile):
+        """Exact tiling: each output tile from its own crop of the padded image (overlap pH-1, pW-1),
+        written into one preallocated output buffer."""
         sh, sw = self.stride_product
         th = -(-tile[0] // sh) * sh
         tw = -(-tile[1] // sw) * sw
         ph, pw = self.patch_size
-        origins_y, origins_x = range(0, height, th), range(0, width, tw)
-        bar = _progress(len(origins_y) * len(origins_x), "CI tiles",
-                        self.progress if self.progress is not None else
-                        (None if len(origins_y) * len(origins_x) >= 50 else False))
-        rows = []
-        for y0 in origins_y:
-            row = []
-            for x0 in origins_x:
-                h, w = min(th, height - y0), min(tw, width - x0)
-                hp, wp = -(-h // sh) * sh, -(-w // sw) * sw
-                row.append(self._dense(padded[:, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1, :], h, w))
-                if bar is not None:
-                    bar.update(1)
-            rows.append(tf.concat(row, 2))
+        origins = [(y, x) for y in range(0, height, th) for x in range(0, width, tw)]
+        bar = _progress(len(origins), "CI tiles", self.progress if self.progress is not None else
+                        (None if len(origins) >= 50 else False))
+        out = None
+        for y0, x0 in origins:
+            h, w = min(th, height - y0), min(tw, width - x0)
+            hp, wp = -(-h // sh) * sh, -(-w // sw) * sw
+            part = self._dense(padded[:, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1, :], h, w)
+            if out is None:
+                out = tf.Variable(tf.zeros([padded.shape[0], height, width, part.shape[-1]], part.dtype),
+                                  trainable=False)
+            out[:, y0:y0 + h, x0:x0 + w, :].assign(part)
+            if bar is not None:
+                bar.update(1)
         if bar is not None:
             bar.close()
-        return tf.concat(rows, 1)
+        return out.read_value()
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[1], input_shape[2], self.out_channels)
