@@ -436,7 +436,7 @@ def main(argv=None):
     wanted = None if args.rows is None else set(args.rows.split(","))
     rows = [r for r in ROWS if wanted is None or r[0] in wanted]
     results, variants = [], {}
-    for backend in args.backends.split(","):
+    for backend in [b for b in args.backends.split(",") if b]:
         if backend == "tf" and args.device != "cpu":
             continue
         try:

@@ -58,8 +58,11 @@ def load_backend(folder, suffix):
 
 @pytest.fixture(scope="session")
 def tb():
-    """The PyTorch backend (skipped where PyTorch is not installed)."""
-    pytest.importorskip("torch")
+    """The PyTorch backend (skipped where PyTorch is not installed).  On GPUs, float32 means float32:
+    TF32 tensor cores (cuDNN's default for convolutions) would round to 10-bit mantissas."""
+    torch = pytest.importorskip("torch")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     return load_backend("pytorch", "torch")
 
 

@@ -207,42 +207,10 @@ def build_keras(spec, in_channels, patch, weights, fdfe, dtype="float64"):
 # Hand-wired CI from FDFE's public blocks (what SlimNet does, for any spec without a head)
 # ---------------------------------------------------------------------------
 
-def hand_wired_torch(net, spec, patch, fdfe, naive=False):
-    """CI built by hand from multiPoolPrepare / multi*Pooling / multiConv / unwarpAll."""
-    import torch.nn as nn
+def _hand_wired_blocks(layer_objects, spec, fdfe, naive):
+    """Cp's layers with pools made multipooling and strided convolutions multiConv; and the strides."""
     blocks, stride_list = [], []
-    for module, layer in zip(net, spec):
-        t = layer["type"]
-        if t == "pool":
-            k, s = _pair(layer["k"]), _pair(layer.get("stride", layer["k"]))
-            cls = {"max": fdfe.multiMaxPooling, "avg": fdfe.multiAvgPooling}.get(layer["kind"])
-            blocks.append(cls(k[1], k[0], s[1], s[0], naive=naive) if cls else
-                          fdfe.multiLPPooling(layer.get("p", 2.0), k[1], k[0], s[1], s[0], naive=naive))
-            stride_list.append(s)
-        elif t == "conv" and _pair(layer.get("stride", 1)) != (1, 1):
-            blocks.append(fdfe.multiConv(module, naive=naive))
-            stride_list.append(_pair(layer["stride"]))
-        else:
-            blocks.append(module)
-    sh = int(np.prod([s[0] for s in stride_list])) if stride_list else 1
-    sw = int(np.prod([s[1] for s in stride_list])) if stride_list else 1
-
-    class HandWired(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.prepare = fdfe.multiPoolPrepare(*_pair(patch), stride_product=(sh, sw))
-            self.body = nn.Sequential(*blocks)
-            self.unwarp = fdfe.unwarpAll(stride_list, naive=naive)
-
-        def forward(self, images):
-            return self.unwarp(self.body(self.prepare(images)), images.shape[-2:])
-    return HandWired()
-
-
-def hand_wired_keras(net, spec, patch, fdfe, naive=False):
-    import keras
-    blocks, stride_list = [], []
-    for layer_obj, layer in zip(net.layers, spec):
+    for layer_obj, layer in zip(layer_objects, spec):
         t = layer["type"]
         if t == "pool":
             k, s = _pair(layer["k"]), _pair(layer.get("stride", layer["k"]))
@@ -255,9 +223,30 @@ def hand_wired_keras(net, spec, patch, fdfe, naive=False):
             stride_list.append(_pair(layer["stride"]))
         else:
             blocks.append(layer_obj)
-    sh = int(np.prod([s[0] for s in stride_list])) if stride_list else 1
-    sw = int(np.prod([s[1] for s in stride_list])) if stride_list else 1
-    prepare = fdfe.multiPoolPrepare(*_pair(patch), stride_product=(sh, sw))
+    product = (int(np.prod([s[0] for s in stride_list])), int(np.prod([s[1] for s in stride_list])))
+    return blocks, stride_list, product
+
+
+def hand_wired_torch(net, spec, patch, fdfe, naive=False):
+    """CI built by hand from multiPoolPrepare / multi*Pooling / multiConv / unwarpAll."""
+    import torch.nn as nn
+    blocks, stride_list, product = _hand_wired_blocks(net, spec, fdfe, naive)
+
+    class HandWired(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.prepare = fdfe.multiPoolPrepare(*_pair(patch), stride_product=product)
+            self.body = nn.Sequential(*blocks)
+            self.unwarp = fdfe.unwarpAll(stride_list, naive=naive)
+
+        def forward(self, images):
+            return self.unwarp(self.body(self.prepare(images)), images.shape[-2:])
+    return HandWired()
+
+
+def hand_wired_keras(net, spec, patch, fdfe, naive=False):
+    blocks, stride_list, product = _hand_wired_blocks(net.layers, spec, fdfe, naive)
+    prepare = fdfe.multiPoolPrepare(*_pair(patch), stride_product=product)
     unwarp = fdfe.unwarpAll(stride_list, naive=naive)
 
     def run(images):

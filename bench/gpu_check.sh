@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One run on a machine with a CUDA GPU and PyTorch (no TensorFlow): the test suite on CPU and CUDA
+# (TensorFlow tests skip; the golden file stands in for TensorFlow's results), then the benchmark on
+# the GPU in float32 (strict and TF32) and float16.  Writes into $OUT (default: outputs/gpu).
+set -u
+OUT=${OUT:-outputs/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
+timeout 300 python3 -m pytest shared_tests -q -x -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/tests.txt"
+timeout 400 python3 bench/bench.py --device cuda --backends torch --dtypes float32,float16 --tf32 \
+    --threads "$(nproc)" --json "$OUT/results_cuda.json" --out "$OUT/RESULTS_cuda.md" 2>&1 | tail -40
