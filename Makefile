@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(PY) -m pytest shared_tests -q
 
 bench: $(STAMP)
-	$(PY) bench/bench.py
+	$(PY) bench/bench.py --json bench/results_cpu.json --merge bench/results_cuda.json
 
 weights: $(STAMP)
 	$(PY) weights/make_weights.py

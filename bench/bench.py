@@ -140,6 +140,9 @@ class TorchRunner:
     def to_numpy_nhwc(self, out):
         return out.float().cpu().numpy().transpose(0, 2, 3, 1)
 
+    def mem_dtype(self, dtype):
+        return getattr(self.torch, dtype)
+
 
 class KerasRunner:
     name = "TensorFlow"
@@ -191,6 +194,9 @@ class KerasRunner:
     def to_numpy_nhwc(self, out):
         return self.tf.cast(out, self.tf.float32).numpy()
 
+    def mem_dtype(self, dtype):
+        return dtype
+
 
 # --- one row -------------------------------------------------------------------------------------------
 
@@ -224,8 +230,10 @@ def measure_row(runner, name, height, width, dtype, args):
     untiled = runner.convert(net, patch, tile=None) if runner.name == "PyTorch" else ci
     device = "cuda" if on_gpu else "cpu"
     gc.collect()
+    if on_gpu:  # on GPUs the allocator's peak is exact, but the first call holds cuDNN's autotuning
+        runner.run(untiled, image)
     start = time.perf_counter()
-    with PeakMemory(device) as m:  # untiled, first call
+    with PeakMemory(device) as m:  # untiled (PyTorch on the CPU: the first call, see PeakMemory)
         out = runner.run(untiled, image)
     first = time.perf_counter() - start
     if untiled is not ci:
@@ -251,27 +259,28 @@ def measure_row(runner, name, height, width, dtype, args):
 
     # memory: untiled (the first call above), then with a budget of half the estimated need.  TensorFlow
     # keeps freed CPU memory for reuse, so its peaks are read in a fresh process.
-    estimate = untiled.estimate_memory((height, width))
+    mem_dtype = runner.mem_dtype(dtype)
+    estimate = untiled.estimate_memory((height, width), dtype=mem_dtype)
     budget = estimate // 2
     result.update(estimate=estimate, budget=budget)
     try:
-        result["tile"] = list(ci.tile_for_memory(budget, (height, width)) or [])
+        result["tile"] = list(ci.tile_for_memory(budget, (height, width), dtype=mem_dtype) or [])
     except MemoryError as exc:
         result["tile_error"] = str(exc)
         result["mem"] = m.peak
         return result
-    tiled = runner.convert(net, patch, max_memory=budget, check=False)
     if runner.name == "PyTorch":
+        tiled = runner.convert(net, patch, max_memory=budget, check=False)
         result["mem"] = m.peak
         gc.collect()
+        if on_gpu:
+            runner.run(tiled, image)
         with PeakMemory(device) as m:
             out = runner.run(tiled, image)
         result["mem_tiled"] = m.peak
-    else:
-        out = runner.run(tiled, image)
+        result["tiled_max_diff"] = float(np.abs(runner.to_numpy_nhwc(out) - ref).max())
+    else:  # the child process runs both and compares them
         result.update(fresh_process_memory(name, height, width, budget, args.threads))
-    tiled_out = runner.to_numpy_nhwc(out)
-    result["tiled_max_diff"] = float(np.abs(tiled_out - ref).max())
     result["tiled_max_abs"] = float(np.abs(ref).max())
     return result
 
@@ -310,12 +319,13 @@ def tf_memory_child(name, height, width, budget, threads):
     runner.run(tiled, small)
     gc.collect()
     with PeakMemory() as tiled_peak:
-        runner.run(tiled, image)
+        tiled_out = runner.run(tiled, image).numpy()
     with PeakMemory() as untiled_peak:
-        runner.run(untiled, image)
+        untiled_out = runner.run(untiled, image).numpy()
     base = tiled_peak.base
     print(json.dumps({"mem_tiled": tiled_peak.peak,
-                      "mem": max(untiled_peak.base + untiled_peak.peak, base + tiled_peak.peak) - base}))
+                      "mem": max(untiled_peak.base + untiled_peak.peak, base + tiled_peak.peak) - base,
+                      "tiled_max_diff": float(np.abs(tiled_out - untiled_out).max())}))
 
 
 def _rss():
@@ -359,10 +369,11 @@ def fmt_mb(nbytes):
     return f"{nbytes / 2**20:.0f}"
 
 
-def write_report(results, variants, args, path, command):
-    lines = ["# Benchmark results", "",
-             f"Made by `{command}` on {datetime.date.today().isoformat()}; raw numbers in the JSON files "
-             f"named below when given.", "",
+def write_report(results, variants, args, path, commands):
+    lines = ["# Benchmark results", "", f"Written {datetime.date.today().isoformat()} from these runs (`make bench` "
+             "re-measures the CPU rows and merges the committed GPU run, bench/results_cuda.json):", ""]
+    lines += [f"- `{c}`" for c in commands] + [""]
+    lines += [
              "Cp runs on a random sample of patches (batched: 256 per call on CPUs, 1024 on GPUs; "
              "channels-last in PyTorch) and its time is **extrapolated** to all H×W patches. CI is the "
              "median of repeated synchronised calls after a warm-up, with `convert`'s defaults (PyTorch "
@@ -370,8 +381,8 @@ def write_report(results, variants, args, path, command):
              "multiply-adds on all patches / the multiply-adds CI executes (counted on PyTorch's meta device, "
              "padding included): the speedup an equally efficient CI would reach. *Efficiency* = speedup / FLOP ratio "
              "(≥ 1: CI is at least as efficient per FLOP as batched Cp). Peak memory is the increase while "
-             "CI runs (CPU: sampled resident set on the first call for PyTorch, the high-water mark in a fresh "
-             "process for TensorFlow, whose allocator keeps freed memory; GPU: the allocator's peak), untiled and with a budget of "
+             "CI runs (CPU: sampled resident set, on the first call for PyTorch and in a fresh process for "
+             "TensorFlow, which keeps freed memory; GPU: the allocator's peak after a warm-up), untiled and with a budget of "
              "half the estimated need (`convert(..., max_memory=budget)`), which picks the tile; *tiled diff* "
              "is the largest difference between tiled and untiled outputs. The paper's figures (GTX Titan X, "
              "Torch7, apparently without synchronisation) are shown beside ours, not compared.", "",
@@ -403,27 +414,46 @@ def write_report(results, variants, args, path, command):
               "- Bailer et al.'s architecture is reconstructed from memory of arXiv 1607.08064 (its table could "
               "not be consulted while writing this); its layer sizes are approximate, with random weights.",
               "- The paper's CI times look unsynchronised: its Zagoruyko row would need more FLOP/s than a Titan X "
-              "has. Compare our speedups with our FLOP ratios instead.", ""]
+              "has. Compare our speedups with our FLOP ratios instead.",
+              "- The budget bounds CI's own live tensors (`estimate_memory`). PyTorch on CPUs stays under it. "
+              "TensorFlow on CPUs does not: oneDNN keeps memory it allocated for earlier tiles and shapes, so the "
+              "process' resident set stays high (with `TF_ENABLE_ONEDNN_OPTS=0` the Simo-Serra 1080×720 tiled run "
+              "peaked at 0.5-0.6 GB under its 881 MB budget, measured once while writing this). On GPUs cuDNN's "
+              "workspaces (autotuned, `cudnn.benchmark=True`) come on top and some tiled peaks exceed the budget.",
+              "- GPU float32 means strict float32 unless the row says TF32 (cuDNN's default for convolutions on "
+              "Ampere and later: 10-bit mantissas, hence tiled differences near 1e-4); CI and Cp use the same "
+              "setting. Tiled and untiled outputs differ by rounding only where cuDNN picks other algorithms per "
+              "tile shape.",
+              "- PyTorch runs with transparent huge pages for its CPU buffers (`THP_MEM_ALLOC_ENABLE=1`, set by "
+              "this script for every variant), TensorFlow and PyTorch with the same number of threads.", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
 
+SHORT = {"simo_serra": "Simo-Serra", "zagoruyko_siam_l2": "Zagoruyko", "bailer_fast": "Bailer",
+         "original_basenet": "BaseNet"}
+
+
 def plot(results, path):
+    """One panel per backend/device/dtype: measured speedup beside the FLOP ratio, per row."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    labels = [f"{r['net']}\n{r['W']}×{r['H']}\n{r['backend'].split(',')[0]} {r['dtype']}" for r in results]
-    x = np.arange(len(results))
-    ax.bar(x - 0.2, [r["speedup"] for r in results], 0.4, label="measured speedup of CI over Cp")
-    ax.bar(x + 0.2, [r["flop_ratio"] for r in results], 0.4, label="FLOP ratio Cp/CI")
-    ax.set_yscale("log")
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels, fontsize=6)
-    ax.legend()
-    ax.set_title("CI against Cp on all patches (bench/RESULTS.md)")
+    groups = {}
+    for r in results:
+        groups.setdefault(f"{r['backend']}, {r['dtype']}", []).append(r)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(10, 2.6 * len(groups)), squeeze=False)
+    for ax, (title, rows) in zip(axes[:, 0], groups.items()):
+        x = np.arange(len(rows))
+        ax.bar(x - 0.2, [r["speedup"] for r in rows], 0.4, label="measured speedup of CI over Cp")
+        ax.bar(x + 0.2, [r["flop_ratio"] for r in rows], 0.4, label="FLOP ratio Cp/CI")
+        ax.set_yscale("log")
+        ax.set_xticks(x)
+        ax.set_xticklabels([f"{SHORT.get(r['net'], r['net'])} {r['W']}×{r['H']}" for r in rows], fontsize=7)
+        ax.set_title(title, fontsize=9)
+    axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -458,15 +488,20 @@ def main(argv=None):
                         print(variants[f"{runner.label}, {dtype}"], flush=True)
         except ImportError as exc:
             print(f"skipping {backend}: {exc}")
+    commands = [command] if results else []
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results, "variants": variants, "command": command}, f, indent=1)
     for path in args.merge:
+        if not os.path.exists(path):
+            print(f"not merging {path}: missing")
+            continue
         with open(path) as f:
             other = json.load(f)
         results += other["results"]
         variants.update(other["variants"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"results": results, "variants": variants, "command": command}, f, indent=1)
-    write_report(results, variants, args, args.out, command)
+        commands.append(other.get("command", path))
+    write_report(results, variants, args, args.out, commands)
     try:
         plot(results, os.path.join(os.path.dirname(args.out), "results.png"))
     except ImportError:

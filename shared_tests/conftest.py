@@ -66,10 +66,24 @@ def tb():
     return load_backend("pytorch", "torch")
 
 
+def real_tensorflow():
+    """The installed tensorflow package, or None.  Where none is installed, ``import tensorflow``
+    from the repository root finds the tensorflow/ folder as an empty namespace package."""
+    try:
+        import tensorflow
+    except ImportError:
+        return None
+    if getattr(tensorflow, "__file__", None) is None or not hasattr(tensorflow, "config"):
+        sys.modules.pop("tensorflow", None)
+        return None
+    return tensorflow
+
+
 @pytest.fixture(scope="session")
 def kb():
     """The TensorFlow / Keras backend (skipped where TensorFlow is not installed)."""
-    pytest.importorskip("tensorflow")
+    if real_tensorflow() is None:
+        pytest.skip("TensorFlow is not installed")
     return load_backend("tensorflow", "tf")
 
 
@@ -82,11 +96,8 @@ def torch_devices():
 
 
 def tf_devices():
-    try:
-        import tensorflow as tf
-    except ImportError:
-        return ["cpu"]
-    return ["cpu"] + (["gpu"] if tf.config.list_physical_devices("GPU") else [])
+    tf = real_tensorflow()
+    return ["cpu"] + (["gpu"] if tf is not None and tf.config.list_physical_devices("GPU") else [])
 
 
 def pytest_generate_tests(metafunc):

@@ -54,6 +54,7 @@ def parse_args(argv=None):
 
 
 def time_ci(ci, image, warmup, repeats):
+    ci = tf.function(ci)  # one graph instead of layer-by-layer eager execution
     for _ in range(warmup):
         out = ci(image)
     times = []
