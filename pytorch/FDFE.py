@@ -958,10 +958,6 @@ class _UnfoldStep(_Step):
 
 # --- rule helpers ----------------------------------------------------------
 
-def _activation_geoms(node, geoms):
-    return [geoms[s] for s in node.in_slots]
-
-
 def _channel_dim(geom, dim, node):
     """Dense channel axis for ``dim`` of a patch tensor, or raise if ``dim`` is spatial or the batch."""
     rank = 4 if geom.kind == "map" else 2
