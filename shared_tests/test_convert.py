@@ -318,3 +318,32 @@ def test_keras_converted_model_saves_and_loads(kb, tmp_path):
     assert loaded.strides == ci.strides and loaded.patch_size == ci.patch_size
     np.testing.assert_allclose(loaded(images).numpy(), ci(images).numpy(), rtol=0, atol=1e-6)
     assert max_rel_error(loaded(images), kb.FDFE.dense_reference(net, images, (12, 11))) <= TOL["float32"]
+
+
+def test_torch_inplace_ops_never_touch_the_input_or_other_tiles(tb):
+    """Cp with in-place ops on its input (ReLU(inplace=True) first, x.mul_): the padded image is shared by
+    all tiles and the caller's images are theirs, so CI must not modify either."""
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU(inplace=True)
+            self.conv = nn.Conv2d(1, 3, 3)
+            self.pool = nn.MaxPool2d(2)
+            self.head = nn.Conv2d(3, 2, 2)
+
+        def forward(self, x):
+            x = self.act(x)
+            x.mul_(2.0)
+            return self.head(self.pool(torch.tanh(self.conv(x))))
+    net = Net().double().eval()
+    images = torch.from_numpy(netspec.random_images(2, 1, 13, 11, seed=2).transpose(0, 3, 1, 2))
+    before = images.clone()
+    ref = tb.FDFE.dense_reference(net, images.clone(), 6)
+    for tile in (None, (2, 4), (5, 3)):
+        with torch.no_grad():
+            out = tb.FDFE.convert(net, 6, tile=tile)(images)
+        assert torch.equal(images, before), "CI modified the caller's images"
+        assert max_rel_error(out, ref) <= TOL["float64"], tile
