@@ -1549,8 +1549,9 @@ class DenseFeatureNet(nn.Module):
         ph, pw = self.patch_size
         out = None
         origins = [(y, x) for y in range(0, height, th) for x in range(0, width, tw)]
+        automatic = self._tile == "auto" and self.max_memory is None  # quiet: the user asked for nothing
         bar = _progress(len(origins), "CI tiles", self.progress if self.progress is not None else
-                        (None if len(origins) >= 50 else False))
+                        (None if len(origins) >= 50 and not automatic else False))
         for y0, x0 in origins:
             hp, wp = -(-min(th, height - y0) // sh) * sh, -(-min(tw, width - x0) // sw) * sw
             stacked = self.stacked(padded[:, :, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1])
