@@ -83,8 +83,9 @@ class TorchRunner:
         self.torch = torch
         torch.set_num_threads(threads)
         self.device = torch.device(device)
+        self.on_gpu = self.device.type == "cuda"
         self.tf32 = tf32
-        if self.device.type == "cuda":
+        if self.on_gpu:
             torch.backends.cudnn.allow_tf32 = tf32
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.benchmark = True
@@ -92,12 +93,12 @@ class TorchRunner:
         self.label = f"PyTorch {torch.__version__}, {self.device_name()}" + (", TF32" if tf32 else "")
 
     def device_name(self):
-        if self.device.type == "cuda":
+        if self.on_gpu:
             return self.torch.cuda.get_device_name(self.device)
         return f"CPU ({platform.processor() or platform.machine()}, {self.torch.get_num_threads()} threads)"
 
     def sync(self):
-        if self.device.type == "cuda":
+        if self.on_gpu:
             self.torch.cuda.synchronize()
 
     def net(self, name, dtype):
@@ -155,7 +156,7 @@ class KerasRunner:
         self.device = device
         self.b = load_backend("tensorflow", "tf")
         self.label = f"TensorFlow {tf.__version__}, CPU ({threads} threads)"
-        self._torch = TorchRunner("cpu", threads)
+        self.on_gpu = False
 
     def sync(self):
         pass
@@ -211,7 +212,7 @@ def measure_row(runner, name, height, width, dtype, args):
               "dtype": dtype, "patch": patch}
 
     # Cp on a random sample of patches, in batches, extrapolated to all patches
-    on_gpu = getattr(runner, "device", None) is not None and str(getattr(runner.device, "type", runner.device)) == "cuda"
+    on_gpu = runner.on_gpu
     batch = 1024 if on_gpu else 256
     n_sample = min(height * width, (4 if args.quick else 8) * batch if not heavy or on_gpu else 4 * batch)
     flat = rng.choice(height * width, size=n_sample, replace=False)
@@ -326,11 +327,6 @@ def tf_memory_child(name, height, width, budget, threads):
     print(json.dumps({"mem_tiled": tiled_peak.peak,
                       "mem": max(untiled_peak.base + untiled_peak.peak, base + tiled_peak.peak) - base,
                       "tiled_max_diff": float(np.abs(tiled_out - untiled_out).max())}))
-
-
-def _rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def basenet_variants(runner, dtype, args):

@@ -33,6 +33,7 @@ convert, DenseFeatureNet, ConversionError               -- automatic Cp -> CI
 """
 
 import collections
+import inspect
 import numbers
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -144,6 +145,13 @@ def _output_vectors(out: torch.Tensor, batch: int) -> torch.Tensor:
     return out.reshape(batch, -1)
 
 
+def _example_kind(base_net: nn.Module):
+    """(dtype, device) for example inputs to Cp: those of its first parameter (float32 on the CPU if none)."""
+    ref = next(iter(base_net.parameters()), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    return dtype, (ref.device if ref is not None else torch.device("cpu"))
+
+
 def check_patch_size(base_net: nn.Module, patch_size, in_channels: int) -> int:
     """Run Cp on one random patch and check that it gives one vector; return its length K.
 
@@ -151,11 +159,10 @@ def check_patch_size(base_net: nn.Module, patch_size, in_channels: int) -> int:
     needs, i.e. when Cp fails on it or does not reduce it to a single vector.
     """
     ph, pw = _pair(patch_size, "patch_size")
-    ref = next(iter(base_net.parameters()), None)
-    kwargs = {} if ref is None else {"dtype": ref.dtype, "device": ref.device}
+    dtype, device = _example_kind(base_net)
     try:
         with torch.no_grad(), _EvalMode(base_net):
-            out = base_net(torch.randn(1, in_channels, ph, pw, **kwargs))
+            out = base_net(torch.randn(1, in_channels, ph, pw, dtype=dtype, device=device))
     except RuntimeError as exc:
         raise ValueError(f"patch {ph}x{pw} does not fit the net (smaller than its receptive field needs?): "
                          f"{exc}") from exc
@@ -900,7 +907,6 @@ _INPLACE_TWINS = {torch.tanh: torch.tanh_, torch.sigmoid: torch.sigmoid_, torch.
 def _inplace_variants(func):
     """(in-place version, out-of-place version) of an element-wise function."""
     try:
-        import inspect
         if "inplace" in inspect.signature(func).parameters:
             return _WITH_INPLACE_FLAG, _WITH_INPLACE_FLAG
     except (TypeError, ValueError):
@@ -1590,9 +1596,7 @@ def _infer_in_channels(base_net):
 def _trace(base_net, patch_size, in_channels):
     """Run Cp once on random patches and record its ops.  Tries a batch of 2, then of 1."""
     ph, pw = patch_size
-    ref = next(iter(base_net.parameters()), None)
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-    device = ref.device if ref is not None else torch.device("cpu")
+    dtype, device = _example_kind(base_net)
     last_error = None
     for batch in (2, 1):
         example = torch.randn(batch, in_channels, ph, pw, dtype=dtype, device=device)
@@ -1692,9 +1696,7 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
 def _self_check(net: DenseFeatureNet, base_net: nn.Module) -> None:
     """Compare CI with Cp on a few patches of a small random image (catches unsupported semantics)."""
     sh, sw = net.stride_product
-    ref = next(iter(base_net.parameters()), None)
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-    device = ref.device if ref is not None else torch.device("cpu")
+    dtype, device = _example_kind(base_net)
     gen = torch.Generator().manual_seed(0)
     h, w = sh + 3, sw + 2
     images = torch.randn(1, net.in_channels, h, w, generator=gen).to(device=device, dtype=dtype)

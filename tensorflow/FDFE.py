@@ -1208,18 +1208,18 @@ class DenseFeatureModel(keras.Model):
         """
         return self.core(padded, training=False)
 
-    def _dense_eager_or_graph(self, padded, out_h, out_w):
+    def _unwarped_crop(self, padded, out_h, out_w):
         return unwarp(self.stacked(padded), self.strides, self.naive)[:, :out_h, :out_w, :]
 
     def _dense(self, padded, out_h, out_w):
         """Stacked layers + unwarping + crop; called eagerly, it runs as one graph (traced once for
         every image size), which is markedly faster than layer-by-layer eager execution."""
         if not tf.executing_eagerly():
-            return self._dense_eager_or_graph(padded, out_h, out_w)
+            return self._unwarped_crop(padded, out_h, out_w)
         if getattr(self, "_graph_fn", None) is None:
             spec = tf.TensorSpec([None, None, None, self.in_channels], self.core.inputs[0].dtype)
             scalar = tf.TensorSpec([], tf.int32)
-            object.__setattr__(self, "_graph_fn", tf.function(self._dense_eager_or_graph,
+            object.__setattr__(self, "_graph_fn", tf.function(self._unwarped_crop,
                                                               input_signature=[spec, scalar, scalar]))
         return self._graph_fn(padded, tf.constant(out_h, tf.int32), tf.constant(out_w, tf.int32))
 
