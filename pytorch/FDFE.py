@@ -21,18 +21,57 @@ Patch convention (the paper's): the patch of output pixel (y, x) covers rows
 y - ceil((pH-1)/2) ... y + floor((pH-1)/2) and the same for columns, with zeros
 outside the image.
 
+Usage
+-----
+Convert a patch network (here 8x8 patches -> 8-vectors) and compare with Cp run on every patch:
+
+>>> import torch
+>>> from torch import nn
+>>> cp = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 8, 3))
+>>> ci = FDFE.convert(cp, patch_size=8)
+>>> images = torch.randn(2, 1, 20, 30)
+>>> with torch.no_grad():
+...     dense = ci(images)
+>>> dense.shape
+torch.Size([2, 8, 20, 30])
+>>> reference = FDFE.dense_reference(cp, images, patch_size=8)   # Cp on all 1200 patches
+>>> bool(torch.allclose(dense, reference, atol=1e-5))
+True
+
+The same CI wired by hand from the blocks (the SlimNet template): pad, reuse the layers
+without strides, replace the pooling by multipooling, unwarp with the list of strides:
+
+>>> x = FDFE.multiPoolPrepare(8, 8, stride_product=2)(images)
+>>> x = FDFE.multiMaxPooling(2, 2, 2, 2)(cp[1](cp[0](x)))
+>>> x = cp[3](x)
+>>> hand = FDFE.unwarpAll([(2, 2)])(x, images.shape[-2:])
+>>> bool(torch.allclose(hand, reference, atol=1e-5))
+True
+
+How this file is built
+----------------------
+convert():  capture (_Tracer records Cp's ops on example patches)
+         -> rules (one function per op kind, registered with @_rule_for; each turns a recorded
+            op into a _Step and says what the result holds: a _Geom)
+         -> plan (plan_steps: liveness, in-place permissions, peak memory)
+         -> DenseFeatureNet runs the steps on the padded image (whole, or tile by tile:
+            tile_grid) and unwarps the shift-stacked result into (N, K, H, W).
+The framework-neutral parts (pairs, patch padding, geometry, the rule contract, planning, memory
+estimate, tiles, the self-check's comparison) sit in one block that is identical in the
+TensorFlow backend.  supported_layers() lists what convert() accepts.
+
 Public API
 ----------
 patch_padding, dense_reference, patch_outputs          -- the ground truth (Cp on patches)
 multipool_prepare, space_to_batch, multi_pool,
-multi_conv, unwarp, unwarp_layer                        -- stateless building blocks
+multi_conv, unwarp, unwarp_into, unwarp_layer           -- stateless building blocks
 multiPoolPrepare, multiMaxPooling, multiAvgPooling,
 multiLPPooling, multiConv, unwrapPrepare, unwrapPool,
 unwarpAll                                               -- the same as nn.Modules
-convert, DenseFeatureNet, ConversionError               -- automatic Cp -> CI
+convert, DenseFeatureNet, ConversionError,
+supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
 """
 
-import collections
 import inspect
 import numbers
 import sys
@@ -68,22 +107,31 @@ __all__ = [
     "unwarpAll",
     "DenseFeatureNet",
     "convert",
+    "supported_layers",
+    "plan_steps",
+    "tile_grid",
 ]
 
+#: order of a map's sizes in messages (the framework's layout)
+_MAP_LAYOUT = "CHW"
+
+
+# ============================================================================================
+# BEGIN FRAMEWORK-NEUTRAL BLOCK
+# Everything up to "END FRAMEWORK-NEUTRAL BLOCK" is plain Python (numbers, tuples, the standard
+# library) and is kept textually identical in pytorch/FDFE.py and tensorflow/FDFE.py;
+# shared_tests/test_mirror.py checks that.  Change it in one file, copy it to the other.
+# ============================================================================================
 
 class ConversionError(ValueError):
     """Raised when a patch network cannot be turned into an exact CI."""
 
 
-# ---------------------------------------------------------------------------
-# Input checks
-# ---------------------------------------------------------------------------
-
 def _pair(value, name: str, minimum: int = 1) -> Tuple[int, int]:
     """Return ``value`` as a pair of ints, checking that both are >= ``minimum``."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         pair = (int(value), int(value))
-    elif (isinstance(value, (tuple, list, torch.Size)) and len(value) == 2
+    elif (isinstance(value, (tuple, list)) and len(value) == 2
           and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
         pair = (int(value[0]), int(value[1]))
     else:
@@ -91,6 +139,336 @@ def _pair(value, name: str, minimum: int = 1) -> Tuple[int, int]:
     if pair[0] < minimum or pair[1] < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
     return pair
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def _ceil_to(value, multiple):
+    """``value`` rounded up to a multiple of ``multiple`` (ints, or scalar tensors for value)."""
+    return -(-value // multiple) * multiple
+
+
+def patch_padding(patch_size) -> Tuple[int, int, int, int]:
+    """Zero padding that puts a patch around every pixel.
+
+    Args:
+        patch_size: int or (pH, pW).
+
+    Returns:
+        (top, bottom, left, right) = (ceil((pH-1)/2), floor((pH-1)/2),
+        ceil((pW-1)/2), floor((pW-1)/2)).  The patch of pixel (y, x) then covers rows
+        y .. y + pH - 1 and columns x .. x + pW - 1 of the padded image.
+
+    Example:
+        >>> patch_padding(15)
+        (7, 7, 7, 7)
+        >>> patch_padding((16, 5))
+        (8, 7, 2, 2)
+    """
+    ph, pw = _pair(patch_size, "patch_size")
+    return ph // 2, (ph - 1) // 2, pw // 2, (pw - 1) // 2
+
+
+def _progress(total: int, desc: str, enabled: Optional[bool]):
+    """A tqdm progress bar where tqdm is installed and enabled, else None."""
+    if enabled is False or (enabled is None and total < 50):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr)
+
+
+# --- why a layer cannot be made dense exactly (used by the rules and the hand-wired blocks) ----
+
+_PADDING_REASON = ("inside Cp the padded border depends on where the patch ends, so a pixel near the "
+                   "patch border sees zeros in Cp but real neighbours in a whole image; CI cannot be exact. "
+                   "Use unpadded layers (padding=0 in PyTorch, padding='valid' in Keras), or use "
+                   "dense_reference() for this net")
+_PER_PATCH_REASON = ("every patch is normalised with its own statistics, so the features of a pixel differ "
+                     "for every patch that contains it and no work can be shared between overlapping "
+                     "patches: CI cannot be exact (normalise the whole image instead, or use dense_reference)")
+_INDICES_REASON = "it returns pooling indices, which refer to positions inside one patch"
+_MIXED_GRID_REASON = ("values that cover different parts of the patch, such as a statistic of the whole "
+                      "patch, differ for every patch and cannot be shared")
+
+
+# --- geometry: what a dense value holds, in patch terms ---------------------------------------
+
+#: Geometry kinds.  MAP: Cp sees a (channels, h, w) map (Keras: (h, w, channels)); the dense
+#: tensor holds it for every pixel, shift-stacked on the batch axis.  VECTOR: Cp sees the
+#: flattening of such a map (torch's C, H, W order; Keras' H, W, C order); the dense tensor is
+#: still the map's.  VIEW: any other reshape of that map, usable by element-wise ops only.
+MAP, VECTOR, VIEW = "map", "vector", "view"
+
+
+class _Geom:
+    """Geometry of one dense value: its kind, the channels and (h, w) size Cp sees, and the
+    strides of the multipooling/striding layers it went through (network order)."""
+    __slots__ = ("kind", "channels", "size", "strides")
+
+    def __init__(self, kind, channels, size, strides=()):
+        if kind not in (MAP, VECTOR, VIEW):
+            raise ValueError(f"unknown geometry kind {kind!r}")
+        self.kind, self.channels, self.size = kind, int(channels), (int(size[0]), int(size[1]))
+        self.strides = tuple((int(s[0]), int(s[1])) for s in strides)
+
+    def with_(self, kind=None, channels=None, size=None, stride=(1, 1)):
+        """A copy with some fields replaced; ``stride`` other than (1, 1) is appended to the strides."""
+        strides = self.strides + ((tuple(stride),) if tuple(stride) != (1, 1) else ())
+        return _Geom(self.kind if kind is None else kind, self.channels if channels is None else channels,
+                     self.size if size is None else size, strides)
+
+    @property
+    def is_pixel_vector(self):
+        """True for a vector of channels at one position (a 1x1 map, flattened or not)."""
+        return self.size == (1, 1) and self.kind in (MAP, VECTOR)
+
+    def same_grid(self, other):
+        return self.strides == other.strides and self.size == other.size and self.kind == other.kind
+
+    def describe(self):
+        """E.g. "a 16x5x5 map" (sizes in the backend's layout, _MAP_LAYOUT)."""
+        (h, w), c = self.size, self.channels
+        what = f"{c}x{h}x{w} map" if _MAP_LAYOUT == "CHW" else f"{h}x{w}x{c} map"
+        return {MAP: f"a {what}", VECTOR: f"a flattened {what}"}.get(self.kind, f"a reshaped {what}")
+
+    def __repr__(self):
+        return f"_Geom({self.kind!r}, {self.channels}, {self.size}, {self.strides})"
+
+
+def _same_grid(op, geoms):
+    """The common geometry of values combined by one op, or the op's ConversionError."""
+    first = geoms[0]
+    for g in geoms[1:]:
+        if not first.same_grid(g):
+            raise op.fail(f"it combines {first.describe()} with {g.describe()} (strides {list(first.strides)} "
+                          f"vs {list(g.strides)}); {_MIXED_GRID_REASON}")
+    return first
+
+
+# --- the rule contract ------------------------------------------------------------------------
+#
+# convert() runs Cp once on example patches and records every op (PyTorch: every function call
+# that touches a value derived from the input; Keras: every call of a leaf layer).  Each recorded
+# op ``op`` has ``op.in_slots`` / ``op.out_slots`` (numbers naming values; slot 0 is the input),
+# ``op.in_shapes`` / ``op.out_shapes`` (the shapes Cp saw for one batch of patches), ``op.where``
+# (the layer's name, for messages) and ``op.fail(reason)`` (a ConversionError naming the layer).
+#
+# A rule is a function ``rule(op, geoms) -> (run, out_geoms)``:
+#   * it receives the recorded op and one _Geom per input (``geoms[i]`` for ``op.in_slots[i]``);
+#   * it returns what CI runs -- PyTorch: a _Step, run on dense tensors at every call; Keras: a
+#     function from the list of dense input tensors to the list of dense output tensors, called
+#     once on symbolic tensors to build CI's graph -- and a list with one _Geom per output;
+#   * it refuses with ``raise op.fail(reason)``, the reason saying why the op cannot be exact;
+#   * it does not read ``naive``: CI reads it at run time (``ci.naive = True`` after conversion
+#     switches to the paper-faithful per-shift path in both backends).
+#
+# A rule is registered next to its definition with ``@_rule_for(...)`` (keys: the torch functions
+# of the op's names; Keras: layer classes).  Adding a layer kind = one rule, one registration, one
+# exactness or refusal test (shared_tests/test_convert.py), and the kind added to the random-net
+# generator (shared_tests/netspec.py).
+
+_RULES = {}           # key (a function or a layer class) -> rule
+_SUPPORTED = {}       # label -> names of the supported ops or layers of that label
+
+
+def _register_rule(rule, keys, names, label):
+    """Register ``rule`` for every key; list ``names`` under ``label`` in supported_layers()."""
+    for key in keys:
+        _RULES[key] = rule
+    _SUPPORTED.setdefault(label, set()).update(names)
+    return rule
+
+
+def supported_layers() -> Dict[str, List[str]]:
+    """The op or layer kinds convert() makes dense (or refuses with a reason), by rule.
+
+    Returns:
+        dict: label of a rule (what the kind becomes in CI, or "refused: ...") -> sorted names.
+    """
+    return {label: sorted(names) for label, names in sorted(_SUPPORTED.items())}
+
+
+def _unsupported_message(where, name, what):
+    supported = "; ".join(f"{label}: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+                          for label, names in supported_layers().items() if not label.startswith("refused"))
+    return (f"{where}: {name} is not supported by convert() (unknown {what}). Supported kinds -- "
+            f"{supported}. FDFE.supported_layers() lists them all")
+
+
+# --- planning: which values are alive, which step may overwrite its input ----------------------
+
+class _Plan:
+    """How CI runs its steps.
+
+    Attributes:
+        free_after: per step, the slots no later step reads (dropped after the step).
+        overwrite: per step, True where the step may write its result into its input's memory
+            (its only input, and no other value sharing that memory, is read later).
+        peak_channels: the largest total channel count of the values alive at once.
+    """
+
+    def __init__(self, free_after, overwrite, peak_channels):
+        self.free_after, self.overwrite, self.peak_channels = free_after, overwrite, peak_channels
+
+
+def plan_steps(steps_io, channels, output_slot, protected=(0,)) -> _Plan:
+    """Plan a list of steps: liveness, in-place permissions and peak memory in channels.
+
+    Args:
+        steps_io: per step, (input slots, output slots, aliases) where ``aliases`` is True when
+            the outputs share memory with the first input (identity ops, views, reshapes).
+        channels: mapping slot -> channels of that value.
+        output_slot: the slot CI returns (never freed, never overwritten).
+        protected: slots whose memory must never be overwritten (slot 0, the padded image or
+            a view of it shared by tiles).
+
+    Returns:
+        A :class:`_Plan`.
+    """
+    last_use, root = {}, {}
+    for i, (ins, outs, aliases) in enumerate(steps_io):
+        for s in ins:
+            last_use[s] = i
+        for s in outs:
+            root[s] = root.get(ins[0], ins[0]) if aliases and ins else s
+    last_use[output_slot] = len(steps_io)
+    # the last step that reads any value of each memory (a value and everything aliasing it)
+    root_last_use = {}
+    for s, i in last_use.items():
+        r = root.get(s, s)
+        root_last_use[r] = max(root_last_use.get(r, -1), i)
+    protected_roots = {root.get(s, s) for s in protected} | {root.get(output_slot, output_slot)}
+    free_after, overwrite, alive, peak = [], [], {0}, channels[0]
+    for i, (ins, outs, aliases) in enumerate(steps_io):
+        free = [s for s in ins if last_use.get(s) == i]
+        free_after.append(free)
+        r = root.get(ins[0], ins[0]) if ins else None
+        overwrite.append(len(ins) == 1 and not aliases and r not in protected_roots
+                         and root_last_use.get(r) == i)
+        alive |= set(outs)
+        peak = max(peak, sum(channels[s] for s in alive))  # aliases counted too: an upper bound
+        alive -= {s for s in free if s not in outs}
+    return _Plan(free_after, overwrite, peak)
+
+
+# --- memory estimate and tiles ------------------------------------------------------------------
+
+#: "auto" tiling (PyTorch on CPUs): output tiles of AUTO_TILE x AUTO_TILE pixels, for patches of
+#: at most AUTO_TILE_MAX_PATCH pixels (larger patches make the tiles' overlap cost more than
+#: cache-sized tiles save) and images larger than one tile.
+AUTO_TILE = 128
+AUTO_TILE_MAX_PATCH = 32
+
+
+def _auto_tile(on_cpu, patch_size, height, width):
+    """The automatic tile: (AUTO_TILE, AUTO_TILE) on CPUs for small patches and large images, else None."""
+    if not on_cpu or max(patch_size) > AUTO_TILE_MAX_PATCH or (height <= AUTO_TILE and width <= AUTO_TILE):
+        return None
+    return (AUTO_TILE, AUTO_TILE)
+
+
+def _memory_estimate(image_size, batch, in_channels, out_channels, patch, stride_product, peak_channels,
+                     itemsize, tile=None):
+    """Bytes CI needs: the padded input and the output, plus the values alive at once on one tile
+    (1.5 times, for convolution workspaces and layout copies)."""
+    (height, width), (ph, pw), (sh, sw) = image_size, patch, stride_product
+    full_h, full_w = _ceil_to(height, sh), _ceil_to(width, sw)
+    fixed = batch * (in_channels * (full_h + ph - 1) * (full_w + pw - 1) + out_channels * full_h * full_w)
+    th, tw = (full_h, full_w) if tile is None else (min(_ceil_to(tile[0], sh), full_h),
+                                                  min(_ceil_to(tile[1], sw), full_w))
+    work = 1.5 * batch * peak_channels * (th + ph - 1 + sh) * (tw + pw - 1 + sw)
+    return int((fixed + work) * itemsize)
+
+
+def _tile_for_memory(budget, estimate, image_size, stride_product):
+    """The largest square-ish tile (multiple of the stride product) whose estimate fits the budget."""
+    (height, width), (sh, sw) = image_size, stride_product
+    if estimate(None) <= budget:
+        return None
+    edge = max(height, width)
+    smallest = max(sh, sw, 8)
+    while edge > smallest:
+        edge = max(smallest, edge * 3 // 4)
+        tile = (_ceil_to(min(edge, height), sh), _ceil_to(min(edge, width), sw))
+        if estimate(tile) <= budget:
+            return tile
+    raise MemoryError(f"CI needs about {estimate((smallest, smallest)) / 2**20:.0f} MiB even with "
+                      f"{smallest}x{smallest} tiles (the padded image and the output alone take "
+                      f"{estimate((1, 1)) / 2**20:.0f} MiB); the budget is {budget / 2**20:.0f} MiB")
+
+
+def tile_grid(height, width, tile, stride_product):
+    """The output tiles of an exact tiling, row by row.
+
+    Tile sizes are rounded up to multiples of the stride product, so every tile starts on the
+    stacked grid.  Each tile reads rows y0 .. y0 + hp + pH - 2 of the padded image (overlap pH - 1).
+
+    Args:
+        height, width: the image size.
+        tile: (th, tw), the requested output tile size.
+        stride_product: (SH, SW).
+
+    Returns:
+        list of (y0, x0, h, w, hp, wp): the tile's origin, its size inside the image, and that
+        size rounded up to the stride product (what CI computes for it).
+
+    Example:
+        >>> tile_grid(5, 7, (4, 4), (2, 2))
+        [(0, 0, 4, 4, 4, 4), (0, 4, 4, 3, 4, 4), (4, 0, 1, 4, 2, 4), (4, 4, 1, 3, 2, 4)]
+    """
+    (sh, sw) = stride_product
+    th, tw = _ceil_to(tile[0], sh), _ceil_to(tile[1], sw)
+    grid = []
+    for y0 in range(0, height, th):
+        for x0 in range(0, width, tw):
+            h, w = min(th, height - y0), min(tw, width - x0)
+            grid.append((y0, x0, h, w, _ceil_to(h, sh), _ceil_to(w, sw)))
+    return grid
+
+
+# --- the self-check: CI against Cp on a few patches before convert() returns --------------------
+
+def _self_check_image_size(stride_product):
+    """A small image that is not a multiple of the stride product."""
+    return stride_product[0] + 3, stride_product[1] + 2
+
+
+def _self_check_positions(height, width):
+    """(n, y, x) of the patches compared: corners, the middle, an edge."""
+    return [[0, 0, 0], [0, height - 1, width - 1], [0, height // 2, width // 3], [0, 1, width - 1]]
+
+
+#: relative tolerance of the self-check per compute dtype (others: 3e-2)
+_SELF_CHECK_TOLERANCE = {"float64": 1e-9, "float32": 1e-4}
+
+
+def _self_check_compare(got, expected, dtype_name, tolerance=None):
+    """Raise ConversionError("internal check failed ...") unless max|got - expected| is within the
+    tolerance of ``dtype_name`` relative to max|expected|.  ``got``/``expected``: lists of floats."""
+    scale = max(max((abs(v) for v in expected), default=0.0), 1e-6)
+    tol = tolerance if tolerance is not None else _SELF_CHECK_TOLERANCE.get(dtype_name, 3e-2)
+    err = max((abs(a - b) if a == a and b == b else float("inf") for a, b in zip(got, expected)), default=0.0)
+    if not err <= tol * scale:
+        raise ConversionError(f"internal check failed: CI differs from Cp by {err:.3g} (scale {scale:.3g}) on a "
+                              f"test image; this net uses an op or layer whose dense form is not exact here. "
+                              f"Please report it with the net's definition")
+
+# ============================================================================================
+# END FRAMEWORK-NEUTRAL BLOCK
+# ============================================================================================
+
+
+# ---------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------
 
 
 def check_images(images, in_channels: Optional[int] = None, name: str = "images") -> None:
@@ -108,30 +486,9 @@ def check_images(images, in_channels: Optional[int] = None, name: str = "images"
                          f"(layout is (N, C, H, W))")
 
 
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
-
-
 # ---------------------------------------------------------------------------
 # Patch convention and the ground truth: Cp run on patches
 # ---------------------------------------------------------------------------
-
-def patch_padding(patch_size) -> Tuple[int, int, int, int]:
-    """Zero padding that puts a patch around every pixel.
-
-    Args:
-        patch_size: int or (pH, pW).
-
-    Returns:
-        (top, bottom, left, right) = (ceil((pH-1)/2), floor((pH-1)/2),
-        ceil((pW-1)/2), floor((pW-1)/2)).  The patch of pixel (y, x) is then
-        ``padded[..., y:y+pH, x:x+pW]``.
-    """
-    ph, pw = _pair(patch_size, "patch_size")
-    return ph // 2, (ph - 1) // 2, pw // 2, (pw - 1) // 2
 
 
 def _output_vectors(out: torch.Tensor, batch: int) -> torch.Tensor:
@@ -187,17 +544,6 @@ class _EvalMode:
         for m, flag in self.flags:
             m.training = flag
         return False
-
-
-def _progress(total: int, desc: str, enabled: Optional[bool]):
-    """A tqdm progress bar where tqdm is installed and enabled, else None."""
-    if enabled is False or (enabled is None and total < 50):
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr)
 
 
 def patch_outputs(base_net: nn.Module, images: torch.Tensor, patch_size, positions,
@@ -652,12 +998,8 @@ class unwarpAll(nn.Module):
 
 
 # ---------------------------------------------------------------------------
-# Automatic conversion: capture Cp's forward, then apply one rule per op
+# Automatic conversion, 1: capture Cp's forward (the recorded ops the rules receive)
 # ---------------------------------------------------------------------------
-
-_PADDING_REASON = ("inside Cp the padded border depends on where the patch ends, so a pixel near the "
-                   "patch border sees zeros in Cp but real neighbours in a whole image; CI cannot be exact. "
-                   "Use unpadded convolutions (padding=0), or use dense_reference() for this net")
 
 
 def _padding_values(padding):
@@ -833,44 +1175,43 @@ class _Tracer(TorchFunctionMode):
         return out
 
 
-class _Geom:
-    """What a dense value holds, in patch terms.
-
-    kind 'map': Cp sees a (channels, h, w) map; the dense tensor is
-    (N*M, channels, Hq + h - 1 (or more), Wq + w - 1 (or more)).
-    kind 'vector': Cp sees the flattening of a (channels, h, w) map (torch's C, H, W
-    order); the dense tensor is that map's.  kind 'view': another reshape of that map,
-    for element-wise ops only.  ``stage`` lists the strides so far.
-    """
-    __slots__ = ("kind", "channels", "size", "stage")
-
-    def __init__(self, kind, channels, size, stage):
-        self.kind, self.channels, self.size, self.stage = kind, int(channels), tuple(size), tuple(stage)
-
-    def same_grid(self, other):
-        return self.stage == other.stage and self.size == other.size and self.kind == other.kind
-
-    def describe(self):
-        c, (h, w) = self.channels, self.size
-        return {"map": f"a {c}x{h}x{w} map", "vector": f"a flattened {c}x{h}x{w} map"}.get(
-            self.kind, f"a reshaped {c}x{h}x{w} map")
-
+# ---------------------------------------------------------------------------
+# Automatic conversion, 2: the steps CI runs (what the rules return)
+# ---------------------------------------------------------------------------
 
 class _Step:
-    """One operation of CI: reads dense values from slots and writes dense values."""
+    """One operation of CI: reads the dense values of ``inputs`` (slots), returns those of ``outputs``.
+
+    ``aliases`` is True when the outputs share memory with the first input (identity ops and
+    reshapes); the plan uses it so that no in-place op changes a value that is still read.
+    """
+    aliases = False
 
     def __init__(self, inputs, outputs, label):
         self.inputs, self.outputs, self.label = list(inputs), list(outputs), label
 
-    def run(self, values, net):  # pragma: no cover - abstract
+    def run(self, values, net, overwrite=False):  # pragma: no cover - abstract
+        """Return the list of output tensors.  ``overwrite``: the step may reuse its input's memory."""
         raise NotImplementedError
+
+
+class _AliasStep(_Step):
+    """The value passes through unchanged (dropout at inference, clone, views and reshapes)."""
+    aliases = True
+
+    def __init__(self, node, label=None):
+        super().__init__(node.in_slots[:1], node.out_slots, label or f"{node.name} (identity)")
+
+    def run(self, values, net, overwrite=False):
+        return [values[0]]
 
 
 class _CallStep(_Step):
     """Applies the recorded function itself to dense values (ops that act per pixel).
 
-    In-place variants are used only where the input is not needed afterwards (``overwrite``),
-    so a user's in-place op never changes the padded image or a value read later.
+    The in-place variant is used only where the plan allows it (the input, and every value sharing
+    its memory, is not read afterwards) and autograd is not recording, so a user's in-place op
+    never changes the padded image, a value read later, or a value saved for backward.
     """
 
     def __init__(self, node, func=None, args=None, kwargs=None):
@@ -878,10 +1219,9 @@ class _CallStep(_Step):
         self.func = func or node.func
         self.args = node.args if args is None else args
         self.kwargs = node.kwargs if kwargs is None else kwargs
-        self.func_inplace, self.func_copy = _inplace_variants(self.func)
-        self.overwrite = False  # set by DenseFeatureNet once it knows which values are read later
+        self.variants = _inplace_variants(self.func)
 
-    def run(self, values, net):
+    def run(self, values, net, overwrite=False):
         env = dict(zip(self.inputs, values))
 
         def sub(v):
@@ -891,47 +1231,50 @@ class _CallStep(_Step):
                 return net._resolve(v)
             return v
         args, kwargs = _map_structure(self.args, sub), _map_structure(self.kwargs, sub)
-        func = self.func_inplace if self.overwrite else self.func_copy
-        if func is _WITH_INPLACE_FLAG:
-            func, kwargs = self.func, dict(kwargs, inplace=self.overwrite)
-        out = func(*args, **kwargs)
+        in_place, out_of_place, flag = self.variants
+        if flag:
+            out = self.func(*args, **dict(kwargs, inplace=overwrite))
+        else:
+            out = (in_place if overwrite else out_of_place)(*args, **kwargs)
         return [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
 
-
-_WITH_INPLACE_FLAG = object()
 _INPLACE_TWINS = {torch.tanh: torch.tanh_, torch.sigmoid: torch.sigmoid_, torch.relu: torch.relu_,
                   torch.Tensor.tanh: torch.Tensor.tanh_, torch.Tensor.sigmoid: torch.Tensor.sigmoid_,
                   torch.Tensor.relu: torch.Tensor.relu_}
 
 
 def _inplace_variants(func):
-    """(in-place version, out-of-place version) of an element-wise function."""
+    """(in-place version, out-of-place version, takes an ``inplace`` flag) of an element-wise function."""
     try:
         if "inplace" in inspect.signature(func).parameters:
-            return _WITH_INPLACE_FLAG, _WITH_INPLACE_FLAG
+            return func, func, True
     except (TypeError, ValueError):
         pass
     if func in _INPLACE_TWINS:
-        return _INPLACE_TWINS[func], func
+        return _INPLACE_TWINS[func], func, False
     name = getattr(func, "__name__", "")
     if name.endswith("_") and not name.endswith("__") and hasattr(torch.Tensor, name[:-1]) \
             and getattr(torch.Tensor, name, None) is func:
-        return func, getattr(torch.Tensor, name[:-1])
-    return func, func
+        return func, getattr(torch.Tensor, name[:-1]), False
+    return func, func, False
 
 
 class _PoolStep(_Step):
+    """Multipooling (stride 1 when the pooling is global over the patch-level map)."""
+
     def __init__(self, node, kind, kernel, stride, dilation=(1, 1), norm_type=2.0, divisor_override=None):
         super().__init__(node.in_slots[:1], node.out_slots, f"multi_pool({kind}, kernel={kernel}, stride={stride})")
         self.kind, self.kernel, self.stride, self.dilation = kind, kernel, stride, dilation
         self.norm_type, self.divisor_override = norm_type, divisor_override
 
-    def run(self, values, net):
+    def run(self, values, net, overwrite=False):
         return [multi_pool(values[0], self.kind, self.kernel, self.stride, self.dilation, net.naive,
                            self.norm_type, self.divisor_override)]
 
 
 class _ConvStep(_Step):
+    """A convolution of Cp (multi_conv when strided); also a Linear read as a convolution."""
+
     def __init__(self, node, weight, bias, stride, dilation, groups, weight_shape=None, label=None):
         kind = "multi_conv" if stride != (1, 1) else "conv2d"
         super().__init__(node.in_slots[:1], node.out_slots,
@@ -940,7 +1283,7 @@ class _ConvStep(_Step):
         self.stride, self.dilation, self.groups = stride, dilation, groups
         self.weight_shape = weight_shape
 
-    def run(self, values, net):
+    def run(self, values, net, overwrite=False):
         weight = net._resolve(self.weight)
         if self.weight_shape is not None:
             weight = weight.reshape(self.weight_shape)
@@ -955,20 +1298,54 @@ class _UnfoldStep(_Step):
         super().__init__([slot], [slot], f"flatten_output({geom.channels}x{geom.size[0]}x{geom.size[1]})")
         self.size = geom.size
 
-    def run(self, values, net):
+    def run(self, values, net, overwrite=False):
         x = values[0]
         h, w = self.size
         cols = F.unfold(x, self.size)
         return [cols.reshape(x.shape[0], -1, x.shape[2] - h + 1, x.shape[3] - w + 1)]
 
 
-# --- rule helpers ----------------------------------------------------------
+# ---------------------------------------------------------------------------
+# Automatic conversion, 3: the rules, one small function per kind of op (contract: see
+# "the rule contract" in the framework-neutral block)
+# ---------------------------------------------------------------------------
+
+_ALL_SPACES = (torch, F, torch.Tensor, torch.special)
+
+
+def _rule_for(names, label, spaces=_ALL_SPACES):
+    """Decorator: register a rule for the functions called ``names`` in ``spaces`` (torch, F, Tensor)."""
+    keys = [getattr(space, n) for n in names for space in spaces if callable(getattr(space, n, None))]
+
+    def register(rule):
+        return _register_rule(rule, keys, names, label)
+    return register
+
+
+def _lookup_rule(func):
+    """The rule registered for ``func`` (Tensor's Python-level wrappers found by their name)."""
+    rule = _RULES.get(func)
+    if rule is None:
+        # Tensor.__rsub__ & co. are wrapped in Python; fall back to the wrapped builtin's name.
+        name = getattr(func, "__name__", None)
+        rule = next((r for f, r in _RULES.items() if getattr(f, "__name__", None) == name
+                     and getattr(f, "__qualname__", "").startswith(("Tensor.", "TensorBase."))
+                     and getattr(func, "__qualname__", "").startswith(("Tensor.", "TensorBase."))), None)
+    return rule
+
+
+# --- helpers shared by rules ------------------------------------------------
+
+def _require_map(node, geom):
+    if geom.kind != MAP:
+        raise node.fail(f"its input is {geom.describe()}, not an image-like map")
+
 
 def _channel_dim(geom, dim, node):
     """Dense channel axis for ``dim`` of a patch tensor, or raise if ``dim`` is spatial or the batch."""
-    rank = 4 if geom.kind == "map" else 2
+    rank = 4 if geom.kind == MAP else 2
     d = dim + rank if dim < 0 else dim
-    if d == 1 and (geom.kind == "map" or (geom.kind == "vector" and geom.size == (1, 1))):
+    if d == 1 and (geom.kind == MAP or geom.is_pixel_vector):
         return 1
     raise node.fail(f"it works along dim {dim} of {geom.describe()}, which mixes positions of the patch; "
                     f"only the channel axis (dim 1) can be made dense")
@@ -979,15 +1356,15 @@ def _constant_for(geom, value, node):
     if not isinstance(value, (torch.Tensor, _Param, _Const)):
         return value
     shape = tuple(value.shape)
-    if _prod(shape) == 1 and len(shape) <= (4 if geom.kind == "map" else 2):
+    if _prod(shape) == 1 and len(shape) <= (4 if geom.kind == MAP else 2):
         return value
-    if geom.kind == "map":
+    if geom.kind == MAP:
         padded = (1,) * (4 - len(shape)) + shape
         if len(shape) <= 4 and padded[0] == 1 and padded[2] == 1 and padded[3] == 1:
             return value
         raise node.fail(f"a constant of shape {shape} differs across positions of the patch "
                         f"({geom.describe()}), so overlapping patches cannot share work")
-    if geom.kind == "vector" and geom.size == (1, 1) and len(shape) <= 2 and (len(shape) < 2 or shape[0] == 1):
+    if geom.kind == VECTOR and geom.size == (1, 1) and len(shape) <= 2 and (len(shape) < 2 or shape[0] == 1):
         view = (1, shape[-1], 1, 1)
         if isinstance(value, _Const):
             return _Const(value.index, value.shape, view)
@@ -997,19 +1374,31 @@ def _constant_for(geom, value, node):
     raise node.fail(f"a constant of shape {shape} differs across the entries of {geom.describe()}")
 
 
-def _same_grid(node, geoms):
-    first = geoms[0]
-    for g in geoms[1:]:
-        if not first.same_grid(g):
-            raise node.fail(
-                f"it combines {first.describe()} with {g.describe()} (strides {list(first.stage)} vs "
-                f"{list(g.stage)}); values that cover different parts of the patch, such as a statistic "
-                f"of the whole patch, differ for every patch and cannot be shared")
-    return first
+def _check_same_shape(node):
+    for shape in node.out_shapes:
+        if shape != node.in_shapes[0]:
+            raise node.fail(f"its output {shape} does not have the shape of its input {node.in_shapes[0]} "
+                            f"(broadcasting an activation over the patch is not per-pixel)")
 
 
-# --- the rules: one small function per kind of op ---------------------------
+def _padding_of(p):
+    return any(v != 0 for v in _padding_values(p))
 
+
+# --- the rules ----------------------------------------------------------------
+
+@_rule_for(["relu", "relu_", "relu6", "elu", "elu_", "selu", "selu_", "celu", "celu_", "leaky_relu",
+            "leaky_relu_", "gelu", "silu", "mish", "hardswish", "hardsigmoid", "hardtanh", "hardtanh_",
+            "softplus", "softsign", "softshrink", "hardshrink", "tanhshrink", "logsigmoid", "threshold",
+            "threshold_", "rrelu", "sigmoid", "sigmoid_", "tanh", "tanh_", "abs", "abs_", "exp", "exp_",
+            "log", "log_", "log1p", "expm1", "sqrt", "sqrt_", "rsqrt", "square", "neg", "neg_", "sign", "erf",
+            "reciprocal", "clamp", "clamp_", "clip", "clamp_min", "clamp_max", "pow", "pow_", "add", "add_",
+            "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "maximum", "minimum", "where",
+            "float", "double", "half", "bfloat16", "to", "type_as", "sin", "cos", "atan", "floor", "ceil",
+            "round", "trunc", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__",
+            "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__div__",
+            "__pow__", "__rpow__", "__neg__", "__abs__", "rsub"],
+           "element-wise functions, arithmetic and casts (applied per pixel)")
 def _rule_elementwise(node, geoms):
     """Element-wise functions (activations, arithmetic, casts): applied unchanged."""
     geom = _same_grid(node, geoms)
@@ -1019,67 +1408,87 @@ def _rule_elementwise(node, geoms):
     return _CallStep(node, args=args, kwargs=kwargs), [geom] * len(node.out_slots)
 
 
-def _check_same_shape(node):
-    for shape in node.out_shapes:
-        if shape != node.in_shapes[0]:
-            raise node.fail(f"its output {shape} does not have the shape of its input {node.in_shapes[0]} "
-                            f"(broadcasting an activation over the patch is not per-pixel)")
-
-
-def _passthrough(node, geom):
-    return _CallStep(node, func=_identity, args=(_Ref(node.in_slots[0]),), kwargs={}), [geom]
-
-
-def _identity(x):
-    return x
-
-
+@_rule_for(["contiguous", "clone", "detach"], "identity (the value passes through)", (torch, torch.Tensor))
+@_rule_for(["dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+            "feature_dropout"], "identity (the value passes through)", (torch, F))
 def _rule_identity(node, geoms):
     """Dropout (off at inference), contiguous, clone, detach: the value passes through."""
-    return _passthrough(node, geoms[0])
+    return _AliasStep(node), [geoms[0]]
 
 
+@_rule_for(["view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten", "view_as", "reshape_as"],
+           "reshapes that keep the batch axis (the same values, reinterpreted)", (torch, torch.Tensor))
+def _rule_reshape(node, geoms):
+    """view/reshape/flatten/squeeze/unsqueeze that keep the batch axis: the same values, reinterpreted.
+
+    (N, C, h, w) is a MAP, (N, C*h*w) a VECTOR (torch's C, H, W order); any other shape is a
+    VIEW that only element-wise ops and further reshapes may use."""
+    geom = geoms[0]
+    src, dst = node.in_shapes[0], node.out_shapes[0]
+    c, (h, w) = geom.channels, geom.size
+    if dst == src:
+        return _AliasStep(node), [geom]
+    if len(dst) >= 1 and dst[0] == src[0] and _prod(dst[1:]) == c * h * w:
+        kind = MAP if dst[1:] == (c, h, w) else VECTOR if dst[1:] == (c * h * w,) else VIEW
+        return _AliasStep(node), [geom.with_(kind=kind)]
+    raise node.fail(f"it reshapes {src} to {dst}, which moves values between patches (the batch axis)")
+
+
+@_rule_for(["conv2d"], "convolution without padding (multi_conv when strided)", (torch, F))
 def _rule_conv2d(node, geoms):
+    """Convolution without padding: reused as it is; strided ones become multi_conv."""
     p = node.bind(["input", "weight", "bias", "stride", "padding", "dilation", "groups"],
                   {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
     geom = geoms[0]
-    if geom.kind != "map":
-        raise node.fail(f"its input is {geom.describe()}, not an image-like map")
-    if any(v != 0 for v in _padding_values(p["padding"])):
+    _require_map(node, geom)
+    if _padding_of(p["padding"]):
         raise node.fail(f"it pads its input (padding={p['padding']!r}); {_PADDING_REASON}")
     if not isinstance(p["weight"], _Param):
         raise node.fail("its weight is not a parameter of Cp")
     stride, dil = _pair(p["stride"], "stride"), _pair(p["dilation"], "dilation")
     out = node.out_shapes[0]
-    stage = geom.stage + ((stride,) if stride != (1, 1) else ())
     return (_ConvStep(node, p["weight"], p["bias"], stride, dil, int(p["groups"])),
-            [_Geom("map", out[1], out[2:], stage)])
+            [geom.with_(channels=out[1], size=out[2:], stride=stride)])
+
+
+@_rule_for(["linear"], "linear layer on a flattened map (an h x w convolution)", (torch, F))
+def _rule_linear(node, geoms):
+    """Linear layer on a flattened map: a convolution with the map's size (C, h, w order)."""
+    p = node.bind(["input", "weight", "bias"], {"bias": None})
+    geom = geoms[0]
+    if geom.kind != VECTOR:
+        raise node.fail(f"it is applied to {geom.describe()} and so mixes values along the width axis; "
+                        f"flatten the map first")
+    if not isinstance(p["weight"], _Param):
+        raise node.fail("its weight is not a parameter of Cp")
+    c, (h, w) = geom.channels, geom.size
+    out = node.out_shapes[0][-1]
+    step = _ConvStep(node, p["weight"], p["bias"], (1, 1), (1, 1), 1, weight_shape=(out, c, h, w),
+                     label=f"linear_as_conv(kernel={h}x{w}, {c * h * w}->{out})")
+    return step, [geom.with_(channels=out, size=(1, 1))]
 
 
 def _pool_params(node, kind):
     if kind == "max":
-        p = node.bind(["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
-                      {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False})
-    elif kind == "avg":
-        p = node.bind(["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                       "divisor_override"],
-                      {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
-                       "divisor_override": None})
-    else:
-        p = node.bind(["input", "norm_type", "kernel_size", "stride", "ceil_mode"],
-                      {"stride": None, "ceil_mode": False})
-    return p
+        return node.bind(["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
+                         {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False,
+                          "return_indices": False})
+    if kind == "avg":
+        return node.bind(["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                          "divisor_override"],
+                         {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
+                          "divisor_override": None})
+    return node.bind(["input", "norm_type", "kernel_size", "stride", "ceil_mode"], {"stride": None, "ceil_mode": False})
 
 
 def _make_pool_rule(kind):
     def rule(node, geoms):
         p = _pool_params(node, kind)
         geom = geoms[0]
-        if geom.kind != "map":
-            raise node.fail(f"its input is {geom.describe()}, not an image-like map")
+        _require_map(node, geom)
         if p.get("return_indices"):
-            raise node.fail("it returns pooling indices, which refer to positions inside one patch")
-        if any(v != 0 for v in _padding_values(p.get("padding", 0))):
+            raise node.fail(_INDICES_REASON)
+        if _padding_of(p.get("padding", 0)):
             raise node.fail(f"it pads its input (padding={p['padding']!r}); {_PADDING_REASON}")
         kernel = _pair(p["kernel_size"], "kernel_size")
         stride = kernel if p["stride"] is None or p["stride"] == [] else _pair(p["stride"], "stride")
@@ -1093,29 +1502,31 @@ def _make_pool_rule(kind):
                         f"window would see real pixels.  Use ceil_mode=False or a patch size that "
                         f"makes the windows fit exactly")
         out = node.out_shapes[0]
-        stage = geom.stage + ((stride,) if stride != (1, 1) else ())
-        step = _PoolStep(node, kind, kernel, stride, dil, float(p.get("norm_type", 2.0)),
-                         p.get("divisor_override"))
-        return step, [_Geom("map", out[1], out[2:], stage)]
+        step = _PoolStep(node, kind, kernel, stride, dil, float(p.get("norm_type", 2.0)), p.get("divisor_override"))
+        return step, [geom.with_(channels=out[1], size=out[2:], stride=stride)]
     rule.__doc__ = f"{kind} pooling: multipooling with the same kernel and stride."
     return rule
 
 
+_POOLING_LABEL = "pooling without padding (multipooling)"
+_rule_for(["max_pool2d"], _POOLING_LABEL, (torch, F))(_make_pool_rule("max"))
+_rule_for(["avg_pool2d"], _POOLING_LABEL, (torch, F))(_make_pool_rule("avg"))
+_rule_for(["lp_pool2d"], _POOLING_LABEL, (F,))(_make_pool_rule("lp"))
+
+
 def _global_pool_step(node, geom, kind, keep_map):
     """Pooling over the whole patch-level map: a stride-1 pooling with the map's size."""
-    h, w = geom.size
-    step = _PoolStep(node, kind, (h, w), (1, 1))
-    return step, [_Geom("map" if keep_map else "vector", geom.channels, (1, 1), geom.stage)]
+    step = _PoolStep(node, kind, geom.size, (1, 1))
+    return step, [geom.with_(kind=MAP if keep_map else VECTOR, size=(1, 1))]
 
 
 def _make_adaptive_rule(kind):
     def rule(node, geoms):
         p = node.bind(["input", "output_size", "return_indices"], {"return_indices": False})
         geom = geoms[0]
-        if geom.kind != "map":
-            raise node.fail(f"its input is {geom.describe()}")
+        _require_map(node, geom)
         if p["return_indices"]:
-            raise node.fail("it returns pooling indices")
+            raise node.fail(_INDICES_REASON)
         out_size = p["output_size"]
         out_size = (out_size, out_size) if not isinstance(out_size, (tuple, list)) else tuple(out_size)
         out_size = tuple(geom.size[i] if o is None else int(o) for i, o in enumerate(out_size))
@@ -1124,10 +1535,14 @@ def _make_adaptive_rule(kind):
         if any(s % o for s, o in zip(geom.size, out_size)):
             raise node.fail(f"adaptive pooling from {geom.size} to {out_size} uses windows of varying size")
         kernel = tuple(s // o for s, o in zip(geom.size, out_size))
-        stage = geom.stage + ((kernel,) if kernel != (1, 1) else ())
-        return _PoolStep(node, kind, kernel, kernel), [_Geom("map", geom.channels, out_size, stage)]
+        return _PoolStep(node, kind, kernel, kernel), [geom.with_(size=out_size, stride=kernel)]
     rule.__doc__ = f"adaptive {kind} pooling: global pooling, or an ordinary one where sizes divide."
     return rule
+
+
+_ADAPTIVE_LABEL = "adaptive pooling (global, or windows that divide the map)"
+_rule_for(["adaptive_avg_pool2d"], _ADAPTIVE_LABEL, (torch, F))(_make_adaptive_rule("avg"))
+_rule_for(["adaptive_max_pool2d"], _ADAPTIVE_LABEL, (torch, F))(_make_adaptive_rule("max"))
 
 
 _REDUCE_SIGNATURES = {"norm": ["input", "p", "dim", "keepdim"], "vector_norm": ["x", "ord", "dim", "keepdim"]}
@@ -1145,24 +1560,29 @@ def _make_reduce_rule(kind):
             raise node.fail("it reduces over the whole tensor, batch included")
         dims = [dim] if isinstance(dim, numbers.Integral) else list(dim)
         keepdim = bool(p.pop("keepdim"))
-        if geom.kind == "map" and sorted(d % 4 for d in dims) == [2, 3]:
+        if geom.kind == MAP and sorted(d % 4 for d in dims) == [2, 3]:
             if kind is None:
                 raise node.fail("only mean and amax over the spatial axes are supported (as global pooling)")
             return _global_pool_step(node, geom, kind, keep_map=keepdim)
-        rank = 4 if geom.kind == "map" else len(node.in_shapes[0])
+        rank = 4 if geom.kind == MAP else len(node.in_shapes[0])
         if any(d % rank == 0 for d in dims):
             raise node.fail("it reduces over the batch of patches")
-        per_pixel = dims and all(d % rank == 1 for d in dims) and (
-            geom.kind == "map" or (geom.kind == "vector" and geom.size == (1, 1)))
+        per_pixel = dims and all(d % rank == 1 for d in dims) and (geom.kind == MAP or geom.is_pixel_vector)
         if not per_pixel:
             raise node.fail(f"it computes a statistic over positions of each patch (dims {dims} of "
                             f"{geom.describe()}), as per-patch normalisation does; {_PER_PATCH_REASON}")
-        if not keepdim and geom.kind == "map":
+        if not keepdim and geom.kind == MAP:
             raise node.fail("a channel reduction without keepdim=True turns the map into (N, h, w)")
         first = p.pop(names[0])
-        return _CallStep(node, args=(first,), kwargs=dict(p, dim=1, keepdim=True)), \
-            [_Geom(geom.kind, 1, geom.size, geom.stage)]
+        return _CallStep(node, args=(first,), kwargs=dict(p, dim=1, keepdim=True)), [geom.with_(channels=1)]
     return rule
+
+
+_REDUCE_LABEL = "reductions over channels (per pixel) or over the whole map (global pooling)"
+_rule_for(["mean"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule("avg"))
+_rule_for(["amax"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule("max"))
+_rule_for(["sum", "amin", "norm", "logsumexp"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule(None))
+_register_rule(_make_reduce_rule(None), [torch.linalg.vector_norm], ["linalg.vector_norm"], _REDUCE_LABEL)
 
 
 def _make_channel_rule(dim_name, position, default):
@@ -1188,14 +1608,20 @@ def _make_channel_rule(dim_name, position, default):
     return rule
 
 
+_CHANNEL_LABEL = "ops along the channel axis (normalize, softmax)"
+_register_rule(_make_channel_rule("dim", 2, 1), [F.normalize], ["normalize"], _CHANNEL_LABEL)
+_rule_for(["softmax", "log_softmax", "softmin"], _CHANNEL_LABEL, (torch, F, torch.Tensor))(
+    _make_channel_rule("dim", 1, None))
+
+
+@_rule_for(["local_response_norm"], "local response normalisation (across channels)", (F,))
 def _rule_local_response_norm(node, geoms):
     """Local response normalisation: across channels at each pixel."""
-    geom = geoms[0]
-    if geom.kind != "map":
-        raise node.fail(f"its input is {geom.describe()}")
-    return _CallStep(node), [geom]
+    _require_map(node, geoms[0])
+    return _CallStep(node), [geoms[0]]
 
 
+@_rule_for(["batch_norm"], "batch normalisation with running statistics (per-channel affine)", (torch, F))
 def _rule_batch_norm(node, geoms):
     """Batch normalisation with running statistics: a per-channel affine map."""
     p = node.bind(["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"],
@@ -1204,21 +1630,27 @@ def _rule_batch_norm(node, geoms):
     if p["running_mean"] is None or p["running_var"] is None:
         raise node.fail("it has no running statistics (track_running_stats=False), so it normalises with "
                         "statistics of the batch of patches")
-    if geom.kind == "vector" and geom.size != (1, 1):
+    if geom.kind == VECTOR and geom.size != (1, 1):
         raise node.fail(f"it normalises each entry of {geom.describe()} with its own statistics")
     args = (_Ref(node.in_slots[0]), p["running_mean"], p["running_var"], p["weight"], p["bias"], False,
             0.0, p["eps"])
     return _CallStep(node, func=F.batch_norm, args=args, kwargs={}), [geom]
 
 
+@_rule_for(["prelu"], "PReLU (one slope per channel)", (torch, F))
 def _rule_prelu(node, geoms):
     """PReLU: one slope per channel (or one for all)."""
     geom = geoms[0]
-    if geom.kind == "vector" and geom.size != (1, 1):
+    if geom.kind == VECTOR and geom.size != (1, 1):
         raise node.fail(f"its slopes apply per entry of {geom.describe()}")
     return _CallStep(node), [geom]
 
 
+def _layer_norm_channels(x, shape, weight, bias, eps):
+    return F.layer_norm(x.permute(0, 2, 3, 1), shape, weight, bias, eps).permute(0, 3, 1, 2)
+
+
+@_rule_for(["layer_norm"], "layer normalisation over the channels of one position", (torch, F))
 def _rule_layer_norm(node, geoms):
     """Layer normalisation: per pixel only when it normalises a vector of channels."""
     p = node.bind(["input", "normalized_shape", "weight", "bias", "eps"],
@@ -1226,68 +1658,14 @@ def _rule_layer_norm(node, geoms):
     geom = geoms[0]
     shape = tuple(p["normalized_shape"]) if isinstance(p["normalized_shape"], (list, tuple, torch.Size)) \
         else (int(p["normalized_shape"]),)
-    if geom.kind == "vector" and geom.size == (1, 1) and shape == (geom.channels,):
-        def layer_norm_channels(x, weight, bias, eps):
-            y = F.layer_norm(x.permute(0, 2, 3, 1), shape, weight, bias, eps)
-            return y.permute(0, 3, 1, 2)
-        args = (_Ref(node.in_slots[0]), p["weight"], p["bias"], p["eps"])
-        return _CallStep(node, func=layer_norm_channels, args=args, kwargs={}), [geom]
+    if geom.kind == VECTOR and geom.size == (1, 1) and shape == (geom.channels,):
+        args = (_Ref(node.in_slots[0]), shape, p["weight"], p["bias"], p["eps"])
+        return _CallStep(node, func=_layer_norm_channels, args=args, kwargs={}), [geom]
     raise node.fail(f"it normalises {geom.describe()} over {shape}, with statistics of each patch; "
                     f"{_PER_PATCH_REASON}")
 
 
-_PER_PATCH_REASON = ("every patch is normalised with its own statistics, so the features of a pixel differ "
-                     "for every patch that contains it and no work can be shared between overlapping "
-                     "patches: CI cannot be exact (normalise the whole image instead, or use dense_reference)")
-
-
-def _rule_refuse_per_patch(node, geoms):
-    """Instance and group normalisation use statistics of each patch."""
-    raise node.fail(f"it normalises with statistics computed over each patch; {_PER_PATCH_REASON}")
-
-
-def _rule_refuse_padding(node, geoms):
-    """Explicit padding inside Cp."""
-    raise node.fail(f"it pads an activation inside Cp; {_PADDING_REASON}")
-
-
-def _rule_refuse_indices(node, geoms):
-    """Pooling that returns indices: they refer to positions inside one patch."""
-    raise node.fail("it returns pooling indices, which refer to positions inside one patch")
-
-
-def _rule_reshape(node, geoms):
-    """view/reshape/flatten/squeeze/unsqueeze that keep the batch axis: the same values, reinterpreted.
-
-    (N, C, h, w) is a map, (N, C*h*w) a vector (torch's C, H, W order); any other shape is a
-    'view' that only element-wise ops and further reshapes may use."""
-    geom = geoms[0]
-    src, dst = node.in_shapes[0], node.out_shapes[0]
-    c, (h, w) = geom.channels, geom.size
-    if dst == src:
-        return _passthrough(node, geom)
-    if len(dst) >= 1 and dst[0] == src[0] and _prod(dst[1:]) == c * h * w:
-        kind = "map" if dst[1:] == (c, h, w) else "vector" if dst[1:] == (c * h * w,) else "view"
-        return _passthrough(node, _Geom(kind, c, (h, w), geom.stage))
-    raise node.fail(f"it reshapes {src} to {dst}, which moves values between patches (the batch axis)")
-
-
-def _rule_linear(node, geoms):
-    """Linear layer on a flattened map: a convolution with the map's size (C, h, w order)."""
-    p = node.bind(["input", "weight", "bias"], {"bias": None})
-    geom = geoms[0]
-    if geom.kind != "vector":
-        raise node.fail(f"it is applied to {geom.describe()} and so mixes values along the width axis; "
-                        f"flatten the map first")
-    if not isinstance(p["weight"], _Param):
-        raise node.fail("its weight is not a parameter of Cp")
-    c, (h, w) = geom.channels, geom.size
-    out = node.out_shapes[0][-1]
-    step = _ConvStep(node, p["weight"], p["bias"], (1, 1), (1, 1), 1, weight_shape=(out, c, h, w),
-                     label=f"linear_as_conv(kernel={h}x{w}, {c * h * w}->{out})")
-    return step, [_Geom("vector", out, (1, 1), geom.stage)]
-
-
+@_rule_for(["cat", "concat", "concatenate"], "concatenation along the channel axis", (torch,))
 def _rule_cat(node, geoms):
     """Concatenation along the channel axis of values on the same grid."""
     p = node.bind(["tensors", "dim"], {"dim": 0})
@@ -1296,123 +1674,30 @@ def _rule_cat(node, geoms):
     geom = _same_grid(node, geoms)
     dense_dim = _channel_dim(geom, int(p["dim"]), node)
     out = node.out_shapes[0]
-    return _CallStep(node, args=(p["tensors"],), kwargs={"dim": dense_dim}), \
-        [_Geom(geom.kind, out[1], geom.size, geom.stage)]
+    return _CallStep(node, args=(p["tensors"],), kwargs={"dim": dense_dim}), [geom.with_(channels=out[1])]
 
 
-def _build_rules() -> Dict[Callable, Callable]:
-    rules: Dict[Callable, Callable] = {}
-
-    def add(names, rule, spaces=(torch, F, torch.Tensor, torch.special)):
-        for name in names:
-            for space in spaces:
-                obj = getattr(space, name, None)
-                if obj is not None and callable(obj):
-                    rules[obj] = rule
-
-    add(["relu", "relu_", "relu6", "elu", "elu_", "selu", "selu_", "celu", "celu_", "leaky_relu", "leaky_relu_",
-         "gelu", "silu", "mish", "hardswish", "hardsigmoid", "hardtanh", "hardtanh_", "softplus", "softsign",
-         "softshrink", "hardshrink", "tanhshrink", "logsigmoid", "threshold", "threshold_", "rrelu",
-         "sigmoid", "sigmoid_", "tanh", "tanh_", "abs", "abs_", "exp", "exp_", "log", "log_", "log1p",
-         "expm1", "sqrt", "sqrt_", "rsqrt", "square", "neg", "neg_", "sign", "erf", "reciprocal", "clamp",
-         "clamp_", "clip", "clamp_min", "clamp_max", "pow", "pow_", "add", "add_", "sub", "sub_", "mul",
-         "mul_", "div", "div_", "true_divide", "maximum", "minimum", "where", "float", "double", "half",
-         "bfloat16", "to", "type_as", "sin", "cos", "atan", "floor", "ceil", "round", "trunc",
-         "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__",
-         "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__div__", "__pow__", "__rpow__",
-         "__neg__", "__abs__", "rsub"], _rule_elementwise)
-    add(["contiguous", "clone", "detach"], _rule_identity, (torch, torch.Tensor))
-    add(["dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-         "feature_dropout"], _rule_identity, (torch, F))
-    add(["conv2d"], _rule_conv2d, (torch, F))
-    add(["max_pool2d"], _make_pool_rule("max"), (torch, F))
-    add(["max_pool2d_with_indices", "adaptive_max_pool2d_with_indices"], _rule_refuse_indices, (torch, F))
-    add(["avg_pool2d"], _make_pool_rule("avg"), (torch, F))
-    add(["lp_pool2d"], _make_pool_rule("lp"), (F,))
-    add(["adaptive_avg_pool2d"], _make_adaptive_rule("avg"), (torch, F))
-    add(["adaptive_max_pool2d"], _make_adaptive_rule("max"), (torch, F))
-    add(["mean"], _make_reduce_rule("avg"), (torch, torch.Tensor))
-    add(["amax"], _make_reduce_rule("max"), (torch, torch.Tensor))
-    add(["sum", "amin", "norm", "logsumexp"], _make_reduce_rule(None), (torch, torch.Tensor))
-    rules[torch.linalg.vector_norm] = _make_reduce_rule(None)
-    rules[F.normalize] = _make_channel_rule("dim", 2, 1)
-    add(["softmax", "log_softmax", "softmin"], _make_channel_rule("dim", 1, None), (torch, F, torch.Tensor))
-    add(["local_response_norm"], _rule_local_response_norm, (F,))
-    add(["batch_norm"], _rule_batch_norm, (torch, F))
-    add(["prelu"], _rule_prelu, (torch, F))
-    add(["layer_norm"], _rule_layer_norm, (torch, F))
-    add(["instance_norm", "group_norm"], _rule_refuse_per_patch, (torch, F))
-    add(["pad", "constant_pad_nd"], _rule_refuse_padding, (torch, F))
-    add(["view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten", "view_as", "reshape_as"],
-        _rule_reshape, (torch, torch.Tensor))
-    add(["linear"], _rule_linear, (torch, F))
-    add(["cat", "concat", "concatenate"], _rule_cat, (torch,))
-    return rules
+@_rule_for(["instance_norm", "group_norm"], "refused: per-patch normalisation", (torch, F))
+def _rule_refuse_per_patch(node, geoms):
+    """Instance and group normalisation use statistics of each patch."""
+    raise node.fail(f"it normalises with statistics computed over each patch; {_PER_PATCH_REASON}")
 
 
-_RULES = _build_rules()
+@_rule_for(["pad", "constant_pad_nd"], "refused: padding inside Cp", (torch, F))
+def _rule_refuse_padding(node, geoms):
+    """Explicit padding inside Cp."""
+    raise node.fail(f"it pads an activation inside Cp; {_PADDING_REASON}")
 
 
-def _lookup_rule(func):
-    rule = _RULES.get(func)
-    if rule is None:
-        # Tensor.__rsub__ & co. are wrapped in Python; fall back to the wrapped builtin's name.
-        name = getattr(func, "__name__", None)
-        rule = next((r for f, r in _RULES.items() if getattr(f, "__name__", None) == name
-                     and getattr(f, "__qualname__", "").startswith(("Tensor.", "TensorBase."))
-                     and getattr(func, "__qualname__", "").startswith(("Tensor.", "TensorBase."))), None)
-    return rule
+@_rule_for(["max_pool2d_with_indices", "adaptive_max_pool2d_with_indices"], "refused: pooling indices", (torch, F))
+def _rule_refuse_indices(node, geoms):
+    """Pooling that returns indices: they refer to positions inside one patch."""
+    raise node.fail(_INDICES_REASON)
 
 
 # ---------------------------------------------------------------------------
-# CI as a module
+# CI as a module: runs a plan of steps on the padded image, whole or tile by tile
 # ---------------------------------------------------------------------------
-
-def _peak_live_channels(steps_io, channels):
-    """Largest total channel count of the dense values alive at once while CI's steps run.
-
-    ``steps_io`` lists (input slots, output slots) per step; slot 0 is the padded image."""
-    last_use = {}
-    for i, (ins, _) in enumerate(steps_io):
-        for s in ins:
-            last_use[s] = i
-    alive, peak = {0}, channels[0]
-    for i, (ins, outs) in enumerate(steps_io):
-        alive |= set(outs)
-        peak = max(peak, sum(channels[s] for s in alive))
-        alive -= {s for s in ins if last_use.get(s) == i and s not in outs}
-    return peak
-
-
-def _memory_estimate(image_size, batch, in_channels, out_channels, patch, stride_product, peak_channels,
-                     itemsize, tile=None):
-    """Bytes CI needs: the padded input and the output, plus the values alive at once on one tile
-    (1.5 times, for convolution workspaces and layout copies).  An upper bound in practice."""
-    (height, width), (ph, pw), (sh, sw) = image_size, patch, stride_product
-    full_h, full_w = -(-height // sh) * sh, -(-width // sw) * sw
-    fixed = batch * (in_channels * (full_h + ph - 1) * (full_w + pw - 1) + out_channels * full_h * full_w)
-    th, tw = (full_h, full_w) if tile is None else (min(-(-tile[0] // sh) * sh, full_h),
-                                                  min(-(-tile[1] // sw) * sw, full_w))
-    work = 1.5 * batch * peak_channels * (th + ph - 1 + sh) * (tw + pw - 1 + sw)
-    return int((fixed + work) * itemsize)
-
-
-def _tile_for_memory(budget, estimate, image_size, stride_product, patch):
-    """The largest square-ish tile (multiple of the stride product) whose estimate fits the budget."""
-    (height, width), (sh, sw) = image_size, stride_product
-    if estimate(None) <= budget:
-        return None
-    edge = max(height, width)
-    smallest = max(sh, sw, 8)
-    while edge > smallest:
-        edge = max(smallest, edge * 3 // 4)
-        tile = (-(-min(edge, height) // sh) * sh, -(-min(edge, width) // sw) * sw)
-        if estimate(tile) <= budget:
-            return tile
-    raise MemoryError(f"CI needs about {estimate((smallest, smallest)) / 2**20:.0f} MiB even with "
-                      f"{smallest}x{smallest} tiles (the padded image and the output alone take "
-                      f"{estimate((1, 1)) / 2**20:.0f} MiB); the budget is {budget / 2**20:.0f} MiB")
-
 
 class DenseFeatureNet(nn.Module):
     """CI built by :func:`convert`: Cp's output for the patch around every pixel.
@@ -1425,22 +1710,32 @@ class DenseFeatureNet(nn.Module):
         in_channels, out_channels: C and K.
         strides: (sh, sw) of each multipooling/striding layer, in network order.
         stride_product: (SH, SW).
-        naive: use the paper-faithful per-shift multipooling and per-layer unwarping.
-        tile: "auto" (default: 128x128 output tiles on the CPU for patches up to 32 px, where
-            cache-sized tiles run faster; none on GPUs or for larger patches), None (no tiling), or
-            (th, tw): process the image in tiles of this output size.  Tiling is exact
-            (overlapping inputs) and bounds memory.
+        naive: use the paper-faithful per-shift multipooling and per-layer unwarping (read at
+            every call).
+        tile: "auto" (default: AUTO_TILE x AUTO_TILE output tiles on the CPU for patches up to
+            AUTO_TILE_MAX_PATCH px, where cache-sized tiles run faster; none on GPUs or for larger
+            patches), None (no tiling), or (th, tw): process the image in tiles of this output size.
+            Tiling is exact (overlapping inputs) and bounds memory.
         memory_format: torch.channels_last (default) or torch.contiguous_format for the internal tensors.
         max_memory: None, or a budget in bytes: tiles are chosen so that :meth:`estimate_memory`
             stays under it (overrides ``tile``).
+        steps, plan: what CI runs (see :func:`plan_steps`).
 
     Shape:
         (N, C, H, W) -> (N, K, H, W), any N, H, W >= 1.  The result may have channels-last strides.
+
+    Example:
+        >>> cp = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AvgPool2d(2), torch.nn.Conv2d(4, 5, 2))
+        >>> ci = FDFE.convert(cp, 6)
+        >>> ci.strides, ci.stride_product, ci.out_channels
+        ([(2, 2)], (2, 2), 5)
+        >>> ci.estimate_memory((480, 640)) > ci.estimate_memory((480, 640), tile=(64, 64))
+        True
     """
 
     def __init__(self, base_net, patch_size, in_channels, out_channels, steps, output_slot, strides,
-                 constants, naive=False, tile="auto", memory_format=torch.channels_last, progress=None,
-                 slot_channels=None, max_memory=None):
+                 constants, plan, naive=False, tile="auto", memory_format=torch.channels_last, progress=None,
+                 max_memory=None):
         super().__init__()
         self.base_net = base_net
         self.patch_size = _pair(patch_size, "patch_size")
@@ -1449,6 +1744,7 @@ class DenseFeatureNet(nn.Module):
         self.stride_product = (_prod(s[0] for s in self.strides), _prod(s[1] for s in self.strides))
         self.steps = steps
         self.output_slot = output_slot
+        self.plan = plan
         for i, c in enumerate(constants):
             self.register_buffer(f"constant_{i}", c)
         self.n_constants = len(constants)
@@ -1456,21 +1752,7 @@ class DenseFeatureNet(nn.Module):
         self.tile = tile
         self.memory_format = memory_format
         self.progress = progress
-        last_use: Dict[int, int] = {}
-        for i, step in enumerate(steps):
-            for s in step.inputs:
-                last_use[s] = i
-        self._free_after = [[s for s in step.inputs if last_use.get(s) == i and s != output_slot]
-                            for i, step in enumerate(steps)]
         self.max_memory = max_memory
-        channels = dict(slot_channels or {})
-        channels.setdefault(0, self.in_channels)
-        self._peak_channels = _peak_live_channels([(st.inputs, st.outputs) for st in steps],
-                                                  collections.defaultdict(lambda: self.out_channels, channels))
-        for step, free in zip(steps, self._free_after):
-            if isinstance(step, _CallStep):
-                # slot 0 is the padded image (a view of it when tiling): never overwritten
-                step.overwrite = len(step.inputs) == 1 and step.inputs[0] in free and step.inputs[0] != 0
 
     def _resolve(self, ref):
         if isinstance(ref, _Param):
@@ -1483,15 +1765,18 @@ class DenseFeatureNet(nn.Module):
         return t if ref.view is None else t.reshape(ref.view)
 
     def stacked(self, padded: torch.Tensor) -> torch.Tensor:
-        """Run CI's layers on padded images; returns the shift-stacked result before unwarping.
+        """Run CI's steps on padded images; returns the shift-stacked result before unwarping.
+
+        In-place variants run only where the plan allows them and autograd is not recording.
 
         Shape:
             (N, C, H' + pH - 1, W' + pW - 1) -> (M * N, K, >= H'/SH, >= W'/SW).
         """
         values = {0: padded}
         layout = self.memory_format
-        for step, free in zip(self.steps, self._free_after):
-            outs = step.run([values[s] for s in step.inputs], self)
+        in_place_ok = not torch.is_grad_enabled()
+        for step, free, overwrite in zip(self.steps, self.plan.free_after, self.plan.overwrite):
+            outs = step.run([values[s] for s in step.inputs], self, overwrite and in_place_ok)
             for s, v in zip(step.outputs, outs):
                 if layout == torch.channels_last and v.dim() == 4 and not _is_channels_last(v) and v.shape[1] > 1:
                     v = v.contiguous(memory_format=layout)  # a 1-channel input leaves convs in NCHW
@@ -1499,10 +1784,6 @@ class DenseFeatureNet(nn.Module):
             for s in free:
                 values.pop(s, None)
         return values[self.output_slot]
-
-    def _dense(self, padded, out_h, out_w):
-        y = unwarp(self.stacked(padded), self.strides, self.naive)
-        return y[:, :, :out_h, :out_w]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images, self.in_channels)
@@ -1512,7 +1793,7 @@ class DenseFeatureNet(nn.Module):
             padded = padded.contiguous(memory_format=self.memory_format)
         tile = self._tile_size(images.device, height, width, images.shape[0], images.dtype)
         if tile is None:
-            return self._dense(padded, height, width)
+            return unwarp(self.stacked(padded), self.strides, self.naive)[:, :, :height, :width]
         return self._tiled(padded, height, width, tile)
 
     @property
@@ -1527,43 +1808,38 @@ class DenseFeatureNet(nn.Module):
         """Estimated peak bytes of CI on images of ``image_size`` (H, W): the padded input, the
         output, and 1.5 times the values alive at once on one tile (``tile`` None: whole image)."""
         return _memory_estimate(image_size, batch, self.in_channels, self.out_channels, self.patch_size,
-                                self.stride_product, self._peak_channels, torch.empty((), dtype=dtype).element_size(),
+                                self.stride_product, self.plan.peak_channels,
+                                torch.empty((), dtype=dtype).element_size(),
                                 None if tile is None else _pair(tile, "tile"))
 
     def tile_for_memory(self, budget: int, image_size, batch: int = 1, dtype=torch.float32):
         """The largest tile whose :meth:`estimate_memory` fits ``budget`` bytes (None: no tiling needed)."""
         return _tile_for_memory(budget, lambda t: self.estimate_memory(image_size, batch, t, dtype),
-                                tuple(image_size), self.stride_product, self.patch_size)
+                                tuple(image_size), self.stride_product)
 
     def _tile_size(self, device, height, width, batch=1, dtype=torch.float32):
-        """The tile in use: from max_memory, the one asked for, or for "auto" 128 px tiles on the CPU
-        when patches are at most 32 px (larger patches make the overlap cost more than tiles save)."""
+        """The tile in use: from max_memory, the one asked for, or the automatic one (_auto_tile)."""
         if self.max_memory is not None:
             return self.tile_for_memory(self.max_memory, (height, width), batch, dtype)
         if self._tile != "auto":
             return self._tile
-        if device.type != "cpu" or max(self.patch_size) > 32 or (height <= 128 and width <= 128):
-            return None
-        return (128, 128)
+        return _auto_tile(device.type == "cpu", self.patch_size, height, width)
 
     def _tiled(self, padded, height, width, tile):
-        """Exact tiling: each output tile from its own crop of the padded image (overlap pH-1, pW-1),
-        unwarped straight into the output."""
+        """Exact tiling (:func:`tile_grid`): each output tile from its own crop of the padded image
+        (overlap pH-1, pW-1), unwarped straight into the output."""
         sh, sw = self.stride_product
-        th = -(-tile[0] // sh) * sh
-        tw = -(-tile[1] // sw) * sw
         ph, pw = self.patch_size
-        out = None
-        origins = [(y, x) for y in range(0, height, th) for x in range(0, width, tw)]
+        grid = tile_grid(height, width, tile, self.stride_product)
         automatic = self._tile == "auto" and self.max_memory is None  # quiet: the user asked for nothing
-        bar = _progress(len(origins), "CI tiles", self.progress if self.progress is not None else
-                        (None if len(origins) >= 50 and not automatic else False))
-        for y0, x0 in origins:
-            hp, wp = -(-min(th, height - y0) // sh) * sh, -(-min(tw, width - x0) // sw) * sw
+        bar = _progress(len(grid), "CI tiles", self.progress if self.progress is not None else
+                        (None if len(grid) >= 50 and not automatic else False))
+        out = None
+        for y0, x0, _, _, hp, wp in grid:
             stacked = self.stacked(padded[:, :, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1])
             stacked = stacked[:, :, :hp // sh, :wp // sw]
             if out is None:  # the image size rounded up to the stride product; cropped at the end
-                out = torch.empty((padded.shape[0], stacked.shape[1], -(-height // sh) * sh, -(-width // sw) * sw),
+                out = torch.empty((padded.shape[0], stacked.shape[1], _ceil_to(height, sh), _ceil_to(width, sw)),
                                   dtype=stacked.dtype, device=stacked.device, memory_format=torch.channels_last
                                   if _is_channels_last(stacked) else torch.contiguous_format)
             dest = out[:, :, y0:y0 + hp, x0:x0 + wp]
@@ -1584,6 +1860,10 @@ class DenseFeatureNet(nn.Module):
         lines += [f"  {i}: {s.label}" for i, s in enumerate(self.steps)]
         return "\n".join(lines)
 
+
+# ---------------------------------------------------------------------------
+# convert(): capture -> rules -> plan -> DenseFeatureNet, then the self-check
+# ---------------------------------------------------------------------------
 
 def _infer_in_channels(base_net):
     for m in base_net.modules():
@@ -1622,6 +1902,22 @@ def _trace(base_net, patch_size, in_channels):
                           f"{type(last_error).__name__}: {msg}{hint}") from last_error
 
 
+def _apply_rules(nodes, geoms):
+    """Apply each recorded op's rule; returns the steps and fills ``geoms`` (slot -> _Geom)."""
+    steps: List[_Step] = []
+    for node in nodes:
+        rule = _lookup_rule(node.func)
+        if rule is None:
+            raise ConversionError(_unsupported_message(node.where, node.name, "op"))
+        step, out_geoms = rule(node, [geoms[s] for s in node.in_slots])
+        if len(out_geoms) != len(node.out_slots):
+            raise AssertionError(f"rule for {node.name} returned {len(out_geoms)} geometries for "
+                                 f"{len(node.out_slots)} outputs")
+        geoms.update(zip(node.out_slots, out_geoms))
+        steps.append(step)
+    return steps
+
+
 def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, *, naive: bool = False,
             tile="auto", max_memory: Optional[int] = None, memory_format=torch.channels_last,
             check: bool = True, progress: Optional[bool] = None) -> DenseFeatureNet:
@@ -1631,7 +1927,7 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
     functional calls, reused modules, shape checks), in inference mode (dropout off,
     batch-norm running statistics); the training flags of ``base_net`` are restored
     afterwards and its weights are shared, not copied.  Each captured op is made dense
-    by one rule (see the README's table); ops that cannot be made exact raise
+    by one rule (:func:`supported_layers` lists them); ops that cannot be made exact raise
     :class:`ConversionError` naming the layer and the reason.
 
     Args:
@@ -1648,6 +1944,20 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
 
     Returns:
         A :class:`DenseFeatureNet` mapping (N, C, H, W) to (N, K, H, W).
+
+    Example:
+        >>> cp = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.Tanh(),
+        ...                          torch.nn.Flatten(), torch.nn.Linear(4 * 3 * 3, 6))
+        >>> ci = FDFE.convert(cp, 7)      # 7x7 patch -> 6-vector; the Linear becomes a 3x3 conv
+        >>> images = torch.randn(1, 1, 9, 11)
+        >>> with torch.no_grad():
+        ...     print(tuple(ci(images).shape))
+        (1, 6, 9, 11)
+        >>> try:
+        ...     FDFE.convert(torch.nn.Conv2d(1, 2, 3, padding=1), 3)
+        ... except FDFE.ConversionError as error:
+        ...     print(error)
+        Conv2d.forward: torch.conv2d cannot be made dense exactly: it pads its input (padding=(1, 1)); inside Cp ...
     """
     if not isinstance(base_net, nn.Module):
         raise TypeError(f"base_net must be a torch.nn.Module, got {type(base_net).__name__}")
@@ -1661,33 +1971,26 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     tracer, out, example = _trace(base_net, (ph, pw), int(in_channels))
     batch = example.shape[0]
-    geoms = {0: _Geom("map", in_channels, (ph, pw), ())}
-    steps: List[_Step] = []
-    for node in tracer.nodes:
-        rule = _lookup_rule(node.func)
-        if rule is None:
-            raise ConversionError(f"{node.where}: {node.name} is not supported by convert() (unknown op); "
-                                  f"see the README's table of supported layers")
-        step, out_geoms = rule(node, [geoms[s] for s in node.in_slots])
-        for slot, geom in zip(node.out_slots, out_geoms):
-            geoms[slot] = geom
-        steps.append(step)
+    geoms = {0: _Geom(MAP, in_channels, (ph, pw))}
+    steps = _apply_rules(tracer.nodes, geoms)
     _output_vectors(out, batch)
     if id(out) not in tracer.slot_of:
         raise ConversionError("Cp's output does not depend on its input patch")
     out_slot = tracer.slot_of[id(out)]
     geom = geoms[out_slot]
+    out_channels = out.reshape(batch, -1).shape[1]
+    channels = {slot: g.channels for slot, g in geoms.items()}
     if geom.size != (1, 1):
-        if geom.kind == "map":
+        if geom.kind == MAP:
             raise ConversionError(
                 f"Cp's output for one patch is a {geom.channels}x{geom.size[0]}x{geom.size[1]} map, not a "
                 f"single vector; end Cp with layers that reduce it to 1x1 (or flatten it)")
         steps.append(_UnfoldStep(out_slot, geom))
-    out_channels = out.reshape(batch, -1).shape[1]
-    net = DenseFeatureNet(base_net, (ph, pw), in_channels, out_channels, steps, out_slot,
-                          [s for s in geom.stage], tracer.constants, naive=naive, tile=tile,
-                          memory_format=memory_format, progress=progress, max_memory=max_memory,
-                          slot_channels={slot: g.channels for slot, g in geoms.items()})
+        channels[out_slot] = max(channels[out_slot], out_channels)
+    plan = plan_steps([(s.inputs, s.outputs, s.aliases) for s in steps], channels, out_slot)
+    net = DenseFeatureNet(base_net, (ph, pw), in_channels, out_channels, steps, out_slot, list(geom.strides),
+                          tracer.constants, plan, naive=naive, tile=tile, memory_format=memory_format,
+                          progress=progress, max_memory=max_memory)
     if check:
         _self_check(net, base_net)
     return net
@@ -1695,12 +1998,11 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
 
 def _self_check(net: DenseFeatureNet, base_net: nn.Module) -> None:
     """Compare CI with Cp on a few patches of a small random image (catches unsupported semantics)."""
-    sh, sw = net.stride_product
     dtype, device = _example_kind(base_net)
     gen = torch.Generator().manual_seed(0)
-    h, w = sh + 3, sw + 2
+    h, w = _self_check_image_size(net.stride_product)
     images = torch.randn(1, net.in_channels, h, w, generator=gen).to(device=device, dtype=dtype)
-    positions = torch.tensor([[0, 0, 0], [0, h - 1, w - 1], [0, h // 2, w // 3], [0, 1, w - 1]])
+    positions = torch.tensor(_self_check_positions(h, w))
     with torch.no_grad(), _EvalMode(net):
         tile = net.tile
         net.tile = None
@@ -1710,13 +2012,9 @@ def _self_check(net: DenseFeatureNet, base_net: nn.Module) -> None:
             net.tile = tile
         expected = patch_outputs(base_net, images, net.patch_size, positions)
     got = dense[positions[:, 0], :, positions[:, 1], positions[:, 2]]
-    scale = max(float(expected.abs().max()), 1e-6)
-    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 3e-2)
+    tolerance = None
     if dtype == torch.float32 and device.type == "cuda" and (torch.backends.cudnn.allow_tf32
                                                               or torch.backends.cuda.matmul.allow_tf32):
-        tol = 1e-2  # TF32 tensor cores round operands to 10-bit mantissas
-    err = float((got - expected).abs().max())
-    if not err <= tol * scale:
-        raise ConversionError(f"internal check failed: CI differs from Cp by {err:.3g} (scale {scale:.3g}) on "
-                              f"a test image; this net uses an op whose dense form is not exact here. "
-                              f"Please report it with the net's definition")
+        tolerance = 1e-2  # TF32 tensor cores round operands to 10-bit mantissas
+    _self_check_compare(got.double().flatten().tolist(), expected.double().flatten().tolist(),
+                        str(dtype).replace("torch.", ""), tolerance)
