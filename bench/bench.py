@@ -39,7 +39,7 @@ sys.path.append(os.path.join(HERE, "..", "shared_tests"))
 sys.path.append(HERE)
 
 import architectures  # noqa: E402
-from conftest import load_backend  # noqa: E402
+from backends import load_backend  # noqa: E402
 from memory import PeakMemory  # noqa: E402
 
 # (net, H, W, the paper's Table 1: Cp time s, CI time s, speedup, CI memory MB).  The paper writes
@@ -75,7 +75,18 @@ def parse_args(argv=None):
 
 # --- one backend ---------------------------------------------------------------------------------------
 
-class TorchRunner:
+class Runner:
+    """What both backends' runners do alike; ``b`` is the backend's namespace (see backends.py)."""
+    on_gpu = False
+
+    def sync(self):
+        pass
+
+    def convert(self, net, patch, **kw):
+        return self.b.FDFE.convert(net, patch, progress=False, **kw)
+
+
+class TorchRunner(Runner):
     name = "PyTorch"
 
     def __init__(self, device, threads, tf32=False):
@@ -84,7 +95,6 @@ class TorchRunner:
         torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
-        self.tf32 = tf32
         if self.on_gpu:
             torch.backends.cudnn.allow_tf32 = tf32
             torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -107,15 +117,11 @@ class TorchRunner:
     def image(self, array, dtype):
         return self.torch.from_numpy(array.transpose(0, 3, 1, 2)).to(device=self.device, dtype=getattr(self.torch, dtype))
 
-    def convert(self, net, patch, **kw):
-        return self.b.FDFE.convert(net, patch, progress=False, **kw)
-
     def run(self, ci, image):
         with self.torch.inference_mode():
             out = ci(image)
         self.sync()
         return out
-
 
     def patches(self, image, patch, positions):
         t = self.torch
@@ -145,7 +151,7 @@ class TorchRunner:
         return getattr(self.torch, dtype)
 
 
-class KerasRunner:
+class KerasRunner(Runner):
     name = "TensorFlow"
 
     def __init__(self, device, threads, tf32=False):
@@ -153,22 +159,14 @@ class KerasRunner:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
         self.tf = tf
-        self.device = device
         self.b = load_backend("tensorflow", "tf")
         self.label = f"TensorFlow {tf.__version__}, CPU ({threads} threads)"
-        self.on_gpu = False
-
-    def sync(self):
-        pass
 
     def net(self, name, dtype):
         return architectures.build_keras(name, architectures.build_torch(name), self.b.FDFE, dtype)
 
     def image(self, array, dtype):
         return self.tf.constant(array, dtype=dtype)
-
-    def convert(self, net, patch, **kw):
-        return self.b.FDFE.convert(net, patch, progress=False, **kw)
 
     def run(self, ci, image):
         out = ci(image)

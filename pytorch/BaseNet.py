@@ -7,7 +7,8 @@
 
 The weights are the ones the original port used (torch.manual_seed(10), PyTorch's
 default initialisation), stored once for both backends in ``weights/basenet.npz``
-(made by ``weights/make_weights.py``, read with numpy, no pickle).  The file holds
+(made by ``weights/make_weights.py``, read with numpy, no pickle, by
+``weights/basenet_weights.py``, one loader for both backends).  The file holds
 PyTorch's layout:
 
     convN.weight  (out, in, kH, kW)   "OIHW"
@@ -20,53 +21,39 @@ To use your own Cp, replace this class (any nn.Module works with FDFE.convert), 
 keep the structure and adapt SlimNet.py by hand.
 """
 
+import importlib.util
 import os
-import zipfile
+import sys
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-WEIGHTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "weights", "basenet.npz")
 
-#: name -> shape in PyTorch's layout (OIHW for kernels)
-WEIGHT_SHAPES = {
-    "conv1.weight": (8, 1, 3, 3), "conv1.bias": (8,),
-    "conv2.weight": (16, 8, 3, 3), "conv2.bias": (16,),
-    "conv3.weight": (128, 16, 2, 2), "conv3.bias": (128,),
-    "conv4.weight": (113, 128, 1, 1), "conv4.bias": (113,),
-}
+def _weights_module():
+    """weights/basenet_weights.py (../weights from this file), loaded by its path once per process as module
+    "basenet_weights", shared by both backends.  Nothing goes on sys.path: the repository root must never
+    come ahead of site-packages."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.normpath(os.path.join(here, "..", "weights", "basenet_weights.py"))
+    module = sys.modules.get("basenet_weights")
+    if module is None or os.path.realpath(getattr(module, "__file__", None) or "") != os.path.realpath(path):
+        spec = importlib.util.spec_from_file_location("basenet_weights", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # FileNotFoundError naming the file where weights/ is missing
+        sys.modules.setdefault("basenet_weights", module)
+    return module
 
 
-def load_weights(path: str = WEIGHTS_FILE) -> dict:
-    """Read BaseNet's weights (OIHW) from an .npz file, checking names, shapes and values.
-
-    Raises:
-        FileNotFoundError: the file is missing.
-        ValueError: the file is corrupt, or does not hold BaseNet's weights.
-    """
-    path = os.path.normpath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"BaseNet weights file not found: {path} (make it with "
-                                f"'python weights/make_weights.py')")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise ValueError(f"BaseNet weights file {path} is corrupt or not an .npz archive: {exc}") from exc
-    missing = sorted(set(WEIGHT_SHAPES) - set(arrays))
-    extra = sorted(set(arrays) - set(WEIGHT_SHAPES))
-    if missing or extra:
-        raise ValueError(f"BaseNet weights file {path} does not match BaseNet: missing {missing}, "
-                         f"unexpected {extra}")
-    for name, shape in WEIGHT_SHAPES.items():
-        array = arrays[name]
-        if array.shape != shape or array.dtype.kind != "f":
-            raise ValueError(f"BaseNet weights file {path} does not match BaseNet: {name} has shape "
-                             f"{array.shape} and dtype {array.dtype}, expected {shape} floating point")
-        if not np.all(np.isfinite(array)):
-            raise ValueError(f"BaseNet weights file {path} is corrupt: {name} holds NaN or infinity")
-    return arrays
+# From weights/basenet_weights.py, one loader for both backends:
+#   WEIGHTS_FILE    weights/basenet.npz
+#   WEIGHT_SHAPES   name -> shape in PyTorch's layout (OIHW for kernels), as stored in the file
+#   load_weights(path=WEIGHTS_FILE) -> {name: array}: checks names, shapes and values (no pickle);
+#                   FileNotFoundError where the file is missing, ValueError where it is corrupt or wrong
+_weights = _weights_module()
+WEIGHTS_FILE = _weights.WEIGHTS_FILE
+WEIGHT_SHAPES = _weights.WEIGHT_SHAPES
+load_weights = _weights.load_weights
 
 
 class BaseNet(nn.Module):

@@ -296,10 +296,11 @@ def supported_layers() -> Dict[str, List[str]]:
     return {label: sorted(names) for label, names in sorted(_SUPPORTED.items())}
 
 
-def _unsupported_message(where, name, what):
+def _unsupported_message(subject, what):
+    """``subject`` (the op or layer, with where it is) is not supported: say so, and what is."""
     supported = "; ".join(f"{label}: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
                           for label, names in supported_layers().items() if not label.startswith("refused"))
-    return (f"{where}: {name} is not supported by convert() (unknown {what}). Supported kinds -- "
+    return (f"{subject} is not supported by convert() (unknown {what}). Supported kinds -- "
             f"{supported}. FDFE.supported_layers() lists them all")
 
 
@@ -1908,7 +1909,7 @@ def _apply_rules(nodes, geoms):
     for node in nodes:
         rule = _lookup_rule(node.func)
         if rule is None:
-            raise ConversionError(_unsupported_message(node.where, node.name, "op"))
+            raise ConversionError(_unsupported_message(f"{node.where}: {node.name}", "op"))
         step, out_geoms = rule(node, [geoms[s] for s in node.in_slots])
         if len(out_geoms) != len(node.out_slots):
             raise AssertionError(f"rule for {node.name} returned {len(out_geoms)} geometries for "

@@ -1,7 +1,7 @@
 """Published patch architectures, in PyTorch and in Keras (random weights), for tests and benchmarks.
 
-Each entry: patch size, input channels, and builders.  The Keras builder returns a model that
-computes the same function as the PyTorch one when given the same weights (see ``copy_to_keras``).
+Each entry: its patch size (PATCH; one input channel) and builders.  The Keras builder returns a model that
+computes the same function as the PyTorch one, with its weights copied (see ``build_keras``).
 
 - simo_serra: the paper's Torch example (after Simo-Serra et al., ICCV 2015), 64x64 patches,
   conv 7x7 ->32, max-pool 2, tanh, conv 6x6 ->64, max-pool 3, tanh, conv 5x5 ->128, max-pool 4, tanh.
@@ -21,6 +21,8 @@ computes the same function as the PyTorch one when given the same weights (see `
 """
 
 import numpy as np
+
+from backends import load_backend
 
 
 def _torch_modules(name):
@@ -55,7 +57,6 @@ def _torch_modules(name):
 
 PATCH = {"simo_serra": 64, "zagoruyko_siam_l2": 64, "bailer_fast": 56, "tfeat": 32, "mccnn_fast": 9,
          "strided_only": 29, "original_basenet": 15}
-NAMES = list(PATCH)
 
 
 def build_torch(name, seed=0):
@@ -64,7 +65,6 @@ def build_torch(name, seed=0):
     import torch.nn as nn
     torch.manual_seed(seed)
     if name == "original_basenet":
-        from conftest import load_backend
         return load_backend("pytorch", "torch").BaseNet.BaseNet().eval()
     return nn.Sequential(*_torch_modules(name)).eval()
 
@@ -74,7 +74,6 @@ def build_keras(name, torch_net, fdfe, dtype="float32"):
     import keras
     L = keras.layers
     if name == "original_basenet":
-        from conftest import load_backend
         return load_backend("tensorflow", "tf").BaseNet.BaseNet(dtype=dtype)
     layers, assign = [], []
     flat_shape = None

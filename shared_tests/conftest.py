@@ -1,59 +1,26 @@
 """Test harness: loads both backends side by side and parametrizes over every available device.
 
-The backends are loaded from their files under unique module names (fdfe_torch, fdfe_tf, ...),
+The backends are loaded by backends.py (cached, under unique module names: fdfe_torch, fdfe_tf, ...),
 so both live in one process without clashes, and nothing puts the repository root ahead of
 site-packages (tensorflow/ must never shadow the real tensorflow package).
 """
 
-import importlib.util
 import os
 import sys
-import types
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # backends, netspec: appended, never ahead of site-packages
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WEIGHTS_DIR = os.path.join(ROOT, "weights")
-sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # netspec, appended: never ahead of site-packages
+from backends import ROOT, WEIGHTS_DIR, load_backend, real_tensorflow  # noqa: E402, F401  (re-exported for the tests)
 
 settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("thorough", max_examples=400, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-
-def _load(path, name, fdfe=None):
-    """Load a backend file as module ``name``; its ``import FDFE`` resolves to ``fdfe``."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    saved = sys.modules.get("FDFE")
-    if fdfe is not None:
-        sys.modules["FDFE"] = fdfe
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if fdfe is not None:
-            if saved is None:
-                sys.modules.pop("FDFE", None)
-            else:
-                sys.modules["FDFE"] = saved
-    sys.modules[name] = module
-    return module
-
-
-def load_backend(folder, suffix):
-    base = os.path.join(ROOT, folder)
-    fdfe = _load(os.path.join(base, "FDFE.py"), f"fdfe_{suffix}")
-    return types.SimpleNamespace(
-        FDFE=fdfe,
-        BaseNet=_load(os.path.join(base, "BaseNet.py"), f"basenet_{suffix}", fdfe),
-        SlimNet=_load(os.path.join(base, "SlimNet.py"), f"slimnet_{suffix}", fdfe),
-    )
 
 
 @pytest.fixture(scope="session")
@@ -64,19 +31,6 @@ def tb():
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     return load_backend("pytorch", "torch")
-
-
-def real_tensorflow():
-    """The installed tensorflow package, or None.  Where none is installed, ``import tensorflow``
-    from the repository root finds the tensorflow/ folder as an empty namespace package."""
-    try:
-        import tensorflow
-    except ImportError:
-        return None
-    if getattr(tensorflow, "__file__", None) is None or not hasattr(tensorflow, "config"):
-        sys.modules.pop("tensorflow", None)
-        return None
-    return tensorflow
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ C, H, W flattening order); the Keras builder converts them (HWIO kernels, (in, o
 kernels in H, W, C order).
 """
 
-import json
 import math
 
 import numpy as np
@@ -31,7 +30,6 @@ def shapes(spec, in_channels, patch):
     """Patch-level (C, h, w) before every layer and at the end; raises ValueError if the patch is too small."""
     c, (h, w) = in_channels, _pair(patch)
     out = []
-    flat = None
     for layer in spec:
         out.append((c, h, w))
         t = layer["type"]
@@ -43,25 +41,12 @@ def shapes(spec, in_channels, patch):
             (kh, kw), (sh, sw) = _pair(layer["k"]), _pair(layer.get("stride", layer["k"]))
             h, w = (h - kh) // sh + 1, (w - kw) // sw + 1
         elif t == "flatten":
-            flat = (c, h, w)
             c, h, w = c * h * w, 1, 1
         elif t == "linear":
             c = layer["out"]
         if h < 1 or w < 1:
             raise ValueError(f"patch {patch} is too small for {spec}")
     out.append((c, h, w))
-    return out
-
-
-def patch_sizes(spec, in_channels, lo=1, hi=80):
-    """The patch sizes (one axis, square patches) for which the spec ends in a 1x1 map."""
-    out = []
-    for p in range(lo, hi):
-        try:
-            if shapes(spec, in_channels, p)[-1][1:] == (1, 1):
-                out.append(p)
-        except ValueError:
-            pass
     return out
 
 
@@ -91,10 +76,6 @@ def make_weights(spec, in_channels, patch, seed=0):
 def random_images(n, c, h, w, seed=0):
     """Random non-zero images, (N, H, W, C) float64 (transpose to (N, C, H, W) for PyTorch)."""
     return np.random.default_rng(seed + 1000).standard_normal((n, h, w, c))
-
-
-def dumps(spec):
-    return json.dumps(spec, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------

@@ -72,7 +72,8 @@ def test_hardnet_is_refused_for_its_padding(tb):
 
 
 def test_hardnet_with_input_normalisation_is_refused_for_it(tb):
-    with pytest.raises(tb.FDFE.ConversionError, match=r"statistic of each patch|statistics"):
+    with pytest.raises(tb.FDFE.ConversionError, match=r"HardNet\.forward: .*computes a statistic over "
+                       r"positions of each patch.*as per-patch normalisation does"):
         tb.FDFE.convert(_hardnet(input_norm=True), 32)
 
 

@@ -1,10 +1,14 @@
 """BaseNet: SlimNet (wired by hand) and convert() against Cp run on every patch, in each backend,
 and PyTorch against TensorFlow on the same weights and images."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from conftest import TOL, max_rel_error
+from conftest import TOL, WEIGHTS_DIR, max_rel_error
 
 # (batch, H, W, patch, strides): sizes not divisible by the stride product, smaller than the
 # patch, odd / even / non-square patches, strides (2, 2), (2, 3), (3, 2).
@@ -76,14 +80,43 @@ def test_basenet_shares_weights_file(tb, kb):
         assert np.abs(t_w).max() > 0
 
 
+def _npz(path):
+    with np.load(path, allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
 def test_weights_script_is_deterministic(tb, tmp_path):
-    """weights/make_weights.py reproduces the committed file (seed 10, default initialisation)."""
+    """weights/make_weights.py, run into a temporary file, reproduces the committed weights/basenet.npz bit
+    for bit (seed 10, PyTorch's default initialisation); so does the same seed in this process."""
     import torch
-    from conftest import WEIGHTS_DIR
-    torch.manual_seed(10)
-    fresh = tb.BaseNet.BaseNet(weights=None).state_dict()
+    out = tmp_path / "basenet.npz"
+    run = subprocess.run([sys.executable, os.path.join(WEIGHTS_DIR, "make_weights.py"), str(out)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"wrote {out}" in run.stdout
+    committed, fresh = _npz(os.path.join(WEIGHTS_DIR, "basenet.npz")), _npz(out)
+    assert sorted(fresh) == sorted(committed) == sorted(tb.BaseNet.WEIGHT_SHAPES)
+    for name, value in committed.items():
+        assert value.dtype == fresh[name].dtype == np.float32, name
+        assert value.shape == fresh[name].shape == tb.BaseNet.WEIGHT_SHAPES[name], name
+        assert value.tobytes() == fresh[name].tobytes(), f"{name} differs from the committed file"
+
+    assert os.path.samefile(tb.BaseNet.WEIGHTS_FILE, os.path.join(WEIGHTS_DIR, "basenet.npz"))
     stored = tb.BaseNet.load_weights()
+    torch.manual_seed(10)
+    in_process = tb.BaseNet.BaseNet(weights=None).state_dict()
+    assert sorted(in_process) == sorted(stored) == sorted(committed)
     for name, value in stored.items():
-        np.testing.assert_array_equal(fresh[name].numpy(), value)
-    assert sorted(stored) == sorted(tb.BaseNet.WEIGHT_SHAPES)
-    assert WEIGHTS_DIR
+        np.testing.assert_array_equal(in_process[name].numpy(), value)
+
+
+@pytest.mark.parametrize("backend", ["tb", "kb"])
+def test_one_weights_loader_for_both_backends(request, backend):
+    """Each BaseNet.py re-exports weights/basenet_weights.py's names: one loader, one file, one module."""
+    module = request.getfixturevalue(backend).BaseNet
+    shared = sys.modules["basenet_weights"]
+    assert os.path.samefile(shared.__file__, os.path.join(WEIGHTS_DIR, "basenet_weights.py"))
+    assert module.load_weights is shared.load_weights
+    assert module.WEIGHT_SHAPES is shared.WEIGHT_SHAPES
+    assert module.WEIGHTS_FILE == shared.WEIGHTS_FILE
+    assert os.path.samefile(module.WEIGHTS_FILE, os.path.join(WEIGHTS_DIR, "basenet.npz"))

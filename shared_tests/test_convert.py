@@ -228,23 +228,35 @@ def test_torch_squeeze_mean_adaptive_and_flatten_output(tb):
 
 
 def test_torch_convert_keeps_training_flags_and_shares_weights(tb):
+    """convert() restores each of Cp's training flags as the user set them and shares Cp's weights; CI runs
+    in inference mode whatever the flags say (dropout off, batch norm with its running statistics, which
+    it never updates)."""
     import torch
     import torch.nn as nn
     net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Dropout(0.5), nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3)).train()
+    net[3].eval()                                        # mixed flags: each must come back as it was
+    flags = [m.training for m in net.modules()]
     ci = tb.FDFE.convert(net, 5)
-    assert all(m.training for m in net.modules()), "convert() changed the user's training flags"
+    assert [m.training for m in net.modules()] == flags, "convert() changed the user's training flags"
+    assert ci.base_net is net
     images = torch.randn(1, 1, 6, 7)
     with torch.no_grad():
-        before = ci(images)
+        before = ci(images)                              # Cp in training mode: CI still infers
+    assert max_rel_error(before, tb.FDFE.dense_reference(net, images, 5)) <= TOL["float32"]
+    with torch.no_grad():
         net[3].weight.mul_(2)                            # CI sees later changes of Cp's weights
         after = ci(images)
     assert not torch.allclose(before, after)
     net.eval()
     assert max_rel_error(after, tb.FDFE.dense_reference(net, images, 5)) <= TOL["float32"]
-    assert all(m.training for m in ci.modules() if m is not ci) is False or True  # CI ignores training mode
     ci.train()
+    assert all(m.training for m in ci.modules()), "ci.train() did not reach Cp's dropout and batch norm"
+    state = {k: v.clone() for k, v in net.state_dict().items()}
     with torch.no_grad():
         assert torch.equal(ci(images), after), "dropout or batch statistics leaked into CI"
+    assert all(m.training for m in ci.modules()), "running CI changed the training flags"
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k]), f"CI in training mode updated {k}"
 
 
 # --- Keras models of every kind ---------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """tensorflow/ never shadows the real package; both backends live in one process; the samples run."""
 
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,44 @@ def test_both_backends_in_one_process(tb, kb):
     assert tb.SlimNet.FDFE is tb.FDFE and kb.SlimNet.FDFE is kb.FDFE
     assert "FDFE" not in sys.modules or sys.modules["FDFE"] in (tb.FDFE, kb.FDFE)
     assert all(not p or os.path.realpath(p) != os.path.realpath(ROOT) for p in sys.path[1:])
+
+
+def test_backend_loader_is_cached(tb):
+    """Loading a backend again (as architectures.py and bench.py do) gives the same modules: FDFE.py is
+    executed once, so its classes are the same everywhere."""
+    import architectures
+    import backends
+    assert backends.load_backend("pytorch", "torch") is tb
+    assert sys.modules["fdfe_torch"] is tb.FDFE and sys.modules["basenet_torch"] is tb.BaseNet
+    assert type(architectures.build_torch("original_basenet")) is tb.BaseNet.BaseNet
+    with pytest.raises(ValueError, match=r"suffix 'torch' already names the backend in pytorch/"):
+        backends.load_backend("tensorflow", "torch")
+
+
+def _imported_by(code):
+    """The top-level modules that running ``code`` imports in a fresh interpreter (outside the repository)."""
+    code = ("import sys\nbefore = set(sys.modules)\n" + code + "\nnew = sorted({m.split('.')[0] for m in "
+            "set(sys.modules) - before})\nimport json\nprint(json.dumps(new))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(ROOT), capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def test_backends_module_needs_only_the_standard_library():
+    shared_tests = os.path.join(ROOT, "shared_tests")
+    modules = _imported_by(f"import sys; sys.path.append({shared_tests!r}); import backends")
+    assert modules - set(sys.stdlib_module_names) == {"backends"}
+
+
+@pytest.mark.parametrize("script", ["bench/bench.py", "weights/make_golden.py"])
+def test_scripts_load_backends_without_pytest(script):
+    """bench.py and make_golden.py get the loader from backends.py, not from conftest: importing them
+    (which does not run them) brings in neither pytest nor hypothesis."""
+    folder, name = os.path.split(os.path.join(ROOT, script))
+    modules = _imported_by(f"import sys; sys.path.append({folder!r}); import {name[:-3]}")
+    assert "backends" in modules and name[:-3] in modules
+    assert not modules & {"pytest", "_pytest", "hypothesis", "conftest"}, modules
 
 
 @pytest.mark.parametrize("backend", ["pytorch", "tensorflow"])

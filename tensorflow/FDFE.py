@@ -22,6 +22,46 @@ Patch convention (the paper's): the patch of output pixel (y, x) covers rows
 y - ceil((pH-1)/2) ... y + floor((pH-1)/2) and the same for columns, with zeros
 outside the image.
 
+Usage
+-----
+Convert a patch network (here 8x8 patches -> 8-vectors) and compare with Cp run on every patch:
+
+>>> import keras
+>>> import numpy as np
+>>> cp = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+...                        keras.layers.MaxPooling2D(2), keras.layers.Conv2D(8, 3)])
+>>> ci = FDFE.convert(cp, patch_size=8)
+>>> images = np.random.default_rng(0).standard_normal((2, 20, 30, 1)).astype("float32")
+>>> dense = ci(images)
+>>> tuple(dense.shape)
+(2, 20, 30, 8)
+>>> reference = FDFE.dense_reference(cp, images, patch_size=8)   # Cp on all 1200 patches
+>>> bool(np.allclose(dense, reference, atol=1e-5))
+True
+
+The same CI wired by hand from the blocks (the SlimNet template): pad, reuse the layers
+without strides, replace the pooling by multipooling, unwarp with the list of strides:
+
+>>> x = FDFE.multiPoolPrepare(8, 8, stride_product=2)(images)
+>>> x = FDFE.multiMaxPooling(2, 2, 2, 2)(cp.layers[0](x))
+>>> x = cp.layers[2](x)
+>>> hand = FDFE.unwarpAll([(2, 2)])([x, images])
+>>> bool(np.allclose(hand, reference, atol=1e-5))
+True
+
+How this file is built
+----------------------
+convert():  capture (_Tracer records the leaf Keras layers Cp calls on example patches)
+         -> rules (one function per layer kind, registered with @_rule_for; each turns a
+            recorded call into a builder of CI's layers and says what the result holds: a _Geom)
+         -> the builders wire a functional Keras model (``core``) from padded images to the
+            shift-stacked result; plan (plan_steps) gives its peak memory
+         -> DenseFeatureModel runs core on the padded image (whole, or tile by tile:
+            tile_grid) and unwarps the shift-stacked result into (N, H, W, K).
+The framework-neutral parts (pairs, patch padding, geometry, the rule contract, planning, memory
+estimate, tiles, the self-check's comparison) sit in one block that is identical in the
+PyTorch backend.  supported_layers() lists what convert() accepts.
+
 Public API
 ----------
 patch_padding, dense_reference, patch_outputs          -- the ground truth (Cp on patches)
@@ -29,15 +69,15 @@ multipool_prepare, space_to_batch, multi_pool,
 multi_conv, unwarp, unwarp_layer                        -- stateless building blocks
 multiPoolPrepare, multiMaxPooling, multiAvgPooling,
 multiLPPooling, multiConv, unwrapPrepare, unwrapPool,
-unwarpAll                                               -- the same as Keras layers
+unwarpAll, DenseAsConv                                  -- the same as Keras layers
 LPPooling2D, LocalResponseNormalization                 -- Cp layers Keras lacks (PyTorch semantics)
-convert, DenseFeatureModel, ConversionError             -- automatic Cp -> CI
+convert, DenseFeatureModel, ConversionError,
+supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
 """
 
-import collections
 import numbers
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -68,31 +108,30 @@ __all__ = [
     "unwrapPrepare",
     "unwrapPool",
     "unwarpAll",
+    "DenseAsConv",
     "LPPooling2D",
     "LocalResponseNormalization",
     "DenseFeatureModel",
     "convert",
+    "supported_layers",
+    "plan_steps",
+    "tile_grid",
 ]
 
-_register = keras.saving.register_keras_serializable(package="FDFE")
+#: order of a map's sizes in messages (the framework's layout)
+_MAP_LAYOUT = "HWC"
 
 
-class _Layer(keras.layers.Layer):
-    """Base of FDFE's layers: pure rearrangements and shared-weight ops that keep their input's
-    dtype (no autocast to the default float32 policy)."""
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("autocast", False)
-        super().__init__(**kwargs)
-
+# ============================================================================================
+# BEGIN FRAMEWORK-NEUTRAL BLOCK
+# Everything up to "END FRAMEWORK-NEUTRAL BLOCK" is plain Python (numbers, tuples, the standard
+# library) and is kept textually identical in pytorch/FDFE.py and tensorflow/FDFE.py;
+# shared_tests/test_mirror.py checks that.  Change it in one file, copy it to the other.
+# ============================================================================================
 
 class ConversionError(ValueError):
     """Raised when a patch network cannot be turned into an exact CI."""
 
-
-# ---------------------------------------------------------------------------
-# Input checks
-# ---------------------------------------------------------------------------
 
 def _pair(value, name: str, minimum: int = 1) -> Tuple[int, int]:
     """Return ``value`` as a pair of ints, checking that both are >= ``minimum``."""
@@ -106,6 +145,349 @@ def _pair(value, name: str, minimum: int = 1) -> Tuple[int, int]:
     if pair[0] < minimum or pair[1] < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
     return pair
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def _ceil_to(value, multiple):
+    """``value`` rounded up to a multiple of ``multiple`` (ints, or scalar tensors for value)."""
+    return -(-value // multiple) * multiple
+
+
+def patch_padding(patch_size) -> Tuple[int, int, int, int]:
+    """Zero padding that puts a patch around every pixel.
+
+    Args:
+        patch_size: int or (pH, pW).
+
+    Returns:
+        (top, bottom, left, right) = (ceil((pH-1)/2), floor((pH-1)/2),
+        ceil((pW-1)/2), floor((pW-1)/2)).  The patch of pixel (y, x) then covers rows
+        y .. y + pH - 1 and columns x .. x + pW - 1 of the padded image.
+
+    Example:
+        >>> patch_padding(15)
+        (7, 7, 7, 7)
+        >>> patch_padding((16, 5))
+        (8, 7, 2, 2)
+    """
+    ph, pw = _pair(patch_size, "patch_size")
+    return ph // 2, (ph - 1) // 2, pw // 2, (pw - 1) // 2
+
+
+def _progress(total: int, desc: str, enabled: Optional[bool]):
+    """A tqdm progress bar where tqdm is installed and enabled, else None."""
+    if enabled is False or (enabled is None and total < 50):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr)
+
+
+# --- why a layer cannot be made dense exactly (used by the rules and the hand-wired blocks) ----
+
+_PADDING_REASON = ("inside Cp the padded border depends on where the patch ends, so a pixel near the "
+                   "patch border sees zeros in Cp but real neighbours in a whole image; CI cannot be exact. "
+                   "Use unpadded layers (padding=0 in PyTorch, padding='valid' in Keras), or use "
+                   "dense_reference() for this net")
+_PER_PATCH_REASON = ("every patch is normalised with its own statistics, so the features of a pixel differ "
+                     "for every patch that contains it and no work can be shared between overlapping "
+                     "patches: CI cannot be exact (normalise the whole image instead, or use dense_reference)")
+_INDICES_REASON = "it returns pooling indices, which refer to positions inside one patch"
+_MIXED_GRID_REASON = ("values that cover different parts of the patch, such as a statistic of the whole "
+                      "patch, differ for every patch and cannot be shared")
+
+
+# --- geometry: what a dense value holds, in patch terms ---------------------------------------
+
+#: Geometry kinds.  MAP: Cp sees a (channels, h, w) map (Keras: (h, w, channels)); the dense
+#: tensor holds it for every pixel, shift-stacked on the batch axis.  VECTOR: Cp sees the
+#: flattening of such a map (torch's C, H, W order; Keras' H, W, C order); the dense tensor is
+#: still the map's.  VIEW: any other reshape of that map, usable by element-wise ops only.
+MAP, VECTOR, VIEW = "map", "vector", "view"
+
+
+class _Geom:
+    """Geometry of one dense value: its kind, the channels and (h, w) size Cp sees, and the
+    strides of the multipooling/striding layers it went through (network order)."""
+    __slots__ = ("kind", "channels", "size", "strides")
+
+    def __init__(self, kind, channels, size, strides=()):
+        if kind not in (MAP, VECTOR, VIEW):
+            raise ValueError(f"unknown geometry kind {kind!r}")
+        self.kind, self.channels, self.size = kind, int(channels), (int(size[0]), int(size[1]))
+        self.strides = tuple((int(s[0]), int(s[1])) for s in strides)
+
+    def with_(self, kind=None, channels=None, size=None, stride=(1, 1)):
+        """A copy with some fields replaced; ``stride`` other than (1, 1) is appended to the strides."""
+        strides = self.strides + ((tuple(stride),) if tuple(stride) != (1, 1) else ())
+        return _Geom(self.kind if kind is None else kind, self.channels if channels is None else channels,
+                     self.size if size is None else size, strides)
+
+    @property
+    def is_pixel_vector(self):
+        """True for a vector of channels at one position (a 1x1 map, flattened or not)."""
+        return self.size == (1, 1) and self.kind in (MAP, VECTOR)
+
+    def same_grid(self, other):
+        return self.strides == other.strides and self.size == other.size and self.kind == other.kind
+
+    def describe(self):
+        """E.g. "a 16x5x5 map" (sizes in the backend's layout, _MAP_LAYOUT)."""
+        (h, w), c = self.size, self.channels
+        what = f"{c}x{h}x{w} map" if _MAP_LAYOUT == "CHW" else f"{h}x{w}x{c} map"
+        return {MAP: f"a {what}", VECTOR: f"a flattened {what}"}.get(self.kind, f"a reshaped {what}")
+
+    def __repr__(self):
+        return f"_Geom({self.kind!r}, {self.channels}, {self.size}, {self.strides})"
+
+
+def _same_grid(op, geoms):
+    """The common geometry of values combined by one op, or the op's ConversionError."""
+    first = geoms[0]
+    for g in geoms[1:]:
+        if not first.same_grid(g):
+            raise op.fail(f"it combines {first.describe()} with {g.describe()} (strides {list(first.strides)} "
+                          f"vs {list(g.strides)}); {_MIXED_GRID_REASON}")
+    return first
+
+
+# --- the rule contract ------------------------------------------------------------------------
+#
+# convert() runs Cp once on example patches and records every op (PyTorch: every function call
+# that touches a value derived from the input; Keras: every call of a leaf layer).  Each recorded
+# op ``op`` has ``op.in_slots`` / ``op.out_slots`` (numbers naming values; slot 0 is the input),
+# ``op.in_shapes`` / ``op.out_shapes`` (the shapes Cp saw for one batch of patches), ``op.where``
+# (the layer's name, for messages) and ``op.fail(reason)`` (a ConversionError naming the layer).
+#
+# A rule is a function ``rule(op, geoms) -> (run, out_geoms)``:
+#   * it receives the recorded op and one _Geom per input (``geoms[i]`` for ``op.in_slots[i]``);
+#   * it returns what CI runs -- PyTorch: a _Step, run on dense tensors at every call; Keras: a
+#     function from the list of dense input tensors to the list of dense output tensors, called
+#     once on symbolic tensors to build CI's graph -- and a list with one _Geom per output;
+#   * it refuses with ``raise op.fail(reason)``, the reason saying why the op cannot be exact;
+#   * it does not read ``naive``: CI reads it at run time (``ci.naive = True`` after conversion
+#     switches to the paper-faithful per-shift path in both backends).
+#
+# A rule is registered next to its definition with ``@_rule_for(...)`` (keys: the torch functions
+# of the op's names; Keras: layer classes).  Adding a layer kind = one rule, one registration, one
+# exactness or refusal test (shared_tests/test_convert.py), and the kind added to the random-net
+# generator (shared_tests/netspec.py).
+
+_RULES = {}           # key (a function or a layer class) -> rule
+_SUPPORTED = {}       # label -> names of the supported ops or layers of that label
+
+
+def _register_rule(rule, keys, names, label):
+    """Register ``rule`` for every key; list ``names`` under ``label`` in supported_layers()."""
+    for key in keys:
+        _RULES[key] = rule
+    _SUPPORTED.setdefault(label, set()).update(names)
+    return rule
+
+
+def supported_layers() -> Dict[str, List[str]]:
+    """The op or layer kinds convert() makes dense (or refuses with a reason), by rule.
+
+    Returns:
+        dict: label of a rule (what the kind becomes in CI, or "refused: ...") -> sorted names.
+    """
+    return {label: sorted(names) for label, names in sorted(_SUPPORTED.items())}
+
+
+def _unsupported_message(subject, what):
+    """``subject`` (the op or layer, with where it is) is not supported: say so, and what is."""
+    supported = "; ".join(f"{label}: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+                          for label, names in supported_layers().items() if not label.startswith("refused"))
+    return (f"{subject} is not supported by convert() (unknown {what}). Supported kinds -- "
+            f"{supported}. FDFE.supported_layers() lists them all")
+
+
+# --- planning: which values are alive, which step may overwrite its input ----------------------
+
+class _Plan:
+    """How CI runs its steps.
+
+    Attributes:
+        free_after: per step, the slots no later step reads (dropped after the step).
+        overwrite: per step, True where the step may write its result into its input's memory
+            (its only input, and no other value sharing that memory, is read later).
+        peak_channels: the largest total channel count of the values alive at once.
+    """
+
+    def __init__(self, free_after, overwrite, peak_channels):
+        self.free_after, self.overwrite, self.peak_channels = free_after, overwrite, peak_channels
+
+
+def plan_steps(steps_io, channels, output_slot, protected=(0,)) -> _Plan:
+    """Plan a list of steps: liveness, in-place permissions and peak memory in channels.
+
+    Args:
+        steps_io: per step, (input slots, output slots, aliases) where ``aliases`` is True when
+            the outputs share memory with the first input (identity ops, views, reshapes).
+        channels: mapping slot -> channels of that value.
+        output_slot: the slot CI returns (never freed, never overwritten).
+        protected: slots whose memory must never be overwritten (slot 0, the padded image or
+            a view of it shared by tiles).
+
+    Returns:
+        A :class:`_Plan`.
+    """
+    last_use, root = {}, {}
+    for i, (ins, outs, aliases) in enumerate(steps_io):
+        for s in ins:
+            last_use[s] = i
+        for s in outs:
+            root[s] = root.get(ins[0], ins[0]) if aliases and ins else s
+    last_use[output_slot] = len(steps_io)
+    # the last step that reads any value of each memory (a value and everything aliasing it)
+    root_last_use = {}
+    for s, i in last_use.items():
+        r = root.get(s, s)
+        root_last_use[r] = max(root_last_use.get(r, -1), i)
+    protected_roots = {root.get(s, s) for s in protected} | {root.get(output_slot, output_slot)}
+    free_after, overwrite, alive, peak = [], [], {0}, channels[0]
+    for i, (ins, outs, aliases) in enumerate(steps_io):
+        free = [s for s in ins if last_use.get(s) == i]
+        free_after.append(free)
+        r = root.get(ins[0], ins[0]) if ins else None
+        overwrite.append(len(ins) == 1 and not aliases and r not in protected_roots
+                         and root_last_use.get(r) == i)
+        alive |= set(outs)
+        peak = max(peak, sum(channels[s] for s in alive))  # aliases counted too: an upper bound
+        alive -= {s for s in free if s not in outs}
+    return _Plan(free_after, overwrite, peak)
+
+
+# --- memory estimate and tiles ------------------------------------------------------------------
+
+#: "auto" tiling (PyTorch on CPUs): output tiles of AUTO_TILE x AUTO_TILE pixels, for patches of
+#: at most AUTO_TILE_MAX_PATCH pixels (larger patches make the tiles' overlap cost more than
+#: cache-sized tiles save) and images larger than one tile.
+AUTO_TILE = 128
+AUTO_TILE_MAX_PATCH = 32
+
+
+def _auto_tile(on_cpu, patch_size, height, width):
+    """The automatic tile: (AUTO_TILE, AUTO_TILE) on CPUs for small patches and large images, else None."""
+    if not on_cpu or max(patch_size) > AUTO_TILE_MAX_PATCH or (height <= AUTO_TILE and width <= AUTO_TILE):
+        return None
+    return (AUTO_TILE, AUTO_TILE)
+
+
+def _memory_estimate(image_size, batch, in_channels, out_channels, patch, stride_product, peak_channels,
+                     itemsize, tile=None):
+    """Bytes CI needs: the padded input and the output, plus the values alive at once on one tile
+    (1.5 times, for convolution workspaces and layout copies)."""
+    (height, width), (ph, pw), (sh, sw) = image_size, patch, stride_product
+    full_h, full_w = _ceil_to(height, sh), _ceil_to(width, sw)
+    fixed = batch * (in_channels * (full_h + ph - 1) * (full_w + pw - 1) + out_channels * full_h * full_w)
+    th, tw = (full_h, full_w) if tile is None else (min(_ceil_to(tile[0], sh), full_h),
+                                                  min(_ceil_to(tile[1], sw), full_w))
+    work = 1.5 * batch * peak_channels * (th + ph - 1 + sh) * (tw + pw - 1 + sw)
+    return int((fixed + work) * itemsize)
+
+
+def _tile_for_memory(budget, estimate, image_size, stride_product):
+    """The largest square-ish tile (multiple of the stride product) whose estimate fits the budget."""
+    (height, width), (sh, sw) = image_size, stride_product
+    if estimate(None) <= budget:
+        return None
+    edge = max(height, width)
+    smallest = max(sh, sw, 8)
+    while edge > smallest:
+        edge = max(smallest, edge * 3 // 4)
+        tile = (_ceil_to(min(edge, height), sh), _ceil_to(min(edge, width), sw))
+        if estimate(tile) <= budget:
+            return tile
+    raise MemoryError(f"CI needs about {estimate((smallest, smallest)) / 2**20:.0f} MiB even with "
+                      f"{smallest}x{smallest} tiles (the padded image and the output alone take "
+                      f"{estimate((1, 1)) / 2**20:.0f} MiB); the budget is {budget / 2**20:.0f} MiB")
+
+
+def tile_grid(height, width, tile, stride_product):
+    """The output tiles of an exact tiling, row by row.
+
+    Tile sizes are rounded up to multiples of the stride product, so every tile starts on the
+    stacked grid.  Each tile reads rows y0 .. y0 + hp + pH - 2 of the padded image (overlap pH - 1).
+
+    Args:
+        height, width: the image size.
+        tile: (th, tw), the requested output tile size.
+        stride_product: (SH, SW).
+
+    Returns:
+        list of (y0, x0, h, w, hp, wp): the tile's origin, its size inside the image, and that
+        size rounded up to the stride product (what CI computes for it).
+
+    Example:
+        >>> tile_grid(5, 7, (4, 4), (2, 2))
+        [(0, 0, 4, 4, 4, 4), (0, 4, 4, 3, 4, 4), (4, 0, 1, 4, 2, 4), (4, 4, 1, 3, 2, 4)]
+    """
+    (sh, sw) = stride_product
+    th, tw = _ceil_to(tile[0], sh), _ceil_to(tile[1], sw)
+    grid = []
+    for y0 in range(0, height, th):
+        for x0 in range(0, width, tw):
+            h, w = min(th, height - y0), min(tw, width - x0)
+            grid.append((y0, x0, h, w, _ceil_to(h, sh), _ceil_to(w, sw)))
+    return grid
+
+
+# --- the self-check: CI against Cp on a few patches before convert() returns --------------------
+
+def _self_check_image_size(stride_product):
+    """A small image that is not a multiple of the stride product."""
+    return stride_product[0] + 3, stride_product[1] + 2
+
+
+def _self_check_positions(height, width):
+    """(n, y, x) of the patches compared: corners, the middle, an edge."""
+    return [[0, 0, 0], [0, height - 1, width - 1], [0, height // 2, width // 3], [0, 1, width - 1]]
+
+
+#: relative tolerance of the self-check per compute dtype (others: 3e-2)
+_SELF_CHECK_TOLERANCE = {"float64": 1e-9, "float32": 1e-4}
+
+
+def _self_check_compare(got, expected, dtype_name, tolerance=None):
+    """Raise ConversionError("internal check failed ...") unless max|got - expected| is within the
+    tolerance of ``dtype_name`` relative to max|expected|.  ``got``/``expected``: lists of floats."""
+    scale = max(max((abs(v) for v in expected), default=0.0), 1e-6)
+    tol = tolerance if tolerance is not None else _SELF_CHECK_TOLERANCE.get(dtype_name, 3e-2)
+    err = max((abs(a - b) if a == a and b == b else float("inf") for a, b in zip(got, expected)), default=0.0)
+    if not err <= tol * scale:
+        raise ConversionError(f"internal check failed: CI differs from Cp by {err:.3g} (scale {scale:.3g}) on a "
+                              f"test image; this net uses an op or layer whose dense form is not exact here. "
+                              f"Please report it with the net's definition")
+
+# ============================================================================================
+# END FRAMEWORK-NEUTRAL BLOCK
+# ============================================================================================
+
+
+_register = keras.saving.register_keras_serializable(package="FDFE")
+
+
+class _Layer(keras.layers.Layer):
+    """Base of FDFE's layers: pure rearrangements and shared-weight ops that keep their input's
+    dtype (no autocast to the default float32 policy)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("autocast", False)
+        super().__init__(**kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------
 
 
 def check_images(images, in_channels: Optional[int] = None, name: str = "images") -> None:
@@ -125,13 +507,6 @@ def check_images(images, in_channels: Optional[int] = None, name: str = "images"
                          f"(layout is (N, H, W, C))")
 
 
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
-
-
 def _static_or_dynamic(x):
     """Shape of x as a list with Python ints where known and scalar tensors elsewhere."""
     dynamic = tf.shape(x)
@@ -141,20 +516,6 @@ def _static_or_dynamic(x):
 # ---------------------------------------------------------------------------
 # Patch convention and the ground truth: Cp run on patches
 # ---------------------------------------------------------------------------
-
-def patch_padding(patch_size) -> Tuple[int, int, int, int]:
-    """Zero padding that puts a patch around every pixel.
-
-    Args:
-        patch_size: int or (pH, pW).
-
-    Returns:
-        (top, bottom, left, right) = (ceil((pH-1)/2), floor((pH-1)/2),
-        ceil((pW-1)/2), floor((pW-1)/2)).  The patch of pixel (y, x) is then
-        ``padded[:, y:y+pH, x:x+pW, :]``.
-    """
-    ph, pw = _pair(patch_size, "patch_size")
-    return ph // 2, (ph - 1) // 2, pw // 2, (pw - 1) // 2
 
 
 def _output_vectors(out, batch: int):
@@ -195,17 +556,6 @@ def _compute_dtype(model):
         if dtype.is_floating:
             return dtype
     return tf.as_dtype(getattr(model, "compute_dtype", None) or "float32")
-
-
-def _progress(total: int, desc: str, enabled: Optional[bool]):
-    """A tqdm progress bar where tqdm is installed and enabled, else None."""
-    if enabled is False or (enabled is None and total < 50):
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr)
 
 
 def patch_outputs(base_net, images, patch_size, positions, batch_size: int = 256,
@@ -371,11 +721,21 @@ def multi_conv(x, kernel, bias=None, stride=1, dilation=1, naive: bool = False):
 
     def conv(t, s):
         if dil != (1, 1) and s != (1, 1):  # TensorFlow has no strided dilated convolution
-            y = tf.nn.conv2d(t, kernel, 1, "VALID", dilations=dil)[:, ::s[0], ::s[1], :]
+            y = _conv2d(t, kernel, 1, dil)[:, ::s[0], ::s[1], :]
         else:
-            y = tf.nn.conv2d(t, kernel, s, "VALID", dilations=dil)
+            y = _conv2d(t, kernel, s, dil)
         return y if bias is None else tf.nn.bias_add(y, bias)
     return _multi(x, conv, kshape, stride, dil, naive)
+
+
+def _conv2d(x, kernel, stride, dilation):
+    """Valid tf.nn.conv2d; a grouped convolution (fewer kernel input channels than x has) runs as one
+    convolution per group, since TensorFlow's fused CPU kernels (used in graphs) have no groups."""
+    groups = 1 if x.shape[-1] is None else int(x.shape[-1]) // int(kernel.shape[2])
+    if groups == 1:
+        return tf.nn.conv2d(x, kernel, stride, "VALID", dilations=dilation)
+    parts = zip(tf.split(x, groups, axis=-1), tf.split(kernel, groups, axis=-1))
+    return tf.concat([tf.nn.conv2d(a, k, stride, "VALID", dilations=dilation) for a, k in parts], -1)
 
 
 def _multi(x, op, kernel, stride, dil, naive):
@@ -704,15 +1064,8 @@ class LocalResponseNormalization(_Layer):
 
 
 # ---------------------------------------------------------------------------
-# Automatic conversion: capture the chain of Keras layers, then one rule per layer kind
+# Automatic conversion, 1: capture the Keras layers Cp calls (the recorded ops the rules receive)
 # ---------------------------------------------------------------------------
-
-_PADDING_REASON = ("inside Cp the padded border depends on where the patch ends, so a pixel near the "
-                   "patch border sees zeros in Cp but real neighbours in a whole image; CI cannot be exact. "
-                   "Use padding='valid', or use dense_reference() for this net")
-_PER_PATCH_REASON = ("every patch is normalised with its own statistics, so the features of a pixel differ "
-                     "for every patch that contains it and no work can be shared between overlapping "
-                     "patches: CI cannot be exact (normalise the whole image instead, or use dense_reference)")
 
 
 class _Call:
@@ -722,6 +1075,7 @@ class _Call:
         self.layer = layer
         self.in_slots, self.in_shapes = in_slots, in_shapes
         self.out_slot, self.out_shape = out_slot, out_shape
+        self.out_slots, self.out_shapes = [out_slot], [out_shape]
 
     @property
     def where(self):
@@ -788,165 +1142,23 @@ class _Tracer:
         self.calls.append(_Call(layer, in_slots, [self.shapes[s] for s in in_slots], slot, tuple(outs[0].shape)))
 
 
-class _Geom:
-    """What a dense value holds, in patch terms.
-
-    kind 'map': Cp sees an (h, w, channels) map; the dense tensor is
-    (N*M, Hq + h - 1 (or more), Wq + w - 1 (or more), channels).
-    kind 'vector': Cp sees the flattening of an (h, w, channels) map (Keras' H, W, C order);
-    the dense tensor is that map's.  kind 'view': another reshape of that map, for element-wise
-    layers only.  ``stage`` lists the strides so far.
-    """
-    __slots__ = ("kind", "channels", "size", "stage")
-
-    def __init__(self, kind, channels, size, stage):
-        self.kind, self.channels, self.size, self.stage = kind, int(channels), tuple(size), tuple(stage)
-
-    def same_grid(self, other):
-        return self.stage == other.stage and self.size == other.size and self.kind == other.kind
-
-    def describe(self):
-        (h, w), c = self.size, self.channels
-        return {"map": f"a {h}x{w}x{c} map", "vector": f"a flattened {h}x{w}x{c} map"}.get(
-            self.kind, f"a reshaped {h}x{w}x{c} map")
-
-
-def _map_geom(call, geom, stride=(1, 1)):
-    out = call.out_shape
-    stage = geom.stage + ((stride,) if stride != (1, 1) else ())
-    return _Geom("map", out[3], out[1:3], stage)
-
-
-def _require_map(call, geom):
-    if geom.kind != "map":
-        raise call.fail(f"its input is {geom.describe()}, not an image-like map")
-
-
-def _per_pixel_ok(call, geom, what="it"):
-    """Layers acting on the last axis: fine on maps and on vectors of one position."""
-    if geom.kind == "view" or (geom.kind == "vector" and geom.size != (1, 1)):
-        raise call.fail(f"{what} acts on each entry of {geom.describe()} differently or together, "
-                        f"which mixes positions of the patch")
-
-
-def _check_channel_axis(call, axis, rank=4):
-    axes = [axis] if isinstance(axis, numbers.Integral) else list(axis)
-    if [a % rank for a in axes] != [rank - 1]:
-        raise call.fail(f"it works along axis {axis}; only the channel axis (-1) can be made dense")
-
-
-def _activation_ok(call, geom, layer):
-    act = _activation_of(layer)
-    if act is not None and getattr(act, "__name__", "") in ("softmax", "log_softmax"):
-        _per_pixel_ok(call, geom, "its softmax")
-
-
-# --- the rules: one small function per layer kind ---------------------------
-# Each returns (function mapping dense KerasTensors to one dense KerasTensor, output geometry).
-
-def _rule_reuse(call, geoms):
-    """Layers that act per pixel (activations, dropout at inference, ...): reused unchanged."""
-    geom = geoms[0]
-    layer = call.layer
-    if call.out_shape != call.in_shapes[0]:
-        raise call.fail(f"its output {call.out_shape} does not have the shape of its input {call.in_shapes[0]}")
-    return (lambda xs: layer(xs[0], training=False)), geom
-
-
-def _rule_identity(call, geoms):
-    """Dropout, noise and regularisation layers: identity at inference."""
-    return (lambda xs: xs[0]), geoms[0]
-
-
-def _rule_channelwise(call, geoms):
-    """Layers with per-channel parameters acting on the last axis (BatchNormalization, LayerNormalization
-    over channels, UnitNormalization, Normalization, Rescaling, Softmax, PReLU with shared spatial
-    axes, LocalResponseNormalization): reused unchanged."""
-    geom = geoms[0]
-    layer = call.layer
-    if isinstance(layer, keras.layers.PReLU):
-        shared = sorted(layer.shared_axes or [])
-        if geom.kind == "map" and shared != [1, 2]:
-            raise call.fail("its slopes differ per position (use shared_axes=[1, 2])")
-    for name in ("axis",):
-        if hasattr(layer, name):
-            _check_channel_axis(call, getattr(layer, name), len(call.in_shapes[0]))
-    _per_pixel_ok(call, geom)
-    if isinstance(layer, keras.layers.BatchNormalization):
-        return (lambda xs: layer(xs[0], training=False)), geom
-    return _rule_reuse(call, geoms)
-
-
-def _rule_conv2d(call, geoms):
-    """Conv2D without padding: reused when stride 1, made dense (multiConv) when strided."""
-    geom = geoms[0]
-    layer = call.layer
-    _require_map(call, geom)
-    if layer.padding != "valid":
-        raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
-    if layer.data_format != "channels_last":
-        raise call.fail("only data_format='channels_last' is supported")
-    stride = tuple(layer.strides)
-    if stride == (1, 1):
-        return (lambda xs: layer(xs[0], training=False)), _map_geom(call, geom)
-    return (lambda xs: multiConv(layer, naive=call.naive)(xs[0])), _map_geom(call, geom, stride)
-
-
-def _make_pool_rule(kind):
-    def rule(call, geoms):
-        geom = geoms[0]
-        layer = call.layer
-        _require_map(call, geom)
-        if getattr(layer, "padding", "valid") != "valid":
-            raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
-        if getattr(layer, "data_format", "channels_last") != "channels_last":
-            raise call.fail("only data_format='channels_last' is supported")
-        kernel = tuple(layer.pool_size)
-        stride = tuple(layer.strides) if layer.strides is not None else kernel
-        options = {"norm_type": layer.norm_type} if kind == "lp" else {}
-        cls = {"max": multiMaxPooling, "avg": multiAvgPooling, "lp": multiLPPooling}[kind]
-        args = ((options["norm_type"],) if kind == "lp" else ()) + (kernel[1], kernel[0], stride[1], stride[0])
-        return (lambda xs: cls(*args, naive=call.naive)(xs[0])), _map_geom(call, geom, stride)
-    rule.__doc__ = f"{kind} pooling: multipooling with the same kernel and stride."
-    return rule
-
-
-def _make_global_pool_rule(kind):
-    def rule(call, geoms):
-        """Global pooling over the patch-level map: a stride-1 pooling with the map's size."""
-        geom = geoms[0]
-        _require_map(call, geom)
-        if getattr(call.layer, "data_format", "channels_last") != "channels_last":
-            raise call.fail("only data_format='channels_last' is supported")
-        h, w = geom.size
-        cls = multiMaxPooling if kind == "max" else multiAvgPooling
-        keep = len(call.out_shape) == 4
-        return (lambda xs: cls(w, h, 1, 1)(xs[0])), _Geom("map" if keep else "vector", geom.channels, (1, 1),
-                                                          geom.stage)
-    return rule
-
-
-def _rule_flatten(call, geoms):
-    """Flatten / Reshape that keep the batch axis: the same values, reinterpreted.
-
-    (N, h, w, C) is a map, (N, h*w*C) a vector (Keras' H, W, C order); any other shape is a
-    'view' that only element-wise layers and further reshapes may use."""
-    geom = geoms[0]
-    src, dst = call.in_shapes[0], call.out_shape
-    (h, w), c = geom.size, geom.channels
-    if dst == src:
-        return (lambda xs: xs[0]), geom
-    if dst[0] == src[0] and _prod(dst[1:]) == h * w * c:
-        kind = "map" if dst[1:] == (h, w, c) else "vector" if dst[1:] == (h * w * c,) else "view"
-        return (lambda xs: xs[0]), _Geom(kind, c, (h, w), geom.stage)
-    raise call.fail(f"it reshapes {src} to {dst}, which moves values between patches (the batch axis)")
-
+# ---------------------------------------------------------------------------
+# Automatic conversion, 2: layers that only CI uses
+# ---------------------------------------------------------------------------
 
 @_register
 class DenseAsConv(_Layer):
     """A trained Dense layer applied to a flattened (h, w, C) map, as an h x w convolution.
 
-    Shares the Dense layer's weights: its kernel (h*w*C, K) is read as (h, w, C, K).
+    Shares the Dense layer's weights: its kernel (h*w*C, K) is read as (h, w, C, K) (Keras'
+    H, W, C flattening order), and its activation is applied.
+
+    Args:
+        dense: a trained ``keras.layers.Dense``.
+        size: (h, w) of the map that was flattened before it.
+
+    Shape:
+        (B, L_h, L_w, C) -> (B, L_h - h + 1, L_w - w + 1, K).
     """
 
     def __init__(self, dense, size, **kwargs):
@@ -981,19 +1193,106 @@ class DenseAsConv(_Layer):
         return cls(dense, **config)
 
 
-def _rule_dense(call, geoms):
-    """Dense on a flattened map: an h x w convolution (H, W, C order); on channels: reused."""
-    geom = geoms[0]
-    layer = call.layer
-    units = call.out_shape[-1]
-    if geom.kind == "view":
-        raise call.fail(f"it is applied to {geom.describe()}; flatten the map first")
-    if geom.kind == "map" or geom.size == (1, 1):
-        _activation_ok(call, geom, layer)
-        return (lambda xs: layer(xs[0], training=False)), _Geom(geom.kind, units, geom.size, geom.stage)
-    return (lambda xs: DenseAsConv(layer, geom.size)(xs[0])), _Geom("vector", units, (1, 1), geom.stage)
+@_register
+class _FlattenOutput(_Layer):
+    """Cp returns a flattened (h, w, C) map: gather its h*w shifts into channels (H, W, C order)."""
+
+    def __init__(self, size, **kwargs):
+        super().__init__(**kwargs)
+        self.size = _pair(size, "size")
+
+    def call(self, x):
+        h, w = self.size
+        _, lh, lw, _ = _static_or_dynamic(x)
+        parts = [x[:, i:lh - h + 1 + i, j:lw - w + 1 + j, :] for i in range(h) for j in range(w)]
+        return tf.concat(parts, -1)
+
+    def get_config(self):
+        return {**super().get_config(), "size": list(self.size)}
 
 
+# ---------------------------------------------------------------------------
+# Automatic conversion, 3: the rules, one small function per layer kind (contract: see
+# "the rule contract" in the framework-neutral block).  A rule's ``run`` is called once, on
+# symbolic tensors, to wire CI's functional core.
+# ---------------------------------------------------------------------------
+
+def _rule_for(*classes, label):
+    """Decorator: register a rule for the given Keras layer classes."""
+    def register(rule):
+        return _register_rule(rule, classes, [cls.__name__ for cls in classes], label)
+    return register
+
+
+def _lookup_rule(layer):
+    """The rule of the layer's class, or of the nearest base class whose call() it does not override."""
+    cls = type(layer)
+    if cls in _RULES:
+        return _RULES[cls]
+    for base in cls.__mro__[1:]:
+        if base in _RULES and cls.call is base.call:
+            return _RULES[base]
+    return None
+
+
+# --- helpers shared by rules ------------------------------------------------
+
+def _require_map(call, geom):
+    if geom.kind != MAP:
+        raise call.fail(f"its input is {geom.describe()}, not an image-like map")
+
+
+def _require_channels_last(call):
+    if getattr(call.layer, "data_format", "channels_last") != "channels_last":
+        raise call.fail("only data_format='channels_last' is supported")
+
+
+def _per_pixel_ok(call, geom, what="it"):
+    """Layers acting on the last axis: fine on maps and on vectors of one position."""
+    if geom.kind == VIEW or (geom.kind == VECTOR and geom.size != (1, 1)):
+        raise call.fail(f"{what} acts on each entry of {geom.describe()} differently or together, "
+                        f"which mixes positions of the patch")
+
+
+def _check_channel_axis(call, axis, rank=4):
+    axes = [axis] if isinstance(axis, numbers.Integral) else list(axis)
+    if [a % rank for a in axes] != [rank - 1]:
+        raise call.fail(f"it works along axis {axis}; only the channel axis (-1) can be made dense")
+
+
+def _activation_ok(call, geom, layer):
+    act = _activation_of(layer)
+    if act is not None and getattr(act, "__name__", "") in ("softmax", "log_softmax"):
+        _per_pixel_ok(call, geom, "its softmax")
+
+
+def _map_geom(call, geom, stride=(1, 1)):
+    """The geometry of a layer's output map (its traced shape), after a layer of ``stride``."""
+    out = call.out_shape
+    return geom.with_(kind=MAP, channels=out[3], size=out[1:3], stride=stride)
+
+
+def _reuse(layer):
+    """CI runs Cp's layer itself (shared weights), in inference mode."""
+    return lambda xs: [layer(xs[0], training=False)]
+
+
+def _pass_through(xs):
+    return [xs[0]]
+
+
+# --- the rules ----------------------------------------------------------------
+
+@_rule_for(keras.layers.Rescaling, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU,
+           label="element-wise layers (applied per pixel)")
+def _rule_reuse(call, geoms):
+    """Layers that act per pixel (activations, rescaling): reused unchanged."""
+    if call.out_shape != call.in_shapes[0]:
+        raise call.fail(f"its output {call.out_shape} does not have the shape of its input {call.in_shapes[0]}")
+    return _reuse(call.layer), [geoms[0]]
+
+
+@_rule_for(keras.layers.Activation, keras.layers.Softmax, label="element-wise layers (applied per pixel)")
 def _rule_activation(call, geoms):
     """Element-wise activations (and softmax over channels): reused unchanged."""
     _activation_ok(call, geoms[0], call.layer)
@@ -1002,153 +1301,169 @@ def _rule_activation(call, geoms):
     return _rule_reuse(call, geoms)
 
 
+@_rule_for(keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.GaussianNoise,
+           keras.layers.GaussianDropout, keras.layers.AlphaDropout, keras.layers.ActivityRegularization,
+           keras.layers.Identity, label="identity at inference (dropout, noise, regularisation)")
+def _rule_identity(call, geoms):
+    """Dropout, noise and regularisation layers: identity at inference."""
+    return _pass_through, [geoms[0]]
+
+
+@_rule_for(keras.layers.BatchNormalization, keras.layers.UnitNormalization, keras.layers.Normalization,
+           LocalResponseNormalization, keras.layers.PReLU,
+           label="per-channel layers on the channel axis (batch norm, normalisation, PReLU)")
+def _rule_channelwise(call, geoms):
+    """Layers with per-channel parameters acting on the last axis (BatchNormalization, LayerNormalization
+    over channels, UnitNormalization, Normalization, Softmax, PReLU with shared spatial axes,
+    LocalResponseNormalization): reused unchanged."""
+    geom = geoms[0]
+    layer = call.layer
+    if isinstance(layer, keras.layers.PReLU):
+        shared = sorted(layer.shared_axes or [])
+        if geom.kind == MAP and shared != [1, 2]:
+            raise call.fail("its slopes differ per position (use shared_axes=[1, 2])")
+    if hasattr(layer, "axis"):
+        _check_channel_axis(call, layer.axis, len(call.in_shapes[0]))
+    _per_pixel_ok(call, geom)
+    return _reuse(layer), [geom]
+
+
+@_rule_for(keras.layers.LayerNormalization, label="layer normalisation over the channel axis")
+def _rule_layer_norm(call, geoms):
+    """LayerNormalization: per pixel when it normalises over the channel axis only."""
+    axis = call.layer.axis
+    axes = [axis] if isinstance(axis, numbers.Integral) else list(axis)
+    rank = len(call.in_shapes[0])
+    if [a % rank for a in axes] != [rank - 1] or (geoms[0].kind == VECTOR and geoms[0].size != (1, 1)):
+        raise call.fail(f"it normalises {geoms[0].describe()} over axes {axis}, with statistics of each patch; "
+                        f"{_PER_PATCH_REASON}")
+    return _rule_channelwise(call, geoms)
+
+
+@_rule_for(keras.layers.Conv2D, label="Conv2D without padding (multiConv when strided)")
+def _rule_conv2d(call, geoms):
+    """Conv2D without padding: reused when stride 1, made dense (multiConv) when strided."""
+    geom = geoms[0]
+    layer = call.layer
+    _require_map(call, geom)
+    if layer.padding != "valid":
+        raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
+    _require_channels_last(call)
+    stride = tuple(layer.strides)
+    if stride == (1, 1):
+        return _reuse(layer), [_map_geom(call, geom)]
+    return (lambda xs: [multiConv(layer)(xs[0])]), [_map_geom(call, geom, stride)]
+
+
+def _make_pool_rule(kind):
+    def rule(call, geoms):
+        geom = geoms[0]
+        layer = call.layer
+        _require_map(call, geom)
+        if getattr(layer, "padding", "valid") != "valid":
+            raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
+        _require_channels_last(call)
+        kernel = tuple(layer.pool_size)
+        stride = tuple(layer.strides) if layer.strides is not None else kernel
+        cls = {"max": multiMaxPooling, "avg": multiAvgPooling, "lp": multiLPPooling}[kind]
+        args = ((layer.norm_type,) if kind == "lp" else ()) + (kernel[1], kernel[0], stride[1], stride[0])
+        return (lambda xs: [cls(*args)(xs[0])]), [_map_geom(call, geom, stride)]
+    rule.__doc__ = f"{kind} pooling: multipooling with the same kernel and stride."
+    return rule
+
+
+_POOLING_LABEL = "pooling without padding (multipooling)"
+_rule_for(keras.layers.MaxPooling2D, label=_POOLING_LABEL)(_make_pool_rule("max"))
+_rule_for(keras.layers.AveragePooling2D, label=_POOLING_LABEL)(_make_pool_rule("avg"))
+_rule_for(LPPooling2D, label=_POOLING_LABEL)(_make_pool_rule("lp"))
+
+
+def _make_global_pool_rule(kind):
+    def rule(call, geoms):
+        geom = geoms[0]
+        _require_map(call, geom)
+        _require_channels_last(call)
+        h, w = geom.size
+        cls = multiMaxPooling if kind == "max" else multiAvgPooling
+        keep = len(call.out_shape) == 4
+        return (lambda xs: [cls(w, h, 1, 1)(xs[0])]), [geom.with_(kind=MAP if keep else VECTOR, size=(1, 1))]
+    rule.__doc__ = f"global {kind} pooling over the patch-level map: a stride-1 pooling with the map's size."
+    return rule
+
+
+_GLOBAL_LABEL = "global pooling (a stride-1 pooling with the map's size)"
+_rule_for(keras.layers.GlobalMaxPooling2D, label=_GLOBAL_LABEL)(_make_global_pool_rule("max"))
+_rule_for(keras.layers.GlobalAveragePooling2D, label=_GLOBAL_LABEL)(_make_global_pool_rule("avg"))
+
+
+@_rule_for(keras.layers.Flatten, keras.layers.Reshape,
+           label="Flatten and Reshape that keep the batch axis (the same values, reinterpreted)")
+def _rule_flatten(call, geoms):
+    """Flatten / Reshape that keep the batch axis: the same values, reinterpreted.
+
+    (N, h, w, C) is a MAP, (N, h*w*C) a VECTOR (Keras' H, W, C order); any other shape is a
+    VIEW that only element-wise layers and further reshapes may use."""
+    geom = geoms[0]
+    src, dst = call.in_shapes[0], call.out_shape
+    (h, w), c = geom.size, geom.channels
+    if dst == src:
+        return _pass_through, [geom]
+    if dst[0] == src[0] and _prod(dst[1:]) == h * w * c:
+        kind = MAP if dst[1:] == (h, w, c) else VECTOR if dst[1:] == (h * w * c,) else VIEW
+        return _pass_through, [geom.with_(kind=kind)]
+    raise call.fail(f"it reshapes {src} to {dst}, which moves values between patches (the batch axis)")
+
+
+@_rule_for(keras.layers.Dense, label="Dense on a flattened map (DenseAsConv, an h x w convolution) or on channels")
+def _rule_dense(call, geoms):
+    """Dense on a flattened map: an h x w convolution (H, W, C order); on channels: reused."""
+    geom = geoms[0]
+    layer = call.layer
+    units = call.out_shape[-1]
+    if geom.kind == VIEW:
+        raise call.fail(f"it is applied to {geom.describe()}; flatten the map first")
+    if geom.kind == MAP or geom.size == (1, 1):
+        _activation_ok(call, geom, layer)
+        return _reuse(layer), [geom.with_(channels=units)]
+    return (lambda xs: [DenseAsConv(layer, geom.size)(xs[0])]), [geom.with_(channels=units, size=(1, 1))]
+
+
+@_rule_for(keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, keras.layers.Average,
+           keras.layers.Maximum, keras.layers.Minimum, keras.layers.Concatenate,
+           label="merges of values on one grid (Add, Multiply, Concatenate on channels, ...)")
 def _rule_merge(call, geoms):
     """Add, Subtract, Multiply, Average, Maximum, Minimum, Concatenate(axis=-1) of values on one grid."""
-    first = geoms[0]
-    for g in geoms[1:]:
-        if not first.same_grid(g):
-            raise call.fail(f"it combines {first.describe()} with {g.describe()} (strides {list(first.stage)} "
-                            f"vs {list(g.stage)}); values that cover different parts of the patch differ for "
-                            f"every patch and cannot be shared")
+    first = _same_grid(call, geoms)
     layer = call.layer
     channels = first.channels
     if isinstance(layer, keras.layers.Concatenate):
         _check_channel_axis(call, layer.axis, len(call.in_shapes[0]))
         _per_pixel_ok(call, first)
         channels = call.out_shape[-1]
-    return (lambda xs: layer(list(xs))), _Geom(first.kind, channels, first.size, first.stage)
+    return (lambda xs: [layer(list(xs))]), [first.with_(channels=channels)]
 
 
+@_rule_for(keras.layers.ZeroPadding2D, keras.layers.Cropping2D, label="refused: padding inside Cp")
 def _rule_refuse_padding(call, geoms):
     """Explicit padding or cropping inside Cp."""
     raise call.fail(f"it pads or crops an activation inside Cp; {_PADDING_REASON}")
 
 
+@_rule_for(keras.layers.GroupNormalization, label="refused: per-patch normalisation")
 def _rule_refuse_per_patch(call, geoms):
     """Normalisation with statistics of each patch."""
     raise call.fail(f"it normalises with statistics computed over each patch; {_PER_PATCH_REASON}")
 
 
-def _rule_layer_norm(call, geoms):
-    """LayerNormalization: per pixel when it normalises over the channel axis only."""
-    axis = call.layer.axis
-    axes = [axis] if isinstance(axis, numbers.Integral) else list(axis)
-    rank = len(call.in_shapes[0])
-    if [a % rank for a in axes] != [rank - 1] or (geoms[0].kind == "vector" and geoms[0].size != (1, 1)):
-        raise call.fail(f"it normalises {geoms[0].describe()} over axes {axis}, with statistics of each patch; "
-                        f"{_PER_PATCH_REASON}")
-    return _rule_channelwise(call, geoms)
-
-
+@_rule_for(keras.layers.Lambda, label="refused: Lambda layers (opaque)")
 def _refuse_lambda(call, geoms):
     """Lambda layers are opaque."""
     raise call.fail("a Lambda layer is opaque to convert(); write it as a Keras layer of the supported kinds")
 
 
-_L = keras.layers
-_RULES = [
-    (_L.Conv2D, _rule_conv2d),
-    (_L.MaxPooling2D, _make_pool_rule("max")),
-    (_L.AveragePooling2D, _make_pool_rule("avg")),
-    (LPPooling2D, _make_pool_rule("lp")),
-    (_L.GlobalMaxPooling2D, _make_global_pool_rule("max")),
-    (_L.GlobalAveragePooling2D, _make_global_pool_rule("avg")),
-    (_L.BatchNormalization, _rule_channelwise),
-    (_L.LayerNormalization, _rule_layer_norm),
-    (_L.UnitNormalization, _rule_channelwise),
-    (_L.Normalization, _rule_channelwise),
-    (_L.Rescaling, _rule_reuse),
-    (LocalResponseNormalization, _rule_channelwise),
-    (_L.Softmax, _rule_activation),
-    (_L.PReLU, _rule_channelwise),
-    (_L.Activation, _rule_activation),
-    (_L.ReLU, _rule_reuse),
-    (_L.LeakyReLU, _rule_reuse),
-    (_L.ELU, _rule_reuse),
-    (_L.Dropout, _rule_identity),
-    (_L.SpatialDropout2D, _rule_identity),
-    (_L.GaussianNoise, _rule_identity),
-    (_L.GaussianDropout, _rule_identity),
-    (_L.AlphaDropout, _rule_identity),
-    (_L.ActivityRegularization, _rule_identity),
-    (_L.Identity, _rule_identity),
-    (_L.Flatten, _rule_flatten),
-    (_L.Reshape, _rule_flatten),
-    (_L.Dense, _rule_dense),
-    (_L.Add, _rule_merge),
-    (_L.Subtract, _rule_merge),
-    (_L.Multiply, _rule_merge),
-    (_L.Average, _rule_merge),
-    (_L.Maximum, _rule_merge),
-    (_L.Minimum, _rule_merge),
-    (_L.Concatenate, _rule_merge),
-    (_L.ZeroPadding2D, _rule_refuse_padding),
-    (_L.Cropping2D, _rule_refuse_padding),
-    (_L.GroupNormalization, _rule_refuse_per_patch),
-    (_L.Lambda, _refuse_lambda),
-]
-
-
-def _lookup_rule(layer):
-    """The rule of the layer's class, or of a base class whose call() it does not override."""
-    for cls, rule in _RULES:
-        if type(layer) is cls:
-            return rule
-    for cls, rule in _RULES:
-        if isinstance(layer, cls) and type(layer).call is cls.call:
-            return rule
-    return None
-
-
 # ---------------------------------------------------------------------------
-# CI as a Keras model
+# CI as a Keras model: runs the functional core on the padded image, whole or tile by tile
 # ---------------------------------------------------------------------------
-
-def _peak_live_channels(steps_io, channels):
-    """Largest total channel count of the dense values alive at once while CI's steps run.
-
-    ``steps_io`` lists (input slots, output slots) per step; slot 0 is the padded image."""
-    last_use = {}
-    for i, (ins, _) in enumerate(steps_io):
-        for s in ins:
-            last_use[s] = i
-    alive, peak = {0}, channels[0]
-    for i, (ins, outs) in enumerate(steps_io):
-        alive |= set(outs)
-        peak = max(peak, sum(channels[s] for s in alive))
-        alive -= {s for s in ins if last_use.get(s) == i and s not in outs}
-    return peak
-
-
-def _memory_estimate(image_size, batch, in_channels, out_channels, patch, stride_product, peak_channels,
-                     itemsize, tile=None):
-    """Bytes CI needs: the padded input and the output, plus the values alive at once on one tile
-    (1.5 times, for convolution workspaces and layout copies).  An upper bound in practice."""
-    (height, width), (ph, pw), (sh, sw) = image_size, patch, stride_product
-    full_h, full_w = -(-height // sh) * sh, -(-width // sw) * sw
-    fixed = batch * (in_channels * (full_h + ph - 1) * (full_w + pw - 1) + out_channels * full_h * full_w)
-    th, tw = (full_h, full_w) if tile is None else (min(-(-tile[0] // sh) * sh, full_h),
-                                                  min(-(-tile[1] // sw) * sw, full_w))
-    work = 1.5 * batch * peak_channels * (th + ph - 1 + sh) * (tw + pw - 1 + sw)
-    return int((fixed + work) * itemsize)
-
-
-def _tile_for_memory(budget, estimate, image_size, stride_product, patch):
-    """The largest square-ish tile (multiple of the stride product) whose estimate fits the budget."""
-    (height, width), (sh, sw) = image_size, stride_product
-    if estimate(None) <= budget:
-        return None
-    edge = max(height, width)
-    smallest = max(sh, sw, 8)
-    while edge > smallest:
-        edge = max(smallest, edge * 3 // 4)
-        tile = (-(-min(edge, height) // sh) * sh, -(-min(edge, width) // sw) * sw)
-        if estimate(tile) <= budget:
-            return tile
-    raise MemoryError(f"CI needs about {estimate((smallest, smallest)) / 2**20:.0f} MiB even with "
-                      f"{smallest}x{smallest} tiles (the padded image and the output alone take "
-                      f"{estimate((1, 1)) / 2**20:.0f} MiB); the budget is {budget / 2**20:.0f} MiB")
-
 
 @_register
 class DenseFeatureModel(keras.Model):
@@ -1162,7 +1477,8 @@ class DenseFeatureModel(keras.Model):
         in_channels, out_channels: C and K.
         strides: (sh, sw) of each multipooling/striding layer, in network order.
         stride_product: (SH, SW).
-        naive: paper-faithful per-shift multipooling and per-layer unwarping.
+        naive: paper-faithful per-shift multipooling and per-layer unwarping (setting it switches
+            every multipooling layer of ``core``).
         tile: None, or (th, tw): process the image in tiles of this output size (exact; bounded
             memory; needs the image size to be known, e.g. eager calls).
         max_memory: None, or a budget in bytes: tiles are chosen so that :meth:`estimate_memory`
@@ -1170,6 +1486,15 @@ class DenseFeatureModel(keras.Model):
 
     Shape:
         (N, H, W, C) -> (N, H, W, K), any N, H, W >= 1.
+
+    Example:
+        >>> cp = keras.Sequential([keras.Input((6, 6, 3)), keras.layers.Conv2D(4, 3),
+        ...                        keras.layers.AveragePooling2D(2), keras.layers.Conv2D(5, 2)])
+        >>> ci = FDFE.convert(cp, 6)
+        >>> ci.strides, ci.stride_product, ci.out_channels
+        ([(2, 2)], (2, 2), 5)
+        >>> ci.estimate_memory((480, 640)) > ci.estimate_memory((480, 640), tile=(64, 64))
+        True
     """
 
     def __init__(self, core, patch_size, strides, in_channels, out_channels, naive=False, tile=None,
@@ -1181,11 +1506,23 @@ class DenseFeatureModel(keras.Model):
         self.strides = [_pair(s, "stride") for s in strides]
         self.stride_product = (_prod(s[0] for s in self.strides), _prod(s[1] for s in self.strides))
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.naive = bool(naive)
+        self.naive = naive
         self.tile = None if tile is None else _pair(tile, "tile")
         self.progress = progress
         self.peak_channels = int(peak_channels or in_channels + out_channels)
         self.max_memory = max_memory
+
+    @property
+    def naive(self):
+        return self._naive
+
+    @naive.setter
+    def naive(self, value):
+        self._naive = bool(value)
+        for layer in self.core._flatten_layers(include_self=False, recursive=True):
+            if isinstance(layer, (_MultiPoolBase, multiConv)):
+                layer.naive = self._naive
+        object.__setattr__(self, "_graph_fn", None)  # traced with the old value
 
     def estimate_memory(self, image_size, batch: int = 1, tile=None, dtype=None) -> int:
         """Estimated peak bytes of CI on images of ``image_size`` (H, W): the padded input, the
@@ -1198,7 +1535,7 @@ class DenseFeatureModel(keras.Model):
     def tile_for_memory(self, budget: int, image_size, batch: int = 1, dtype=None):
         """The largest tile whose :meth:`estimate_memory` fits ``budget`` bytes (None: no tiling needed)."""
         return _tile_for_memory(budget, lambda t: self.estimate_memory(image_size, batch, t, dtype),
-                                tuple(image_size), self.stride_product, self.patch_size)
+                                tuple(image_size), self.stride_product)
 
     def stacked(self, padded):
         """Run CI's layers on padded images; the shift-stacked result before unwarping.
@@ -1238,29 +1575,23 @@ class DenseFeatureModel(keras.Model):
         return self._tiled(padded, shape[1], shape[2], tile)
 
     def _tiled(self, padded, height, width, tile):
-        """Exact tiling: each output tile from its own crop of the padded image (overlap pH-1, pW-1),
-        written into one preallocated output buffer."""
-        sh, sw = self.stride_product
-        th = -(-tile[0] // sh) * sh
-        tw = -(-tile[1] // sw) * sw
+        """Exact tiling (:func:`tile_grid`): each output tile from its own crop of the padded image
+        (overlap pH-1, pW-1); the tiles are concatenated (differentiable, and traceable in graphs)."""
         ph, pw = self.patch_size
-        origins = [(y, x) for y in range(0, height, th) for x in range(0, width, tw)]
-        bar = _progress(len(origins), "CI tiles", self.progress if self.progress is not None else
-                        (None if len(origins) >= 50 else False))
-        out = None
-        for y0, x0 in origins:
-            h, w = min(th, height - y0), min(tw, width - x0)
-            hp, wp = -(-h // sh) * sh, -(-w // sw) * sw
-            part = self._dense(padded[:, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1, :], h, w)
-            if out is None:
-                out = tf.Variable(tf.zeros([padded.shape[0], height, width, part.shape[-1]], part.dtype),
-                                  trainable=False)
-            out[:, y0:y0 + h, x0:x0 + w, :].assign(part)
+        grid = tile_grid(height, width, tile, self.stride_product)
+        bar = _progress(len(grid), "CI tiles", self.progress if self.progress is not None else
+                        (None if len(grid) >= 50 else False))
+        rows, row = [], []
+        for y0, x0, h, w, hp, wp in grid:
+            row.append(self._dense(padded[:, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1, :], h, w))
+            if x0 + w == width:
+                rows.append(row[0] if len(row) == 1 else tf.concat(row, 2))
+                row = []
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        return out.read_value()
+        return rows[0] if len(rows) == 1 else tf.concat(rows, 1)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[1], input_shape[2], self.out_channels)
@@ -1278,6 +1609,10 @@ class DenseFeatureModel(keras.Model):
         core = keras.saving.deserialize_keras_object(config.pop("core"))
         return cls(core, **config)
 
+
+# ---------------------------------------------------------------------------
+# convert(): capture -> rules -> core model and plan -> DenseFeatureModel, then the self-check
+# ---------------------------------------------------------------------------
 
 def _infer_in_channels(base_net):
     try:
@@ -1316,6 +1651,22 @@ def _trace(base_net, patch_size, in_channels):
                           f"on") from last_error
 
 
+def _apply_rules(calls, geoms, values):
+    """Apply each recorded call's rule and wire its layers; fills ``geoms`` and ``values`` (slot ->
+    symbolic tensor of CI's core)."""
+    for call in calls:
+        rule = _lookup_rule(call.layer)
+        if rule is None:
+            raise ConversionError(_unsupported_message(call.where, "layer kind"))
+        run, out_geoms = rule(call, [geoms[s] for s in call.in_slots])
+        outs = run([values[s] for s in call.in_slots])
+        if len(out_geoms) != len(call.out_slots) or len(outs) != len(call.out_slots):
+            raise AssertionError(f"rule for {call.where} returned {len(out_geoms)} geometries and {len(outs)} "
+                                 f"values for {len(call.out_slots)} outputs")
+        geoms.update(zip(call.out_slots, out_geoms))
+        values.update(zip(call.out_slots, outs))
+
+
 def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: bool = False, tile=None,
             max_memory: Optional[int] = None, check: bool = True,
             progress: Optional[bool] = None) -> DenseFeatureModel:
@@ -1323,9 +1674,10 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
 
     Cp is run once eagerly on an example batch of patches and the Keras layers it calls are
     recorded (Sequential, functional, and subclassed models whose call() chains layers).  Each
-    layer is made dense by one rule (see the README's table), in inference mode (dropout off,
-    batch-norm moving statistics); the layers and their weights are shared with Cp, not copied.
-    Layers that cannot be made exact raise :class:`ConversionError` naming the layer and why.
+    layer is made dense by one rule (:func:`supported_layers` lists them), in inference mode
+    (dropout off, batch-norm moving statistics); the layers and their weights are shared with Cp,
+    not copied.  Layers that cannot be made exact raise :class:`ConversionError` naming the layer
+    and why.
 
     Args:
         base_net: Cp, a keras.Model mapping (B, pH, pW, C) to (B, K) or (B, 1, 1, K).
@@ -1339,6 +1691,20 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
 
     Returns:
         A :class:`DenseFeatureModel` mapping (N, H, W, C) to (N, H, W, K).
+
+    Example:
+        >>> cp = keras.Sequential([keras.Input((7, 7, 1)), keras.layers.Conv2D(4, 3, strides=2),
+        ...                        keras.layers.Activation("tanh"), keras.layers.Flatten(),
+        ...                        keras.layers.Dense(6)])
+        >>> ci = FDFE.convert(cp, 7)      # 7x7 patch -> 6-vector; the Dense becomes a 3x3 conv
+        >>> tuple(ci(np.zeros((1, 9, 11, 1), "float32")).shape)
+        (1, 9, 11, 6)
+        >>> padded = keras.Sequential([keras.Input((3, 3, 1)), keras.layers.Conv2D(2, 3, padding="same")])
+        >>> try:
+        ...     FDFE.convert(padded, 3)
+        ... except FDFE.ConversionError as error:
+        ...     print(error)
+        layer 'conv2d...' (Conv2D) cannot be made dense exactly: it pads its input (padding='same'); ...
     """
     if not isinstance(base_net, keras.layers.Layer):
         raise TypeError(f"base_net must be a Keras model or layer, got {type(base_net).__name__}")
@@ -1355,16 +1721,8 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     dtype = _compute_dtype(base_net)
     images = keras.Input((None, None, in_channels), dtype=dtype.name, name="padded_images")
     values = {0: images}
-    geoms = {0: _Geom("map", in_channels, (ph, pw), ())}
-    for call in tracer.calls:
-        rule = _lookup_rule(call.layer)
-        if rule is None:
-            raise ConversionError(f"{call.where} is not supported by convert() (unknown layer kind); see the "
-                                  f"README's table of supported layers")
-        call.naive = naive
-        build, geom = rule(call, [geoms[s] for s in call.in_slots])
-        values[call.out_slot] = build([values[s] for s in call.in_slots])
-        geoms[call.out_slot] = geom
+    geoms = {0: _Geom(MAP, in_channels, (ph, pw))}
+    _apply_rules(tracer.calls, geoms, values)
     _output_vectors(out, batch)
     if id(out) not in tracer.slot_of:
         raise ConversionError("Cp's output is not the output of one of its Keras layers (a TensorFlow op "
@@ -1372,61 +1730,37 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     out_slot = tracer.slot_of[id(out)]
     geom = geoms[out_slot]
     stacked = values[out_slot]
+    out_channels = int(_output_vectors(out, batch).shape[1])
+    channels = {slot: g.channels for slot, g in geoms.items()}
     if geom.size != (1, 1):
-        if geom.kind == "map":
+        if geom.kind == MAP:
             raise ConversionError(
                 f"Cp's output for one patch is a {geom.size[0]}x{geom.size[1]}x{geom.channels} map, not a "
                 f"single vector; end Cp with layers that reduce it to 1x1 (or flatten it)")
         stacked = _FlattenOutput(geom.size)(stacked)
-    out_channels = int(_output_vectors(out, batch).shape[1])
+        channels[out_slot] = max(channels[out_slot], out_channels)
     core = keras.Model(images, stacked, name=f"{base_net.name}_dense_core")
-    channels = collections.defaultdict(lambda: out_channels, {slot: g.channels for slot, g in geoms.items()})
-    peak = _peak_live_channels([(c.in_slots, [c.out_slot]) for c in tracer.calls], channels)
-    net = DenseFeatureModel(core, (ph, pw), list(geom.stage), in_channels, out_channels, naive=naive,
-                            tile=tile, progress=progress, peak_channels=peak, max_memory=max_memory,
+    plan = plan_steps([(c.in_slots, c.out_slots, False) for c in tracer.calls], channels, out_slot)
+    net = DenseFeatureModel(core, (ph, pw), list(geom.strides), in_channels, out_channels, naive=naive,
+                            tile=tile, progress=progress, peak_channels=plan.peak_channels, max_memory=max_memory,
                             name=f"{base_net.name}_dense")
     if check:
         _self_check(net, base_net, dtype)
     return net
 
 
-@_register
-class _FlattenOutput(_Layer):
-    """Cp returns a flattened (h, w, C) map: gather its h*w shifts into channels (H, W, C order)."""
-
-    def __init__(self, size, **kwargs):
-        super().__init__(**kwargs)
-        self.size = _pair(size, "size")
-
-    def call(self, x):
-        h, w = self.size
-        _, lh, lw, _ = _static_or_dynamic(x)
-        parts = [x[:, i:lh - h + 1 + i, j:lw - w + 1 + j, :] for i in range(h) for j in range(w)]
-        return tf.concat(parts, -1)
-
-    def get_config(self):
-        return {**super().get_config(), "size": list(self.size)}
-
-
 def _self_check(net, base_net, dtype):
     """Compare CI with Cp on a few patches of a small random image (catches unsupported semantics)."""
-    sh, sw = net.stride_product
-    h, w = sh + 3, sw + 2
+    h, w = _self_check_image_size(net.stride_product)
     rng = np.random.default_rng(0)
     images = tf.constant(rng.standard_normal((1, h, w, net.in_channels)), dtype=dtype)
-    positions = np.array([[0, 0, 0], [0, h - 1, w - 1], [0, h // 2, w // 3], [0, 1, w - 1]])
-    tile = net.tile
-    net.tile = None
+    positions = np.array(_self_check_positions(h, w))
+    tile, max_memory = net.tile, net.max_memory
+    net.tile = net.max_memory = None
     try:
         dense = net(images)
     finally:
-        net.tile = tile
+        net.tile, net.max_memory = tile, max_memory
     expected = patch_outputs(base_net, images, net.patch_size, positions).numpy().astype(np.float64)
     got = tf.gather_nd(dense, positions).numpy().astype(np.float64)
-    scale = max(float(np.abs(expected).max()), 1e-6)
-    tol = {tf.float64: 1e-9, tf.float32: 1e-4}.get(dtype, 3e-2)
-    err = float(np.abs(got - expected).max())
-    if not err <= tol * scale:
-        raise ConversionError(f"internal check failed: CI differs from Cp by {err:.3g} (scale {scale:.3g}) on a "
-                              f"test image; this net uses a layer whose dense form is not exact here. Please "
-                              f"report it with the net's definition")
+    _self_check_compare(got.ravel().tolist(), expected.ravel().tolist(), dtype.name)

@@ -5,9 +5,11 @@ CI with these outputs, so it still cross-checks against the other framework.  Ev
 computed by PyTorch's CI in float64 and written only if TensorFlow's CI and Cp on every patch
 (dense_reference) agree with it to 1e-12.  Layout: images and outputs (N, H, W, C) / (N, H, W, K).
 
-    python weights/make_golden.py
+    python weights/make_golden.py              # writes weights/golden.npz
+    python weights/make_golden.py OUT.npz      # writes OUT.npz instead
 """
 
+import argparse
 import json
 import os
 import sys
@@ -17,7 +19,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(os.path.join(HERE, "..", "shared_tests"))
 
-import conftest  # noqa: E402  (loads both backends under distinct names)
+from backends import load_backend  # noqa: E402  (loads both backends under distinct names)
 import netspec  # noqa: E402
 
 #: a second net that exercises what BaseNet does not: 3 channels, a strided convolution, average
@@ -35,10 +37,14 @@ def _agree(a, b, what):
     assert err <= 1e-12, f"{what}: {err}"
 
 
-def main():
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", nargs="?", default=os.path.join(HERE, "golden.npz"),
+                   help="the .npz file to write (default: %(default)s)")
+    path = p.parse_args(argv).out
     import tensorflow as tf
     import torch
-    tb, kb = conftest.load_backend("pytorch", "torch"), conftest.load_backend("tensorflow", "tf")
+    tb, kb = load_backend("pytorch", "torch"), load_backend("tensorflow", "tf")
     rng = np.random.default_rng(2017)
     arrays = {}
 
@@ -65,7 +71,6 @@ def main():
                    "mixed/spec": np.array(json.dumps(MIXED)), "mixed/channels": np.array(MIXED_CHANNELS)})
     arrays.update({f"mixed/w/{k}": v for k, v in weights.items()})
 
-    path = os.path.join(HERE, "golden.npz")
     np.savez(path, **arrays)
     print(f"wrote {path} ({os.path.getsize(path) // 1024} KiB)")
 
