@@ -884,8 +884,24 @@ def _activation_of(layer):
     return None if act is None or act is keras.activations.linear else act
 
 
+class _WrapperLayer(_Layer):
+    """An FDFE layer that runs a trained layer of Cp (shared weights), held as ``self.<wrapped>``;
+    its config holds that layer's, so the wrapper saves and loads with it."""
+    wrapped = "layer"
+
+    def get_config(self):
+        inner = keras.saving.serialize_keras_object(getattr(self, self.wrapped))
+        return {**super().get_config(), self.wrapped: inner}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(config.pop(cls.wrapped))
+        return cls(inner, **config)
+
+
 @_register
-class multiConv(_Layer):
+class multiConv(_WrapperLayer):
     """A trained strided Conv2D made dense.  Reuses (shares) the layer's weights and activation.
 
     Args:
@@ -895,6 +911,7 @@ class multiConv(_Layer):
     Shape:
         (B, L_h, L_w, C) -> (sh * sw * B, h', w', K).
     """
+    wrapped = "conv"
 
     def __init__(self, conv, naive: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -920,14 +937,7 @@ class multiConv(_Layer):
         return (None, None, None, self.conv.filters)
 
     def get_config(self):
-        return {**super().get_config(), "conv": keras.saving.serialize_keras_object(self.conv),
-                "naive": self.naive}
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        conv = keras.saving.deserialize_keras_object(config.pop("conv"))
-        return cls(conv, **config)
+        return {**super().get_config(), "naive": self.naive}
 
 
 @_register
@@ -1147,7 +1157,7 @@ class _Tracer:
 # ---------------------------------------------------------------------------
 
 @_register
-class DenseAsConv(_Layer):
+class DenseAsConv(_WrapperLayer):
     """A trained Dense layer applied to a flattened (h, w, C) map, as an h x w convolution.
 
     Shares the Dense layer's weights: its kernel (h*w*C, K) is read as (h, w, C, K) (Keras'
@@ -1160,6 +1170,7 @@ class DenseAsConv(_Layer):
     Shape:
         (B, L_h, L_w, C) -> (B, L_h - h + 1, L_w - w + 1, K).
     """
+    wrapped = "dense"
 
     def __init__(self, dense, size, **kwargs):
         super().__init__(**kwargs)
@@ -1183,14 +1194,7 @@ class DenseAsConv(_Layer):
         return (None, None, None, self.dense.units)
 
     def get_config(self):
-        return {**super().get_config(), "dense": keras.saving.serialize_keras_object(self.dense),
-                "size": list(self.size)}
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        dense = keras.saving.deserialize_keras_object(config.pop("dense"))
-        return cls(dense, **config)
+        return {**super().get_config(), "size": list(self.size)}
 
 
 @_register
