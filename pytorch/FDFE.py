@@ -548,7 +548,8 @@ class _EvalMode:
 
 
 def patch_outputs(base_net: nn.Module, images: torch.Tensor, patch_size, positions,
-                  batch_size: int = 256, progress: Optional[bool] = None) -> torch.Tensor:
+                  batch_size: int = 256, progress: Optional[bool] = None,
+                  differentiable: bool = False) -> torch.Tensor:
     """Run Cp on the patches centred at the given pixels.
 
     Args:
@@ -559,6 +560,8 @@ def patch_outputs(base_net: nn.Module, images: torch.Tensor, patch_size, positio
         positions: (P, 3) integer array or tensor of (n, y, x) triples.
         batch_size: patches per call of Cp.
         progress: show a progress bar (tqdm); None shows one for long runs.
+        differentiable: record the computation for autograd (where grad mode is on), e.g. to
+            compare CI's gradients with Cp's; by default Cp runs under no_grad.
 
     Returns:
         (P, K) tensor: row i is Cp(patch of image n_i centred at (y_i, x_i)).
@@ -587,7 +590,7 @@ def patch_outputs(base_net: nn.Module, images: torch.Tensor, patch_size, positio
     outputs = []
     n_batches = (len(pos) + batch_size - 1) // batch_size
     bar = _progress(n_batches, "Cp on patches", progress)
-    with torch.no_grad(), _EvalMode(base_net):
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), _EvalMode(base_net):
         for start in range(0, len(pos), batch_size):
             chunk = pos[start:start + batch_size]
             n = chunk[:, 0, None, None]
@@ -603,7 +606,7 @@ def patch_outputs(base_net: nn.Module, images: torch.Tensor, patch_size, positio
 
 
 def dense_reference(base_net: nn.Module, images: torch.Tensor, patch_size, batch_size: int = 256,
-                    progress: Optional[bool] = None) -> torch.Tensor:
+                    progress: Optional[bool] = None, differentiable: bool = False) -> torch.Tensor:
     """Cp run on every patch: the ground truth that CI must reproduce.
 
     Args:
@@ -612,6 +615,8 @@ def dense_reference(base_net: nn.Module, images: torch.Tensor, patch_size, batch
         patch_size: int or (pH, pW); patches follow the convention in :func:`patch_padding`.
         batch_size: patches per call of Cp.
         progress: show a progress bar (tqdm); None shows one for long runs.
+        differentiable: record for autograd (see :func:`patch_outputs`): the loss of Cp trained on
+            every patch, to compare with training through CI.
 
     Returns:
         (N, K, H, W) tensor with out[n, :, y, x] = Cp(patch of image n centred at (y, x)).
@@ -620,7 +625,8 @@ def dense_reference(base_net: nn.Module, images: torch.Tensor, patch_size, batch
     n_img, _, height, width = images.shape
     grid = torch.stack(torch.meshgrid(torch.arange(n_img), torch.arange(height), torch.arange(width),
                                       indexing="ij"), -1).reshape(-1, 3)
-    out = patch_outputs(base_net, images, patch_size, grid, batch_size=batch_size, progress=progress)
+    out = patch_outputs(base_net, images, patch_size, grid, batch_size=batch_size, progress=progress,
+                        differentiable=differentiable)
     return out.reshape(n_img, height, width, -1).permute(0, 3, 1, 2).contiguous()
 
 

@@ -559,7 +559,7 @@ def _compute_dtype(model):
 
 
 def patch_outputs(base_net, images, patch_size, positions, batch_size: int = 256,
-                  progress: Optional[bool] = None):
+                  progress: Optional[bool] = None, differentiable: bool = False):
     """Run Cp on the patches centred at the given pixels.
 
     Args:
@@ -570,6 +570,8 @@ def patch_outputs(base_net, images, patch_size, positions, batch_size: int = 256
         positions: (P, 3) integer array of (n, y, x) triples.
         batch_size: patches per call of Cp.
         progress: show a progress bar (tqdm); None shows one for long runs.
+        differentiable: let gradients flow to the images and Cp's weights (under a GradientTape),
+            e.g. to compare CI's gradients with Cp's; by default the result is a constant.
 
     Returns:
         (P, K) tensor: row i is Cp(patch of image n_i centred at (y_i, x_i)).
@@ -604,7 +606,8 @@ def patch_outputs(base_net, images, patch_size, positions, batch_size: int = 256
         index[..., 1] = chunk[:, 1, None, None] + rows[None, :, None]
         index[..., 2] = chunk[:, 2, None, None] + cols[None, None, :]
         patches = tf.gather_nd(padded, index)  # (B, pH, pW, C)
-        outputs.append(_output_vectors(base_net(patches, training=False), b))
+        out = _output_vectors(base_net(patches, training=False), b)
+        outputs.append(out if differentiable else tf.stop_gradient(out))
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -612,7 +615,8 @@ def patch_outputs(base_net, images, patch_size, positions, batch_size: int = 256
     return tf.concat(outputs, 0)
 
 
-def dense_reference(base_net, images, patch_size, batch_size: int = 256, progress: Optional[bool] = None):
+def dense_reference(base_net, images, patch_size, batch_size: int = 256, progress: Optional[bool] = None,
+                    differentiable: bool = False):
     """Cp run on every patch: the ground truth that CI must reproduce.
 
     Args:
@@ -621,6 +625,8 @@ def dense_reference(base_net, images, patch_size, batch_size: int = 256, progres
         patch_size: int or (pH, pW); patches follow the convention in :func:`patch_padding`.
         batch_size: patches per call of Cp.
         progress: show a progress bar (tqdm); None shows one for long runs.
+        differentiable: let gradients flow (see :func:`patch_outputs`): the loss of Cp trained on
+            every patch, to compare with training through CI.
 
     Returns:
         (N, H, W, K) tensor with out[n, y, x] = Cp(patch of image n centred at (y, x)).
@@ -629,7 +635,8 @@ def dense_reference(base_net, images, patch_size, batch_size: int = 256, progres
     n_img, height, width = int(images.shape[0]), int(images.shape[1]), int(images.shape[2])
     grid = np.stack(np.meshgrid(np.arange(n_img), np.arange(height), np.arange(width), indexing="ij"),
                     -1).reshape(-1, 3)
-    out = patch_outputs(base_net, images, patch_size, grid, batch_size=batch_size, progress=progress)
+    out = patch_outputs(base_net, images, patch_size, grid, batch_size=batch_size, progress=progress,
+                        differentiable=differentiable)
     return tf.reshape(out, [n_img, height, width, -1])
 
 
@@ -680,9 +687,13 @@ def _pool(x, kind, kernel, stride, norm_type):
         return tf.nn.max_pool2d(x, kernel, stride, "VALID")
     if kind == "avg":
         return tf.nn.avg_pool2d(x, kernel, stride, "VALID")
-    # power-average pooling as in PyTorch: (sum of x^p over the window)^(1/p)
+    # power-average pooling as in PyTorch: sign(t) * |t|^(1/p), t = sum of x^p over the window.  At
+    # t = 0 the root's derivative is infinite; like PyTorch, the gradient there is 0 (not NaN).
     total = tf.nn.avg_pool2d(tf.pow(x, norm_type), kernel, stride, "VALID") * float(kernel[0] * kernel[1])
-    return tf.pow(total, 1.0 / norm_type)
+    magnitude = tf.abs(total)
+    nonzero = magnitude > 0
+    root = tf.pow(tf.where(nonzero, magnitude, tf.ones_like(magnitude)), 1.0 / norm_type)
+    return tf.sign(total) * tf.where(nonzero, root, tf.zeros_like(root))
 
 
 def multi_pool(x, kind: str, kernel_size, stride=None, naive: bool = False, norm_type: float = 2.0):
@@ -1569,14 +1580,27 @@ class DenseFeatureModel(keras.Model):
         images = tf.cast(images, self.core.inputs[0].dtype)
         shape = _static_or_dynamic(images)
         padded = multipool_prepare(images, self.patch_size, self.stride_product)
-        tile = self.tile
-        if self.max_memory is not None and all(isinstance(s, int) for s in shape[:3]):
-            tile = self.tile_for_memory(self.max_memory, (shape[1], shape[2]), shape[0])
-        if tile is None:
-            return self._dense(padded, shape[1], shape[2])
-        if not all(isinstance(s, int) for s in shape[1:3]):
-            raise ValueError("tiling needs the image size to be known (call the model eagerly)")
-        return self._tiled(padded, shape[1], shape[2], tile)
+        size_known = all(isinstance(s, int) for s in shape[1:3])
+        if self.max_memory is not None:
+            if not size_known:
+                raise ValueError(f"max_memory={self.max_memory} needs the image height and width to be known "
+                                 f"when CI is traced (got shape {tuple(images.shape)}): call it eagerly, or trace "
+                                 f"it with a fixed height and width")
+            if not isinstance(shape[0], int):  # unknown batch: one image at a time, tiled for one image
+                tile = self.tile_for_memory(self.max_memory, (shape[1], shape[2]), 1)
+                return tf.map_fn(lambda p: self._run(p[None], shape[1], shape[2], tile)[0], padded,
+                                 fn_output_signature=tf.TensorSpec([shape[1], shape[2], self.out_channels],
+                                                                   padded.dtype))
+            return self._run(padded, shape[1], shape[2],
+                             self.tile_for_memory(self.max_memory, (shape[1], shape[2]), shape[0]))
+        if self.tile is not None and not size_known:
+            raise ValueError(f"tile={self.tile} needs the image height and width to be known when CI is traced "
+                             f"(got shape {tuple(images.shape)}): call it eagerly, or trace it with a fixed "
+                             f"height and width")
+        return self._run(padded, shape[1], shape[2], self.tile)
+
+    def _run(self, padded, height, width, tile):
+        return self._dense(padded, height, width) if tile is None else self._tiled(padded, height, width, tile)
 
     def _tiled(self, padded, height, width, tile):
         """Exact tiling (:func:`tile_grid`): each output tile from its own crop of the padded image

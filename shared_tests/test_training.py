@@ -1,0 +1,260 @@
+"""Training through CI: gradients of a loss on CI's output equal those of the same loss on Cp run on
+every patch (dense_reference(differentiable=True)), for the images and for Cp's parameters, in both
+backends, fast and naive, tiled and untiled; dense training ends with the same weights."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import netspec
+from conftest import TOL, max_rel_error
+from test_convert import patch_networks
+
+#: chains of element-wise ops in a row (PyTorch once ran them in place while autograd recorded)
+CHAINS = [["tanh", "relu"], ["sigmoid", "tanh"], ["sigmoid", "leaky_relu"], ["elu", "relu"], ["tanh", "tanh"],
+          ["softplus", "gelu", "silu"]]
+
+
+def _chain_spec(chain, pool="max"):
+    spec = [{"type": "conv", "out": 3, "k": [3, 3]}] + [{"type": "act", "fn": f} for f in chain]
+    if pool == "lp":
+        spec.append({"type": "act", "fn": "sigmoid"})
+    spec += [{"type": "pool", "kind": pool, "k": [2, 2], "stride": [2, 2], "p": 2.0},
+             {"type": "conv", "out": 4, "k": [2, 2], "stride": [2, 1]}] + \
+            [{"type": "act", "fn": f} for f in reversed(chain)] + \
+            [{"type": "flatten"}, {"type": "linear", "out": 3}]
+    return spec, 2, (9, 8)
+
+
+def torch_gradients(tb, net, images, patch, weights_r, ci=None):
+    """(output, d loss / d images, d loss / d parameters) with loss = sum(output * R), for CI or,
+    when ``ci`` is None, Cp on every patch."""
+    import torch
+    x = images.clone().requires_grad_(True)
+    out = ci(x) if ci is not None else tb.FDFE.dense_reference(net, x, patch, differentiable=True)
+    params = [p for p in net.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((out * weights_r).sum(), [x] + params)
+    return out.detach(), grads[0], grads[1:]
+
+
+def keras_gradients(kb, net, images, patch, weights_r, ci=None):
+    import tensorflow as tf
+    variables = net.trainable_weights
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        out = ci(images) if ci is not None else kb.FDFE.dense_reference(net, images, patch, differentiable=True)
+        loss = tf.reduce_sum(out * weights_r)
+    grads = tape.gradient(loss, [images] + variables)
+    assert all(g is not None for g in grads), "a gradient is missing (None)"
+    return out, grads[0], grads[1:]
+
+
+def _gradient_error(got, ref):
+    """max_rel_error, except that a gradient that is exactly zero (e.g. behind a ReLU that is off on
+    every pixel) must be exactly zero in both."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    if not np.abs(ref).max() > 0:
+        assert got.shape == ref.shape and np.all(got == 0), "reference gradient is 0 but CI's is not"
+        return 0.0
+    return max_rel_error(got, ref)
+
+
+def _compare(got, ref, what):
+    out, gx, gp = got
+    r_out, r_gx, r_gp = ref
+    assert max_rel_error(out, r_out) <= TOL["float64"], what
+    assert len(gp) == len(r_gp) > 0
+    assert _gradient_error(gx, r_gx) <= TOL["float64"], f"{what}: d/d images"
+    for i, (a, b) in enumerate(zip(gp, r_gp)):
+        assert _gradient_error(a, b) <= TOL["float64"], f"{what}: d/d parameter {i}"
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in [r_gx] + list(r_gp)), "all gradients are 0"
+
+
+def _check_torch(tb, spec, channels, patch, batch, h, w, seed, modes):
+    import torch
+    weights = netspec.make_weights(spec, channels, patch, seed)
+    net = netspec.build_torch(spec, channels, patch, weights)
+    images = torch.from_numpy(netspec.random_images(batch, channels, h, w, seed).transpose(0, 3, 1, 2))
+    ref_out = tb.FDFE.dense_reference(net, images, patch)
+    r = torch.from_numpy(np.random.default_rng(seed + 7).standard_normal(tuple(ref_out.shape)))
+    ref = torch_gradients(tb, net, images, patch, r)
+    for naive, tile in modes:
+        ci = tb.FDFE.convert(net, patch, naive=naive, tile=tile)
+        _compare(torch_gradients(tb, net, images, patch, r, ci), ref, f"naive={naive}, tile={tile}")
+
+
+def _check_keras(kb, spec, channels, patch, batch, h, w, seed, modes):
+    import tensorflow as tf
+    weights = netspec.make_weights(spec, channels, patch, seed)
+    net = netspec.build_keras(spec, channels, patch, weights, kb.FDFE)
+    images = tf.constant(netspec.random_images(batch, channels, h, w, seed))
+    r = tf.constant(np.random.default_rng(seed + 7).standard_normal((batch, h, w, netspec.shapes(
+        spec, channels, patch)[-1][0] * int(np.prod(netspec.shapes(spec, channels, patch)[-1][1:])))))
+    ref = keras_gradients(kb, net, images, patch, r)
+    for naive, tile in modes:
+        ci = kb.FDFE.convert(net, patch, naive=naive, tile=tile)
+        _compare(keras_gradients(kb, net, images, patch, r, ci), ref, f"naive={naive}, tile={tile}")
+
+
+ALL_MODES = [(False, None), (True, None), (False, (3, 4)), (True, (4, 2))]
+
+
+@pytest.mark.parametrize("chain", CHAINS, ids=["-".join(c) for c in CHAINS])
+def test_torch_gradients_of_activation_chains(tb, chain):
+    spec, channels, patch = _chain_spec(chain)
+    _check_torch(tb, spec, channels, patch, 2, 7, 9, 1, ALL_MODES)
+
+
+@pytest.mark.parametrize("chain", CHAINS[:3], ids=["-".join(c) for c in CHAINS[:3]])
+def test_keras_gradients_of_activation_chains(kb, chain):
+    spec, channels, patch = _chain_spec(chain)
+    _check_keras(kb, spec, channels, patch, 2, 7, 9, 1, ALL_MODES)
+
+
+@pytest.mark.parametrize("pool", ["avg", "lp"])
+def test_gradients_through_average_and_lp_pooling(tb, kb, pool):
+    spec, channels, patch = _chain_spec(["relu"], pool)
+    _check_torch(tb, spec, channels, patch, 1, 6, 7, 2, ALL_MODES)
+    _check_keras(kb, spec, channels, patch, 1, 6, 7, 2, ALL_MODES)
+
+
+@settings(max_examples=8)
+@given(patch_networks(), st.integers(0, 2**16), st.sampled_from(ALL_MODES))
+def test_random_net_gradients_both_backends(tb, kb, net_case, seed, mode):
+    """Property: for random nets, CI's gradients (images and every parameter) equal Cp's on every patch."""
+    spec, channels, patch, batch, h, w = net_case
+    _check_torch(tb, spec, channels, patch, batch, h, w, seed, [mode])
+    _check_keras(kb, spec, channels, patch, batch, h, w, seed, [mode])
+
+
+def test_lp_pooling_gradient_is_zero_at_all_zero_windows(tb, kb):
+    """LP pooling of a window of zeros: gradient 0 (finite) in both backends, like torch's LPPool2d."""
+    import tensorflow as tf
+    import torch
+    x = np.zeros((1, 4, 4, 2))
+    x[0, 2:, 2:, :] = np.random.default_rng(0).standard_normal((2, 2, 2))
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_(True)
+    torch.nn.LPPool2d(2, 2)(xt).sum().backward()
+    xk = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xk)
+        y = kb.FDFE.LPPooling2D(2.0, 2, dtype="float64")(xk)
+        total = tf.reduce_sum(y)
+    gk = tape.gradient(total, xk).numpy()
+    gt = xt.grad.numpy().transpose(0, 2, 3, 1)
+    assert np.all(np.isfinite(gk)) and np.all(gk[0, :2, :2] == 0)
+    np.testing.assert_allclose(gk, gt, rtol=1e-12, atol=0)
+    assert np.abs(gt).max() > 0
+    np.testing.assert_allclose(y.numpy(), torch.nn.LPPool2d(2, 2)(xt).detach().numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-12)
+
+
+def test_relu_net_with_lp_pooling_trains_without_nan(kb):
+    """A ReLU net with L2 pooling: one SGD step through CI leaves every weight finite."""
+    import keras
+    import tensorflow as tf
+    spec = [{"type": "conv", "out": 3, "k": [3, 3]}, {"type": "act", "fn": "relu"},
+            {"type": "pool", "kind": "lp", "k": [2, 2], "stride": [2, 2], "p": 2.0}, {"type": "conv", "out": 2, "k": [2, 2]}]
+    net = netspec.build_keras(spec, 1, 6, netspec.make_weights(spec, 1, 6, 3), kb.FDFE)
+    net.layers[0].bias.assign(-5 * np.ones(3))  # most windows all zero after the ReLU
+    ci = kb.FDFE.convert(net, 6)
+    images = tf.constant(netspec.random_images(1, 1, 8, 8))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(ci(images) ** 2)
+    grads = tape.gradient(loss, net.trainable_weights)
+    keras.optimizers.SGD(0.1).apply_gradients(zip(grads, net.trainable_weights))
+    assert all(np.all(np.isfinite(w.numpy())) for w in net.trainable_weights)
+
+
+def test_keras_tiling_in_every_mode(kb):
+    """Tiled CI (tile= or max_memory=): eager, tf.function with static and unknown batch, predict,
+    GradientTape; same values and gradients as untiled; no tf.Variable per call."""
+    import tensorflow as tf
+    spec = [{"type": "conv", "out": 4, "k": 3, "stride": 2}, {"type": "act", "fn": "tanh"},
+            {"type": "pool", "kind": "avg", "k": 2, "stride": 2}, {"type": "conv", "out": 3, "k": 2}]
+    patch = (12, 12)
+    net = netspec.build_keras(spec, 2, patch, netspec.make_weights(spec, 2, patch), kb.FDFE)
+    images = tf.constant(netspec.random_images(2, 2, 41, 45))
+    untiled = kb.FDFE.convert(net, patch)
+    full = untiled(images)
+    budget = untiled.estimate_memory((41, 45), batch=2) // 2
+    assert untiled.tile_for_memory(budget, (41, 45), 2) is not None
+    dynamic_batch = [tf.TensorSpec([None, 41, 45, 2], tf.float64)]
+    for ci in (kb.FDFE.convert(net, patch, tile=(5, 7)), kb.FDFE.convert(net, patch, max_memory=budget)):
+        n_variables = len(ci.variables)
+        assert max_rel_error(ci(images), full) <= 1e-13
+        assert max_rel_error(tf.function(ci)(images), full) <= 1e-13
+        assert max_rel_error(tf.function(ci, input_signature=dynamic_batch)(images), full) <= 1e-13
+        assert max_rel_error(ci.predict(images, verbose=0), full) <= 1e-6  # predict feeds float32
+        r = tf.constant(np.random.default_rng(1).standard_normal(tuple(full.shape)))
+        _compare(keras_gradients(kb, net, images, patch, r, ci), keras_gradients(kb, net, images, patch, r, untiled),
+                 f"tile={ci.tile}, max_memory={ci.max_memory}")
+        assert len(ci.variables) == n_variables
+
+
+def test_keras_budget_needs_a_known_image_size(kb):
+    import tensorflow as tf
+    ci = kb.FDFE.convert(kb.BaseNet.BaseNet(), 15, max_memory=10**6)
+    f = tf.function(ci, input_signature=[tf.TensorSpec([1, None, None, 1], tf.float32)])
+    with pytest.raises(ValueError, match=r"max_memory=1000000 needs the image height and width to be known"):
+        f(tf.zeros((1, 20, 20, 1)))
+
+
+def _student_teacher(seed):
+    spec = [{"type": "conv", "out": 4, "k": [3, 3]}, {"type": "act", "fn": "tanh"},
+            {"type": "pool", "kind": "max", "k": [2, 2], "stride": [2, 2]},
+            {"type": "conv", "out": 3, "k": [2, 2], "stride": [1, 1]}, {"type": "act", "fn": "relu"},
+            {"type": "flatten"}, {"type": "linear", "out": 3}]
+    patch = (7, 7)
+    return spec, patch, netspec.make_weights(spec, 1, patch, seed), netspec.make_weights(spec, 1, patch, seed + 1)
+
+
+def test_torch_dense_training_equals_training_on_all_patches(tb):
+    """A student Cp trained through CI to regress a teacher's dense output (3 SGD steps, float64) ends
+    with the same weights as training on all patches."""
+    import torch
+    spec, patch, w_teacher, w_student = _student_teacher(4)
+    teacher = netspec.build_torch(spec, 1, patch, w_teacher)
+    images = torch.from_numpy(netspec.random_images(2, 1, 11, 13, 4).transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        target = tb.FDFE.convert(teacher, patch)(images)
+    students = []
+    for through_ci in (True, False):
+        student = netspec.build_torch(spec, 1, patch, w_student)
+        ci = tb.FDFE.convert(student, patch, tile=(5, 6))
+        opt = torch.optim.SGD(student.parameters(), lr=0.5)
+        for _ in range(3):
+            out = ci(images) if through_ci else tb.FDFE.dense_reference(student, images, patch, differentiable=True)
+            loss = ((out - target) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        students.append(student)
+    moved = max_rel_error(students[0][0].weight.detach(), torch.from_numpy(w_student["0.weight"]))
+    assert moved > 1e-3  # training changed the weights
+    for a, b in zip(students[0].parameters(), students[1].parameters()):
+        assert max_rel_error(a.detach(), b.detach()) <= TOL["float64"]
+
+
+def test_keras_dense_training_equals_training_on_all_patches(kb):
+    import keras
+    import tensorflow as tf
+    spec, patch, w_teacher, w_student = _student_teacher(4)
+    teacher = netspec.build_keras(spec, 1, patch, w_teacher, kb.FDFE)
+    images = tf.constant(netspec.random_images(2, 1, 11, 13, 4))
+    target = kb.FDFE.convert(teacher, patch)(images)
+    students = []
+    for through_ci in (True, False):
+        student = netspec.build_keras(spec, 1, patch, w_student, kb.FDFE)
+        ci = kb.FDFE.convert(student, patch, tile=(5, 6))
+        opt = keras.optimizers.SGD(0.5)
+        for _ in range(3):
+            with tf.GradientTape() as tape:
+                out = ci(images) if through_ci else kb.FDFE.dense_reference(student, images, patch,
+                                                                             differentiable=True)
+                loss = tf.reduce_mean((out - target) ** 2)
+            opt.apply_gradients(zip(tape.gradient(loss, student.trainable_weights), student.trainable_weights))
+        students.append(student)
+    assert max_rel_error(students[0].layers[0].kernel.numpy(), w_student["0.weight"].transpose(2, 3, 1, 0)) > 1e-3
+    for a, b in zip(students[0].trainable_weights, students[1].trainable_weights):
+        assert max_rel_error(a.numpy(), b.numpy()) <= TOL["float64"]
