@@ -2023,5 +2023,8 @@ def _self_check(net: DenseFeatureNet, base_net: nn.Module) -> None:
     if dtype == torch.float32 and device.type == "cuda" and (torch.backends.cudnn.allow_tf32
                                                               or torch.backends.cuda.matmul.allow_tf32):
         tolerance = 1e-2  # TF32 tensor cores round operands to 10-bit mantissas
+    compute_dtype = dtype
+    if torch.is_autocast_enabled(device.type):  # convert() called under torch.autocast
+        compute_dtype = torch.get_autocast_dtype(device.type)
     _self_check_compare(got.double().flatten().tolist(), expected.double().flatten().tolist(),
-                        str(dtype).replace("torch.", ""), tolerance)
+                        str(compute_dtype).replace("torch.", ""), tolerance)

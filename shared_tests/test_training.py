@@ -258,3 +258,84 @@ def test_keras_dense_training_equals_training_on_all_patches(kb):
     assert max_rel_error(students[0].layers[0].kernel.numpy(), w_student["0.weight"].transpose(2, 3, 1, 0)) > 1e-3
     for a, b in zip(students[0].trainable_weights, students[1].trainable_weights):
         assert max_rel_error(a.numpy(), b.numpy()) <= TOL["float64"]
+
+
+# --- mixed precision -------------------------------------------------------------------------
+
+def _mixed_spec():
+    spec = [{"type": "conv", "out": 8, "k": 3, "stride": 2}, {"type": "act", "fn": "tanh"},
+            {"type": "pool", "kind": "avg", "k": 2, "stride": 2}, {"type": "conv", "out": 6, "k": 2},
+            {"type": "flatten"}, {"type": "linear", "out": 5}]
+    return spec, 2, (12, 12)
+
+
+def test_torch_autocast_bfloat16(tb):
+    """convert() and CI under torch.autocast (CPU, bfloat16): the self-check uses bfloat16's tolerance."""
+    import torch
+    spec, channels, patch = _mixed_spec()
+    for seed in range(3):
+        net = netspec.build_torch(spec, channels, patch, netspec.make_weights(spec, channels, patch, seed), "float32")
+        images = torch.from_numpy(netspec.random_images(2, channels, 19, 23, seed).transpose(0, 3, 1, 2)).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            ci = tb.FDFE.convert(net, patch)
+            out, ref = ci(images), tb.FDFE.dense_reference(net, images, patch)
+        assert out.dtype == ref.dtype == torch.bfloat16
+        assert max_rel_error(out.float(), ref.float()) <= TOL["bfloat16"]
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_keras_mixed_precision_policies(kb, policy):
+    import keras
+    import tensorflow as tf
+    spec, channels, patch = _mixed_spec()
+    L = keras.layers
+    keras.config.set_dtype_policy(policy)
+    try:
+        for seed in range(3):
+            net = keras.Sequential([keras.Input((*patch, channels)), L.Conv2D(8, 3, 2), L.Activation("tanh"),
+                                    L.AveragePooling2D(2), L.Conv2D(6, 2), L.Flatten(), L.Dense(5)])
+            for layer, w in zip([net.layers[0], net.layers[3], net.layers[5]], [
+                    netspec.make_weights(spec, channels, patch, seed)[k] for k in ("0.weight", "3.weight", "5.weight")]):
+                kernel = w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T
+                if w.ndim == 2:  # torch's (C, H, W) flattening order -> Keras' (H, W, C)
+                    kernel = w.reshape(5, 6, 1, 1).transpose(2, 3, 1, 0).reshape(6, 5)
+                layer.kernel.assign(kernel.astype("float32"))
+            images = tf.constant(netspec.random_images(2, channels, 19, 23, seed), tf.float32)
+            ci = kb.FDFE.convert(net, patch)  # the self-check uses the compute dtype's tolerance
+            out, ref = ci(images), kb.FDFE.dense_reference(net, images, patch)
+            assert out.dtype == ref.dtype == net.compute_dtype
+            assert max_rel_error(tf.cast(out, tf.float32), tf.cast(ref, tf.float32)) <= TOL[net.compute_dtype]
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def test_keras_subclassed_models_that_cast(kb):
+    """Subclassed models whose input is cast (float64 layers in a float32 model; an explicit cast in
+    call()) convert: the casts are recorded and made again in CI."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+
+    class Float64Layers(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = L.Conv2D(3, 3, dtype="float64")
+            self.pool = L.MaxPooling2D(2, dtype="float64")
+            self.conv2 = L.Conv2D(4, 2, dtype="float64")
+
+        def call(self, x):
+            return self.conv2(self.pool(self.conv1(x)))
+
+    class CastsItsInput(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.pool, self.conv2 = L.Conv2D(3, 3), L.MaxPooling2D(2), L.Conv2D(4, 2)
+
+        def call(self, x):
+            return self.conv2(self.pool(self.conv1(keras.ops.cast(x, "float32"))))
+
+    for net, dtype in ((Float64Layers(), tf.float64), (CastsItsInput(), tf.float32)):
+        net.build((None, 6, 6, 1))
+        ci = kb.FDFE.convert(net, 6, in_channels=1)
+        images = tf.constant(netspec.random_images(2, 1, 11, 9), dtype)
+        assert max_rel_error(ci(images), kb.FDFE.dense_reference(net, images, 6)) <= TOL["float32"]

@@ -538,7 +538,7 @@ def check_patch_size(base_net, patch_size, in_channels: int) -> int:
     """
     ph, pw = _pair(patch_size, "patch_size")
     try:
-        out = base_net(tf.random.normal([1, ph, pw, in_channels], dtype=_compute_dtype(base_net)),
+        out = base_net(tf.random.normal([1, ph, pw, in_channels], dtype=_input_dtype(base_net)),
                        training=False)
     except (ValueError, tf.errors.InvalidArgumentError) as exc:
         raise ValueError(f"patch {ph}x{pw} does not fit the net (smaller than its receptive field needs?): "
@@ -550,12 +550,27 @@ def check_patch_size(base_net, patch_size, in_channels: int) -> int:
 
 
 def _compute_dtype(model):
-    """The dtype Cp computes in: that of its first weight, else its dtype policy's."""
-    for weight in getattr(model, "weights", []):
-        dtype = tf.as_dtype(weight.dtype)
+    """The dtype Cp computes in: the compute dtype of its first layer with weights (float16 under a
+    mixed_float16 policy, whose variables are float32), else the model's own."""
+    layers = [model] if not hasattr(model, "_flatten_layers") else model._flatten_layers(include_self=True)
+    for layer in layers:
+        if getattr(layer, "_trainable_variables", None) or (
+                not list(layer._flatten_layers(include_self=False, recursive=False)) and layer.weights):
+            dtype = tf.as_dtype(layer.compute_dtype)
+            if dtype.is_floating:
+                return dtype
+    return tf.as_dtype(getattr(model, "compute_dtype", None) or "float32")
+
+
+def _input_dtype(model):
+    """The dtype Cp takes: its declared input's (float32 for a mixed-precision model), else the compute dtype."""
+    try:
+        dtype = tf.as_dtype(model.inputs[0].dtype)
         if dtype.is_floating:
             return dtype
-    return tf.as_dtype(getattr(model, "compute_dtype", None) or "float32")
+    except (AttributeError, IndexError, TypeError, ValueError):
+        pass
+    return _compute_dtype(model)
 
 
 def patch_outputs(base_net, images, patch_size, positions, batch_size: int = 256,
@@ -1143,6 +1158,9 @@ class _Tracer:
             return  # a symbolic call made while Keras builds a layer
         if self.error is not None:
             return
+        for t in inputs:
+            if id(t) not in self.slot_of:
+                self._record_cast(t)
         unknown = [t for t in inputs if id(t) not in self.slot_of]
         if unknown:
             self.error = ConversionError(
@@ -1161,6 +1179,30 @@ class _Tracer:
         self.shapes[slot] = tuple(outs[0].shape)
         self.alive.append(outs[0])
         self.calls.append(_Call(layer, in_slots, [self.shapes[s] for s in in_slots], slot, tuple(outs[0].shape)))
+
+    def _record_cast(self, tensor):
+        """A tensor no layer produced may be a known value cast to another float dtype (Keras' autocast
+        of a model's input, a layer with its own dtype, an explicit cast): record it as a cast."""
+        dtype = tf.as_dtype(tensor.dtype)
+        if not dtype.is_floating:
+            return
+        for known in reversed(self.alive):
+            if (tuple(known.shape) == tuple(tensor.shape) and tf.as_dtype(known.dtype).is_floating
+                    and known.dtype != tensor.dtype and bool(tf.reduce_all(tf.cast(known, dtype) == tensor))):
+                source = self.slot_of[id(known)]
+                slot = len(self.shapes)
+                self.slot_of[id(tensor)] = slot
+                self.shapes[slot] = tuple(tensor.shape)
+                self.alive.append(tensor)
+                self.calls.append(_Call(_Cast(dtype.name), [source], [self.shapes[source]], slot, self.shapes[slot]))
+                return
+
+
+class _Cast:
+    """A recorded cast between layers (not a Keras layer): CI casts the same way."""
+
+    def __init__(self, dtype):
+        self.dtype, self.name = dtype, f"cast_to_{dtype}"
 
 
 # ---------------------------------------------------------------------------
@@ -1314,6 +1356,13 @@ def _rule_activation(call, geoms):
     if isinstance(call.layer, keras.layers.Softmax):
         return _rule_channelwise(call, geoms)
     return _rule_reuse(call, geoms)
+
+
+@_rule_for(_Cast, label="casts between layers (autocast of the input, layers with their own dtype)")
+def _rule_cast(call, geoms):
+    """A cast to another float dtype: per pixel."""
+    dtype = call.layer.dtype
+    return (lambda xs: [keras.ops.cast(xs[0], dtype)]), [geoms[0]]
 
 
 @_rule_for(keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.GaussianNoise,
@@ -1660,9 +1709,13 @@ def _trace(base_net, patch_size, in_channels):
     ph, pw = patch_size
     last_error = None
     for batch in (2, 1):
-        example = tf.random.normal([batch, ph, pw, in_channels], dtype=_compute_dtype(base_net))
+        dtype = _input_dtype(base_net)
+        example = tf.random.normal([batch, ph, pw, in_channels], dtype=dtype)
         try:
             base_net(example, training=False)  # builds the layers outside the recording
+            if _input_dtype(base_net) != dtype:  # the layers' dtypes are known once they are built
+                example = tf.random.normal([batch, ph, pw, in_channels], dtype=_input_dtype(base_net))
+                base_net(example, training=False)
             with _Tracer(example) as tracer:
                 out = base_net(example, training=False)
         except ConversionError:
@@ -1746,7 +1799,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     tracer, out, example = _trace(base_net, (ph, pw), int(in_channels))
     batch = int(example.shape[0])
-    dtype = _compute_dtype(base_net)
+    dtype = tf.as_dtype(example.dtype)
     images = keras.Input((None, None, in_channels), dtype=dtype.name, name="padded_images")
     values = {0: images}
     geoms = {0: _Geom(MAP, in_channels, (ph, pw))}
@@ -1791,4 +1844,4 @@ def _self_check(net, base_net, dtype):
         net.tile, net.max_memory = tile, max_memory
     expected = patch_outputs(base_net, images, net.patch_size, positions).numpy().astype(np.float64)
     got = tf.gather_nd(dense, positions).numpy().astype(np.float64)
-    _self_check_compare(got.ravel().tolist(), expected.ravel().tolist(), dtype.name)
+    _self_check_compare(got.ravel().tolist(), expected.ravel().tolist(), _compute_dtype(base_net).name)
