@@ -1804,6 +1804,19 @@ class DenseFeatureNet(nn.Module):
         return self._tiled(padded, height, width, tile)
 
     @property
+    def memory_format(self):
+        """The internal layout (torch.channels_last, torch.contiguous_format or None); stored by name,
+        since torch.memory_format objects do not pickle with torch.save's protocol."""
+        return None if self._memory_format is None else getattr(torch, self._memory_format)
+
+    @memory_format.setter
+    def memory_format(self, value):
+        if value is not None and value not in (torch.channels_last, torch.contiguous_format):
+            raise ValueError(f"memory_format must be torch.channels_last, torch.contiguous_format or None, "
+                             f"got {value!r}")
+        self._memory_format = None if value is None else str(value).replace("torch.", "")
+
+    @property
     def tile(self):
         return self._tile
 
