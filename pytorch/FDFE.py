@@ -652,11 +652,20 @@ def multipool_prepare(images: torch.Tensor, patch_size, stride_product=1) -> tor
     top, bottom, left, right = patch_padding(patch_size)
     sh, sw = _pair(stride_product, "stride_product")
     height, width = images.shape[-2:]
-    return F.pad(images, (left, right + (-width) % sw, top, bottom + (-height) % sh))
+    # the extra rows as "ceil(H / SH) * SH - H" (not "(-H) % SH"): for symbolic sizes (torch.export) the
+    # padded size is then a multiple of SH plus a constant, which the shape solver simplifies
+    extra_h = (height + sh - 1) // sh * sh - height
+    extra_w = (width + sw - 1) // sw * sw - width
+    return F.pad(images, (left, right + extra_w, top, bottom + extra_h))
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
-    """True when channels are the innermost axis in memory (also for crops of channels-last tensors)."""
+    """True when channels are the innermost axis in memory (also for crops of channels-last tensors).
+
+    Always False while torch.export / torch.compile trace (strides of symbolic sizes would add
+    guards on the image size; every path is exact in either layout)."""
+    if torch.compiler.is_compiling():
+        return False
     return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and x.stride(3) >= x.shape[1]
 
 
@@ -1782,6 +1791,8 @@ class DenseFeatureNet(nn.Module):
         values = {0: padded}
         layout = self.memory_format
         in_place_ok = not torch.is_grad_enabled()
+        if torch.compiler.is_compiling():
+            layout, in_place_ok = None, False
         for step, free, overwrite in zip(self.steps, self.plan.free_after, self.plan.overwrite):
             outs = step.run([values[s] for s in step.inputs], self, overwrite and in_place_ok)
             for s, v in zip(step.outputs, outs):
@@ -1796,12 +1807,26 @@ class DenseFeatureNet(nn.Module):
         check_images(images, self.in_channels)
         height, width = images.shape[-2:]
         padded = multipool_prepare(images, self.patch_size, self.stride_product)
+        if torch.compiler.is_compiling():
+            # torch.export / torch.compile: one untiled graph in the default layout, valid for every
+            # N, H, W (tile sizes and layouts would add guards on the image size)
+            return self._crop(unwarp(self.stacked(padded), self.strides, self.naive), height, width)
         if self.memory_format is not None and self.memory_format != torch.contiguous_format:
             padded = padded.contiguous(memory_format=self.memory_format)
         tile = self._tile_size(images.device, height, width, images.shape[0], images.dtype)
         if tile is None:
-            return unwarp(self.stacked(padded), self.strides, self.naive)[:, :, :height, :width]
+            return self._crop(unwarp(self.stacked(padded), self.strides, self.naive), height, width)
         return self._tiled(padded, height, width, tile)
+
+    @staticmethod
+    def _crop(dense, height, width):
+        """The first ``height`` x ``width`` pixels.  While tracing for export, by index (a slice would
+        need the guard "unwarped size >= image size", which the shape solver cannot prove)."""
+        if torch.compiler.is_compiling():
+            rows = torch.arange(height, device=dense.device)
+            cols = torch.arange(width, device=dense.device)
+            return dense.index_select(2, rows).index_select(3, cols)
+        return dense[:, :, :height, :width]
 
     @property
     def memory_format(self):

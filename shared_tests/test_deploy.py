@@ -111,3 +111,25 @@ def test_keras_copies_and_saved_models_are_exact(kb, tmp_path):
         clone = make_copy(ci)
         np.testing.assert_array_equal(clone(images).numpy(), ref, err_msg=name)
         assert (clone.patch_size, clone.strides, clone.naive) == (ci.patch_size, ci.strides, ci.naive), name
+
+
+def test_torch_export_with_automatic_dynamic_sizes(tb):
+    """torch.export.export with Dim.AUTO for N, H and W: one untiled graph, exact at sizes not seen at
+    export (not multiples of the stride product, other batches).  Sizes up to the stride product are
+    refused by the exported program's own guard (an error, never a wrong answer)."""
+    import torch
+    from torch.export import Dim
+    net, ci = _torch_ci(tb)  # default tile="auto": export takes the untiled path
+    example = torch.randn(2, CHANNELS, 30, 33)
+    program = torch.export.export(ci, (example,), dynamic_shapes={"images": {0: Dim.AUTO, 2: Dim.AUTO,
+                                                                             3: Dim.AUTO}})
+    exported = program.module()
+    for shape in [(1, CHANNELS, 17, 23), (3, CHANNELS, 64, 45), (2, CHANNELS, 29, 26)]:
+        images = torch.from_numpy(netspec.random_images(shape[0], CHANNELS, shape[2], shape[3], 5)
+                                  .transpose(0, 3, 1, 2)).float()
+        with torch.no_grad():
+            out = exported(images)
+        assert out.shape == (shape[0], 3, shape[2], shape[3])
+        assert max_rel_error(out, tb.FDFE.dense_reference(net, images, PATCH)) <= TOL["float32"]
+    with pytest.raises(AssertionError, match="Guard failed"):
+        exported(torch.randn(1, CHANNELS, 3, 3))
