@@ -133,3 +133,28 @@ def test_torch_export_with_automatic_dynamic_sizes(tb):
         assert max_rel_error(out, tb.FDFE.dense_reference(net, images, PATCH)) <= TOL["float32"]
     with pytest.raises(AssertionError, match="Guard failed"):
         exported(torch.randn(1, CHANNELS, 3, 3))
+
+
+def test_keras_saved_model_serves_any_image_size(kb, tmp_path):
+    """ci.export() and tf.saved_model.save(ci): the serving signature takes (None, None, None, C); the
+    reloaded artifact is exact at sizes not seen before (not multiples of the stride product, batch 3)."""
+    import tensorflow as tf
+    net, ci = _keras_ci(kb)
+    ci.export(str(tmp_path / "exported"))
+    tf.saved_model.save(ci, str(tmp_path / "saved"))
+    exported = tf.saved_model.load(str(tmp_path / "exported"))
+    signatures = [exported.signatures["serving_default"],
+                  tf.saved_model.load(str(tmp_path / "saved")).signatures["serving_default"]]
+    for fn in signatures:
+        spec = fn.structured_input_signature
+        specs = list(spec[0]) + list(spec[1].values())
+        assert [tuple(s.shape) for s in specs] == [(None, None, None, CHANNELS)]
+    served = signatures + [exported.serve]
+    for n, h, w in [(1, 17, 23), (3, 9, 31)]:
+        images = tf.constant(netspec.random_images(n, CHANNELS, h, w, 6), tf.float32)
+        ref = kb.FDFE.dense_reference(net, images, PATCH)
+        for fn in served:
+            out = fn(images)
+            out = out if tf.is_tensor(out) else next(iter(out.values()))
+            assert tuple(out.shape) == (n, h, w, 3)
+            assert max_rel_error(out, ref) <= TOL["float32"]

@@ -1576,6 +1576,11 @@ class DenseFeatureModel(keras.Model):
         self.peak_channels = int(peak_channels or in_channels + out_channels)
         self.max_memory = max_memory
 
+    def build(self, input_shape=None):
+        """CI takes images of any N, H, W: built for (None, None, None, C) whatever shape comes first,
+        so that export() and tf.saved_model.save serve every image size."""
+        self.built = True
+
     @property
     def naive(self):
         return self._naive
@@ -1825,6 +1830,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     net = DenseFeatureModel(core, (ph, pw), list(geom.strides), in_channels, out_channels, naive=naive,
                             tile=tile, progress=progress, peak_channels=plan.peak_channels, max_memory=max_memory,
                             name=f"{base_net.name}_dense")
+    net.build((None, None, None, in_channels))
     if check:
         _self_check(net, base_net, dtype)
     return net
