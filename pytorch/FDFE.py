@@ -401,9 +401,9 @@ def _tile_for_memory(budget, estimate, image_size, stride_product):
         tile = (_ceil_to(min(edge, height), sh), _ceil_to(min(edge, width), sw))
         if estimate(tile) <= budget:
             return tile
-    raise MemoryError(f"CI needs about {estimate((smallest, smallest)) / 2**20:.0f} MiB even with "
+    raise MemoryError(f"CI needs about {estimate((smallest, smallest)) / 2**20:.1f} MiB even with "
                       f"{smallest}x{smallest} tiles (the padded image and the output alone take "
-                      f"{estimate((1, 1)) / 2**20:.0f} MiB); the budget is {budget / 2**20:.0f} MiB")
+                      f"{estimate((1, 1)) / 2**20:.1f} MiB); the budget is {budget / 2**20:.1f} MiB")
 
 
 def tile_grid(height, width, tile, stride_product):
@@ -433,6 +433,82 @@ def tile_grid(height, width, tile, stride_product):
             h, w = min(th, height - y0), min(tw, width - x0)
             grid.append((y0, x0, h, w, _ceil_to(h, sh), _ceil_to(w, sw)))
     return grid
+
+
+# --- the memory guard: never more than the process may still allocate ----------------------------
+
+#: share of the memory the process may still allocate that CI plans to fill (the rest is left for
+#: the framework's caches, fragmentation and the estimate's error)
+MEMORY_GUARD_FRACTION = 0.6
+
+
+def _read_int(path):
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return None if text in ("", "max") else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+def _host_memory_available():
+    """Bytes this process may still allocate on the host: the least of the system's available memory
+    (/proc/meminfo MemAvailable), the cgroup's limit minus its usage, and the address-space limit
+    (RLIMIT_AS) minus the address space in use.  None where none of them can be read."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2 ** 60:
+            limits.append(max(0, limit - usage))
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/status") as f:
+                vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+            limits.append(max(0, soft - vm))
+    except (ImportError, OSError, ValueError, StopIteration):
+        pass
+    return min(limits) if limits else None
+
+
+def _choose_tile(requested, estimate, image_size, stride_product, max_memory, available, what):
+    """The tile CI runs with (None: untiled).
+
+    Args:
+        requested: the tile asked for (None or (th, tw)).
+        estimate: tile -> estimated peak bytes.
+        max_memory: the user's budget in bytes, or None.
+        available: bytes the process may still allocate (the memory guard), or None (guard off).
+        what: the work, for messages (e.g. "CI on 2 images of 3000x4000").
+
+    With a budget, the largest tile that fits it.  Otherwise the requested tile, made smaller where
+    MEMORY_GUARD_FRACTION of the available memory demands it; MemoryError where nothing fits.
+    """
+    if max_memory is not None:
+        return _tile_for_memory(max_memory, estimate, image_size, stride_product)
+    if available is None:
+        return requested
+    guard = int(available * MEMORY_GUARD_FRACTION)
+    if estimate(requested) <= guard:
+        return requested
+    try:
+        return _tile_for_memory(guard, estimate, image_size, stride_product)
+    except MemoryError as exc:
+        raise MemoryError(f"{what} would need about {estimate(requested) / 2**20:.0f} MiB, but this process may "
+                          f"allocate only about {available / 2**20:.0f} MiB more (the memory guard uses "
+                          f"{MEMORY_GUARD_FRACTION:.0%} of it), and tiles do not help: {exc}. Use smaller images "
+                          f"or batches; or set max_memory= to a budget you know is free, or memory_guard=False "
+                          f"to allocate anyway") from None
 
 
 # --- the self-check: CI against Cp on a few patches before convert() returns --------------------
@@ -657,6 +733,17 @@ def multipool_prepare(images: torch.Tensor, patch_size, stride_product=1) -> tor
     extra_h = (height + sh - 1) // sh * sh - height
     extra_w = (width + sw - 1) // sw * sw - width
     return F.pad(images, (left, right + extra_w, top, bottom + extra_h))
+
+
+def _memory_available(device: torch.device) -> Optional[int]:
+    """Bytes CI may still allocate on ``device``: free CUDA memory (plus what PyTorch's allocator holds
+    unused), the host's (:func:`_host_memory_available`) on the CPU; None where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        return _host_memory_available()
+    return None
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -1735,6 +1822,10 @@ class DenseFeatureNet(nn.Module):
         memory_format: torch.channels_last (default) or torch.contiguous_format for the internal tensors.
         max_memory: None, or a budget in bytes: tiles are chosen so that :meth:`estimate_memory`
             stays under it (overrides ``tile``).
+        memory_guard: True (default): without max_memory, CI compares its estimate with the memory
+            the process may still allocate (host: available memory, cgroup and address-space limits;
+            CUDA: free device memory) and tiles, or raises MemoryError, instead of running out of
+            memory.  False: allocate whatever the image needs.
         steps, plan: what CI runs (see :func:`plan_steps`).
 
     Shape:
@@ -1751,7 +1842,7 @@ class DenseFeatureNet(nn.Module):
 
     def __init__(self, base_net, patch_size, in_channels, out_channels, steps, output_slot, strides,
                  constants, plan, naive=False, tile="auto", memory_format=torch.channels_last, progress=None,
-                 max_memory=None):
+                 max_memory=None, memory_guard=True):
         super().__init__()
         self.base_net = base_net
         self.patch_size = _pair(patch_size, "patch_size")
@@ -1769,6 +1860,7 @@ class DenseFeatureNet(nn.Module):
         self.memory_format = memory_format
         self.progress = progress
         self.max_memory = max_memory
+        self.memory_guard = memory_guard
 
     def _resolve(self, ref):
         if isinstance(ref, _Param):
@@ -1863,12 +1955,14 @@ class DenseFeatureNet(nn.Module):
                                 tuple(image_size), self.stride_product)
 
     def _tile_size(self, device, height, width, batch=1, dtype=torch.float32):
-        """The tile in use: from max_memory, the one asked for, or the automatic one (_auto_tile)."""
-        if self.max_memory is not None:
-            return self.tile_for_memory(self.max_memory, (height, width), batch, dtype)
-        if self._tile != "auto":
-            return self._tile
-        return _auto_tile(device.type == "cpu", self.patch_size, height, width)
+        """The tile in use (:func:`_choose_tile`): from max_memory; else the one asked for, or the
+        automatic one (_auto_tile), made smaller where the memory guard demands it."""
+        requested = self._tile if self._tile != "auto" else _auto_tile(device.type == "cpu", self.patch_size,
+                                                                         height, width)
+        available = _memory_available(device) if self.memory_guard and self.max_memory is None else None
+        return _choose_tile(requested, lambda t: self.estimate_memory((height, width), batch, t, dtype),
+                            (height, width), self.stride_product, self.max_memory, available,
+                            f"CI on {batch} image(s) of {height}x{width} ({dtype})")
 
     def _tiled(self, padded, height, width, tile):
         """Exact tiling (:func:`tile_grid`): each output tile from its own crop of the padded image
@@ -1964,8 +2058,9 @@ def _apply_rules(nodes, geoms):
 
 
 def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, *, naive: bool = False,
-            tile="auto", max_memory: Optional[int] = None, memory_format=torch.channels_last,
-            check: bool = True, progress: Optional[bool] = None) -> DenseFeatureNet:
+            tile="auto", max_memory: Optional[int] = None, memory_guard: bool = True,
+            memory_format=torch.channels_last, check: bool = True,
+            progress: Optional[bool] = None) -> DenseFeatureNet:
     """Turn a patch network Cp into CI, which computes Cp for the patch around every pixel.
 
     Cp's forward is captured on an example batch of patches (so any ``nn.Module`` works:
@@ -1983,6 +2078,8 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
         tile: "auto" (CPU: cache-sized tiles, GPU: none), None, or (th, tw): process images in tiles
             of this output size (exact, bounded memory).
         max_memory: a budget in bytes; tiles are chosen so that CI's estimated peak stays under it.
+        memory_guard: without max_memory, tile (or raise MemoryError) where an image would need more
+            memory than the process may still allocate; False turns the guard off.
         memory_format: internal layout; channels_last (default) is fastest on CPU.
         check: compare CI with Cp on a few patches of a small random image before returning.
         progress: progress bar for tiled runs (None: automatic).
@@ -2035,7 +2132,7 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
     plan = plan_steps([(s.inputs, s.outputs, s.aliases) for s in steps], channels, out_slot)
     net = DenseFeatureNet(base_net, (ph, pw), in_channels, out_channels, steps, out_slot, list(geom.strides),
                           tracer.constants, plan, naive=naive, tile=tile, memory_format=memory_format,
-                          progress=progress, max_memory=max_memory)
+                          progress=progress, max_memory=max_memory, memory_guard=memory_guard)
     if check:
         _self_check(net, base_net)
     return net

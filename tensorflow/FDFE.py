@@ -407,9 +407,9 @@ def _tile_for_memory(budget, estimate, image_size, stride_product):
         tile = (_ceil_to(min(edge, height), sh), _ceil_to(min(edge, width), sw))
         if estimate(tile) <= budget:
             return tile
-    raise MemoryError(f"CI needs about {estimate((smallest, smallest)) / 2**20:.0f} MiB even with "
+    raise MemoryError(f"CI needs about {estimate((smallest, smallest)) / 2**20:.1f} MiB even with "
                       f"{smallest}x{smallest} tiles (the padded image and the output alone take "
-                      f"{estimate((1, 1)) / 2**20:.0f} MiB); the budget is {budget / 2**20:.0f} MiB")
+                      f"{estimate((1, 1)) / 2**20:.1f} MiB); the budget is {budget / 2**20:.1f} MiB")
 
 
 def tile_grid(height, width, tile, stride_product):
@@ -439,6 +439,82 @@ def tile_grid(height, width, tile, stride_product):
             h, w = min(th, height - y0), min(tw, width - x0)
             grid.append((y0, x0, h, w, _ceil_to(h, sh), _ceil_to(w, sw)))
     return grid
+
+
+# --- the memory guard: never more than the process may still allocate ----------------------------
+
+#: share of the memory the process may still allocate that CI plans to fill (the rest is left for
+#: the framework's caches, fragmentation and the estimate's error)
+MEMORY_GUARD_FRACTION = 0.6
+
+
+def _read_int(path):
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return None if text in ("", "max") else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+def _host_memory_available():
+    """Bytes this process may still allocate on the host: the least of the system's available memory
+    (/proc/meminfo MemAvailable), the cgroup's limit minus its usage, and the address-space limit
+    (RLIMIT_AS) minus the address space in use.  None where none of them can be read."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2 ** 60:
+            limits.append(max(0, limit - usage))
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/status") as f:
+                vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+            limits.append(max(0, soft - vm))
+    except (ImportError, OSError, ValueError, StopIteration):
+        pass
+    return min(limits) if limits else None
+
+
+def _choose_tile(requested, estimate, image_size, stride_product, max_memory, available, what):
+    """The tile CI runs with (None: untiled).
+
+    Args:
+        requested: the tile asked for (None or (th, tw)).
+        estimate: tile -> estimated peak bytes.
+        max_memory: the user's budget in bytes, or None.
+        available: bytes the process may still allocate (the memory guard), or None (guard off).
+        what: the work, for messages (e.g. "CI on 2 images of 3000x4000").
+
+    With a budget, the largest tile that fits it.  Otherwise the requested tile, made smaller where
+    MEMORY_GUARD_FRACTION of the available memory demands it; MemoryError where nothing fits.
+    """
+    if max_memory is not None:
+        return _tile_for_memory(max_memory, estimate, image_size, stride_product)
+    if available is None:
+        return requested
+    guard = int(available * MEMORY_GUARD_FRACTION)
+    if estimate(requested) <= guard:
+        return requested
+    try:
+        return _tile_for_memory(guard, estimate, image_size, stride_product)
+    except MemoryError as exc:
+        raise MemoryError(f"{what} would need about {estimate(requested) / 2**20:.0f} MiB, but this process may "
+                          f"allocate only about {available / 2**20:.0f} MiB more (the memory guard uses "
+                          f"{MEMORY_GUARD_FRACTION:.0%} of it), and tiles do not help: {exc}. Use smaller images "
+                          f"or batches; or set max_memory= to a budget you know is free, or memory_guard=False "
+                          f"to allocate anyway") from None
 
 
 # --- the self-check: CI against Cp on a few patches before convert() returns --------------------
@@ -1547,6 +1623,10 @@ class DenseFeatureModel(keras.Model):
             memory; needs the image size to be known, e.g. eager calls).
         max_memory: None, or a budget in bytes: tiles are chosen so that :meth:`estimate_memory`
             stays under it (overrides ``tile``).
+        memory_guard: True (default): without max_memory, on the CPU and with the image size known,
+            CI compares its estimate with the memory the process may still allocate (available
+            memory, cgroup and address-space limits) and tiles, or raises MemoryError, instead of
+            running out of memory.  False: allocate whatever the image needs.
 
     Shape:
         (N, H, W, C) -> (N, H, W, K), any N, H, W >= 1.
@@ -1562,7 +1642,7 @@ class DenseFeatureModel(keras.Model):
     """
 
     def __init__(self, core, patch_size, strides, in_channels, out_channels, naive=False, tile=None,
-                 progress=None, peak_channels=None, max_memory=None, **kwargs):
+                 progress=None, peak_channels=None, max_memory=None, memory_guard=True, **kwargs):
         kwargs.setdefault("autocast", False)  # images are cast to the core's dtype in call()
         super().__init__(**kwargs)
         self.core = core
@@ -1575,6 +1655,7 @@ class DenseFeatureModel(keras.Model):
         self.progress = progress
         self.peak_channels = int(peak_channels or in_channels + out_channels)
         self.max_memory = max_memory
+        self.memory_guard = bool(memory_guard)
 
     def build(self, input_shape=None):
         """CI takes images of any N, H, W: built for (None, None, None, C) whatever shape comes first,
@@ -1651,7 +1732,12 @@ class DenseFeatureModel(keras.Model):
             raise ValueError(f"tile={self.tile} needs the image height and width to be known when CI is traced "
                              f"(got shape {tuple(images.shape)}): call it eagerly, or trace it with a fixed "
                              f"height and width")
-        return self._run(padded, shape[1], shape[2], self.tile)
+        tile = self.tile
+        if self.memory_guard and size_known and isinstance(shape[0], int) and "GPU" not in (images.device or ""):
+            tile = _choose_tile(tile, lambda t: self.estimate_memory((shape[1], shape[2]), shape[0], t),
+                                (shape[1], shape[2]), self.stride_product, None, _host_memory_available(),
+                                f"CI on {shape[0]} image(s) of {shape[1]}x{shape[2]} ({images.dtype.name})")
+        return self._run(padded, shape[1], shape[2], tile)
 
     def _run(self, padded, height, width, tile):
         return self._dense(padded, height, width) if tile is None else self._tiled(padded, height, width, tile)
@@ -1683,7 +1769,7 @@ class DenseFeatureModel(keras.Model):
                 "strides": [list(s) for s in self.strides], "in_channels": self.in_channels,
                 "out_channels": self.out_channels, "naive": self.naive,
                 "tile": None if self.tile is None else list(self.tile), "peak_channels": self.peak_channels,
-                "max_memory": self.max_memory, "name": self.name}
+                "max_memory": self.max_memory, "memory_guard": self.memory_guard, "name": self.name}
 
     @classmethod
     def from_config(cls, config):
@@ -1754,7 +1840,7 @@ def _apply_rules(calls, geoms, values):
 
 
 def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: bool = False, tile=None,
-            max_memory: Optional[int] = None, check: bool = True,
+            max_memory: Optional[int] = None, memory_guard: bool = True, check: bool = True,
             progress: Optional[bool] = None) -> DenseFeatureModel:
     """Turn a patch network Cp (Keras) into CI, which computes Cp for the patch around every pixel.
 
@@ -1772,6 +1858,8 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
         naive: paper-faithful per-shift multipooling and per-layer unwarping (slower, same result).
         tile: None or (th, tw): process images in tiles of this output size (exact, bounded memory).
         max_memory: a budget in bytes; tiles are chosen so that CI's estimated peak stays under it.
+        memory_guard: without max_memory, tile (or raise MemoryError) where an image would need more
+            memory than the process may still allocate; False turns the guard off.
         check: compare CI with Cp on a few patches of a small random image before returning.
         progress: progress bar for tiled runs (None: automatic).
 
@@ -1829,7 +1917,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     plan = plan_steps([(c.in_slots, c.out_slots, False) for c in tracer.calls], channels, out_slot)
     net = DenseFeatureModel(core, (ph, pw), list(geom.strides), in_channels, out_channels, naive=naive,
                             tile=tile, progress=progress, peak_channels=plan.peak_channels, max_memory=max_memory,
-                            name=f"{base_net.name}_dense")
+                            memory_guard=memory_guard, name=f"{base_net.name}_dense")
     net.build((None, None, None, in_channels))
     if check:
         _self_check(net, base_net, dtype)

@@ -1,0 +1,135 @@
+"""The memory guard: with no budget given, CI never asks for more memory than the process may still
+allocate.  Run in subprocesses under an address-space limit (RLIMIT_AS), so that a failure cannot take
+the test run down with it."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and RLIMIT_AS")
+
+#: a net that needs much memory and little arithmetic: 1x1 convolutions to 96 channels, max pooling,
+#: a 64-vector per pixel; patch 4x4, stride product 4
+PREAMBLE = """
+import json, os, resource, sys
+sys.path.append(os.path.join({root!r}, "shared_tests"))
+from backends import load_backend
+
+def vm_size():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+def limit_address_space(extra):
+    resource.setrlimit(resource.RLIMIT_AS, (vm_size() + extra, resource.RLIM_INFINITY))
+"""
+
+TORCH_SCRIPT = PREAMBLE + """
+import numpy as np, torch
+torch.set_num_threads(2)
+FDFE = load_backend("pytorch", "torch").FDFE
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(1, 96, 1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                          torch.nn.Conv2d(96, 96, 1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                          torch.nn.Conv2d(96, 64, 1))
+ci = FDFE.convert(net, 4, tile=None)           # untiled unless the guard says otherwise
+images = torch.randn(1, 1, 1000, 1400)
+need = ci.estimate_memory((1000, 1400))
+limit_address_space(900 * 2**20)
+result = {"need_mib": need / 2**20}
+try:
+    with torch.no_grad():
+        ci.memory_guard = False
+        ci(images)
+    result["unguarded"] = "ran"
+except (RuntimeError, MemoryError) as exc:
+    result["unguarded"] = type(exc).__name__
+ci.memory_guard = True
+with torch.no_grad():
+    out = ci(images)
+    positions = np.array([[0, 0, 0], [0, 999, 1399], [0, 500, 700], [0, 3, 1398], [0, 998, 1]])
+    ref = FDFE.patch_outputs(net, images, 4, positions)
+got = out[positions[:, 0], :, positions[:, 1], positions[:, 2]]
+result["error"] = float((got - ref).abs().max() / ref.abs().max())
+try:
+    with torch.no_grad():
+        ci(torch.zeros(1, 1, 3000, 4000))       # the output alone (3 GB) cannot fit
+    result["huge"] = "ran"
+except MemoryError as exc:
+    result["huge"] = str(exc)
+print(json.dumps(result))
+"""
+
+KERAS_SCRIPT = PREAMBLE + """
+import numpy as np
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import tensorflow as tf, keras
+tf.config.threading.set_intra_op_parallelism_threads(2)
+tf.config.threading.set_inter_op_parallelism_threads(2)
+FDFE = load_backend("tensorflow", "tf").FDFE
+keras.utils.set_random_seed(0)
+L = keras.layers
+net = keras.Sequential([keras.Input((4, 4, 1)), L.Conv2D(96, 1, activation="relu"), L.MaxPooling2D(2),
+                        L.Conv2D(96, 1, activation="relu"), L.MaxPooling2D(2), L.Conv2D(64, 1)])
+ci = FDFE.convert(net, 4)
+images = tf.random.normal((1, 1000, 1400, 1))
+need = ci.estimate_memory((1000, 1400))
+limit_address_space(1500 * 2**20)
+result = {"need_mib": need / 2**20}
+out = ci(images)
+positions = np.array([[0, 0, 0], [0, 999, 1399], [0, 500, 700], [0, 3, 1398], [0, 998, 1]])
+ref = FDFE.patch_outputs(net, images, 4, positions).numpy()
+got = tf.gather_nd(out, positions).numpy()
+result["error"] = float(np.abs(got - ref).max() / np.abs(ref).max())
+try:
+    ci(tf.zeros((1, 3000, 4000, 1)))
+    result["huge"] = "ran"
+except MemoryError as exc:
+    result["huge"] = str(exc)
+print(json.dumps(result))
+"""
+
+
+def _run(script, timeout=240):
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script.replace("{root!r}", repr(ROOT)))], cwd=ROOT,
+                         capture_output=True, text=True, timeout=timeout,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_torch_memory_guard_tiles_instead_of_failing(tb):
+    result = _run(TORCH_SCRIPT)
+    assert result["need_mib"] > 1500  # untiled, the image needs more than the limit allows...
+    assert result["unguarded"] != "ran"  # ...and without the guard it fails
+    assert result["error"] <= 1e-5  # with the guard it tiles, exactly
+    assert result["huge"].startswith("CI on 1 image(s) of 3000x4000 (torch.float32) would need about ")
+    assert "Use smaller images or batches; or set max_memory=" in result["huge"]
+
+
+def test_keras_memory_guard_tiles_instead_of_failing(kb):
+    result = _run(KERAS_SCRIPT)
+    assert result["need_mib"] > 1500
+    assert result["error"] <= 1e-5
+    assert "CI on 1 image(s) of 3000x4000 (float32) would need about " in result["huge"]  # Keras wraps it
+    assert "memory_guard=False" in result["huge"]
+
+
+def test_host_memory_available_reads_the_address_space_limit(tb, kb):
+    """The guard's reading of the address-space limit, in a subprocess that sets one."""
+    script = PREAMBLE + """
+FDFE = load_backend("pytorch", "torch").FDFE
+before = FDFE._host_memory_available()
+limit_address_space(300 * 2**20)
+after = FDFE._host_memory_available()
+print(json.dumps({"before": before, "after": after}))
+"""
+    result = _run(script)
+    assert result["before"] > 300 * 2**20
+    assert 250 * 2**20 < result["after"] <= 300 * 2**20
+    assert kb.FDFE._host_memory_available() > 0 and tb.FDFE._host_memory_available() > 0
