@@ -232,3 +232,66 @@ def test_self_check_compare_flags_nan(tb):
     with pytest.raises(tb.FDFE.ConversionError, match="internal check failed"):
         tb.FDFE._self_check_compare([1.0, float("nan")], [1.0, 2.0], "float64")
     tb.FDFE._self_check_compare([1.0, 2.0 + 1e-12], [1.0, 2.0], "float64")
+
+
+def test_keras_convert_is_thread_safe(kb):
+    """Another thread calling an unrelated Keras model while convert() records Cp's layers: nothing of
+    it is recorded (the recording is per thread), every convert succeeds and is exact."""
+    import threading
+    import keras
+    import tensorflow as tf
+    other = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.Flatten()])
+    stop = threading.Event()
+    calls = []
+
+    def busy():
+        x = tf.zeros((1, 8, 8, 3))
+        while not stop.is_set():
+            other(x)
+            calls.append(1)
+    thread = threading.Thread(target=busy)
+    thread.start()
+    try:
+        images = tf.constant(np.random.default_rng(0).standard_normal((1, 19, 17, 1)), tf.float32)
+        for _ in range(3):
+            net = kb.BaseNet.BaseNet()
+            ci = kb.FDFE.convert(net, 15)
+            assert max_rel_error(ci(images), kb.FDFE.dense_reference(net, images, 15)) <= TOL["float32"]
+    finally:
+        stop.set()
+        thread.join()
+    assert calls  # the other thread really ran
+
+
+def test_keras_refusals_name_the_real_problem(kb):
+    import keras
+    L = keras.layers
+    lstm = keras.Sequential([keras.Input((5, 5, 1)), L.Reshape((5, 5)), L.LSTM(3)])
+    with pytest.raises(kb.FDFE.ConversionError, match=r"layer 'lstm[_0-9]*' \(LSTM\) is not supported by "
+                                                      r"convert\(\) \(unknown layer kind\)"):
+        kb.FDFE.convert(lstm, 5, in_channels=1)
+    a, b = keras.Input((5, 5, 1)), keras.Input((5, 5, 1))
+    two_inputs = keras.Model([a, b], L.Add()([L.Conv2D(2, 5)(a), L.Conv2D(2, 5)(b)]))
+    with pytest.raises(kb.FDFE.ConversionError, match=r"takes 2 inputs; convert\(\) makes dense a network of "
+                                                      r"one input patch"):
+        kb.FDFE.convert(two_inputs, 5, in_channels=1)
+    declared = keras.Sequential([keras.Input((16, 16, 1)), L.Conv2D(2, 3), L.GlobalMaxPooling2D()])
+    for patch in (20, 15):
+        with pytest.raises(kb.FDFE.ConversionError, match=rf"declares 16x16 input patches \(keras.Input\(16, 16, "
+                                                          rf"1\)\), but patch_size is {patch}x{patch}; pass "
+                                                          rf"patch_size=\(16, 16\)"):
+            kb.FDFE.convert(declared, patch)
+
+
+def test_torch_meta_device_cp_converts(tb):
+    """A Cp on the meta device (no values) converts (no self-check possible) and gives CI's shapes."""
+    import torch
+    net = tb.BaseNet.BaseNet(weights=None).to("meta")
+    ci = tb.FDFE.convert(net, 15)
+    assert ci(torch.empty(2, 1, 30, 41, device="meta")).shape == (2, 113, 30, 41)
+    ci.to_empty(device="cpu")  # materialised, it is an ordinary CI
+    with torch.no_grad():
+        for p in ci.parameters():
+            p.copy_(torch.randn_like(p))
+        images = torch.randn(1, 1, 20, 19)
+        assert max_rel_error(ci(images), tb.FDFE.dense_reference(ci.base_net, images, 15)) <= TOL["float32"]

@@ -77,6 +77,7 @@ supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
 
 import numbers
 import sys
+import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -1198,8 +1199,39 @@ class _Call:
 
 
 def _is_leaf(layer) -> bool:
-    return not isinstance(layer, keras.Model) and not list(layer._flatten_layers(include_self=False,
-                                                                                   recursive=False))
+    """Layers recorded as one op: those without sublayers, and Keras' own layers with sublayers (an
+    LSTM and its cell).  Models and the user's composite layers are traced through."""
+    if isinstance(layer, keras.Model):
+        return False
+    return (type(layer).__module__.startswith("keras.")
+            or not list(layer._flatten_layers(include_self=False, recursive=False)))
+
+
+#: the tracer of the convert() running in this thread (other threads' Keras calls are not recorded)
+_RECORDING = threading.local()
+_ORIGINAL_LAYER_CALL = []
+
+
+def _install_recording_call():
+    """Wrap keras.Layer.__call__ once: it records leaf calls for the tracer of the calling thread only."""
+    if _ORIGINAL_LAYER_CALL:
+        return
+    original = keras.Layer.__call__
+
+    def recording_call(layer, *args, **kwargs):
+        tracer = getattr(_RECORDING, "tracer", None)
+        if tracer is None or tracer.inside or isinstance(layer, keras.layers.InputLayer) or not _is_leaf(layer):
+            return original(layer, *args, **kwargs)
+        tracer.inside = True  # calls inside a recorded layer (an LSTM's cell) are part of it
+        try:
+            out = original(layer, *args, **kwargs)
+        finally:
+            tracer.inside = False
+        tracer.record(layer, args, out)
+        return out
+    recording_call.__wrapped__ = original
+    keras.Layer.__call__ = recording_call
+    _ORIGINAL_LAYER_CALL.append(original)
 
 
 class _Tracer:
@@ -1211,21 +1243,17 @@ class _Tracer:
         self.alive = [example]
         self.calls: List[_Call] = []
         self.error = None
+        self.inside = False
 
     def __enter__(self):
-        self.original = keras.Layer.__call__
-        tracer = self
-
-        def recording_call(layer, *args, **kwargs):
-            out = tracer.original(layer, *args, **kwargs)
-            if _is_leaf(layer) and not isinstance(layer, keras.layers.InputLayer):
-                tracer.record(layer, args, out)
-            return out
-        keras.Layer.__call__ = recording_call
+        _install_recording_call()
+        if getattr(_RECORDING, "tracer", None) is not None:
+            raise RuntimeError("convert() is already running in this thread")
+        _RECORDING.tracer = self
         return self
 
     def __exit__(self, *exc):
-        keras.Layer.__call__ = self.original
+        _RECORDING.tracer = None
         return False
 
     def record(self, layer, args, out):
@@ -1795,6 +1823,27 @@ def _infer_in_channels(base_net):
     return None
 
 
+def _check_declared_input(base_net, patch_size, in_channels):
+    """Refuse what Cp's declared inputs rule out: several inputs, another patch size or channel count."""
+    try:
+        inputs = list(base_net.inputs)
+    except (AttributeError, ValueError):
+        return
+    if len(inputs) > 1:
+        raise ConversionError(f"Cp ({base_net.name}) takes {len(inputs)} inputs; convert() makes dense a network "
+                              f"of one input patch (convert each branch, or wrap Cp in a model of one input)")
+    shape = tuple(inputs[0].shape) if inputs else ()
+    if len(shape) == 4:
+        declared = tuple(shape[1:3])
+        if all(d is not None for d in declared) and declared != tuple(patch_size):
+            raise ConversionError(f"Cp ({base_net.name}) declares {declared[0]}x{declared[1]} input patches "
+                                  f"(keras.Input{tuple(shape[1:])}), but patch_size is "
+                                  f"{patch_size[0]}x{patch_size[1]}; pass patch_size={declared}")
+        if shape[3] is not None and shape[3] != in_channels:
+            raise ConversionError(f"Cp ({base_net.name}) declares {shape[3]} input channels, but in_channels is "
+                                  f"{in_channels}")
+
+
 def _trace(base_net, patch_size, in_channels):
     """Run Cp eagerly on random patches and record its leaf layers.  Tries a batch of 2, then of 1."""
     ph, pw = patch_size
@@ -1890,6 +1939,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
                              "pass in_channels=")
     elif not isinstance(in_channels, numbers.Integral) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+    _check_declared_input(base_net, (ph, pw), int(in_channels))
     tracer, out, example = _trace(base_net, (ph, pw), int(in_channels))
     batch = int(example.shape[0])
     dtype = tf.as_dtype(example.dtype)
