@@ -1768,6 +1768,80 @@ def _rule_layer_norm(node, geoms):
                     f"{_PER_PATCH_REASON}")
 
 
+class _CropStep(_Step):
+    """A constant slice of the channels and a crop of the patch-level map: on the dense tensor, the
+    same channels and the crop's start (rows a.. of every patch are rows a.. of the dense map)."""
+    aliases = True
+
+    def __init__(self, node, channels, top, bottom, left, right):
+        super().__init__(node.in_slots[:1], node.out_slots,
+                         f"crop(channels={channels}, rows +{top}/-{bottom}, cols +{left}/-{right})")
+        self.channels, self.top, self.bottom, self.left, self.right = channels, top, bottom, left, right
+
+    def run(self, values, net, overwrite=False):
+        x = values[0]
+        c0, c1 = self.channels
+        if x.dim() == 2:
+            return [x[:, c0:c1]]
+        return [x[:, c0:c1, self.top:x.shape[2] - self.bottom, self.left:x.shape[3] - self.right]]
+
+
+def _slices_of(node, rank):
+    """The (start, stop) per axis of a constant slice or narrow, or the op's ConversionError."""
+    shape = node.in_shapes[0]
+    bounds = [(0, n) for n in shape]
+    if node.name.endswith("narrow"):
+        p = node.bind(["input", "dim", "start", "length"])
+        if not all(isinstance(p[k], numbers.Integral) for k in ("dim", "start", "length")):
+            raise node.fail("it narrows by an amount computed from the data")
+        dim, start = int(p["dim"]) % rank, int(p["start"]) % shape[int(p["dim"]) % rank]
+        bounds[dim] = (start, start + int(p["length"]))
+        return bounds
+    index = node.args[1] if len(node.args) > 1 else None
+    index = index if isinstance(index, tuple) else (index,)
+    if sum(i is Ellipsis for i in index) > 1 or not all(i is Ellipsis or isinstance(i, slice) for i in index):
+        raise node.fail(f"it indexes with {index!r}; only constant slices (start:stop) of the channel or spatial "
+                        f"axes can be made dense")
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1:]
+    index = index + (slice(None),) * (rank - len(index))
+    for d, sl in enumerate(index[:rank]):
+        if not all(v is None or isinstance(v, numbers.Integral) for v in (sl.start, sl.stop, sl.step)):
+            raise node.fail("it slices by amounts computed from the data")
+        start, stop, step = sl.indices(shape[d])
+        if step != 1:
+            raise node.fail(f"it takes every {step}th element of axis {d}; only contiguous slices can be made dense")
+        bounds[d] = (start, max(start, stop))
+    return bounds
+
+
+@_rule_for(["__getitem__", "narrow"], "crops: constant slices of the channel or spatial axes", (torch.Tensor,))
+@_rule_for(["narrow"], "crops: constant slices of the channel or spatial axes", (torch,))
+def _rule_crop(node, geoms):
+    """A constant slice x[:, c0:c1, a:b, c:d] (or narrow): the same channels, and a crop of the
+    patch-level map that is a translation of the dense map (every patch's rows a.. are rows a.. of
+    the dense tensor, in every shift branch)."""
+    geom = geoms[0]
+    if not (geom.kind == MAP or geom.is_pixel_vector):
+        raise node.fail(f"it slices {geom.describe()}; flatten after cropping, not before")
+    rank = 4 if geom.kind == MAP else 2
+    if len(node.in_shapes[0]) != rank:
+        raise node.fail(f"its input has shape {node.in_shapes[0]}")
+    bounds = _slices_of(node, rank)
+    if bounds[0] != (0, node.in_shapes[0][0]):
+        raise node.fail("it slices the batch of patches")
+    (c0, c1) = bounds[1]
+    if rank == 2:
+        return _CropStep(node, (c0, c1), 0, 0, 0, 0), [geom.with_(channels=c1 - c0)]
+    (a, b), (c, d) = bounds[2], bounds[3]
+    h, w = geom.size
+    if b - a < 1 or d - c < 1 or c1 - c0 < 1:
+        raise node.fail("the slice is empty")
+    step = _CropStep(node, (c0, c1), a, h - b, c, w - d)
+    return step, [geom.with_(channels=c1 - c0, size=(b - a, d - c))]
+
+
 @_rule_for(["cat", "concat", "concatenate"], "concatenation along the channel axis", (torch,))
 def _rule_cat(node, geoms):
     """Concatenation along the channel axis of values on the same grid."""

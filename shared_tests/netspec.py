@@ -9,6 +9,7 @@ A spec is a list of layer dicts:
     {"type": "lrn", "size": 3}
     {"type": "l2norm"}        unit length over channels
     {"type": "dropout"}
+    {"type": "crop", "crop": [top, bottom, left, right]}   a constant crop of the map
     {"type": "flatten"}       then "linear" layers
     {"type": "linear", "out": 5}
 
@@ -40,6 +41,9 @@ def shapes(spec, in_channels, patch):
         elif t == "pool":
             (kh, kw), (sh, sw) = _pair(layer["k"]), _pair(layer.get("stride", layer["k"]))
             h, w = (h - kh) // sh + 1, (w - kw) // sw + 1
+        elif t == "crop":
+            top, bottom, left, right = layer["crop"]
+            h, w = h - top - bottom, w - left - right
         elif t == "flatten":
             c, h, w = c * h * w, 1, 1
         elif t == "linear":
@@ -91,6 +95,15 @@ def build_torch(spec, in_channels, patch, weights, dtype="float64"):
         def forward(self, x):
             return F.normalize(x, dim=1)
 
+    class Crop(nn.Module):
+        def __init__(self, top, bottom, left, right):
+            super().__init__()
+            self.bounds = (top, bottom, left, right)
+
+        def forward(self, x):
+            top, bottom, left, right = self.bounds
+            return x[:, :, top:x.shape[2] - bottom, left:x.shape[3] - right]
+
     acts = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "elu": nn.ELU,
             "leaky_relu": lambda: nn.LeakyReLU(0.125), "gelu": nn.GELU, "silu": nn.SiLU, "softplus": nn.Softplus}
     modules = []
@@ -114,6 +127,8 @@ def build_torch(spec, in_channels, patch, weights, dtype="float64"):
             m = L2Norm()
         elif t == "dropout":
             m = nn.Dropout(0.3)
+        elif t == "crop":
+            m = Crop(*layer["crop"])
         elif t == "flatten":
             m = nn.Flatten()
         elif t == "linear":
@@ -163,6 +178,9 @@ def build_keras(spec, in_channels, patch, weights, fdfe, dtype="float64"):
             m = L.UnitNormalization(axis=-1, dtype=dtype)
         elif t == "dropout":
             m = L.Dropout(0.3, dtype=dtype)
+        elif t == "crop":
+            top, bottom, left, right = layer["crop"]
+            m = L.Cropping2D(((top, bottom), (left, right)), dtype=dtype)
         elif t == "flatten":
             m = L.Flatten(dtype=dtype)
         elif t == "linear":

@@ -40,9 +40,11 @@ def patch_networks(draw):
             spec.append({"type": "pool", "kind": kind, "k": k, "stride": s, "p": 2.0})
             if kind == "lp":  # LP pooling of negative sums is undefined: keep its inputs positive
                 spec.insert(len(spec) - 1, {"type": "act", "fn": "sigmoid"})
-        extra = draw(st.sampled_from([None, None, "lrn", "dropout"]))
+        extra = draw(st.sampled_from([None, None, "lrn", "dropout", "crop"]))
         if extra == "lrn":
             spec.append({"type": "lrn", "size": draw(st.integers(1, 4))})
+        elif extra == "crop":
+            spec.append({"type": "crop", "crop": [draw(st.integers(0, 2)) for _ in range(4)]})
         elif extra:
             spec.append({"type": extra})
     final = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
@@ -61,6 +63,8 @@ def patch_networks(draw):
     size = list(final)
     for layer in reversed(spec):
         t = layer["type"]
+        if t == "crop":
+            size = [size[0] + layer["crop"][0] + layer["crop"][1], size[1] + layer["crop"][2] + layer["crop"][3]]
         if t in ("conv", "pool"):
             k = layer["k"]
             s = layer.get("stride", [1, 1])

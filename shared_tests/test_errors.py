@@ -112,7 +112,7 @@ def test_keras_refusals(kb):
     _keras_refusal(kb, [L.Conv2D(4, 3, padding="same"), L.Conv2D(2, 5)], 5,
                    r"layer 'conv2d.*' \(Conv2D\).*pads its input \(padding='same'\).*patch border")
     _keras_refusal(kb, [L.ZeroPadding2D(1), L.Conv2D(2, 7)], 5,
-                   r"\(ZeroPadding2D\).*pads or crops an activation inside Cp")
+                   r"\(ZeroPadding2D\).*pads an activation inside Cp; inside Cp the padded border")
     _keras_refusal(kb, [L.Conv2D(4, 2), L.MaxPooling2D(2, padding="same"), L.Conv2D(2, 2)], 5,
                    r"\(MaxPooling2D\).*pads its input \(padding='same'\)")
     _keras_refusal(kb, [L.Conv2D(4, 2), L.GroupNormalization(2), L.Conv2D(2, 4)], 5,

@@ -1611,10 +1611,27 @@ def _rule_merge(call, geoms):
     return (lambda xs: [layer(list(xs))]), [first.with_(channels=channels)]
 
 
-@_rule_for(keras.layers.ZeroPadding2D, keras.layers.Cropping2D, label="refused: padding inside Cp")
+@_rule_for(keras.layers.Cropping2D, label="crops (Cropping2D): a translation of the dense map")
+def _rule_crop(call, geoms):
+    """Cropping2D: a crop of the patch-level map is a translation of the dense map (every patch's rows
+    t.. are rows t.. of the dense tensor, in every shift branch): the same crop at the start, and the
+    end trimmed by as much."""
+    geom = geoms[0]
+    _require_map(call, geom)
+    _require_channels_last(call)
+    (top, bottom), (left, right) = call.layer.cropping
+    size = (geom.size[0] - top - bottom, geom.size[1] - left - right)
+
+    def run(xs):
+        x = xs[0]
+        return [x[:, top:(-bottom or None), left:(-right or None), :]]
+    return run, [geom.with_(size=size)]
+
+
+@_rule_for(keras.layers.ZeroPadding2D, label="refused: padding inside Cp")
 def _rule_refuse_padding(call, geoms):
-    """Explicit padding or cropping inside Cp."""
-    raise call.fail(f"it pads or crops an activation inside Cp; {_PADDING_REASON}")
+    """Explicit padding inside Cp."""
+    raise call.fail(f"it pads an activation inside Cp; {_PADDING_REASON}")
 
 
 @_rule_for(keras.layers.GroupNormalization, label="refused: per-patch normalisation")
