@@ -253,6 +253,37 @@ def _same_grid(op, geoms):
     return first
 
 
+def _grid_multiple(geoms):
+    """(SH, SW) the image is padded and tiled to: the least common multiple of the stride products of
+    every value (for a chain of layers, the product of its strides; branches that pool differently
+    each need their own product to divide it)."""
+    sh = sw = 1
+    for g in geoms:
+        sh = sh * _prod(s[0] for s in g.strides) // _gcd(sh, _prod(s[0] for s in g.strides))
+        sw = sw * _prod(s[1] for s in g.strides) // _gcd(sw, _prod(s[1] for s in g.strides))
+    return sh, sw
+
+
+def _gcd(a, b):
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def _merge_grids(op, geoms):
+    """Values combined by one op (addition, concatenation, ...): their common geometry, and for each
+    input the strides to unwarp first (empty where none).  Values on the same grid merge as they are.
+    Per-position vectors (1x1) that went through different strides (two streams that pool
+    differently) are first unwarped to the image grid, where they align pixel by pixel; anything else
+    is refused."""
+    first = geoms[0]
+    if all(first.same_grid(g) for g in geoms[1:]):
+        return first, [()] * len(geoms)
+    if all(g.is_pixel_vector and g.kind == first.kind for g in geoms):
+        return _Geom(first.kind, first.channels, (1, 1), ()), [g.strides for g in geoms]
+    return _same_grid(op, geoms), None  # raises with the reason
+
+
 # --- the rule contract ------------------------------------------------------------------------
 #
 # convert() runs Cp once on example patches and records every op (PyTorch: every function call
@@ -1503,12 +1534,31 @@ def _padding_of(p):
             "__pow__", "__rpow__", "__neg__", "__abs__", "rsub"],
            "element-wise functions, arithmetic and casts (applied per pixel)")
 def _rule_elementwise(node, geoms):
-    """Element-wise functions (activations, arithmetic, casts): applied unchanged."""
-    geom = _same_grid(node, geoms)
+    """Element-wise functions (activations, arithmetic, casts): applied unchanged (values of streams
+    that pooled differently are unwarped first, see _merge_grids)."""
+    geom, unwarps = _merge_grids(node, geoms)
     args = _map_structure(node.args, lambda v: _constant_for(geom, v, node))
     kwargs = _map_structure(node.kwargs, lambda v: _constant_for(geom, v, node))
     _check_same_shape(node)
-    return _CallStep(node, args=args, kwargs=kwargs), [geom] * len(node.out_slots)
+    return _aligned(_CallStep(node, args=args, kwargs=kwargs), unwarps), [geom] * len(node.out_slots)
+
+
+class _AlignedStep(_Step):
+    """Runs ``inner`` after unwarping the inputs that went through other strides than the rest (streams
+    that pool differently, merged as per-position vectors), all cropped to one size."""
+
+    def __init__(self, inner, unwarps):
+        super().__init__(inner.inputs, inner.outputs, f"{inner.label} of unwarped streams {list(unwarps)}")
+        self.inner, self.unwarps = inner, list(unwarps)
+
+    def run(self, values, net, overwrite=False):
+        values = [unwarp(v, list(s), net.naive) if s else v for v, s in zip(values, self.unwarps)]
+        h, w = min(v.shape[2] for v in values), min(v.shape[3] for v in values)
+        return self.inner.run([v[:, :, :h, :w] for v in values], net, False)
+
+
+def _aligned(step, unwarps):
+    return step if not any(unwarps) else _AlignedStep(step, unwarps)
 
 
 @_rule_for(["contiguous", "clone", "detach"], "identity (the value passes through)", (torch, torch.Tensor))
@@ -1848,10 +1898,11 @@ def _rule_cat(node, geoms):
     p = node.bind(["tensors", "dim"], {"dim": 0})
     if any(not isinstance(t, _Ref) for t in p["tensors"]):
         raise node.fail("it concatenates an activation with a constant")
-    geom = _same_grid(node, geoms)
+    geom, unwarps = _merge_grids(node, geoms)
     dense_dim = _channel_dim(geom, int(p["dim"]), node)
     out = node.out_shapes[0]
-    return _CallStep(node, args=(p["tensors"],), kwargs={"dim": dense_dim}), [geom.with_(channels=out[1])]
+    step = _CallStep(node, args=(p["tensors"],), kwargs={"dim": dense_dim})
+    return _aligned(step, unwarps), [geom.with_(channels=out[1])]
 
 
 @_rule_for(["instance_norm", "group_norm"], "refused: per-patch normalisation", (torch, F))
@@ -1885,8 +1936,10 @@ class DenseFeatureNet(nn.Module):
     Attributes:
         patch_size: (pH, pW).
         in_channels, out_channels: C and K.
-        strides: (sh, sw) of each multipooling/striding layer, in network order.
-        stride_product: (SH, SW).
+        strides: (sh, sw) of each multipooling/striding layer, in network order (those unwarped at the
+            end; streams merged as per-position vectors are unwarped where they merge).
+        stride_product: (SH, SW), the multiple the image is padded and tiled to: the product of the
+            strides (for streams that pool differently, the least common multiple of their products).
         naive: use the paper-faithful per-shift multipooling and per-layer unwarping (read at
             every call).
         tile: "auto" (default: AUTO_TILE x AUTO_TILE output tiles on the CPU for patches up to
@@ -1916,13 +1969,14 @@ class DenseFeatureNet(nn.Module):
 
     def __init__(self, base_net, patch_size, in_channels, out_channels, steps, output_slot, strides,
                  constants, plan, naive=False, tile="auto", memory_format=torch.channels_last, progress=None,
-                 max_memory=None, memory_guard=True):
+                 max_memory=None, memory_guard=True, grid_multiple=None):
         super().__init__()
         self.base_net = base_net
         self.patch_size = _pair(patch_size, "patch_size")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.strides = [tuple(s) for s in strides]
-        self.stride_product = (_prod(s[0] for s in self.strides), _prod(s[1] for s in self.strides))
+        self._unwarp_product = (_prod(s[0] for s in self.strides), _prod(s[1] for s in self.strides))
+        self.stride_product = tuple(grid_multiple) if grid_multiple is not None else self._unwarp_product
         self.steps = steps
         self.output_slot = output_slot
         self.plan = plan
@@ -2041,7 +2095,7 @@ class DenseFeatureNet(nn.Module):
     def _tiled(self, padded, height, width, tile):
         """Exact tiling (:func:`tile_grid`): each output tile from its own crop of the padded image
         (overlap pH-1, pW-1), unwarped straight into the output."""
-        sh, sw = self.stride_product
+        sh, sw = self._unwarp_product
         ph, pw = self.patch_size
         grid = tile_grid(height, width, tile, self.stride_product)
         automatic = self._tile == "auto" and self.max_memory is None  # quiet: the user asked for nothing
@@ -2052,7 +2106,8 @@ class DenseFeatureNet(nn.Module):
             stacked = self.stacked(padded[:, :, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1])
             stacked = stacked[:, :, :hp // sh, :wp // sw]
             if out is None:  # the image size rounded up to the stride product; cropped at the end
-                out = torch.empty((padded.shape[0], stacked.shape[1], _ceil_to(height, sh), _ceil_to(width, sw)),
+                gh, gw = self.stride_product
+                out = torch.empty((padded.shape[0], stacked.shape[1], _ceil_to(height, gh), _ceil_to(width, gw)),
                                   dtype=stacked.dtype, device=stacked.device, memory_format=torch.channels_last
                                   if _is_channels_last(stacked) else torch.contiguous_format)
             dest = out[:, :, y0:y0 + hp, x0:x0 + wp]
@@ -2206,7 +2261,8 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
     plan = plan_steps([(s.inputs, s.outputs, s.aliases) for s in steps], channels, out_slot)
     net = DenseFeatureNet(base_net, (ph, pw), in_channels, out_channels, steps, out_slot, list(geom.strides),
                           tracer.constants, plan, naive=naive, tile=tile, memory_format=memory_format,
-                          progress=progress, max_memory=max_memory, memory_guard=memory_guard)
+                          progress=progress, max_memory=max_memory, memory_guard=memory_guard,
+                          grid_multiple=_grid_multiple(geoms.values()))
     if check and _example_kind(base_net)[1].type != "meta":  # a meta Cp has no values to compare
         _self_check(net, base_net)
     return net

@@ -112,3 +112,131 @@ def test_keras_crops_are_exact(kb, dtype):
                 images = tf.constant(np.random.default_rng(n + h).standard_normal((n, h, w, 2)), dtype)
                 ref = kb.FDFE.dense_reference(net, images, patch)
                 assert max_rel_error(ci(images), ref) <= TOL[dtype], (net.name, naive, tile)
+
+
+def _torch_two_stream(merge):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class TwoStream(nn.Module):
+        """siam2stream in small: a central stream on the centre crop, a surround stream on the 2x
+        downsampled patch (strides [2] and [2, 2]), merged as 1x1 vectors."""
+
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 5, 3)
+            self.s1, self.s2 = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 5, 3)
+            self.head = nn.Linear(10 if merge == "cat" else 5, 3)
+
+        def forward(self, x):
+            central = self.c2(F.max_pool2d(F.relu(self.c1(x[:, :, 4:12, 4:12])), 2))
+            surround = self.s2(F.max_pool2d(F.relu(self.s1(F.avg_pool2d(x, 2))), 2))
+            merged = {"cat": lambda: torch.cat([central, surround], 1), "add": lambda: central + surround,
+                      "mul": lambda: central * torch.tanh(surround)}[merge]()
+            return self.head(F.normalize(merged.flatten(1), dim=1))
+    return TwoStream()
+
+
+@pytest.mark.parametrize("merge", ["cat", "add", "mul"])
+def test_torch_two_streams_with_different_strides(tb, merge):
+    import torch
+    torch.manual_seed(1)
+    net = _torch_two_stream(merge).double().eval()
+    for naive, tile in [(False, None), (True, None), (False, (5, 6))]:
+        ci = tb.FDFE.convert(net, 16, naive=naive, tile=tile)
+        assert ci.stride_product == (4, 4) and ci.strides == []
+        for n, h, w in SIZES:
+            images = torch.randn(n, 1, h, w, dtype=torch.float64)
+            with torch.no_grad():
+                out = ci(images)
+            assert max_rel_error(out, tb.FDFE.dense_reference(net, images, 16)) <= TOL["float64"], (naive, tile)
+
+
+@pytest.mark.parametrize("merge", ["cat", "add"])
+def test_keras_two_streams_with_different_strides(kb, merge, tmp_path):
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+    keras.utils.set_random_seed(2)
+    x = keras.Input((16, 16, 1), dtype="float64")
+    central = L.Cropping2D(4, dtype="float64")(x)
+    central = L.Conv2D(5, 3, dtype="float64")(L.MaxPooling2D(2, dtype="float64")(
+        L.Conv2D(4, 3, activation="relu", dtype="float64")(central)))
+    surround = L.AveragePooling2D(2, dtype="float64")(x)
+    surround = L.Conv2D(5, 3, dtype="float64")(L.MaxPooling2D(2, dtype="float64")(
+        L.Conv2D(4, 3, activation="relu", dtype="float64")(surround)))
+    merged = (L.Concatenate(dtype="float64") if merge == "cat" else L.Add(dtype="float64"))([central, surround])
+    net = keras.Model(x, L.Dense(3, dtype="float64")(L.Flatten(dtype="float64")(merged)))
+    for naive, tile in [(False, None), (True, None), (False, (5, 6))]:
+        ci = kb.FDFE.convert(net, 16, naive=naive, tile=tile)
+        assert ci.stride_product == (4, 4) and ci.strides == []
+        for n, h, w in SIZES:
+            images = tf.constant(np.random.default_rng(h).standard_normal((n, h, w, 1)))
+            assert max_rel_error(ci(images), kb.FDFE.dense_reference(net, images, 16)) <= TOL["float64"]
+    ci.save(str(tmp_path / "two_stream.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "two_stream.keras"))
+    np.testing.assert_array_equal(loaded(images).numpy(), ci(images).numpy())
+
+
+#: Zagoruyko and Komodakis' siam2stream (CVPR 2015), as used here: 64x64 patches; a central stream on
+#: the 32x32 centre crop and a surround stream on the whole patch average-pooled 2x2 to 32x32, each
+#: C(95,5)-ReLU-P(2,2)-C(96,3)-ReLU-P(2,2)-C(192,3)-ReLU-C(192,3)-ReLU, then (our addition, to end
+#: each stream in one vector per patch) max-pooling 2x2; concatenated (384) and L2-normalised.
+def _siam2stream_torch():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    def stream():
+        return nn.Sequential(nn.Conv2d(1, 95, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(95, 96, 3), nn.ReLU(),
+                             nn.MaxPool2d(2), nn.Conv2d(96, 192, 3), nn.ReLU(), nn.Conv2d(192, 192, 3), nn.ReLU(),
+                             nn.MaxPool2d(2))
+
+    class Siam2Stream(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.central, self.surround = stream(), stream()
+
+        def forward(self, x):
+            c = self.central(x[:, :, 16:48, 16:48])
+            s = self.surround(F.avg_pool2d(x, 2))
+            return F.normalize(torch.cat([c, s], 1).flatten(1), dim=1)
+    return Siam2Stream()
+
+
+def _siam2stream_keras():
+    import keras
+    L = keras.layers
+
+    def stream(x):
+        for layer in [L.Conv2D(95, 5, activation="relu"), L.MaxPooling2D(2), L.Conv2D(96, 3, activation="relu"),
+                      L.MaxPooling2D(2), L.Conv2D(192, 3, activation="relu"), L.Conv2D(192, 3, activation="relu"),
+                      L.MaxPooling2D(2)]:
+            x = layer(x)
+        return x
+    x = keras.Input((64, 64, 1))
+    merged = L.Concatenate()([stream(L.Cropping2D(16)(x)), stream(L.AveragePooling2D(2)(x))])
+    return keras.Model(x, L.UnitNormalization()(L.Flatten()(merged)), name="siam2stream")
+
+
+def test_siam2stream_converts_exactly_in_both_backends(tb, kb):
+    import tensorflow as tf
+    import torch
+    rng = np.random.default_rng(3)
+    image = rng.standard_normal((1, 37, 41, 1)).astype(np.float32)
+    positions = np.stack([np.zeros(200, int), rng.integers(0, 37, 200), rng.integers(0, 41, 200)], 1)
+    torch.manual_seed(0)
+    t_net = _siam2stream_torch().eval()
+    t_ci = tb.FDFE.convert(t_net, 64)
+    assert t_ci.stride_product == (16, 16) and t_ci.out_channels == 384
+    t_images = torch.from_numpy(image.transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        out = t_ci(t_images)
+    ref = tb.FDFE.patch_outputs(t_net, t_images, 64, positions)
+    assert max_rel_error(out[positions[:, 0], :, positions[:, 1], positions[:, 2]], ref) <= TOL["float32"]
+    k_net = _siam2stream_keras()
+    k_ci = kb.FDFE.convert(k_net, 64)
+    out = k_ci(tf.constant(image))
+    ref = kb.FDFE.patch_outputs(k_net, image, 64, positions)
+    assert max_rel_error(tf.gather_nd(out, positions), ref) <= TOL["float32"]

@@ -260,6 +260,37 @@ def _same_grid(op, geoms):
     return first
 
 
+def _grid_multiple(geoms):
+    """(SH, SW) the image is padded and tiled to: the least common multiple of the stride products of
+    every value (for a chain of layers, the product of its strides; branches that pool differently
+    each need their own product to divide it)."""
+    sh = sw = 1
+    for g in geoms:
+        sh = sh * _prod(s[0] for s in g.strides) // _gcd(sh, _prod(s[0] for s in g.strides))
+        sw = sw * _prod(s[1] for s in g.strides) // _gcd(sw, _prod(s[1] for s in g.strides))
+    return sh, sw
+
+
+def _gcd(a, b):
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def _merge_grids(op, geoms):
+    """Values combined by one op (addition, concatenation, ...): their common geometry, and for each
+    input the strides to unwarp first (empty where none).  Values on the same grid merge as they are.
+    Per-position vectors (1x1) that went through different strides (two streams that pool
+    differently) are first unwarped to the image grid, where they align pixel by pixel; anything else
+    is refused."""
+    first = geoms[0]
+    if all(first.same_grid(g) for g in geoms[1:]):
+        return first, [()] * len(geoms)
+    if all(g.is_pixel_vector and g.kind == first.kind for g in geoms):
+        return _Geom(first.kind, first.channels, (1, 1), ()), [g.strides for g in geoms]
+    return _same_grid(op, geoms), None  # raises with the reason
+
+
 # --- the rule contract ------------------------------------------------------------------------
 #
 # convert() runs Cp once on example patches and records every op (PyTorch: every function call
@@ -1600,15 +1631,42 @@ def _rule_dense(call, geoms):
            keras.layers.Maximum, keras.layers.Minimum, keras.layers.Concatenate,
            label="merges of values on one grid (Add, Multiply, Concatenate on channels, ...)")
 def _rule_merge(call, geoms):
-    """Add, Subtract, Multiply, Average, Maximum, Minimum, Concatenate(axis=-1) of values on one grid."""
-    first = _same_grid(call, geoms)
+    """Add, Subtract, Multiply, Average, Maximum, Minimum, Concatenate(axis=-1) of values on one grid,
+    or of per-position vectors of streams that pooled differently (unwarped first, see _merge_grids)."""
+    first, unwarps = _merge_grids(call, geoms)
     layer = call.layer
     channels = first.channels
     if isinstance(layer, keras.layers.Concatenate):
         _check_channel_axis(call, layer.axis, len(call.in_shapes[0]))
         _per_pixel_ok(call, first)
         channels = call.out_shape[-1]
+    if any(unwarps):
+        return (lambda xs: [layer(_AlignStreams(unwarps)(list(xs)))]), [first.with_(channels=channels)]
     return (lambda xs: [layer(list(xs))]), [first.with_(channels=channels)]
+
+
+@_register
+class _AlignStreams(_Layer):
+    """Unwarps the inputs that went through other strides than the rest (streams that pool differently,
+    merged as per-position vectors) and crops all to one size."""
+
+    def __init__(self, unwarps, **kwargs):
+        super().__init__(**kwargs)
+        self.unwarps = [[list(s) for s in strides] for strides in unwarps]
+
+    def call(self, inputs):
+        values = [unwarp(x, strides, self.naive) if strides else x for x, strides in zip(inputs, self.unwarps)]
+        h = tf.reduce_min([tf.shape(v)[1] for v in values])
+        w = tf.reduce_min([tf.shape(v)[2] for v in values])
+        return [v[:, :h, :w, :] for v in values]
+
+    naive = False
+
+    def compute_output_shape(self, input_shapes):
+        return [(None, None, None, s[-1]) for s in input_shapes]
+
+    def get_config(self):
+        return {**super().get_config(), "unwarps": self.unwarps}
 
 
 @_rule_for(keras.layers.Cropping2D, label="crops (Cropping2D): a translation of the dense map")
@@ -1687,13 +1745,15 @@ class DenseFeatureModel(keras.Model):
     """
 
     def __init__(self, core, patch_size, strides, in_channels, out_channels, naive=False, tile=None,
-                 progress=None, peak_channels=None, max_memory=None, memory_guard=True, **kwargs):
+                 progress=None, peak_channels=None, max_memory=None, memory_guard=True, grid_multiple=None,
+                 **kwargs):
         kwargs.setdefault("autocast", False)  # images are cast to the core's dtype in call()
         super().__init__(**kwargs)
         self.core = core
         self.patch_size = _pair(patch_size, "patch_size")
         self.strides = [_pair(s, "stride") for s in strides]
-        self.stride_product = (_prod(s[0] for s in self.strides), _prod(s[1] for s in self.strides))
+        product = (_prod(s[0] for s in self.strides), _prod(s[1] for s in self.strides))
+        self.stride_product = product if grid_multiple is None else _pair(tuple(grid_multiple), "grid_multiple")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.naive = naive
         self.tile = None if tile is None else _pair(tile, "tile")
@@ -1715,7 +1775,7 @@ class DenseFeatureModel(keras.Model):
     def naive(self, value):
         self._naive = bool(value)
         for layer in self.core._flatten_layers(include_self=False, recursive=True):
-            if isinstance(layer, (_MultiPoolBase, multiConv)):
+            if isinstance(layer, (_MultiPoolBase, multiConv, _AlignStreams)):
                 layer.naive = self._naive
         object.__setattr__(self, "_graph_fn", None)  # traced with the old value
 
@@ -1814,7 +1874,8 @@ class DenseFeatureModel(keras.Model):
                 "strides": [list(s) for s in self.strides], "in_channels": self.in_channels,
                 "out_channels": self.out_channels, "naive": self.naive,
                 "tile": None if self.tile is None else list(self.tile), "peak_channels": self.peak_channels,
-                "max_memory": self.max_memory, "memory_guard": self.memory_guard, "name": self.name}
+                "max_memory": self.max_memory, "memory_guard": self.memory_guard,
+                "grid_multiple": list(self.stride_product), "name": self.name}
 
     @classmethod
     def from_config(cls, config):
@@ -1984,7 +2045,8 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     plan = plan_steps([(c.in_slots, c.out_slots, False) for c in tracer.calls], channels, out_slot)
     net = DenseFeatureModel(core, (ph, pw), list(geom.strides), in_channels, out_channels, naive=naive,
                             tile=tile, progress=progress, peak_channels=plan.peak_channels, max_memory=max_memory,
-                            memory_guard=memory_guard, name=f"{base_net.name}_dense")
+                            memory_guard=memory_guard, grid_multiple=_grid_multiple(geoms.values()),
+                            name=f"{base_net.name}_dense")
     net.build((None, None, None, in_channels))
     if check:
         _self_check(net, base_net, dtype)
