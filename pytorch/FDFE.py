@@ -38,13 +38,14 @@ torch.Size([2, 8, 20, 30])
 >>> bool(torch.allclose(dense, reference, atol=1e-5))
 True
 
-The same CI wired by hand from the blocks (the SlimNet template): pad, reuse the layers
-without strides, replace the pooling by multipooling, unwarp with the list of strides:
+The same CI wired by hand from the blocks (the SlimNet and StridedNet templates): pad, reuse the
+layers without strides, replace the pooling by multipooling, unwarp with the list of strides (the
+blocks check the wiring; check_ci compares the result with Cp on a few pixels):
 
 >>> x = FDFE.multiPoolPrepare(8, 8, stride_product=2)(images)
 >>> x = FDFE.multiMaxPooling(2, 2, 2, 2)(cp[1](cp[0](x)))
 >>> x = cp[3](x)
->>> hand = FDFE.unwarpAll([(2, 2)])(x, images.shape[-2:])
+>>> hand = FDFE.unwarpAll([(2, 2)])(x, images)
 >>> bool(torch.allclose(hand, reference, atol=1e-5))
 True
 
@@ -67,7 +68,8 @@ multipool_prepare, space_to_batch, multi_pool,
 multi_conv, unwarp, unwarp_into, unwarp_layer           -- stateless building blocks
 multiPoolPrepare, multiMaxPooling, multiAvgPooling,
 multiLPPooling, multiConv, unwrapPrepare, unwrapPool,
-unwarpAll                                               -- the same as nn.Modules
+unwarpAll, linearAsConv                                 -- the same as nn.Modules (they check the wiring)
+check_images, check_patch_size, check_ci               -- checks of images, patch size, a CI against Cp
 convert, DenseFeatureNet, ConversionError,
 supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
 """
@@ -701,7 +703,7 @@ def _stacked_problem(who, batch, map_size, products, listed, image_size, n_image
     if h * sh < height or w * sw < width:
         return (f"{who}: the stacked maps are {h}x{w} and unwarp to {h * sh}x{w * sw}, smaller than the images "
                 f"({height}x{width}); likely cause: {_NOT_REPLACED} (and its stride is not listed); or "
-                f"{_STRIDE_MISSING}; or multiPoolPrepare got a smaller stride product or patch than Cp's")
+                f"{_STRIDE_MISSING}; or multiPoolPrepare got a smaller stride product or patch than Cp has")
     return None
 
 
@@ -1178,6 +1180,17 @@ class unwarpAll(nn.Module):
 # Fully connected layers made dense, and the check of a CI against Cp
 # ---------------------------------------------------------------------------
 
+def _in_shape_dims(in_shape, layout):
+    """``in_shape`` of linearAsConv as a tuple of 2 or 3 positive ints (ValueError otherwise)."""
+    if (not isinstance(in_shape, (tuple, list)) and type(in_shape).__name__ not in ("Size", "TensorShape")) \
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in in_shape) \
+            or len(in_shape) not in (2, 3) or min(in_shape) < 1:
+        names = "(C, h, w)" if layout == "CHW" else "(h, w, C)"
+        raise ValueError(f"linearAsConv: in_shape must be the map Cp flattens before this layer, {names} or "
+                         f"(h, w), with positive sizes; got {in_shape!r}")
+    return tuple(int(v) for v in in_shape)
+
+
 def _linear_in_shape(in_features, in_shape, layout):
     """The map a fully connected layer with ``in_features`` inputs sees flattened, in ``layout`` ("CHW" or
     "HWC") order: from ``in_shape`` (that map's shape, or its (h, w)), or 1 x 1 where it is None."""
@@ -1185,12 +1198,7 @@ def _linear_in_shape(in_features, in_shape, layout):
     if in_shape is None:
         c, h, w = in_features, 1, 1
     else:
-        if (not isinstance(in_shape, (tuple, list)) and type(in_shape).__name__ not in ("Size", "TensorShape")) \
-                or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in in_shape) \
-                or len(in_shape) not in (2, 3) or min(in_shape) < 1:
-            raise ValueError(f"linearAsConv: in_shape must be the map Cp flattens before this layer, {names} or "
-                             f"(h, w), with positive sizes; got {in_shape!r}")
-        dims = tuple(int(v) for v in in_shape)
+        dims = _in_shape_dims(in_shape, layout)
         if len(dims) == 2:
             (h, w), c = dims, in_features // (dims[0] * dims[1])
         else:
@@ -1290,7 +1298,7 @@ def _check_ci_compare(got, expected, positions, dtype_name, tolerance=None):
     return float(diff[worst] / scale)
 
 
-def check_ci(ci, base_net: nn.Module, patch_size, in_channels: Optional[int] = None, image_size=(23, 19),
+def check_ci(ci, base_net: nn.Module, patch_size, in_channels: Optional[int] = None, image_size=(25, 37),
              batch: int = 2) -> float:
     """Check a CI (wired by hand, or from :func:`convert`) against Cp on random test images.
 
@@ -1306,7 +1314,8 @@ def check_ci(ci, base_net: nn.Module, patch_size, in_channels: Optional[int] = N
         base_net: Cp.
         patch_size: int or (pH, pW).
         in_channels: C (default: ``ci.in_channels``, else the first module of Cp with ``in_channels``).
-        image_size: (H, W) of the test images; by default not a multiple of usual stride products.
+        image_size: (H, W) of the test images; by default 1 more than a multiple of the usual stride
+            products (2, 3, 4, 6, 12), so that a smaller product given to multiPoolPrepare shows.
         batch: N of the test images.
 
     Returns:

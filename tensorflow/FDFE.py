@@ -39,8 +39,9 @@ Convert a patch network (here 8x8 patches -> 8-vectors) and compare with Cp run 
 >>> bool(np.allclose(dense, reference, atol=1e-5))
 True
 
-The same CI wired by hand from the blocks (the SlimNet template): pad, reuse the layers
-without strides, replace the pooling by multipooling, unwarp with the list of strides:
+The same CI wired by hand from the blocks (the SlimNet and StridedNet templates): pad, reuse the
+layers without strides, replace the pooling by multipooling, unwarp with the list of strides (the
+blocks check the wiring; check_ci compares the result with Cp on a few pixels):
 
 >>> x = FDFE.multiPoolPrepare(8, 8, stride_product=2)(images)
 >>> x = FDFE.multiMaxPooling(2, 2, 2, 2)(cp.layers[0](x))
@@ -69,7 +70,9 @@ multipool_prepare, space_to_batch, multi_pool,
 multi_conv, unwarp, unwarp_layer                        -- stateless building blocks
 multiPoolPrepare, multiMaxPooling, multiAvgPooling,
 multiLPPooling, multiConv, unwrapPrepare, unwrapPool,
-unwarpAll, DenseAsConv                                  -- the same as Keras layers
+unwarpAll, linearAsConv                                 -- the same as Keras layers (they check the wiring)
+check_images, check_patch_size, check_ci               -- checks of images, patch size, a CI against Cp
+DenseAsConv                                             -- convert()'s Dense as a convolution (saved models)
 LPPooling2D, LocalResponseNormalization                 -- Cp layers Keras lacks (PyTorch semantics)
 convert, DenseFeatureModel, ConversionError,
 supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
@@ -697,25 +700,34 @@ def _stacked_problem(who, batch, map_size, products, listed, image_size, n_image
     if h * sh < height or w * sw < width:
         return (f"{who}: the stacked maps are {h}x{w} and unwarp to {h * sh}x{w * sw}, smaller than the images "
                 f"({height}x{width}); likely cause: {_NOT_REPLACED} (and its stride is not listed); or "
-                f"{_STRIDE_MISSING}; or multiPoolPrepare got a smaller stride product or patch than Cp's")
+                f"{_STRIDE_MISSING}; or multiPoolPrepare got a smaller stride product or patch than Cp has")
     return None
 
 
 def _require(condition, message, *data):
     """Raise ValueError(message) where ``condition`` is a Python bool (sizes known when the graph is built, and
-    in eager calls); where it is a tensor (sizes known only at run time, e.g. inside a tf.function), add an
-    assertion that raises tf.errors.InvalidArgumentError with the message when the graph runs."""
+    in eager calls); where it is a tensor (sizes known only at run time, e.g. inside a tf.function), return an
+    assertion that raises tf.errors.InvalidArgumentError with the message when the graph runs (None otherwise)."""
     if isinstance(condition, (bool, np.bool_)):
         if not condition:
             raise ValueError(message)
-        return
-    tf.debugging.Assert(condition, [message, *data])
+        return None
+    return tf.debugging.Assert(condition, [message, *data])
+
+
+def _after(x, checks):
+    """``x``, computed only after the run-time ``checks`` passed (so that they fail before the reshapes would)."""
+    checks = [c for c in checks if c is not None]
+    if not checks:
+        return x
+    with tf.control_dependencies(checks):
+        return tf.identity(x)
 
 
 def _check_stacked(who, x, images, products, listed):
     """The wiring check of unwarpAll / unwrapPrepare: ``x`` must hold N x SH x SW maps that unwarp to at
-    least the images' size (see :func:`_stacked_problem`); static sizes raise ValueError, run-time ones
-    assert."""
+    least the images' size (see :func:`_stacked_problem`).  Static sizes raise ValueError; with run-time
+    sizes, returns ``x`` after assertions of the same."""
     if len(x.shape) != 4:
         raise ValueError(f"{who}: the stacked result must be (M * N, h, w, K), got shape {tuple(x.shape)}")
     (batch, h, w, _), (n, height, width, _) = _static_or_dynamic(x), _static_or_dynamic(images)
@@ -723,19 +735,20 @@ def _check_stacked(who, x, images, products, listed):
         problem = _stacked_problem(who, batch, (h, w), products, listed, (height, width), n)
         if problem:
             raise ValueError(problem)
-        return
+        return x
     (sh, sw), m = products, products[0] * products[1]
-    _require(batch <= n * m, f"{who}: the stacked result holds more maps than the images times the {m} shifts per "
+    more = _require(batch <= n * m, f"{who}: the stacked result holds more maps than the images times the {m} shifts per "
                              f"image of {listed}; likely cause: {_STRIDE_MISSING}", "maps:", batch, "images:", n)
-    _require(batch >= n * m, f"{who}: the stacked result holds fewer maps than the images times the {m} shifts per "
+    fewer = _require(batch >= n * m, f"{who}: the stacked result holds fewer maps than the images times the {m} shifts per "
                              f"image of {listed}; likely cause: {_NOT_REPLACED}; or the list holds a stride that Cp "
                              f"does not have", "maps:", batch, "images:", n)
     cover_h, cover_w = h * sh >= height, w * sw >= width
     both = isinstance(cover_h, bool) and isinstance(cover_w, bool)
-    _require((cover_h and cover_w) if both else tf.logical_and(cover_h, cover_w),
-             f"{who}: the stacked maps unwarp to less than the images' size; likely cause: {_NOT_REPLACED} (and "
+    cover = _require((cover_h and cover_w) if both else tf.logical_and(cover_h, cover_w),
+             f"{who}: the stacked maps unwarp to less than the size of the images; likely cause: {_NOT_REPLACED} (and "
              f"its stride is not listed); or {_STRIDE_MISSING}; or multiPoolPrepare got a smaller stride product or "
-             f"patch than Cp's", "map:", h, w, "images:", height, width)
+             f"patch than Cp has", "map:", h, w, "images:", height, width)
+    return _after(x, [more, fewer, cover])
 
 
 # ---------------------------------------------------------------------------
@@ -1106,7 +1119,7 @@ class unwrapPrepare(_Layer):
     def call(self, inputs):
         x, images = inputs
         sh, sw = self.stride_product
-        _check_stacked("unwrapPrepare", x, images, (sh, sw), f"the stride product {sh}x{sw}")
+        x = _check_stacked("unwrapPrepare", x, images, (sh, sw), f"the stride product {sh}x{sw}")
         shape = _static_or_dynamic(images)
         h = -(-shape[1] // sh)
         w = -(-shape[2] // sw)
@@ -1136,10 +1149,10 @@ class unwrapPool(_Layer):
             raise ValueError(f"unwrapPool: the stacked result must be (M * N, h, w, K), got shape {tuple(x.shape)}")
         sh, sw = self.stride
         batch = _static_or_dynamic(x)[0]
-        _require(batch % (sh * sw) == 0, f"unwrapPool: the stacked result is not a multiple of its {sh}x{sw} shifts: "
+        check = _require(batch % (sh * sw) == 0, f"unwrapPool: the stacked result is not a multiple of its {sh}x{sw} shifts: "
                                          f"undo the layers last layer first, one per multipooling layer or multiConv; "
                                          f"{_NOT_REPLACED}, or this stride is not Cp's", "maps:", batch)
-        return unwarp_layer(x, self.stride)
+        return unwarp_layer(_after(x, [check]), self.stride)
 
     def get_config(self):
         return {**super().get_config(), "dW": self.stride[1], "dH": self.stride[0]}
@@ -1183,7 +1196,7 @@ class unwarpAll(_Layer):
 
     def call(self, inputs):
         x, images = inputs
-        _check_stacked("unwarpAll", x, images, self.stride_product, f"the strides {self.strides}")
+        x = _check_stacked("unwarpAll", x, images, self.stride_product, f"the strides {self.strides}")
         shape = _static_or_dynamic(images)
         return unwarp(x, self.strides, self.naive)[:, :shape[1], :shape[2], :]
 
@@ -1199,6 +1212,17 @@ class unwarpAll(_Layer):
 # Fully connected layers made dense, and the check of a CI against Cp
 # ---------------------------------------------------------------------------
 
+def _in_shape_dims(in_shape, layout):
+    """``in_shape`` of linearAsConv as a tuple of 2 or 3 positive ints (ValueError otherwise)."""
+    if (not isinstance(in_shape, (tuple, list)) and type(in_shape).__name__ not in ("Size", "TensorShape")) \
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in in_shape) \
+            or len(in_shape) not in (2, 3) or min(in_shape) < 1:
+        names = "(C, h, w)" if layout == "CHW" else "(h, w, C)"
+        raise ValueError(f"linearAsConv: in_shape must be the map Cp flattens before this layer, {names} or "
+                         f"(h, w), with positive sizes; got {in_shape!r}")
+    return tuple(int(v) for v in in_shape)
+
+
 def _linear_in_shape(in_features, in_shape, layout):
     """The map a fully connected layer with ``in_features`` inputs sees flattened, in ``layout`` ("CHW" or
     "HWC") order: from ``in_shape`` (that map's shape, or its (h, w)), or 1 x 1 where it is None."""
@@ -1206,12 +1230,7 @@ def _linear_in_shape(in_features, in_shape, layout):
     if in_shape is None:
         c, h, w = in_features, 1, 1
     else:
-        if (not isinstance(in_shape, (tuple, list)) and type(in_shape).__name__ not in ("Size", "TensorShape")) \
-                or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in in_shape) \
-                or len(in_shape) not in (2, 3) or min(in_shape) < 1:
-            raise ValueError(f"linearAsConv: in_shape must be the map Cp flattens before this layer, {names} or "
-                             f"(h, w), with positive sizes; got {in_shape!r}")
-        dims = tuple(int(v) for v in in_shape)
+        dims = _in_shape_dims(in_shape, layout)
         if len(dims) == 2:
             (h, w), c = dims, in_features // (dims[0] * dims[1])
         else:
@@ -1264,7 +1283,7 @@ class linearAsConv(_WrapperLayer):
         if not isinstance(dense, keras.layers.Dense):
             raise TypeError(f"linearAsConv needs a trained keras.layers.Dense, got {type(dense).__name__}")
         self.dense = dense
-        self.given_shape = None if in_shape is None else [int(v) for v in in_shape]
+        self.given_shape = None if in_shape is None else list(_in_shape_dims(in_shape, "HWC"))
         if dense.built:
             self.in_shape = _linear_in_shape(int(dense.kernel.shape[0]), in_shape, "HWC")
         elif in_shape is not None and len(in_shape) == 3:
@@ -1338,7 +1357,18 @@ def _check_ci_compare(got, expected, positions, dtype_name, tolerance=None):
     return float(diff[worst] / scale)
 
 
-def check_ci(ci, base_net, patch_size, in_channels: Optional[int] = None, image_size=(23, 19),
+def _error_text(exc):
+    """An exception's message; for a failed assertion inside a graph, only what the assertion says (not the
+    trace of where the graph was built)."""
+    text = str(exc)
+    start = text.find("assertion failed: ")
+    if start < 0:
+        return text
+    end = text.find("\n\t [[{{node", start)
+    return text[start + len("assertion failed: "):end if end > 0 else None].strip()
+
+
+def check_ci(ci, base_net, patch_size, in_channels: Optional[int] = None, image_size=(25, 37),
              batch: int = 2) -> float:
     """Check a CI (wired by hand, or from :func:`convert`) against Cp on random test images.
 
@@ -1354,7 +1384,8 @@ def check_ci(ci, base_net, patch_size, in_channels: Optional[int] = None, image_
         base_net: Cp.
         patch_size: int or (pH, pW).
         in_channels: C (default: ``ci.in_channels``, else Cp's input channels).
-        image_size: (H, W) of the test images; by default not a multiple of usual stride products.
+        image_size: (H, W) of the test images; by default 1 more than a multiple of the usual stride
+            products (2, 3, 4, 6, 12), so that a smaller product given to multiPoolPrepare shows.
         batch: N of the test images.
 
     Returns:
@@ -1396,7 +1427,7 @@ def check_ci(ci, base_net, patch_size, in_channels: Optional[int] = None, image_
         out = ci(images, training=False)
     except Exception as exc:
         raise ValueError(f"check_ci: running CI on {batch} random {height}x{width}x{in_channels} images failed "
-                         f"({type(exc).__name__}: {exc}); {_WIRING_HINTS}") from exc
+                         f"({type(exc).__name__}: {_error_text(exc)}); {_WIRING_HINTS}") from exc
     if not tf.is_tensor(out) or tuple(out.shape) != expected_shape:
         got = tuple(out.shape) if tf.is_tensor(out) else type(out).__name__
         raise ValueError(f"check_ci: CI gives {got} for {batch} images of {height}x{width}, but Cp on every patch "
