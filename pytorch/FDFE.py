@@ -74,6 +74,7 @@ convert, DenseFeatureNet, ConversionError,
 supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
 """
 
+import contextlib
 import inspect
 import numbers
 import sys
@@ -1310,7 +1311,7 @@ def check_ci(ci, base_net: nn.Module, patch_size, in_channels: Optional[int] = N
     do).  For an exactness test use :func:`dense_reference` (Cp on every patch).
 
     Args:
-        ci: the dense network, (N, C, H, W) -> (N, K, H, W).
+        ci: the dense network (a module or any callable), (N, C, H, W) -> (N, K, H, W).
         base_net: Cp.
         patch_size: int or (pH, pW).
         in_channels: C (default: ``ci.in_channels``, else the first module of Cp with ``in_channels``).
@@ -1353,7 +1354,7 @@ def check_ci(ci, base_net: nn.Module, patch_size, in_channels: Optional[int] = N
     images = torch.randn(batch, int(in_channels), height, width, generator=gen).to(device=device, dtype=dtype)
     expected_shape = (batch, out_channels, height, width)
     try:
-        with torch.no_grad(), _EvalMode(ci):
+        with torch.no_grad(), (_EvalMode(ci) if isinstance(ci, nn.Module) else contextlib.nullcontext()):
             out = ci(images)
     except Exception as exc:
         raise ValueError(f"check_ci: running CI on {batch} random {in_channels}x{height}x{width} images failed "

@@ -391,6 +391,7 @@ def test_check_ci_catches_what_shapes_cannot(tb, kb):
     cp = netspec.build_torch(spec, 1, patch, weights)
     ci = netspec.hand_wired_torch(cp, spec, patch, tb.FDFE)
     assert tb.FDFE.check_ci(ci, cp, patch) <= 1e-10
+    assert tb.FDFE.check_ci(lambda images: ci(images), cp, patch, in_channels=1) <= 1e-10  # any callable
     ci.unwarp = tb.FDFE.unwarpAll([(3, 2), (2, 3)])  # out of order: same product, same shapes
     with pytest.raises(ValueError, match=r"check_ci: CI differs from Cp by .* the wiring does not compute Cp; "
                                          r"common wiring mistakes: .*the list not in network order"):

@@ -1380,7 +1380,7 @@ def check_ci(ci, base_net, patch_size, in_channels: Optional[int] = None, image_
     :func:`dense_reference` (Cp on every patch).
 
     Args:
-        ci: the dense network, (N, H, W, C) -> (N, H, W, K).
+        ci: the dense network (a model or any callable taking ``training=``), (N, H, W, C) -> (N, H, W, K).
         base_net: Cp.
         patch_size: int or (pH, pW).
         in_channels: C (default: ``ci.in_channels``, else Cp's input channels).
