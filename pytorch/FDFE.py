@@ -503,7 +503,7 @@ def check_images(images, in_channels: Optional[int] = None, name: str = "images"
         >>> FDFE.check_images(torch.zeros(1, 1, 4, 4, dtype=torch.uint8))
         Traceback (most recent call last):
         ...
-        TypeError: images must be a floating-point tensor, got dtype torch.uint8; convert it first, e.g. images.float() / 255 ...
+        TypeError: images must be a floating-point tensor, got dtype torch.uint8; convert it first, ...
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
@@ -1101,7 +1101,8 @@ class unwrapPrepare(nn.Module):
                                    f"the stride product {sh}x{sw}", (height, width), n)
         if problem:
             raise ValueError(problem)
-        return x[:, :, :-(-height // sh), :-(-width // sw)]
+        grid_h, grid_w = -(-height // sh), -(-width // sw)  # ceil(H / SH), ceil(W / SW)
+        return x[:, :, :grid_h, :grid_w]
 
 
 class unwrapPool(nn.Module):
@@ -1153,7 +1154,7 @@ class unwarpAll(nn.Module):
         >>> FDFE.unwarpAll([(2, 2)])(x, torch.zeros(2, 1, 10, 13))
         Traceback (most recent call last):
         ...
-        ValueError: unwarpAll: the stacked result holds 32 maps, but 2 image(s) with the strides [(2, 2)] (4 shifts per image) make 8; likely cause: a stride is missing from the list ...
+        ValueError: unwarpAll: the stacked result holds 32 maps, ... make 8; likely cause: a stride is missing ...
     """
 
     def __init__(self, strides: Sequence, naive: bool = False):

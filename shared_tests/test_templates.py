@@ -308,6 +308,10 @@ def test_unwarp_blocks_check_the_number_of_shifts_and_the_size(tb, kb):
         assert F.unwarpAll([(2, 2), (2, 2)])(x, second).shape == (2, 5, 37, 53)
         assert F.unwrapPrepare(4)(x, second).shape == (32, 5, 10, 14)
     assert F.unwarpAll([(2, 2), (2, 2)])(x, (37, 53), batch=2).shape == (2, 5, 37, 53)
+    # the paper's chain (crop, then one unwrapPool per layer, last layer first) equals unwarpAll's crop
+    values = torch.randn(2 * 16, 5, 10, 14, dtype=torch.float64)
+    chain = F.unwrapPool(2)(F.unwrapPool(2)(F.unwrapPrepare(4)(values, images)))[:, :, :37, :53]
+    assert torch.equal(chain, F.unwarpAll([(2, 2), (2, 2)])(values, images))
     # a stride left out: exact with N; with (H, W) only, the map comes out too small
     with pytest.raises(ValueError, match=r"holds 32 maps, but 2 image\(s\) .*a stride is missing from the list"):
         F.unwarpAll([(2, 2)])(x, (37, 53), batch=2)
@@ -333,6 +337,10 @@ def test_unwarp_blocks_check_the_number_of_shifts_and_the_size(tb, kb):
     kx, kimages = tf.zeros((32, 10, 14, 5)), tf.zeros((2, 37, 53, 1))
     assert tuple(K.unwarpAll([(2, 2), (2, 2)])([kx, kimages]).shape) == (2, 37, 53, 5)
     assert tuple(K.unwrapPrepare(4)([kx, kimages]).shape) == (32, 10, 14, 5)
+    k_values = tf.constant(values.numpy().transpose(0, 2, 3, 1))
+    k_chain = K.unwrapPool(2)(K.unwrapPool(2)(K.unwrapPrepare(4)([k_values, kimages])))[:, :37, :53, :]
+    np.testing.assert_array_equal(k_chain, K.unwarpAll([(2, 2), (2, 2)])([k_values, kimages]))
+    np.testing.assert_array_equal(k_chain, chain.numpy().transpose(0, 2, 3, 1))
     with pytest.raises(ValueError, match=r"unwrapPrepare: the stacked result holds 32 maps, but 2 image\(s\)"):
         K.unwrapPrepare(2)([kx, kimages])
     with pytest.raises(ValueError, match=r"unwrapPool: the stacked result is not a multiple of its 2x2 shifts"):

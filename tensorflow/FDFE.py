@@ -521,7 +521,7 @@ def check_images(images, in_channels: Optional[int] = None, name: str = "images"
         >>> FDFE.check_images(np.zeros((1, 4, 4, 1), np.uint8))
         Traceback (most recent call last):
         ...
-        TypeError: images must be a floating-point tensor, got dtype uint8; convert it first, e.g. tf.cast(images, tf.float32) / 255 ...
+        TypeError: images must be a floating-point tensor, got dtype uint8; convert it first, e.g. tf.cast(images, ...
     """
     if not (tf.is_tensor(images) or isinstance(images, (np.ndarray, keras.KerasTensor))):
         raise TypeError(f"{name} must be a tensor of shape (N, H, W, C), got {type(images).__name__}")
@@ -737,11 +737,12 @@ def _check_stacked(who, x, images, products, listed):
             raise ValueError(problem)
         return x
     (sh, sw), m = products, products[0] * products[1]
-    more = _require(batch <= n * m, f"{who}: the stacked result holds more maps than the images times the {m} shifts per "
-                             f"image of {listed}; likely cause: {_STRIDE_MISSING}", "maps:", batch, "images:", n)
-    fewer = _require(batch >= n * m, f"{who}: the stacked result holds fewer maps than the images times the {m} shifts per "
-                             f"image of {listed}; likely cause: {_NOT_REPLACED}; or the list holds a stride that Cp "
-                             f"does not have", "maps:", batch, "images:", n)
+    more = _require(batch <= n * m, f"{who}: the stacked result holds more maps than the images times the {m} shifts "
+                                    f"per image of {listed}; likely cause: {_STRIDE_MISSING}",
+                    "maps:", batch, "images:", n)
+    fewer = _require(batch >= n * m, f"{who}: the stacked result holds fewer maps than the images times the {m} shifts "
+                                     f"per image of {listed}; likely cause: {_NOT_REPLACED}; or the list holds a "
+                                     f"stride that Cp does not have", "maps:", batch, "images:", n)
     cover_h, cover_w = h * sh >= height, w * sw >= width
     both = isinstance(cover_h, bool) and isinstance(cover_w, bool)
     cover = _require((cover_h and cover_w) if both else tf.logical_and(cover_h, cover_w),
@@ -1149,9 +1150,10 @@ class unwrapPool(_Layer):
             raise ValueError(f"unwrapPool: the stacked result must be (M * N, h, w, K), got shape {tuple(x.shape)}")
         sh, sw = self.stride
         batch = _static_or_dynamic(x)[0]
-        check = _require(batch % (sh * sw) == 0, f"unwrapPool: the stacked result is not a multiple of its {sh}x{sw} shifts: "
-                                         f"undo the layers last layer first, one per multipooling layer or multiConv; "
-                                         f"{_NOT_REPLACED}, or this stride is not Cp's", "maps:", batch)
+        check = _require(batch % (sh * sw) == 0,
+                         f"unwrapPool: the stacked result is not a multiple of its {sh}x{sw} shifts: undo the layers "
+                         f"last layer first, one per multipooling layer or multiConv; {_NOT_REPLACED}, or this stride "
+                         f"is not that of Cp", "maps:", batch)
         return unwarp_layer(_after(x, [check]), self.stride)
 
     def get_config(self):
@@ -1185,7 +1187,7 @@ class unwarpAll(_Layer):
         >>> FDFE.unwarpAll([(2, 2)])([x, np.zeros((2, 10, 13, 1), "float32")])
         Traceback (most recent call last):
         ...
-        ValueError: ...unwarpAll: the stacked result holds 32 maps, but 2 image(s) with the strides [(2, 2)] (4 shifts per image) make 8; likely cause: a stride is missing from the list ...
+        ValueError: ...unwarpAll: the stacked result holds 32 maps, ... make 8; likely cause: a stride is missing ...
     """
 
     def __init__(self, strides: Sequence, naive: bool = False, **kwargs):
