@@ -38,13 +38,14 @@ torch.Size([2, 8, 20, 30])
 >>> bool(torch.allclose(dense, reference, atol=1e-5))
 True
 
-The same CI wired by hand from the blocks (the SlimNet template): pad, reuse the layers
-without strides, replace the pooling by multipooling, unwarp with the list of strides:
+The same CI wired by hand from the blocks (the SlimNet and StridedNet templates): pad, reuse the
+layers without strides, replace the pooling by multipooling, unwarp with the list of strides (the
+blocks check the wiring; check_ci compares the result with Cp on a few pixels):
 
 >>> x = FDFE.multiPoolPrepare(8, 8, stride_product=2)(images)
 >>> x = FDFE.multiMaxPooling(2, 2, 2, 2)(cp[1](cp[0](x)))
 >>> x = cp[3](x)
->>> hand = FDFE.unwarpAll([(2, 2)])(x, images.shape[-2:])
+>>> hand = FDFE.unwarpAll([(2, 2)])(x, images)
 >>> bool(torch.allclose(hand, reference, atol=1e-5))
 True
 
@@ -67,11 +68,13 @@ multipool_prepare, space_to_batch, multi_pool,
 multi_conv, unwarp, unwarp_into, unwarp_layer           -- stateless building blocks
 multiPoolPrepare, multiMaxPooling, multiAvgPooling,
 multiLPPooling, multiConv, unwrapPrepare, unwrapPool,
-unwarpAll                                               -- the same as nn.Modules
+unwarpAll, linearAsConv                                 -- the same as nn.Modules (they check the wiring)
+check_images, check_patch_size, check_ci               -- checks of images, patch size, a CI against Cp
 convert, DenseFeatureNet, ConversionError,
 supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
 """
 
+import contextlib
 import inspect
 import numbers
 import sys
@@ -105,6 +108,8 @@ __all__ = [
     "unwrapPrepare",
     "unwrapPool",
     "unwarpAll",
+    "linearAsConv",
+    "check_ci",
     "DenseFeatureNet",
     "convert",
     "supported_layers",
@@ -579,19 +584,62 @@ def _self_check_compare(got, expected, dtype_name, tolerance=None):
 # ---------------------------------------------------------------------------
 
 
-def check_images(images, in_channels: Optional[int] = None, name: str = "images") -> None:
-    """Check that ``images`` is a non-empty floating (N, C, H, W) tensor."""
+def check_images(images, in_channels: Optional[int] = None, name: str = "images",
+                 dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Check that ``images`` is a non-empty floating (N, C, H, W) tensor; return it, cast to ``dtype``.
+
+    Floating images of another precision are cast to the network's (as Keras' autocast does, and as
+    every CI of this file does through this function); integer images are refused, with how to
+    convert them, since their scale (0..255 or 0..1) is the caller's choice.
+
+    Args:
+        images: the images.
+        in_channels: C the network expects (None: not checked).
+        name: the argument's name in messages.
+        dtype: the network's floating dtype (None: keep the images' dtype).
+
+    Returns:
+        ``images``, or ``images.to(dtype)`` where the dtypes differ.
+
+    Shape:
+        (N, C, H, W) -> (N, C, H, W).
+
+    Example:
+        >>> FDFE.check_images(torch.zeros(1, 1, 4, 4, dtype=torch.float64), 1, dtype=torch.float32).dtype
+        torch.float32
+        >>> FDFE.check_images(torch.zeros(1, 1, 4, 4, dtype=torch.uint8))
+        Traceback (most recent call last):
+        ...
+        TypeError: images must be a floating-point tensor, got dtype torch.uint8; convert it first, ...
+    """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
     if images.dim() != 4:
         raise ValueError(f"{name} must have rank 4 (N, C, H, W), got shape {tuple(images.shape)}")
     if not images.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {images.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {images.dtype}; convert it first, "
+                        f"e.g. {name}.float() / 255 for 8-bit images (scaled to 0..1, if Cp was trained so) "
+                        f"or {name}.float() to keep the values")
     if min(images.shape) < 1:
         raise ValueError(f"{name} must not be empty, got shape {tuple(images.shape)}")
     if in_channels is not None and images.shape[1] != in_channels:
         raise ValueError(f"{name} has {images.shape[1]} channels but the network expects {in_channels} "
                          f"(layout is (N, C, H, W))")
+    if dtype is not None and images.dtype != dtype:
+        images = images.to(dtype)
+    return images
+
+
+def _compute_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    """The floating dtype a network computes in: that of its first floating parameter or buffer (None
+    where it has none: such a net computes in its input's dtype)."""
+    for t in module.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    for t in module.buffers():
+        if t.is_floating_point():
+            return t.dtype
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -662,7 +710,7 @@ def patch_outputs(base_net: nn.Module, images: torch.Tensor, patch_size, positio
     Args:
         base_net: the patch network Cp, mapping (B, C, pH, pW) to (B, K) or (B, K, 1, 1).
             It runs in inference mode; its training flags are restored afterwards.
-        images: (N, C, H, W) floating tensor.
+        images: (N, C, H, W) floating tensor (cast to Cp's dtype, see :func:`check_images`).
         patch_size: int or (pH, pW).
         positions: (P, 3) integer array or tensor of (n, y, x) triples.
         batch_size: patches per call of Cp.
@@ -676,7 +724,7 @@ def patch_outputs(base_net: nn.Module, images: torch.Tensor, patch_size, positio
     Shape:
         images (N, C, H, W), positions (P, 3) -> (P, K).
     """
-    check_images(images)
+    images = check_images(images, dtype=_compute_dtype(base_net))
     ph, pw = _pair(patch_size, "patch_size")
     if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -735,6 +783,66 @@ def dense_reference(base_net: nn.Module, images: torch.Tensor, patch_size, batch
     out = patch_outputs(base_net, images, patch_size, grid, batch_size=batch_size, progress=progress,
                         differentiable=differentiable)
     return out.reshape(n_img, height, width, -1).permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------
+# Wiring checks: what a hand-wired block can tell about the blocks before it
+# ---------------------------------------------------------------------------
+
+_NOT_REPLACED = ("a pooling layer or strided convolution of Cp was not replaced (by multiMaxPooling, "
+                 "multiAvgPooling, multiLPPooling or multiConv), so it still strides inside CI")
+_STRIDE_MISSING = ("a stride is missing from the list (list the stride of every pooling layer and of every "
+                   "strided convolution, multiConv included, in network order)")
+
+
+def _stacked_problem(who, batch, map_size, products, listed, image_size, n_images=None):
+    """Why a shift-stacked result cannot be unwarped into images of ``image_size``; None where it can.
+
+    A correct wiring stacks exactly SH * SW shifts per image, (SH, SW) = ``products``, and its maps are
+    at least ceil(H / SH) x ceil(W / SW) (larger ones are legitimate and cropped).  ``listed`` says how
+    the strides were given, ``n_images`` is N where known.  Plain ints in, a message or None out."""
+    (sh, sw), (h, w), (height, width) = products, map_size, image_size
+    m = sh * sw
+    if n_images is not None and batch != n_images * m:
+        want = n_images * m
+        if batch > want and batch % want == 0:
+            cause = f"{_STRIDE_MISSING}: there are {batch // want} times more shifts than listed"
+        else:
+            cause = f"{_NOT_REPLACED}; or the list holds a stride that Cp does not have"
+        return (f"{who}: the stacked result holds {batch} maps, but {n_images} image(s) with {listed} "
+                f"({m} shifts per image) make {want}; likely cause: {cause}")
+    if batch % m:
+        return (f"{who}: the stacked result holds {batch} maps, not a multiple of the {m} shifts per image of "
+                f"{listed}; likely cause: {_NOT_REPLACED}; or the list holds a stride that Cp does not have")
+    if h * sh < height or w * sw < width:
+        return (f"{who}: the stacked maps are {h}x{w} and unwarp to {h * sh}x{w * sw}, smaller than the images "
+                f"({height}x{width}); likely cause: {_NOT_REPLACED} (and its stride is not listed); or "
+                f"{_STRIDE_MISSING}; or multiPoolPrepare got a smaller stride product or patch than Cp has")
+    return None
+
+
+def _unwarp_target(image_size, batch, who):
+    """(N or None, H, W) from what unwarpAll / unwrapPrepare are called with: the images (N, C, H, W), their
+    shape, or their (H, W) (then N comes from ``batch``, if given)."""
+    if isinstance(image_size, torch.Tensor) and image_size.dim() == 4:
+        size = tuple(image_size.shape)
+    else:
+        try:
+            size = tuple(int(v) for v in image_size)
+        except (TypeError, ValueError):
+            size = ()
+    if len(size) == 4:
+        n, height, width = size[0], size[2], size[3]
+    elif len(size) == 2:
+        n, (height, width) = None, size
+    else:
+        raise ValueError(f"{who}: call it with the images (N, C, H, W), their shape, or their (H, W); "
+                         f"got {image_size!r}")
+    if batch is not None:
+        if n is not None and int(batch) != n:
+            raise ValueError(f"{who}: batch={batch} but the images are {n}")
+        n = int(batch)
+    return n, height, width
 
 
 # ---------------------------------------------------------------------------
@@ -848,6 +956,8 @@ def multi_pool(x: torch.Tensor, kind: str, kernel_size, stride=None, dilation=1,
     dil = _pair(dilation, "dilation")
     if kind != "max" and dil != (1, 1):
         raise ValueError(f"{kind} pooling has no dilation")
+    _check_window(f"multipooling ({kind}, kernel {kernel[0]}x{kernel[1]}, stride {stride[0]}x{stride[1]})", x,
+                  kernel, stride, dil)
     return _multi(x, lambda t, s: _pool(t, kind, kernel, s, dil, norm_type, divisor_override),
                   kernel, stride, dil, naive)
 
@@ -866,7 +976,23 @@ def multi_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     stride = _pair(stride, "stride")
     dil = _pair(dilation, "dilation")
     kernel = tuple(weight.shape[-2:])
+    _check_window(f"multi_conv (kernel {kernel[0]}x{kernel[1]}, stride {stride[0]}x{stride[1]})", x, kernel,
+                  stride, dil)
     return _multi(x, lambda t, s: F.conv2d(t, weight, bias, s, 0, dil, groups), kernel, stride, dil, naive)
+
+
+def _check_window(what, x, kernel, stride, dil):
+    """A multipooling or strided layer needs a 4-D input of at least its window plus the shifts of its stride
+    (always true in a correct wiring: the padded image holds every shift of every later layer)."""
+    if x.dim() != 4:
+        raise ValueError(f"{what}: its input must be a (B, C, H, W) map, got shape {tuple(x.shape)}")
+    size = tuple(x.shape[-2:])
+    need = [d * (k - 1) + s for k, s, d in zip(kernel, stride, dil)]
+    if size[0] < need[0] or size[1] < need[1]:
+        raise ValueError(f"{what}: its input is {size[0]}x{size[1]}, smaller than the {need[0]}x{need[1]} that its "
+                         f"window and all its shifts need; likely cause: the images were not padded by "
+                         f"multiPoolPrepare first, multiPoolPrepare got a smaller patch than Cp's, or a layer "
+                         f"before this one shrinks the map more than in Cp")
 
 
 def _multi(x, op, kernel, stride, dil, naive):
@@ -892,7 +1018,8 @@ def unwarp_layer(x: torch.Tensor, stride) -> torch.Tensor:
     sh, sw = _pair(stride, "stride")
     b, k, h, w = x.shape
     if b % (sh * sw):
-        raise ValueError(f"batch {b} is not a multiple of the {sh}x{sw} shifts")
+        raise ValueError(f"batch {b} is not a multiple of the {sh}x{sw} shifts: undo the layers last layer first, "
+                         f"one per multipooling layer or multiConv; {_NOT_REPLACED}, or this stride is not Cp's")
     y = x.reshape(sh, sw, b // (sh * sw), k, h, w).permute(2, 3, 4, 0, 5, 1)
     return y.reshape(b // (sh * sw), k, h * sh, w * sw)
 
@@ -957,7 +1084,8 @@ def unwarp(x: torch.Tensor, strides: Sequence, naive: bool = False) -> torch.Ten
     b, k, h, w = x.shape
     m = _prod(v for s in strides for v in s)
     if b % m:
-        raise ValueError(f"batch {b} is not a multiple of the {m} stacked shifts")
+        raise ValueError(f"batch {b} is not a multiple of the {m} stacked shifts of the strides {strides}: "
+                         f"{_NOT_REPLACED}, or the list holds a stride that Cp does not have")
     big_h = _prod(s[0] for s in strides)
     big_w = _prod(s[1] for s in strides)
     dest = torch.empty((b // m, k, h * big_h, w * big_w), dtype=x.dtype, device=x.device,
@@ -973,8 +1101,11 @@ class multiPoolPrepare(nn.Module):
     """Zero padding before CI: a patch around every pixel, size up to the stride product.
 
     Args:
-        patchY, patchX: patch height and width.
-        stride_product: int or (SH, SW), product of all strides of the net (default 1).
+        patchY, patchX: patch height and width (those Cp was trained on).
+        stride_product: int or (SH, SW), product of all strides of the net, of its pooling layers and of
+            its strided convolutions (default 1).
+
+    Checks the images (rank, floating dtype, non-empty): see :func:`check_images`.
 
     Shape:
         (N, C, H, W) -> (N, C, H' + pY - 1, W' + pX - 1), H' = ceil(H / SH) * SH.
@@ -1014,6 +1145,9 @@ class _MultiPoolBase(nn.Module):
 class multiMaxPooling(_MultiPoolBase):
     """Max pooling made dense (multipooling).  Argument order of the original: (kW, kH, dW, dH).
 
+    Raises a ValueError where its input is smaller than its window and shifts need (the images were
+    not padded by :class:`multiPoolPrepare`, or with a smaller patch than Cp's).
+
     Shape:
         (B, C, L_h, L_w) -> (dH * dW * B, C, (L_h - kH + 1) // dH, (L_w - kW + 1) // dW).
     """
@@ -1040,9 +1174,15 @@ class multiLPPooling(_MultiPoolBase):
 class multiConv(nn.Module):
     """A trained strided convolution made dense.  Reuses (shares) the conv's weights.
 
+    Its stride counts like a pooling layer's: list it for :class:`unwarpAll` and in the stride product
+    of :class:`multiPoolPrepare`.
+
     Args:
         conv: a trained ``nn.Conv2d`` with no padding (any stride, dilation, groups).
         naive: one strided convolution per shift instead of stride 1 + space-to-batch.
+
+    Raises a ValueError where the input has other channels than the convolution takes, or is smaller
+    than its window and shifts need.
 
     Shape:
         (B, C, L_h, L_w) -> (sh * sw * B, K, h', w').
@@ -1060,6 +1200,10 @@ class multiConv(nn.Module):
 
     def forward(self, x):
         c = self.conv
+        if x.dim() == 4 and x.shape[1] != c.in_channels:
+            raise ValueError(f"multiConv: its input has {x.shape[1]} channels but the convolution takes "
+                             f"{c.in_channels} (layout (B, C, H, W)); likely cause: a layer before it is "
+                             f"missing, or in another order than in Cp")
         return multi_conv(x, c.weight, c.bias, c.stride, c.dilation, c.groups, self.naive)
 
 
@@ -1069,7 +1213,9 @@ class unwrapPrepare(nn.Module):
     Args:
         stride_product: int or (SH, SW), product of all strides.
 
-    Call as ``unwrap_prepare(x, image_size)`` with the (H, W) of the input images.
+    Call as ``unwrap_prepare(x, images)`` (or with ``images.shape``, or with the (H, W) of the images
+    and optionally ``batch=N``).  Checks the wiring like :class:`unwarpAll`: the number of stacked maps
+    against N x SH x SW (a multiple of SH x SW where N is not known) and that the maps cover the grid.
 
     Shape:
         (M * N, K, h, w) -> (M * N, K, ceil(H / SH), ceil(W / SW)).
@@ -1079,16 +1225,23 @@ class unwrapPrepare(nn.Module):
         super().__init__()
         self.stride_product = _pair(stride_product, "stride_product")
 
-    def forward(self, x, image_size):
-        h = -(-int(image_size[0]) // self.stride_product[0])
-        w = -(-int(image_size[1]) // self.stride_product[1])
-        if x.shape[-2] < h or x.shape[-1] < w:
-            raise ValueError(f"stacked output {tuple(x.shape[-2:])} is smaller than the grid ({h}, {w})")
-        return x[:, :, :h, :w]
+    def forward(self, x, image_size, batch: Optional[int] = None):
+        n, height, width = _unwarp_target(image_size, batch, "unwrapPrepare")
+        if x.dim() != 4:
+            raise ValueError(f"unwrapPrepare: the stacked result must be (M * N, K, h, w), got shape {tuple(x.shape)}")
+        sh, sw = self.stride_product
+        problem = _stacked_problem("unwrapPrepare", x.shape[0], tuple(x.shape[-2:]), (sh, sw),
+                                   f"the stride product {sh}x{sw}", (height, width), n)
+        if problem:
+            raise ValueError(problem)
+        grid_h, grid_w = -(-height // sh), -(-width // sw)  # ceil(H / SH), ceil(W / SW)
+        return x[:, :, :grid_h, :grid_w]
 
 
 class unwrapPool(nn.Module):
-    """Undo one multipooling layer; apply once per layer, the last layer's first.
+    """Undo one multipooling layer; apply once per layer (multiConv included), the last layer's first.
+
+    Raises a ValueError where the batch is not a multiple of its shifts.
 
     Shape:
         (dH * dW * B, K, h, w) -> (B, K, h * dH, w * dW).
@@ -1099,6 +1252,8 @@ class unwrapPool(nn.Module):
         self.stride = _pair((dW if dH is None else dH, dW), "stride")
 
     def forward(self, x):
+        if x.dim() != 4:
+            raise ValueError(f"unwrapPool: the stacked result must be (M * N, K, h, w), got shape {tuple(x.shape)}")
         return unwarp_layer(x, self.stride)
 
     def extra_repr(self):
@@ -1108,27 +1263,250 @@ class unwrapPool(nn.Module):
 class unwarpAll(nn.Module):
     """Unwarping of all multipooling layers at once, plus the crop to the image size.
 
+    Checks the wiring before unwarping: the stacked result must hold N x M maps (M = the product of all
+    strides listed) and maps that unwarp to at least the image size.  A stride left out of the list, a
+    pooling layer or strided convolution not replaced, or a smaller stride product or patch given to
+    :class:`multiPoolPrepare` raise a ValueError that names these causes; a correct wiring always passes
+    (its maps may be larger than needed: they are cropped).
+
     Args:
-        strides: list of (sh, sw) per multipooling layer, in network order.
+        strides: list of (sh, sw) per multipooling layer and per multiConv, in network order.
         naive: undo one layer at a time (the paper's listing); same result.
 
-    Call as ``unwarp_all(x, image_size)``.
+    Call as ``unwarp_all(x, images)``.  The images' (H, W), or ``images.shape[-2:]``, also work: then
+    the number of images N is not known, and a stride left out is caught only where the map comes out
+    smaller than the images (pass ``batch=N`` to check it exactly).
 
     Shape:
-        (M * N, K, h, w) -> (N, K, H, W).
+        (M * N, K, h, w), images (N, C, H, W) -> (N, K, H, W).
+
+    Example:
+        >>> x = torch.zeros(2 * 16, 5, 3, 4)                       # 2 images, strides (2, 2) and (2, 2)
+        >>> FDFE.unwarpAll([(2, 2), (2, 2)])(x, torch.zeros(2, 1, 10, 13)).shape
+        torch.Size([2, 5, 10, 13])
+        >>> FDFE.unwarpAll([(2, 2)])(x, torch.zeros(2, 1, 10, 13))
+        Traceback (most recent call last):
+        ...
+        ValueError: unwarpAll: the stacked result holds 32 maps, ... make 8; likely cause: a stride is missing ...
     """
 
     def __init__(self, strides: Sequence, naive: bool = False):
         super().__init__()
         self.strides = [_pair(s, "stride") for s in strides]
+        self.stride_product = (_prod(s[0] for s in self.strides), _prod(s[1] for s in self.strides))
         self.naive = naive
 
-    def forward(self, x, image_size):
+    def forward(self, x, image_size, batch: Optional[int] = None):
+        n, height, width = _unwarp_target(image_size, batch, "unwarpAll")
+        if x.dim() != 4:
+            raise ValueError(f"unwarpAll: the stacked result must be (M * N, K, h, w), got shape {tuple(x.shape)}")
+        problem = _stacked_problem("unwarpAll", x.shape[0], tuple(x.shape[-2:]), self.stride_product,
+                                   f"the strides {self.strides}", (height, width), n)
+        if problem:
+            raise ValueError(problem)
         out = unwarp(x, self.strides, self.naive)
-        return out[:, :, :int(image_size[0]), :int(image_size[1])]
+        return out[:, :, :height, :width]
 
     def extra_repr(self):
         return f"strides={self.strides}, naive={self.naive}"
+
+
+# ---------------------------------------------------------------------------
+# Fully connected layers made dense, and the check of a CI against Cp
+# ---------------------------------------------------------------------------
+
+def _in_shape_dims(in_shape, layout):
+    """``in_shape`` of linearAsConv as a tuple of 2 or 3 positive ints (ValueError otherwise)."""
+    if (not isinstance(in_shape, (tuple, list)) and type(in_shape).__name__ not in ("Size", "TensorShape")) \
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in in_shape) \
+            or len(in_shape) not in (2, 3) or min(in_shape) < 1:
+        names = "(C, h, w)" if layout == "CHW" else "(h, w, C)"
+        raise ValueError(f"linearAsConv: in_shape must be the map Cp flattens before this layer, {names} or "
+                         f"(h, w), with positive sizes; got {in_shape!r}")
+    return tuple(int(v) for v in in_shape)
+
+
+def _linear_in_shape(in_features, in_shape, layout):
+    """The map a fully connected layer with ``in_features`` inputs sees flattened, in ``layout`` ("CHW" or
+    "HWC") order: from ``in_shape`` (that map's shape, or its (h, w)), or 1 x 1 where it is None."""
+    names = "(C, h, w)" if layout == "CHW" else "(h, w, C)"
+    if in_shape is None:
+        c, h, w = in_features, 1, 1
+    else:
+        dims = _in_shape_dims(in_shape, layout)
+        if len(dims) == 2:
+            (h, w), c = dims, in_features // (dims[0] * dims[1])
+        else:
+            c, h, w = dims if layout == "CHW" else (dims[2], dims[0], dims[1])
+        if c * h * w != in_features:
+            raise ValueError(f"linearAsConv: the layer has {in_features} inputs, but in_shape {in_shape!r} "
+                             f"{'does not divide them' if len(dims) == 2 else f'flattens to {c * h * w}'}; "
+                             f"in_shape must be the map Cp flattens before this layer, {names}, at the patch "
+                             f"size CI is built for")
+    return (c, h, w) if layout == "CHW" else (h, w, c)
+
+
+class linearAsConv(nn.Module):
+    """A trained fully connected layer made dense: an ``nn.Linear`` as a convolution (shared weights).
+
+    In Cp, a Linear after a flatten sees the (C, h, w) map flattened in C, H, W order: that is an
+    h x w convolution of the map with the Linear's weight viewed as (K, C, h, w), which CI applies at
+    every position of the dense map (leave the flatten out).  A Linear after another Linear (or on a
+    1 x 1 map) is a 1 x 1 convolution.  convert() builds the same for flatten + Linear heads.
+
+    Args:
+        linear: the trained ``nn.Linear`` (weight and bias shared, not copied).
+        in_shape: the map Cp flattens before this layer, (C, h, w), at the patch size CI is built for
+            (Cp's layers up to the flatten, run on one patch, give it), or its (h, w); None (default)
+            for a Linear that follows another Linear (a 1 x 1 convolution).
+
+    Raises a ValueError where ``in_shape`` does not flatten to the Linear's inputs, or where the input
+    has other channels than ``in_shape`` says (e.g. a flattened map, or in_shape left out for the first
+    Linear after a flatten).
+
+    Shape:
+        (B, C, L_h, L_w) -> (B, K, L_h - h + 1, L_w - w + 1).
+
+    Example:
+        >>> fc = torch.nn.Linear(4 * 3 * 2, 5)
+        >>> maps = torch.randn(2, 4, 3, 2)                          # Cp's map before its flatten
+        >>> dense = FDFE.linearAsConv(fc, (4, 3, 2))(maps)          # one position: the whole 3x2 map
+        >>> dense.shape
+        torch.Size([2, 5, 1, 1])
+        >>> bool(torch.allclose(dense.flatten(1), fc(maps.flatten(1)), atol=1e-6))
+        True
+    """
+
+    def __init__(self, linear: nn.Linear, in_shape=None):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linearAsConv needs a trained nn.Linear, got {type(linear).__name__}")
+        self.linear = linear
+        self.in_shape = _linear_in_shape(linear.in_features, in_shape, "CHW")
+
+    def forward(self, x):
+        c, h, w = self.in_shape
+        if x.dim() != 4:
+            raise ValueError(f"linearAsConv: its input must be a (B, C, H, W) map, got shape {tuple(x.shape)}; "
+                             f"in CI the flatten before the Linear is left out")
+        if x.shape[1] != c:
+            raise ValueError(f"linearAsConv: its input has {x.shape[1]} channels, but in_shape {self.in_shape} "
+                             f"says the map Cp flattens has {c}; likely cause: in_shape left out or wrong for "
+                             f"the first Linear after a flatten, or a layer before it is missing")
+        _check_window("linearAsConv", x, (h, w), (1, 1), (1, 1))
+        return F.conv2d(x, self.linear.weight.reshape(self.linear.out_features, c, h, w), self.linear.bias)
+
+    def extra_repr(self):
+        return f"in_shape={self.in_shape}, out_features={self.linear.out_features}"
+
+
+#: the wiring mistakes check_ci names where CI and Cp differ
+_WIRING_HINTS = ("common wiring mistakes: a Linear (Keras: Dense) after a flatten reused as it is, where it "
+                 "must become FDFE.linearAsConv(layer, in_shape); a pooling layer or strided convolution not "
+                 "replaced (multi*Pooling, multiConv); a stride missing from unwarpAll's list, or the list not "
+                 "in network order; multiPoolPrepare given another patch size or stride product than Cp's; a "
+                 "layer of Cp left out, repeated or moved; batch normalisation with batch statistics")
+
+
+def _check_positions(batch, height, width):
+    """(n, y, x) compared by check_ci: every image's corners and middle, and random pixels."""
+    rng = np.random.default_rng(0)
+    pos = []
+    for n in range(batch):
+        pos += [[n, 0, 0], [n, height - 1, width - 1], [n, 0, width - 1], [n, height - 1, 0],
+                [n, height // 2, width // 2]]
+        pos += [[n, int(rng.integers(height)), int(rng.integers(width))] for _ in range(3)]
+    return np.array(pos)
+
+
+def _check_ci_compare(got, expected, positions, dtype_name, tolerance=None):
+    """max |got - expected| / max |expected| (numpy (P, K) arrays); ValueError where above the tolerance."""
+    scale = float(np.abs(expected).max()) or 1.0
+    diff = np.abs(got - expected).max(axis=1)
+    diff[~np.isfinite(diff)] = np.inf
+    worst = int(np.argmax(diff))
+    tol = tolerance if tolerance is not None else _SELF_CHECK_TOLERANCE.get(dtype_name, 3e-2)
+    if not diff[worst] <= tol * scale:
+        n, y, x = (int(v) for v in positions[worst])
+        raise ValueError(f"check_ci: CI differs from Cp by {diff[worst]:.3g} (largest |Cp| {scale:.3g}) at image {n}, "
+                         f"pixel ({y}, {x}): the wiring does not compute Cp; {_WIRING_HINTS}")
+    return float(diff[worst] / scale)
+
+
+def check_ci(ci, base_net: nn.Module, patch_size, in_channels: Optional[int] = None, image_size=(25, 37),
+             batch: int = 2) -> float:
+    """Check a CI (wired by hand, or from :func:`convert`) against Cp on random test images.
+
+    Runs ``ci`` on ``batch`` random images of ``image_size`` and Cp on the patches around some of their
+    pixels (every image's corners and middle, and random ones), in inference mode (training flags
+    restored) and without gradients, and compares: the output's shape must be (N, K, H, W) and its
+    values Cp's, within the tolerance of the dtype (relative to max |Cp|: float64 1e-9, float32 1e-4,
+    1e-2 on GPUs with TF32, others 3e-2).  Cheap enough to run in a CI's constructor (the templates
+    do).  For an exactness test use :func:`dense_reference` (Cp on every patch).
+
+    Args:
+        ci: the dense network (a module or any callable), (N, C, H, W) -> (N, K, H, W).
+        base_net: Cp.
+        patch_size: int or (pH, pW).
+        in_channels: C (default: ``ci.in_channels``, else the first module of Cp with ``in_channels``).
+        image_size: (H, W) of the test images; by default 1 more than a multiple of the usual stride
+            products (2, 3, 4, 6, 12), so that a smaller product given to multiPoolPrepare shows.
+        batch: N of the test images.
+
+    Returns:
+        float: max |CI - Cp| / max |Cp| over the compared pixels.
+
+    Raises:
+        ValueError naming the difference (CI fails on the images, gives another shape, or other values;
+        with the pixel) and the common wiring mistakes.
+
+    Example:
+        >>> cp = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.MaxPool2d(2), torch.nn.Conv2d(3, 4, 2))
+        >>> class CI(torch.nn.Module):                                # wired by hand for 6x6 patches
+        ...     def forward(self, images):
+        ...         x = FDFE.multiPoolPrepare(6, 6, stride_product=2)(images)
+        ...         x = cp[2](FDFE.multiMaxPooling(2, 2)(cp[0](x)))
+        ...         return FDFE.unwarpAll([(2, 2)])(x, images)
+        >>> FDFE.check_ci(CI(), cp, 6) < 1e-5
+        True
+    """
+    ph, pw = _pair(patch_size, "patch_size")
+    height, width = _pair(image_size, "image_size")
+    if not isinstance(batch, numbers.Integral) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if in_channels is None:
+        in_channels = getattr(ci, "in_channels", None)
+        if not isinstance(in_channels, numbers.Integral):
+            in_channels = next((m.in_channels for m in base_net.modules()
+                                if isinstance(getattr(m, "in_channels", None), int)), None)
+        if in_channels is None:
+            raise ValueError("check_ci: in_channels cannot be inferred (neither ci nor Cp has in_channels); "
+                             "pass in_channels=")
+    out_channels = check_patch_size(base_net, (ph, pw), int(in_channels))
+    dtype, device = _example_kind(base_net)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, int(in_channels), height, width, generator=gen).to(device=device, dtype=dtype)
+    expected_shape = (batch, out_channels, height, width)
+    try:
+        with torch.no_grad(), (_EvalMode(ci) if isinstance(ci, nn.Module) else contextlib.nullcontext()):
+            out = ci(images)
+    except Exception as exc:
+        raise ValueError(f"check_ci: running CI on {batch} random {in_channels}x{height}x{width} images failed "
+                         f"({type(exc).__name__}: {exc}); {_WIRING_HINTS}") from exc
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected_shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"check_ci: CI gives {got} for {batch} images of {height}x{width}, but Cp on every patch "
+                         f"gives {expected_shape} (N, K, H, W); {_WIRING_HINTS}")
+    positions = _check_positions(batch, height, width)
+    expected = patch_outputs(base_net, images, (ph, pw), positions)
+    p = torch.as_tensor(positions, device=out.device)
+    got = out[p[:, 0], :, p[:, 1], p[:, 2]]
+    tolerance = None
+    if dtype == torch.float32 and device.type == "cuda" and (torch.backends.cudnn.allow_tf32
+                                                              or torch.backends.cuda.matmul.allow_tf32):
+        tolerance = 1e-2  # TF32 tensor cores round operands to 10-bit mantissas
+    return _check_ci_compare(got.double().cpu().numpy(), expected.double().cpu().numpy(), positions,
+                             str(dtype).replace("torch.", ""), tolerance)
 
 
 # ---------------------------------------------------------------------------
@@ -2024,7 +2402,7 @@ class DenseFeatureNet(nn.Module):
         return values[self.output_slot]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        check_images(images, self.in_channels)
+        images = check_images(images, self.in_channels, dtype=_compute_dtype(self.base_net))
         height, width = images.shape[-2:]
         padded = multipool_prepare(images, self.patch_size, self.stride_product)
         if torch.compiler.is_compiling():

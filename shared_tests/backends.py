@@ -1,7 +1,7 @@
 """Load both backends side by side, once: for the tests (conftest.py), bench/bench.py and weights/make_golden.py.
 
-Each backend's files (FDFE.py, BaseNet.py, SlimNet.py) are loaded from their paths under unique module
-names (fdfe_torch, basenet_torch, slimnet_torch, fdfe_tf, ...), so both live in one process without
+Each backend's files (FDFE.py, BaseNet.py, SlimNet.py, StridedNet.py) are loaded from their paths under unique
+module names (fdfe_torch, basenet_torch, slimnet_torch, stridednet_torch, fdfe_tf, ...), so both live in one process without
 clashes; a backend's ``import FDFE`` resolves to its own FDFE.  Nothing here puts the repository root
 ahead of site-packages (tensorflow/ must never shadow the real tensorflow package).  Loading is cached:
 every call for the same backend returns the same namespace and never re-executes its files.
@@ -43,7 +43,8 @@ def _load(path, name, fdfe=None):
 
 def load_backend(folder, suffix):
     """The backend in ``ROOT/folder`` ("pytorch" or "tensorflow") as a namespace with the modules FDFE,
-    BaseNet and SlimNet, loaded as fdfe_<suffix>, basenet_<suffix> and slimnet_<suffix>.
+    BaseNet, SlimNet and StridedNet, loaded as fdfe_<suffix>, basenet_<suffix>, slimnet_<suffix> and
+    stridednet_<suffix>.
 
     Cached: loading the same backend again returns the same namespace.  A failed load (its framework
     is not installed) raises ImportError and is not cached."""
@@ -58,6 +59,7 @@ def load_backend(folder, suffix):
             FDFE=fdfe,
             BaseNet=_load(os.path.join(base, "BaseNet.py"), f"basenet_{suffix}", fdfe),
             SlimNet=_load(os.path.join(base, "SlimNet.py"), f"slimnet_{suffix}", fdfe),
+            StridedNet=_load(os.path.join(base, "StridedNet.py"), f"stridednet_{suffix}", fdfe),
         )
     return _BACKENDS[key]
 

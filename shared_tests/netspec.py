@@ -203,13 +203,15 @@ def build_keras(spec, in_channels, patch, weights, fdfe, dtype="float64"):
 
 
 # ---------------------------------------------------------------------------
-# Hand-wired CI from FDFE's public blocks (what SlimNet does, for any spec without a head)
+# Hand-wired CI from FDFE's public blocks (what SlimNet and StridedNet do, for any spec)
 # ---------------------------------------------------------------------------
 
-def _hand_wired_blocks(layer_objects, spec, fdfe, naive):
-    """Cp's layers with pools made multipooling and strided convolutions multiConv; and the strides."""
+def _hand_wired_blocks(layer_objects, spec, fdfe, naive, layer_shapes, channels_last, batch_norm=None):
+    """Cp's layers with pools made multipooling, strided convolutions multiConv, the flatten left out and
+    fully connected layers linearAsConv (the first after the flatten an h x w convolution); batch norms
+    through ``batch_norm`` where given; and the strides."""
     blocks, stride_list = [], []
-    for layer_obj, layer in zip(layer_objects, spec):
+    for i, (layer_obj, layer) in enumerate(zip(layer_objects, spec)):
         t = layer["type"]
         if t == "pool":
             k, s = _pair(layer["k"]), _pair(layer.get("stride", layer["k"]))
@@ -220,6 +222,16 @@ def _hand_wired_blocks(layer_objects, spec, fdfe, naive):
         elif t == "conv" and _pair(layer.get("stride", 1)) != (1, 1):
             blocks.append(fdfe.multiConv(layer_obj, naive=naive))
             stride_list.append(_pair(layer["stride"]))
+        elif t == "flatten":
+            continue
+        elif t == "linear":
+            if i and spec[i - 1]["type"] == "flatten":
+                c, h, w = layer_shapes[i - 1]
+                blocks.append(fdfe.linearAsConv(layer_obj, (h, w, c) if channels_last else (c, h, w)))
+            else:
+                blocks.append(fdfe.linearAsConv(layer_obj))
+        elif t == "bn" and batch_norm is not None:
+            blocks.append(batch_norm(layer_obj))
         else:
             blocks.append(layer_obj)
     product = (int(np.prod([s[0] for s in stride_list])), int(np.prod([s[1] for s in stride_list])))
@@ -227,9 +239,21 @@ def _hand_wired_blocks(layer_objects, spec, fdfe, naive):
 
 
 def hand_wired_torch(net, spec, patch, fdfe, naive=False):
-    """CI built by hand from multiPoolPrepare / multi*Pooling / multiConv / unwarpAll."""
+    """CI built by hand from multiPoolPrepare / multi*Pooling / multiConv / linearAsConv / unwarpAll."""
     import torch.nn as nn
-    blocks, stride_list, product = _hand_wired_blocks(net, spec, fdfe, naive)
+    import torch.nn.functional as F
+
+    class BatchNormInference(nn.Module):  # running statistics, per pixel, for BatchNorm1d and 2d alike
+        def __init__(self, bn):
+            super().__init__()
+            self.bn = bn
+
+        def forward(self, x):
+            bn = self.bn
+            return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    in_channels = next(m for m in net if isinstance(m, nn.Conv2d)).in_channels
+    blocks, stride_list, product = _hand_wired_blocks(net, spec, fdfe, naive, shapes(spec, in_channels, patch),
+                                                      False, BatchNormInference)
 
     class HandWired(nn.Module):
         def __init__(self):
@@ -239,16 +263,18 @@ def hand_wired_torch(net, spec, patch, fdfe, naive=False):
             self.unwarp = fdfe.unwarpAll(stride_list, naive=naive)
 
         def forward(self, images):
-            return self.unwarp(self.body(self.prepare(images)), images.shape[-2:])
+            return self.unwarp(self.body(self.prepare(images)), images)
     return HandWired()
 
 
 def hand_wired_keras(net, spec, patch, fdfe, naive=False):
-    blocks, stride_list, product = _hand_wired_blocks(net.layers, spec, fdfe, naive)
+    in_channels = int(net.inputs[0].shape[-1])
+    blocks, stride_list, product = _hand_wired_blocks(net.layers, spec, fdfe, naive,
+                                                      shapes(spec, in_channels, patch), True)
     prepare = fdfe.multiPoolPrepare(*_pair(patch), stride_product=product)
     unwarp = fdfe.unwarpAll(stride_list, naive=naive)
 
-    def run(images):
+    def run(images, training=False):
         x = prepare(images)
         for b in blocks:
             x = b(x)

@@ -51,6 +51,7 @@ WEIGHT_SHAPES = _weights.WEIGHT_SHAPES
 load_weights = _weights.load_weights
 
 
+@keras.saving.register_keras_serializable(package="FDFE_examples")
 class BaseNet(keras.Model):
     """The example Cp.  Pooling strides sL1, sL2 (kernel = stride) as in the original port.
 
@@ -90,6 +91,11 @@ class BaseNet(keras.Model):
             layer.build(shape)
             shape = (None, None, None, layer.filters) if hasattr(layer, "filters") else shape
         super().build(input_shape)
+
+    def get_config(self):
+        """The structure only: a saved model's weights come from its file (weights=None here)."""
+        return {"sL1": int(self.pool1.strides[0]), "sL2": int(self.pool2.strides[0]), "weights": None,
+                "dtype": self.dtype_policy.name, "name": self.name}
 
     def call(self, x):
         x = self.pool1(self.relu1(self.conv1(x)))

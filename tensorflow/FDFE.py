@@ -39,8 +39,9 @@ Convert a patch network (here 8x8 patches -> 8-vectors) and compare with Cp run 
 >>> bool(np.allclose(dense, reference, atol=1e-5))
 True
 
-The same CI wired by hand from the blocks (the SlimNet template): pad, reuse the layers
-without strides, replace the pooling by multipooling, unwarp with the list of strides:
+The same CI wired by hand from the blocks (the SlimNet and StridedNet templates): pad, reuse the
+layers without strides, replace the pooling by multipooling, unwarp with the list of strides (the
+blocks check the wiring; check_ci compares the result with Cp on a few pixels):
 
 >>> x = FDFE.multiPoolPrepare(8, 8, stride_product=2)(images)
 >>> x = FDFE.multiMaxPooling(2, 2, 2, 2)(cp.layers[0](x))
@@ -69,7 +70,9 @@ multipool_prepare, space_to_batch, multi_pool,
 multi_conv, unwarp, unwarp_layer                        -- stateless building blocks
 multiPoolPrepare, multiMaxPooling, multiAvgPooling,
 multiLPPooling, multiConv, unwrapPrepare, unwrapPool,
-unwarpAll, DenseAsConv                                  -- the same as Keras layers
+unwarpAll, linearAsConv                                 -- the same as Keras layers (they check the wiring)
+check_images, check_patch_size, check_ci               -- checks of images, patch size, a CI against Cp
+DenseAsConv                                             -- convert()'s Dense as a convolution (saved models)
 LPPooling2D, LocalResponseNormalization                 -- Cp layers Keras lacks (PyTorch semantics)
 convert, DenseFeatureModel, ConversionError,
 supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
@@ -109,6 +112,8 @@ __all__ = [
     "unwrapPrepare",
     "unwrapPool",
     "unwarpAll",
+    "linearAsConv",
+    "check_ci",
     "DenseAsConv",
     "LPPooling2D",
     "LocalResponseNormalization",
@@ -598,21 +603,52 @@ class _Layer(keras.layers.Layer):
 # ---------------------------------------------------------------------------
 
 
-def check_images(images, in_channels: Optional[int] = None, name: str = "images") -> None:
-    """Check that ``images`` is a floating (N, H, W, C) tensor (static parts of the shape only)."""
+def check_images(images, in_channels: Optional[int] = None, name: str = "images", dtype=None):
+    """Check that ``images`` is a floating (N, H, W, C) tensor (static parts of the shape); return it, cast
+    to ``dtype``.
+
+    Floating images of another precision are cast to the network's (as Keras' autocast does, and as
+    every CI of this file does through this function); integer images are refused, with how to
+    convert them, since their scale (0..255 or 0..1) is the caller's choice.
+
+    Args:
+        images: the images (a tensor or a numpy array).
+        in_channels: C the network expects (None: not checked).
+        name: the argument's name in messages.
+        dtype: the network's floating dtype (None: keep the images' dtype).
+
+    Returns:
+        ``images``, or ``images`` cast to ``dtype`` where the dtypes differ.
+
+    Shape:
+        (N, H, W, C) -> (N, H, W, C).
+
+    Example:
+        >>> FDFE.check_images(np.zeros((1, 4, 4, 1)), 1, dtype="float32").dtype
+        tf.float32
+        >>> FDFE.check_images(np.zeros((1, 4, 4, 1), np.uint8))
+        Traceback (most recent call last):
+        ...
+        TypeError: images must be a floating-point tensor, got dtype uint8; convert it first, e.g. tf.cast(images, ...
+    """
     if not (tf.is_tensor(images) or isinstance(images, (np.ndarray, keras.KerasTensor))):
         raise TypeError(f"{name} must be a tensor of shape (N, H, W, C), got {type(images).__name__}")
     shape = tuple(images.shape)
     if len(shape) != 4:
         raise ValueError(f"{name} must have rank 4 (N, H, W, C), got shape {shape}")
-    dtype = tf.as_dtype(images.dtype)
-    if not dtype.is_floating:
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {dtype.name}")
+    image_dtype = tf.as_dtype(images.dtype)
+    if not image_dtype.is_floating:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {image_dtype.name}; convert it first, "
+                        f"e.g. tf.cast({name}, tf.float32) / 255 for 8-bit images (scaled to 0..1, if Cp was "
+                        f"trained so) or tf.cast({name}, tf.float32) to keep the values")
     if any(s is not None and s < 1 for s in shape):
         raise ValueError(f"{name} must not be empty, got shape {shape}")
     if in_channels is not None and shape[3] is not None and shape[3] != in_channels:
         raise ValueError(f"{name} has {shape[3]} channels but the network expects {in_channels} "
                          f"(layout is (N, H, W, C))")
+    if dtype is not None and tf.as_dtype(dtype) != image_dtype:
+        images = keras.ops.cast(images, tf.as_dtype(dtype).name)
+    return images
 
 
 def _static_or_dynamic(x):
@@ -688,7 +724,7 @@ def patch_outputs(base_net, images, patch_size, positions, batch_size: int = 256
     Args:
         base_net: the patch network Cp (a Keras model), mapping (B, pH, pW, C) to (B, K) or
             (B, 1, 1, K); called with training=False.
-        images: (N, H, W, C) floating tensor or array.
+        images: (N, H, W, C) floating tensor or array (cast to Cp's dtype, see :func:`check_images`).
         patch_size: int or (pH, pW).
         positions: (P, 3) integer array of (n, y, x) triples.
         batch_size: patches per call of Cp.
@@ -702,7 +738,7 @@ def patch_outputs(base_net, images, patch_size, positions, batch_size: int = 256
     Shape:
         images (N, H, W, C), positions (P, 3) -> (P, K).
     """
-    check_images(images)
+    images = tf.convert_to_tensor(check_images(images, dtype=_compute_dtype(base_net)))
     ph, pw = _pair(patch_size, "patch_size")
     if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -711,7 +747,6 @@ def patch_outputs(base_net, images, patch_size, positions, batch_size: int = 256
         raise ValueError(f"positions must be a (P, 3) integer array of (n, y, x), got shape {pos.shape}")
     if len(pos) == 0:
         raise ValueError("positions is empty")
-    images = tf.convert_to_tensor(images)
     upper = np.array([images.shape[0], images.shape[1], images.shape[2]])
     if (pos < 0).any() or (pos >= upper).any():
         raise ValueError("positions must lie inside the images: 0 <= n < N, 0 <= y < H, 0 <= x < W")
@@ -761,6 +796,90 @@ def dense_reference(base_net, images, patch_size, batch_size: int = 256, progres
     out = patch_outputs(base_net, images, patch_size, grid, batch_size=batch_size, progress=progress,
                         differentiable=differentiable)
     return tf.reshape(out, [n_img, height, width, -1])
+
+
+# ---------------------------------------------------------------------------
+# Wiring checks: what a hand-wired block can tell about the blocks before it
+# ---------------------------------------------------------------------------
+
+_NOT_REPLACED = ("a pooling layer or strided convolution of Cp was not replaced (by multiMaxPooling, "
+                 "multiAvgPooling, multiLPPooling or multiConv), so it still strides inside CI")
+_STRIDE_MISSING = ("a stride is missing from the list (list the stride of every pooling layer and of every "
+                   "strided convolution, multiConv included, in network order)")
+
+
+def _stacked_problem(who, batch, map_size, products, listed, image_size, n_images=None):
+    """Why a shift-stacked result cannot be unwarped into images of ``image_size``; None where it can.
+
+    A correct wiring stacks exactly SH * SW shifts per image, (SH, SW) = ``products``, and its maps are
+    at least ceil(H / SH) x ceil(W / SW) (larger ones are legitimate and cropped).  ``listed`` says how
+    the strides were given, ``n_images`` is N where known.  Plain ints in, a message or None out."""
+    (sh, sw), (h, w), (height, width) = products, map_size, image_size
+    m = sh * sw
+    if n_images is not None and batch != n_images * m:
+        want = n_images * m
+        if batch > want and batch % want == 0:
+            cause = f"{_STRIDE_MISSING}: there are {batch // want} times more shifts than listed"
+        else:
+            cause = f"{_NOT_REPLACED}; or the list holds a stride that Cp does not have"
+        return (f"{who}: the stacked result holds {batch} maps, but {n_images} image(s) with {listed} "
+                f"({m} shifts per image) make {want}; likely cause: {cause}")
+    if batch % m:
+        return (f"{who}: the stacked result holds {batch} maps, not a multiple of the {m} shifts per image of "
+                f"{listed}; likely cause: {_NOT_REPLACED}; or the list holds a stride that Cp does not have")
+    if h * sh < height or w * sw < width:
+        return (f"{who}: the stacked maps are {h}x{w} and unwarp to {h * sh}x{w * sw}, smaller than the images "
+                f"({height}x{width}); likely cause: {_NOT_REPLACED} (and its stride is not listed); or "
+                f"{_STRIDE_MISSING}; or multiPoolPrepare got a smaller stride product or patch than Cp has")
+    return None
+
+
+def _require(condition, message, *data):
+    """Raise ValueError(message) where ``condition`` is a Python bool (sizes known when the graph is built, and
+    in eager calls); where it is a tensor (sizes known only at run time, e.g. inside a tf.function), return an
+    assertion that raises tf.errors.InvalidArgumentError with the message when the graph runs (None otherwise)."""
+    if isinstance(condition, (bool, np.bool_)):
+        if not condition:
+            raise ValueError(message)
+        return None
+    return tf.debugging.Assert(condition, [message, *data])
+
+
+def _after(x, checks):
+    """``x``, computed only after the run-time ``checks`` passed (so that they fail before the reshapes would)."""
+    checks = [c for c in checks if c is not None]
+    if not checks:
+        return x
+    with tf.control_dependencies(checks):
+        return tf.identity(x)
+
+
+def _check_stacked(who, x, images, products, listed):
+    """The wiring check of unwarpAll / unwrapPrepare: ``x`` must hold N x SH x SW maps that unwarp to at
+    least the images' size (see :func:`_stacked_problem`).  Static sizes raise ValueError; with run-time
+    sizes, returns ``x`` after assertions of the same."""
+    if len(x.shape) != 4:
+        raise ValueError(f"{who}: the stacked result must be (M * N, h, w, K), got shape {tuple(x.shape)}")
+    (batch, h, w, _), (n, height, width, _) = _static_or_dynamic(x), _static_or_dynamic(images)
+    if all(isinstance(v, int) for v in (batch, h, w, n, height, width)):
+        problem = _stacked_problem(who, batch, (h, w), products, listed, (height, width), n)
+        if problem:
+            raise ValueError(problem)
+        return x
+    (sh, sw), m = products, products[0] * products[1]
+    more = _require(batch <= n * m, f"{who}: the stacked result holds more maps than the images times the {m} shifts "
+                                    f"per image of {listed}; likely cause: {_STRIDE_MISSING}",
+                    "maps:", batch, "images:", n)
+    fewer = _require(batch >= n * m, f"{who}: the stacked result holds fewer maps than the images times the {m} shifts "
+                                     f"per image of {listed}; likely cause: {_NOT_REPLACED}; or the list holds a "
+                                     f"stride that Cp does not have", "maps:", batch, "images:", n)
+    cover_h, cover_w = h * sh >= height, w * sw >= width
+    both = isinstance(cover_h, bool) and isinstance(cover_w, bool)
+    cover = _require((cover_h and cover_w) if both else tf.logical_and(cover_h, cover_w),
+             f"{who}: the stacked maps unwarp to less than the size of the images; likely cause: {_NOT_REPLACED} (and "
+             f"its stride is not listed); or {_STRIDE_MISSING}; or multiPoolPrepare got a smaller stride product or "
+             f"patch than Cp has", "map:", h, w, "images:", height, width)
+    return _after(x, [more, fewer, cover])
 
 
 # ---------------------------------------------------------------------------
@@ -836,6 +955,8 @@ def multi_pool(x, kind: str, kernel_size, stride=None, naive: bool = False, norm
         raise ValueError(f"kind must be one of {_POOLS}, got {kind!r}")
     kernel = _pair(kernel_size, "kernel_size")
     stride = kernel if stride is None else _pair(stride, "stride")
+    _check_window(f"multipooling ({kind}, kernel {kernel[0]}x{kernel[1]}, stride {stride[0]}x{stride[1]})", x,
+                  kernel, stride, (1, 1))
     return _multi(x, lambda t, s: _pool(t, kind, kernel, s, float(norm_type)), kernel, stride, (1, 1), naive)
 
 
@@ -859,6 +980,8 @@ def multi_conv(x, kernel, bias=None, stride=1, dilation=1, naive: bool = False):
         else:
             y = _conv2d(t, kernel, s, dil)
         return y if bias is None else tf.nn.bias_add(y, bias)
+    _check_window(f"multi_conv (kernel {kshape[0]}x{kshape[1]}, stride {stride[0]}x{stride[1]})", x, kshape,
+                  stride, dil)
     return _multi(x, conv, kshape, stride, dil, naive)
 
 
@@ -870,6 +993,21 @@ def _conv2d(x, kernel, stride, dilation):
         return tf.nn.conv2d(x, kernel, stride, "VALID", dilations=dilation)
     parts = zip(tf.split(x, groups, axis=-1), tf.split(kernel, groups, axis=-1))
     return tf.concat([tf.nn.conv2d(a, k, stride, "VALID", dilations=dilation) for a, k in parts], -1)
+
+
+def _check_window(what, x, kernel, stride, dil):
+    """A multipooling or strided layer needs a 4-D input of at least its window plus the shifts of its stride
+    (always true in a correct wiring: the padded image holds every shift of every later layer).  Sizes
+    known only at run time are not checked."""
+    if len(x.shape) != 4:
+        raise ValueError(f"{what}: its input must be a (B, H, W, C) map, got shape {tuple(x.shape)}")
+    size = tuple(x.shape[1:3])
+    need = [d * (k - 1) + s for k, s, d in zip(kernel, stride, dil)]
+    if any(isinstance(n, int) and n < r for n, r in zip(size, need)):
+        raise ValueError(f"{what}: its input is {size[0]}x{size[1]}, smaller than the {need[0]}x{need[1]} that its "
+                         f"window and all its shifts need; likely cause: the images were not padded by "
+                         f"multiPoolPrepare first, multiPoolPrepare got a smaller patch than Cp's, or a layer "
+                         f"before this one shrinks the map more than in Cp")
 
 
 def _multi(x, op, kernel, stride, dil, naive):
@@ -893,6 +1031,9 @@ def unwarp_layer(x, stride):
     """
     sh, sw = _pair(stride, "stride")
     b, h, w, k = _static_or_dynamic(x)
+    if isinstance(b, int) and b % (sh * sw):
+        raise ValueError(f"batch {b} is not a multiple of the {sh}x{sw} shifts: undo the layers last layer first, "
+                         f"one per multipooling layer or multiConv; {_NOT_REPLACED}, or this stride is not Cp's")
     y = tf.transpose(tf.reshape(x, [sh, sw, b // (sh * sw), h, w, k]), [2, 3, 0, 4, 1, 5])
     return tf.reshape(y, [b // (sh * sw), h * sh, w * sw, k])
 
@@ -918,6 +1059,9 @@ def unwarp(x, strides: Sequence, naive: bool = False):
     n = len(strides)
     sizes = [v for s in reversed(strides) for v in s]
     b, h, w, k = _static_or_dynamic(x)
+    if isinstance(b, int) and b % _prod(sizes):
+        raise ValueError(f"batch {b} is not a multiple of the {_prod(sizes)} stacked shifts of the strides {strides}: "
+                         f"{_NOT_REPLACED}, or the list holds a stride that Cp does not have")
     n_img = b // _prod(sizes)
     big_h = _prod(s[0] for s in strides)
     big_w = _prod(s[1] for s in strides)
@@ -935,8 +1079,11 @@ class multiPoolPrepare(_Layer):
     """Zero padding before CI: a patch around every pixel, size up to the stride product.
 
     Args:
-        patchY, patchX: patch height and width.
-        stride_product: int or (SH, SW), product of all strides of the net (default 1).
+        patchY, patchX: patch height and width (those Cp was trained on).
+        stride_product: int or (SH, SW), product of all strides of the net, of its pooling layers and of
+            its strided convolutions (default 1).
+
+    Checks the images (rank, floating dtype, non-empty): see :func:`check_images`.
 
     Shape:
         (N, H, W, C) -> (N, H' + pY - 1, W' + pX - 1, C), H' = ceil(H / SH) * SH.
@@ -948,6 +1095,7 @@ class multiPoolPrepare(_Layer):
         self.stride_product = _pair(stride_product, "stride_product")
 
     def call(self, images):
+        check_images(images)
         return multipool_prepare(images, self.patch_size, self.stride_product)
 
     def compute_output_shape(self, input_shape):
@@ -984,6 +1132,9 @@ class _MultiPoolBase(_Layer):
 @_register
 class multiMaxPooling(_MultiPoolBase):
     """Max pooling made dense (multipooling).  Argument order of the original: (kW, kH, dW, dH).
+
+    Raises a ValueError where its input is smaller than its window and shifts need (the images were
+    not padded by :class:`multiPoolPrepare`, or with a smaller patch than Cp's).
 
     Shape:
         (B, L_h, L_w, C) -> (dH * dW * B, (L_h - kH + 1) // dH, (L_w - kW + 1) // dW, C).
@@ -1038,9 +1189,15 @@ class _WrapperLayer(_Layer):
 class multiConv(_WrapperLayer):
     """A trained strided Conv2D made dense.  Reuses (shares) the layer's weights and activation.
 
+    Its stride counts like a pooling layer's: list it for :class:`unwarpAll` and in the stride product
+    of :class:`multiPoolPrepare`.
+
     Args:
         conv: a trained ``keras.layers.Conv2D`` with padding='valid' (any strides, dilation, groups).
         naive: one strided convolution per shift instead of stride 1 + space-to-batch.
+
+    Raises a ValueError where the input has other channels than the convolution takes, or is smaller
+    than its window and shifts need.
 
     Shape:
         (B, L_h, L_w, C) -> (sh * sw * B, h', w', K).
@@ -1063,6 +1220,11 @@ class multiConv(_WrapperLayer):
 
     def call(self, x):
         c = self.conv
+        channels = int(c.kernel.shape[2]) * int(c.groups)
+        if len(x.shape) == 4 and x.shape[-1] is not None and x.shape[-1] != channels:
+            raise ValueError(f"multiConv: its input has {x.shape[-1]} channels but the convolution takes "
+                             f"{channels} (layout (B, H, W, C)); likely cause: a layer before it is missing, or "
+                             f"in another order than in Cp")
         y = multi_conv(x, c.kernel, c.bias if c.use_bias else None, c.strides, c.dilation_rate, self.naive)
         act = _activation_of(c)
         return y if act is None else act(y)
@@ -1078,7 +1240,8 @@ class multiConv(_WrapperLayer):
 class unwrapPrepare(_Layer):
     """Crop every stacked shift to the image's grid, ready for :class:`unwrapPool`.
 
-    Call as ``unwrapPrepare(stride_product)([stacked, images])``.
+    Call as ``unwrapPrepare(stride_product)([stacked, images])``.  Checks the wiring like
+    :class:`unwarpAll`: the number of stacked maps against N x SH x SW and that the maps cover the grid.
 
     Shape:
         (M * N, h, w, K), (N, H, W, C) -> (M * N, ceil(H / SH), ceil(W / SW), K).
@@ -1090,9 +1253,11 @@ class unwrapPrepare(_Layer):
 
     def call(self, inputs):
         x, images = inputs
+        sh, sw = self.stride_product
+        x = _check_stacked("unwrapPrepare", x, images, (sh, sw), f"the stride product {sh}x{sw}")
         shape = _static_or_dynamic(images)
-        h = -(-shape[1] // self.stride_product[0])
-        w = -(-shape[2] // self.stride_product[1])
+        h = -(-shape[1] // sh)
+        w = -(-shape[2] // sw)
         return x[:, :h, :w, :]
 
     def get_config(self):
@@ -1101,7 +1266,10 @@ class unwrapPrepare(_Layer):
 
 @_register
 class unwrapPool(_Layer):
-    """Undo one multipooling layer; apply once per layer, the last layer's first.
+    """Undo one multipooling layer; apply once per layer (multiConv included), the last layer's first.
+
+    Raises a ValueError where the batch is not a multiple of its shifts (an InvalidArgumentError with
+    the same message where the batch is known only at run time).
 
     Shape:
         (dH * dW * B, h, w, K) -> (B, h * dH, w * dW, K).
@@ -1112,7 +1280,15 @@ class unwrapPool(_Layer):
         self.stride = _pair((dW if dH is None else dH, dW), "stride")
 
     def call(self, x):
-        return unwarp_layer(x, self.stride)
+        if len(x.shape) != 4:
+            raise ValueError(f"unwrapPool: the stacked result must be (M * N, h, w, K), got shape {tuple(x.shape)}")
+        sh, sw = self.stride
+        batch = _static_or_dynamic(x)[0]
+        check = _require(batch % (sh * sw) == 0,
+                         f"unwrapPool: the stacked result is not a multiple of its {sh}x{sw} shifts: undo the layers "
+                         f"last layer first, one per multipooling layer or multiConv; {_NOT_REPLACED}, or this stride "
+                         f"is not that of Cp", "maps:", batch)
+        return unwarp_layer(_after(x, [check]), self.stride)
 
     def get_config(self):
         return {**super().get_config(), "dW": self.stride[1], "dH": self.stride[0]}
@@ -1122,23 +1298,41 @@ class unwrapPool(_Layer):
 class unwarpAll(_Layer):
     """Unwarping of all multipooling layers at once, plus the crop to the image size.
 
+    Checks the wiring before unwarping: the stacked result must hold N x M maps (M = the product of all
+    strides listed) and maps that unwarp to at least the image size.  A stride left out of the list, a
+    pooling layer or strided convolution not replaced, or a smaller stride product or patch given to
+    :class:`multiPoolPrepare` raise a ValueError that names these causes (inside a graph, where the
+    sizes are known only at run time: tf.errors.InvalidArgumentError with the same causes); a correct
+    wiring always passes (its maps may be larger than needed: they are cropped).
+
     Args:
-        strides: list of (sh, sw) per multipooling layer, in network order.
+        strides: list of (sh, sw) per multipooling layer and per multiConv, in network order.
         naive: undo one layer at a time (the paper's listing); same result.
 
     Call as ``unwarpAll(strides)([stacked, images])``.
 
     Shape:
         (M * N, h, w, K), (N, H, W, C) -> (N, H, W, K).
+
+    Example:
+        >>> x = np.zeros((2 * 16, 3, 4, 5), "float32")              # 2 images, strides (2, 2) and (2, 2)
+        >>> tuple(FDFE.unwarpAll([(2, 2), (2, 2)])([x, np.zeros((2, 10, 13, 1), "float32")]).shape)
+        (2, 10, 13, 5)
+        >>> FDFE.unwarpAll([(2, 2)])([x, np.zeros((2, 10, 13, 1), "float32")])
+        Traceback (most recent call last):
+        ...
+        ValueError: ...unwarpAll: the stacked result holds 32 maps, ... make 8; likely cause: a stride is missing ...
     """
 
     def __init__(self, strides: Sequence, naive: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.strides = [_pair(s, "stride") for s in strides]
+        self.stride_product = (_prod(s[0] for s in self.strides), _prod(s[1] for s in self.strides))
         self.naive = bool(naive)
 
     def call(self, inputs):
         x, images = inputs
+        x = _check_stacked("unwarpAll", x, images, self.stride_product, f"the strides {self.strides}")
         shape = _static_or_dynamic(images)
         return unwarp(x, self.strides, self.naive)[:, :shape[1], :shape[2], :]
 
@@ -1148,6 +1342,240 @@ class unwarpAll(_Layer):
 
     def get_config(self):
         return {**super().get_config(), "strides": [list(s) for s in self.strides], "naive": self.naive}
+
+
+# ---------------------------------------------------------------------------
+# Fully connected layers made dense, and the check of a CI against Cp
+# ---------------------------------------------------------------------------
+
+def _in_shape_dims(in_shape, layout):
+    """``in_shape`` of linearAsConv as a tuple of 2 or 3 positive ints (ValueError otherwise)."""
+    if (not isinstance(in_shape, (tuple, list)) and type(in_shape).__name__ not in ("Size", "TensorShape")) \
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in in_shape) \
+            or len(in_shape) not in (2, 3) or min(in_shape) < 1:
+        names = "(C, h, w)" if layout == "CHW" else "(h, w, C)"
+        raise ValueError(f"linearAsConv: in_shape must be the map Cp flattens before this layer, {names} or "
+                         f"(h, w), with positive sizes; got {in_shape!r}")
+    return tuple(int(v) for v in in_shape)
+
+
+def _linear_in_shape(in_features, in_shape, layout):
+    """The map a fully connected layer with ``in_features`` inputs sees flattened, in ``layout`` ("CHW" or
+    "HWC") order: from ``in_shape`` (that map's shape, or its (h, w)), or 1 x 1 where it is None."""
+    names = "(C, h, w)" if layout == "CHW" else "(h, w, C)"
+    if in_shape is None:
+        c, h, w = in_features, 1, 1
+    else:
+        dims = _in_shape_dims(in_shape, layout)
+        if len(dims) == 2:
+            (h, w), c = dims, in_features // (dims[0] * dims[1])
+        else:
+            c, h, w = dims if layout == "CHW" else (dims[2], dims[0], dims[1])
+        if c * h * w != in_features:
+            raise ValueError(f"linearAsConv: the layer has {in_features} inputs, but in_shape {in_shape!r} "
+                             f"{'does not divide them' if len(dims) == 2 else f'flattens to {c * h * w}'}; "
+                             f"in_shape must be the map Cp flattens before this layer, {names}, at the patch "
+                             f"size CI is built for")
+    return (c, h, w) if layout == "CHW" else (h, w, c)
+
+
+@_register
+class linearAsConv(_WrapperLayer):
+    """A trained fully connected layer made dense: a ``keras.layers.Dense`` as a convolution (shared weights).
+
+    In Cp, a Dense after a Flatten sees the (h, w, C) map flattened in H, W, C order: that is an
+    h x w convolution of the map with the Dense kernel read as (h, w, C, K), which CI applies at every
+    position of the dense map (leave the Flatten out).  A Dense after another Dense (or on a 1 x 1 map)
+    is a 1 x 1 convolution.  The Dense layer's activation is applied.  convert() builds the same for
+    Flatten + Dense heads (as :class:`DenseAsConv`).
+
+    Args:
+        dense: the trained ``keras.layers.Dense`` (kernel and bias shared, not copied).
+        in_shape: the map Cp flattens before this layer, (h, w, C), at the patch size CI is built for
+            (Cp's layers up to the Flatten, run on one patch, give it), or its (h, w); None (default)
+            for a Dense that follows another Dense (a 1 x 1 convolution).
+
+    Raises a ValueError where ``in_shape`` does not flatten to the Dense layer's inputs, or where the
+    input has other channels than ``in_shape`` says (e.g. a flattened map, or in_shape left out for the
+    first Dense after a Flatten).
+
+    Shape:
+        (B, L_h, L_w, C) -> (B, L_h - h + 1, L_w - w + 1, K).
+
+    Example:
+        >>> fc = keras.layers.Dense(5)
+        >>> maps = np.random.default_rng(0).standard_normal((2, 3, 2, 4)).astype("float32")  # Cp's map
+        >>> flat = fc(maps.reshape(2, -1))                             # Cp: Flatten, then Dense
+        >>> dense = FDFE.linearAsConv(fc, (3, 2, 4))(maps)             # one position: the whole 3x2 map
+        >>> tuple(dense.shape)
+        (2, 1, 1, 5)
+        >>> bool(np.allclose(np.reshape(dense, (2, 5)), flat, atol=1e-6))
+        True
+    """
+    wrapped = "dense"
+
+    def __init__(self, dense, in_shape=None, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(dense, keras.layers.Dense):
+            raise TypeError(f"linearAsConv needs a trained keras.layers.Dense, got {type(dense).__name__}")
+        self.dense = dense
+        self.given_shape = None if in_shape is None else list(_in_shape_dims(in_shape, "HWC"))
+        if dense.built:
+            self.in_shape = _linear_in_shape(int(dense.kernel.shape[0]), in_shape, "HWC")
+        elif in_shape is not None and len(in_shape) == 3:
+            self.in_shape = tuple(int(v) for v in in_shape)
+        else:
+            self.in_shape = None  # known when the Dense layer is built (from the input's channels)
+
+    def build(self, input_shape):
+        if not self.dense.built:
+            h, w = (1, 1) if self.given_shape is None else self.given_shape[:2]
+            channels = self.in_shape[2] if self.in_shape is not None else input_shape[-1]
+            self.dense.build((None, h * w * channels))
+        if self.in_shape is None:
+            self.in_shape = _linear_in_shape(int(self.dense.kernel.shape[0]), self.given_shape, "HWC")
+
+    def call(self, x):
+        h, w, c = self.in_shape
+        if len(x.shape) != 4:
+            raise ValueError(f"linearAsConv: its input must be a (B, H, W, C) map, got shape {tuple(x.shape)}; "
+                             f"in CI the Flatten before the Dense layer is left out")
+        if x.shape[-1] is not None and x.shape[-1] != c:
+            raise ValueError(f"linearAsConv: its input has {x.shape[-1]} channels, but in_shape {self.in_shape} "
+                             f"says the map Cp flattens has {c}; likely cause: in_shape left out or wrong for the "
+                             f"first Dense after a Flatten, or a layer before it is missing")
+        _check_window("linearAsConv", x, (h, w), (1, 1), (1, 1))
+        d = self.dense
+        kernel = tf.reshape(d.kernel, [h, w, c, d.units])
+        y = tf.nn.conv2d(x, tf.cast(kernel, x.dtype), 1, "VALID")
+        if d.use_bias:
+            y = tf.nn.bias_add(y, tf.cast(d.bias, x.dtype))
+        act = _activation_of(d)
+        return y if act is None else act(y)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], None, None, self.dense.units)
+
+    def get_config(self):
+        return {**super().get_config(), "in_shape": self.given_shape}
+
+
+#: the wiring mistakes check_ci names where CI and Cp differ
+_WIRING_HINTS = ("common wiring mistakes: a Linear (Keras: Dense) after a flatten reused as it is, where it "
+                 "must become FDFE.linearAsConv(layer, in_shape); a pooling layer or strided convolution not "
+                 "replaced (multi*Pooling, multiConv); a stride missing from unwarpAll's list, or the list not "
+                 "in network order; multiPoolPrepare given another patch size or stride product than Cp's; a "
+                 "layer of Cp left out, repeated or moved; batch normalisation with batch statistics")
+
+
+def _check_positions(batch, height, width):
+    """(n, y, x) compared by check_ci: every image's corners and middle, and random pixels."""
+    rng = np.random.default_rng(0)
+    pos = []
+    for n in range(batch):
+        pos += [[n, 0, 0], [n, height - 1, width - 1], [n, 0, width - 1], [n, height - 1, 0],
+                [n, height // 2, width // 2]]
+        pos += [[n, int(rng.integers(height)), int(rng.integers(width))] for _ in range(3)]
+    return np.array(pos)
+
+
+def _check_ci_compare(got, expected, positions, dtype_name, tolerance=None):
+    """max |got - expected| / max |expected| (numpy (P, K) arrays); ValueError where above the tolerance."""
+    scale = float(np.abs(expected).max()) or 1.0
+    diff = np.abs(got - expected).max(axis=1)
+    diff[~np.isfinite(diff)] = np.inf
+    worst = int(np.argmax(diff))
+    tol = tolerance if tolerance is not None else _SELF_CHECK_TOLERANCE.get(dtype_name, 3e-2)
+    if not diff[worst] <= tol * scale:
+        n, y, x = (int(v) for v in positions[worst])
+        raise ValueError(f"check_ci: CI differs from Cp by {diff[worst]:.3g} (largest |Cp| {scale:.3g}) at image {n}, "
+                         f"pixel ({y}, {x}): the wiring does not compute Cp; {_WIRING_HINTS}")
+    return float(diff[worst] / scale)
+
+
+def _error_text(exc):
+    """An exception's message; for a failed assertion inside a graph, only what the assertion says (not the
+    trace of where the graph was built)."""
+    text = str(exc)
+    start = text.find("assertion failed: ")
+    if start < 0:
+        return text
+    end = text.find("\n\t [[{{node", start)
+    return text[start + len("assertion failed: "):end if end > 0 else None].strip()
+
+
+def check_ci(ci, base_net, patch_size, in_channels: Optional[int] = None, image_size=(25, 37),
+             batch: int = 2) -> float:
+    """Check a CI (wired by hand, or from :func:`convert`) against Cp on random test images.
+
+    Runs ``ci`` on ``batch`` random images of ``image_size`` and Cp on the patches around some of their
+    pixels (every image's corners and middle, and random ones), both with training=False, and
+    compares: the output's shape must be (N, H, W, K) and its values Cp's, within the tolerance of the
+    dtype (relative to max |Cp|: float64 1e-9, float32 1e-4, 1e-2 on GPUs with TF32, others 3e-2).
+    Cheap enough to run in a CI's constructor (the templates do).  For an exactness test use
+    :func:`dense_reference` (Cp on every patch).
+
+    Args:
+        ci: the dense network (a model or any callable taking ``training=``), (N, H, W, C) -> (N, H, W, K).
+        base_net: Cp.
+        patch_size: int or (pH, pW).
+        in_channels: C (default: ``ci.in_channels``, else Cp's input channels).
+        image_size: (H, W) of the test images; by default 1 more than a multiple of the usual stride
+            products (2, 3, 4, 6, 12), so that a smaller product given to multiPoolPrepare shows.
+        batch: N of the test images.
+
+    Returns:
+        float: max |CI - Cp| / max |Cp| over the compared pixels.
+
+    Raises:
+        ValueError naming the difference (CI fails on the images, gives another shape, or other values;
+        with the pixel) and the common wiring mistakes.
+
+    Example:
+        >>> cp = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(3, 3), keras.layers.MaxPooling2D(2),
+        ...                        keras.layers.Conv2D(4, 2)])
+        >>> def ci(images, training=False):                           # wired by hand for 6x6 patches
+        ...     x = FDFE.multiPoolPrepare(6, 6, stride_product=2)(images)
+        ...     x = cp.layers[2](FDFE.multiMaxPooling(2, 2)(cp.layers[0](x)))
+        ...     return FDFE.unwarpAll([(2, 2)])([x, images])
+        >>> FDFE.check_ci(ci, cp, 6, in_channels=1) < 1e-5
+        True
+    """
+    ph, pw = _pair(patch_size, "patch_size")
+    height, width = _pair(image_size, "image_size")
+    if not isinstance(batch, numbers.Integral) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if in_channels is None:
+        in_channels = getattr(ci, "in_channels", None)
+        if not isinstance(in_channels, numbers.Integral):
+            try:
+                in_channels = base_net.inputs[0].shape[-1]
+            except (AttributeError, IndexError, ValueError):
+                in_channels = None
+        if in_channels is None:
+            raise ValueError("check_ci: in_channels cannot be inferred (neither ci nor Cp says it); pass in_channels=")
+    out_channels = check_patch_size(base_net, (ph, pw), int(in_channels))
+    dtype = _compute_dtype(base_net)
+    images = tf.constant(np.random.default_rng(0).standard_normal((batch, height, width, int(in_channels))),
+                         dtype=dtype)
+    expected_shape = (batch, height, width, out_channels)
+    try:
+        out = ci(images, training=False)
+    except Exception as exc:
+        raise ValueError(f"check_ci: running CI on {batch} random {height}x{width}x{in_channels} images failed "
+                         f"({type(exc).__name__}: {_error_text(exc)}); {_WIRING_HINTS}") from exc
+    if not tf.is_tensor(out) or tuple(out.shape) != expected_shape:
+        got = tuple(out.shape) if tf.is_tensor(out) else type(out).__name__
+        raise ValueError(f"check_ci: CI gives {got} for {batch} images of {height}x{width}, but Cp on every patch "
+                         f"gives {expected_shape} (N, H, W, K); {_WIRING_HINTS}")
+    positions = _check_positions(batch, height, width)
+    expected = patch_outputs(base_net, images, (ph, pw), positions).numpy().astype(np.float64)
+    got = tf.gather_nd(out, positions).numpy().astype(np.float64)
+    tolerance = None
+    if dtype == tf.float32 and tf.config.list_logical_devices("GPU") \
+            and tf.config.experimental.tensor_float_32_execution_enabled():
+        tolerance = 1e-2  # TF32 tensor cores round operands to 10-bit mantissas
+    return _check_ci_compare(got, expected, positions, dtype.name, tolerance)
 
 
 # ---------------------------------------------------------------------------
