@@ -738,7 +738,8 @@ def patch_outputs(base_net, images, patch_size, positions, batch_size: int = 256
     Shape:
         images (N, H, W, C), positions (P, 3) -> (P, K).
     """
-    images = tf.convert_to_tensor(check_images(images, dtype=_compute_dtype(base_net)))
+    dtype = _input_dtype(base_net) if isinstance(base_net, keras.layers.Layer) else None  # else: a function
+    images = tf.convert_to_tensor(check_images(images, dtype=dtype))
     ph, pw = _pair(patch_size, "patch_size")
     if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
