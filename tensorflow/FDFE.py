@@ -130,9 +130,9 @@ _MAP_LAYOUT = "HWC"
 
 # ============================================================================================
 # BEGIN FRAMEWORK-NEUTRAL BLOCK
-# Everything up to "END FRAMEWORK-NEUTRAL BLOCK" is plain Python (numbers, tuples, the standard
-# library) and is kept textually identical in pytorch/FDFE.py and tensorflow/FDFE.py;
-# shared_tests/test_mirror.py checks that.  Change it in one file, copy it to the other.
+# Everything up to "END FRAMEWORK-NEUTRAL BLOCK" uses no framework (numbers, tuples, numpy, the
+# standard library) and is kept textually identical in pytorch/FDFE.py and tensorflow/FDFE.py;
+# shared_tests/test_structure.py checks that.  Change it in one file, copy it to the other.
 # ============================================================================================
 
 class ConversionError(ValueError):
@@ -581,6 +581,105 @@ def _self_check_compare(got, expected, dtype_name, tolerance=None):
                               f"test image; this net uses an op or layer whose dense form is not exact here. "
                               f"Please report it with the net's definition")
 
+
+# --- checks of hand-wired CIs (the blocks' wiring checks and check_ci) ------------------------------
+
+_NOT_REPLACED = ("a pooling layer or strided convolution of Cp was not replaced (by multiMaxPooling, "
+                 "multiAvgPooling, multiLPPooling or multiConv), so it still strides inside CI")
+
+
+_STRIDE_MISSING = ("a stride is missing from the list (list the stride of every pooling layer and of every "
+                   "strided convolution, multiConv included, in network order)")
+
+
+def _stacked_problem(who, batch, map_size, products, listed, image_size, n_images=None):
+    """Why a shift-stacked result cannot be unwarped into images of ``image_size``; None where it can.
+
+    A correct wiring stacks exactly SH * SW shifts per image, (SH, SW) = ``products``, and its maps are
+    at least ceil(H / SH) x ceil(W / SW) (larger ones are legitimate and cropped).  ``listed`` says how
+    the strides were given, ``n_images`` is N where known.  Plain ints in, a message or None out."""
+    (sh, sw), (h, w), (height, width) = products, map_size, image_size
+    m = sh * sw
+    if n_images is not None and batch != n_images * m:
+        want = n_images * m
+        if batch > want and batch % want == 0:
+            cause = f"{_STRIDE_MISSING}: there are {batch // want} times more shifts than listed"
+        else:
+            cause = f"{_NOT_REPLACED}; or the list holds a stride that Cp does not have"
+        return (f"{who}: the stacked result holds {batch} maps, but {n_images} image(s) with {listed} "
+                f"({m} shifts per image) make {want}; likely cause: {cause}")
+    if batch % m:
+        return (f"{who}: the stacked result holds {batch} maps, not a multiple of the {m} shifts per image of "
+                f"{listed}; likely cause: {_NOT_REPLACED}; or the list holds a stride that Cp does not have")
+    if h * sh < height or w * sw < width:
+        return (f"{who}: the stacked maps are {h}x{w} and unwarp to {h * sh}x{w * sw}, smaller than the images "
+                f"({height}x{width}); likely cause: {_NOT_REPLACED} (and its stride is not listed); or "
+                f"{_STRIDE_MISSING}; or multiPoolPrepare got a smaller stride product or patch than Cp has")
+    return None
+
+
+def _in_shape_dims(in_shape, layout):
+    """``in_shape`` of linearAsConv as a tuple of 2 or 3 positive ints (ValueError otherwise)."""
+    if (not isinstance(in_shape, (tuple, list)) and type(in_shape).__name__ not in ("Size", "TensorShape")) \
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in in_shape) \
+            or len(in_shape) not in (2, 3) or min(in_shape) < 1:
+        names = "(C, h, w)" if layout == "CHW" else "(h, w, C)"
+        raise ValueError(f"linearAsConv: in_shape must be the map Cp flattens before this layer, {names} or "
+                         f"(h, w), with positive sizes; got {in_shape!r}")
+    return tuple(int(v) for v in in_shape)
+
+
+def _linear_in_shape(in_features, in_shape, layout):
+    """The map a fully connected layer with ``in_features`` inputs sees flattened, in ``layout`` ("CHW" or
+    "HWC") order: from ``in_shape`` (that map's shape, or its (h, w)), or 1 x 1 where it is None."""
+    names = "(C, h, w)" if layout == "CHW" else "(h, w, C)"
+    if in_shape is None:
+        c, h, w = in_features, 1, 1
+    else:
+        dims = _in_shape_dims(in_shape, layout)
+        if len(dims) == 2:
+            (h, w), c = dims, in_features // (dims[0] * dims[1])
+        else:
+            c, h, w = dims if layout == "CHW" else (dims[2], dims[0], dims[1])
+        if c * h * w != in_features:
+            raise ValueError(f"linearAsConv: the layer has {in_features} inputs, but in_shape {in_shape!r} "
+                             f"{'does not divide them' if len(dims) == 2 else f'flattens to {c * h * w}'}; "
+                             f"in_shape must be the map Cp flattens before this layer, {names}, at the patch "
+                             f"size CI is built for")
+    return (c, h, w) if layout == "CHW" else (h, w, c)
+
+
+_WIRING_HINTS = ("common wiring mistakes: a Linear (Keras: Dense) after a flatten reused as it is, where it "
+                 "must become FDFE.linearAsConv(layer, in_shape); a pooling layer or strided convolution not "
+                 "replaced (multi*Pooling, multiConv); a stride missing from unwarpAll's list, or the list not "
+                 "in network order; multiPoolPrepare given another patch size or stride product than Cp's; a "
+                 "layer of Cp left out, repeated or moved; batch normalisation with batch statistics")
+
+
+def _check_positions(batch, height, width):
+    """(n, y, x) compared by check_ci: every image's corners and middle, and random pixels."""
+    rng = np.random.default_rng(0)
+    pos = []
+    for n in range(batch):
+        pos += [[n, 0, 0], [n, height - 1, width - 1], [n, 0, width - 1], [n, height - 1, 0],
+                [n, height // 2, width // 2]]
+        pos += [[n, int(rng.integers(height)), int(rng.integers(width))] for _ in range(3)]
+    return np.array(pos)
+
+
+def _check_ci_compare(got, expected, positions, dtype_name, tolerance=None):
+    """max |got - expected| / max |expected| (numpy (P, K) arrays); ValueError where above the tolerance."""
+    scale = float(np.abs(expected).max()) or 1.0
+    diff = np.abs(got - expected).max(axis=1)
+    diff[~np.isfinite(diff)] = np.inf
+    worst = int(np.argmax(diff))
+    tol = tolerance if tolerance is not None else _SELF_CHECK_TOLERANCE.get(dtype_name, 3e-2)
+    if not diff[worst] <= tol * scale:
+        n, y, x = (int(v) for v in positions[worst])
+        raise ValueError(f"check_ci: CI differs from Cp by {diff[worst]:.3g} (largest |Cp| {scale:.3g}) at image {n}, "
+                         f"pixel ({y}, {x}): the wiring does not compute Cp; {_WIRING_HINTS}")
+    return float(diff[worst] / scale)
+
 # ============================================================================================
 # END FRAMEWORK-NEUTRAL BLOCK
 # ============================================================================================
@@ -802,37 +901,6 @@ def dense_reference(base_net, images, patch_size, batch_size: int = 256, progres
 # ---------------------------------------------------------------------------
 # Wiring checks: what a hand-wired block can tell about the blocks before it
 # ---------------------------------------------------------------------------
-
-_NOT_REPLACED = ("a pooling layer or strided convolution of Cp was not replaced (by multiMaxPooling, "
-                 "multiAvgPooling, multiLPPooling or multiConv), so it still strides inside CI")
-_STRIDE_MISSING = ("a stride is missing from the list (list the stride of every pooling layer and of every "
-                   "strided convolution, multiConv included, in network order)")
-
-
-def _stacked_problem(who, batch, map_size, products, listed, image_size, n_images=None):
-    """Why a shift-stacked result cannot be unwarped into images of ``image_size``; None where it can.
-
-    A correct wiring stacks exactly SH * SW shifts per image, (SH, SW) = ``products``, and its maps are
-    at least ceil(H / SH) x ceil(W / SW) (larger ones are legitimate and cropped).  ``listed`` says how
-    the strides were given, ``n_images`` is N where known.  Plain ints in, a message or None out."""
-    (sh, sw), (h, w), (height, width) = products, map_size, image_size
-    m = sh * sw
-    if n_images is not None and batch != n_images * m:
-        want = n_images * m
-        if batch > want and batch % want == 0:
-            cause = f"{_STRIDE_MISSING}: there are {batch // want} times more shifts than listed"
-        else:
-            cause = f"{_NOT_REPLACED}; or the list holds a stride that Cp does not have"
-        return (f"{who}: the stacked result holds {batch} maps, but {n_images} image(s) with {listed} "
-                f"({m} shifts per image) make {want}; likely cause: {cause}")
-    if batch % m:
-        return (f"{who}: the stacked result holds {batch} maps, not a multiple of the {m} shifts per image of "
-                f"{listed}; likely cause: {_NOT_REPLACED}; or the list holds a stride that Cp does not have")
-    if h * sh < height or w * sw < width:
-        return (f"{who}: the stacked maps are {h}x{w} and unwarp to {h * sh}x{w * sw}, smaller than the images "
-                f"({height}x{width}); likely cause: {_NOT_REPLACED} (and its stride is not listed); or "
-                f"{_STRIDE_MISSING}; or multiPoolPrepare got a smaller stride product or patch than Cp has")
-    return None
 
 
 def _require(condition, message, *data):
@@ -1165,6 +1233,16 @@ class multiLPPooling(_MultiPoolBase):
         return {**super().get_config(), "norm_type": self.norm_type}
 
 
+def _dense_as_conv(x, dense, h, w):
+    """A trained Dense layer on flattened (h, w, C) maps, as an h x w convolution (shared weights)."""
+    kernel = tf.reshape(dense.kernel, [h, w, -1, dense.units])
+    y = tf.nn.conv2d(x, tf.cast(kernel, x.dtype), 1, "VALID")
+    if dense.use_bias:
+        y = tf.nn.bias_add(y, tf.cast(dense.bias, x.dtype))
+    act = _activation_of(dense)
+    return y if act is None else act(y)
+
+
 def _activation_of(layer):
     act = getattr(layer, "activation", None)
     return None if act is None or act is keras.activations.linear else act
@@ -1349,36 +1427,6 @@ class unwarpAll(_Layer):
 # Fully connected layers made dense, and the check of a CI against Cp
 # ---------------------------------------------------------------------------
 
-def _in_shape_dims(in_shape, layout):
-    """``in_shape`` of linearAsConv as a tuple of 2 or 3 positive ints (ValueError otherwise)."""
-    if (not isinstance(in_shape, (tuple, list)) and type(in_shape).__name__ not in ("Size", "TensorShape")) \
-            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in in_shape) \
-            or len(in_shape) not in (2, 3) or min(in_shape) < 1:
-        names = "(C, h, w)" if layout == "CHW" else "(h, w, C)"
-        raise ValueError(f"linearAsConv: in_shape must be the map Cp flattens before this layer, {names} or "
-                         f"(h, w), with positive sizes; got {in_shape!r}")
-    return tuple(int(v) for v in in_shape)
-
-
-def _linear_in_shape(in_features, in_shape, layout):
-    """The map a fully connected layer with ``in_features`` inputs sees flattened, in ``layout`` ("CHW" or
-    "HWC") order: from ``in_shape`` (that map's shape, or its (h, w)), or 1 x 1 where it is None."""
-    names = "(C, h, w)" if layout == "CHW" else "(h, w, C)"
-    if in_shape is None:
-        c, h, w = in_features, 1, 1
-    else:
-        dims = _in_shape_dims(in_shape, layout)
-        if len(dims) == 2:
-            (h, w), c = dims, in_features // (dims[0] * dims[1])
-        else:
-            c, h, w = dims if layout == "CHW" else (dims[2], dims[0], dims[1])
-        if c * h * w != in_features:
-            raise ValueError(f"linearAsConv: the layer has {in_features} inputs, but in_shape {in_shape!r} "
-                             f"{'does not divide them' if len(dims) == 2 else f'flattens to {c * h * w}'}; "
-                             f"in_shape must be the map Cp flattens before this layer, {names}, at the patch "
-                             f"size CI is built for")
-    return (c, h, w) if layout == "CHW" else (h, w, c)
-
 
 @_register
 class linearAsConv(_WrapperLayer):
@@ -1446,13 +1494,7 @@ class linearAsConv(_WrapperLayer):
                              f"says the map Cp flattens has {c}; likely cause: in_shape left out or wrong for the "
                              f"first Dense after a Flatten, or a layer before it is missing")
         _check_window("linearAsConv", x, (h, w), (1, 1), (1, 1))
-        d = self.dense
-        kernel = tf.reshape(d.kernel, [h, w, c, d.units])
-        y = tf.nn.conv2d(x, tf.cast(kernel, x.dtype), 1, "VALID")
-        if d.use_bias:
-            y = tf.nn.bias_add(y, tf.cast(d.bias, x.dtype))
-        act = _activation_of(d)
-        return y if act is None else act(y)
+        return _dense_as_conv(x, self.dense, h, w)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], None, None, self.dense.units)
@@ -1462,36 +1504,6 @@ class linearAsConv(_WrapperLayer):
 
 
 #: the wiring mistakes check_ci names where CI and Cp differ
-_WIRING_HINTS = ("common wiring mistakes: a Linear (Keras: Dense) after a flatten reused as it is, where it "
-                 "must become FDFE.linearAsConv(layer, in_shape); a pooling layer or strided convolution not "
-                 "replaced (multi*Pooling, multiConv); a stride missing from unwarpAll's list, or the list not "
-                 "in network order; multiPoolPrepare given another patch size or stride product than Cp's; a "
-                 "layer of Cp left out, repeated or moved; batch normalisation with batch statistics")
-
-
-def _check_positions(batch, height, width):
-    """(n, y, x) compared by check_ci: every image's corners and middle, and random pixels."""
-    rng = np.random.default_rng(0)
-    pos = []
-    for n in range(batch):
-        pos += [[n, 0, 0], [n, height - 1, width - 1], [n, 0, width - 1], [n, height - 1, 0],
-                [n, height // 2, width // 2]]
-        pos += [[n, int(rng.integers(height)), int(rng.integers(width))] for _ in range(3)]
-    return np.array(pos)
-
-
-def _check_ci_compare(got, expected, positions, dtype_name, tolerance=None):
-    """max |got - expected| / max |expected| (numpy (P, K) arrays); ValueError where above the tolerance."""
-    scale = float(np.abs(expected).max()) or 1.0
-    diff = np.abs(got - expected).max(axis=1)
-    diff[~np.isfinite(diff)] = np.inf
-    worst = int(np.argmax(diff))
-    tol = tolerance if tolerance is not None else _SELF_CHECK_TOLERANCE.get(dtype_name, 3e-2)
-    if not diff[worst] <= tol * scale:
-        n, y, x = (int(v) for v in positions[worst])
-        raise ValueError(f"check_ci: CI differs from Cp by {diff[worst]:.3g} (largest |Cp| {scale:.3g}) at image {n}, "
-                         f"pixel ({y}, {x}): the wiring does not compute Cp; {_WIRING_HINTS}")
-    return float(diff[worst] / scale)
 
 
 def _error_text(exc):
@@ -1799,13 +1811,7 @@ class DenseAsConv(_WrapperLayer):
             self.dense.build((None, self.size[0] * self.size[1] * input_shape[-1]))
 
     def call(self, x):
-        d = self.dense
-        kernel = tf.reshape(d.kernel, [self.size[0], self.size[1], -1, d.units])
-        y = tf.nn.conv2d(x, tf.cast(kernel, x.dtype), 1, "VALID")
-        if d.use_bias:
-            y = tf.nn.bias_add(y, tf.cast(d.bias, x.dtype))
-        act = _activation_of(d)
-        return y if act is None else act(y)
+        return _dense_as_conv(x, self.dense, self.size[0], self.size[1])
 
     def compute_output_shape(self, input_shape):
         return (None, None, None, self.dense.units)
