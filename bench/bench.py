@@ -50,10 +50,12 @@ ROWS = [
     ("simo_serra", 480, 720, (112.76, 0.116, 972, 3448)),
     ("simo_serra", 720, 1080, (252.97, 0.117, 1550, 7222)),
     ("zagoruyko_siam_l2", 720, 1080, (223.55, 0.127, 1760, 11495)),
+    ("siam2stream", 720, 1080, None),
     ("bailer_fast", 576, 864, (363.45, 0.113, 3216, 9850)),
     ("original_basenet", 960, 1280, None),
 ]
 LABELS = {"simo_serra": "Simo-Serra et al. (paper's Torch example)", "zagoruyko_siam_l2": "Zagoruyko et al. (siam-L2)",
+          "siam2stream": "Zagoruyko et al. (siam2stream, two streams)",
           "bailer_fast": "Bailer et al. (fast arch., reconstructed)", "original_basenet": "original port's BaseNet"}
 
 

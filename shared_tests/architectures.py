@@ -17,6 +17,12 @@ computes the same function as the PyTorch one, with its weights copied (see ``bu
 - mccnn_fast: MC-CNN-fast-style stereo features (Zbontar & LeCun), 9x9, four 3x3 convolutions with 64
   maps, ReLU between them, normalised to unit length.  No pooling.
 - strided_only: a net with strided convolutions and no pooling, 29x29.
+- siam2stream: Zagoruyko & Komodakis' two-stream descriptor (CVPR 2015), 64x64: a central stream on the
+  32x32 centre crop and a surround stream on the whole patch average-pooled 2x2 to 32x32, each
+  conv 5x5 ->95, ReLU, max-pool 2, conv 3x3 ->96, ReLU, max-pool 2, conv 3x3 ->192, ReLU, conv 3x3 ->192,
+  ReLU, then (our addition, so that each stream ends in one vector per patch) max-pool 2;
+  concatenated (384) and normalised to unit length (their L2 variant).  The streams pool differently
+  (strides 2, 2, 2 after the crop; 2, 2, 2, 2 with the downsampling).
 - original_basenet: the original port's BaseNet, 15x15 (weights from weights/basenet.npz).
 """
 
@@ -56,7 +62,54 @@ def _torch_modules(name):
 
 
 PATCH = {"simo_serra": 64, "zagoruyko_siam_l2": 64, "bailer_fast": 56, "tfeat": 32, "mccnn_fast": 9,
-         "strided_only": 29, "original_basenet": 15}
+         "strided_only": 29, "original_basenet": 15, "siam2stream": 64}
+
+
+def _siam2stream_torch():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    def stream():
+        return nn.Sequential(nn.Conv2d(1, 95, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(95, 96, 3), nn.ReLU(),
+                             nn.MaxPool2d(2), nn.Conv2d(96, 192, 3), nn.ReLU(), nn.Conv2d(192, 192, 3), nn.ReLU(),
+                             nn.MaxPool2d(2))
+
+    class Siam2Stream(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.central, self.surround = stream(), stream()
+
+        def forward(self, x):
+            central = self.central(x[:, :, 16:48, 16:48])
+            surround = self.surround(F.avg_pool2d(x, 2))
+            return F.normalize(torch.cat([central, surround], 1).flatten(1), dim=1)
+    return Siam2Stream()
+
+
+def _siam2stream_keras(torch_net, dtype):
+    import keras
+    L = keras.layers
+
+    def stream(x, torch_stream):
+        for m in torch_stream:
+            kind = type(m).__name__
+            if kind == "Conv2d":
+                layer = L.Conv2D(m.out_channels, m.kernel_size, dtype=dtype)
+                x = layer(x)
+                layer.set_weights([m.weight.detach().numpy().transpose(2, 3, 1, 0).astype(dtype),
+                                   m.bias.detach().numpy().astype(dtype)])
+            elif kind == "ReLU":
+                x = L.ReLU(dtype=dtype)(x)
+            else:
+                x = L.MaxPooling2D(m.kernel_size, dtype=dtype)(x)
+        return x
+    x = keras.Input((64, 64, 1), dtype=dtype)
+    central = stream(L.Cropping2D(16, dtype=dtype)(x), torch_net.central)
+    surround = stream(L.AveragePooling2D(2, dtype=dtype)(x), torch_net.surround)
+    merged = L.Concatenate(dtype=dtype)([central, surround])
+    out = L.UnitNormalization(axis=-1, dtype=dtype)(L.Flatten(dtype=dtype)(merged))
+    return keras.Model(x, out, name="siam2stream")
 
 
 def build_torch(name, seed=0):
@@ -66,6 +119,8 @@ def build_torch(name, seed=0):
     torch.manual_seed(seed)
     if name == "original_basenet":
         return load_backend("pytorch", "torch").BaseNet.BaseNet().eval()
+    if name == "siam2stream":
+        return _siam2stream_torch().eval()
     return nn.Sequential(*_torch_modules(name)).eval()
 
 
@@ -75,6 +130,8 @@ def build_keras(name, torch_net, fdfe, dtype="float32"):
     L = keras.layers
     if name == "original_basenet":
         return load_backend("tensorflow", "tf").BaseNet.BaseNet(dtype=dtype)
+    if name == "siam2stream":
+        return _siam2stream_keras(torch_net, dtype)
     layers, assign = [], []
     flat_shape = None
     size = PATCH[name]

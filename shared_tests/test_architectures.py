@@ -7,7 +7,7 @@ import pytest
 import architectures
 from conftest import TOL, max_rel_error
 
-NAMES = ["simo_serra", "zagoruyko_siam_l2", "bailer_fast", "tfeat", "mccnn_fast", "strided_only"]
+NAMES = ["simo_serra", "zagoruyko_siam_l2", "bailer_fast", "tfeat", "mccnn_fast", "strided_only", "siam2stream"]
 
 
 def _sample(rng, n, h, w, count):

@@ -179,64 +179,13 @@ def test_keras_two_streams_with_different_strides(kb, merge, tmp_path):
     np.testing.assert_array_equal(loaded(images).numpy(), ci(images).numpy())
 
 
-#: Zagoruyko and Komodakis' siam2stream (CVPR 2015), as used here: 64x64 patches; a central stream on
-#: the 32x32 centre crop and a surround stream on the whole patch average-pooled 2x2 to 32x32, each
-#: C(95,5)-ReLU-P(2,2)-C(96,3)-ReLU-P(2,2)-C(192,3)-ReLU-C(192,3)-ReLU, then (our addition, to end
-#: each stream in one vector per patch) max-pooling 2x2; concatenated (384) and L2-normalised.
-def _siam2stream_torch():
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
 
-    def stream():
-        return nn.Sequential(nn.Conv2d(1, 95, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(95, 96, 3), nn.ReLU(),
-                             nn.MaxPool2d(2), nn.Conv2d(96, 192, 3), nn.ReLU(), nn.Conv2d(192, 192, 3), nn.ReLU(),
-                             nn.MaxPool2d(2))
-
-    class Siam2Stream(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.central, self.surround = stream(), stream()
-
-        def forward(self, x):
-            c = self.central(x[:, :, 16:48, 16:48])
-            s = self.surround(F.avg_pool2d(x, 2))
-            return F.normalize(torch.cat([c, s], 1).flatten(1), dim=1)
-    return Siam2Stream()
-
-
-def _siam2stream_keras():
-    import keras
-    L = keras.layers
-
-    def stream(x):
-        for layer in [L.Conv2D(95, 5, activation="relu"), L.MaxPooling2D(2), L.Conv2D(96, 3, activation="relu"),
-                      L.MaxPooling2D(2), L.Conv2D(192, 3, activation="relu"), L.Conv2D(192, 3, activation="relu"),
-                      L.MaxPooling2D(2)]:
-            x = layer(x)
-        return x
-    x = keras.Input((64, 64, 1))
-    merged = L.Concatenate()([stream(L.Cropping2D(16)(x)), stream(L.AveragePooling2D(2)(x))])
-    return keras.Model(x, L.UnitNormalization()(L.Flatten()(merged)), name="siam2stream")
-
-
-def test_siam2stream_converts_exactly_in_both_backends(tb, kb):
-    import tensorflow as tf
-    import torch
-    rng = np.random.default_rng(3)
-    image = rng.standard_normal((1, 37, 41, 1)).astype(np.float32)
-    positions = np.stack([np.zeros(200, int), rng.integers(0, 37, 200), rng.integers(0, 41, 200)], 1)
-    torch.manual_seed(0)
-    t_net = _siam2stream_torch().eval()
-    t_ci = tb.FDFE.convert(t_net, 64)
-    assert t_ci.stride_product == (16, 16) and t_ci.out_channels == 384
-    t_images = torch.from_numpy(image.transpose(0, 3, 1, 2))
-    with torch.no_grad():
-        out = t_ci(t_images)
-    ref = tb.FDFE.patch_outputs(t_net, t_images, 64, positions)
-    assert max_rel_error(out[positions[:, 0], :, positions[:, 1], positions[:, 2]], ref) <= TOL["float32"]
-    k_net = _siam2stream_keras()
-    k_ci = kb.FDFE.convert(k_net, 64)
-    out = k_ci(tf.constant(image))
-    ref = kb.FDFE.patch_outputs(k_net, image, 64, positions)
-    assert max_rel_error(tf.gather_nd(out, positions), ref) <= TOL["float32"]
+def test_siam2stream_strides_and_channels(tb, kb):
+    """siam2stream (shared_tests/architectures.py; exactness in test_architectures.py): two streams that
+    pool differently, padded to the least common multiple of their stride products."""
+    import architectures
+    t_ci = tb.FDFE.convert(architectures.build_torch("siam2stream"), 64)
+    assert t_ci.stride_product == (16, 16) and t_ci.strides == [] and t_ci.out_channels == 384
+    k_ci = kb.FDFE.convert(architectures.build_keras("siam2stream", architectures.build_torch("siam2stream"),
+                                                     kb.FDFE), 64)
+    assert k_ci.stride_product == (16, 16) and k_ci.strides == [] and k_ci.out_channels == 384
