@@ -4,6 +4,7 @@ refused."""
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings, strategies as st
 
 from conftest import TOL, max_rel_error
 
@@ -189,3 +190,84 @@ def test_siam2stream_strides_and_channels(tb, kb):
     k_ci = kb.FDFE.convert(architectures.build_keras("siam2stream", architectures.build_torch("siam2stream"),
                                                      kb.FDFE), 64)
     assert k_ci.stride_product == (16, 16) and k_ci.strides == [] and k_ci.out_channels == 384
+
+
+@st.composite
+def two_stream_nets(draw):
+    """A random two-stream Cp: a central stream on a crop of the patch, a surround stream on the patch
+    average-pooled by s, each a small tower ending in a 1x1 map, merged by concatenation or addition."""
+    channels = draw(st.sampled_from([1, 2]))
+    patch = (draw(st.integers(6, 16)), draw(st.integers(6, 16)))
+    crop = [draw(st.integers(0, 2)) for _ in range(4)]
+    down = draw(st.sampled_from([1, 2, 3]))
+    towers = []
+    for size in [(patch[0] - crop[0] - crop[1], patch[1] - crop[2] - crop[3]), (patch[0] // down, patch[1] // down)]:
+        k = draw(st.integers(1, 3))
+        pool = draw(st.sampled_from([1, 2, 3]))
+        h, w = (size[0] - k + 1) // pool, (size[1] - k + 1) // pool
+        assume(1 <= h <= 5 and 1 <= w <= 5)
+        towers.append({"k": k, "pool": pool, "pool_kind": draw(st.sampled_from(["max", "avg"])), "final": (h, w)})
+    merge = draw(st.sampled_from(["cat", "add"]))
+    n, h, w = draw(st.integers(1, 2)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    return channels, patch, crop, down, towers, merge, (n, h, w)
+
+
+def _two_stream_torch(channels, patch, crop, down, towers, merge):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList()
+            for t in towers:
+                self.convs.append(nn.ModuleList([nn.Conv2d(channels, 3, t["k"]), nn.Conv2d(3, 4, t["final"])]))
+
+        def forward(self, x):
+            inputs = [x[:, :, crop[0]:x.shape[2] - crop[1], crop[2]:x.shape[3] - crop[3]], F.avg_pool2d(x, down)]
+            outs = []
+            for t, (c1, c2), y in zip(towers, self.convs, inputs):
+                y = torch.tanh(c1(y))
+                y = F.max_pool2d(y, t["pool"]) if t["pool_kind"] == "max" else F.avg_pool2d(y, t["pool"])
+                outs.append(c2(y))
+            merged = torch.cat(outs, 1) if merge == "cat" else outs[0] + outs[1]
+            return merged.flatten(1)
+    return Net().double().eval()
+
+
+def _two_stream_keras(channels, patch, crop, down, towers, merge):
+    import keras
+    L = keras.layers
+    x = keras.Input((*patch, channels), dtype="float64")
+    inputs = [L.Cropping2D(((crop[0], crop[1]), (crop[2], crop[3])), dtype="float64")(x),
+              L.AveragePooling2D(down, dtype="float64")(x)]
+    outs = []
+    for t, y in zip(towers, inputs):
+        y = L.Conv2D(3, t["k"], activation="tanh", dtype="float64")(y)
+        pool = L.MaxPooling2D if t["pool_kind"] == "max" else L.AveragePooling2D
+        y = pool(t["pool"], dtype="float64")(y)
+        outs.append(L.Conv2D(4, t["final"], dtype="float64")(y))
+    merged = (L.Concatenate if merge == "cat" else L.Add)(dtype="float64")(outs)
+    return keras.Model(x, L.Flatten(dtype="float64")(merged))
+
+
+@settings(max_examples=10)
+@given(two_stream_nets(), st.sampled_from([(False, None), (True, None), (False, (3, 5))]))
+def test_random_two_stream_nets_both_backends(tb, kb, case, mode):
+    import keras
+    import tensorflow as tf
+    import torch
+    channels, patch, crop, down, towers, merge, (n, h, w) = case
+    naive, tile = mode
+    torch.manual_seed(0)
+    t_net = _two_stream_torch(channels, patch, crop, down, towers, merge)
+    images = np.random.default_rng(h * w).standard_normal((n, h, w, channels))
+    t_images = torch.from_numpy(images.transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        t_out = tb.FDFE.convert(t_net, patch, naive=naive, tile=tile)(t_images)
+    assert max_rel_error(t_out, tb.FDFE.dense_reference(t_net, t_images, patch)) <= TOL["float64"]
+    keras.utils.set_random_seed(0)
+    k_net = _two_stream_keras(channels, patch, crop, down, towers, merge)
+    k_out = kb.FDFE.convert(k_net, patch, naive=naive, tile=tile)(tf.constant(images))
+    assert max_rel_error(k_out, kb.FDFE.dense_reference(k_net, tf.constant(images), patch)) <= TOL["float64"]
