@@ -2410,6 +2410,10 @@ class DenseFeatureNet(nn.Module):
         return values[self.output_slot]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:  # an empty batch, as Cp
+            shape = (1,) + tuple(images.shape[1:])
+            check_images(torch.empty(shape, dtype=images.dtype, device="meta"), self.in_channels)
+            return images.new_empty((0, self.out_channels) + shape[2:], dtype=_compute_dtype(self.base_net))
         images = check_images(images, self.in_channels, dtype=_compute_dtype(self.base_net))
         height, width = images.shape[-2:]
         padded = multipool_prepare(images, self.patch_size, self.stride_product)
@@ -2618,6 +2622,10 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
     """
     if not isinstance(base_net, nn.Module):
         raise TypeError(f"base_net must be a torch.nn.Module, got {type(base_net).__name__}")
+    if isinstance(base_net, torch.jit.ScriptModule):
+        raise TypeError(f"base_net is a TorchScript module ({type(base_net).__name__}, from torch.jit.trace or "
+                        f"torch.jit.script), whose forward convert() cannot follow op by op; pass the original "
+                        f"nn.Module (its state_dict loads into it), and export CI itself afterwards")
     ph, pw = _pair(patch_size, "patch_size")
     if in_channels is None:
         in_channels = _infer_in_channels(base_net)

@@ -295,3 +295,24 @@ def test_torch_meta_device_cp_converts(tb):
             p.copy_(torch.randn_like(p))
         images = torch.randn(1, 1, 20, 19)
         assert max_rel_error(ci(images), tb.FDFE.dense_reference(ci.base_net, images, 15)) <= TOL["float32"]
+
+
+def test_empty_batch_gives_an_empty_output(tb, kb):
+    """Batch 0: Cp accepts it, and so does CI (an empty (0, K, H, W) / (0, H, W, K) result)."""
+    import tensorflow as tf
+    import torch
+    t_ci = tb.FDFE.convert(tb.BaseNet.BaseNet(), 15)
+    with torch.no_grad():
+        assert t_ci(torch.zeros(0, 1, 20, 30)).shape == (0, 113, 20, 30)
+    with pytest.raises(ValueError, match="has 3 channels but the network expects 1"):
+        t_ci(torch.zeros(0, 3, 20, 30))
+    k_ci = kb.FDFE.convert(kb.BaseNet.BaseNet(), 15)
+    assert tuple(k_ci(tf.zeros((0, 20, 30, 1))).shape) == (0, 20, 30, 113)
+
+
+def test_torchscript_cp_is_refused_with_the_way_out(tb):
+    import torch
+    net = tb.BaseNet.BaseNet()
+    traced = torch.jit.trace(net, torch.zeros(1, 1, 15, 15))
+    with pytest.raises(TypeError, match=r"base_net is a TorchScript module .*; pass the original nn.Module"):
+        tb.FDFE.convert(traced, 15)

@@ -2251,6 +2251,9 @@ class DenseFeatureModel(keras.Model):
         return self._graph_fn(padded, tf.constant(out_h, tf.int32), tf.constant(out_w, tf.int32))
 
     def call(self, images, training=None):
+        if tuple(getattr(images, "shape", ()))[:1] == (0,) and len(images.shape) == 4:  # an empty batch, as Cp
+            check_images(tf.zeros((1,) + tuple(images.shape[1:]), images.dtype), self.in_channels)
+            return tf.zeros((0, images.shape[1], images.shape[2], self.out_channels), self.core.outputs[0].dtype)
         check_images(images, self.in_channels)
         images = tf.cast(images, self.core.inputs[0].dtype)
         shape = _static_or_dynamic(images)
