@@ -179,6 +179,26 @@ def patch_padding(patch_size) -> Tuple[int, int, int, int]:
     return ph // 2, (ph - 1) // 2, pw // 2, (pw - 1) // 2
 
 
+#: how the image is extended beyond its border for the patches of pixels near it: "zeros" (the
+#: paper's convention), "reflect" (mirrored without repeating the edge pixel: ... 2 1 | 0 1 2 ...) or
+#: "replicate" (the edge pixel repeated: ... 0 0 | 0 1 2 ...)
+BORDERS = ("zeros", "reflect", "replicate")
+
+
+def _check_border(border, image_size, patch_size):
+    """Check ``border``; for "reflect", the image must be larger than the patch's reach beyond it."""
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
+    top, bottom, left, right = patch_padding(patch_size)
+    height, width = image_size
+    if border == "reflect" and all(isinstance(v, int) for v in (height, width)) and (
+            max(top, bottom) >= height or max(left, right) >= width):
+        raise ValueError(f"border='reflect' mirrors the image at its edge, so it must be larger than the patch "
+                         f"reaches beyond it: a {patch_size[0]}x{patch_size[1]} patch needs images of at least "
+                         f"{max(top, bottom) + 1}x{max(left, right) + 1}, got {height}x{width} (use "
+                         f"border='replicate' or 'zeros' for smaller images)")
+
+
 def _progress(total: int, desc: str, enabled: Optional[bool]):
     """A tqdm progress bar where tqdm is installed and enabled, else None."""
     if enabled is False or (enabled is None and total < 50):
@@ -549,9 +569,13 @@ def _choose_tile(requested, estimate, image_size, stride_product, max_memory, av
 
 # --- the self-check: CI against Cp on a few patches before convert() returns --------------------
 
-def _self_check_image_size(stride_product):
-    """A small image that is not a multiple of the stride product."""
-    return stride_product[0] + 3, stride_product[1] + 2
+def _self_check_image_size(stride_product, patch_size=(1, 1), border="zeros"):
+    """A small image that is not a multiple of the stride product (large enough to reflect a patch)."""
+    height, width = stride_product[0] + 3, stride_product[1] + 2
+    if border == "reflect":
+        top, bottom, left, right = patch_padding(patch_size)
+        height, width = max(height, max(top, bottom) + 2), max(width, max(left, right) + 3)
+    return height, width
 
 
 def _self_check_positions(height, width):
@@ -803,7 +827,7 @@ class _EvalMode:
 
 def patch_outputs(base_net: nn.Module, images: torch.Tensor, patch_size, positions,
                   batch_size: int = 256, progress: Optional[bool] = None,
-                  differentiable: bool = False) -> torch.Tensor:
+                  differentiable: bool = False, border: str = "zeros") -> torch.Tensor:
     """Run Cp on the patches centred at the given pixels.
 
     Args:
@@ -816,6 +840,8 @@ def patch_outputs(base_net: nn.Module, images: torch.Tensor, patch_size, positio
         progress: show a progress bar (tqdm); None shows one for long runs.
         differentiable: record the computation for autograd (where grad mode is on), e.g. to
             compare CI's gradients with Cp's; by default Cp runs under no_grad.
+        border: how the image is extended for patches near its edge: "zeros" (the paper's
+            convention), "reflect" or "replicate" (see BORDERS).
 
     Returns:
         (P, K) tensor: row i is Cp(patch of image n_i centred at (y_i, x_i)).
@@ -837,7 +863,7 @@ def patch_outputs(base_net: nn.Module, images: torch.Tensor, patch_size, positio
     if (pos < 0).any() or (pos >= upper).any():
         raise ValueError("positions must lie inside the images: 0 <= n < N, 0 <= y < H, 0 <= x < W")
     top, bottom, left, right = patch_padding((ph, pw))
-    padded = F.pad(images, (left, right, top, bottom))
+    padded = _pad_border(images, (ph, pw), border)
     rows = torch.arange(ph, device=images.device)
     cols = torch.arange(pw, device=images.device)
     pos = pos.to(images.device)
@@ -860,7 +886,8 @@ def patch_outputs(base_net: nn.Module, images: torch.Tensor, patch_size, positio
 
 
 def dense_reference(base_net: nn.Module, images: torch.Tensor, patch_size, batch_size: int = 256,
-                    progress: Optional[bool] = None, differentiable: bool = False) -> torch.Tensor:
+                    progress: Optional[bool] = None, differentiable: bool = False,
+                    border: str = "zeros") -> torch.Tensor:
     """Cp run on every patch: the ground truth that CI must reproduce.
 
     Args:
@@ -871,6 +898,7 @@ def dense_reference(base_net: nn.Module, images: torch.Tensor, patch_size, batch
         progress: show a progress bar (tqdm); None shows one for long runs.
         differentiable: record for autograd (see :func:`patch_outputs`): the loss of Cp trained on
             every patch, to compare with training through CI.
+        border: "zeros" (default), "reflect" or "replicate": how the image is extended (see BORDERS).
 
     Returns:
         (N, K, H, W) tensor with out[n, :, y, x] = Cp(patch of image n centred at (y, x)).
@@ -880,7 +908,7 @@ def dense_reference(base_net: nn.Module, images: torch.Tensor, patch_size, batch
     grid = torch.stack(torch.meshgrid(torch.arange(n_img), torch.arange(height), torch.arange(width),
                                       indexing="ij"), -1).reshape(-1, 3)
     out = patch_outputs(base_net, images, patch_size, grid, batch_size=batch_size, progress=progress,
-                        differentiable=differentiable)
+                        differentiable=differentiable, border=border)
     return out.reshape(n_img, height, width, -1).permute(0, 3, 1, 2).contiguous()
 
 
@@ -917,16 +945,28 @@ def _unwarp_target(image_size, batch, who):
 # Stateless building blocks: multipooling and unwarping
 # ---------------------------------------------------------------------------
 
-def multipool_prepare(images: torch.Tensor, patch_size, stride_product=1) -> torch.Tensor:
-    """Zero-pad images so that every pixel has a full patch around it.
+def _pad_border(images: torch.Tensor, patch_size, border: str = "zeros") -> torch.Tensor:
+    """The images extended by :func:`patch_padding` in the way ``border`` says (see BORDERS)."""
+    ph, pw = _pair(patch_size, "patch_size")
+    _check_border(border, tuple(images.shape[-2:]), (ph, pw))
+    top, bottom, left, right = patch_padding((ph, pw))
+    if border == "zeros":
+        return F.pad(images, (left, right, top, bottom))
+    return F.pad(images, (left, right, top, bottom), mode=border)
 
-    Pads by :func:`patch_padding` and, on the bottom and right, up to the next
-    multiple of the stride product so that every multipooling divides evenly.
+
+def multipool_prepare(images: torch.Tensor, patch_size, stride_product=1, border: str = "zeros") -> torch.Tensor:
+    """Pad images so that every pixel has a full patch around it.
+
+    Pads by :func:`patch_padding` (zeros, or the image reflected or replicated: ``border``) and, on the
+    bottom and right, with zeros up to the next multiple of the stride product so that every
+    multipooling divides evenly (those rows only feed outputs beyond the image, which are cropped).
 
     Args:
         images: (N, C, H, W).
         patch_size: int or (pH, pW).
         stride_product: int or (SH, SW), the product of all pooling/striding strides.
+        border: "zeros" (default, the paper's convention), "reflect" or "replicate".
 
     Returns:
         (N, C, H' + pH - 1, W' + pW - 1) with H' = ceil(H / SH) * SH, W' likewise.
@@ -939,7 +979,9 @@ def multipool_prepare(images: torch.Tensor, patch_size, stride_product=1) -> tor
     # padded size is then a multiple of SH plus a constant, which the shape solver simplifies
     extra_h = (height + sh - 1) // sh * sh - height
     extra_w = (width + sw - 1) // sw * sw - width
-    return F.pad(images, (left, right + extra_w, top, bottom + extra_h))
+    if border == "zeros":
+        return F.pad(images, (left, right + extra_w, top, bottom + extra_h))
+    return F.pad(_pad_border(images, patch_size, border), (0, extra_w, 0, extra_h))
 
 
 def _memory_available(device: torch.device) -> Optional[int]:
@@ -2335,6 +2377,8 @@ class DenseFeatureNet(nn.Module):
         memory_format: torch.channels_last (default) or torch.contiguous_format for the internal tensors.
         max_memory: None, or a budget in bytes: tiles are chosen so that :meth:`estimate_memory`
             stays under it (overrides ``tile``).
+        border: "zeros" (the paper's convention), "reflect" or "replicate": how the image is extended
+            for the patches of pixels near its edge.
         memory_guard: True (default): without max_memory, CI compares its estimate with the memory
             the process may still allocate (host: available memory, cgroup and address-space limits;
             CUDA: free device memory) and tiles, or raises MemoryError, instead of running out of
@@ -2355,7 +2399,7 @@ class DenseFeatureNet(nn.Module):
 
     def __init__(self, base_net, patch_size, in_channels, out_channels, steps, output_slot, strides,
                  constants, plan, naive=False, tile="auto", memory_format=torch.channels_last, progress=None,
-                 max_memory=None, memory_guard=True, grid_multiple=None):
+                 max_memory=None, memory_guard=True, grid_multiple=None, border="zeros"):
         super().__init__()
         self.base_net = base_net
         self.patch_size = _pair(patch_size, "patch_size")
@@ -2375,6 +2419,7 @@ class DenseFeatureNet(nn.Module):
         self.progress = progress
         self.max_memory = max_memory
         self.memory_guard = memory_guard
+        self.border = border
 
     def _resolve(self, ref):
         if isinstance(ref, _Param):
@@ -2416,7 +2461,7 @@ class DenseFeatureNet(nn.Module):
             return images.new_empty((0, self.out_channels) + shape[2:], dtype=_compute_dtype(self.base_net))
         images = check_images(images, self.in_channels, dtype=_compute_dtype(self.base_net))
         height, width = images.shape[-2:]
-        padded = multipool_prepare(images, self.patch_size, self.stride_product)
+        padded = multipool_prepare(images, self.patch_size, self.stride_product, getattr(self, "border", "zeros"))
         if torch.compiler.is_compiling():
             # torch.export / torch.compile: one untiled graph in the default layout, valid for every
             # N, H, W (tile sizes and layouts would add guards on the image size)
@@ -2578,8 +2623,8 @@ def _apply_rules(nodes, geoms):
 
 def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, *, naive: bool = False,
             tile="auto", max_memory: Optional[int] = None, memory_guard: bool = True,
-            memory_format=torch.channels_last, check: bool = True,
-            progress: Optional[bool] = None) -> DenseFeatureNet:
+            memory_format=torch.channels_last, check: bool = True, progress: Optional[bool] = None,
+            border: str = "zeros") -> DenseFeatureNet:
     """Turn a patch network Cp into CI, which computes Cp for the patch around every pixel.
 
     Cp's forward is captured on an example batch of patches (so any ``nn.Module`` works:
@@ -2602,6 +2647,8 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
         memory_format: internal layout; channels_last (default) is fastest on CPU.
         check: compare CI with Cp on a few patches of a small random image before returning.
         progress: progress bar for tiled runs (None: automatic).
+        border: how the image is extended for the patches of pixels near its edge: "zeros" (the
+            paper's convention), "reflect" or "replicate" (BORDERS); dense_reference takes the same.
 
     Returns:
         A :class:`DenseFeatureNet` mapping (N, C, H, W) to (N, K, H, W).
@@ -2627,6 +2674,7 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
                         f"torch.jit.script), whose forward convert() cannot follow op by op; pass the original "
                         f"nn.Module (its state_dict loads into it), and export CI itself afterwards")
     ph, pw = _pair(patch_size, "patch_size")
+    _check_border(border, (None, None), (ph, pw))
     if in_channels is None:
         in_channels = _infer_in_channels(base_net)
         if in_channels is None:
@@ -2656,7 +2704,7 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
     net = DenseFeatureNet(base_net, (ph, pw), in_channels, out_channels, steps, out_slot, list(geom.strides),
                           tracer.constants, plan, naive=naive, tile=tile, memory_format=memory_format,
                           progress=progress, max_memory=max_memory, memory_guard=memory_guard,
-                          grid_multiple=_grid_multiple(geoms.values()))
+                          grid_multiple=_grid_multiple(geoms.values()), border=border)
     if check and _example_kind(base_net)[1].type != "meta":  # a meta Cp has no values to compare
         _self_check(net, base_net)
     return net
@@ -2666,7 +2714,7 @@ def _self_check(net: DenseFeatureNet, base_net: nn.Module) -> None:
     """Compare CI with Cp on a few patches of a small random image (catches unsupported semantics)."""
     dtype, device = _example_kind(base_net)
     gen = torch.Generator().manual_seed(0)
-    h, w = _self_check_image_size(net.stride_product)
+    h, w = _self_check_image_size(net.stride_product, net.patch_size, net.border)
     images = torch.randn(1, net.in_channels, h, w, generator=gen).to(device=device, dtype=dtype)
     positions = torch.tensor(_self_check_positions(h, w))
     with torch.no_grad(), _EvalMode(net):
@@ -2676,7 +2724,7 @@ def _self_check(net: DenseFeatureNet, base_net: nn.Module) -> None:
             dense = net(images)
         finally:
             net.tile = tile
-        expected = patch_outputs(base_net, images, net.patch_size, positions)
+        expected = patch_outputs(base_net, images, net.patch_size, positions, border=net.border)
     got = dense[positions[:, 0], :, positions[:, 1], positions[:, 2]]
     tolerance = None
     if dtype == torch.float32 and device.type == "cuda" and (torch.backends.cudnn.allow_tf32

@@ -186,6 +186,26 @@ def patch_padding(patch_size) -> Tuple[int, int, int, int]:
     return ph // 2, (ph - 1) // 2, pw // 2, (pw - 1) // 2
 
 
+#: how the image is extended beyond its border for the patches of pixels near it: "zeros" (the
+#: paper's convention), "reflect" (mirrored without repeating the edge pixel: ... 2 1 | 0 1 2 ...) or
+#: "replicate" (the edge pixel repeated: ... 0 0 | 0 1 2 ...)
+BORDERS = ("zeros", "reflect", "replicate")
+
+
+def _check_border(border, image_size, patch_size):
+    """Check ``border``; for "reflect", the image must be larger than the patch's reach beyond it."""
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
+    top, bottom, left, right = patch_padding(patch_size)
+    height, width = image_size
+    if border == "reflect" and all(isinstance(v, int) for v in (height, width)) and (
+            max(top, bottom) >= height or max(left, right) >= width):
+        raise ValueError(f"border='reflect' mirrors the image at its edge, so it must be larger than the patch "
+                         f"reaches beyond it: a {patch_size[0]}x{patch_size[1]} patch needs images of at least "
+                         f"{max(top, bottom) + 1}x{max(left, right) + 1}, got {height}x{width} (use "
+                         f"border='replicate' or 'zeros' for smaller images)")
+
+
 def _progress(total: int, desc: str, enabled: Optional[bool]):
     """A tqdm progress bar where tqdm is installed and enabled, else None."""
     if enabled is False or (enabled is None and total < 50):
@@ -556,9 +576,13 @@ def _choose_tile(requested, estimate, image_size, stride_product, max_memory, av
 
 # --- the self-check: CI against Cp on a few patches before convert() returns --------------------
 
-def _self_check_image_size(stride_product):
-    """A small image that is not a multiple of the stride product."""
-    return stride_product[0] + 3, stride_product[1] + 2
+def _self_check_image_size(stride_product, patch_size=(1, 1), border="zeros"):
+    """A small image that is not a multiple of the stride product (large enough to reflect a patch)."""
+    height, width = stride_product[0] + 3, stride_product[1] + 2
+    if border == "reflect":
+        top, bottom, left, right = patch_padding(patch_size)
+        height, width = max(height, max(top, bottom) + 2), max(width, max(left, right) + 3)
+    return height, width
 
 
 def _self_check_positions(height, width):
@@ -817,7 +841,7 @@ def _input_dtype(model):
 
 
 def patch_outputs(base_net, images, patch_size, positions, batch_size: int = 256,
-                  progress: Optional[bool] = None, differentiable: bool = False):
+                  progress: Optional[bool] = None, differentiable: bool = False, border: str = "zeros"):
     """Run Cp on the patches centred at the given pixels.
 
     Args:
@@ -830,6 +854,8 @@ def patch_outputs(base_net, images, patch_size, positions, batch_size: int = 256
         progress: show a progress bar (tqdm); None shows one for long runs.
         differentiable: let gradients flow to the images and Cp's weights (under a GradientTape),
             e.g. to compare CI's gradients with Cp's; by default the result is a constant.
+        border: how the image is extended for patches near its edge: "zeros" (the paper's
+            convention), "reflect" or "replicate" (see BORDERS).
 
     Returns:
         (P, K) tensor: row i is Cp(patch of image n_i centred at (y_i, x_i)).
@@ -851,7 +877,7 @@ def patch_outputs(base_net, images, patch_size, positions, batch_size: int = 256
     if (pos < 0).any() or (pos >= upper).any():
         raise ValueError("positions must lie inside the images: 0 <= n < N, 0 <= y < H, 0 <= x < W")
     top, bottom, left, right = patch_padding((ph, pw))
-    padded = tf.pad(images, [[0, 0], [top, bottom], [left, right], [0, 0]])
+    padded = _pad_border(images, (ph, pw), border)
     rows, cols = np.arange(ph), np.arange(pw)
     outputs = []
     n_batches = (len(pos) + batch_size - 1) // batch_size
@@ -874,7 +900,7 @@ def patch_outputs(base_net, images, patch_size, positions, batch_size: int = 256
 
 
 def dense_reference(base_net, images, patch_size, batch_size: int = 256, progress: Optional[bool] = None,
-                    differentiable: bool = False):
+                    differentiable: bool = False, border: str = "zeros"):
     """Cp run on every patch: the ground truth that CI must reproduce.
 
     Args:
@@ -885,6 +911,7 @@ def dense_reference(base_net, images, patch_size, batch_size: int = 256, progres
         progress: show a progress bar (tqdm); None shows one for long runs.
         differentiable: let gradients flow (see :func:`patch_outputs`): the loss of Cp trained on
             every patch, to compare with training through CI.
+        border: "zeros" (default), "reflect" or "replicate": how the image is extended (see BORDERS).
 
     Returns:
         (N, H, W, K) tensor with out[n, y, x] = Cp(patch of image n centred at (y, x)).
@@ -894,7 +921,7 @@ def dense_reference(base_net, images, patch_size, batch_size: int = 256, progres
     grid = np.stack(np.meshgrid(np.arange(n_img), np.arange(height), np.arange(width), indexing="ij"),
                     -1).reshape(-1, 3)
     out = patch_outputs(base_net, images, patch_size, grid, batch_size=batch_size, progress=progress,
-                        differentiable=differentiable)
+                        differentiable=differentiable, border=border)
     return tf.reshape(out, [n_img, height, width, -1])
 
 
@@ -955,11 +982,27 @@ def _check_stacked(who, x, images, products, listed):
 # Stateless building blocks: multipooling and unwarping
 # ---------------------------------------------------------------------------
 
-def multipool_prepare(images, patch_size, stride_product=1):
-    """Zero-pad images so that every pixel has a full patch around it.
+def _pad_border(images, patch_size, border="zeros"):
+    """The images extended by :func:`patch_padding` in the way ``border`` says (see BORDERS)."""
+    ph, pw = _pair(patch_size, "patch_size")
+    shape = _static_or_dynamic(images)
+    _check_border(border, (shape[1], shape[2]), (ph, pw))
+    top, bottom, left, right = patch_padding((ph, pw))
+    if border == "zeros":
+        return tf.pad(images, [[0, 0], [top, bottom], [left, right], [0, 0]])
+    if border == "reflect":
+        return tf.pad(images, [[0, 0], [top, bottom], [left, right], [0, 0]], mode="REFLECT")
+    rows = [tf.repeat(images[:, :1], top, axis=1), images, tf.repeat(images[:, -1:], bottom, axis=1)]
+    x = tf.concat(rows, 1)
+    return tf.concat([tf.repeat(x[:, :, :1], left, axis=2), x, tf.repeat(x[:, :, -1:], right, axis=2)], 2)
 
-    Pads by :func:`patch_padding` and, on the bottom and right, up to the next
-    multiple of the stride product so that every multipooling divides evenly.
+
+def multipool_prepare(images, patch_size, stride_product=1, border="zeros"):
+    """Pad images so that every pixel has a full patch around it.
+
+    Pads by :func:`patch_padding` (zeros, or the image reflected or replicated: ``border``) and, on the
+    bottom and right, with zeros up to the next multiple of the stride product so that every
+    multipooling divides evenly (those rows only feed outputs beyond the image, which are cropped).
 
     Shape:
         (N, H, W, C) -> (N, H' + pH - 1, W' + pW - 1, C), H' = ceil(H / SH) * SH, W' likewise.
@@ -968,7 +1011,9 @@ def multipool_prepare(images, patch_size, stride_product=1):
     sh, sw = _pair(stride_product, "stride_product")
     shape = _static_or_dynamic(images)
     extra_h, extra_w = (-shape[1]) % sh, (-shape[2]) % sw
-    return tf.pad(images, [[0, 0], [top, bottom + extra_h], [left, right + extra_w], [0, 0]])
+    if border == "zeros":
+        return tf.pad(images, [[0, 0], [top, bottom + extra_h], [left, right + extra_w], [0, 0]])
+    return tf.pad(_pad_border(images, patch_size, border), [[0, 0], [0, extra_h], [0, extra_w], [0, 0]])
 
 
 def space_to_batch(x, stride):
@@ -2161,6 +2206,8 @@ class DenseFeatureModel(keras.Model):
             memory; needs the image size to be known, e.g. eager calls).
         max_memory: None, or a budget in bytes: tiles are chosen so that :meth:`estimate_memory`
             stays under it (overrides ``tile``).
+        border: "zeros" (the paper's convention), "reflect" or "replicate": how the image is extended
+            for the patches of pixels near its edge.
         memory_guard: True (default): without max_memory, on the CPU and with the image size known,
             CI compares its estimate with the memory the process may still allocate (available
             memory, cgroup and address-space limits) and tiles, or raises MemoryError, instead of
@@ -2181,7 +2228,7 @@ class DenseFeatureModel(keras.Model):
 
     def __init__(self, core, patch_size, strides, in_channels, out_channels, naive=False, tile=None,
                  progress=None, peak_channels=None, max_memory=None, memory_guard=True, grid_multiple=None,
-                 **kwargs):
+                 border="zeros", **kwargs):
         kwargs.setdefault("autocast", False)  # images are cast to the core's dtype in call()
         super().__init__(**kwargs)
         self.core = core
@@ -2196,6 +2243,8 @@ class DenseFeatureModel(keras.Model):
         self.peak_channels = int(peak_channels or in_channels + out_channels)
         self.max_memory = max_memory
         self.memory_guard = bool(memory_guard)
+        _check_border(border, (None, None), self.patch_size)
+        self.border = border
 
     def build(self, input_shape=None):
         """CI takes images of any N, H, W: built for (None, None, None, C) whatever shape comes first,
@@ -2257,7 +2306,7 @@ class DenseFeatureModel(keras.Model):
         check_images(images, self.in_channels)
         images = tf.cast(images, self.core.inputs[0].dtype)
         shape = _static_or_dynamic(images)
-        padded = multipool_prepare(images, self.patch_size, self.stride_product)
+        padded = multipool_prepare(images, self.patch_size, self.stride_product, self.border)
         size_known = all(isinstance(s, int) for s in shape[1:3])
         if self.max_memory is not None:
             if not size_known:
@@ -2313,7 +2362,7 @@ class DenseFeatureModel(keras.Model):
                 "out_channels": self.out_channels, "naive": self.naive,
                 "tile": None if self.tile is None else list(self.tile), "peak_channels": self.peak_channels,
                 "max_memory": self.max_memory, "memory_guard": self.memory_guard,
-                "grid_multiple": list(self.stride_product), "name": self.name}
+                "grid_multiple": list(self.stride_product), "border": self.border, "name": self.name}
 
     @classmethod
     def from_config(cls, config):
@@ -2406,7 +2455,7 @@ def _apply_rules(calls, geoms, values):
 
 def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: bool = False, tile=None,
             max_memory: Optional[int] = None, memory_guard: bool = True, check: bool = True,
-            progress: Optional[bool] = None) -> DenseFeatureModel:
+            progress: Optional[bool] = None, border: str = "zeros") -> DenseFeatureModel:
     """Turn a patch network Cp (Keras) into CI, which computes Cp for the patch around every pixel.
 
     Cp is run once eagerly on an example batch of patches and the Keras layers it calls are
@@ -2427,6 +2476,8 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
             memory than the process may still allocate; False turns the guard off.
         check: compare CI with Cp on a few patches of a small random image before returning.
         progress: progress bar for tiled runs (None: automatic).
+        border: how the image is extended for the patches of pixels near its edge: "zeros" (the
+            paper's convention), "reflect" or "replicate" (BORDERS); dense_reference takes the same.
 
     Returns:
         A :class:`DenseFeatureModel` mapping (N, H, W, C) to (N, H, W, K).
@@ -2484,7 +2535,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     net = DenseFeatureModel(core, (ph, pw), list(geom.strides), in_channels, out_channels, naive=naive,
                             tile=tile, progress=progress, peak_channels=plan.peak_channels, max_memory=max_memory,
                             memory_guard=memory_guard, grid_multiple=_grid_multiple(geoms.values()),
-                            name=f"{base_net.name}_dense")
+                            border=border, name=f"{base_net.name}_dense")
     net.build((None, None, None, in_channels))
     if check:
         _self_check(net, base_net, dtype)
@@ -2493,7 +2544,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
 
 def _self_check(net, base_net, dtype):
     """Compare CI with Cp on a few patches of a small random image (catches unsupported semantics)."""
-    h, w = _self_check_image_size(net.stride_product)
+    h, w = _self_check_image_size(net.stride_product, net.patch_size, net.border)
     rng = np.random.default_rng(0)
     images = tf.constant(rng.standard_normal((1, h, w, net.in_channels)), dtype=dtype)
     positions = np.array(_self_check_positions(h, w))
@@ -2503,6 +2554,7 @@ def _self_check(net, base_net, dtype):
         dense = net(images)
     finally:
         net.tile, net.max_memory = tile, max_memory
-    expected = patch_outputs(base_net, images, net.patch_size, positions).numpy().astype(np.float64)
+    expected = patch_outputs(base_net, images, net.patch_size, positions,
+                             border=net.border).numpy().astype(np.float64)
     got = tf.gather_nd(dense, positions).numpy().astype(np.float64)
     _self_check_compare(got.ravel().tolist(), expected.ravel().tolist(), _compute_dtype(base_net).name)
