@@ -295,6 +295,25 @@ def _gcd(a, b):
     return a
 
 
+def _output_grid(strides, output_stride):
+    """How CI computes features every (sy, sx) pixels (output_stride): the number k of leading strided
+    layers that run without their shifts (the shifts no output pixel uses), the step (gy, gx) those
+    layers leave (the product of their strides, which divides the output stride), and the factor
+    (ry, rx) = output stride / step by which the result is subsampled.  k is the largest number of
+    leading strides whose product divides the output stride on both axes."""
+    sy, sx = output_stride
+    k, gy, gx = 0, 1, 1
+    for s in strides:
+        if sy % (gy * s[0]) or sx % (gx * s[1]):
+            break
+        k, gy, gx = k + 1, gy * s[0], gx * s[1]
+    return k, (gy, gx), (sy // gy, sx // gx)
+
+
+def _lcm_pair(a, b):
+    return a[0] * b[0] // _gcd(a[0], b[0]), a[1] * b[1] // _gcd(a[1], b[1])
+
+
 def _merge_grids(op, geoms):
     """Values combined by one op (addition, concatenation, ...): their common geometry, and for each
     input the strides to unwarp first (empty where none).  Values on the same grid merge as they are.
@@ -887,7 +906,7 @@ def patch_outputs(base_net: nn.Module, images: torch.Tensor, patch_size, positio
 
 def dense_reference(base_net: nn.Module, images: torch.Tensor, patch_size, batch_size: int = 256,
                     progress: Optional[bool] = None, differentiable: bool = False,
-                    border: str = "zeros") -> torch.Tensor:
+                    border: str = "zeros", output_stride=1) -> torch.Tensor:
     """Cp run on every patch: the ground truth that CI must reproduce.
 
     Args:
@@ -899,17 +918,20 @@ def dense_reference(base_net: nn.Module, images: torch.Tensor, patch_size, batch
         differentiable: record for autograd (see :func:`patch_outputs`): the loss of Cp trained on
             every patch, to compare with training through CI.
         border: "zeros" (default), "reflect" or "replicate": how the image is extended (see BORDERS).
+        output_stride: int or (sy, sx): only the pixels (sy * i, sx * j).
 
     Returns:
-        (N, K, H, W) tensor with out[n, :, y, x] = Cp(patch of image n centred at (y, x)).
+        (N, K, H, W) tensor with out[n, :, y, x] = Cp(patch of image n centred at (y, x));
+        with output_stride, (N, K, ceil(H / sy), ceil(W / sx)) with out[n, :, i, j] at (sy * i, sx * j).
     """
     check_images(images)
+    sy, sx = _pair(output_stride, "output_stride")
     n_img, _, height, width = images.shape
-    grid = torch.stack(torch.meshgrid(torch.arange(n_img), torch.arange(height), torch.arange(width),
-                                      indexing="ij"), -1).reshape(-1, 3)
+    rows, cols = torch.arange(0, height, sy), torch.arange(0, width, sx)
+    grid = torch.stack(torch.meshgrid(torch.arange(n_img), rows, cols, indexing="ij"), -1).reshape(-1, 3)
     out = patch_outputs(base_net, images, patch_size, grid, batch_size=batch_size, progress=progress,
                         differentiable=differentiable, border=border)
-    return out.reshape(n_img, height, width, -1).permute(0, 3, 1, 2).contiguous()
+    return out.reshape(n_img, len(rows), len(cols), -1).permute(0, 3, 1, 2).contiguous()
 
 
 # ---------------------------------------------------------------------------
@@ -1830,6 +1852,9 @@ class _PoolStep(_Step):
         self.norm_type, self.divisor_override = norm_type, divisor_override
 
     def run(self, values, net, overwrite=False):
+        if net._without_shifts(self):  # output_stride: the shifts no output pixel uses are not computed
+            return [_pool(values[0], self.kind, self.kernel, self.stride, self.dilation, self.norm_type,
+                          self.divisor_override)]
         return [multi_pool(values[0], self.kind, self.kernel, self.stride, self.dilation, net.naive,
                            self.norm_type, self.divisor_override)]
 
@@ -1850,6 +1875,8 @@ class _ConvStep(_Step):
         if self.weight_shape is not None:
             weight = weight.reshape(self.weight_shape)
         bias = None if self.bias is None else net._resolve(self.bias)
+        if net._without_shifts(self):
+            return [F.conv2d(values[0], weight, bias, self.stride, 0, self.dilation, self.groups)]
         return [multi_conv(values[0], weight, bias, self.stride, self.dilation, self.groups, net.naive)]
 
 
@@ -2399,7 +2426,7 @@ class DenseFeatureNet(nn.Module):
 
     def __init__(self, base_net, patch_size, in_channels, out_channels, steps, output_slot, strides,
                  constants, plan, naive=False, tile="auto", memory_format=torch.channels_last, progress=None,
-                 max_memory=None, memory_guard=True, grid_multiple=None, border="zeros"):
+                 max_memory=None, memory_guard=True, grid_multiple=None, border="zeros", output_stride=1):
         super().__init__()
         self.base_net = base_net
         self.patch_size = _pair(patch_size, "patch_size")
@@ -2420,6 +2447,7 @@ class DenseFeatureNet(nn.Module):
         self.max_memory = max_memory
         self.memory_guard = memory_guard
         self.border = border
+        self.output_stride = output_stride
 
     def _resolve(self, ref):
         if isinstance(ref, _Param):
@@ -2461,17 +2489,38 @@ class DenseFeatureNet(nn.Module):
             return images.new_empty((0, self.out_channels) + shape[2:], dtype=_compute_dtype(self.base_net))
         images = check_images(images, self.in_channels, dtype=_compute_dtype(self.base_net))
         height, width = images.shape[-2:]
-        padded = multipool_prepare(images, self.patch_size, self.stride_product, getattr(self, "border", "zeros"))
+        padded = multipool_prepare(images, self.patch_size, _lcm_pair(self.stride_product, self.output_stride),
+                                   getattr(self, "border", "zeros"))
         if torch.compiler.is_compiling():
             # torch.export / torch.compile: one untiled graph in the default layout, valid for every
             # N, H, W (tile sizes and layouts would add guards on the image size)
-            return self._crop(unwarp(self.stacked(padded), self.strides, self.naive), height, width)
+            return self._finish(self.stacked(padded), height, width)
         if self.memory_format is not None and self.memory_format != torch.contiguous_format:
             padded = padded.contiguous(memory_format=self.memory_format)
         tile = self._tile_size(images.device, height, width, images.shape[0], images.dtype)
         if tile is None:
-            return self._crop(unwarp(self.stacked(padded), self.strides, self.naive), height, width)
+            return self._finish(self.stacked(padded), height, width)
         return self._tiled(padded, height, width, tile)
+
+    @property
+    def output_stride(self):
+        """(sy, sx): CI gives Cp's output for the pixels (sy * i, sx * j) ((1, 1): every pixel)."""
+        return getattr(self, "_output_stride", (1, 1))
+
+    @output_stride.setter
+    def output_stride(self, value):
+        self._output_stride = _pair(value, "output_stride")
+        self._grid = _output_grid(self.strides, self._output_stride)
+
+    def _without_shifts(self, step):
+        """True for the strided steps that output_stride lets run as ordinary strided layers."""
+        return getattr(step, "depth", 0) and step.depth <= self._grid[0]
+
+    def _finish(self, stacked, height, width):
+        """Unwarp the strides that kept their shifts, crop to the image, subsample to output_stride."""
+        k, (gy, gx), (ry, rx) = self._grid
+        dense = self._crop(unwarp(stacked, self.strides[k:], self.naive), -(-height // gy), -(-width // gx))
+        return dense if (ry, rx) == (1, 1) else dense[:, :, ::ry, ::rx]
 
     @staticmethod
     def _crop(dense, height, width):
@@ -2532,7 +2581,10 @@ class DenseFeatureNet(nn.Module):
         (overlap pH-1, pW-1), unwarped straight into the output."""
         sh, sw = self._unwarp_product
         ph, pw = self.patch_size
-        grid = tile_grid(height, width, tile, self.stride_product)
+        k, _, (ry, rx) = self._grid
+        oy, ox = self.output_stride
+        multiple = _lcm_pair(self.stride_product, (oy, ox))  # tiles start on the stacked and the output grid
+        grid = tile_grid(height, width, tile, multiple)
         automatic = self._tile == "auto" and self.max_memory is None  # quiet: the user asked for nothing
         bar = _progress(len(grid), "CI tiles", self.progress if self.progress is not None else
                         (None if len(grid) >= 50 and not automatic else False))
@@ -2540,21 +2592,21 @@ class DenseFeatureNet(nn.Module):
         for y0, x0, _, _, hp, wp in grid:
             stacked = self.stacked(padded[:, :, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1])
             stacked = stacked[:, :, :hp // sh, :wp // sw]
-            if out is None:  # the image size rounded up to the stride product; cropped at the end
-                gh, gw = self.stride_product
-                out = torch.empty((padded.shape[0], stacked.shape[1], _ceil_to(height, gh), _ceil_to(width, gw)),
-                                  dtype=stacked.dtype, device=stacked.device, memory_format=torch.channels_last
+            if out is None:  # the image size rounded up to the tile multiple; cropped at the end
+                shape = (padded.shape[0], stacked.shape[1], _ceil_to(height, multiple[0]) // oy,
+                         _ceil_to(width, multiple[1]) // ox)
+                out = torch.empty(shape, dtype=stacked.dtype, device=stacked.device, memory_format=torch.channels_last
                                   if _is_channels_last(stacked) else torch.contiguous_format)
-            dest = out[:, :, y0:y0 + hp, x0:x0 + wp]
-            if self.naive:
-                dest.copy_(unwarp(stacked, self.strides, naive=True))
+            dest = out[:, :, y0 // oy:(y0 + hp) // oy, x0 // ox:(x0 + wp) // ox]
+            if self.naive or (oy, ox) != (1, 1):
+                dest.copy_(unwarp(stacked, self.strides[k:], self.naive)[:, :, ::ry, ::rx])
             else:
                 unwarp_into(stacked, self.strides, dest)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        return out[:, :, :height, :width]
+        return out[:, :, :-(-height // oy), :-(-width // ox)]
 
     def extra_repr(self):
         lines = [f"patch_size={self.patch_size}, in_channels={self.in_channels}, out_channels="
@@ -2624,7 +2676,7 @@ def _apply_rules(nodes, geoms):
 def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, *, naive: bool = False,
             tile="auto", max_memory: Optional[int] = None, memory_guard: bool = True,
             memory_format=torch.channels_last, check: bool = True, progress: Optional[bool] = None,
-            border: str = "zeros") -> DenseFeatureNet:
+            border: str = "zeros", output_stride=1) -> DenseFeatureNet:
     """Turn a patch network Cp into CI, which computes Cp for the patch around every pixel.
 
     Cp's forward is captured on an example batch of patches (so any ``nn.Module`` works:
@@ -2649,9 +2701,14 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
         progress: progress bar for tiled runs (None: automatic).
         border: how the image is extended for the patches of pixels near its edge: "zeros" (the
             paper's convention), "reflect" or "replicate" (BORDERS); dense_reference takes the same.
+        output_stride: int or (sy, sx): features every sy rows and sx columns, out[..., i, j] = Cp at
+            pixel (sy * i, sx * j), output (N, K, ceil(H / sy), ceil(W / sx)).  Leading strided layers
+            whose stride product divides it skip the shifts no output uses (cheaper); the rest is
+            computed at that step and subsampled (exact for every step).
 
     Returns:
-        A :class:`DenseFeatureNet` mapping (N, C, H, W) to (N, K, H, W).
+        A :class:`DenseFeatureNet` mapping (N, C, H, W) to (N, K, H, W) (with output_stride:
+        (N, K, ceil(H / sy), ceil(W / sx))).
 
     Example:
         >>> cp = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.Tanh(),
@@ -2701,10 +2758,14 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
         steps.append(_UnfoldStep(out_slot, geom))
         channels[out_slot] = max(channels[out_slot], out_channels)
     plan = plan_steps([(s.inputs, s.outputs, s.aliases) for s in steps], channels, out_slot)
+    chain = all(g.strides == geom.strides[:len(g.strides)] for g in geoms.values())
+    for step in steps:  # how many strided layers up to this one (output_stride skips the first ones' shifts)
+        if isinstance(step, (_PoolStep, _ConvStep)) and step.stride != (1, 1):
+            step.depth = len(geoms[step.outputs[0]].strides) if chain else len(geom.strides) + 1
     net = DenseFeatureNet(base_net, (ph, pw), in_channels, out_channels, steps, out_slot, list(geom.strides),
                           tracer.constants, plan, naive=naive, tile=tile, memory_format=memory_format,
                           progress=progress, max_memory=max_memory, memory_guard=memory_guard,
-                          grid_multiple=_grid_multiple(geoms.values()), border=border)
+                          grid_multiple=_grid_multiple(geoms.values()), border=border, output_stride=output_stride)
     if check and _example_kind(base_net)[1].type != "meta":  # a meta Cp has no values to compare
         _self_check(net, base_net)
     return net
@@ -2715,8 +2776,11 @@ def _self_check(net: DenseFeatureNet, base_net: nn.Module) -> None:
     dtype, device = _example_kind(base_net)
     gen = torch.Generator().manual_seed(0)
     h, w = _self_check_image_size(net.stride_product, net.patch_size, net.border)
+    sy, sx = net.output_stride
+    h, w = max(h, 2 * sy + 1), max(w, 2 * sx + 1)
     images = torch.randn(1, net.in_channels, h, w, generator=gen).to(device=device, dtype=dtype)
-    positions = torch.tensor(_self_check_positions(h, w))
+    grid_positions = torch.tensor(_self_check_positions(-(-h // sy), -(-w // sx)))
+    positions = grid_positions * torch.tensor([1, sy, sx])
     with torch.no_grad(), _EvalMode(net):
         tile = net.tile
         net.tile = None
@@ -2725,7 +2789,7 @@ def _self_check(net: DenseFeatureNet, base_net: nn.Module) -> None:
         finally:
             net.tile = tile
         expected = patch_outputs(base_net, images, net.patch_size, positions, border=net.border)
-    got = dense[positions[:, 0], :, positions[:, 1], positions[:, 2]]
+    got = dense[grid_positions[:, 0], :, grid_positions[:, 1], grid_positions[:, 2]]
     tolerance = None
     if dtype == torch.float32 and device.type == "cuda" and (torch.backends.cudnn.allow_tf32
                                                               or torch.backends.cuda.matmul.allow_tf32):

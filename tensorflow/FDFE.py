@@ -302,6 +302,25 @@ def _gcd(a, b):
     return a
 
 
+def _output_grid(strides, output_stride):
+    """How CI computes features every (sy, sx) pixels (output_stride): the number k of leading strided
+    layers that run without their shifts (the shifts no output pixel uses), the step (gy, gx) those
+    layers leave (the product of their strides, which divides the output stride), and the factor
+    (ry, rx) = output stride / step by which the result is subsampled.  k is the largest number of
+    leading strides whose product divides the output stride on both axes."""
+    sy, sx = output_stride
+    k, gy, gx = 0, 1, 1
+    for s in strides:
+        if sy % (gy * s[0]) or sx % (gx * s[1]):
+            break
+        k, gy, gx = k + 1, gy * s[0], gx * s[1]
+    return k, (gy, gx), (sy // gy, sx // gx)
+
+
+def _lcm_pair(a, b):
+    return a[0] * b[0] // _gcd(a[0], b[0]), a[1] * b[1] // _gcd(a[1], b[1])
+
+
 def _merge_grids(op, geoms):
     """Values combined by one op (addition, concatenation, ...): their common geometry, and for each
     input the strides to unwarp first (empty where none).  Values on the same grid merge as they are.
@@ -900,7 +919,7 @@ def patch_outputs(base_net, images, patch_size, positions, batch_size: int = 256
 
 
 def dense_reference(base_net, images, patch_size, batch_size: int = 256, progress: Optional[bool] = None,
-                    differentiable: bool = False, border: str = "zeros"):
+                    differentiable: bool = False, border: str = "zeros", output_stride=1):
     """Cp run on every patch: the ground truth that CI must reproduce.
 
     Args:
@@ -912,17 +931,20 @@ def dense_reference(base_net, images, patch_size, batch_size: int = 256, progres
         differentiable: let gradients flow (see :func:`patch_outputs`): the loss of Cp trained on
             every patch, to compare with training through CI.
         border: "zeros" (default), "reflect" or "replicate": how the image is extended (see BORDERS).
+        output_stride: int or (sy, sx): only the pixels (sy * i, sx * j).
 
     Returns:
-        (N, H, W, K) tensor with out[n, y, x] = Cp(patch of image n centred at (y, x)).
+        (N, H, W, K) tensor with out[n, y, x] = Cp(patch of image n centred at (y, x)); with
+        output_stride, (N, ceil(H / sy), ceil(W / sx), K) with out[n, i, j] at (sy * i, sx * j).
     """
     check_images(images)
+    sy, sx = _pair(output_stride, "output_stride")
     n_img, height, width = int(images.shape[0]), int(images.shape[1]), int(images.shape[2])
-    grid = np.stack(np.meshgrid(np.arange(n_img), np.arange(height), np.arange(width), indexing="ij"),
-                    -1).reshape(-1, 3)
+    rows, cols = np.arange(0, height, sy), np.arange(0, width, sx)
+    grid = np.stack(np.meshgrid(np.arange(n_img), rows, cols, indexing="ij"), -1).reshape(-1, 3)
     out = patch_outputs(base_net, images, patch_size, grid, batch_size=batch_size, progress=progress,
                         differentiable=differentiable, border=border)
-    return tf.reshape(out, [n_img, height, width, -1])
+    return tf.reshape(out, [n_img, len(rows), len(cols), -1])
 
 
 # ---------------------------------------------------------------------------
@@ -1222,6 +1244,7 @@ class multiPoolPrepare(_Layer):
 
 class _MultiPoolBase(_Layer):
     kind = "max"
+    shifts = True  # False: an ordinary strided pooling (CI's output_stride skips the shifts no output uses)
 
     def __init__(self, kW, kH, dW=None, dH=None, naive: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -1230,6 +1253,8 @@ class _MultiPoolBase(_Layer):
         self.naive = bool(naive)
 
     def call(self, x):
+        if not self.shifts:
+            return _pool(x, self.kind, self.kernel_size, self.stride, float(self._options().get("norm_type", 2.0)))
         return multi_pool(x, self.kind, self.kernel_size, self.stride, self.naive, **self._options())
 
     def _options(self):
@@ -1327,6 +1352,7 @@ class multiConv(_WrapperLayer):
         (B, L_h, L_w, C) -> (sh * sw * B, h', w', K).
     """
     wrapped = "conv"
+    shifts = True  # False: an ordinary strided convolution (CI's output_stride skips the unused shifts)
 
     def __init__(self, conv, naive: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -1349,7 +1375,11 @@ class multiConv(_WrapperLayer):
             raise ValueError(f"multiConv: its input has {x.shape[-1]} channels but the convolution takes "
                              f"{channels} (layout (B, H, W, C)); likely cause: a layer before it is missing, or "
                              f"in another order than in Cp")
-        y = multi_conv(x, c.kernel, c.bias if c.use_bias else None, c.strides, c.dilation_rate, self.naive)
+        bias = c.bias if c.use_bias else None
+        if not self.shifts:  # an ordinary strided convolution (output_stride)
+            y = multi_conv(x, c.kernel, bias, 1, c.dilation_rate)[:, ::c.strides[0], ::c.strides[1], :]
+        else:
+            y = multi_conv(x, c.kernel, bias, c.strides, c.dilation_rate, self.naive)
         act = _activation_of(c)
         return y if act is None else act(y)
 
@@ -2228,7 +2258,7 @@ class DenseFeatureModel(keras.Model):
 
     def __init__(self, core, patch_size, strides, in_channels, out_channels, naive=False, tile=None,
                  progress=None, peak_channels=None, max_memory=None, memory_guard=True, grid_multiple=None,
-                 border="zeros", **kwargs):
+                 border="zeros", output_stride=1, skip_shifts=True, **kwargs):
         kwargs.setdefault("autocast", False)  # images are cast to the core's dtype in call()
         super().__init__(**kwargs)
         self.core = core
@@ -2245,6 +2275,14 @@ class DenseFeatureModel(keras.Model):
         self.memory_guard = bool(memory_guard)
         _check_border(border, (None, None), self.patch_size)
         self.border = border
+        self.output_stride = _pair(tuple(output_stride) if isinstance(output_stride, list) else output_stride,
+                                   "output_stride")
+        self.skip_shifts = bool(skip_shifts)
+        self._grid = _output_grid(self.strides if self.skip_shifts else [], self.output_stride)
+        strided = [l for l in self.core._flatten_layers(include_self=False)
+                   if isinstance(l, multiConv) or (isinstance(l, _MultiPoolBase) and l.stride != (1, 1))]
+        for i, layer in enumerate(strided):  # the first k strided layers run without their shifts
+            layer.shifts = i >= self._grid[0]
 
     def build(self, input_shape=None):
         """CI takes images of any N, H, W: built for (None, None, None, C) whatever shape comes first,
@@ -2285,7 +2323,11 @@ class DenseFeatureModel(keras.Model):
         return self.core(padded, training=False)
 
     def _unwarped_crop(self, padded, out_h, out_w):
-        return unwarp(self.stacked(padded), self.strides, self.naive)[:, :out_h, :out_w, :]
+        """Unwarp the strides that kept their shifts, crop to the image, subsample to output_stride."""
+        k, (gy, gx), (ry, rx) = self._grid
+        dense = unwarp(self.stacked(padded), self.strides[k:], self.naive)
+        dense = dense[:, :(out_h + gy - 1) // gy, :(out_w + gx - 1) // gx, :]
+        return dense if (ry, rx) == (1, 1) else dense[:, ::ry, ::rx, :]
 
     def _dense(self, padded, out_h, out_w):
         """Stacked layers + unwarping + crop; called eagerly, it runs as one graph (traced once for
@@ -2302,11 +2344,14 @@ class DenseFeatureModel(keras.Model):
     def call(self, images, training=None):
         if tuple(getattr(images, "shape", ()))[:1] == (0,) and len(images.shape) == 4:  # an empty batch, as Cp
             check_images(tf.zeros((1,) + tuple(images.shape[1:]), images.dtype), self.in_channels)
-            return tf.zeros((0, images.shape[1], images.shape[2], self.out_channels), self.core.outputs[0].dtype)
+            sy, sx = self.output_stride
+            return tf.zeros((0, -(-images.shape[1] // sy), -(-images.shape[2] // sx), self.out_channels),
+                            self.core.outputs[0].dtype)
         check_images(images, self.in_channels)
         images = tf.cast(images, self.core.inputs[0].dtype)
         shape = _static_or_dynamic(images)
-        padded = multipool_prepare(images, self.patch_size, self.stride_product, self.border)
+        padded = multipool_prepare(images, self.patch_size, _lcm_pair(self.stride_product, self.output_stride),
+                                   self.border)
         size_known = all(isinstance(s, int) for s in shape[1:3])
         if self.max_memory is not None:
             if not size_known:
@@ -2338,7 +2383,7 @@ class DenseFeatureModel(keras.Model):
         """Exact tiling (:func:`tile_grid`): each output tile from its own crop of the padded image
         (overlap pH-1, pW-1); the tiles are concatenated (differentiable, and traceable in graphs)."""
         ph, pw = self.patch_size
-        grid = tile_grid(height, width, tile, self.stride_product)
+        grid = tile_grid(height, width, tile, _lcm_pair(self.stride_product, self.output_stride))
         bar = _progress(len(grid), "CI tiles", self.progress if self.progress is not None else
                         (None if len(grid) >= 50 else False))
         rows, row = [], []
@@ -2354,6 +2399,8 @@ class DenseFeatureModel(keras.Model):
         return rows[0] if len(rows) == 1 else tf.concat(rows, 1)
 
     def compute_output_shape(self, input_shape):
+        if self.output_stride != (1, 1):
+            return (input_shape[0], None, None, self.out_channels)
         return (input_shape[0], input_shape[1], input_shape[2], self.out_channels)
 
     def get_config(self):
@@ -2362,7 +2409,8 @@ class DenseFeatureModel(keras.Model):
                 "out_channels": self.out_channels, "naive": self.naive,
                 "tile": None if self.tile is None else list(self.tile), "peak_channels": self.peak_channels,
                 "max_memory": self.max_memory, "memory_guard": self.memory_guard,
-                "grid_multiple": list(self.stride_product), "border": self.border, "name": self.name}
+                "grid_multiple": list(self.stride_product), "border": self.border,
+                "output_stride": list(self.output_stride), "skip_shifts": self.skip_shifts, "name": self.name}
 
     @classmethod
     def from_config(cls, config):
@@ -2455,7 +2503,7 @@ def _apply_rules(calls, geoms, values):
 
 def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: bool = False, tile=None,
             max_memory: Optional[int] = None, memory_guard: bool = True, check: bool = True,
-            progress: Optional[bool] = None, border: str = "zeros") -> DenseFeatureModel:
+            progress: Optional[bool] = None, border: str = "zeros", output_stride=1) -> DenseFeatureModel:
     """Turn a patch network Cp (Keras) into CI, which computes Cp for the patch around every pixel.
 
     Cp is run once eagerly on an example batch of patches and the Keras layers it calls are
@@ -2478,9 +2526,14 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
         progress: progress bar for tiled runs (None: automatic).
         border: how the image is extended for the patches of pixels near its edge: "zeros" (the
             paper's convention), "reflect" or "replicate" (BORDERS); dense_reference takes the same.
+        output_stride: int or (sy, sx): features every sy rows and sx columns, out[:, i, j] = Cp at
+            pixel (sy * i, sx * j), output (N, ceil(H / sy), ceil(W / sx), K).  Leading strided layers
+            whose stride product divides it skip the shifts no output uses (cheaper); the rest is
+            computed at that step and subsampled (exact for every step).
 
     Returns:
-        A :class:`DenseFeatureModel` mapping (N, H, W, C) to (N, H, W, K).
+        A :class:`DenseFeatureModel` mapping (N, H, W, C) to (N, H, W, K) (with output_stride:
+        (N, ceil(H / sy), ceil(W / sx), K)).
 
     Example:
         >>> cp = keras.Sequential([keras.Input((7, 7, 1)), keras.layers.Conv2D(4, 3, strides=2),
@@ -2535,7 +2588,9 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     net = DenseFeatureModel(core, (ph, pw), list(geom.strides), in_channels, out_channels, naive=naive,
                             tile=tile, progress=progress, peak_channels=plan.peak_channels, max_memory=max_memory,
                             memory_guard=memory_guard, grid_multiple=_grid_multiple(geoms.values()),
-                            border=border, name=f"{base_net.name}_dense")
+                            border=border, output_stride=output_stride,
+                            skip_shifts=all(g.strides == geom.strides[:len(g.strides)] for g in geoms.values()),
+                            name=f"{base_net.name}_dense")
     net.build((None, None, None, in_channels))
     if check:
         _self_check(net, base_net, dtype)
@@ -2545,9 +2600,12 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
 def _self_check(net, base_net, dtype):
     """Compare CI with Cp on a few patches of a small random image (catches unsupported semantics)."""
     h, w = _self_check_image_size(net.stride_product, net.patch_size, net.border)
+    sy, sx = net.output_stride
+    h, w = max(h, 2 * sy + 1), max(w, 2 * sx + 1)
     rng = np.random.default_rng(0)
     images = tf.constant(rng.standard_normal((1, h, w, net.in_channels)), dtype=dtype)
-    positions = np.array(_self_check_positions(h, w))
+    grid_positions = np.array(_self_check_positions(-(-h // sy), -(-w // sx)))
+    positions = grid_positions * np.array([1, sy, sx])
     tile, max_memory = net.tile, net.max_memory
     net.tile = net.max_memory = None
     try:
@@ -2556,5 +2614,5 @@ def _self_check(net, base_net, dtype):
         net.tile, net.max_memory = tile, max_memory
     expected = patch_outputs(base_net, images, net.patch_size, positions,
                              border=net.border).numpy().astype(np.float64)
-    got = tf.gather_nd(dense, positions).numpy().astype(np.float64)
+    got = tf.gather_nd(dense, grid_positions).numpy().astype(np.float64)
     _self_check_compare(got.ravel().tolist(), expected.ravel().tolist(), _compute_dtype(base_net).name)
