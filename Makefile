@@ -29,6 +29,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench.py --json bench/results_cpu.json --merge bench/results_cuda.json
 	$(PY) bench/train_step.py --out bench/RESULTS_train.md
+	$(PY) bench/output_stride.py --out bench/RESULTS_output_stride.md
 
 weights: $(STAMP)
 	$(PY) weights/make_weights.py
