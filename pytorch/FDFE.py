@@ -2366,9 +2366,20 @@ def _rule_refuse_per_patch(node, geoms):
     raise node.fail(f"it normalises with statistics computed over each patch; {_PER_PATCH_REASON}")
 
 
-@_rule_for(["pad", "constant_pad_nd"], "refused: padding inside Cp", (torch, F))
+@_rule_for(["pad", "constant_pad_nd"], "refused: padding inside Cp (negative amounts crop)", (torch, F))
 def _rule_refuse_padding(node, geoms):
-    """Explicit padding inside Cp."""
+    """Explicit padding inside Cp is refused; F.pad with only negative (or zero) amounts of the last
+    two axes is a crop (see _rule_crop)."""
+    p = node.bind(["input", "pad", "mode", "value"], {"mode": "constant", "value": None})
+    amounts = list(p["pad"]) if isinstance(p["pad"], (list, tuple)) else None
+    if (amounts and len(amounts) in (2, 4) and all(isinstance(v, numbers.Integral) and v <= 0 for v in amounts)
+            and geoms[0].kind == MAP):
+        left, right, top, bottom = [-int(v) for v in amounts] + [0] * (4 - len(amounts))
+        h, w = geoms[0].size
+        if h - top - bottom < 1 or w - left - right < 1:
+            raise node.fail("the crop is empty")
+        step = _CropStep(node, (0, geoms[0].channels), top, bottom, left, right)
+        return step, [geoms[0].with_(size=(h - top - bottom, w - left - right))]
     raise node.fail(f"it pads an activation inside Cp; {_PADDING_REASON}")
 
 

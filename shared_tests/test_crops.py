@@ -271,3 +271,59 @@ def test_random_two_stream_nets_both_backends(tb, kb, case, mode):
     k_net = _two_stream_keras(channels, patch, crop, down, towers, merge)
     k_out = kb.FDFE.convert(k_net, patch, naive=naive, tile=tile)(tf.constant(images))
     assert max_rel_error(k_out, kb.FDFE.dense_reference(k_net, tf.constant(images), patch)) <= TOL["float64"]
+
+
+def test_keras_slicing_in_call_converts(kb):
+    """A crop written as slicing in call() (x[:, 1:-1, 1:-1, :], a residual over a valid convolution)
+    is recognised and made dense as a crop."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+
+    @keras.saving.register_keras_serializable(package="tests")
+    class SliceAndAdd(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv1, self.conv2 = L.Conv2D(4, 3, dtype="float64"), L.Conv2D(4, 3, dtype="float64")
+            self.add, self.pool = L.Add(dtype="float64"), L.MaxPooling2D(2, dtype="float64")
+            self.conv3 = L.Conv2D(3, 3, dtype="float64")
+
+        def call(self, x):
+            x = self.conv1(x)
+            x = self.add([x[:, 1:-1, 1:-1, :], self.conv2(x)])
+            return self.conv3(self.pool(x[:, :, 1:, :]))
+
+    keras.utils.set_random_seed(3)
+    net = SliceAndAdd()
+    net(tf.zeros((1, 10, 12, 2), tf.float64))
+    ci = kb.FDFE.convert(net, (10, 12), in_channels=2)
+    for n, h, w in SIZES:
+        images = tf.constant(np.random.default_rng(h).standard_normal((n, h, w, 2)))
+        assert max_rel_error(ci(images), kb.FDFE.dense_reference(net, images, (10, 12))) <= TOL["float64"]
+
+
+def test_torch_negative_padding_is_a_crop(tb):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class NegativePad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 3, 3), nn.Conv2d(3, 2, 2)
+
+        def forward(self, x):
+            x = F.max_pool2d(F.pad(torch.relu(self.conv1(x)), (-1, -2, 0, -1)), 2)
+            return self.conv2(x)
+
+    class PositivePad(NegativePad):
+        def forward(self, x):
+            return self.conv2(F.max_pool2d(F.pad(self.conv1(x), (1, -1, 0, 0)), 2))
+    torch.manual_seed(0)
+    net = NegativePad().double()
+    ci = tb.FDFE.convert(net, (7, 9))
+    images = torch.randn(2, 1, 11, 13, dtype=torch.float64)
+    with torch.no_grad():
+        assert max_rel_error(ci(images), tb.FDFE.dense_reference(net, images, (7, 9))) <= TOL["float64"]
+    with pytest.raises(tb.FDFE.ConversionError, match=r"F\.pad cannot be made dense exactly: it pads an activation"):
+        tb.FDFE.convert(PositivePad().double(), (7, 9))

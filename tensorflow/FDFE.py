@@ -1811,7 +1811,7 @@ class _Tracer:
             return
         for t in inputs:
             if id(t) not in self.slot_of:
-                self._record_cast(t)
+                self._record_derived(t)
         unknown = [t for t in inputs if id(t) not in self.slot_of]
         if unknown:
             self.error = ConversionError(
@@ -1831,22 +1831,37 @@ class _Tracer:
         self.alive.append(outs[0])
         self.calls.append(_Call(layer, in_slots, [self.shapes[s] for s in in_slots], slot, tuple(outs[0].shape)))
 
-    def _record_cast(self, tensor):
+    def _record_derived(self, tensor):
         """A tensor no layer produced may be a known value cast to another float dtype (Keras' autocast
-        of a model's input, a layer with its own dtype, an explicit cast): record it as a cast."""
+        of a model's input, a layer with its own dtype, an explicit cast), or a constant spatial crop
+        of one (``x[:, a:b, c:d, :]`` in call()): recognised by its values (the example patches are
+        random, so no other op gives the same), and recorded as a cast or a crop."""
         dtype = tf.as_dtype(tensor.dtype)
         if not dtype.is_floating:
             return
+        shape = tuple(tensor.shape)
         for known in reversed(self.alive):
-            if (tuple(known.shape) == tuple(tensor.shape) and tf.as_dtype(known.dtype).is_floating
-                    and known.dtype != tensor.dtype and bool(tf.reduce_all(tf.cast(known, dtype) == tensor))):
-                source = self.slot_of[id(known)]
-                slot = len(self.shapes)
-                self.slot_of[id(tensor)] = slot
-                self.shapes[slot] = tuple(tensor.shape)
-                self.alive.append(tensor)
-                self.calls.append(_Call(_Cast(dtype.name), [source], [self.shapes[source]], slot, self.shapes[slot]))
-                return
+            kshape = tuple(known.shape)
+            if not tf.as_dtype(known.dtype).is_floating:
+                continue
+            if kshape == shape and known.dtype != tensor.dtype and bool(tf.reduce_all(tf.cast(known, dtype) == tensor)):
+                return self._add_derived(tensor, known, _Cast(dtype.name))
+            if (len(shape) == 4 and len(kshape) == 4 and known.dtype == tensor.dtype and kshape[0] == shape[0]
+                    and kshape[3] == shape[3] and kshape[1:3] != shape[1:3]
+                    and kshape[1] >= shape[1] and kshape[2] >= shape[2]):
+                for a in range(kshape[1] - shape[1] + 1):
+                    for c in range(kshape[2] - shape[2] + 1):
+                        if bool(tf.reduce_all(known[:, a:a + shape[1], c:c + shape[2], :] == tensor)):
+                            crop = ((a, kshape[1] - shape[1] - a), (c, kshape[2] - shape[2] - c))
+                            return self._add_derived(tensor, known, keras.layers.Cropping2D(crop))
+
+    def _add_derived(self, tensor, known, op):
+        source = self.slot_of[id(known)]
+        slot = len(self.shapes)
+        self.slot_of[id(tensor)] = slot
+        self.shapes[slot] = tuple(tensor.shape)
+        self.alive.append(tensor)
+        self.calls.append(_Call(op, [source], [self.shapes[source]], slot, self.shapes[slot]))
 
 
 class _Cast:
