@@ -379,6 +379,31 @@ def _unsupported_message(subject, what):
             f"{supported}. FDFE.supported_layers() lists them all")
 
 
+def _all_problems(problems):
+    """One ConversionError for every op of Cp that cannot be made dense (a single one as it is); ops
+    refused for the same reason are listed together."""
+    separator = " cannot be made dense exactly: "
+    by_reason = {}
+    for message in dict.fromkeys(problems):
+        subject, _, reason = message.partition(separator)
+        by_reason.setdefault(reason if reason else message, []).append(subject if reason else "")
+    if len(problems) == 1 or len(by_reason) == 1 and len(next(iter(by_reason.values()))) == 1:
+        return ConversionError(problems[0])
+    lines = [f"  {i}. {', '.join(s for s in subjects if s)}{separator if subjects[0] else ''}{reason}"
+             for i, (reason, subjects) in enumerate(by_reason.items(), 1)]
+    return ConversionError(f"Cp cannot be made dense exactly; {len(lines)} problems:\n" + "\n".join(lines))
+
+
+def _guessed_geom(shape, geoms, layout):
+    """A stand-in geometry after a refused op (from its traced output shape), so that the rules of the
+    ops after it can still report their own problems."""
+    strides = geoms[0].strides if geoms else ()
+    if len(shape) == 4:
+        channels, size = (shape[1], shape[2:]) if layout == "CHW" else (shape[3], shape[1:3])
+        return _Geom(MAP, channels, size, strides)
+    return _Geom(VECTOR, _prod(shape[1:]) if len(shape) > 1 else 1, (1, 1), strides)
+
+
 # --- planning: which values are alive, which step may overwrite its input ----------------------
 
 class _Plan:
@@ -2187,6 +2212,23 @@ def _make_reduce_rule(kind):
 
 
 _REDUCE_LABEL = "reductions over channels (per pixel) or over the whole map (global pooling)"
+
+
+@_rule_for(["std", "var", "std_mean", "var_mean"], "refused: statistics over positions of the patch (per-pixel "
+           "over channels only)", (torch, torch.Tensor))
+def _rule_statistic(node, geoms):
+    """Standard deviation and variance: over the channels of a map (dim=1, keepdim) per pixel; over
+    positions of the patch they are per-patch statistics, refused as per-patch normalisation."""
+    geom = geoms[0]
+    p = node.bind(["input", "dim"], {"dim": None})
+    dim = p.get("dim")
+    dims = None if dim is None else ([dim] if isinstance(dim, numbers.Integral) else list(dim))
+    single = len(node.out_slots) == 1
+    if single and dims is not None and geom.kind == MAP and [d % 4 for d in dims] == [1] and p.get("keepdim"):
+        return _CallStep(node), [geom.with_(channels=1)]
+    raise node.fail(f"it computes a statistic over positions of each patch ({node.name.split('.')[-1]} over "
+                    f"{'all dims' if dims is None else f'dims {dims}'} of {geom.describe()}), as per-patch "
+                    f"normalisation does; {_PER_PATCH_REASON}")
 _rule_for(["mean"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule("avg"))
 _rule_for(["amax"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule("max"))
 _rule_for(["sum", "amin", "norm", "logsumexp"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule(None))
@@ -2671,16 +2713,33 @@ def _trace(base_net, patch_size, in_channels):
 def _apply_rules(nodes, geoms):
     """Apply each recorded op's rule; returns the steps and fills ``geoms`` (slot -> _Geom)."""
     steps: List[_Step] = []
+    problems, tainted = [], set()  # every op that cannot be made dense; values computed from refused ops
     for node in nodes:
+        in_geoms = [geoms[s] for s in node.in_slots]
         rule = _lookup_rule(node.func)
-        if rule is None:
-            raise ConversionError(_unsupported_message(f"{node.where}: {node.name}", "op"))
-        step, out_geoms = rule(node, [geoms[s] for s in node.in_slots])
+        try:
+            if rule is None:
+                raise ConversionError(_unsupported_message(f"{node.where}: {node.name}", "op"))
+            step, out_geoms = rule(node, in_geoms)
+        except ConversionError as exc:
+            # a problem of its own, unless it only follows from a refused op before it (a statistic of
+            # the patch reported once, not again where it is subtracted)
+            if not tainted.intersection(node.in_slots):
+                problems.append(str(exc))
+            for s, shape in zip(node.out_slots, node.out_shapes):
+                geoms[s] = _guessed_geom(shape, in_geoms, _MAP_LAYOUT)
+                if all(i in tainted for i in node.in_slots) or len(shape) != 4:  # a statistic, not a map
+                    tainted.add(s)
+            continue
+        if tainted.intersection(node.in_slots) and all(s in tainted for s in node.in_slots):
+            tainted.update(node.out_slots)
         if len(out_geoms) != len(node.out_slots):
             raise AssertionError(f"rule for {node.name} returned {len(out_geoms)} geometries for "
                                  f"{len(node.out_slots)} outputs")
         geoms.update(zip(node.out_slots, out_geoms))
         steps.append(step)
+    if problems:
+        raise _all_problems(problems)
     return steps
 
 

@@ -72,9 +72,16 @@ def test_hardnet_is_refused_for_its_padding(tb):
 
 
 def test_hardnet_with_input_normalisation_is_refused_for_it(tb):
+    """Every problem at once: the per-patch statistics (mean and std) and the padded convolutions."""
     with pytest.raises(tb.FDFE.ConversionError, match=r"HardNet\.forward: .*computes a statistic over "
-                       r"positions of each patch.*as per-patch normalisation does"):
+                       r"positions of each patch.*as per-patch normalisation does") as info:
         tb.FDFE.convert(_hardnet(input_norm=True), 32)
+    message = str(info.value)
+    assert message.startswith("Cp cannot be made dense exactly; 3 problems:")
+    assert "Tensor.std cannot be made dense exactly: it computes a statistic over positions" in message
+    assert "features.0 (Conv2d): torch.conv2d, features.3 (Conv2d): torch.conv2d" in message
+    assert "features.15 (Conv2d): torch.conv2d cannot be made dense exactly: it pads its input" in message
+    assert "Tensor.sub" not in message  # the statistic is reported once, not again where it is used
 
 
 def test_tfeat_with_instance_norm_is_refused(tb):

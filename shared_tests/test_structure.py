@@ -316,3 +316,21 @@ def test_torchscript_cp_is_refused_with_the_way_out(tb):
     traced = torch.jit.trace(net, torch.zeros(1, 1, 15, 15))
     with pytest.raises(TypeError, match=r"base_net is a TorchScript module .*; pass the original nn.Module"):
         tb.FDFE.convert(traced, 15)
+
+
+def test_every_problem_is_named_at_once(tb, kb):
+    """convert() lists every layer that cannot be made dense in one message, not one at a time."""
+    import keras
+    import torch.nn as nn
+    L = keras.layers
+    net = keras.Sequential([keras.Input((9, 9, 1)), L.Conv2D(4, 3, padding="same"), L.GroupNormalization(2),
+                            L.Conv2D(4, 3, padding="same"), L.MaxPooling2D(3), L.Conv2D(2, 3)])
+    with pytest.raises(kb.FDFE.ConversionError, match=r"Cp cannot be made dense exactly; 2 problems:\n  1\. "
+                       r"layer 'conv2d[_0-9]*' \(Conv2D\), layer 'conv2d[_0-9]*' \(Conv2D\) cannot be made dense "
+                       r"exactly: it pads its input \(padding='same'\).*\n  2\. layer 'group_normalization[_0-9]*' "
+                       r"\(GroupNormalization\) cannot be made dense exactly: it normalises with statistics"):
+        kb.FDFE.convert(net, 9)
+    t_net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.InstanceNorm2d(4), nn.MaxPool2d(3), nn.Conv2d(4, 2, 3))
+    with pytest.raises(tb.FDFE.ConversionError, match=r"2 problems:\n  1\. 0 \(Conv2d\): torch\.conv2d cannot be "
+                       r"made dense exactly: it pads its input.*\n  2\. 1 \(InstanceNorm2d\)"):
+        tb.FDFE.convert(t_net, 9)

@@ -386,6 +386,31 @@ def _unsupported_message(subject, what):
             f"{supported}. FDFE.supported_layers() lists them all")
 
 
+def _all_problems(problems):
+    """One ConversionError for every op of Cp that cannot be made dense (a single one as it is); ops
+    refused for the same reason are listed together."""
+    separator = " cannot be made dense exactly: "
+    by_reason = {}
+    for message in dict.fromkeys(problems):
+        subject, _, reason = message.partition(separator)
+        by_reason.setdefault(reason if reason else message, []).append(subject if reason else "")
+    if len(problems) == 1 or len(by_reason) == 1 and len(next(iter(by_reason.values()))) == 1:
+        return ConversionError(problems[0])
+    lines = [f"  {i}. {', '.join(s for s in subjects if s)}{separator if subjects[0] else ''}{reason}"
+             for i, (reason, subjects) in enumerate(by_reason.items(), 1)]
+    return ConversionError(f"Cp cannot be made dense exactly; {len(lines)} problems:\n" + "\n".join(lines))
+
+
+def _guessed_geom(shape, geoms, layout):
+    """A stand-in geometry after a refused op (from its traced output shape), so that the rules of the
+    ops after it can still report their own problems."""
+    strides = geoms[0].strides if geoms else ()
+    if len(shape) == 4:
+        channels, size = (shape[1], shape[2:]) if layout == "CHW" else (shape[3], shape[1:3])
+        return _Geom(MAP, channels, size, strides)
+    return _Geom(VECTOR, _prod(shape[1:]) if len(shape) > 1 else 1, (1, 1), strides)
+
+
 # --- planning: which values are alive, which step may overwrite its input ----------------------
 
 class _Plan:
@@ -2503,17 +2528,30 @@ def _trace(base_net, patch_size, in_channels):
 def _apply_rules(calls, geoms, values):
     """Apply each recorded call's rule and wire its layers; fills ``geoms`` and ``values`` (slot ->
     symbolic tensor of CI's core)."""
+    problems = []  # every layer that cannot be made dense, reported together
     for call in calls:
+        in_geoms = [geoms[s] for s in call.in_slots]
         rule = _lookup_rule(call.layer)
-        if rule is None:
-            raise ConversionError(_unsupported_message(call.where, "layer kind"))
-        run, out_geoms = rule(call, [geoms[s] for s in call.in_slots])
+        try:
+            if rule is None:
+                raise ConversionError(_unsupported_message(call.where, "layer kind"))
+            run, out_geoms = rule(call, in_geoms)
+        except ConversionError as exc:
+            problems.append(str(exc))
+            geoms.update((s, _guessed_geom(shape, in_geoms, _MAP_LAYOUT))
+                         for s, shape in zip(call.out_slots, call.out_shapes))
+            continue
+        if problems:  # CI will not be built: later layers only report their own problems
+            geoms.update(zip(call.out_slots, out_geoms))
+            continue
         outs = run([values[s] for s in call.in_slots])
         if len(out_geoms) != len(call.out_slots) or len(outs) != len(call.out_slots):
             raise AssertionError(f"rule for {call.where} returned {len(out_geoms)} geometries and {len(outs)} "
                                  f"values for {len(call.out_slots)} outputs")
         geoms.update(zip(call.out_slots, out_geoms))
         values.update(zip(call.out_slots, outs))
+    if problems:
+        raise _all_problems(problems)
 
 
 def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: bool = False, tile=None,
