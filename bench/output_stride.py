@@ -10,9 +10,7 @@ the shifts no output pixel uses; other steps are computed at the largest aligned
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(os.path.join(HERE, "..", "shared_tests"))  # appended: never ahead of site-packages
@@ -22,16 +20,7 @@ import numpy as np  # noqa: E402
 
 import architectures  # noqa: E402
 from backends import load_backend  # noqa: E402
-
-
-def _median(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_time, report  # noqa: E402
 
 
 def torch_times(steps, height, width, repeats, threads):
@@ -44,7 +33,7 @@ def torch_times(steps, height, width, repeats, threads):
     for s in steps:
         ci = fdfe.convert(net, 64, output_stride=s)
         with torch.no_grad():
-            out[s] = _median(lambda: ci(images), repeats)
+            out[s] = median_time(lambda: ci(images), repeats)
     return f"PyTorch {torch.__version__}", out
 
 
@@ -57,7 +46,7 @@ def keras_times(steps, height, width, repeats, threads):
     out = {}
     for s in steps:
         ci = fdfe.convert(net, 64, output_stride=s)
-        out[s] = _median(lambda: ci(images).numpy(), repeats)
+        out[s] = median_time(lambda: ci(images).numpy(), repeats)
     return f"TensorFlow {tf.__version__}", out
 
 
@@ -80,11 +69,7 @@ def main(argv=None):
         lines.append(f"| {label} | " + " | ".join(f"{times[s]:.3f} s ({times[s] / times[steps[0]]:.2f}x)"
                                                   for s in steps) + " |")
     lines += ["", f"Command: `python bench/output_stride.py --steps {args.steps} --size {args.size}`"]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ Prints a Markdown table (and writes it to --out).
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(os.path.join(HERE, "..", "shared_tests"))  # appended: never ahead of site-packages
@@ -26,19 +24,10 @@ import numpy as np  # noqa: E402
 
 import architectures  # noqa: E402
 from backends import load_backend  # noqa: E402
+from timing import median_time, report  # noqa: E402
 
 NET = "simo_serra"
 CHUNK = 512
-
-
-def _median_time(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def torch_row(size, chunks, repeats, threads):
@@ -75,8 +64,8 @@ def torch_row(size, chunks, repeats, threads):
         for c in range(chunks):
             patch_chunk(c * CHUNK)
 
-    t_ci = _median_time(ci_step, repeats)
-    t_chunks = _median_time(patches_step, 1)
+    t_ci = median_time(ci_step, repeats)
+    t_chunks = median_time(patches_step, 1)
     return {"backend": f"PyTorch {torch.__version__}", "ci": t_ci, "patches": t_chunks * n_total / (chunks * CHUNK)}
 
 
@@ -119,8 +108,8 @@ def keras_row(size, chunks, repeats, threads):
             grads = g if grads is None else [a + b for a, b in zip(grads, g)]
         opt.apply_gradients(zip(grads, variables))
 
-    t_ci = _median_time(ci_step, repeats)
-    t_chunks = _median_time(patches_step, 1)
+    t_ci = median_time(ci_step, repeats)
+    t_chunks = median_time(patches_step, 1)
     return {"backend": f"TensorFlow {tf.__version__}", "ci": t_ci, "patches": t_chunks * n_total / (chunks * CHUNK)}
 
 
@@ -146,11 +135,7 @@ def main(argv=None):
         lines.append(f"| {r['backend']} | {r['ci']:.3f} s | {r['patches']:.1f} s | {r['patches'] / r['ci']:.0f}x |")
     lines.append("")
     lines.append(f"Command: `python bench/train_step.py --size {args.size} --chunks {args.chunks}`")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":
