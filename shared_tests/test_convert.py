@@ -363,3 +363,32 @@ def test_torch_inplace_ops_never_touch_the_input_or_other_tiles(tb):
             out = tb.FDFE.convert(net, 6, tile=tile)(images)
         assert torch.equal(images, before), "CI modified the caller's images"
         assert max_rel_error(out, ref) <= TOL["float64"], tile
+
+
+def test_keras_depthwise_and_separable_convolutions(kb, tmp_path):
+    """DepthwiseConv2D and SeparableConv2D (valid padding; stride, dilation, depth multiplier) convert
+    exactly: reused at stride 1, all shifts when strided; naive, tiled, at an output stride, saved."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+    keras.utils.set_random_seed(5)
+    d = "float64"
+    net = keras.Sequential([keras.Input((20, 19, 2), dtype=d),
+                            L.DepthwiseConv2D(3, depth_multiplier=2, dilation_rate=2, activation="tanh", dtype=d),
+                            L.DepthwiseConv2D(2, strides=2, dtype=d),
+                            L.SeparableConv2D(5, 3, strides=2, depth_multiplier=2, activation="relu", dtype=d),
+                            L.SeparableConv2D(4, 1, dtype=d), L.MaxPooling2D((1, 2), dtype=d),
+                            L.Conv2D(3, (3, 1), dtype=d)])
+    assert net.output_shape[1:3] == (1, 1), net.output_shape
+    images = tf.constant(np.random.default_rng(1).standard_normal((2, 13, 11, 2)))
+    ref = kb.FDFE.dense_reference(net, images, (20, 19))
+    for options in ({}, {"naive": True}, {"tile": (4, 6)}):
+        assert max_rel_error(kb.FDFE.convert(net, (20, 19), **options)(images), ref) <= TOL["float64"], options
+    stepped = kb.FDFE.convert(net, (20, 19), output_stride=2)
+    assert stepped._grid[0] == 1  # the strided depthwise layer runs without its shifts
+    assert max_rel_error(stepped(images), kb.FDFE.dense_reference(net, images, (20, 19), output_stride=2)) \
+        <= TOL["float64"]
+    ci = kb.FDFE.convert(net, (20, 19))
+    ci.save(str(tmp_path / "ci.keras"))
+    np.testing.assert_array_equal(keras.models.load_model(str(tmp_path / "ci.keras"))(images).numpy(),
+                                  ci(images).numpy())

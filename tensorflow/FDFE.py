@@ -2089,6 +2089,67 @@ def _rule_layer_norm(call, geoms):
     return _rule_channelwise(call, geoms)
 
 
+@_register
+class _MultiDepthwise(_WrapperLayer):
+    """A trained DepthwiseConv2D or SeparableConv2D made dense (shared weights): the depthwise part as
+    multi-convolution (all shifts when strided), then the pointwise part, bias and activation."""
+    wrapped = "layer"
+    shifts = True  # False: an ordinary strided convolution (CI's output_stride skips the unused shifts)
+
+    def __init__(self, layer, naive: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.layer = layer
+        self.naive = bool(naive)
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+
+    def call(self, x):
+        layer = self.layer
+        separable = isinstance(layer, keras.layers.SeparableConv2D)
+        depthwise = layer.depthwise_kernel if separable else layer.kernel
+        dil, stride = tuple(layer.dilation_rate), tuple(layer.strides)
+
+        def conv(t, s):
+            if s == (1, 1) or (s[0] == s[1] and dil == (1, 1)):
+                return tf.nn.depthwise_conv2d(t, tf.cast(depthwise, t.dtype), [1, s[0], s[1], 1], "VALID",
+                                              dilations=dil)
+            y = tf.nn.depthwise_conv2d(t, tf.cast(depthwise, t.dtype), [1, 1, 1, 1], "VALID", dilations=dil)
+            return y[:, ::s[0], ::s[1], :]
+        y = conv(x, stride) if not self.shifts else _multi(x, conv, tuple(depthwise.shape[:2]), stride, dil,
+                                                          self.naive)
+        if separable:
+            y = tf.nn.conv2d(y, tf.cast(layer.pointwise_kernel, y.dtype), 1, "VALID")
+        if layer.use_bias:
+            y = tf.nn.bias_add(y, tf.cast(layer.bias, y.dtype))
+        act = _activation_of(layer)
+        return y if act is None else act(y)
+
+    def compute_output_shape(self, input_shape):
+        return (None, None, None, None)
+
+    def get_config(self):
+        return {**super().get_config(), "naive": self.naive}
+
+
+@_rule_for(keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
+           label="DepthwiseConv2D and SeparableConv2D without padding (all shifts when strided)")
+def _rule_depthwise(call, geoms):
+    """DepthwiseConv2D / SeparableConv2D without padding (any stride, dilation, depth multiplier): reused
+    when stride 1, made dense like a strided Conv2D otherwise (the pointwise part acts per pixel)."""
+    geom = geoms[0]
+    layer = call.layer
+    _require_map(call, geom)
+    if layer.padding != "valid":
+        raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
+    _require_channels_last(call)
+    stride = tuple(layer.strides)
+    if stride == (1, 1):
+        return _reuse(layer), [_map_geom(call, geom)]
+    return (lambda xs: [_MultiDepthwise(layer)(xs[0])]), [_map_geom(call, geom, stride)]
+
+
 @_rule_for(keras.layers.Conv2D, label="Conv2D without padding (multiConv when strided)")
 def _rule_conv2d(call, geoms):
     """Conv2D without padding: reused when stride 1, made dense (multiConv) when strided."""
@@ -2320,7 +2381,8 @@ class DenseFeatureModel(keras.Model):
         self.skip_shifts = bool(skip_shifts)
         self._grid = _output_grid(self.strides if self.skip_shifts else [], self.output_stride)
         strided = [l for l in self.core._flatten_layers(include_self=False)
-                   if isinstance(l, multiConv) or (isinstance(l, _MultiPoolBase) and l.stride != (1, 1))]
+                   if isinstance(l, (multiConv, _MultiDepthwise))
+                   or (isinstance(l, _MultiPoolBase) and l.stride != (1, 1))]
         for i, layer in enumerate(strided):  # the first k strided layers run without their shifts
             layer.shifts = i >= self._grid[0]
 
@@ -2337,7 +2399,7 @@ class DenseFeatureModel(keras.Model):
     def naive(self, value):
         self._naive = bool(value)
         for layer in self.core._flatten_layers(include_self=False, recursive=True):
-            if isinstance(layer, (_MultiPoolBase, multiConv, _AlignStreams)):
+            if isinstance(layer, (_MultiPoolBase, multiConv, _MultiDepthwise, _AlignStreams)):
                 layer.naive = self._naive
         object.__setattr__(self, "_graph_fn", None)  # traced with the old value
 
