@@ -2673,12 +2673,23 @@ class DenseFeatureNet(nn.Module):
 # convert(): capture -> rules -> plan -> DenseFeatureNet, then the self-check
 # ---------------------------------------------------------------------------
 
-def _infer_in_channels(base_net):
-    for m in base_net.modules():
-        c = getattr(m, "in_channels", None)
-        if isinstance(c, int):
+def _infer_in_channels(base_net, patch_size):
+    """C of the input: the in_channels of the first module with one that Cp applies to the input.
+    Candidates are tried in the order the modules are registered (the first registered one need not be
+    the first applied); the first with which Cp runs on a patch wins."""
+    candidates = list(dict.fromkeys(c for m in base_net.modules()
+                                    if isinstance(c := getattr(m, "in_channels", None), int) and c > 0))
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    dtype, device = _example_kind(base_net)
+    for c in candidates:
+        try:
+            with torch.no_grad(), _EvalMode(base_net):
+                base_net(torch.zeros(1, c, *patch_size, dtype=dtype, device=device))
             return c
-    return None
+        except Exception:  # another channel count; try the next
+            continue
+    return candidates[0]
 
 
 def _trace(base_net, patch_size, in_channels):
@@ -2803,7 +2814,7 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
     ph, pw = _pair(patch_size, "patch_size")
     _check_border(border, (None, None), (ph, pw))
     if in_channels is None:
-        in_channels = _infer_in_channels(base_net)
+        in_channels = _infer_in_channels(base_net, (ph, pw))
         if in_channels is None:
             raise ValueError("in_channels cannot be inferred from base_net (no module has in_channels); "
                              "pass in_channels=")

@@ -334,3 +334,25 @@ def test_every_problem_is_named_at_once(tb, kb):
     with pytest.raises(tb.FDFE.ConversionError, match=r"2 problems:\n  1\. 0 \(Conv2d\): torch\.conv2d cannot be "
                        r"made dense exactly: it pads its input.*\n  2\. 1 \(InstanceNorm2d\)"):
         tb.FDFE.convert(t_net, 9)
+
+
+def test_torch_in_channels_from_the_first_module_applied(tb):
+    """A Cp whose first registered convolution is not the first one applied: in_channels is that of the
+    convolution that reads the input."""
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Conv2d(8, 4, 3)   # registered first, applied last
+            self.stem = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.stem(x)))
+    net = Net().double()
+    ci = tb.FDFE.convert(net, 5)
+    assert ci.in_channels == 3
+    images = torch.randn(1, 3, 8, 9, dtype=torch.float64)
+    with torch.no_grad():
+        assert max_rel_error(ci(images), tb.FDFE.dense_reference(net, images, 5)) <= TOL["float64"]
