@@ -2133,36 +2133,28 @@ class _MultiDepthwise(_WrapperLayer):
         return {**super().get_config(), "naive": self.naive}
 
 
-@_rule_for(keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
-           label="DepthwiseConv2D and SeparableConv2D without padding (all shifts when strided)")
-def _rule_depthwise(call, geoms):
-    """DepthwiseConv2D / SeparableConv2D without padding (any stride, dilation, depth multiplier): reused
-    when stride 1, made dense like a strided Conv2D otherwise (the pointwise part acts per pixel)."""
-    geom = geoms[0]
-    layer = call.layer
-    _require_map(call, geom)
-    if layer.padding != "valid":
-        raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
-    _require_channels_last(call)
-    stride = tuple(layer.strides)
-    if stride == (1, 1):
-        return _reuse(layer), [_map_geom(call, geom)]
-    return (lambda xs: [_MultiDepthwise(layer)(xs[0])]), [_map_geom(call, geom, stride)]
+def _make_conv_rule(dense_layer):
+    """Convolutions without padding: reused when stride 1, made dense by ``dense_layer`` (all shifts)
+    when strided."""
+    def rule(call, geoms):
+        geom = geoms[0]
+        layer = call.layer
+        _require_map(call, geom)
+        if layer.padding != "valid":
+            raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
+        _require_channels_last(call)
+        stride = tuple(layer.strides)
+        if stride == (1, 1):
+            return _reuse(layer), [_map_geom(call, geom)]
+        return (lambda xs: [dense_layer(layer)(xs[0])]), [_map_geom(call, geom, stride)]
+    rule.__doc__ = f"convolution without padding: reused at stride 1, {dense_layer.__name__} when strided."
+    return rule
 
 
-@_rule_for(keras.layers.Conv2D, label="Conv2D without padding (multiConv when strided)")
-def _rule_conv2d(call, geoms):
-    """Conv2D without padding: reused when stride 1, made dense (multiConv) when strided."""
-    geom = geoms[0]
-    layer = call.layer
-    _require_map(call, geom)
-    if layer.padding != "valid":
-        raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
-    _require_channels_last(call)
-    stride = tuple(layer.strides)
-    if stride == (1, 1):
-        return _reuse(layer), [_map_geom(call, geom)]
-    return (lambda xs: [multiConv(layer)(xs[0])]), [_map_geom(call, geom, stride)]
+_rule_for(keras.layers.Conv2D, label="Conv2D without padding (multiConv when strided)")(_make_conv_rule(multiConv))
+_rule_for(keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
+          label="DepthwiseConv2D and SeparableConv2D without padding (all shifts when strided)")(
+    _make_conv_rule(_MultiDepthwise))
 
 
 def _make_pool_rule(kind):
