@@ -2536,6 +2536,12 @@ class DenseFeatureNet(nn.Module):
         return values[self.output_slot]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            raise RuntimeError("CI cannot be traced by torch.jit.trace (nor exported by torch.onnx.export with "
+                               "dynamo=False): its reshapes depend on the image size, which tracing would freeze "
+                               "into wrong results at other sizes. Export it with torch.export.export(ci, "
+                               "(images,), dynamic_shapes={'images': {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}}), "
+                               "or torch.onnx.export(..., dynamo=True)")
         if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:  # an empty batch, as Cp
             shape = (1,) + tuple(images.shape[1:])
             check_images(torch.empty(shape, dtype=images.dtype, device="meta"), self.in_channels)

@@ -158,3 +158,12 @@ def test_keras_saved_model_serves_any_image_size(kb, tmp_path):
             out = out if tf.is_tensor(out) else next(iter(out.values()))
             assert tuple(out.shape) == (n, h, w, 3)
             assert max_rel_error(out, ref) <= TOL["float32"]
+
+
+def test_torch_jit_trace_of_ci_is_refused(tb):
+    """torch.jit.trace would freeze the image size into CI's reshapes (wrong values at other sizes):
+    refused with the way out, and so is the TorchScript-based ONNX exporter, which traces."""
+    import torch
+    _, ci = _torch_ci(tb)
+    with pytest.raises(RuntimeError, match=r"CI cannot be traced by torch\.jit\.trace .*torch\.export\.export"):
+        torch.jit.trace(ci, torch.randn(1, CHANNELS, 20, 21))
