@@ -2549,7 +2549,7 @@ class DenseFeatureNet(nn.Module):
         images = check_images(images, self.in_channels, dtype=_compute_dtype(self.base_net))
         height, width = images.shape[-2:]
         padded = multipool_prepare(images, self.patch_size, _lcm_pair(self.stride_product, self.output_stride),
-                                   getattr(self, "border", "zeros"))
+                                   self.border)
         if torch.compiler.is_compiling():
             # torch.export / torch.compile: one untiled graph in the default layout, valid for every
             # N, H, W (tile sizes and layouts would add guards on the image size)
@@ -2564,7 +2564,7 @@ class DenseFeatureNet(nn.Module):
     @property
     def output_stride(self):
         """(sy, sx): CI gives Cp's output for the pixels (sy * i, sx * j) ((1, 1): every pixel)."""
-        return getattr(self, "_output_stride", (1, 1))
+        return self._output_stride
 
     @output_stride.setter
     def output_stride(self, value):

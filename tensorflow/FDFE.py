@@ -114,6 +114,7 @@ __all__ = [
     "unwarpAll",
     "linearAsConv",
     "check_ci",
+    "run_as_graph",
     "DenseAsConv",
     "LPPooling2D",
     "LocalResponseNormalization",
@@ -1617,6 +1618,29 @@ def _error_text(exc):
     return text[start + len("assertion failed: "):end if end > 0 else None].strip()
 
 
+def run_as_graph(owner, fn, args, input_signature, cache: str = "_graph"):
+    """Run ``fn(*args)`` as one graph when called eagerly (Keras-only; layer-by-layer eager execution is
+    markedly slower); inside a graph (a tf.function, Keras tracing a model), run ``fn`` directly.
+
+    Args:
+        owner: the model the graph belongs to; the tf.function is cached on it as ``cache``, outside
+            Keras' tracking (it is not saved, and is traced anew after loading).
+        fn: the function to run, e.g. a hand-wired CI's layer-by-layer ``dense``.
+        args: its arguments (tensors matching ``input_signature``).
+        input_signature: list of tf.TensorSpec; None dimensions let one trace serve every image size.
+
+    Returns:
+        ``fn(*args)``.
+    """
+    if not tf.executing_eagerly():
+        return fn(*args)
+    graph = getattr(owner, cache, None)
+    if graph is None:
+        graph = tf.function(fn, input_signature=input_signature)
+        object.__setattr__(owner, cache, graph)
+    return graph(*args)
+
+
 def check_ci(ci, base_net, patch_size, in_channels: Optional[int] = None, image_size=(25, 37),
              batch: int = 2) -> float:
     """Check a CI (wired by hand, or from :func:`convert`) against Cp on random test images.
@@ -2252,6 +2276,7 @@ def _rule_merge(call, geoms):
 class _AlignStreams(_Layer):
     """Unwarps the inputs that went through other strides than the rest (streams that pool differently,
     merged as per-position vectors) and crops all to one size."""
+    naive = False  # set by DenseFeatureModel with its other layers
 
     def __init__(self, unwarps, **kwargs):
         super().__init__(**kwargs)
@@ -2262,8 +2287,6 @@ class _AlignStreams(_Layer):
         h = tf.reduce_min([tf.shape(v)[1] for v in values])
         w = tf.reduce_min([tf.shape(v)[2] for v in values])
         return [v[:, :h, :w, :] for v in values]
-
-    naive = False
 
     def compute_output_shape(self, input_shapes):
         return [(None, None, None, s[-1]) for s in input_shapes]
@@ -2428,12 +2451,11 @@ class DenseFeatureModel(keras.Model):
         every image size), which is markedly faster than layer-by-layer eager execution."""
         if not tf.executing_eagerly():
             return self._unwarped_crop(padded, out_h, out_w)
-        if getattr(self, "_graph_fn", None) is None:
-            spec = tf.TensorSpec([None, None, None, self.in_channels], self.core.inputs[0].dtype)
-            scalar = tf.TensorSpec([], tf.int32)
-            object.__setattr__(self, "_graph_fn", tf.function(self._unwarped_crop,
-                                                              input_signature=[spec, scalar, scalar]))
-        return self._graph_fn(padded, tf.constant(out_h, tf.int32), tf.constant(out_w, tf.int32))
+        spec = tf.TensorSpec([None, None, None, self.in_channels], self.core.inputs[0].dtype)
+        scalar = tf.TensorSpec([], tf.int32)
+        return run_as_graph(self, self._unwarped_crop, [padded, tf.constant(out_h, tf.int32),
+                                                        tf.constant(out_w, tf.int32)], [spec, scalar, scalar],
+                            cache="_graph_fn")
 
     def call(self, images, training=None):
         if tuple(getattr(images, "shape", ()))[:1] == (0,) and len(images.shape) == 4:  # an empty batch, as Cp
