@@ -787,9 +787,11 @@ def check_images(images, in_channels: Optional[int] = None, name: str = "images"
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {images.dtype}; convert it first, "
                         f"e.g. {name}.float() / 255 for 8-bit images (scaled to 0..1, if Cp was trained so) "
                         f"or {name}.float() to keep the values")
-    if min(images.shape) < 1:
+    if torch.jit.is_tracing():  # sizes are traced values here; comparing them would freeze them
+        pass
+    elif min(images.shape) < 1:
         raise ValueError(f"{name} must not be empty, got shape {tuple(images.shape)}")
-    if in_channels is not None and images.shape[1] != in_channels:
+    elif in_channels is not None and images.shape[1] != in_channels:
         raise ValueError(f"{name} has {images.shape[1]} channels but the network expects {in_channels} "
                          f"(layout is (N, C, H, W))")
     if dtype is not None and images.dtype != dtype:
@@ -1042,12 +1044,19 @@ def _memory_available(device: torch.device) -> Optional[int]:
     return None
 
 
+def _exporting() -> bool:
+    """True while torch.export, torch.compile or torch.jit.trace records CI: CI then runs one untiled
+    graph whose shapes are all computed from the image size, so that the recorded graph serves
+    every image size (see DenseFeatureNet.forward)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _is_channels_last(x: torch.Tensor) -> bool:
     """True when channels are the innermost axis in memory (also for crops of channels-last tensors).
 
-    Always False while torch.export / torch.compile trace (strides of symbolic sizes would add
+    Always False while CI is exported (:func:`_exporting`: strides of symbolic sizes would add
     guards on the image size; every path is exact in either layout)."""
-    if torch.compiler.is_compiling():
+    if _exporting():
         return False
     return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and x.stride(3) >= x.shape[1]
 
@@ -1069,8 +1078,13 @@ def space_to_batch(x: torch.Tensor, stride) -> torch.Tensor:
     sh, sw = _pair(stride, "stride")
     b, c, lh, lw = x.shape
     hq, wq = lh // sh, lw // sw
-    if hq < 1 or wq < 1:
+    if not torch.jit.is_tracing() and (hq < 1 or wq < 1):
         raise ValueError(f"input {lh}x{lw} is smaller than the stride {sh}x{sw}")
+    if torch.compiler.is_compiling():
+        # torch.export / torch.compile: unfold (a view (b, c, hq, wq, sh, sw)) rather than a reshape of
+        # the cropped size, which would leave the shape solver a divisibility it cannot prove
+        y = x.unfold(2, sh, sh).unfold(3, sw, sw)
+        return y.permute(4, 5, 0, 1, 2, 3).reshape(sh * sw * b, c, hq, wq)
     channels_last = _is_channels_last(x)
     x = x[:, :, :hq * sh, :wq * sw]
     if channels_last:
@@ -1133,8 +1147,9 @@ def multi_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     stride = _pair(stride, "stride")
     dil = _pair(dilation, "dilation")
     kernel = tuple(weight.shape[-2:])
-    _check_window(f"multi_conv (kernel {kernel[0]}x{kernel[1]}, stride {stride[0]}x{stride[1]})", x, kernel,
-                  stride, dil)
+    if not torch.jit.is_tracing():  # a traced weight's sizes are traced values: no formatting or checks
+        _check_window(f"multi_conv (kernel {kernel[0]}x{kernel[1]}, stride {stride[0]}x{stride[1]})", x, kernel,
+                      stride, dil)
     return _multi(x, lambda t, s: F.conv2d(t, weight, bias, s, 0, dil, groups), kernel, stride, dil, naive)
 
 
@@ -1145,7 +1160,7 @@ def _check_window(what, x, kernel, stride, dil):
         raise ValueError(f"{what}: its input must be a (B, C, H, W) map, got shape {tuple(x.shape)}")
     size = tuple(x.shape[-2:])
     need = [d * (k - 1) + s for k, s, d in zip(kernel, stride, dil)]
-    if size[0] < need[0] or size[1] < need[1]:
+    if not torch.jit.is_tracing() and (size[0] < need[0] or size[1] < need[1]):
         raise ValueError(f"{what}: its input is {size[0]}x{size[1]}, smaller than the {need[0]}x{need[1]} that its "
                          f"window and all its shifts need; likely cause: the images were not padded by "
                          f"multiPoolPrepare first, multiPoolPrepare got a smaller patch than Cp's, or a layer "
@@ -1213,6 +1228,42 @@ def unwarp_into(x: torch.Tensor, strides: Sequence, dest: torch.Tensor) -> torch
     src, dst = _unwarp_views(x, strides, dest)
     dst.copy_(src)
     return dest
+
+
+def unwarp_gather(x: torch.Tensor, strides: Sequence, height, width) -> torch.Tensor:
+    """:func:`unwarp` and the crop to ``height`` x ``width`` as one gather, for graph export.
+
+    The row r of the result comes from the stacked row r // SH of the shift whose digits are those
+    of r % SH (y_1 = r % s_1, y_2 = (r // s_1) % s_2, ...), likewise for columns.  Unlike the
+    reshapes of :func:`unwarp`, nothing splits or merges an axis whose size depends on the image,
+    so torch.export's shape solver has no divisibility to prove and ``height``, ``width`` may be
+    symbolic.
+
+    Shape:
+        (M * N, K, h, w) -> (N, K, height, width), with height <= h * SH and width <= w * SW.
+    """
+    strides = [_pair(s, "stride") for s in strides]
+    b, k, h, w = x.shape
+    sizes = [v for s in reversed(strides) for v in s]  # the batch axis: (y_n, x_n, ..., y_1, x_1, N)
+    m = _prod(sizes)
+    weights = [_prod(sizes[i + 1:]) for i in range(len(sizes))]  # of each digit in the flat shift index
+    rows = torch.arange(height, device=x.device)
+    cols = torch.arange(width, device=x.device)
+
+    def shift_part(pos, axis):
+        """The part of the flat shift index given by the row (axis 0) or column (axis 1) digits."""
+        part, rest = torch.zeros_like(pos), pos
+        for i, s in enumerate(strides):  # innermost layer first: its digit is the lowest
+            digit_weight = weights[2 * (len(strides) - 1 - i) + axis]
+            part = part + (rest % s[axis]) * digit_weight
+            rest = rest // s[axis]
+        return part, rest  # rest: the position on the stacked grid
+
+    shift_y, qy = shift_part(rows, 0)
+    shift_x, qx = shift_part(cols, 1)
+    stacked = x.reshape(m, b // m, k, h, w)
+    out = stacked[shift_y[:, None] + shift_x[None, :], :, :, qy[:, None], qx[None, :]]  # (height, width, N, K)
+    return out.permute(2, 3, 0, 1)
 
 
 def unwarp(x: torch.Tensor, strides: Sequence, naive: bool = False) -> torch.Tensor:
@@ -2435,6 +2486,17 @@ def _rule_refuse_indices(node, geoms):
 # CI as a module: runs a plan of steps on the padded image, whole or tile by tile
 # ---------------------------------------------------------------------------
 
+class _ScriptableCI(nn.Module):
+    """What ``torch.jit.script(ci)`` compiles: a call of CI's trace (see DenseFeatureNet.__prepare_scriptable__)."""
+
+    def __init__(self, traced):
+        super().__init__()
+        self.traced = traced
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.traced(images)
+
+
 class DenseFeatureNet(nn.Module):
     """CI built by :func:`convert`: Cp's output for the patch around every pixel.
 
@@ -2466,7 +2528,8 @@ class DenseFeatureNet(nn.Module):
         steps, plan: what CI runs (see :func:`plan_steps`).
 
     Shape:
-        (N, C, H, W) -> (N, K, H, W), any N, H, W >= 1.  The result may have channels-last strides.
+        (N, C, H, W) -> (N, K, H, W), any N, H, W >= 1 (N = 0: an empty result, as Cp).  The result
+        is contiguous, or channels-last for channels-last images.
 
     Example:
         >>> cp = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AvgPool2d(2), torch.nn.Conv2d(4, 5, 2))
@@ -2523,7 +2586,7 @@ class DenseFeatureNet(nn.Module):
         values = {0: padded}
         layout = self.memory_format
         in_place_ok = not torch.is_grad_enabled()
-        if torch.compiler.is_compiling():
+        if _exporting():
             layout, in_place_ok = None, False
         for step, free, overwrite in zip(self.steps, self.plan.free_after, self.plan.overwrite):
             outs = step.run([values[s] for s in step.inputs], self, overwrite and in_place_ok)
@@ -2536,30 +2599,55 @@ class DenseFeatureNet(nn.Module):
         return values[self.output_slot]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing():
-            raise RuntimeError("CI cannot be traced by torch.jit.trace (nor exported by torch.onnx.export with "
-                               "dynamo=False): its reshapes depend on the image size, which tracing would freeze "
-                               "into wrong results at other sizes. Export it with torch.export.export(ci, "
-                               "(images,), dynamic_shapes={'images': {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}}), "
-                               "or torch.onnx.export(..., dynamo=True)")
-        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:  # an empty batch, as Cp
+        """Cp's output for the patch around every pixel of ``images``.
+
+        Args:
+            images: floating-point images; cast to Cp's dtype where it differs.
+
+        Returns:
+            The dense features: contiguous, or channels-last where ``images`` is channels-last (as
+            PyTorch's own convolutions do), whatever layout CI uses inside (``memory_format``).
+
+        Shape:
+            (N, C, H, W) -> (N, K, ceil(H / sy), ceil(W / sx)) with (sy, sx) = ``output_stride``.
+        """
+        if not _exporting() and isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:
+            # an empty batch, as Cp
             shape = (1,) + tuple(images.shape[1:])
             check_images(torch.empty(shape, dtype=images.dtype, device="meta"), self.in_channels)
             return images.new_empty((0, self.out_channels) + shape[2:], dtype=_compute_dtype(self.base_net))
         images = check_images(images, self.in_channels, dtype=_compute_dtype(self.base_net))
         height, width = images.shape[-2:]
-        padded = multipool_prepare(images, self.patch_size, _lcm_pair(self.stride_product, self.output_stride),
-                                   self.border)
-        if torch.compiler.is_compiling():
-            # torch.export / torch.compile: one untiled graph in the default layout, valid for every
-            # N, H, W (tile sizes and layouts would add guards on the image size)
+        out_format = torch.channels_last if _is_channels_last(images) else torch.contiguous_format
+        multiple = _lcm_pair(self.stride_product, self.output_stride)
+        padded = multipool_prepare(images, self.patch_size, multiple, self.border)
+        if _exporting():
+            # torch.export, torch.compile, torch.jit.trace: one untiled graph in the default layout,
+            # valid for every N, H, W >= 1 (tile sizes and layouts would add guards on the image size).  One more
+            # block of zero rows and columns keeps every stacked map at least 2 wide, since sizes
+            # 1 and 0 are special cases the exported graph could not serve.
+            padded = F.pad(padded, (0, multiple[1], 0, multiple[0]))
             return self._finish(self.stacked(padded), height, width)
         if self.memory_format is not None and self.memory_format != torch.contiguous_format:
             padded = padded.contiguous(memory_format=self.memory_format)
         tile = self._tile_size(images.device, height, width, images.shape[0], images.dtype)
         if tile is None:
-            return self._finish(self.stacked(padded), height, width)
-        return self._tiled(padded, height, width, tile)
+            return self._finish(self.stacked(padded), height, width, out_format)
+        return self._tiled(padded, height, width, tile, out_format)
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script(ci)``: CI's steps are a plan, not TorchScript code, so CI is traced instead.
+
+        While traced, CI runs its export graph (see :meth:`forward`), whose every shape is computed
+        from the image's; the trace therefore serves any N, H, W, like ``torch.jit.trace(ci, images)``
+        with images of any size.  The example is a zero image of twice the stride product."""
+        param = next(iter(self.base_net.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = _compute_dtype(self.base_net) or torch.float32
+        multiple = _lcm_pair(self.stride_product, self.output_stride)
+        example = torch.zeros((1, self.in_channels, 2 * multiple[0], 2 * multiple[1]), dtype=dtype, device=device)
+        with torch.no_grad():
+            return _ScriptableCI(torch.jit.trace(self, example, check_trace=False))
 
     @property
     def output_stride(self):
@@ -2575,21 +2663,16 @@ class DenseFeatureNet(nn.Module):
         """True for the strided steps that output_stride lets run as ordinary strided layers."""
         return getattr(step, "depth", 0) and step.depth <= self._grid[0]
 
-    def _finish(self, stacked, height, width):
-        """Unwarp the strides that kept their shifts, crop to the image, subsample to output_stride."""
+    def _finish(self, stacked, height, width, out_format=torch.contiguous_format):
+        """Unwarp the strides that kept their shifts, crop to the image, subsample to output_stride;
+        the result in the layout ``out_format``."""
         k, (gy, gx), (ry, rx) = self._grid
-        dense = self._crop(unwarp(stacked, self.strides[k:], self.naive), -(-height // gy), -(-width // gx))
-        return dense if (ry, rx) == (1, 1) else dense[:, :, ::ry, ::rx]
-
-    @staticmethod
-    def _crop(dense, height, width):
-        """The first ``height`` x ``width`` pixels.  While tracing for export, by index (a slice would
-        need the guard "unwarped size >= image size", which the shape solver cannot prove)."""
-        if torch.compiler.is_compiling():
-            rows = torch.arange(height, device=dense.device)
-            cols = torch.arange(width, device=dense.device)
-            return dense.index_select(2, rows).index_select(3, cols)
-        return dense[:, :, :height, :width]
+        if _exporting():  # any (symbolic or traced) image size
+            dense = unwarp_gather(stacked, self.strides[k:], -(-height // gy), -(-width // gx))
+            return dense if (ry, rx) == (1, 1) else dense[:, :, ::ry, ::rx]
+        dense = unwarp(stacked, self.strides[k:], self.naive)[:, :, :-(-height // gy), :-(-width // gx)]
+        dense = dense if (ry, rx) == (1, 1) else dense[:, :, ::ry, ::rx]
+        return dense.contiguous(memory_format=out_format)
 
     @property
     def memory_format(self):
@@ -2635,9 +2718,9 @@ class DenseFeatureNet(nn.Module):
                             (height, width), self.stride_product, self.max_memory, available,
                             f"CI on {batch} image(s) of {height}x{width} ({dtype})")
 
-    def _tiled(self, padded, height, width, tile):
+    def _tiled(self, padded, height, width, tile, out_format=torch.contiguous_format):
         """Exact tiling (:func:`tile_grid`): each output tile from its own crop of the padded image
-        (overlap pH-1, pW-1), unwarped straight into the output."""
+        (overlap pH-1, pW-1), unwarped straight into the output (of layout ``out_format``)."""
         sh, sw = self._unwarp_product
         ph, pw = self.patch_size
         k, _, (ry, rx) = self._grid
@@ -2647,25 +2730,26 @@ class DenseFeatureNet(nn.Module):
         automatic = self._tile == "auto" and self.max_memory is None  # quiet: the user asked for nothing
         bar = _progress(len(grid), "CI tiles", self.progress if self.progress is not None else
                         (None if len(grid) >= 50 and not automatic else False))
+        out_h, out_w = -(-height // oy), -(-width // ox)
         out = None
         for y0, x0, _, _, hp, wp in grid:
             stacked = self.stacked(padded[:, :, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1])
             stacked = stacked[:, :, :hp // sh, :wp // sw]
-            if out is None:  # the image size rounded up to the tile multiple; cropped at the end
-                shape = (padded.shape[0], stacked.shape[1], _ceil_to(height, multiple[0]) // oy,
-                         _ceil_to(width, multiple[1]) // ox)
-                out = torch.empty(shape, dtype=stacked.dtype, device=stacked.device, memory_format=torch.channels_last
-                                  if _is_channels_last(stacked) else torch.contiguous_format)
+            if out is None:  # exactly the output's size, so that no crop (copy) is needed at the end
+                out = torch.empty((padded.shape[0], stacked.shape[1], out_h, out_w), dtype=stacked.dtype,
+                                  device=stacked.device, memory_format=out_format)
             dest = out[:, :, y0 // oy:(y0 + hp) // oy, x0 // ox:(x0 + wp) // ox]
-            if self.naive or (oy, ox) != (1, 1):
-                dest.copy_(unwarp(stacked, self.strides[k:], self.naive)[:, :, ::ry, ::rx])
+            inside = dest.shape[-2:] == ((hp // oy), (wp // ox))  # else a tile on the bottom or right edge
+            if self.naive or (oy, ox) != (1, 1) or not inside:
+                unwarped = unwarp(stacked, self.strides[k:], self.naive)[:, :, ::ry, ::rx]
+                dest.copy_(unwarped[:, :, :dest.shape[2], :dest.shape[3]])
             else:
                 unwarp_into(stacked, self.strides, dest)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        return out[:, :, :-(-height // oy), :-(-width // ox)]
+        return out
 
     def extra_repr(self):
         lines = [f"patch_size={self.patch_size}, in_channels={self.in_channels}, out_channels="

@@ -113,26 +113,96 @@ def test_keras_copies_and_saved_models_are_exact(kb, tmp_path):
         assert (clone.patch_size, clone.strides, clone.naive) == (ci.patch_size, ci.strides, ci.naive), name
 
 
-def test_torch_export_with_automatic_dynamic_sizes(tb):
-    """torch.export.export with Dim.AUTO for N, H and W: one untiled graph, exact at sizes not seen at
-    export (not multiples of the stride product, other batches).  Sizes up to the stride product are
-    refused by the exported program's own guard (an error, never a wrong answer)."""
+#: image sizes (N, H, W) not seen at export: 1x1 and sizes below the patch, not multiples of the
+#: stride product, other batches
+UNSEEN = [(1, 1, 1), (3, 2, 5), (2, 17, 23), (1, 29, 26), (1, 40, 33)]
+
+
+def _torch_images(n, h, w, seed):
+    import torch
+    return torch.from_numpy(netspec.random_images(n, CHANNELS, h, w, seed).transpose(0, 3, 1, 2)).float().contiguous()
+
+
+def _check_torch_artifact(tb, net, run, name):
+    """``run`` (an exported CI) gives Cp's output on every patch at every size of UNSEEN."""
+    import torch
+    for seed, (n, h, w) in enumerate(UNSEEN):
+        images = _torch_images(n, h, w, 10 + seed)
+        with torch.no_grad():
+            out = torch.as_tensor(np.asarray(run(images)))
+        assert tuple(out.shape) == (n, 3, h, w), (name, (n, h, w))
+        assert max_rel_error(out, tb.FDFE.dense_reference(net, images, PATCH)) <= TOL["float32"], (name, (n, h, w))
+
+
+def test_torch_export_over_the_whole_size_range(tb):
+    """torch.export.export with N, H and W dynamic from 1 up (Dim ranges as a user writes them): one
+    untiled graph without guards on the image size, exact at sizes not seen at export, also with the
+    default tiles and channels-last layout that eager CI uses on this machine."""
     import torch
     from torch.export import Dim
-    net, ci = _torch_ci(tb)  # default tile="auto": export takes the untiled path
-    example = torch.randn(2, CHANNELS, 30, 33)
-    program = torch.export.export(ci, (example,), dynamic_shapes={"images": {0: Dim.AUTO, 2: Dim.AUTO,
-                                                                             3: Dim.AUTO}})
-    exported = program.module()
-    for shape in [(1, CHANNELS, 17, 23), (3, CHANNELS, 64, 45), (2, CHANNELS, 29, 26)]:
-        images = torch.from_numpy(netspec.random_images(shape[0], CHANNELS, shape[2], shape[3], 5)
-                                  .transpose(0, 3, 1, 2)).float()
+    net, ci = _torch_ci(tb)
+    dims = {0: Dim("N", min=1, max=64), 2: Dim("H", min=1, max=8192), 3: Dim("W", min=1, max=8192)}
+    program = torch.export.export(ci, (_torch_images(2, 30, 33, 4),), dynamic_shapes={"images": dims})
+    _check_torch_artifact(tb, net, program.module(), "torch.export")
+
+
+def test_torch_onnx_exports_run_exactly_in_onnxruntime(tb, tmp_path):
+    """torch.onnx.export, both exporters (dynamo=True with Dim ranges; the TorchScript-based one with
+    dynamic_axes), run in ONNX Runtime at sizes not seen at export."""
+    import onnxruntime
+    import torch
+    from torch.export import Dim
+    net, ci = _torch_ci(tb)
+    example = (_torch_images(2, 30, 33, 4),)
+    dims = {0: Dim("N", min=1, max=64), 2: Dim("H", min=1, max=8192), 3: Dim("W", min=1, max=8192)}
+    axes = {"images": {0: "N", 2: "H", 3: "W"}, "features": {0: "N", 2: "H", 3: "W"}}
+    for dynamo in (True, False):
+        path = str(tmp_path / f"ci_{dynamo}.onnx")
+        if dynamo:
+            torch.onnx.export(ci, example, path, dynamo=True, input_names=["images"], output_names=["features"],
+                              dynamic_shapes={"images": dims})
+        else:
+            torch.onnx.export(ci, example, path, dynamo=False, input_names=["images"], output_names=["features"],
+                              dynamic_axes=axes)
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        _check_torch_artifact(tb, net, lambda x: session.run(None, {"images": x.numpy()})[0],
+                              f"onnxruntime, dynamo={dynamo}")
+
+
+def test_torch_jit_trace_and_script_serve_any_image_size(tb, tmp_path):
+    """torch.jit.trace(ci, images) records shapes computed from the image's, so the trace is exact at
+    other sizes; torch.jit.script(ci) compiles such a trace; both survive torch.jit.save/load."""
+    import torch
+    net, ci = _torch_ci(tb)
+    with torch.no_grad():
+        traced = torch.jit.trace(ci, _torch_images(2, 30, 33, 4))
+    scripted = torch.jit.script(ci)
+    for name, module in [("trace", traced), ("script", scripted)]:
+        torch.jit.save(module, str(tmp_path / f"{name}.pt"))
+        _check_torch_artifact(tb, net, torch.jit.load(str(tmp_path / f"{name}.pt")), f"torch.jit.{name}")
+
+
+def test_torch_output_layout_follows_the_input(tb):
+    """A contiguous input gives a contiguous output (out.view(N, K, -1) works, as for Cp), tiled or not
+    and whatever layout CI uses inside; a channels-last input gives a channels-last output."""
+    import torch
+    net, ci = _torch_ci(tb)
+    images = _torch_images(2, 29, 26, 7)
+    ref = tb.FDFE.dense_reference(net, images, PATCH)
+    defaults = {"tile": "auto", "memory_format": torch.channels_last, "naive": False, "output_stride": 1}
+    for kwargs in [{}, {"tile": None}, {"tile": (16, 16)}, {"memory_format": torch.contiguous_format},
+                   {"naive": True, "tile": (16, 16)}, {"output_stride": 2, "tile": (16, 16)}]:
+        for name, value in {**defaults, **kwargs}.items():
+            setattr(ci, name, value)
+        step = ci.output_stride
+        want = ref[:, :, ::step[0], ::step[1]]
         with torch.no_grad():
-            out = exported(images)
-        assert out.shape == (shape[0], 3, shape[2], shape[3])
-        assert max_rel_error(out, tb.FDFE.dense_reference(net, images, PATCH)) <= TOL["float32"]
-    with pytest.raises(AssertionError, match="Guard failed"):
-        exported(torch.randn(1, CHANNELS, 3, 3))
+            out = ci(images)
+            out_cl = ci(images.contiguous(memory_format=torch.channels_last))
+        assert out.is_contiguous() and out.view(2, 3, -1).shape[-1] == want.shape[2] * want.shape[3], kwargs
+        assert out_cl.is_contiguous(memory_format=torch.channels_last), kwargs
+        assert max_rel_error(out, want) <= TOL["float32"], kwargs
+        assert max_rel_error(out_cl, want) <= TOL["float32"], kwargs
 
 
 def test_keras_saved_model_serves_any_image_size(kb, tmp_path):
@@ -158,12 +228,3 @@ def test_keras_saved_model_serves_any_image_size(kb, tmp_path):
             out = out if tf.is_tensor(out) else next(iter(out.values()))
             assert tuple(out.shape) == (n, h, w, 3)
             assert max_rel_error(out, ref) <= TOL["float32"]
-
-
-def test_torch_jit_trace_of_ci_is_refused(tb):
-    """torch.jit.trace would freeze the image size into CI's reshapes (wrong values at other sizes):
-    refused with the way out, and so is the TorchScript-based ONNX exporter, which traces."""
-    import torch
-    _, ci = _torch_ci(tb)
-    with pytest.raises(RuntimeError, match=r"CI cannot be traced by torch\.jit\.trace .*torch\.export\.export"):
-        torch.jit.trace(ci, torch.randn(1, CHANNELS, 20, 21))
