@@ -228,3 +228,81 @@ def test_keras_saved_model_serves_any_image_size(kb, tmp_path):
             out = out if tf.is_tensor(out) else next(iter(out.values()))
             assert tuple(out.shape) == (n, h, w, 3)
             assert max_rel_error(out, ref) <= TOL["float32"]
+
+
+def _keras_images(n, h, w, seed):
+    return np.ascontiguousarray(netspec.random_images(n, CHANNELS, h, w, seed), dtype=np.float32)
+
+
+def _check_keras_artifact(kb, net, run, name, sizes=UNSEEN):
+    """``run`` (an exported Keras CI, numpy in and out) gives Cp's output on every patch at ``sizes``."""
+    import tensorflow as tf
+    for seed, (n, h, w) in enumerate(sizes):
+        images = _keras_images(n, h, w, 20 + seed)
+        out = np.asarray(run(images))
+        assert out.shape == (n, h, w, 3), (name, (n, h, w))
+        ref = kb.FDFE.dense_reference(net, tf.constant(images), PATCH)
+        assert max_rel_error(out, ref) <= TOL["float32"], (name, (n, h, w))
+
+
+def test_keras_ci_is_a_model_of_any_image_size(kb):
+    """CI's symbolic inputs and outputs take any N, H, W; summary() lists the converted layers."""
+    _, ci = _keras_ci(kb)
+    assert [tuple(t.shape) for t in ci.inputs] == [(None, None, None, CHANNELS)]
+    assert [tuple(t.shape) for t in ci.outputs] == [(None, None, None, 3)]
+    assert (ci.input_shape, ci.output_shape) == ((None, None, None, CHANNELS), (None, None, None, 3))
+    lines = []
+    ci.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
+    text = "\n".join(lines)
+    for kind in ["multiConv", "multiMaxPooling", "multiLPPooling", "multiAvgPooling", "DenseAsConv"]:
+        assert kind in text, kind
+
+
+def test_keras_tflite_with_builtin_ops_only(kb, tmp_path):
+    """TFLite from the exported SavedModel with built-in ops only (no Select ops), fast and naive
+    paths: a fixed image size, and dynamic H, W set with resize_tensor_input, exact at unseen sizes."""
+    import tensorflow as tf
+    net, ci = _keras_ci(kb)
+
+    def interpreter(shape):
+        path = str(tmp_path / f"saved_{len(list(tmp_path.iterdir()))}")
+        ci.export(path, input_signature=[tf.TensorSpec(shape, tf.float32)], verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(path)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        return tf.lite.Interpreter(model_content=converter.convert())
+
+    def run_with(interp, resize):
+        def run(images):
+            index = interp.get_input_details()[0]["index"]
+            if resize:
+                interp.resize_tensor_input(index, list(images.shape))
+            interp.allocate_tensors()
+            interp.set_tensor(index, images)
+            interp.invoke()
+            return interp.get_tensor(interp.get_output_details()[0]["index"])
+        return run
+
+    for naive in (False, True):
+        ci.naive = naive
+        _check_keras_artifact(kb, net, run_with(interpreter([None, None, None, CHANNELS]), True),
+                              f"TFLite dynamic, naive={naive}", UNSEEN[:3])
+    ci.naive = False
+    _check_keras_artifact(kb, net, run_with(interpreter([2, 17, 23, CHANNELS]), False), "TFLite fixed",
+                          [(2, 17, 23)])
+
+
+def test_keras_tf2onnx_runs_exactly_in_onnxruntime(kb):
+    """tf2onnx of CI's call with (None, None, None, C) images, fast and naive paths, in ONNX Runtime at
+    sizes that are not multiples of the stride product."""
+    import onnxruntime
+    import tensorflow as tf
+    import tf2onnx
+    net, ci = _keras_ci(kb)
+    spec = (tf.TensorSpec([None, None, None, CHANNELS], tf.float32, name="images"),)
+    for naive in (False, True):
+        ci.naive = naive
+        proto, _ = tf2onnx.convert.from_function(tf.function(lambda images: ci(images), input_signature=spec),
+                                                 input_signature=spec, opset=17)
+        session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        _check_keras_artifact(kb, net, lambda x: session.run(None, {"images": x})[0], f"tf2onnx, naive={naive}",
+                              UNSEEN[:3])

@@ -1056,12 +1056,21 @@ def multipool_prepare(images, patch_size, stride_product=1, border="zeros"):
         (N, H, W, C) -> (N, H' + pH - 1, W' + pW - 1, C), H' = ceil(H / SH) * SH, W' likewise.
     """
     top, bottom, left, right = patch_padding(patch_size)
+    ph, pw = _pair(patch_size, "patch_size")
     sh, sw = _pair(stride_product, "stride_product")
     shape = _static_or_dynamic(images)
-    extra_h, extra_w = (-shape[1]) % sh, (-shape[2]) % sw
+    # "ceil(H / SH) * SH - H", not "(-H) % SH": exporters (tf2onnx) may lower % of a negative
+    # dynamic size to a truncating remainder
+    extra_h = (shape[1] + sh - 1) // sh * sh - shape[1]
+    extra_w = (shape[2] + sw - 1) // sw * sw - shape[2]
     if border == "zeros":
-        return tf.pad(images, [[0, 0], [top, bottom + extra_h], [left, right + extra_w], [0, 0]])
-    return tf.pad(_pad_border(images, patch_size, border), [[0, 0], [0, extra_h], [0, extra_w], [0, 0]])
+        padded = tf.pad(images, [[0, 0], [top, bottom + extra_h], [left, right + extra_w], [0, 0]])
+    else:
+        padded = tf.pad(_pad_border(images, patch_size, border), [[0, 0], [0, extra_h], [0, extra_w], [0, 0]])
+    # padding by computed amounts hides every static size, the channels' too, which converters such
+    # as TFLite's need for the convolutions that follow: a reshape to the same sizes, the known ones
+    # as constants, restores them (set_shape would not reach a saved graph)
+    return tf.reshape(padded, [shape[0], shape[1] + ph - 1 + extra_h, shape[2] + pw - 1 + extra_w, shape[3]])
 
 
 def space_to_batch(x, stride):
@@ -1205,8 +1214,9 @@ def unwarp(x, strides: Sequence, naive: bool = False):
 
     The batch axis holds (y_n, x_n, ..., y_1, x_1, N) (last layer outermost).  The output row
     of (q, y_n, ..., y_1) is q * SH + ... + s_1 * y_2 + y_1 (paper, Section 3.3), likewise for
-    columns.  Done as one reshape, one transpose and one reshape; ``naive`` instead undoes one
-    layer at a time, innermost last (the paper's Torch listing).
+    columns.  Done as one gather of the stacked shifts (for more than one layer), one 6-D transpose
+    and reshapes; ``naive`` instead undoes one layer at a time, innermost last (the paper's Torch
+    listing).
 
     Shape:
         (M * N, h, w, K) -> (N, h * SH, w * SW, K), M and SH, SW the products of the strides.
@@ -1224,11 +1234,17 @@ def unwarp(x, strides: Sequence, naive: bool = False):
     if isinstance(b, int) and b % _prod(sizes):
         raise ValueError(f"batch {b} is not a multiple of the {_prod(sizes)} stacked shifts of the strides {strides}: "
                          f"{_NOT_REPLACED}, or the list holds a stride that Cp does not have")
-    n_img = b // _prod(sizes)
+    m = _prod(sizes)
+    n_img = b // m
     big_h = _prod(s[0] for s in strides)
     big_w = _prod(s[1] for s in strides)
-    perm = [2 * n, 2 * n + 1] + list(range(0, 2 * n, 2)) + [2 * n + 2] + list(range(1, 2 * n, 2)) + [2 * n + 3]
-    v = tf.transpose(tf.reshape(x, sizes + [n_img, h, w, k]), perm)
+    if n > 1:
+        # Reorder the stacked shifts from (y_n, x_n, ..., y_1, x_1) to (y_n, ..., y_1, x_n, ..., x_1):
+        # the y digits then form one index Y = the row offset y_1 + s_1 * y_2 + ..., likewise X, and
+        # the unwarping is one 6-D transpose (TFLite's built-in transpose takes at most 6 dimensions)
+        order = np.arange(m).reshape(sizes).transpose(list(range(0, 2 * n, 2)) + list(range(1, 2 * n, 2)))
+        x = tf.gather(tf.reshape(x, [m, n_img * h * w * k]), order.reshape(-1))
+    v = tf.transpose(tf.reshape(x, [big_h, big_w, n_img, h, w, k]), [2, 3, 0, 4, 1, 5])
     return tf.reshape(v, [n_img, h * big_h, w * big_w, k])
 
 
@@ -2405,6 +2421,33 @@ class DenseFeatureModel(keras.Model):
         """CI takes images of any N, H, W: built for (None, None, None, C) whatever shape comes first,
         so that export() and tf.saved_model.save serve every image size."""
         self.built = True
+
+    @property
+    def inputs(self):
+        """[a symbolic (None, None, None, C) image batch]: CI takes any N, H, W."""
+        return list(self.core.inputs)
+
+    @property
+    def outputs(self):
+        """[a symbolic (None, None, None, K) feature map]: Cp's output at every pixel."""
+        spec = self.compute_output_shape(tuple(self.core.inputs[0].shape))
+        return [keras.KerasTensor(spec, dtype=self.core.outputs[0].dtype)]
+
+    @property
+    def input_shape(self):
+        return tuple(self.core.inputs[0].shape)
+
+    @property
+    def output_shape(self):
+        return tuple(self.outputs[0].shape)
+
+    def summary(self, *args, **kwargs):
+        """Keras' summary of the converted layers (``core``: they run on the shift-stacked batch, so
+        their batch size is N times the number of shifts), after one line on CI itself."""
+        print_fn = kwargs.get("print_fn") or print
+        print_fn(f'DenseFeatureModel "{self.name}": {self.input_shape} -> {self.output_shape}, patch '
+                 f'{self.patch_size[0]}x{self.patch_size[1]}, strides {self.strides}; its converted layers:')
+        return self.core.summary(*args, **kwargs)
 
     @property
     def naive(self):
