@@ -2586,12 +2586,16 @@ class DenseFeatureNet(nn.Module):
         values = {0: padded}
         layout = self.memory_format
         in_place_ok = not torch.is_grad_enabled()
-        if _exporting():
+        if torch.jit.is_tracing():
             layout, in_place_ok = None, False
+        elif torch.compiler.is_compiling():
+            in_place_ok = False
         for step, free, overwrite in zip(self.steps, self.plan.free_after, self.plan.overwrite):
             outs = step.run([values[s] for s in step.inputs], self, overwrite and in_place_ok)
             for s, v in zip(step.outputs, outs):
-                if layout == torch.channels_last and v.dim() == 4 and not _is_channels_last(v) and v.shape[1] > 1:
+                if torch.compiler.is_compiling() and layout == torch.channels_last and v.dim() == 4:
+                    v = v.contiguous(memory_format=layout)
+                elif layout == torch.channels_last and v.dim() == 4 and not _is_channels_last(v) and v.shape[1] > 1:
                     v = v.contiguous(memory_format=layout)  # a 1-channel input leaves convs in NCHW
                 values[s] = v
             for s in free:
@@ -2622,11 +2626,14 @@ class DenseFeatureNet(nn.Module):
         multiple = _lcm_pair(self.stride_product, self.output_stride)
         padded = multipool_prepare(images, self.patch_size, multiple, self.border)
         if _exporting():
-            # torch.export, torch.compile, torch.jit.trace: one untiled graph in the default layout,
-            # valid for every N, H, W >= 1 (tile sizes and layouts would add guards on the image size).  One more
+            # torch.export, torch.compile, torch.jit.trace: one untiled graph, valid for every
+            # N, H, W >= 1 (tile sizes and stride checks would add guards on the image size); in
+            # memory_format for torch.export and torch.compile, which keep layouts without guards.  One more
             # block of zero rows and columns keeps every stacked map at least 2 wide, since sizes
             # 1 and 0 are special cases the exported graph could not serve.
             padded = F.pad(padded, (0, multiple[1], 0, multiple[0]))
+            if self.memory_format == torch.channels_last and torch.compiler.is_compiling():
+                padded = padded.contiguous(memory_format=torch.channels_last)
             return self._finish(self.stacked(padded), height, width)
         if self.memory_format is not None and self.memory_format != torch.contiguous_format:
             padded = padded.contiguous(memory_format=self.memory_format)
