@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/train_step.py --out bench/RESULTS_train.md
 	$(PY) bench/output_stride.py --out bench/RESULTS_output_stride.md
 	$(PY) bench/deploy.py --out bench/RESULTS_deploy.md
+	$(PY) bench/bfloat16.py --out bench/RESULTS_bfloat16.md
 
 weights: $(STAMP)
 	$(PY) weights/make_weights.py
