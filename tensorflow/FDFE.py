@@ -2497,21 +2497,32 @@ class DenseFeatureModel(keras.Model):
 
     def _tiled(self, padded, height, width, tile):
         """Exact tiling (:func:`tile_grid`): each output tile from its own crop of the padded image
-        (overlap pH-1, pW-1); the tiles are concatenated (differentiable, and traceable in graphs)."""
+        (overlap pH-1, pW-1).  Eagerly and with no gradient recorded, each tile is written into the
+        output as it comes (one output in memory); otherwise the tiles are concatenated (differentiable,
+        and traceable in graphs; the tiles and the output are in memory at once)."""
         ph, pw = self.patch_size
+        oy, ox = self.output_stride
         grid = tile_grid(height, width, tile, _lcm_pair(self.stride_product, self.output_stride))
         bar = _progress(len(grid), "CI tiles", self.progress if self.progress is not None else
                         (None if len(grid) >= 50 else False))
-        rows, row = [], []
+        in_place = tf.executing_eagerly() and not _recording_gradients()
+        out, rows, row = None, [], []
         for y0, x0, h, w, hp, wp in grid:
-            row.append(self._dense(padded[:, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1, :], h, w))
-            if x0 + w == width:
-                rows.append(row[0] if len(row) == 1 else tf.concat(row, 2))
-                row = []
+            dense = self._dense(padded[:, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1, :], h, w)
+            if in_place:
+                out = _write_rows(out, dense, y0 // oy, x0 // ox, -(-height // oy), -(-width // ox))
+            else:
+                row.append(dense)
+                if x0 + w == width:
+                    rows.append(row[0] if len(row) == 1 else tf.concat(row, 2))
+                    row = []
+            del dense
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if in_place:
+            return tf.reshape(out, (padded.shape[0], -(-height // oy), -(-width // ox), self.out_channels))
         return rows[0] if len(rows) == 1 else tf.concat(rows, 1)
 
     def compute_output_shape(self, input_shape):
@@ -2533,6 +2544,28 @@ class DenseFeatureModel(keras.Model):
         config = dict(config)
         core = keras.saving.deserialize_keras_object(config.pop("core"))
         return cls(core, **config)
+
+
+def _recording_gradients():
+    """True where a GradientTape (or forward accumulator) may record the ops run now (True if unsure)."""
+    try:
+        from tensorflow.python.eager import record
+        return bool(record.could_possibly_record())
+    except (ImportError, AttributeError):
+        return True
+
+
+def _write_rows(out, tile, y0, x0, height, width):
+    """Write ``tile`` (N, h, w, K) into the output at (y0, x0), in place; ``out`` holds the output as
+    (N * height * width, K) rows (None: allocated here, uninitialised).  Eager only, without gradients:
+    InplaceUpdate writes into its input's buffer, so no copy of the output is ever made."""
+    n, h, w, k = tile.shape
+    if out is None:
+        out = tf.raw_ops.Empty(shape=[n * height * width, k], dtype=tile.dtype, init=False)
+    pixels = (np.arange(n)[:, None, None] * height + y0 + np.arange(h)[None, :, None]) * width \
+        + x0 + np.arange(w)[None, None, :]
+    return tf.raw_ops.InplaceUpdate(x=out, i=tf.constant(pixels.reshape(-1), tf.int32),
+                                    v=tf.reshape(tile, (n * h * w, k)))
 
 
 # ---------------------------------------------------------------------------
