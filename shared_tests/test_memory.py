@@ -114,7 +114,7 @@ def test_torch_memory_guard_tiles_instead_of_failing(tb):
 
 def test_keras_memory_guard_tiles_instead_of_failing(kb):
     result = _run(KERAS_SCRIPT)
-    assert result["need_mib"] > 1500
+    assert result["need_mib"] > 0.7 * 1500  # more than the guard's share (60%) of the 1500 MiB left
     assert result["error"] <= 1e-5
     assert "CI on 1 image(s) of 3000x4000 (float32) would need about " in result["huge"]  # Keras wraps it
     assert "memory_guard=False" in result["huge"]
