@@ -11,9 +11,11 @@ relative to the untiled run of the same row and backend (noisy on a shared machi
 
     python bench/memory_budget.py                                  # every row, writes bench/RESULTS_memory.md
     python bench/memory_budget.py --rows simo_serra:480:640 --backends torch
-    python bench/memory_budget.py --child torch simo_serra 480 640 0.5 # one case, prints JSON
+    python bench/memory_budget.py --child torch simo_serra 480 640 0.5  # one case, prints JSON
 
-Budgets are fractions of ``ci.estimate_memory((H, W))`` ("untiled" is ``tile=None``, no budget).
+Budgets (``--budgets``): "none" (``tile=None``, no budget), a fraction of ``ci.estimate_memory((H, W))`` ("0.5"),
+or "w0.25": the padded image and the output (the estimate of a 1x1 tile) plus a quarter of the rest of the estimate
+(a quarter of the estimate can be less than the output alone).
 """
 
 import argparse
@@ -29,10 +31,9 @@ ROOT = os.path.dirname(HERE)
 
 #: (net of shared_tests/architectures.py, H, W)
 ROWS = [("simo_serra", 480, 640), ("simo_serra", 720, 1080), ("original_basenet", 720, 1080)]
-#: budgets as fractions of the untiled estimate; None: untiled
-BUDGETS = [None, 0.5, 0.25]
+#: untiled; half the estimate; the padded image and the output plus a quarter of the rest (see _budget)
+BUDGETS = ["none", "0.5", "w0.25"]
 BACKENDS = ["torch", "tf"]
-#: what RESULTS_memory.md and the README promise: peak <= budget + SLACK (see FDFE.MEMORY_SLACK)
 LABELS = {"torch": "PyTorch", "tf": "TensorFlow"}
 
 
@@ -51,7 +52,18 @@ def _reset_peak():
         return False
 
 
-def child(backend, name, height, width, fraction, repeats, threads):
+def _budget(spec, estimate, fixed):
+    """The budget in bytes from its spec: "none" (untiled), "0.5" (half the estimate), "w0.25" (the padded
+    image and the output, plus a quarter of the rest of the estimate), or bytes ("300000000")."""
+    if spec == "none":
+        return None
+    if spec.startswith("w"):
+        return int(fixed + float(spec[1:]) * (estimate - fixed))
+    value = float(spec)
+    return int(value * estimate) if value <= 1 else int(value)
+
+
+def child(backend, name, height, width, spec, repeats, threads):
     """One case in this (fresh) process; prints a JSON line."""
     import gc
     import resource
@@ -86,9 +98,16 @@ def child(backend, name, height, width, fraction, repeats, threads):
         def run(ci, x):
             return ci(x)
     estimate = probe.estimate_memory((height, width))
-    budget = None if fraction is None else int(estimate * fraction)
+    fixed = probe.estimate_memory((height, width), tile=(1, 1))  # the padded image, the output, ~no work
+    budget = _budget(spec, estimate, fixed)
+    result = {"backend": backend, "net": name, "H": height, "W": width, "spec": spec, "estimate": estimate,
+              "fixed": fixed, "budget": budget}
+    try:
+        tile = None if budget is None else probe.tile_for_memory(budget, (height, width))
+    except MemoryError as exc:
+        print(json.dumps({**result, "error": str(exc)}))
+        return
     ci = probe if budget is None else fdfe.convert(net, patch, max_memory=budget, progress=False, check=False)
-    tile = None if budget is None else ci.tile_for_memory(budget, (height, width))
     del array
     run(ci, tiny)
     gc.collect()
@@ -101,21 +120,26 @@ def child(backend, name, height, width, fraction, repeats, threads):
     peak = _status("VmHWM:") - base
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     del out
-    times = []
+    times, untiled_times = [], []  # interleaved with untiled calls in this process: the ratio is less noisy
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = run(ci, image)
-        times.append(time.perf_counter() - start)
-        del out
-    print(json.dumps({"backend": backend, "net": name, "H": height, "W": width, "fraction": fraction,
-                      "estimate": estimate, "budget": budget, "tile": tile, "peak": peak, "maxrss": maxrss,
-                      "maxrss_before": maxrss_before - base, "reset": reset, "first": first,
-                      "time": float(np.median(times)) if times else first, "times": times}))
+        for which, ts in ((ci, times), (probe, untiled_times)) if budget is not None else ((ci, times),):
+            start = time.perf_counter()
+            out = run(which, image)
+            ts.append(time.perf_counter() - start)
+            del out
+    if budget is None:
+        untiled_times = times
+    n_tiles = len(fdfe.tile_grid(height, width, tile, probe.stride_product)) if tile else 1
+    print(json.dumps({**result, "tile": tile, "peak": peak, "maxrss": maxrss, "maxrss_before": maxrss_before - base,
+                      "reset": reset, "first": first, "n_tiles": n_tiles,
+                      "time": float(np.median(times)) if times else first,
+                      "time_untiled": float(np.median(untiled_times)) if untiled_times else None,
+                      "times": times, "untiled_times": untiled_times}))
 
 
-def run_case(backend, name, height, width, fraction, repeats, threads):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", backend, name, str(height), str(width),
-           "none" if fraction is None else str(fraction), "--repeats", str(repeats), "--threads", str(threads)]
+def run_case(backend, name, height, width, spec, repeats, threads):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", backend, name, str(height), str(width), spec,
+           "--repeats", str(repeats), "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
@@ -126,30 +150,41 @@ def mib(nbytes):
     return f"{nbytes / 2**20:.0f}"
 
 
+def describe(spec):
+    if spec == "none":
+        return "untiled"
+    if spec.startswith("w"):
+        return f"output + {float(spec[1:]):g} of the work"
+    return f"{float(spec):g} × estimate" if float(spec) <= 1 else f"{int(float(spec)) / 2**20:.0f} MiB"
+
+
 def write_report(results, path, command, slack):
     lines = ["# Memory budgets: measured peak against `max_memory`", "",
-             f"Written {datetime.date.today().isoformat()} by `{command}` (CPU, each case in a fresh process).", "",
-             "*Peak*: the resident-set high-water mark during one call of CI minus the resident set just before it "
-             "(after imports, weights, convert and a warm-up call on a 37×41 image), read as the kernel's "
-             "`ru_maxrss`/`VmHWM` after resetting it; it includes CI's output, not the input image. "
-             "*Estimate*: `ci.estimate_memory((H, W))` (untiled). *Budget*: `convert(..., max_memory=budget)`; "
-             f"the promise is peak ≤ budget + {mib(slack)} MiB (`FDFE.MEMORY_SLACK`), and for untiled runs "
-             "peak ≤ estimate. *Time*: median of the calls after the measured one, relative to the untiled "
-             "run of the same row and backend (a shared 2-core machine: differences of ±10% are noise).", "",
-             "| backend | net | image (H×W) | budget MiB | estimate MiB | tile | peak MiB | peak / budget "
-             "| within budget + slack | time | time vs untiled |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    untiled = {(r["backend"], r["net"], r["H"], r["W"]): r["time"] for r in results if r["budget"] is None}
+             f"Written {datetime.date.today().isoformat()} by `{command}` (CPU, 2 threads, each case in a fresh "
+             "process; `make bench` runs it).", "",
+             "*Peak*: the resident-set high-water mark during one call of CI minus the resident set just before "
+             "it (after imports, weights, convert and a warm-up call on a 37×41 image), read as the kernel's "
+             "`ru_maxrss`/`VmHWM` after resetting it with `/proc/self/clear_refs`; it includes CI's output, not "
+             "the input image. *Estimate*: `ci.estimate_memory((H, W))`, untiled. *Budget*: "
+             "`convert(..., max_memory=budget)`: half the estimate, or the padded image and the output "
+             "(the estimate of a 1×1 tile) plus a quarter of the rest. The promise: peak ≤ budget + "
+             f"{slack / 2**20:.0f} MiB (`FDFE.MEMORY_SLACK`), and untiled peak ≤ estimate. *Time*: median of "
+             "the calls after the measured one; *vs untiled*: the ratio of the medians of tiled and untiled "
+             "calls interleaved in the same process (a shared 2-core machine: ±10% is noise).", "",
+             "| backend | net | image (H×W) | budget | budget MiB | estimate MiB | tile (tiles) | peak MiB "
+             "| peak / budget | within | time | vs untiled |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        key = (r["backend"], r["net"], r["H"], r["W"])
+        head = f"| {LABELS[r['backend']]} | {r['net']} | {r['H']}×{r['W']} | {describe(r['spec'])} | " \
+               f"{'—' if r['budget'] is None else mib(r['budget'])} | {mib(r['estimate'])} | "
+        if "error" in r:
+            lines.append(head + "MemoryError: the output alone does not fit | | | | | |")
+            continue
         limit = r["estimate"] if r["budget"] is None else r["budget"] + slack
-        tile = "none" if not r["tile"] else f"{r['tile'][0]}×{r['tile'][1]}"
+        tile = "none" if not r["tile"] else f"{r['tile'][0]}×{r['tile'][1]} ({r['n_tiles']})"
         ratio = "—" if r["budget"] is None else f"{r['peak'] / r['budget']:.2f}"
-        base = untiled.get(key)
-        relative = "—" if base is None else f"{r['time'] / base:.2f}×"
-        lines.append(f"| {LABELS[r['backend']]} | {r['net']} | {r['H']}×{r['W']} | "
-                     f"{'untiled' if r['budget'] is None else mib(r['budget'])} | {mib(r['estimate'])} | {tile} | "
-                     f"{mib(r['peak'])} | {ratio} | {'yes' if r['peak'] <= limit else '**no**'} | "
+        relative = "—" if r["budget"] is None or not r["time_untiled"] else f"{r['time'] / r['time_untiled']:.2f}×"
+        lines.append(head + f"{tile} | {mib(r['peak'])} | {ratio} | {'yes' if r['peak'] <= limit else '**no**'} | "
                      f"{r['time']:.2f} s | {relative} |")
     lines.append("")
     with open(path, "w") as f:
@@ -162,35 +197,35 @@ def main(argv=None):
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--rows", default=None, help="comma-separated net:H:W (default: " +
                    ",".join(f"{n}:{h}:{w}" for n, h, w in ROWS) + ")")
-    p.add_argument("--budgets", default="none,0.5,0.25", help="fractions of the estimate; none: untiled")
-    p.add_argument("--repeats", type=int, default=2, help="timed calls after the measured one")
+    p.add_argument("--budgets", default=",".join(BUDGETS),
+                   help="none (untiled), a fraction of the estimate (0.5), w<fraction> (the padded image and the "
+                        "output plus that fraction of the rest), or bytes")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls (tiled and untiled) after the measured one")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join(HERE, "RESULTS_memory.md"))
     args = p.parse_args(argv)
     if args.child:
-        backend, name, h, w, fraction = args.child
-        return child(backend, name, int(h), int(w), None if fraction == "none" else float(fraction),
-                     args.repeats, args.threads)
+        backend, name, h, w, spec = args.child
+        return child(backend, name, int(h), int(w), spec, args.repeats, args.threads)
     rows = ROWS if args.rows is None else [(n, int(h), int(w)) for n, h, w in
                                            (r.split(":") for r in args.rows.split(","))]
-    budgets = [None if b == "none" else float(b) for b in args.budgets.split(",")]
-    sys.path.insert(0, os.path.join(ROOT, "shared_tests"))
     results = []
+    start = time.perf_counter()
     for backend in args.backends.split(","):
         for name, h, w in rows:
-            for fraction in budgets:
+            for spec in args.budgets.split(","):
                 t0 = time.perf_counter()
-                r = run_case(backend, name, h, w, fraction, args.repeats, args.threads)
+                r = run_case(backend, name, h, w, spec, args.repeats, args.threads)
                 results.append(r)
-                print(f"{LABELS[backend]} {name} {h}x{w} budget {mib(r['budget']) if r['budget'] else 'untiled'} "
-                      f"(estimate {mib(r['estimate'])}, tile {r['tile']}): peak {mib(r['peak'])} MiB "
-                      f"(ru_maxrss {mib(r['maxrss'])}), {r['time']:.2f} s ({time.perf_counter() - t0:.0f} s)",
-                      flush=True)
-    slack = _slack()
+                what = r.get("error") or (f"tile {r['tile']}: peak {mib(r['peak'])} MiB (ru_maxrss "
+                                          f"{mib(r['maxrss'])}), {r['time']:.2f} s, untiled {r['time_untiled']:.2f} s")
+                print(f"{LABELS[backend]} {name} {h}x{w} {describe(spec)}: budget "
+                      f"{mib(r['budget']) if r['budget'] else '-'} MiB, estimate {mib(r['estimate'])} MiB, {what} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
     command = "python bench/memory_budget.py" + ("" if argv is None and len(sys.argv) == 1 else
                                                  " " + " ".join(argv if argv is not None else sys.argv[1:]))
-    write_report(results, args.out, command, slack)
-    print(f"wrote {args.out}")
+    write_report(results, args.out, command, _slack())
+    print(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
 
 
 def _slack():
