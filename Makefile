@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) bench/bench.py --json bench/results_cpu.json --merge bench/results_cuda.json
 	$(PY) bench/train_step.py --out bench/RESULTS_train.md
 	$(PY) bench/output_stride.py --out bench/RESULTS_output_stride.md
+	$(PY) bench/memory_budget.py --out bench/RESULTS_memory.md
 
 weights: $(STAMP)
 	$(PY) weights/make_weights.py

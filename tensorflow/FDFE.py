@@ -2542,15 +2542,16 @@ class DenseFeatureModel(keras.Model):
 
     def _tiled(self, padded, height, width, tile):
         """Exact tiling (:func:`tile_grid`): each output tile from its own crop of the padded image
-        (overlap pH-1, pW-1).  Eagerly and with no gradient recorded, each tile is written into the
-        output as it comes (one output in memory); otherwise the tiles are concatenated (differentiable,
-        and traceable in graphs; the tiles and the output are in memory at once)."""
+        (overlap pH-1, pW-1).  Eagerly on the CPU with no gradient recorded, each tile is written into
+        the output as it comes (one output in memory); otherwise the tiles are concatenated
+        (differentiable, and traceable in graphs; the tiles and the output are in memory at once)."""
         ph, pw = self.patch_size
         oy, ox = self.output_stride
         grid = tile_grid(height, width, tile, _lcm_pair(self.stride_product, self.output_stride))
         bar = _progress(len(grid), "CI tiles", self.progress if self.progress is not None else
                         (None if len(grid) >= 50 else False))
-        in_place = tf.executing_eagerly() and not _recording_gradients()
+        in_place = (tf.executing_eagerly() and not _recording_gradients() and "GPU" not in (padded.device or "")
+                    and padded.shape[0] * -(-height // oy) * -(-width // ox) < 2**31)  # InplaceUpdate's int32 rows
         out, rows, row = None, [], []
         for y0, x0, h, w, hp, wp in grid:
             dense = self._dense(padded[:, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1, :], h, w)
