@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/output_stride.py --out bench/RESULTS_output_stride.md
 	$(PY) bench/deploy.py --out bench/RESULTS_deploy.md
 	$(PY) bench/bfloat16.py --out bench/RESULTS_bfloat16.md
+	$(PY) bench/memory_budget.py --out bench/RESULTS_memory.md
 
 weights: $(STAMP)
 	$(PY) weights/make_weights.py

@@ -411,10 +411,8 @@ def write_report(results, variants, args, path, commands):
               "not be consulted while writing this); its layer sizes are approximate, with random weights.",
               "- The paper's CI times look unsynchronised: its Zagoruyko row would need more FLOP/s than a Titan X "
               "has. Compare our speedups with our FLOP ratios instead.",
-              "- The budget bounds CI's own live tensors (`estimate_memory`). PyTorch on CPUs stays under it. "
-              "TensorFlow on CPUs does not: oneDNN keeps memory it allocated for earlier tiles and shapes, so the "
-              "process' resident set stays high (with `TF_ENABLE_ONEDNN_OPTS=0` the Simo-Serra 1080×720 tiled run "
-              "peaked at 0.5-0.6 GB under its 881 MB budget, measured once while writing this). On GPUs cuDNN's "
+              "- Budgets against peaks measured in fresh processes, both backends: bench/RESULTS_memory.md "
+              "(bench/memory_budget.py; on CPUs peak ≤ budget + `FDFE.MEMORY_SLACK`). On GPUs cuDNN's "
               "workspaces (autotuned, `cudnn.benchmark=True`) come on top and some tiled peaks exceed the budget.",
               "- GPU float32 means strict float32 unless the row says TF32 (cuDNN's default for convolutions on "
               "Ampere and later: 10-bit mantissas, hence tiled differences near 1e-4); CI and Cp use the same "

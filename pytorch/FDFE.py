@@ -476,34 +476,70 @@ def _auto_tile(on_cpu, patch_size, height, width):
     return (AUTO_TILE, AUTO_TILE)
 
 
+#: what a measured peak may exceed a budget (max_memory) by: the frameworks' own allocations during a
+#: call (oneDNN's primitive cache and scratchpads, the allocator's arenas and rounding, thread stacks),
+#: which CI does not control.  The peak is the resident-set increase over the call (bench/memory_budget.py).
+MEMORY_SLACK = 64 * 2**20
+
+
 def _memory_estimate(image_size, batch, in_channels, out_channels, patch, stride_product, peak_channels,
-                     itemsize, tile=None):
-    """Bytes CI needs: the padded input and the output, plus the values alive at once on one tile
-    (1.5 times, for convolution workspaces and layout copies)."""
+                     itemsize, tile=None, work_factor=2.0):
+    """Bytes CI needs: the padded input and the output, plus ``work_factor`` times the values alive
+    at once on one tile (the plan's peak channels, on the tile's padded area): the layers' transients
+    (a multipooling's stride-1 result and its shift-stacked copy, layout copies, convolution
+    workspaces) on top of what the plan counts.  Each backend passes the factor its measurements
+    bound (bench/memory_budget.py)."""
     (height, width), (ph, pw), (sh, sw) = image_size, patch, stride_product
     full_h, full_w = _ceil_to(height, sh), _ceil_to(width, sw)
     fixed = batch * (in_channels * (full_h + ph - 1) * (full_w + pw - 1) + out_channels * full_h * full_w)
     th, tw = (full_h, full_w) if tile is None else (min(_ceil_to(tile[0], sh), full_h),
                                                   min(_ceil_to(tile[1], sw), full_w))
-    work = 1.5 * batch * peak_channels * (th + ph - 1 + sh) * (tw + pw - 1 + sw)
+    work = work_factor * batch * peak_channels * (th + ph - 1 + sh) * (tw + pw - 1 + sw)
     return int((fixed + work) * itemsize)
 
 
-def _tile_for_memory(budget, estimate, image_size, stride_product):
-    """The largest square-ish tile (multiple of the stride product) whose estimate fits the budget."""
-    (height, width), (sh, sw) = image_size, stride_product
+def _tile_for_memory(budget, estimate, image_size, stride_product, patch=(1, 1)):
+    """The tile (multiple of the stride product) whose tiling fits the budget with the least work.
+
+    The image is cut into ny x nx tiles of one size (the last row and column may be smaller); for
+    each ny, the fewest columns whose tile's estimate fits; of those tilings, the one that computes
+    the least area, each tile's overlap of ``patch`` - 1 included (ties: fewer tiles).  None where
+    the whole image fits."""
+    (height, width), (sh, sw), (ph, pw) = image_size, stride_product, patch
     if estimate(None) <= budget:
         return None
-    edge = max(height, width)
-    smallest = max(sh, sw, 8)
-    while edge > smallest:
-        edge = max(smallest, edge * 3 // 4)
-        tile = (_ceil_to(min(edge, height), sh), _ceil_to(min(edge, width), sw))
-        if estimate(tile) <= budget:
-            return tile
-    raise MemoryError(f"CI needs about {estimate((smallest, smallest)) / 2**20:.1f} MiB even with "
-                      f"{smallest}x{smallest} tiles (the padded image and the output alone take "
-                      f"{estimate((1, 1)) / 2**20:.1f} MiB); the budget is {budget / 2**20:.1f} MiB")
+    full_h, full_w = _ceil_to(height, sh), _ceil_to(width, sw)
+    least_h, least_w = min(full_h, _ceil_to(8, sh)), min(full_w, _ceil_to(8, sw))
+
+    def columns(nx):
+        return _ceil_to(-(-width // nx), sw)
+
+    most_x = -(-width // least_w)
+    best, heights = None, []
+    for ny in range(1, -(-height // least_h) + 1):
+        th = _ceil_to(-(-height // ny), sh)
+        if th < least_h or th in heights:
+            continue
+        heights.append(th)
+        if estimate((th, columns(most_x))) > budget:
+            continue
+        lo, hi = 1, most_x  # the fewest columns that fit (the estimate grows with the tile's width)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if estimate((th, columns(mid))) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        tw = columns(lo)
+        rows, cols = -(-height // th), -(-width // tw)
+        key = ((full_h + rows * (ph - 1)) * (full_w + cols * (pw - 1)), rows * cols)
+        if best is None or key < best[0]:
+            best = (key, (th, tw))
+    if best is None:
+        raise MemoryError(f"CI needs about {estimate((least_h, least_w)) / 2**20:.1f} MiB even with "
+                          f"{least_h}x{least_w} tiles (the padded image and the output alone take "
+                          f"{estimate((1, 1)) / 2**20:.1f} MiB); the budget is {budget / 2**20:.1f} MiB")
+    return best[1]
 
 
 def tile_grid(height, width, tile, stride_product):
@@ -581,7 +617,7 @@ def _host_memory_available():
     return min(limits) if limits else None
 
 
-def _choose_tile(requested, estimate, image_size, stride_product, max_memory, available, what):
+def _choose_tile(requested, estimate, image_size, stride_product, max_memory, available, what, patch=(1, 1)):
     """The tile CI runs with (None: untiled).
 
     Args:
@@ -590,19 +626,20 @@ def _choose_tile(requested, estimate, image_size, stride_product, max_memory, av
         max_memory: the user's budget in bytes, or None.
         available: bytes the process may still allocate (the memory guard), or None (guard off).
         what: the work, for messages (e.g. "CI on 2 images of 3000x4000").
+        patch: (pH, pW), the overlap of tiles (for :func:`_tile_for_memory`).
 
     With a budget, the largest tile that fits it.  Otherwise the requested tile, made smaller where
     MEMORY_GUARD_FRACTION of the available memory demands it; MemoryError where nothing fits.
     """
     if max_memory is not None:
-        return _tile_for_memory(max_memory, estimate, image_size, stride_product)
+        return _tile_for_memory(max_memory, estimate, image_size, stride_product, patch)
     if available is None:
         return requested
     guard = int(available * MEMORY_GUARD_FRACTION)
     if estimate(requested) <= guard:
         return requested
     try:
-        return _tile_for_memory(guard, estimate, image_size, stride_product)
+        return _tile_for_memory(guard, estimate, image_size, stride_product, patch)
     except MemoryError as exc:
         raise MemoryError(f"{what} would need about {estimate(requested) / 2**20:.0f} MiB, but this process may "
                           f"allocate only about {available / 2**20:.0f} MiB more (the memory guard uses "
@@ -2702,18 +2739,25 @@ class DenseFeatureNet(nn.Module):
     def tile(self, value):
         self._tile = value if value is None or value == "auto" else _pair(value, "tile")
 
+    #: the values alive at once count twice: a multipooling step holds its input, its stride-1 result,
+    #: their shift-stacked copy and a channels-last copy of that (4x its input, where the plan counts 2x);
+    #: oneDNN's convolutions reorder their input and output likewise (bench/memory_budget.py)
+    memory_work_factor = 2.0
+
     def estimate_memory(self, image_size, batch: int = 1, tile=None, dtype=torch.float32) -> int:
         """Estimated peak bytes of CI on images of ``image_size`` (H, W): the padded input, the
-        output, and 1.5 times the values alive at once on one tile (``tile`` None: whole image)."""
+        output, and twice the values alive at once on one tile (``tile`` None: whole image), an upper
+        bound of the measured peak (bench/RESULTS_memory.md)."""
         return _memory_estimate(image_size, batch, self.in_channels, self.out_channels, self.patch_size,
                                 self.stride_product, self.plan.peak_channels,
                                 torch.empty((), dtype=dtype).element_size(),
-                                None if tile is None else _pair(tile, "tile"))
+                                None if tile is None else _pair(tile, "tile"), self.memory_work_factor)
 
     def tile_for_memory(self, budget: int, image_size, batch: int = 1, dtype=torch.float32):
-        """The largest tile whose :meth:`estimate_memory` fits ``budget`` bytes (None: no tiling needed)."""
+        """The tile whose tiling fits ``budget`` bytes (:meth:`estimate_memory`) with the least work
+        (None: no tiling needed)."""
         return _tile_for_memory(budget, lambda t: self.estimate_memory(image_size, batch, t, dtype),
-                                tuple(image_size), self.stride_product)
+                                tuple(image_size), self.stride_product, self.patch_size)
 
     def _tile_size(self, device, height, width, batch=1, dtype=torch.float32):
         """The tile in use (:func:`_choose_tile`): from max_memory; else the one asked for, or the
@@ -2723,7 +2767,7 @@ class DenseFeatureNet(nn.Module):
         available = _memory_available(device) if self.memory_guard and self.max_memory is None else None
         return _choose_tile(requested, lambda t: self.estimate_memory((height, width), batch, t, dtype),
                             (height, width), self.stride_product, self.max_memory, available,
-                            f"CI on {batch} image(s) of {height}x{width} ({dtype})")
+                            f"CI on {batch} image(s) of {height}x{width} ({dtype})", self.patch_size)
 
     def _tiled(self, padded, height, width, tile, out_format=torch.contiguous_format):
         """Exact tiling (:func:`tile_grid`): each output tile from its own crop of the padded image

@@ -484,34 +484,70 @@ def _auto_tile(on_cpu, patch_size, height, width):
     return (AUTO_TILE, AUTO_TILE)
 
 
+#: what a measured peak may exceed a budget (max_memory) by: the frameworks' own allocations during a
+#: call (oneDNN's primitive cache and scratchpads, the allocator's arenas and rounding, thread stacks),
+#: which CI does not control.  The peak is the resident-set increase over the call (bench/memory_budget.py).
+MEMORY_SLACK = 64 * 2**20
+
+
 def _memory_estimate(image_size, batch, in_channels, out_channels, patch, stride_product, peak_channels,
-                     itemsize, tile=None):
-    """Bytes CI needs: the padded input and the output, plus the values alive at once on one tile
-    (1.5 times, for convolution workspaces and layout copies)."""
+                     itemsize, tile=None, work_factor=2.0):
+    """Bytes CI needs: the padded input and the output, plus ``work_factor`` times the values alive
+    at once on one tile (the plan's peak channels, on the tile's padded area): the layers' transients
+    (a multipooling's stride-1 result and its shift-stacked copy, layout copies, convolution
+    workspaces) on top of what the plan counts.  Each backend passes the factor its measurements
+    bound (bench/memory_budget.py)."""
     (height, width), (ph, pw), (sh, sw) = image_size, patch, stride_product
     full_h, full_w = _ceil_to(height, sh), _ceil_to(width, sw)
     fixed = batch * (in_channels * (full_h + ph - 1) * (full_w + pw - 1) + out_channels * full_h * full_w)
     th, tw = (full_h, full_w) if tile is None else (min(_ceil_to(tile[0], sh), full_h),
                                                   min(_ceil_to(tile[1], sw), full_w))
-    work = 1.5 * batch * peak_channels * (th + ph - 1 + sh) * (tw + pw - 1 + sw)
+    work = work_factor * batch * peak_channels * (th + ph - 1 + sh) * (tw + pw - 1 + sw)
     return int((fixed + work) * itemsize)
 
 
-def _tile_for_memory(budget, estimate, image_size, stride_product):
-    """The largest square-ish tile (multiple of the stride product) whose estimate fits the budget."""
-    (height, width), (sh, sw) = image_size, stride_product
+def _tile_for_memory(budget, estimate, image_size, stride_product, patch=(1, 1)):
+    """The tile (multiple of the stride product) whose tiling fits the budget with the least work.
+
+    The image is cut into ny x nx tiles of one size (the last row and column may be smaller); for
+    each ny, the fewest columns whose tile's estimate fits; of those tilings, the one that computes
+    the least area, each tile's overlap of ``patch`` - 1 included (ties: fewer tiles).  None where
+    the whole image fits."""
+    (height, width), (sh, sw), (ph, pw) = image_size, stride_product, patch
     if estimate(None) <= budget:
         return None
-    edge = max(height, width)
-    smallest = max(sh, sw, 8)
-    while edge > smallest:
-        edge = max(smallest, edge * 3 // 4)
-        tile = (_ceil_to(min(edge, height), sh), _ceil_to(min(edge, width), sw))
-        if estimate(tile) <= budget:
-            return tile
-    raise MemoryError(f"CI needs about {estimate((smallest, smallest)) / 2**20:.1f} MiB even with "
-                      f"{smallest}x{smallest} tiles (the padded image and the output alone take "
-                      f"{estimate((1, 1)) / 2**20:.1f} MiB); the budget is {budget / 2**20:.1f} MiB")
+    full_h, full_w = _ceil_to(height, sh), _ceil_to(width, sw)
+    least_h, least_w = min(full_h, _ceil_to(8, sh)), min(full_w, _ceil_to(8, sw))
+
+    def columns(nx):
+        return _ceil_to(-(-width // nx), sw)
+
+    most_x = -(-width // least_w)
+    best, heights = None, []
+    for ny in range(1, -(-height // least_h) + 1):
+        th = _ceil_to(-(-height // ny), sh)
+        if th < least_h or th in heights:
+            continue
+        heights.append(th)
+        if estimate((th, columns(most_x))) > budget:
+            continue
+        lo, hi = 1, most_x  # the fewest columns that fit (the estimate grows with the tile's width)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if estimate((th, columns(mid))) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        tw = columns(lo)
+        rows, cols = -(-height // th), -(-width // tw)
+        key = ((full_h + rows * (ph - 1)) * (full_w + cols * (pw - 1)), rows * cols)
+        if best is None or key < best[0]:
+            best = (key, (th, tw))
+    if best is None:
+        raise MemoryError(f"CI needs about {estimate((least_h, least_w)) / 2**20:.1f} MiB even with "
+                          f"{least_h}x{least_w} tiles (the padded image and the output alone take "
+                          f"{estimate((1, 1)) / 2**20:.1f} MiB); the budget is {budget / 2**20:.1f} MiB")
+    return best[1]
 
 
 def tile_grid(height, width, tile, stride_product):
@@ -589,7 +625,7 @@ def _host_memory_available():
     return min(limits) if limits else None
 
 
-def _choose_tile(requested, estimate, image_size, stride_product, max_memory, available, what):
+def _choose_tile(requested, estimate, image_size, stride_product, max_memory, available, what, patch=(1, 1)):
     """The tile CI runs with (None: untiled).
 
     Args:
@@ -598,19 +634,20 @@ def _choose_tile(requested, estimate, image_size, stride_product, max_memory, av
         max_memory: the user's budget in bytes, or None.
         available: bytes the process may still allocate (the memory guard), or None (guard off).
         what: the work, for messages (e.g. "CI on 2 images of 3000x4000").
+        patch: (pH, pW), the overlap of tiles (for :func:`_tile_for_memory`).
 
     With a budget, the largest tile that fits it.  Otherwise the requested tile, made smaller where
     MEMORY_GUARD_FRACTION of the available memory demands it; MemoryError where nothing fits.
     """
     if max_memory is not None:
-        return _tile_for_memory(max_memory, estimate, image_size, stride_product)
+        return _tile_for_memory(max_memory, estimate, image_size, stride_product, patch)
     if available is None:
         return requested
     guard = int(available * MEMORY_GUARD_FRACTION)
     if estimate(requested) <= guard:
         return requested
     try:
-        return _tile_for_memory(guard, estimate, image_size, stride_product)
+        return _tile_for_memory(guard, estimate, image_size, stride_product, patch)
     except MemoryError as exc:
         raise MemoryError(f"{what} would need about {estimate(requested) / 2**20:.0f} MiB, but this process may "
                           f"allocate only about {available / 2**20:.0f} MiB more (the memory guard uses "
@@ -2461,18 +2498,25 @@ class DenseFeatureModel(keras.Model):
                 layer.naive = self._naive
         object.__setattr__(self, "_graph_fn", None)  # traced with the old value
 
+    #: the values alive at once count once: TensorFlow frees each op's input after its last use, so a
+    #: multipooling's stride-1 result, crop and transpose follow one another (measured peaks stay under
+    #: 0.6 of this; bench/memory_budget.py)
+    memory_work_factor = 1.0
+
     def estimate_memory(self, image_size, batch: int = 1, tile=None, dtype=None) -> int:
         """Estimated peak bytes of CI on images of ``image_size`` (H, W): the padded input, the
-        output, and 1.5 times the values alive at once on one tile (``tile`` None: whole image)."""
+        output, and the values alive at once on one tile (``tile`` None: whole image), an upper bound
+        of the measured peak (bench/RESULTS_memory.md)."""
         itemsize = tf.as_dtype(dtype or self.core.inputs[0].dtype).size
         return _memory_estimate(image_size, batch, self.in_channels, self.out_channels, self.patch_size,
                                 self.stride_product, self.peak_channels, itemsize,
-                                None if tile is None else _pair(tile, "tile"))
+                                None if tile is None else _pair(tile, "tile"), self.memory_work_factor)
 
     def tile_for_memory(self, budget: int, image_size, batch: int = 1, dtype=None):
-        """The largest tile whose :meth:`estimate_memory` fits ``budget`` bytes (None: no tiling needed)."""
+        """The tile whose tiling fits ``budget`` bytes (:meth:`estimate_memory`) with the least work
+        (None: no tiling needed)."""
         return _tile_for_memory(budget, lambda t: self.estimate_memory(image_size, batch, t, dtype),
-                                tuple(image_size), self.stride_product)
+                                tuple(image_size), self.stride_product, self.patch_size)
 
     def stacked(self, padded):
         """Run CI's layers on padded images; the shift-stacked result before unwarping.
@@ -2532,7 +2576,8 @@ class DenseFeatureModel(keras.Model):
         if self.memory_guard and size_known and isinstance(shape[0], int) and "GPU" not in (images.device or ""):
             tile = _choose_tile(tile, lambda t: self.estimate_memory((shape[1], shape[2]), shape[0], t),
                                 (shape[1], shape[2]), self.stride_product, None, _host_memory_available(),
-                                f"CI on {shape[0]} image(s) of {shape[1]}x{shape[2]} ({images.dtype.name})")
+                                f"CI on {shape[0]} image(s) of {shape[1]}x{shape[2]} ({images.dtype.name})",
+                                self.patch_size)
         return self._run(padded, shape[1], shape[2], tile)
 
     def _run(self, padded, height, width, tile):
@@ -2540,21 +2585,33 @@ class DenseFeatureModel(keras.Model):
 
     def _tiled(self, padded, height, width, tile):
         """Exact tiling (:func:`tile_grid`): each output tile from its own crop of the padded image
-        (overlap pH-1, pW-1); the tiles are concatenated (differentiable, and traceable in graphs)."""
+        (overlap pH-1, pW-1).  Eagerly on the CPU with no gradient recorded, each tile is written into
+        the output as it comes (one output in memory); otherwise the tiles are concatenated
+        (differentiable, and traceable in graphs; the tiles and the output are in memory at once)."""
         ph, pw = self.patch_size
+        oy, ox = self.output_stride
         grid = tile_grid(height, width, tile, _lcm_pair(self.stride_product, self.output_stride))
         bar = _progress(len(grid), "CI tiles", self.progress if self.progress is not None else
                         (None if len(grid) >= 50 else False))
-        rows, row = [], []
+        in_place = (tf.executing_eagerly() and not _recording_gradients() and "GPU" not in (padded.device or "")
+                    and padded.shape[0] * -(-height // oy) * -(-width // ox) < 2**31)  # InplaceUpdate's int32 rows
+        out, rows, row = None, [], []
         for y0, x0, h, w, hp, wp in grid:
-            row.append(self._dense(padded[:, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1, :], h, w))
-            if x0 + w == width:
-                rows.append(row[0] if len(row) == 1 else tf.concat(row, 2))
-                row = []
+            dense = self._dense(padded[:, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1, :], h, w)
+            if in_place:
+                out = _write_rows(out, dense, y0 // oy, x0 // ox, -(-height // oy), -(-width // ox))
+            else:
+                row.append(dense)
+                if x0 + w == width:
+                    rows.append(row[0] if len(row) == 1 else tf.concat(row, 2))
+                    row = []
+            del dense
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if in_place:
+            return tf.reshape(out, (padded.shape[0], -(-height // oy), -(-width // ox), self.out_channels))
         return rows[0] if len(rows) == 1 else tf.concat(rows, 1)
 
     def compute_output_shape(self, input_shape):
@@ -2576,6 +2633,28 @@ class DenseFeatureModel(keras.Model):
         config = dict(config)
         core = keras.saving.deserialize_keras_object(config.pop("core"))
         return cls(core, **config)
+
+
+def _recording_gradients():
+    """True where a GradientTape (or forward accumulator) may record the ops run now (True if unsure)."""
+    try:
+        from tensorflow.python.eager import record
+        return bool(record.could_possibly_record())
+    except (ImportError, AttributeError):
+        return True
+
+
+def _write_rows(out, tile, y0, x0, height, width):
+    """Write ``tile`` (N, h, w, K) into the output at (y0, x0), in place; ``out`` holds the output as
+    (N * height * width, K) rows (None: allocated here, uninitialised).  Eager only, without gradients:
+    InplaceUpdate writes into its input's buffer, so no copy of the output is ever made."""
+    n, h, w, k = tile.shape
+    if out is None:
+        out = tf.raw_ops.Empty(shape=[n * height * width, k], dtype=tile.dtype, init=False)
+    pixels = (np.arange(n)[:, None, None] * height + y0 + np.arange(h)[None, :, None]) * width \
+        + x0 + np.arange(w)[None, None, :]
+    return tf.raw_ops.InplaceUpdate(x=out, i=tf.constant(pixels.reshape(-1), tf.int32),
+                                    v=tf.reshape(tile, (n * h * w, k)))
 
 
 # ---------------------------------------------------------------------------
