@@ -52,9 +52,10 @@ True
 
 How this file is built
 ----------------------
-convert():  capture (_Tracer records the leaf Keras layers Cp calls on example patches)
-         -> rules (one function per layer kind, registered with @_rule_for; each turns a
-            recorded call into a builder of CI's layers and says what the result holds: a _Geom)
+convert():  capture (_Tracer traces Cp's call() into a graph on example patches: the leaf Keras
+            layers it calls, and the TensorFlow ops between them: keras.ops, tf.*, arithmetic)
+         -> rules (one function per layer kind, @_rule_for, and per op kind, @_op_rule_for; each turns
+            a recorded call into a builder of CI's layers and says what the result holds: a _Geom)
          -> the builders wire a functional Keras model (``core``) from padded images to the
             shift-stacked result; plan (plan_steps) gives its peak memory
          -> DenseFeatureModel runs core on the padded image (whole, or tile by tile:
@@ -81,6 +82,7 @@ supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
 import inspect
 import numbers
 import os
+import re
 import sys
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -801,10 +803,7 @@ def check_images(images, in_channels: Optional[int] = None, name: str = "images"
         ...
         TypeError: images must be a floating-point tensor, got dtype uint8; convert it first, e.g. tf.cast(images, ...
     """
-    images = _as_array(images, name)
-    if not (tf.is_tensor(images) or isinstance(images, (np.ndarray, keras.KerasTensor))):
-        raise TypeError(f"{name} must be a tensor or numpy array of shape (N, H, W, C), got "
-                        f"{type(images).__name__}")
+    images = _as_images(images, name)
     shape = tuple(images.shape)
     if len(shape) != 4:
         raise ValueError(f"{name} must have rank 4 (N, H, W, C), got shape {shape}")
@@ -823,10 +822,14 @@ def check_images(images, in_channels: Optional[int] = None, name: str = "images"
     return images
 
 
-def _as_array(images, name="images"):
-    """Nested Python lists or tuples of numbers as a numpy array (as Keras converts data for a model, e.g. in
-    predict()); anything else as it is."""
+def _as_images(images, name="images"):
+    """Images as a tensor or numpy array: nested Python lists or tuples of numbers are converted to a numpy
+    array (as Keras converts data for a model, e.g. in predict()); other types are refused naming the
+    expected ones."""
     if not isinstance(images, (list, tuple)):
+        if not (tf.is_tensor(images) or isinstance(images, (np.ndarray, keras.KerasTensor))):
+            raise TypeError(f"{name} must be a tensor or numpy array of shape (N, H, W, C), got "
+                            f"{type(images).__name__}")
         return images
     try:
         array = np.asarray(images)
@@ -1988,6 +1991,16 @@ def _handle_of(variable):
     return getattr(getattr(variable, "value", variable), "handle", None)
 
 
+#: ops whose outputs are their inputs (tf.identity; IdentityN, which tf.custom_gradient wraps results in)
+_IDENTITIES = ("Identity", "IdentityN", "Snapshot")
+
+
+def _identity_source(tensor):
+    """The input an identity op passes on as ``tensor``."""
+    op = tensor.op
+    return op.inputs[tensor.value_index if op.type == "IdentityN" else 0]
+
+
 class _GraphBody:
     """``fn`` as a callable object for tf.function.  TensorFlow counts traces per function code, so the
     graphs of several models (or several convert() traces) would count as one function retraced over and
@@ -2118,7 +2131,10 @@ class _Tracer:
         known = self._depends_on_input.get(tensor.name)
         if known is None:
             op = tensor.op
-            known = op.type != "Placeholder" and any(self._depends(t) for t in op.inputs)
+            if op.type in _IDENTITIES:
+                known = self._depends(_identity_source(tensor))
+            else:
+                known = op.type != "Placeholder" and any(self._depends(t) for t in op.inputs)
             self._depends_on_input[tensor.name] = known
         return known
 
@@ -2128,6 +2144,9 @@ class _Tracer:
         if tensor.name in self.slot_of:
             return self.slot_of[tensor.name]
         op = tensor.op
+        if op.type in _IDENTITIES:  # the same value (tf.identity, the outputs of a custom gradient)
+            self.slot_of[tensor.name] = self._resolve(_identity_source(tensor))
+            return self.slot_of[tensor.name]
         args, attrs, variables, in_slots, problem = {}, {}, [], [], None
         try:
             input_names, attr_names = _raw_op_names(op)
@@ -2163,6 +2182,8 @@ class _Tracer:
         if value is not None:
             return {"const": np.asarray(value).tolist(), "dtype": tensor.dtype.name}
         op = tensor.op
+        if op.type in _IDENTITIES:
+            return self._constant(_identity_source(tensor), variables)
         if op.type == "ReadVariableOp":
             variable = self._variables.get(id(self._captured(op.inputs[0])))
             if variable is None:
@@ -2796,13 +2817,35 @@ def _rule_elementwise_op(call, geoms):
     return _op_runner(call, unwarps=unwarps), [first.with_(channels=out[-1] if _per_channel(first) else None)]
 
 
-@_op_rule_for("Identity", "IdentityN", "Snapshot", label="TensorFlow identities in call() (tf.identity, custom "
-                                                         "gradients)")
-def _rule_identity_op(call, geoms):
-    """Identities: the same dense values."""
-    if any("input" not in spec for spec in _flat_specs(call.args)):
-        raise call.fail("it passes on a constant together with values computed from the patch")
-    return (lambda xs: list(xs)), list(geoms)
+@_op_rule_for("MatMul", label="TensorFlow matrix products in call() with a constant or weight (x @ w): per pixel "
+                             "on a vector of one position, an h x w convolution on a flattened map")
+def _rule_matmul_op(call, geoms):
+    """``x @ w`` (keras.ops.matmul, tf.matmul) of a value computed from the patch and a constant or weight of
+    Cp: as a Dense layer, per pixel on a vector of one position, an h x w convolution (H, W, C order) on a
+    flattened map."""
+    geom = geoms[0]
+    a, b = call.args["a"], call.args["b"]
+    if "input" not in a or "input" in b or call.attrs["transpose_a"][1]:
+        raise call.fail("only x @ w with x computed from the patch and w a constant or weight can be made dense")
+    transpose_b = call.attrs["transpose_b"][1]
+    units = call.out_shapes[0][-1]
+    if geom.is_pixel_vector:
+        args = {"x": a, "y": b}
+        attrs = {"adj_x": ["bool", False], "adj_y": ["bool", transpose_b]}
+        layer = _TFOp("BatchMatMulV2", args, attrs, call.variables, name=_op_layer_name(call))
+        return (lambda xs: [layer(xs[0])]), [geom.with_(channels=units)]
+    if geom.kind != VECTOR:
+        raise call.fail(f"it is applied to {geom.describe()}; flatten the map first")
+    (h, w), c = geom.size, geom.channels
+    if transpose_b:
+        b = {"op": "Transpose", "args": {"x": b, "perm": {"const": [1, 0], "dtype": "int32"}}, "attrs": {}}
+    kernel = b
+    kernel = {"op": "Reshape", "args": {"tensor": kernel, "shape": {"const": [h, w, c, units], "dtype": "int32"}},
+              "attrs": {}}
+    args = {"input": a, "filter": kernel}
+    attrs = {"strides": ["list(int)", [1, 1, 1, 1]], "padding": ["string", "VALID"]}
+    layer = _TFOp("Conv2D", args, attrs, call.variables, name=_op_layer_name(call))
+    return (lambda xs: [layer(xs[0])]), [geom.with_(channels=units, size=(1, 1))]
 
 
 @_op_rule_for("Reshape", "Squeeze", "ExpandDims", label="TensorFlow reshapes in call() that keep the batch axis "
@@ -3026,10 +3069,11 @@ class DenseFeatureModel(keras.Model):
         for i, layer in enumerate(strided):  # the first k strided layers run without their shifts
             layer.shifts = i >= self._grid[0]
 
+    @tf.autograph.experimental.do_not_convert  # autograph (export's serving function) cannot convert super()
     def __call__(self, images, *args, **kwargs):
         """CI on ``images``: a tensor, a numpy array, or nested lists of numbers (converted as a numpy array;
         Keras itself refuses lists in a model's call)."""
-        return super().__call__(_as_array(images), *args, **kwargs)
+        return super().__call__(_as_images(images), *args, **kwargs)
 
     def build(self, input_shape=None):
         """CI takes images of any N, H, W: built for (None, None, None, C) whatever shape comes first,
@@ -3226,11 +3270,12 @@ def _trace(base_net, patch_size, in_channels):
         except ConversionError:
             raise
         except Exception as exc:
+            text = re.sub(r"\x1b\[[0-9;]*m", "", _error_text(exc))  # Keras' bold
             raise ConversionError(
                 f"Cp runs on {ph}x{pw}x{in_channels} patches, but its call() cannot be traced into a TensorFlow "
-                f"graph ({type(exc).__name__}: {_error_text(exc)}); convert() reads Cp's layers and ops from that "
-                f"graph, so call() must not read values of tensors (Python conditions on tensors, .numpy()): such "
-                f"a forward cannot be made dense") from exc
+                f"graph ({type(exc).__name__}: {text}); convert() reads Cp's layers and ops from that graph (a "
+                f"forward that reads values of tensors, with Python conditions on them or .numpy(), cannot be made "
+                f"dense)") from exc
         return tracer, out, example
     raise ConversionError(f"running Cp on a batch of {ph}x{pw}x{in_channels} patches failed: "
                           f"{type(last_error).__name__}: {last_error} -- the patch {ph}x{pw} may be smaller "
@@ -3274,12 +3319,13 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
             progress: Optional[bool] = None, border: str = "zeros", output_stride=1) -> DenseFeatureModel:
     """Turn a patch network Cp (Keras) into CI, which computes Cp for the patch around every pixel.
 
-    Cp is run once eagerly on an example batch of patches and the Keras layers it calls are
-    recorded (Sequential, functional, and subclassed models whose call() chains layers).  Each
-    layer is made dense by one rule (:func:`supported_layers` lists them), in inference mode
-    (dropout off, batch-norm moving statistics); the layers and their weights are shared with Cp,
-    not copied.  Layers that cannot be made exact raise :class:`ConversionError` naming the layer
-    and why.
+    Cp is run once on an example batch of patches and its call() traced into a TensorFlow graph:
+    the Keras layers it calls are recorded, and the ops between them (keras.ops, tf.*, arithmetic
+    on tensors, casts, slices, reductions; in Sequential, functional and subclassed models, Lambda
+    and the user's own layers) are read from the graph.  Each layer or op is made dense by one rule
+    (:func:`supported_layers` lists them), in inference mode (dropout off, batch-norm moving
+    statistics); the layers and their weights are shared with Cp, not copied.  What cannot be made
+    exact raises :class:`ConversionError` naming every such layer and op and why.
 
     Args:
         base_net: Cp, a keras.Model mapping (B, pH, pW, C) to (B, K) or (B, 1, 1, K).
