@@ -39,7 +39,7 @@ def _built(net, patch, channels):
 
 def _mixed_ops_net():
     """keras.ops, tf.* and Python arithmetic between layers: activations, arithmetic with constants and
-    between values, concatenation on channels, casts, a strided pooling, a flatten by reshape at the end."""
+    between values, concatenation on channels, casts, a strided pooling, a flatten by tf.reshape at the end."""
     import keras
     import tensorflow as tf
     L, ops = keras.layers, keras.ops
@@ -59,7 +59,7 @@ def _mixed_ops_net():
             z = self.conv2(y)
             z = ops.subtract(ops.add(z, ops.multiply(z, 2.0)), tf.constant([1.0, 2.0, 3.0]))
             z = tf.concat([z, ops.maximum(z, 0.1), tf.math.minimum(z, -0.1)], -1)
-            return self.head(ops.reshape(z, (-1, z.shape[1] * z.shape[2] * z.shape[3])))
+            return self.head(tf.reshape(z, [tf.shape(z)[0], -1]))  # a flatten whose shape is computed
     return MixedOps()
 
 
@@ -142,6 +142,23 @@ def test_keras_functional_lambda_and_custom_layers_are_read(kb, tmp_path):
     ci.save(str(tmp_path / "ops.keras"))
     np.testing.assert_array_equal(keras.models.load_model(str(tmp_path / "ops.keras"))(images).numpy(),
                                   ci(images).numpy())
+
+
+def test_keras_streams_that_pool_differently_merged_by_ops(kb):
+    """Two float64 streams that end in one vector per position, one pooled (stride 2), one a central crop
+    written as a slice, merged by + and keras.ops (unwarped to the image grid first, as for Add layers)."""
+    import keras
+    L, ops, d = keras.layers, keras.ops, "float64"
+    keras.utils.set_random_seed(8)
+    inp = keras.Input((12, 12, 1), dtype=d)
+    pooled = L.Conv2D(4, 5, dtype=d)(L.MaxPooling2D(2, dtype=d)(L.Conv2D(3, 3, dtype=d)(inp)))
+    central = L.Conv2D(4, 6, dtype=d)(inp[:, 3:9, 3:9, :])
+    merged = ops.concatenate([pooled + central, ops.maximum(pooled, central) * 2.0], axis=-1)
+    net = keras.Model(inp, ops.reshape(merged, (-1, 8)))
+    images = np.random.default_rng(9).standard_normal((N, H, W, 1))
+    ref = kb.FDFE.dense_reference(net, images, 12)
+    for options in ({}, {"naive": True, "tile": (5, 6)}):
+        assert max_rel_error(kb.FDFE.convert(net, 12, **options)(images), ref) <= TOL["float64"], options
 
 
 # --- refusals -------------------------------------------------------------------------------------------

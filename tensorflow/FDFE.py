@@ -2170,7 +2170,7 @@ class _Tracer:
     def _operand(self, tensor, in_slots, variables):
         """The operand spec of one input of a recorded op (a value computed from the input, or a constant)."""
         shape = None if tensor.shape.rank is None else list(tensor.shape)
-        if self._depends(tensor):
+        if self._depends(tensor) and tf.get_static_value(tensor) is None:  # (tf.shape(x) is a constant)
             in_slots.append(self._resolve(tensor))
             return {"input": len(in_slots) - 1, "shape": shape}
         return {**self._constant(tensor, variables), "shape": shape}
@@ -2362,8 +2362,8 @@ class _WindowReduce(_Layer):
         combine = tf.maximum if self.kind == "max" else tf.minimum
         return _window_combine(_window_combine(x, 1, kh, combine), 2, kw, combine)
 
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], None, None, input_shape[-1])
+    def compute_output_spec(self, x):
+        return keras.KerasTensor((x.shape[0], None, None, x.shape[-1]), dtype=x.dtype)
 
     def get_config(self):
         return {**super().get_config(), "kind": self.kind, "window": list(self.window)}
@@ -2679,8 +2679,9 @@ class _AlignStreams(_Layer):
         w = tf.reduce_min([tf.shape(v)[2] for v in values])
         return [v[:, :h, :w, :] for v in values]
 
-    def compute_output_shape(self, input_shapes):
-        return [(None, None, None, s[-1]) for s in input_shapes]
+    def compute_output_spec(self, inputs):
+        """The inputs' channels and dtypes (a float64 stream stays float64 for the ops after it)."""
+        return [keras.KerasTensor((None, None, None, x.shape[-1]), dtype=x.dtype) for x in inputs]
 
     def get_config(self):
         return {**super().get_config(), "unwarps": self.unwarps}
@@ -2718,17 +2719,32 @@ def _rule_refuse_per_patch(call, geoms):
 
 # --- rules for the TensorFlow ops of call() outside layers (keys: op names, e.g. "AddV2") -------------
 
+class _OpKind:
+    """The registry key of a kind of TensorFlow op (layer kinds are keyed by their classes): equal for equal
+    op names; ``__name__`` is how supported_layers() lists it."""
+
+    def __init__(self, op_type):
+        self.__name__ = f"tf.raw_ops.{op_type}"
+
+    def __eq__(self, other):
+        return isinstance(other, _OpKind) and other.__name__ == self.__name__
+
+    def __hash__(self):
+        return hash(self.__name__)
+
+
 def _op_rule_for(*op_types, label):
     """Decorator: register a rule for TensorFlow ops that Cp's call() runs outside its layers (keras.ops,
     tf.*, arithmetic on tensors), by op name (the name of its tf.raw_ops function)."""
     def register(rule):
-        return _register_rule(rule, [("op", t) for t in op_types], [f"tf.raw_ops.{t}" for t in op_types], label)
+        kinds = [_OpKind(t) for t in op_types]
+        return _register_rule(rule, kinds, [k.__name__ for k in kinds], label)
     return register
 
 
 def _rule_of(call):
     """The rule of a recorded layer or op, or None."""
-    return _RULES.get(("op", call.type)) if call.is_op else _lookup_rule(call.layer)
+    return _RULES.get(_OpKind(call.type)) if call.is_op else _lookup_rule(call.layer)
 
 
 def _op_runner(call, args=None, unwarps=None):
