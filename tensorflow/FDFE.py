@@ -2042,7 +2042,7 @@ def _install_recording_call():
             out = original(layer, *args, **kwargs)
         finally:
             tracer.inside = False
-        tracer.record(layer, args, out)
+        tracer.record(layer, args[:1] or [kwargs.get("inputs")], out)
         return out
     recording_call.__wrapped__ = original
     keras.Layer.__call__ = recording_call
@@ -2103,9 +2103,10 @@ class _Tracer:
         self._depends_on_input[tensor.name] = True
         return slot
 
-    def record(self, layer, args, out):
-        """A leaf layer was called: record it, after the ops that computed its inputs."""
-        inputs = [t for t in tf.nest.flatten(args[:1]) if tf.is_tensor(t)]
+    def record(self, layer, first, out):
+        """A leaf layer was called on ``first`` (a list holding its first argument): record it, after the ops
+        that computed its inputs."""
+        inputs = [t for t in tf.nest.flatten(first) if tf.is_tensor(t)]
         if self.graph is None or not inputs or any(getattr(t, "graph", None) is not self.graph for t in inputs):
             return  # a call outside Cp's traced graph (Keras building a layer symbolically)
         depends = [self._depends(t) for t in inputs]
