@@ -2099,7 +2099,7 @@ class _Tracer:
     def _new_slot(self, tensor):
         slot = len(self.shapes)
         self.slot_of[tensor.name] = slot
-        self.shapes[slot] = tuple(tensor.shape)
+        self.shapes[slot] = tuple(tensor.shape) if tensor.shape.rank is not None else (None,)  # unknown rank
         self._depends_on_input[tensor.name] = True
         return slot
 
