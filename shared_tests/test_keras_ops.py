@@ -144,6 +144,31 @@ def test_keras_functional_lambda_and_custom_layers_are_read(kb, tmp_path):
                                   ci(images).numpy())
 
 
+def test_keras_tf_nn_convolution_and_pooling_in_call(kb):
+    """tf.nn.conv2d / depthwise_conv2d with Cp's weights and tf.nn.max_pool2d / avg_pool2d in call(), unpadded
+    and at stride 1, run as they are on the dense map; strided ones are refused with the way out."""
+    import keras
+    import tensorflow as tf
+
+    class Net(keras.Model):
+        def __init__(self, stride=1):
+            super().__init__()
+            self.stride = stride
+            self.kernel = self.add_weight(shape=(3, 3, 2, 4), initializer="glorot_uniform")
+            self.depthwise = self.add_weight(shape=(2, 2, 4, 1), initializer="glorot_uniform")
+            self.head = keras.layers.Conv2D(3, 3)
+
+        def call(self, x):
+            y = tf.nn.relu(tf.nn.conv2d(x, self.kernel, self.stride, "VALID"))
+            y = tf.nn.max_pool2d(tf.nn.depthwise_conv2d(y, self.depthwise, [1, 1, 1, 1], "VALID"), 2, 1, "VALID")
+            return self.head(tf.nn.avg_pool2d(y, 2, 1, "VALID"))
+    keras.utils.set_random_seed(10)
+    _assert_exact(kb, _built(Net(), (8, 8), 2), (8, 8), 2)
+    with pytest.raises(kb.FDFE.ConversionError, match=r"\(Conv2D, created at test_keras_ops.py:\d+\).*it strides "
+                                                      r"\(strides=\[1, 2, 2, 1\]\); write it as a Keras layer"):
+        kb.FDFE.convert(_built(Net(stride=2), (13, 13), 2), 13)
+
+
 def test_keras_streams_that_pool_differently_merged_by_ops(kb):
     """Two float64 streams that end in one vector per position, one pooled (stride 2), one a central crop
     written as a slice, merged by + and keras.ops (unwarped to the image grid first, as for Add layers)."""
