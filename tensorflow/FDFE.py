@@ -52,9 +52,10 @@ True
 
 How this file is built
 ----------------------
-convert():  capture (_Tracer records the leaf Keras layers Cp calls on example patches)
-         -> rules (one function per layer kind, registered with @_rule_for; each turns a
-            recorded call into a builder of CI's layers and says what the result holds: a _Geom)
+convert():  capture (_Tracer traces Cp's call() into a graph on example patches: the leaf Keras
+            layers it calls, and the TensorFlow ops between them: keras.ops, tf.*, arithmetic)
+         -> rules (one function per layer kind, @_rule_for, and per op kind, @_op_rule_for; each turns
+            a recorded call into a builder of CI's layers and says what the result holds: a _Geom)
          -> the builders wire a functional Keras model (``core``) from padded images to the
             shift-stacked result; plan (plan_steps) gives its peak memory
          -> DenseFeatureModel runs core on the padded image (whole, or tile by tile:
@@ -78,7 +79,10 @@ convert, DenseFeatureModel, ConversionError,
 supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
 """
 
+import inspect
 import numbers
+import os
+import re
 import sys
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -817,7 +821,7 @@ def check_images(images, in_channels: Optional[int] = None, name: str = "images"
     convert them, since their scale (0..255 or 0..1) is the caller's choice.
 
     Args:
-        images: the images (a tensor or a numpy array).
+        images: the images (a tensor, a numpy array, or nested lists of numbers, converted by np.asarray).
         in_channels: C the network expects (None: not checked).
         name: the argument's name in messages.
         dtype: the network's floating dtype (None: keep the images' dtype).
@@ -836,8 +840,7 @@ def check_images(images, in_channels: Optional[int] = None, name: str = "images"
         ...
         TypeError: images must be a floating-point tensor, got dtype uint8; convert it first, e.g. tf.cast(images, ...
     """
-    if not (tf.is_tensor(images) or isinstance(images, (np.ndarray, keras.KerasTensor))):
-        raise TypeError(f"{name} must be a tensor of shape (N, H, W, C), got {type(images).__name__}")
+    images = _as_images(images, name)
     shape = tuple(images.shape)
     if len(shape) != 4:
         raise ValueError(f"{name} must have rank 4 (N, H, W, C), got shape {shape}")
@@ -854,6 +857,26 @@ def check_images(images, in_channels: Optional[int] = None, name: str = "images"
     if dtype is not None and tf.as_dtype(dtype) != image_dtype:
         images = keras.ops.cast(images, tf.as_dtype(dtype).name)
     return images
+
+
+def _as_images(images, name="images"):
+    """Images as a tensor or numpy array: nested Python lists or tuples of numbers are converted to a numpy
+    array (as Keras converts data for a model, e.g. in predict()); other types are refused naming the
+    expected ones."""
+    if not isinstance(images, (list, tuple)):
+        if not (tf.is_tensor(images) or isinstance(images, (np.ndarray, keras.KerasTensor))):
+            raise TypeError(f"{name} must be a tensor or numpy array of shape (N, H, W, C), got "
+                            f"{type(images).__name__}")
+        return images
+    try:
+        array = np.asarray(images)
+    except (ValueError, TypeError) as exc:
+        raise TypeError(f"{name} must be a tensor or numpy array of shape (N, H, W, C); the {type(images).__name__} "
+                        f"given cannot be converted to one ({exc})") from exc
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a tensor or numpy array of shape (N, H, W, C) holding numbers; the "
+                        f"{type(images).__name__} given holds {array.dtype} values")
+    return array
 
 
 def _static_or_dynamic(x):
@@ -1000,7 +1023,7 @@ def dense_reference(base_net, images, patch_size, batch_size: int = 256, progres
         (N, H, W, K) tensor with out[n, y, x] = Cp(patch of image n centred at (y, x)); with
         output_stride, (N, ceil(H / sy), ceil(W / sx), K) with out[n, i, j] at (sy * i, sx * j).
     """
-    check_images(images)
+    images = check_images(images)
     sy, sx = _pair(output_stride, "output_stride")
     n_img, height, width = int(images.shape[0]), int(images.shape[1]), int(images.shape[2])
     rows, cols = np.arange(0, height, sy), np.arange(0, width, sx)
@@ -1689,7 +1712,7 @@ def run_as_graph(owner, fn, args, input_signature, cache: str = "_graph"):
         return fn(*args)
     graph = getattr(owner, cache, None)
     if graph is None:
-        graph = tf.function(fn, input_signature=input_signature)
+        graph = tf.function(_GraphBody(fn), input_signature=input_signature)
         object.__setattr__(owner, cache, graph)
     return graph(*args)
 
@@ -1826,18 +1849,23 @@ class LocalResponseNormalization(_Layer):
 
 
 # ---------------------------------------------------------------------------
-# Automatic conversion, 1: capture the Keras layers Cp calls (the recorded ops the rules receive)
+# Automatic conversion, 1: capture.  Cp's call() is traced once into a TensorFlow graph on example
+# patches.  The leaf Keras layers it calls are recorded as they are called (one op each); the
+# TensorFlow ops between them (keras.ops, tf.*, Python arithmetic on tensors, casts, slices) are read
+# from that graph, from each layer's inputs (and from Cp's output) back to values already recorded.
 # ---------------------------------------------------------------------------
 
 
 class _Call:
     """One recorded call of a leaf Keras layer inside Cp."""
+    is_op = False
 
-    def __init__(self, layer, in_slots, in_shapes, out_slot, out_shape):
+    def __init__(self, layer, in_slots, in_shapes, out_slots, out_shapes, problem=None):
         self.layer = layer
         self.in_slots, self.in_shapes = in_slots, in_shapes
-        self.out_slot, self.out_shape = out_slot, out_shape
-        self.out_slots, self.out_shapes = [out_slot], [out_shape]
+        self.out_slots, self.out_shapes = out_slots, out_shapes
+        self.out_slot, self.out_shape = out_slots[0], out_shapes[0]
+        self.problem = problem  # a reason found while recording (several outputs, a constant input)
 
     @property
     def where(self):
@@ -1847,13 +1875,204 @@ class _Call:
         return ConversionError(f"{self.where} cannot be made dense exactly: {reason}")
 
 
+class _OpCall:
+    """One TensorFlow op of Cp's call() outside its Keras layers (keras.ops, tf.*, arithmetic on tensors).
+
+    Attributes:
+        op: the tf.Operation in the traced graph; ``type`` its name (that of its tf.raw_ops function).
+        args: the op's inputs by tf.raw_ops argument name: an operand spec, or a list of them for list
+            arguments (see :class:`_TFOp`); data operands are ``{"input": k}``, the value of
+            ``in_slots[k]``.  Every spec also holds its traced ``"shape"``.
+        attrs: the attributes not inferred from the inputs, by tf.raw_ops name: name -> [kind, value].
+        variables: Cp's variables the op reads (``{"variable": k}`` specs), shared with CI.
+        problem: the reason the op cannot be replayed, found while reading it (a random op among its
+            constants, an attribute kind convert() does not copy), or None.
+    """
+    is_op = True
+
+    def __init__(self, op, args, attrs, variables, in_slots, in_shapes, out_slots, out_shapes):
+        self.op, self.type = op, op.type
+        self.args, self.attrs, self.variables = args, attrs, variables
+        self.in_slots, self.in_shapes = in_slots, in_shapes
+        self.out_slots, self.out_shapes = out_slots, out_shapes
+        self.problem = None
+
+    @property
+    def where(self):
+        return f"TensorFlow op '{self.op.name}' ({self.type}{_created_at(self.op)})"
+
+    def fail(self, reason):
+        return ConversionError(f"{self.where} cannot be made dense exactly: {reason}")
+
+    def constant(self, name):
+        """The value of the constant operand ``name`` (a numpy array), or None if it is not a constant."""
+        spec = self.args.get(name)
+        if not isinstance(spec, dict) or "const" not in spec:
+            return None
+        return np.asarray(spec["const"], dtype=spec["dtype"])
+
+
+#: folders whose frames are not the user's code, in the places messages give for traced ops
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (tf, keras))
+
+
+def _created_at(op):
+    """", created at file.py:line": the innermost frame of the user's code that created a traced op."""
+    try:
+        frames = list(op.traceback)
+    except (AttributeError, TypeError, ValueError):
+        return ""
+    this_file = os.path.abspath(__file__)
+    for frame in reversed(frames):
+        path = os.path.abspath(frame.filename)
+        if not path.startswith(_LIBRARY_DIRS) and path != this_file:
+            return f", created at {os.path.basename(path)}:{frame.lineno}"
+    return ""
+
+
+def _flat_specs(args):
+    """The operand specs of an op's ``args`` (list arguments flattened), in argument order."""
+    for spec in args.values():
+        yield from (spec if isinstance(spec, list) else [spec])
+
+
+def _raw_op_names(op):
+    """How tf.raw_ops names the op's inputs and attributes: (input names in op order, {op_def attr name ->
+    raw name}) for the attributes not inferred from the inputs.  tf.raw_ops renames a few (Squeeze's
+    squeeze_dims is ``axis``): names are matched first, the rest in order."""
+    raw = getattr(tf.raw_ops, op.type, None)
+    if raw is None:
+        raise ValueError(f"TensorFlow has no tf.raw_ops.{op.type} to run it with")
+    params = [p for p in inspect.signature(raw).parameters if p != "name"]
+    op_def = op.op_def
+    inputs = params[:len(op_def.input_arg)]
+    inferred = {n for a in op_def.input_arg for n in (a.type_attr, a.number_attr, a.type_list_attr) if n}
+    wanted = [a.name for a in op_def.attr if a.name not in inferred]
+    free = [p for p in params[len(inputs):] if p not in wanted]
+    unmatched = [a for a in wanted if a not in params[len(inputs):]]
+    if len(free) != len(unmatched):
+        raise ValueError(f"its attributes {wanted} do not match tf.raw_ops.{op.type}'s arguments {params}")
+    names = {a: a for a in wanted if a not in unmatched}
+    names.update(zip(unmatched, free))
+    return inputs, names
+
+
+def _grouped_inputs(op, names):
+    """The op's input tensors grouped by argument: [(raw name, tensors, is_list)]."""
+    inputs, start, groups = list(op.inputs), 0, []
+    for arg, name in zip(op.op_def.input_arg, names):
+        if arg.number_attr:
+            count, is_list = op.get_attr(arg.number_attr), True
+        elif arg.type_list_attr:
+            count, is_list = len(op.get_attr(arg.type_list_attr)), True
+        else:
+            count, is_list = 1, False
+        groups.append((name, inputs[start:start + count], is_list))
+        start += count
+    return groups
+
+
+_PLAIN_ATTRS = ("int", "float", "bool", "list(int)", "list(float)", "list(bool)")
+
+
+def _attr_config(op, name, kind):
+    """An op attribute as [kind, JSON value] (read back by _attr_value)."""
+    value = op.get_attr(name)
+    if kind == "type":
+        return [kind, tf.as_dtype(value).name]
+    if kind == "list(type)":
+        return [kind, [tf.as_dtype(v).name for v in value]]
+    if kind == "shape":
+        return [kind, None if value.rank is None else value.as_list()]
+    if kind == "string":
+        return [kind, value.decode() if isinstance(value, bytes) else value]
+    if kind == "list(string)":
+        return [kind, [v.decode() if isinstance(v, bytes) else v for v in value]]
+    if kind in _PLAIN_ATTRS:
+        return [kind, list(value) if kind.startswith("list") else value]
+    raise ValueError(f"it has an attribute '{name}' of kind {kind}, which convert() does not copy")
+
+
+def _attr_value(kind, value):
+    if kind == "type":
+        return tf.as_dtype(value)
+    if kind == "list(type)":
+        return [tf.as_dtype(v) for v in value]
+    if kind == "shape":
+        return tf.TensorShape(value)
+    return value
+
+
+def _operand_value(spec, xs, variables):
+    """The tensor an operand spec stands for (see :class:`_TFOp`)."""
+    if isinstance(spec, list):
+        return [_operand_value(s, xs, variables) for s in spec]
+    if "input" in spec:
+        return xs[spec["input"]]
+    if "const" in spec:
+        return tf.constant(spec["const"], dtype=spec["dtype"])
+    if "variable" in spec:
+        variable = variables[spec["variable"]]
+        return tf.convert_to_tensor(getattr(variable, "value", variable))
+    return _run_op(spec["op"], spec["args"], spec["attrs"], xs, variables, spec.get("output"))
+
+
+def _run_op(op_type, args, attrs, xs, variables, output=None):
+    """Run tf.raw_ops.<op_type> with the operands and attributes recorded from Cp's graph."""
+    kwargs = {name: _operand_value(spec, xs, variables) for name, spec in args.items()}
+    kwargs.update((name, _attr_value(kind, value)) for name, (kind, value) in attrs.items())
+    out = getattr(tf.raw_ops, op_type)(**kwargs)
+    if output is not None and not tf.is_tensor(out):
+        return out[output]
+    return out
+
+
+def _snapshot(spec, variables):
+    """``spec`` with the variables it reads replaced by constants of their current values (for configs)."""
+    if isinstance(spec, list):
+        return [_snapshot(s, variables) for s in spec]
+    if "variable" in spec:
+        value = np.asarray(keras.ops.convert_to_numpy(variables[spec["variable"]]))
+        return {"const": value.tolist(), "dtype": value.dtype.name, "shape": spec.get("shape")}
+    if "op" in spec:
+        return {**spec, "args": {k: _snapshot(s, variables) for k, s in spec["args"].items()}}
+    return spec
+
+
+def _handle_of(variable):
+    """The resource handle of a Keras variable (how the traced graph refers to it), or None."""
+    return getattr(getattr(variable, "value", variable), "handle", None)
+
+
+#: ops whose outputs are their inputs (tf.identity; IdentityN, which tf.custom_gradient wraps results in)
+_IDENTITIES = ("Identity", "IdentityN", "Snapshot")
+
+
+def _identity_source(tensor):
+    """The input an identity op passes on as ``tensor``."""
+    op = tensor.op
+    return op.inputs[tensor.value_index if op.type == "IdentityN" else 0]
+
+
+class _GraphBody:
+    """``fn`` as a callable object for tf.function.  TensorFlow counts traces per function code, so the
+    graphs of several models (or several convert() traces) would count as one function retraced over and
+    over and print retracing warnings; a callable object is counted on its own."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
 def _is_leaf(layer) -> bool:
-    """Layers recorded as one op: those without sublayers, and Keras' own layers with sublayers (an
-    LSTM and its cell).  Models and the user's composite layers are traced through."""
-    if isinstance(layer, keras.Model):
+    """Layers recorded as one op: those with a rule, and Keras' own layers (an LSTM, with its cell; an
+    unknown kind is named as such).  Models, Lambda layers and the user's own layers are traced through:
+    their ops are read from the graph."""
+    if isinstance(layer, (keras.Model, keras.layers.Lambda)):
         return False
-    return (type(layer).__module__.startswith("keras.")
-            or not list(layer._flatten_layers(include_self=False, recursive=False)))
+    return _lookup_rule(layer) is not None or type(layer).__module__.startswith("keras.")
 
 
 #: the tracer of the convert() running in this thread (other threads' Keras calls are not recorded)
@@ -1876,7 +2095,7 @@ def _install_recording_call():
             out = original(layer, *args, **kwargs)
         finally:
             tracer.inside = False
-        tracer.record(layer, args, out)
+        tracer.record(layer, args[:1] or [kwargs.get("inputs")], out)
         return out
     recording_call.__wrapped__ = original
     keras.Layer.__call__ = recording_call
@@ -1884,15 +2103,26 @@ def _install_recording_call():
 
 
 class _Tracer:
-    """Records the leaf layers Cp calls, linking them through tensor identity (eager mode)."""
+    """Traces Cp's call() into a TensorFlow graph; records its leaf Keras layers as they are called and the
+    TensorFlow ops between them (read from the graph), linked through the graph's tensors.
 
-    def __init__(self, example):
-        self.slot_of = {id(example): 0}
-        self.shapes = {0: tuple(example.shape)}
-        self.alive = [example]
-        self.calls: List[_Call] = []
-        self.error = None
+    Attributes:
+        calls: the recorded layers (_Call) and ops (_OpCall), each after those it reads.
+        slot_of: tensor name in the traced graph -> slot (0: the input patches).
+        shapes: slot -> traced shape.
+        out_slot: the slot of Cp's output (None where it does not depend on the input).
+    """
+
+    def __init__(self, base_net):
+        self.base_net = base_net
+        self.graph = None
+        self.slot_of: Dict[str, int] = {}
+        self.shapes: Dict[int, tuple] = {}
+        self.calls: list = []
         self.inside = False
+        self.out_slot = None
+        self._depends_on_input: Dict[str, bool] = {}
+        self._variables = {id(h): v for v in base_net.weights for h in [_handle_of(v)] if h is not None}
 
     def __enter__(self):
         _install_recording_call()
@@ -1905,72 +2135,142 @@ class _Tracer:
         _RECORDING.tracer = None
         return False
 
-    def record(self, layer, args, out):
-        inputs = [t for t in tf.nest.flatten(args[:1]) if tf.is_tensor(t)]
-        if not inputs or not all(hasattr(t, "numpy") for t in inputs):
-            return  # a symbolic call made while Keras builds a layer
-        if self.error is not None:
-            return
-        for t in inputs:
-            if id(t) not in self.slot_of:
-                self._record_derived(t)
-        unknown = [t for t in inputs if id(t) not in self.slot_of]
-        if unknown:
-            self.error = ConversionError(
-                f"layer '{layer.name}' ({type(layer).__name__}) receives a tensor that no Keras layer of Cp "
-                f"produced (a TensorFlow op between layers in call(), or a constant); only chains and graphs "
-                f"of Keras layers can be converted")
-            return
+    def trace(self, example):
+        """Trace Cp on patches of ``example``'s shape and dtype (in inference mode) and record it."""
+        spec = tf.TensorSpec(example.shape, example.dtype)
+        tf.function(_GraphBody(self._body), autograph=False).get_concrete_function(spec)
+
+    def _body(self, patches):
+        self.graph = patches.graph
+        self._new_slot(patches)
+        out = self.base_net(patches, training=False)
         outs = tf.nest.flatten(out)
-        if len(outs) != 1 or not tf.is_tensor(outs[0]):
-            self.error = ConversionError(f"layer '{layer.name}' ({type(layer).__name__}) returns "
-                                         f"{len(outs)} values; only layers with one output are supported")
-            return
-        in_slots = [self.slot_of[id(t)] for t in inputs]  # before the output (maybe the same tensor) is added
+        if len(outs) == 1 and tf.is_tensor(outs[0]) and self._depends(outs[0]):
+            self.out_slot = self._resolve(outs[0])
+        return out
+
+    def _new_slot(self, tensor):
         slot = len(self.shapes)
-        self.slot_of[id(outs[0])] = slot
-        self.shapes[slot] = tuple(outs[0].shape)
-        self.alive.append(outs[0])
-        self.calls.append(_Call(layer, in_slots, [self.shapes[s] for s in in_slots], slot, tuple(outs[0].shape)))
+        self.slot_of[tensor.name] = slot
+        self.shapes[slot] = tuple(tensor.shape) if tensor.shape.rank is not None else (None,)  # unknown rank
+        self._depends_on_input[tensor.name] = True
+        return slot
 
-    def _record_derived(self, tensor):
-        """A tensor no layer produced may be a known value cast to another float dtype (Keras' autocast
-        of a model's input, a layer with its own dtype, an explicit cast), or a constant spatial crop
-        of one (``x[:, a:b, c:d, :]`` in call()): recognised by its values (the example patches are
-        random, so no other op gives the same), and recorded as a cast or a crop."""
-        dtype = tf.as_dtype(tensor.dtype)
-        if not dtype.is_floating:
-            return
-        shape = tuple(tensor.shape)
-        for known in reversed(self.alive):
-            kshape = tuple(known.shape)
-            if not tf.as_dtype(known.dtype).is_floating:
-                continue
-            if kshape == shape and known.dtype != tensor.dtype and bool(tf.reduce_all(tf.cast(known, dtype) == tensor)):
-                return self._add_derived(tensor, known, _Cast(dtype.name))
-            if (len(shape) == 4 and len(kshape) == 4 and known.dtype == tensor.dtype and kshape[0] == shape[0]
-                    and kshape[3] == shape[3] and kshape[1:3] != shape[1:3]
-                    and kshape[1] >= shape[1] and kshape[2] >= shape[2]):
-                for a in range(kshape[1] - shape[1] + 1):
-                    for c in range(kshape[2] - shape[2] + 1):
-                        if bool(tf.reduce_all(known[:, a:a + shape[1], c:c + shape[2], :] == tensor)):
-                            crop = ((a, kshape[1] - shape[1] - a), (c, kshape[2] - shape[2] - c))
-                            return self._add_derived(tensor, known, keras.layers.Cropping2D(crop))
+    def record(self, layer, first, out):
+        """A leaf layer was called on ``first`` (a list holding its first argument): record it, after the ops
+        that computed its inputs."""
+        inputs = [t for t in tf.nest.flatten(first) if tf.is_tensor(t)]
+        if self.graph is None or not inputs or any(getattr(t, "graph", None) is not self.graph for t in inputs):
+            return  # a call outside Cp's traced graph (Keras building a layer symbolically)
+        depends = [self._depends(t) for t in inputs]
+        if not any(depends):
+            return  # a layer applied to constants gives a constant: read from the graph where it is used
+        name = f"layer '{layer.name}' ({type(layer).__name__})"
+        outs = tf.nest.flatten(out)
+        problem = None
+        if not all(depends):
+            problem = ConversionError(f"{name} cannot be made dense exactly: it combines values computed from "
+                                      f"the patch with a constant (a tensor that does not depend on Cp's input)")
+        elif len(outs) != 1 or not tf.is_tensor(outs[0]):
+            problem = ConversionError(f"{name} returns {len(outs)} values; only layers with one output are "
+                                      f"supported")
+        in_slots = [self._resolve(t) for t, d in zip(inputs, depends) if d]  # before its outputs get slots
+        out_slots = [self._new_slot(t) for t in outs if tf.is_tensor(t)]
+        if out_slots:
+            self.calls.append(_Call(layer, in_slots, [self.shapes[s] for s in in_slots], out_slots,
+                                    [self.shapes[s] for s in out_slots], problem))
 
-    def _add_derived(self, tensor, known, op):
-        source = self.slot_of[id(known)]
-        slot = len(self.shapes)
-        self.slot_of[id(tensor)] = slot
-        self.shapes[slot] = tuple(tensor.shape)
-        self.alive.append(tensor)
-        self.calls.append(_Call(op, [source], [self.shapes[source]], slot, self.shapes[slot]))
+    def _depends(self, tensor):
+        """Whether ``tensor`` is computed from Cp's input (else it is a constant of Cp: constants, weights)."""
+        known = self._depends_on_input.get(tensor.name)
+        if known is None:
+            op = tensor.op
+            if op.type in _IDENTITIES:
+                known = self._depends(_identity_source(tensor))
+            else:
+                known = op.type != "Placeholder" and any(self._depends(t) for t in op.inputs)
+            self._depends_on_input[tensor.name] = known
+        return known
 
+    def _resolve(self, tensor):
+        """The slot of a value computed from the input: recorded already, or recorded now as the op that
+        computes it (after the ops it reads)."""
+        if tensor.name in self.slot_of:
+            return self.slot_of[tensor.name]
+        op = tensor.op
+        if op.type in _IDENTITIES:  # the same value (tf.identity, the outputs of a custom gradient)
+            self.slot_of[tensor.name] = self._resolve(_identity_source(tensor))
+            return self.slot_of[tensor.name]
+        args, attrs, variables, in_slots, problem = {}, {}, [], [], None
+        try:
+            input_names, attr_names = _raw_op_names(op)
+            for name, tensors, is_list in _grouped_inputs(op, input_names):
+                specs = [self._operand(t, in_slots, variables) for t in tensors]
+                args[name] = specs if is_list else specs[0]
+            kinds = {a.name: a.type for a in op.op_def.attr}
+            attrs = {raw: _attr_config(op, name, kinds[name]) for name, raw in attr_names.items()}
+        except ValueError as exc:
+            problem = str(exc)
+        out_slots = [self._new_slot(t) for t in op.outputs]
+        call = _OpCall(op, args, attrs, variables, in_slots, [self.shapes[s] for s in in_slots], out_slots,
+                       [self.shapes[s] for s in out_slots])
+        unknown = [s for s in call.in_shapes + call.out_shapes if None in s]
+        if problem is None and unknown:
+            problem = f"its traced shapes {unknown} are not fully known"
+        call.problem = None if problem is None else call.fail(problem)
+        self.calls.append(call)
+        return self.slot_of[tensor.name]
 
-class _Cast:
-    """A recorded cast between layers (not a Keras layer): CI casts the same way."""
+    def _operand(self, tensor, in_slots, variables):
+        """The operand spec of one input of a recorded op (a value computed from the input, or a constant)."""
+        shape = None if tensor.shape.rank is None else list(tensor.shape)
+        if self._depends(tensor) and tf.get_static_value(tensor) is None:  # (tf.shape(x) is a constant)
+            in_slots.append(self._resolve(tensor))
+            return {"input": len(in_slots) - 1, "shape": shape}
+        return {**self._constant(tensor, variables), "shape": shape}
 
-    def __init__(self, dtype):
-        self.dtype, self.name = dtype, f"cast_to_{dtype}"
+    def _constant(self, tensor, variables):
+        """The spec of a value that does not depend on the input: a constant, one of Cp's variables (read by
+        CI at every call, so that CI follows Cp's training), or an op of those."""
+        value = tf.get_static_value(tensor)
+        if value is not None:
+            return {"const": np.asarray(value).tolist(), "dtype": tensor.dtype.name}
+        op = tensor.op
+        if op.type in _IDENTITIES:
+            return self._constant(_identity_source(tensor), variables)
+        if op.type == "ReadVariableOp":
+            variable = self._variables.get(id(self._captured(op.inputs[0])))
+            if variable is None:
+                raise ValueError(f"it reads a variable ('{op.name}') that is not one of Cp's weights")
+            index = next((i for i, v in enumerate(variables) if v is variable), None)
+            if index is None:
+                variables.append(variable)
+                index = len(variables) - 1
+            return {"variable": index}
+        if op.type == "Placeholder":
+            captured = self._captured(tensor)
+            if captured is None or tensor.dtype == tf.resource:
+                raise ValueError(f"it reads '{op.name}', a value captured from outside Cp that convert() cannot "
+                                 f"follow")
+            return {"const": np.asarray(captured).tolist(), "dtype": tensor.dtype.name}
+        if op.op_def.is_stateful:
+            raise ValueError(f"it computes a constant with {op.type} ('{op.name}'), a random or stateful op, whose "
+                             f"value CI cannot reproduce")
+        input_names, attr_names = _raw_op_names(op)
+        args = {}
+        for name, tensors, is_list in _grouped_inputs(op, input_names):
+            specs = [self._constant(t, variables) for t in tensors]
+            args[name] = specs if is_list else specs[0]
+        kinds = {a.name: a.type for a in op.op_def.attr}
+        return {"op": op.type, "args": args, "output": tensor.value_index,
+                "attrs": {raw: _attr_config(op, name, kinds[name]) for name, raw in attr_names.items()}}
+
+    def _captured(self, internal):
+        """The outside value (an eager tensor or a variable's handle) a placeholder of the graph captures."""
+        for external, placeholder in self.graph.captures:
+            if placeholder.name == internal.name:
+                return external
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -2028,6 +2328,99 @@ class _FlattenOutput(_Layer):
 
     def get_config(self):
         return {**super().get_config(), "size": list(self.size)}
+
+
+@_register
+class _TFOp(_Layer):
+    """A TensorFlow op of Cp's call() applied to dense values: the same op, with the same constants and
+    attributes (element-wise ops, reductions over channels, concatenation on channels, ...).
+
+    Args:
+        op_type: the op's name (the function tf.raw_ops.<op_type> runs it).
+        args: tf.raw_ops argument name -> operand spec, or a list of them for list arguments:
+            ``{"input": k}``: the k-th tensor given to the layer; ``{"const": value, "dtype": name}``;
+            ``{"variable": k}``: ``variables[k]``, read at every call; ``{"op": type, "args": ...,
+            "attrs": ..., "output": i}``: an op of constants and variables (e.g. ``exp`` of a weight).
+        attrs: tf.raw_ops argument name -> [attribute kind, value] for the op's attributes.
+        variables: Cp's variables the op reads (shared, not copied; the config saves their values).
+
+    Shape:
+        the op's: the layer takes the list of dense tensors and returns the op's output (a list for ops
+        with several outputs).
+    """
+
+    def __init__(self, op_type, args, attrs, variables=(), **kwargs):
+        super().__init__(**kwargs)
+        object.__setattr__(self, "_op", (str(op_type), dict(args), dict(attrs), tuple(variables)))
+
+    def call(self, inputs):
+        op_type, args, attrs, variables = self._op
+        xs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        out = _run_op(op_type, args, attrs, xs, variables)
+        return out if tf.is_tensor(out) else list(out)
+
+    def get_config(self):
+        op_type, args, attrs, variables = self._op
+        return {**super().get_config(), "op_type": op_type, "attrs": attrs,
+                "args": {name: _snapshot(spec, variables) for name, spec in args.items()}}
+
+
+def _window_combine(x, axis, k, combine):
+    """``combine`` (an associative and idempotent op: tf.maximum, tf.minimum) over every k consecutive
+    entries along ``axis`` (1 or 2) of a 4-D tensor, without padding: windows of 1, 2, 4, ... entries
+    from pairs of shifted slices, then two overlapping ones of size k."""
+    def head(t, n):
+        return t[:, :-n] if axis == 1 else t[:, :, :-n]
+
+    def tail(t, n):
+        return t[:, n:] if axis == 1 else t[:, :, n:]
+    span = 1
+    while 2 * span <= k:
+        x = combine(head(x, span), tail(x, span))
+        span *= 2
+    if span < k:
+        x = combine(head(x, k - span), tail(x, k - span))
+    return x
+
+
+@_register
+class _WindowReduce(_Layer):
+    """A reduction of Cp over positions of its patch-level map (global pooling, ``keras.ops.max(x, axis=(1,
+    2))``, ...), made dense: the same reduction over every kh x kw window, at stride 1.
+
+    ``"max"`` and ``"min"`` combine shifted slices with tf.maximum / tf.minimum, which, like
+    tf.reduce_max (GlobalMaxPooling2D), propagate NaN and keep -inf; tf.nn.max_pool2d (a multipooling)
+    would skip NaN and give the lowest float for a window of -inf.  ``"avg"`` is an average pooling,
+    ``"sum"`` that times the window's size.
+
+    Args:
+        kind: "max", "min", "avg" or "sum".
+        window: (kh, kw), the size of the patch-level map reduced (1 for an axis not reduced).
+
+    Shape:
+        (B, L_h, L_w, C) -> (B, L_h - kh + 1, L_w - kw + 1, C).
+    """
+    KINDS = ("max", "min", "avg", "sum")
+
+    def __init__(self, kind, window, **kwargs):
+        super().__init__(**kwargs)
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+        self.kind, self.window = kind, _pair(window, "window")
+
+    def call(self, x):
+        kh, kw = self.window
+        if self.kind in ("avg", "sum"):
+            y = tf.nn.avg_pool2d(x, (kh, kw), 1, "VALID")
+            return y if self.kind == "avg" else y * tf.cast(kh * kw, y.dtype)
+        combine = tf.maximum if self.kind == "max" else tf.minimum
+        return _window_combine(_window_combine(x, 1, kh, combine), 2, kw, combine)
+
+    def compute_output_spec(self, x):
+        return keras.KerasTensor((x.shape[0], None, None, x.shape[-1]), dtype=x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "kind": self.kind, "window": list(self.window)}
 
 
 # ---------------------------------------------------------------------------
@@ -2118,13 +2511,6 @@ def _rule_activation(call, geoms):
     if isinstance(call.layer, keras.layers.Softmax):
         return _rule_channelwise(call, geoms)
     return _rule_reuse(call, geoms)
-
-
-@_rule_for(_Cast, label="casts between layers (autocast of the input, layers with their own dtype)")
-def _rule_cast(call, geoms):
-    """A cast to another float dtype: per pixel."""
-    dtype = call.layer.dtype
-    return (lambda xs: [keras.ops.cast(xs[0], dtype)]), [geoms[0]]
 
 
 @_rule_for(keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.GaussianNoise,
@@ -2262,15 +2648,15 @@ def _make_global_pool_rule(kind):
         geom = geoms[0]
         _require_map(call, geom)
         _require_channels_last(call)
-        h, w = geom.size
-        cls = multiMaxPooling if kind == "max" else multiAvgPooling
         keep = len(call.out_shape) == 4
-        return (lambda xs: [cls(w, h, 1, 1)(xs[0])]), [geom.with_(kind=MAP if keep else VECTOR, size=(1, 1))]
-    rule.__doc__ = f"global {kind} pooling over the patch-level map: a stride-1 pooling with the map's size."
+        layer = _WindowReduce(kind, geom.size)
+        return (lambda xs: [layer(xs[0])]), [geom.with_(kind=MAP if keep else VECTOR, size=(1, 1))]
+    rule.__doc__ = (f"global {kind} pooling over the patch-level map: a stride-1 reduction over windows of the "
+                    f"map's size (_WindowReduce, with the NaN and -inf semantics of Keras' reduction).")
     return rule
 
 
-_GLOBAL_LABEL = "global pooling (a stride-1 pooling with the map's size)"
+_GLOBAL_LABEL = "global pooling (a stride-1 reduction over windows of the map's size)"
 _rule_for(keras.layers.GlobalMaxPooling2D, label=_GLOBAL_LABEL)(_make_global_pool_rule("max"))
 _rule_for(keras.layers.GlobalAveragePooling2D, label=_GLOBAL_LABEL)(_make_global_pool_rule("avg"))
 
@@ -2282,14 +2668,20 @@ def _rule_flatten(call, geoms):
 
     (N, h, w, C) is a MAP, (N, h*w*C) a VECTOR (Keras' H, W, C order); any other shape is a
     VIEW that only element-wise layers and further reshapes may use."""
-    geom = geoms[0]
-    src, dst = call.in_shapes[0], call.out_shape
+    return _pass_through, [_reshaped_geom(call, geoms[0], call.in_shapes[0], call.out_shape)]
+
+
+def _reshaped_geom(call, geom, src, dst):
+    """The geometry of ``geom`` (a value of traced shape ``src``) reshaped to ``dst``, keeping the batch axis:
+    (N, h, w, C) is a MAP, (N, h*w*C) a VECTOR (Keras' H, W, C order), any other shape a VIEW that only
+    element-wise ops and further reshapes may use."""
+    src, dst = tuple(src), tuple(dst)
     (h, w), c = geom.size, geom.channels
     if dst == src:
-        return _pass_through, [geom]
-    if dst[0] == src[0] and _prod(dst[1:]) == h * w * c:
+        return geom
+    if dst[:1] == src[:1] and _prod(dst[1:]) == h * w * c:
         kind = MAP if dst[1:] == (h, w, c) else VECTOR if dst[1:] == (h * w * c,) else VIEW
-        return _pass_through, [geom.with_(kind=kind)]
+        return geom.with_(kind=kind)
     raise call.fail(f"it reshapes {src} to {dst}, which moves values between patches (the batch axis)")
 
 
@@ -2341,8 +2733,9 @@ class _AlignStreams(_Layer):
         w = tf.reduce_min([tf.shape(v)[2] for v in values])
         return [v[:, :h, :w, :] for v in values]
 
-    def compute_output_shape(self, input_shapes):
-        return [(None, None, None, s[-1]) for s in input_shapes]
+    def compute_output_spec(self, inputs):
+        """The inputs' channels and dtypes (a float64 stream stays float64 for the ops after it)."""
+        return [keras.KerasTensor((None, None, None, x.shape[-1]), dtype=x.dtype) for x in inputs]
 
     def get_config(self):
         return {**super().get_config(), "unwarps": self.unwarps}
@@ -2377,10 +2770,302 @@ def _rule_refuse_per_patch(call, geoms):
     raise call.fail(f"it normalises with statistics computed over each patch; {_PER_PATCH_REASON}")
 
 
-@_rule_for(keras.layers.Lambda, label="refused: Lambda layers (opaque)")
-def _refuse_lambda(call, geoms):
-    """Lambda layers are opaque."""
-    raise call.fail("a Lambda layer is opaque to convert(); write it as a Keras layer of the supported kinds")
+
+# --- rules for the TensorFlow ops of call() outside layers (keys: op names, e.g. "AddV2") -------------
+
+class _OpKind:
+    """The registry key of a kind of TensorFlow op (layer kinds are keyed by their classes): equal for equal
+    op names; ``__name__`` is how supported_layers() lists it."""
+
+    def __init__(self, op_type):
+        self.__name__ = f"tf.raw_ops.{op_type}"
+
+    def __eq__(self, other):
+        return isinstance(other, _OpKind) and other.__name__ == self.__name__
+
+    def __hash__(self):
+        return hash(self.__name__)
+
+
+def _op_rule_for(*op_types, label):
+    """Decorator: register a rule for TensorFlow ops that Cp's call() runs outside its layers (keras.ops,
+    tf.*, arithmetic on tensors), by op name (the name of its tf.raw_ops function)."""
+    def register(rule):
+        kinds = [_OpKind(t) for t in op_types]
+        return _register_rule(rule, kinds, [k.__name__ for k in kinds], label)
+    return register
+
+
+def _rule_of(call):
+    """The rule of a recorded layer or op, or None."""
+    return _RULES.get(_OpKind(call.type)) if call.is_op else _lookup_rule(call.layer)
+
+
+def _op_runner(call, args=None, unwarps=None):
+    """CI runs the recorded op itself (a _TFOp; ``args`` replaces the recorded operands), after unwarping
+    the inputs of streams that went through other strides (``unwarps``, see _merge_grids)."""
+    layer = _TFOp(call.type, call.args if args is None else args, call.attrs, call.variables,
+                  name=_op_layer_name(call))
+
+    def run(xs):
+        xs = list(xs)
+        if unwarps and any(unwarps):
+            xs = _AlignStreams(unwarps)(xs)
+        out = layer(xs)
+        return out if isinstance(out, list) else [out]
+    return run
+
+
+def _op_layer_name(call):
+    """The name of CI's layer for a recorded op: the op's name in Cp's graph ("/" is not allowed)."""
+    return call.op.name.replace("/", ".")
+
+
+def _crop_runner(top, bottom, left, right, c0, c1, channels):
+    """CI's crop of dense maps: rows and columns trimmed as in the patch-level map (a translation of the
+    dense map, see _rule_crop), channels c0:c1 of ``channels``."""
+    end_mask = 1 | (2 if bottom == 0 else 0) | (4 if right == 0 else 0) | (8 if c1 == channels else 0)
+    args = {"input": {"input": 0}, "begin": {"const": [0, top, left, c0], "dtype": "int32"},
+            "end": {"const": [0, -bottom, -right, c1], "dtype": "int32"},
+            "strides": {"const": [1, 1, 1, 1], "dtype": "int32"}}
+    attrs = {"begin_mask": ["int", 1], "end_mask": ["int", end_mask], "ellipsis_mask": ["int", 0],
+             "new_axis_mask": ["int", 0], "shrink_axis_mask": ["int", 0]}
+    layer = _TFOp("StridedSlice", args, attrs)
+    return lambda xs: [layer(xs[0])]
+
+
+def _per_channel(geom):
+    """Values whose last axis is the channels of one position: a map, or a vector of one position."""
+    return geom.kind == MAP or geom.is_pixel_vector
+
+
+_ELEMENTWISE_OPS = (
+    # activations and other functions of one value
+    "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Softplus", "Softsign", "Sigmoid", "Tanh", "Abs", "Neg", "Sign",
+    "Square", "Sqrt", "Rsqrt", "Reciprocal", "Inv", "Exp", "Expm1", "Log", "Log1p", "Erf", "Erfc", "Floor", "Ceil",
+    "Round", "Rint", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh",
+    "IsNan", "IsInf", "IsFinite", "LogicalNot", "Cast", "StopGradient", "PreventGradient",
+    # arithmetic and comparisons of values on one grid and of constants
+    "AddV2", "Add", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "MulNoNan", "FloorDiv", "FloorMod", "TruncateDiv",
+    "Maximum", "Minimum", "Pow", "SquaredDifference", "Atan2", "Xdivy", "Xlogy", "BiasAdd", "ClipByValue",
+    "Greater", "GreaterEqual", "Less", "LessEqual", "Equal", "NotEqual", "LogicalAnd", "LogicalOr",
+    "Select", "SelectV2", "AddN")
+
+
+@_op_rule_for(*_ELEMENTWISE_OPS, label="TensorFlow element-wise ops in call() (keras.ops, tf.math, tf.nn, "
+                                       "arithmetic on tensors, casts, tf.where): applied per pixel")
+def _rule_elementwise_op(call, geoms):
+    """Element-wise ops of values on one grid and of constants that are the same at every position of the
+    patch (scalars, per-channel vectors): the same op on the dense values.  A value of the whole patch
+    (1x1, such as its mean) broadcast over a larger map is per-patch normalisation, refused."""
+    if call.attrs.get("data_format", ["string", "NHWC"])[1] != "NHWC":
+        raise call.fail("only data_format='NHWC' (channels last) is supported")
+    out = tuple(call.out_shapes[0])
+    data = [spec for spec in _flat_specs(call.args) if "input" in spec]
+    shapes = [tuple(spec["shape"]) for spec in data]
+    for shape, geom in zip(shapes, geoms):
+        if len(shape) != len(out) or shape[0] != out[0]:
+            raise call.fail(f"it broadcasts a value of shape {shape} to {out}, which moves values between "
+                            f"patches or between their axes")
+        if shape[1:-1] != out[1:-1]:
+            big = next((g.describe() for s, g in zip(shapes, geoms) if s[1:-1] == out[1:-1]), f"a {out} value")
+            raise call.fail(f"it combines {big} with {geom.describe()}, a value of the whole patch (such as its "
+                            f"mean or standard deviation) used at every position, as per-patch normalisation "
+                            f"does; {_PER_PATCH_REASON}")
+        if shape[-1] != out[-1] and not (shape[-1] == 1 and _per_channel(geom)):
+            raise call.fail(f"it broadcasts {geom.describe()} along the last axis of a {out} value, which mixes "
+                            f"positions of the patch")
+    first, unwarps = _merge_grids(call, geoms)
+    for spec in _flat_specs(call.args):
+        if "input" in spec:
+            continue
+        shape = tuple(spec["shape"] or ())
+        per_position = any(s != 1 for s in shape[:-1]) or (shape and shape[-1] != 1 and not _per_channel(first))
+        if len(shape) > len(out) or per_position or (shape and shape[-1] not in (1, out[-1])):
+            raise call.fail(f"it combines {first.describe()} with a constant of shape {list(shape)}, which differs "
+                            f"per position of the patch; only scalars and per-channel constants can be made dense")
+    return _op_runner(call, unwarps=unwarps), [first.with_(channels=out[-1] if _per_channel(first) else None)]
+
+
+@_op_rule_for("MatMul", label="TensorFlow matrix products in call() with a constant or weight (x @ w): per pixel "
+                             "on a vector of one position, an h x w convolution on a flattened map")
+def _rule_matmul_op(call, geoms):
+    """``x @ w`` (keras.ops.matmul, tf.matmul) of a value computed from the patch and a constant or weight of
+    Cp: as a Dense layer, per pixel on a vector of one position, an h x w convolution (H, W, C order) on a
+    flattened map."""
+    geom = geoms[0]
+    a, b = call.args["a"], call.args["b"]
+    if "input" not in a or "input" in b or call.attrs["transpose_a"][1]:
+        raise call.fail("only x @ w with x computed from the patch and w a constant or weight can be made dense")
+    transpose_b = call.attrs["transpose_b"][1]
+    units = call.out_shapes[0][-1]
+    if geom.is_pixel_vector:
+        args = {"x": a, "y": b}
+        attrs = {"adj_x": ["bool", False], "adj_y": ["bool", transpose_b]}
+        layer = _TFOp("BatchMatMulV2", args, attrs, call.variables, name=_op_layer_name(call))
+        return (lambda xs: [layer(xs[0])]), [geom.with_(channels=units)]
+    if geom.kind != VECTOR:
+        raise call.fail(f"it is applied to {geom.describe()}; flatten the map first")
+    (h, w), c = geom.size, geom.channels
+    if transpose_b:
+        b = {"op": "Transpose", "args": {"x": b, "perm": {"const": [1, 0], "dtype": "int32"}}, "attrs": {}}
+    kernel = b
+    kernel = {"op": "Reshape", "args": {"tensor": kernel, "shape": {"const": [h, w, c, units], "dtype": "int32"}},
+              "attrs": {}}
+    args = {"input": a, "filter": kernel}
+    attrs = {"strides": ["list(int)", [1, 1, 1, 1]], "padding": ["string", "VALID"]}
+    layer = _TFOp("Conv2D", args, attrs, call.variables, name=_op_layer_name(call))
+    return (lambda xs: [layer(xs[0])]), [geom.with_(channels=units, size=(1, 1))]
+
+
+@_op_rule_for("Reshape", "Squeeze", "ExpandDims", label="TensorFlow reshapes in call() that keep the batch axis "
+                                                        "(the same values, reinterpreted)")
+def _rule_reshape_op(call, geoms):
+    """Reshapes that keep the batch axis (keras.ops.reshape, tf.squeeze, x[:, None]): see _reshaped_geom."""
+    return _pass_through, [_reshaped_geom(call, geoms[0], call.in_shapes[0], call.out_shapes[0])]
+
+
+@_op_rule_for("Softmax", "LogSoftmax", label="TensorFlow ops along the channel axis in call() (softmax): per pixel")
+def _rule_channel_op(call, geoms):
+    """Softmax and log-softmax along the last axis: per pixel where that axis is the channels."""
+    geom = geoms[0]
+    if not _per_channel(geom):
+        raise call.fail(f"it acts along the last axis of {geom.describe()}, which mixes positions of the patch")
+    return _op_runner(call), [geom]
+
+
+@_op_rule_for("ConcatV2", label="TensorFlow concatenation on channels in call() (keras.ops.concatenate, tf.concat)")
+def _rule_concat_op(call, geoms):
+    """Concatenation of values on one grid (or per-position vectors of streams that pool differently,
+    unwarped first) along the channel axis."""
+    axis = call.constant("axis")
+    if axis is None or any("input" not in spec for spec in call.args["values"]):
+        raise call.fail("it concatenates a constant (or along an axis computed from the patch) with values "
+                        "computed from the patch")
+    rank = len(call.out_shapes[0])
+    first, unwarps = _merge_grids(call, geoms)
+    if int(axis) % rank != rank - 1 or not _per_channel(first):
+        raise call.fail(f"it concatenates {first.describe()} along axis {int(axis)}; only the channel axis (-1) of "
+                        f"maps and of vectors of one position can be made dense")
+    args = dict(call.args, axis={"const": -1, "dtype": call.args["axis"]["dtype"]})
+    return _op_runner(call, args, unwarps), [first.with_(channels=call.out_shapes[0][-1])]
+
+
+@_op_rule_for("StridedSlice", "Slice", label="TensorFlow slices in call(): crops of the map (a translation of the "
+                                             "dense map) and slices of channels")
+def _rule_slice_op(call, geoms):
+    """Slices: applied to the indices of the patch-level value, the op shows which entries it takes.  A
+    contiguous box of every patch is a crop of the map (the same start in every shift branch, the end
+    trimmed by as much: see _rule_crop) and a slice of its channels; anything else is refused."""
+    geom = geoms[0]
+    src, dst = tuple(call.in_shapes[0]), tuple(call.out_shapes[0])
+    index = np.arange(_prod(src), dtype=np.int64).reshape(src)
+    probe = {name: {"const": index, "dtype": "int64"} if isinstance(spec, dict) and "input" in spec else spec
+             for name, spec in call.args.items()}
+    if any("input" in spec for spec in _flat_specs(probe)):
+        raise call.fail("its bounds are computed from the patch")
+    picked = np.asarray(_run_op(call.type, probe, call.attrs, [], call.variables))
+    if picked.size == 0:
+        raise call.fail("it takes an empty slice")
+    lo, hi = np.unravel_index(picked.min(), src), np.unravel_index(picked.max(), src)
+    box = index[tuple(slice(a, b + 1) for a, b in zip(lo, hi))]
+    if box.size != picked.size or not np.array_equal(box.ravel(), picked.ravel()):
+        raise call.fail("it takes a strided, reversed or reordered slice; only contiguous crops (x[:, a:b, c:d, :]) "
+                        "and slices of channels can be made dense")
+    if (lo[0], hi[0]) != (0, src[0] - 1):
+        raise call.fail("it slices the batch of patches")
+    if box.shape == src:  # every entry, reshaped (x[:, None], x[..., 0] of one channel)
+        return _pass_through, [_reshaped_geom(call, geom, src, dst)]
+    if geom.kind == MAP and len(src) == 4:
+        (h, w), c = geom.size, geom.channels
+        cropped = geom.with_(size=box.shape[1:3], channels=box.shape[3])
+        run = _crop_runner(lo[1], h - 1 - hi[1], lo[2], w - 1 - hi[2], lo[3], hi[3] + 1, c)
+        return run, [_reshaped_geom(call, cropped, box.shape, dst)]
+    if geom.is_pixel_vector and len(src) == 2:
+        run = _crop_runner(0, 0, 0, 0, lo[1], hi[1] + 1, geom.channels)
+        return run, [_reshaped_geom(call, geom.with_(channels=box.shape[1]), box.shape, dst)]
+    raise call.fail(f"it slices {geom.describe()}; only crops of a (N, h, w, C) map and slices of channels can be "
+                    f"made dense")
+
+
+_REDUCTIONS = {"Mean": "avg", "Max": "max", "Min": "min", "Sum": "sum", "Prod": None, "All": None, "Any": None,
+               "EuclideanNorm": None}
+
+
+@_op_rule_for(*_REDUCTIONS, label="TensorFlow reductions in call(): over channels (per pixel), over positions of "
+                                  "the map (global pooling: mean, max, min, sum)")
+def _rule_reduce_op(call, geoms):
+    """Reductions over the channels of a map or of a vector of one position: the same op per pixel.  Over the
+    positions of a map (keras.ops.mean(x, axis=(1, 2)), GlobalMaxPooling2D written with keras.ops.max, ...):
+    a stride-1 reduction over windows of the map's size (_WindowReduce), which holds the patch-level value
+    for every pixel.  (Combining such a value with a larger map is refused where it happens.)"""
+    geom = geoms[0]
+    src, dst = tuple(call.in_shapes[0]), tuple(call.out_shapes[0])
+    axes = call.constant("axis")
+    if axes is None:
+        raise call.fail("its axes are computed from the patch")
+    axes = sorted({int(a) % len(src) for a in np.ravel(axes)})
+    if 0 in axes:
+        raise call.fail("it reduces over the batch of patches")
+    if not axes:
+        return _pass_through, [geom]
+
+    def per_pixel():  # the op itself over the channel axis, keeping it (dense values stay 4-D)
+        return _TFOp(call.type, dict(call.args, axis={"const": [-1], "dtype": call.args["axis"]["dtype"]}),
+                     dict(call.attrs, keep_dims=["bool", True]), call.variables, name=_op_layer_name(call))
+    if geom.kind == MAP and len(src) == 4:
+        (h, w), c = geom.size, geom.channels
+        steps = []
+        if 1 in axes or 2 in axes:
+            kind = _REDUCTIONS[call.type]
+            if kind is None:
+                raise call.fail(f"it reduces over positions of the patch with {call.type}; only mean, max, min and "
+                                f"sum over positions (global pooling) can be made dense")
+            steps.append(_WindowReduce(kind, (h if 1 in axes else 1, w if 2 in axes else 1)))
+        if 3 in axes:
+            steps.append(per_pixel())
+        reduced = geom.with_(size=(1 if 1 in axes else h, 1 if 2 in axes else w), channels=1 if 3 in axes else c)
+
+        def run(xs):
+            x = xs[0]
+            for step in steps:
+                x = step(x)
+            return [x]
+        return run, [_reshaped_geom(call, reduced, (src[0],) + reduced.size + (reduced.channels,), dst)]
+    if geom.is_pixel_vector and len(src) == 2:
+        layer = per_pixel()
+        return (lambda xs: [layer(xs[0])]), [_reshaped_geom(call, geom.with_(channels=1), (src[0], 1), dst)]
+    raise call.fail(f"it reduces {geom.describe()} over axes {axes}, which mixes positions of the patch; only "
+                    f"reductions of a (N, h, w, C) map over its positions (global pooling) or its channels, and of a "
+                    f"vector of one position over its channels, can be made dense")
+
+
+@_op_rule_for("Conv2D", "DepthwiseConv2dNative", "MaxPool", "AvgPool",
+              label="TensorFlow convolutions and poolings in call(), unpadded and at stride 1 (the same op)")
+def _rule_window_op(call, geoms):
+    """tf.nn.conv2d, depthwise_conv2d, max_pool2d, avg_pool2d in call() without padding and at stride 1:
+    the same op on the dense map (strided ones: use the Keras layers, which convert() makes dense)."""
+    geom = geoms[0]
+    _require_map(call, geom)
+    padding = call.attrs["padding"][1]
+    if padding != "VALID":
+        raise call.fail(f"it pads its input (padding={padding!r}); {_PADDING_REASON}")
+    if call.attrs.get("data_format", ["string", "NHWC"])[1] != "NHWC":
+        raise call.fail("only data_format='NHWC' (channels last) is supported")
+    if list(call.attrs["strides"][1]) != [1, 1, 1, 1]:
+        raise call.fail(f"it strides (strides={call.attrs['strides'][1]}); write it as a Keras layer (Conv2D, "
+                        f"DepthwiseConv2D, MaxPooling2D, AveragePooling2D), which convert() makes dense with all "
+                        f"its shifts")
+    if len(call.in_slots) != 1:
+        raise call.fail("its kernel is computed from the patch")
+    out = call.out_shapes[0]
+    return _op_runner(call), [geom.with_(channels=out[3], size=out[1:3])]
+
+
+@_op_rule_for("Pad", "PadV2", "MirrorPad", label="refused: padding inside Cp")
+def _rule_pad_op(call, geoms):
+    """tf.pad / keras.ops.pad inside Cp."""
+    raise call.fail(f"it pads a value inside Cp; {_PADDING_REASON}")
 
 
 # ---------------------------------------------------------------------------
@@ -2453,6 +3138,12 @@ class DenseFeatureModel(keras.Model):
                    or (isinstance(l, _MultiPoolBase) and l.stride != (1, 1))]
         for i, layer in enumerate(strided):  # the first k strided layers run without their shifts
             layer.shifts = i >= self._grid[0]
+
+    @tf.autograph.experimental.do_not_convert  # autograph (export's serving function) cannot convert super()
+    def __call__(self, images, *args, **kwargs):
+        """CI on ``images``: a tensor, a numpy array, or nested lists of numbers (converted as a numpy array;
+        Keras itself refuses lists in a model's call)."""
+        return super().__call__(_as_images(images), *args, **kwargs)
 
     def build(self, input_shape=None):
         """CI takes images of any N, H, W: built for (None, None, None, C) whatever shape comes first,
@@ -2696,26 +3387,34 @@ def _check_declared_input(base_net, patch_size, in_channels):
 
 
 def _trace(base_net, patch_size, in_channels):
-    """Run Cp eagerly on random patches and record its leaf layers.  Tries a batch of 2, then of 1."""
+    """Run Cp eagerly on random patches (building its layers; its output), then trace its call() into a
+    graph and record its layers and ops (_Tracer).  Tries a batch of 2, then of 1."""
     ph, pw = patch_size
     last_error = None
     for batch in (2, 1):
         dtype = _input_dtype(base_net)
         example = tf.random.normal([batch, ph, pw, in_channels], dtype=dtype)
         try:
-            base_net(example, training=False)  # builds the layers outside the recording
+            out = base_net(example, training=False)  # builds the layers outside the recording
             if _input_dtype(base_net) != dtype:  # the layers' dtypes are known once they are built
                 example = tf.random.normal([batch, ph, pw, in_channels], dtype=_input_dtype(base_net))
-                base_net(example, training=False)
-            with _Tracer(example) as tracer:
                 out = base_net(example, training=False)
-        except ConversionError:
-            raise
         except Exception as exc:  # the net rejected this example; report it below
             last_error = exc
             continue
-        if tracer.error is not None:
-            raise tracer.error
+        tracer = _Tracer(base_net)
+        try:
+            with tracer:
+                tracer.trace(example)
+        except ConversionError:
+            raise
+        except Exception as exc:
+            text = re.sub(r"\x1b\[[0-9;]*m", "", _error_text(exc))  # Keras' bold
+            raise ConversionError(
+                f"Cp runs on {ph}x{pw}x{in_channels} patches, but its call() cannot be traced into a TensorFlow "
+                f"graph ({type(exc).__name__}: {text}); convert() reads Cp's layers and ops from that graph (a "
+                f"forward that reads values of tensors, with Python conditions on them or .numpy(), cannot be made "
+                f"dense)") from exc
         return tracer, out, example
     raise ConversionError(f"running Cp on a batch of {ph}x{pw}x{in_channels} patches failed: "
                           f"{type(last_error).__name__}: {last_error} -- the patch {ph}x{pw} may be smaller "
@@ -2726,13 +3425,15 @@ def _trace(base_net, patch_size, in_channels):
 def _apply_rules(calls, geoms, values):
     """Apply each recorded call's rule and wire its layers; fills ``geoms`` and ``values`` (slot ->
     symbolic tensor of CI's core)."""
-    problems = []  # every layer that cannot be made dense, reported together
+    problems = []  # every layer and op that cannot be made dense, reported together
     for call in calls:
         in_geoms = [geoms[s] for s in call.in_slots]
-        rule = _lookup_rule(call.layer)
+        rule = _rule_of(call)
         try:
+            if call.problem is not None:
+                raise call.problem
             if rule is None:
-                raise ConversionError(_unsupported_message(call.where, "layer kind"))
+                raise ConversionError(_unsupported_message(call.where, "op" if call.is_op else "layer kind"))
             run, out_geoms = rule(call, in_geoms)
         except ConversionError as exc:
             problems.append(str(exc))
@@ -2757,12 +3458,13 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
             progress: Optional[bool] = None, border: str = "zeros", output_stride=1) -> DenseFeatureModel:
     """Turn a patch network Cp (Keras) into CI, which computes Cp for the patch around every pixel.
 
-    Cp is run once eagerly on an example batch of patches and the Keras layers it calls are
-    recorded (Sequential, functional, and subclassed models whose call() chains layers).  Each
-    layer is made dense by one rule (:func:`supported_layers` lists them), in inference mode
-    (dropout off, batch-norm moving statistics); the layers and their weights are shared with Cp,
-    not copied.  Layers that cannot be made exact raise :class:`ConversionError` naming the layer
-    and why.
+    Cp is run once on an example batch of patches and its call() traced into a TensorFlow graph:
+    the Keras layers it calls are recorded, and the ops between them (keras.ops, tf.*, arithmetic
+    on tensors, casts, slices, reductions; in Sequential, functional and subclassed models, Lambda
+    and the user's own layers) are read from the graph.  Each layer or op is made dense by one rule
+    (:func:`supported_layers` lists them), in inference mode (dropout off, batch-norm moving
+    statistics); the layers and their weights are shared with Cp, not copied.  What cannot be made
+    exact raises :class:`ConversionError` naming every such layer and op and why.
 
     Args:
         base_net: Cp, a keras.Model mapping (B, pH, pW, C) to (B, K) or (B, 1, 1, K).
@@ -2819,10 +3521,9 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     geoms = {0: _Geom(MAP, in_channels, (ph, pw))}
     _apply_rules(tracer.calls, geoms, values)
     _output_vectors(out, batch)
-    if id(out) not in tracer.slot_of:
-        raise ConversionError("Cp's output is not the output of one of its Keras layers (a TensorFlow op "
-                              "after the last layer?); only chains and graphs of Keras layers can be converted")
-    out_slot = tracer.slot_of[id(out)]
+    if tracer.out_slot is None:
+        raise ConversionError("Cp's output does not depend on its input patch (a constant)")
+    out_slot = tracer.out_slot
     geom = geoms[out_slot]
     stacked = values[out_slot]
     out_channels = int(_output_vectors(out, batch).shape[1])

@@ -1,0 +1,406 @@
+"""Keras: what call() does between layers.  convert() traces Cp's call() into a TensorFlow graph and reads
+the ops between its layers (keras.ops, tf.*, arithmetic on tensors, casts, slices, reductions) with one
+rule per op kind; CI must equal Cp on every patch.  Ops that cannot be exact are refused, every problem
+of the net in one message.  Also: NaN and Inf pixels give Cp's non-finite pattern and values, images
+given as lists, no tf.function retracing warnings, and converting while another thread runs Keras."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import TOL, max_rel_error
+
+N, H, W = 2, 20, 23  # batch 2, a size that is no multiple of the stride products
+
+
+def _images(channels, seed=0):
+    return np.random.default_rng(seed).standard_normal((N, H, W, channels)).astype("float32")
+
+
+def _assert_exact(kb, net, patch, channels, **options):
+    """CI of ``net`` equals Cp on every patch of two random images (float32)."""
+    images = _images(channels)
+    ci = kb.FDFE.convert(net, patch, in_channels=channels, **options)
+    assert max_rel_error(ci(images), kb.FDFE.dense_reference(net, images, patch)) <= TOL["float32"], options
+    return ci
+
+
+def _built(net, patch, channels):
+    import tensorflow as tf
+    net(tf.zeros((1, *patch, channels)))
+    return net
+
+
+# --- ops between layers that convert ---------------------------------------------------------------------
+
+def _mixed_ops_net():
+    """keras.ops, tf.* and Python arithmetic between layers: activations, arithmetic with constants and
+    between values, concatenation on channels, casts, a strided pooling, a flatten by tf.reshape at the end."""
+    import keras
+    import tensorflow as tf
+    L, ops = keras.layers, keras.ops
+
+    class MixedOps(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.pool, self.conv2 = L.Conv2D(4, 3), L.MaxPooling2D(2), L.Conv2D(3, 3)
+            self.head = L.Dense(5)
+
+        def call(self, x):
+            y = self.conv1(x)
+            y = ops.relu(y) + tf.nn.tanh(y) * 0.5 - ops.abs(y) / 3.0 + ops.square(ops.sigmoid(y))
+            y = ops.sqrt(ops.abs(y) + 1.0) - y
+            y = ops.concatenate([y, tf.math.exp(-y), -y, y * 2], axis=-1)
+            y = tf.cast(tf.cast(self.pool(y), tf.float64) + 1, tf.float32)
+            z = self.conv2(y)
+            z = ops.subtract(ops.add(z, ops.multiply(z, 2.0)), tf.constant([1.0, 2.0, 3.0]))
+            z = tf.concat([z, ops.maximum(z, 0.1), tf.math.minimum(z, -0.1)], -1)
+            return self.head(tf.reshape(z, [tf.shape(z)[0], -1]))  # a flatten whose shape is computed
+    return MixedOps()
+
+
+@pytest.mark.parametrize("patch", [(11, 10), (10, 10)])
+def test_keras_ops_tf_ops_and_arithmetic_between_layers(kb, patch):
+    import keras
+    keras.utils.set_random_seed(0)
+    net = _built(_mixed_ops_net(), patch, 2)
+    _assert_exact(kb, net, patch, 2)
+    if patch == (10, 10):
+        _assert_exact(kb, net, patch, 2, naive=True, tile=(7, 9))
+        images = _images(2)
+        stepped = kb.FDFE.convert(net, patch, output_stride=2)
+        assert stepped._grid[0] == 1  # the pooling after the ops runs without its shifts
+        assert max_rel_error(stepped(images), kb.FDFE.dense_reference(net, images, patch, output_stride=2)) \
+            <= TOL["float32"]
+
+
+def _reductions_net():
+    """Activations written with keras.ops, a strided convolution, then reductions: global pooling by
+    keras.ops / tf.reduce_* over H, W (with and without keepdims), over channels, a slice of channels,
+    squeeze and softmax."""
+    import keras
+    import tensorflow as tf
+    L, ops = keras.layers, keras.ops
+
+    class Reductions(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = L.Conv2D(4, 3), L.Conv2D(6, 2, strides=2)
+
+        def call(self, x):
+            y = ops.silu(ops.gelu(self.conv1(x)))
+            y = ops.hard_sigmoid(y) + ops.relu6(ops.leaky_relu(y, 0.1)) + ops.log1p(ops.abs(ops.elu(y)))
+            y = self.conv2(y[:, 1:, :-1, :])
+            m = ops.mean(y, axis=(1, 2))
+            top = ops.squeeze(ops.max(y, axis=(1, 2), keepdims=True), axis=(1, 2))
+            low, total = tf.reduce_min(y, axis=[1, 2]), tf.reduce_sum(y[..., 1:4], axis=[1, 2])
+            channel = ops.mean(ops.mean(y, axis=-1, keepdims=True), axis=(1, 2))
+            return ops.concatenate([m, top, low, total, channel, ops.softmax(m), y[:, 0, 1, :2]], axis=-1)
+    return Reductions()
+
+
+@pytest.mark.parametrize("patch, channels", [((9, 9), 1), ((10, 9), 2)])
+def test_keras_reductions_slices_and_global_pooling_written_as_ops(kb, patch, channels):
+    import keras
+    keras.utils.set_random_seed(1)
+    _assert_exact(kb, _built(_reductions_net(), patch, channels), patch, channels)
+
+
+def test_keras_functional_lambda_and_custom_layers_are_read(kb, tmp_path):
+    """keras.ops in a functional model, a Lambda, a user layer with a weight (traced through: CI reads the
+    weight at every call, so it follows Cp's training), x @ w on a pixel vector and on a flattened map;
+    the CI saves and loads."""
+    import keras
+    import tensorflow as tf
+    L, ops = keras.layers, keras.ops
+
+    class Scale(L.Layer):
+        def build(self, shape):
+            self.log_scale = self.add_weight(shape=(shape[-1],), initializer="zeros")
+
+        def call(self, x):
+            return x * ops.exp(self.log_scale) + 1.0
+
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((9, 8, 1))
+    x = L.Conv2D(4, 3)(inp)
+    x = L.Lambda(lambda t: t * 2 + tf.nn.relu(t))(ops.relu(x) - 0.5)
+    scale = Scale()
+    x = L.MaxPooling2D(2)(scale(x))
+    x = ops.reshape(x[:, 1:, :, 1:], (-1, 2 * 3 * 3))
+    x = ops.matmul(x, tf.constant(np.random.default_rng(0).standard_normal((18, 6)), tf.float32))
+    out = ops.matmul(ops.tanh(x), tf.ones((6, 3))) + tf.constant([0.5, -0.5, 1.0])
+    net = keras.Model(inp, out)
+    ci = _assert_exact(kb, net, (9, 8), 1)
+    scale.log_scale.assign(np.log([0.5, 2.0, 3.0, 0.25]).astype("float32"))
+    images = tf.constant(_images(1))
+    assert max_rel_error(ci(images), kb.FDFE.dense_reference(net, images, (9, 8))) <= TOL["float32"]
+    ci.save(str(tmp_path / "ops.keras"))
+    np.testing.assert_array_equal(keras.models.load_model(str(tmp_path / "ops.keras"))(images).numpy(),
+                                  ci(images).numpy())
+
+
+def test_keras_tf_nn_convolution_and_pooling_in_call(kb):
+    """tf.nn.conv2d / depthwise_conv2d with Cp's weights and tf.nn.max_pool2d / avg_pool2d in call(), unpadded
+    and at stride 1, run as they are on the dense map; strided ones are refused with the way out."""
+    import keras
+    import tensorflow as tf
+
+    class Net(keras.Model):
+        def __init__(self, stride=1):
+            super().__init__()
+            self.stride = stride
+            self.kernel = self.add_weight(shape=(3, 3, 2, 4), initializer="glorot_uniform")
+            self.depthwise = self.add_weight(shape=(2, 2, 4, 1), initializer="glorot_uniform")
+            self.head = keras.layers.Conv2D(3, 3)
+
+        def call(self, x):
+            y = tf.nn.relu(tf.nn.conv2d(x, self.kernel, self.stride, "VALID"))
+            y = tf.nn.max_pool2d(tf.nn.depthwise_conv2d(y, self.depthwise, [1, 1, 1, 1], "VALID"), 2, 1, "VALID")
+            return self.head(tf.nn.avg_pool2d(y, 2, 1, "VALID"))
+    keras.utils.set_random_seed(10)
+    _assert_exact(kb, _built(Net(), (8, 8), 2), (8, 8), 2)
+    with pytest.raises(kb.FDFE.ConversionError, match=r"\(Conv2D, created at test_keras_ops.py:\d+\).*it strides "
+                                                      r"\(strides=\[1, 2, 2, 1\]\); write it as a Keras layer"):
+        kb.FDFE.convert(_built(Net(stride=2), (13, 13), 2), 13)
+
+
+def test_keras_streams_that_pool_differently_merged_by_ops(kb):
+    """Two float64 streams that end in one vector per position, one pooled (stride 2), one a central crop
+    written as a slice, merged by + and keras.ops (unwarped to the image grid first, as for Add layers)."""
+    import keras
+    L, ops, d = keras.layers, keras.ops, "float64"
+    keras.utils.set_random_seed(8)
+    inp = keras.Input((12, 12, 1), dtype=d)
+    pooled = L.Conv2D(4, 5, dtype=d)(L.MaxPooling2D(2, dtype=d)(L.Conv2D(3, 3, dtype=d)(inp)))
+    central = L.Conv2D(4, 6, dtype=d)(inp[:, 3:9, 3:9, :])
+    merged = ops.concatenate([pooled + central, ops.maximum(pooled, central) * 2.0], axis=-1)
+    net = keras.Model(inp, ops.reshape(merged, (-1, 8)))
+    images = np.random.default_rng(9).standard_normal((N, H, W, 1))
+    ref = kb.FDFE.dense_reference(net, images, 12)
+    for options in ({}, {"naive": True, "tile": (5, 6)}):
+        assert max_rel_error(kb.FDFE.convert(net, 12, **options)(images), ref) <= TOL["float64"], options
+
+
+# --- refusals -------------------------------------------------------------------------------------------
+
+def _net_with(body, patch=7, channels=1):
+    """A subclassed Cp (conv a, conv b, dense d) whose call() is ``body(self, x)``."""
+    import keras
+    L = keras.layers
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.d = L.Conv2D(4, 3), L.Conv2D(3, 3), L.Dense(3)
+
+        def call(self, x):
+            return body(self, x)
+    return _built(Net(), (patch, patch), channels)
+
+
+@pytest.mark.filterwarnings("ignore:`build\\(\\)` was called on layer")  # Net.d unused in most cases
+def test_keras_op_refusals_name_the_op_and_why(kb):
+    import keras
+    import tensorflow as tf
+    ops = keras.ops
+    cases = [
+        (lambda s, x: s.b((s.a(x) - ops.mean(s.a(x), axis=(1, 2), keepdims=True)) / ops.std(s.a(x), axis=(1, 2),
+                                                                                          keepdims=True)),
+         r"TensorFlow op '.*/sub' \(Sub, created at test_keras_ops.py:\d+\).*cannot be made dense exactly: it "
+         r"combines a 5x5x4 map with a 1x1x4 map, a value of the whole patch \(such as its mean or standard "
+         r"deviation\) used at every position, as per-patch normalisation does; every patch is normalised"),
+        (lambda s, x: s.b(s.a(x)[:, ::2, ::2, :]), r"\(StridedSlice.*it takes a strided, reversed or reordered slice"),
+        (lambda s, x: s.b(s.a(x)[:1]), r"\(StridedSlice.*it slices the batch of patches"),
+        (lambda s, x: s.b(s.a(x) + tf.random.normal((1, 5, 5, 4))),
+         r"\(AddV2.*computes a constant with RandomStandardNormal .*a random or stateful op"),
+        (lambda s, x: s.b(s.a(x) * tf.ones((5, 5, 4))),
+         r"\(Mul.*with a constant of shape \[5, 5, 4\], which differs per position of the patch"),
+        (lambda s, x: s.d(ops.softmax(ops.reshape(s.b(s.a(x)), (-1, 27)))),
+         r"\(Softmax.*along the last axis of a flattened 3x3x3 map, which mixes positions of the patch"),
+        (lambda s, x: s.b(s.a(x) if float(tf.reduce_sum(x)) > 0 else -s.a(x)),
+         r"(?s)call\(\) cannot be traced into a TensorFlow graph .*a forward that reads values of tensors"),
+        (lambda s, x: s.b(tf.pad(s.a(x), [[0, 0], [1, 1], [1, 1], [0, 0]])),
+         r"\(Pad.*it pads a value inside Cp; inside Cp the padded border"),
+        (lambda s, x: tf.ones((2, 3)), r"Cp's output does not depend on its input patch"),
+    ]
+    for body, match in cases:
+        with pytest.raises(kb.FDFE.ConversionError, match=match):
+            kb.FDFE.convert(_net_with(body), 7, in_channels=1)
+
+
+def test_keras_every_problem_of_the_call_at_once(kb):
+    """Padding, a statistic of the patch subtracted from the map, an op without a rule and a Keras layer
+    without one (an LSTM after a keras.ops reshape): one message naming them all."""
+    import keras
+    import tensorflow as tf
+    L, ops = keras.layers, keras.ops
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.a, self.lstm = L.Conv2D(4, 3), L.LSTM(3)
+
+        def call(self, x):
+            y = self.a(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]]) - ops.mean(x, axis=(1, 2), keepdims=True))
+            return self.lstm(ops.reshape(tf.transpose(y, [0, 2, 1, 3]), (-1, 5, 20)))
+    with pytest.raises(kb.FDFE.ConversionError) as info:
+        kb.FDFE.convert(_built(Net(), (5, 5), 1), 5)
+    message = str(info.value)
+    assert message.startswith("Cp cannot be made dense exactly; 4 problems:"), message
+    for part in [r"\(Pad, created at test_keras_ops.py:\d+\).*it pads a value inside Cp",
+                 r"\(Sub, created at test_keras_ops.py:\d+\).*as per-patch normalisation does",
+                 r"\(Transpose, created at test_keras_ops.py:\d+\) is not supported by convert\(\) \(unknown op\)",
+                 r"layer 'lstm[_0-9]*' \(LSTM\) is not supported by convert\(\) \(unknown layer kind\)"]:
+        assert __import__("re").search(part, message), (part, message)
+
+
+# --- NaN and Inf pixels ---------------------------------------------------------------------------------
+
+_NAN_NETS = ["max pooling k3 s2", "conv, max pooling", "average pooling", "power-average pooling",
+             "global max pooling", "global average pooling", "maximum, global max pooling",
+             "keras.ops max, min, mean"]
+
+
+def _nan_net(name, fdfe):
+    """One net per pooling kind (and merge) of the Keras backend, named as in _NAN_NETS."""
+    import keras
+    L, ops = keras.layers, keras.ops
+
+    def head():
+        return [L.Conv2D(3, 2), L.Flatten(), L.Dense(4)]
+    if name == "maximum, global max pooling":
+        inp = keras.Input((7, 7, 2))
+        return keras.Model(inp, L.GlobalMaxPooling2D()(L.Maximum()([L.Conv2D(3, 3)(inp), L.Conv2D(3, 3)(inp)])))
+    if name == "keras.ops max, min, mean":
+        inp = keras.Input((6, 6, 2))
+        return keras.Model(inp, ops.concatenate([ops.max(inp, axis=(1, 2)), ops.min(L.Conv2D(2, 2)(inp), axis=(1, 2)),
+                                                 ops.mean(inp, axis=(1, 2))], axis=-1))
+    layers = {
+        "max pooling k3 s2": [keras.Input((9, 9, 2)), L.MaxPooling2D(3, 2)] + head(),
+        "conv, max pooling": [keras.Input((8, 8, 2)), L.Conv2D(3, 2), L.MaxPooling2D(2)] + head(),
+        "average pooling": [keras.Input((9, 9, 2)), L.AveragePooling2D(3, 2)] + head(),
+        "power-average pooling": [keras.Input((8, 8, 2)), fdfe.LPPooling2D(2, 2)] + head(),
+        "global max pooling": [keras.Input((6, 6, 2)), L.GlobalMaxPooling2D()],
+        "global average pooling": [keras.Input((6, 6, 2)), L.Conv2D(3, 2), L.GlobalAveragePooling2D()],
+    }[name]
+    return keras.Sequential(layers)
+
+
+def _non_finite_images():
+    """Random images with NaN, +Inf and -Inf pixels, and a 7x7 block of -Inf (windows of only -Inf)."""
+    images = _images(2, seed=3)
+    images[0, 3, 4, 0] = images[1, 15, 2, 1] = np.nan
+    images[0, 12, 17, :] = images[1, 2, 20, 0] = np.inf
+    images[0, 6, 9, 1] = images[1, 9, 9, :] = -np.inf
+    images[1, 10:17, 12:19, :] = -np.inf
+    return images
+
+
+@pytest.mark.parametrize("name", _NAN_NETS)
+def test_keras_nan_and_inf_pixels_give_cps_outputs(kb, name):
+    """Every pooling kind: CI has Cp's NaN, +Inf and -Inf pixels exactly and its finite values elsewhere
+    (tf.nn.max_pool2d skips NaN and never returns -Inf, while Keras' global max pooling and keras.ops.max
+    propagate NaN and keep -Inf)."""
+    import keras
+    keras.utils.set_random_seed(4)
+    net = _nan_net(name, kb.FDFE)
+    patch = tuple(net.inputs[0].shape[1:3])
+    images = _non_finite_images()
+    ref = kb.FDFE.dense_reference(net, images, patch).numpy()
+    assert (~np.isfinite(ref)).any(), "no non-finite output: the test could not fail"
+    for naive in (False, True):
+        got = kb.FDFE.convert(net, patch, naive=naive)(images).numpy()
+        for what, mask in [("NaN", np.isnan), ("+Inf", np.isposinf), ("-Inf", np.isneginf)]:
+            assert np.array_equal(mask(got), mask(ref)), (name, naive, what, int((mask(got) != mask(ref)).sum()))
+        finite = np.isfinite(ref)
+        assert np.abs(got[finite] - ref[finite]).max() <= TOL["float32"] * np.abs(ref[finite]).max(), (name, naive)
+
+
+# --- images, retracing, threads -------------------------------------------------------------------------
+
+def test_keras_images_as_lists_arrays_and_tensors(kb):
+    """Lists of numbers are converted like numpy arrays (float64 cast to the net's float32, as Keras does);
+    other objects are refused naming the expected type, integer ones with how to convert them."""
+    import keras
+    import tensorflow as tf
+    keras.utils.set_random_seed(5)
+    net = keras.Sequential([keras.Input((5, 5, 1)), keras.layers.Conv2D(3, 3), keras.layers.Conv2D(2, 3)])
+    ci = kb.FDFE.convert(net, 5)
+    images = np.random.default_rng(6).standard_normal((2, 7, 6, 1))
+    expected = ci(tf.constant(images, tf.float32)).numpy()
+    for given in (images, images.astype("float32"), images.tolist(), tuple(images.tolist())):
+        out = ci(given)
+        assert out.dtype == tf.float32 and np.allclose(out.numpy(), expected, rtol=0, atol=1e-6), type(given)
+    assert max_rel_error(kb.FDFE.dense_reference(net, images.tolist(), 5), expected) <= TOL["float32"]
+    with pytest.raises(TypeError, match=r"images must be a tensor or numpy array of shape \(N, H, W, C\); the list "
+                                        r"given cannot be converted"):
+        ci([[[[1.0]], [[2.0], [3.0]]]])
+    with pytest.raises(TypeError, match=r"images must be a tensor or numpy array of shape \(N, H, W, C\) holding "
+                                        r"numbers; the list given holds <U1 values"):
+        ci([[[["a"]]]])
+    with pytest.raises(TypeError, match=r"images must be a floating-point tensor, got dtype int64; convert it first"):
+        ci([[[[1]]]])
+    with pytest.raises(TypeError, match=r"images must be a tensor or numpy array of shape \(N, H, W, C\), got str"):
+        ci("image.png")
+
+
+_RETRACING_SCRIPT = """
+import logging, os, sys
+import numpy as np
+sys.path.append(os.path.join({root!r}, "shared_tests"))
+from backends import load_backend
+FDFE = load_backend("tensorflow", "tf").FDFE
+import keras, tensorflow as tf
+messages = []
+handler = logging.Handler()
+handler.emit = lambda record: messages.append(record.getMessage())
+tf.get_logger().addHandler(handler)
+for i in range(7):
+    net = keras.Sequential([keras.Input((5, 5, 1)), keras.layers.Conv2D(2, 3), keras.layers.MaxPooling2D(1 + i % 2),
+                            keras.layers.Flatten(), keras.layers.Dense(2)])
+    FDFE.convert(net, 5)(np.zeros((2, 9, 8, 1), "float32"))
+print("retracing warnings:", sum("retracing" in m for m in messages))
+"""
+
+
+def test_keras_converting_several_nets_prints_no_retracing_warning():
+    """Each CI (and each convert's trace) is its own tf.function: no "triggered tf.function retracing" warning
+    however many nets are converted and run.  In a fresh process: TensorFlow prints that warning at most
+    twice per function and process."""
+    from conftest import ROOT, real_tensorflow
+    if real_tensorflow() is None:
+        pytest.skip("TensorFlow is not installed")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", _RETRACING_SCRIPT.format(root=ROOT)], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "retracing warnings: 0" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
+def test_keras_ops_convert_while_another_thread_runs_keras(kb):
+    """convert() records only its own thread: another thread running a model with keras.ops meanwhile
+    changes nothing."""
+    import keras
+    import tensorflow as tf
+    other = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3)])
+    stop, calls = threading.Event(), []
+
+    def busy():
+        x = tf.zeros((1, 8, 8, 3))
+        while not stop.is_set():
+            keras.ops.relu(other(x) * 2.0)
+            calls.append(1)
+    thread = threading.Thread(target=busy)
+    thread.start()
+    try:
+        keras.utils.set_random_seed(7)
+        _assert_exact(kb, _built(_mixed_ops_net(), (10, 10), 2), (10, 10), 2)
+    finally:
+        stop.set()
+        thread.join()
+    assert calls
