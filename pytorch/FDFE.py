@@ -391,7 +391,8 @@ def _all_problems(problems):
         return ConversionError(problems[0])
     lines = [f"  {i}. {', '.join(s for s in subjects if s)}{separator if subjects[0] else ''}{reason}"
              for i, (reason, subjects) in enumerate(by_reason.items(), 1)]
-    return ConversionError(f"Cp cannot be made dense exactly; {len(lines)} problems:\n" + "\n".join(lines))
+    return ConversionError(f"Cp cannot be made dense exactly; {len(lines)} problem{'s' if len(lines) > 1 else ''}:\n"
+                           + "\n".join(lines))
 
 
 def _guessed_geom(shape, geoms, layout):
