@@ -25,7 +25,6 @@ from backends import load_backend  # noqa: E402
 FDFE = load_backend("tensorflow", "tf").FDFE
 
 
-@keras.saving.register_keras_serializable(package="FDFE_examples")
 class StereoPatchNet(keras.Model):
     """Cp: (B, 18, 18, 1) -> (B, 32) unit descriptors."""
 

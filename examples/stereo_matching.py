@@ -91,8 +91,9 @@ def load_weights(path=WEIGHTS_FILE):
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise ValueError(f"stereo weights file {path} is corrupt or not an .npz archive: {exc}") from exc
     if set(arrays) != set(WEIGHT_SHAPES):
-        raise ValueError(f"stereo weights file {path} does not match the network: missing "
-                         f"{sorted(set(WEIGHT_SHAPES) - set(arrays))}, unexpected {sorted(set(arrays) - set(WEIGHT_SHAPES))}")
+        missing, unexpected = sorted(set(WEIGHT_SHAPES) - set(arrays)), sorted(set(arrays) - set(WEIGHT_SHAPES))
+        raise ValueError(f"stereo weights file {path} does not match the network: missing {missing}, "
+                         f"unexpected {unexpected}")
     for name, shape in WEIGHT_SHAPES.items():
         array = arrays[name]
         if array.shape != shape or array.dtype != np.float32:
@@ -123,7 +124,7 @@ def similarity_volume(left, right, max_disparity=MAX_DISPARITY):
     right = np.ascontiguousarray(right, np.float32)
     if left.ndim != 3 or left.shape != right.shape:
         raise ValueError(f"left and right must be (K, H, W) of one shape, got {left.shape} and {right.shape}")
-    k, h, w = left.shape
+    _, h, w = left.shape
     volume = np.full((max_disparity + 1, h, w), -np.inf, np.float32)
     for d in range(min(max_disparity + 1, w)):
         np.einsum("khw,khw->hw", left[:, :, d:], right[:, :, :w - d], out=volume[d, :, d:])

@@ -15,7 +15,7 @@ sys.path.append(os.path.join(ROOT, "examples"))  # appended: never ahead of site
 import stereo_matching as sm  # noqa: E402
 
 #: a crop of the pair (rows, columns): held-out rows, the motorcycle's wheel and frame
-CROP = (slice(300, 332), slice(400, 560))
+CROP = (slice(300, 332), slice(416, 544))
 #: near-ties: pixels whose best and second-best similarity differ by less than this may pick either
 TIE = 1e-5
 
@@ -43,6 +43,19 @@ def sk(kb):
     import stereo_keras
     assert stereo_keras.FDFE is kb.FDFE
     return stereo_keras
+
+
+@pytest.fixture(scope="module")
+def torch_ci(st):
+    """(Cp with the committed weights, its CI) in PyTorch."""
+    net, _ = st.load()
+    return net, st.FDFE.convert(net, sm.PATCH)
+
+
+@pytest.fixture(scope="module")
+def keras_ci(sk):
+    net, _ = sk.load()
+    return net, sk.FDFE.convert(net, sm.PATCH)
 
 
 def _images(seed, n=2, size=(27, 35)):
@@ -103,10 +116,9 @@ def test_weights_load_in_both_backends_to_the_same_network(st, sk, weights):
 # ---------------------------------------------------------------------------------------------------
 # the network converts exactly: CI against Cp run on every patch, random non-zero images, float32
 
-def test_torch_ci_equals_cp_on_every_patch(st):
+def test_torch_ci_equals_cp_on_every_patch(st, torch_ci):
     torch = pytest.importorskip("torch")
-    net, _ = st.load()
-    ci = st.FDFE.convert(net, sm.PATCH)
+    net, ci = torch_ci
     assert [tuple(s) for s in ci.strides] == [(2, 2)]  # the pooling layer: CI multipools
     images = torch.from_numpy(_images(2))[:, None]
     with torch.no_grad():
@@ -116,9 +128,8 @@ def test_torch_ci_equals_cp_on_every_patch(st):
     assert max_rel_error(got.numpy(), ref.numpy()) <= TOL["float32"]
 
 
-def test_keras_ci_equals_cp_on_every_patch(sk):
-    net, _ = sk.load()
-    ci = sk.FDFE.convert(net, sm.PATCH)
+def test_keras_ci_equals_cp_on_every_patch(sk, keras_ci):
+    net, ci = keras_ci
     images = _images(3)[..., None]
     got = np.asarray(ci(images))
     ref = np.asarray(sk.FDFE.dense_reference(net, images, sm.PATCH, progress=False))
@@ -129,14 +140,13 @@ def test_keras_ci_equals_cp_on_every_patch(sk):
 # ---------------------------------------------------------------------------------------------------
 # matching: the same disparities from CI's descriptors as from Cp's on every patch, on a crop of the pair
 
-def test_matching_from_ci_equals_matching_from_cp_patches(st, pair, weights):
+def test_matching_from_ci_equals_matching_from_cp_patches(st, torch_ci, pair, weights):
     torch = pytest.importorskip("torch")
-    net, _ = st.load()
-    ci = st.FDFE.convert(net, sm.PATCH)
+    net, ci = torch_ci
     crop = _crop(pair, weights)
     from_ci = st.dense(ci, crop)
     batch = torch.from_numpy(np.stack(crop))[:, None]
-    from_cp = list(st.FDFE.dense_reference(net, batch, sm.PATCH, progress=False).numpy())
+    from_cp = list(st.FDFE.dense_reference(net, batch, sm.PATCH, batch_size=2048, progress=False).numpy())
     assert max_rel_error(np.stack(from_ci), np.stack(from_cp)) <= TOL["float32"]
 
     disp_ci, volume_ci, int_ci = sm.match(*from_ci)
@@ -151,12 +161,10 @@ def test_matching_from_ci_equals_matching_from_cp_patches(st, pair, weights):
     assert (keep_ci != keep_cp).mean() <= tie.mean() * 2
 
 
-def test_keras_matching_equals_pytorch_matching_on_a_crop(st, sk, pair, weights):
+def test_keras_matching_equals_pytorch_matching_on_a_crop(st, sk, torch_ci, keras_ci, pair, weights):
     crop = _crop(pair, weights)
-    net_t, _ = st.load()
-    net_k, _ = sk.load()
-    from_t = st.dense(st.FDFE.convert(net_t, sm.PATCH), crop)
-    from_k = sk.dense(sk.FDFE.convert(net_k, sm.PATCH), crop)
+    from_t = st.dense(torch_ci[1], crop)
+    from_k = sk.dense(keras_ci[1], crop)
     assert max_rel_error(np.stack(from_k), np.stack(from_t)) <= TOL["float32"]
     _, volume_t, int_t = sm.match(*from_t)
     _, _, int_k = sm.match(*from_k)
@@ -164,16 +172,16 @@ def test_keras_matching_equals_pytorch_matching_on_a_crop(st, sk, pair, weights)
     np.testing.assert_array_equal(int_k[~tie], int_t[~tie])
 
 
-def test_committed_weights_match_the_training_rows(st, pair, weights):
-    """A smoke check of the trained weights, on a band of the training rows (never the held-out ones):
-    winner-take-all is right within 3 px on most pixels with a ground truth."""
-    net, _ = st.load()
-    ci = st.FDFE.convert(net, sm.PATCH)
-    rows = slice(100, 140)
+def test_committed_weights_match_the_training_rows(st, torch_ci, pair, weights):
+    """A smoke check of the trained weights on the training rows (never the held-out ones), cut as in
+    training: winner-take-all is within 3 px of the ground truth on 84.5% of the pixels there (an
+    untrained net of this architecture: about 76%)."""
+    ci = torch_ci[1]
+    rows = sm.TRAIN_ROWS
     left, right = st.dense(ci, [sm.normalise(pair.left, weights)[rows], sm.normalise(pair.right, weights)[rows]])
     disparity, _, _ = sm.match(left, right)
     scores = sm.evaluate(disparity, pair.gt[rows], slice(None))
-    assert scores["bad3"] < 25, scores
+    assert scores["bad3"] < 18, scores
 
 
 # ---------------------------------------------------------------------------------------------------
