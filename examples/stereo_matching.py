@@ -143,7 +143,8 @@ def subpixel(volume, disparity):
     d_max = volume.shape[0] - 1
     take = lambda d: np.take_along_axis(volume, np.clip(d, 0, d_max)[None], axis=0)[0]  # noqa: E731
     below, best, above = take(disparity - 1), take(disparity), take(disparity + 1)
-    curvature = below - 2 * best + above
+    with np.errstate(invalid="ignore"):  # -inf neighbours (x - d outside the image) are not refined
+        curvature = below - 2 * best + above
     inner = (disparity > 0) & (disparity < d_max) & np.isfinite(below) & np.isfinite(above) & (curvature < 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         offset = np.where(inner, 0.5 * (below - above) / np.where(inner, curvature, -1), 0)

@@ -210,3 +210,15 @@ def test_matching_recovers_a_known_shift_and_the_metric_counts_missing_pixels():
     missing = np.isnan(checked[1:]).mean() * 100
     assert scores["missing"] == pytest.approx(missing)
     assert scores["bad3"] >= missing and scores["bad3_given"] <= scores["bad3"]
+
+
+def test_subpixel_refinement_finds_the_vertex_of_a_parabola():
+    """Similarities on a parabola with its vertex at 20.3 (and at 0.7 and 62.6, near the ends of the
+    range): winner-take-all gives 20, the refinement the vertex; at d = 0 or 63 it keeps the integer."""
+    d = np.arange(sm.MAX_DISPARITY + 1, dtype=np.float32)[:, None, None]
+    vertices = np.array([20.3, 19.8, 0.7, 62.6, -0.2], np.float32)[None, None, :]
+    volume = (1 - 0.001 * (d - vertices) ** 2).astype(np.float32)   # (64, 1, 5)
+    integer = sm.winner_take_all(volume)
+    np.testing.assert_array_equal(integer[0], [20, 20, 1, 63, 0])
+    refined = sm.subpixel(volume, integer)
+    np.testing.assert_allclose(refined[0], [20.3, 19.8, 0.7, 63, 0], atol=2e-3)
