@@ -10,7 +10,7 @@ pooling on 18x18 grey patches, unit 32-vectors) gives a descriptor for the patch
 both images through CI = FDFE.convert(Cp); the match of left pixel (y, x) is the right pixel (y, x - d),
 d = 0..63, of most similar descriptor (cosine similarity volume, winner-take-all, parabola sub-pixel
 refinement; optionally a left-right consistency check).  The network was trained on the top half of the
-rows only (--train); every number printed is measured on the held-out bottom half.
+rows only (--train); every score printed is measured on the held-out bottom half.
 
 Anchors, on the same grey images and rows: OpenCV's StereoBM and StereoSGBM (settings printed).  Cp
 itself runs on the patches of randomly sampled pixels: CI equals it there, and its time, extrapolated
