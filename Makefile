@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: all venv demo test bench weights golden clean
+.PHONY: all venv demo stereo test bench weights golden clean
 
 all: test
 
@@ -22,6 +22,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) pytorch/sample_code.py
 	$(PY) tensorflow/sample_code.py
+
+stereo: $(STAMP)
+	$(PY) examples/stereo.py
 
 test: $(STAMP)
 	$(PY) -m pytest shared_tests -q
