@@ -1089,6 +1089,20 @@ def _exporting() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+def _channels_last_to_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x.contiguous()`` for a channels-last ``x``, about twice as fast on CPUs: each image is copied as
+    one transposed (K, H*W) matrix, which PyTorch copies in cache-sized blocks.
+
+    Shape:
+        (N, K, H, W) channels-last -> (N, K, H, W) contiguous.
+    """
+    n, k, h, w = x.shape
+    out = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device)
+    for i in range(n):
+        out[i].view(k, h * w).copy_(x[i].permute(1, 2, 0).reshape(h * w, k).t())
+    return out
+
+
 def _is_channels_last(x: torch.Tensor) -> bool:
     """True when channels are the innermost axis in memory (also for crops of channels-last tensors).
 
@@ -2717,6 +2731,8 @@ class DenseFeatureNet(nn.Module):
             return dense if (ry, rx) == (1, 1) else dense[:, :, ::ry, ::rx]
         dense = unwarp(stacked, self.strides[k:], self.naive)[:, :, :-(-height // gy), :-(-width // gx)]
         dense = dense if (ry, rx) == (1, 1) else dense[:, :, ::ry, ::rx]
+        if out_format == torch.contiguous_format and dense.is_contiguous(memory_format=torch.channels_last):
+            return _channels_last_to_contiguous(dense)
         return dense.contiguous(memory_format=out_format)
 
     @property

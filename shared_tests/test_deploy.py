@@ -203,6 +203,15 @@ def test_torch_output_layout_follows_the_input(tb):
         assert out_cl.is_contiguous(memory_format=torch.channels_last), kwargs
         assert max_rel_error(out, want) <= TOL["float32"], kwargs
         assert max_rel_error(out_cl, want) <= TOL["float32"], kwargs
+    # untiled on a multiple of the stride product: no crop, the channels-last result is transposed whole
+    for name, value in defaults.items():
+        setattr(ci, name, value)
+    ci.tile = None
+    images = _torch_images(2, 32, 24, 8)
+    with torch.no_grad():
+        out = ci(images)
+    assert out.is_contiguous() and out.view(2, 3, -1).shape[-1] == 32 * 24
+    assert max_rel_error(out, tb.FDFE.dense_reference(net, images, PATCH)) <= TOL["float32"]
 
 
 def test_keras_saved_model_serves_any_image_size(kb, tmp_path):
