@@ -463,18 +463,13 @@ def plan_steps(steps_io, channels, output_slot, protected=(0,)) -> _Plan:
 
 # --- memory estimate and tiles ------------------------------------------------------------------
 
-#: "auto" tiling (PyTorch on CPUs): output tiles of AUTO_TILE x AUTO_TILE pixels, for patches of
-#: at most AUTO_TILE_MAX_PATCH pixels (larger patches make the tiles' overlap cost more than
-#: cache-sized tiles save) and images larger than one tile.
-AUTO_TILE = 128
-AUTO_TILE_MAX_PATCH = 32
-
-
 def _auto_tile(on_cpu, patch_size, height, width):
-    """The automatic tile: (AUTO_TILE, AUTO_TILE) on CPUs for small patches and large images, else None."""
-    if not on_cpu or max(patch_size) > AUTO_TILE_MAX_PATCH or (height <= AUTO_TILE and width <= AUTO_TILE):
-        return None
-    return (AUTO_TILE, AUTO_TILE)
+    """The tile "auto" asks for before the memory guard: None (untiled).
+
+    Measured (2 CPU cores, PyTorch 2.13): cache-sized 128x128 tiles, the earlier rule for patches up
+    to 32 px, ran 1.38x slower than untiled on BaseNet at 960x1280 and 1.4-2.9x slower on BaseNet,
+    MC-CNN and TFeat with the other core busy; the guard still tiles where memory demands it."""
+    return None
 
 
 #: what a measured peak may exceed a budget (max_memory) by: the frameworks' own allocations during a
@@ -2564,9 +2559,8 @@ class DenseFeatureNet(nn.Module):
             strides (for streams that pool differently, the least common multiple of their products).
         naive: use the paper-faithful per-shift multipooling and per-layer unwarping (read at
             every call).
-        tile: "auto" (default: AUTO_TILE x AUTO_TILE output tiles on the CPU for patches up to
-            AUTO_TILE_MAX_PATCH px, where cache-sized tiles run faster; none on GPUs or for larger
-            patches), None (no tiling), or (th, tw): process the image in tiles of this output size.
+        tile: "auto" (default: untiled, unless the memory guard needs tiles), None (no tiling), or
+            (th, tw): process the image in tiles of this output size.
             Tiling is exact (overlapping inputs) and bounds memory.
         memory_format: torch.channels_last (default) or torch.contiguous_format for the internal tensors.
         max_memory: None, or a budget in bytes: tiles are chosen so that :meth:`estimate_memory`
@@ -2930,8 +2924,8 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
         patch_size: int or (pH, pW).
         in_channels: C; inferred from the first module with ``in_channels`` when omitted.
         naive: paper-faithful per-shift multipooling and per-layer unwarping (slower, same result).
-        tile: "auto" (CPU: cache-sized tiles, GPU: none), None, or (th, tw): process images in tiles
-            of this output size (exact, bounded memory).
+        tile: "auto" (untiled unless the memory guard needs tiles), None, or (th, tw): process
+            images in tiles of this output size (exact, bounded memory).
         max_memory: a budget in bytes; tiles are chosen so that CI's estimated peak stays under it.
         memory_guard: without max_memory, tile (or raise MemoryError) where an image would need more
             memory than the process may still allocate; False turns the guard off.
