@@ -463,15 +463,6 @@ def plan_steps(steps_io, channels, output_slot, protected=(0,)) -> _Plan:
 
 # --- memory estimate and tiles ------------------------------------------------------------------
 
-def _auto_tile(on_cpu, patch_size, height, width):
-    """The tile "auto" asks for before the memory guard: None (untiled).
-
-    Measured (2 CPU cores, PyTorch 2.13): cache-sized 128x128 tiles, the earlier rule for patches up
-    to 32 px, ran 1.38x slower than untiled on BaseNet at 960x1280 and 1.4-2.9x slower on BaseNet,
-    MC-CNN and TFeat with the other core busy; the guard still tiles where memory demands it."""
-    return None
-
-
 #: what a measured peak may exceed a budget (max_memory) by: the frameworks' own allocations during a
 #: call (oneDNN's primitive cache and scratchpads, the allocator's arenas and rounding, thread stacks),
 #: which CI does not control.  The peak is the resident-set increase over the call (bench/memory_budget.py).
@@ -2771,10 +2762,13 @@ class DenseFeatureNet(nn.Module):
                                 tuple(image_size), self.stride_product, self.patch_size)
 
     def _tile_size(self, device, height, width, batch=1, dtype=torch.float32):
-        """The tile in use (:func:`_choose_tile`): from max_memory; else the one asked for, or the
-        automatic one (_auto_tile), made smaller where the memory guard demands it."""
-        requested = self._tile if self._tile != "auto" else _auto_tile(device.type == "cpu", self.patch_size,
-                                                                         height, width)
+        """The tile in use (:func:`_choose_tile`): from max_memory; else the one asked for ("auto":
+        none), made smaller where the memory guard demands it.
+
+        "auto" asks for no tiles: cache-sized 128x128 CPU tiles, an earlier rule for patches up to
+        32 px, measured 1.38x slower than untiled on BaseNet at 960x1280 (2 cores, PyTorch 2.13) and
+        1.4-2.9x slower on BaseNet, MC-CNN and TFeat with the other core busy."""
+        requested = None if self._tile == "auto" else self._tile
         available = _memory_available(device) if self.memory_guard and self.max_memory is None else None
         return _choose_tile(requested, lambda t: self.estimate_memory((height, width), batch, t, dtype),
                             (height, width), self.stride_product, self.max_memory, available,

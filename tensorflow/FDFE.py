@@ -475,15 +475,6 @@ def plan_steps(steps_io, channels, output_slot, protected=(0,)) -> _Plan:
 
 # --- memory estimate and tiles ------------------------------------------------------------------
 
-def _auto_tile(on_cpu, patch_size, height, width):
-    """The tile "auto" asks for before the memory guard: None (untiled).
-
-    Measured (2 CPU cores, PyTorch 2.13): cache-sized 128x128 tiles, the earlier rule for patches up
-    to 32 px, ran 1.38x slower than untiled on BaseNet at 960x1280 and 1.4-2.9x slower on BaseNet,
-    MC-CNN and TFeat with the other core busy; the guard still tiles where memory demands it."""
-    return None
-
-
 #: what a measured peak may exceed a budget (max_memory) by: the frameworks' own allocations during a
 #: call (oneDNN's primitive cache and scratchpads, the allocator's arenas and rounding, thread stacks),
 #: which CI does not control.  The peak is the resident-set increase over the call (bench/memory_budget.py).
