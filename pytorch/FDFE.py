@@ -1076,17 +1076,48 @@ def _exporting() -> bool:
 
 
 def _channels_last_to_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """``x.contiguous()`` for a channels-last ``x``, about twice as fast on CPUs: each image is copied as
-    one transposed (K, H*W) matrix, which PyTorch copies in cache-sized blocks.
+    """``x.contiguous()`` for a channels-last ``x``, about 2.5 times as fast on CPUs: each image, a
+    (H*W, K) matrix in memory, is transposed in column blocks of about 64K elements, whose source
+    stays in the cache while its channels are written and whose copy is large enough for PyTorch
+    to share among its threads (one (K, H*W) transpose per image is single-threaded, and
+    ``.contiguous()`` reads each channel across the whole image).
 
     Shape:
         (N, K, H, W) channels-last -> (N, K, H, W) contiguous.
     """
     n, k, h, w = x.shape
     out = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device)
+    if x.device.type != "cpu":
+        return out.copy_(x)
+    block = max(256, _TRANSPOSE_BLOCK_ELEMENTS // max(k, 1))
     for i in range(n):
-        out[i].view(k, h * w).copy_(x[i].permute(1, 2, 0).reshape(h * w, k).t())
+        src, dst = x[i].permute(1, 2, 0).reshape(h * w, k), out[i].view(k, h * w)
+        for start in range(0, h * w, block):
+            dst[:, start:start + block].copy_(src[start:start + block].t())
     return out
+
+
+def _copy_rows_blocked(dest: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dest.copy_(src)`` for a channels-last ``src`` and a ``dest`` that is not (e.g. a tile of a
+    contiguous output), in blocks of rows of about :data:`_TRANSPOSE_BLOCK_ELEMENTS` per image, for
+    the reasons of :func:`_channels_last_to_contiguous`.
+
+    Shape:
+        dest, src: (N, K, h, w).
+    """
+    if src.device.type != "cpu" or not _is_channels_last(src) or _is_channels_last(dest):
+        return dest.copy_(src)
+    n, k, h, w = src.shape
+    rows = max(1, _TRANSPOSE_BLOCK_ELEMENTS // max(k * w, 1))
+    for i in range(n):
+        for start in range(0, h, rows):
+            dest[i, :, start:start + rows].copy_(src[i, :, start:start + rows])
+    return dest
+
+
+#: elements per block of :func:`_channels_last_to_contiguous` (measured best of 32K to 256K for
+#: K = 8 to 256 on 2 threads: 1.3 to 1.5 times as fast as one transpose per image)
+_TRANSPOSE_BLOCK_ELEMENTS = 65536
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -2796,9 +2827,11 @@ class DenseFeatureNet(nn.Module):
                                   device=stacked.device, memory_format=out_format)
             dest = out[:, :, y0 // oy:(y0 + hp) // oy, x0 // ox:(x0 + wp) // ox]
             inside = dest.shape[-2:] == ((hp // oy), (wp // ox))  # else a tile on the bottom or right edge
-            if self.naive or (oy, ox) != (1, 1) or not inside:
+            if self.naive or (oy, ox) != (1, 1) or not inside or _is_channels_last(stacked) != _is_channels_last(dest):
+                # unwarped in the stacked layout first: unwarping straight into a tile of another layout
+                # reads across the channels for every element (about 10x slower on CPUs)
                 unwarped = unwarp(stacked, self.strides[k:], self.naive)[:, :, ::ry, ::rx]
-                dest.copy_(unwarped[:, :, :dest.shape[2], :dest.shape[3]])
+                _copy_rows_blocked(dest, unwarped[:, :, :dest.shape[2], :dest.shape[3]])
             else:
                 unwarp_into(stacked, self.strides, dest)
             if bar is not None:

@@ -214,6 +214,28 @@ def test_torch_output_layout_follows_the_input(tb):
     assert max_rel_error(out, tb.FDFE.dense_reference(net, images, PATCH)) <= TOL["float32"]
 
 
+def test_torch_layout_copies_in_blocks(tb, monkeypatch):
+    """The blocked channels-last -> contiguous copies (whole images, and tiles of a contiguous output)
+    equal plain copies when the images span many blocks of sizes that do not divide them."""
+    import torch
+    monkeypatch.setattr(tb.FDFE, "_TRANSPOSE_BLOCK_ELEMENTS", 40)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 13, 11, generator=gen).contiguous(memory_format=torch.channels_last)
+    got = tb.FDFE._channels_last_to_contiguous(x)
+    assert got.is_contiguous() and torch.equal(got, x)
+    dest = torch.zeros(2, 5, 20, 20)
+    tb.FDFE._copy_rows_blocked(dest[:, :, 3:16, 4:15], x)
+    assert torch.equal(dest[:, :, 3:16, 4:15], x) and dest.sum() == x.sum()
+    net, ci = _torch_ci(tb)
+    images = _torch_images(2, 32, 24, 9)
+    ref = tb.FDFE.dense_reference(net, images, PATCH)
+    for tile in (None, (16, 16)):
+        ci.tile = tile
+        with torch.no_grad():
+            out = ci(images)
+        assert out.is_contiguous() and max_rel_error(out, ref) <= TOL["float32"], tile
+
+
 def test_keras_saved_model_serves_any_image_size(kb, tmp_path):
     """ci.export() and tf.saved_model.save(ci): the serving signature takes (None, None, None, C); the
     reloaded artifact is exact at sizes not seen before (not multiples of the stride product, batch 3)."""
