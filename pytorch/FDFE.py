@@ -1080,7 +1080,8 @@ def _channels_last_to_contiguous(x: torch.Tensor) -> torch.Tensor:
     (H*W, K) matrix in memory, is transposed in column blocks of about 64K elements, whose source
     stays in the cache while its channels are written and whose copy is large enough for PyTorch
     to share among its threads (one (K, H*W) transpose per image is single-threaded, and
-    ``.contiguous()`` reads each channel across the whole image).
+    ``.contiguous()`` reads each channel across the whole image).  A crop of a channels-last
+    tensor is copied in blocks of rows (:func:`_copy_rows_blocked`).
 
     Shape:
         (N, K, H, W) channels-last -> (N, K, H, W) contiguous.
@@ -1089,6 +1090,8 @@ def _channels_last_to_contiguous(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device)
     if x.device.type != "cpu":
         return out.copy_(x)
+    if not x.is_contiguous(memory_format=torch.channels_last):  # a crop: its pixels are no (H*W, K) matrix
+        return _copy_rows_blocked(out, x)
     block = max(256, _TRANSPOSE_BLOCK_ELEMENTS // max(k, 1))
     for i in range(n):
         src, dst = x[i].permute(1, 2, 0).reshape(h * w, k), out[i].view(k, h * w)
@@ -2747,7 +2750,7 @@ class DenseFeatureNet(nn.Module):
             return dense if (ry, rx) == (1, 1) else dense[:, :, ::ry, ::rx]
         dense = unwarp(stacked, self.strides[k:], self.naive)[:, :, :-(-height // gy), :-(-width // gx)]
         dense = dense if (ry, rx) == (1, 1) else dense[:, :, ::ry, ::rx]
-        if out_format == torch.contiguous_format and dense.is_contiguous(memory_format=torch.channels_last):
+        if out_format == torch.contiguous_format and _is_channels_last(dense):
             return _channels_last_to_contiguous(dense)
         return dense.contiguous(memory_format=out_format)
 

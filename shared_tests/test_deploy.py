@@ -221,8 +221,9 @@ def test_torch_layout_copies_in_blocks(tb, monkeypatch):
     monkeypatch.setattr(tb.FDFE, "_TRANSPOSE_BLOCK_ELEMENTS", 40)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 13, 11, generator=gen).contiguous(memory_format=torch.channels_last)
-    got = tb.FDFE._channels_last_to_contiguous(x)
-    assert got.is_contiguous() and torch.equal(got, x)
+    for src in (x, x[:, :, 1:12, 2:9], x[:, :, ::2, ::3]):  # whole, a crop, a subsampling
+        got = tb.FDFE._channels_last_to_contiguous(src)
+        assert got.is_contiguous() and torch.equal(got, src)
     dest = torch.zeros(2, 5, 20, 20)
     tb.FDFE._copy_rows_blocked(dest[:, :, 3:16, 4:15], x)
     assert torch.equal(dest[:, :, 3:16, 4:15], x) and dest.sum() == x.sum()
