@@ -112,3 +112,30 @@ def test_unwarp_is_the_papers_index_map(tb, kb):
         np.testing.assert_array_equal(got, expected)
         got = kb.FDFE.unwarp(tf.constant(flat.transpose(0, 2, 3, 1)), strides, naive).numpy()
         np.testing.assert_array_equal(got, expected.transpose(0, 2, 3, 1))
+
+
+def test_torch_separable_max_pool_equals_max_pool2d(tb):
+    """The CPU forward's stride-1 max pooling from maxima of shifted views equals F.max_pool2d: every
+    window from 1x1 to 5x4, contiguous and channels-last inputs, NaN and +-Inf propagating alike; it
+    applies only where no gradient is recorded through the input."""
+    import torch
+    import torch.nn.functional as F
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(2, 3, 9, 11), (1, 1, 5, 4)]:
+        for kh in range(1, 6):
+            for kw in range(1, 5):
+                if kh > shape[2] or kw > shape[3]:
+                    continue
+                for fmt in (torch.contiguous_format, torch.channels_last):
+                    x = torch.randn(shape, generator=gen).contiguous(memory_format=fmt)
+                    x[0, 0, 1, 1], x[-1, -1, 0, 0], x[0, -1, -1, -1] = float("nan"), float("inf"), -float("inf")
+                    want = F.max_pool2d(x, (kh, kw), 1)
+                    got = tb.FDFE._pool(x, "max", (kh, kw), (1, 1), (1, 1), 2.0, None)
+                    assert got.shape == want.shape, (shape, kh, kw)
+                    assert torch.equal(got.nan_to_num(-7.0), want.nan_to_num(-7.0)), (shape, kh, kw, fmt)
+                    assert torch.equal(got.isnan(), want.isnan()), (shape, kh, kw, fmt)
+    x = torch.randn(1, 2, 6, 6, generator=gen, requires_grad=True)
+    assert not tb.FDFE._separable_max_applies(x, (2, 2), (1, 1), (1, 1))  # a tape: max_pool2d's gradient
+    with torch.no_grad():
+        assert tb.FDFE._separable_max_applies(x, (2, 2), (1, 1), (1, 1))
+    assert not tb.FDFE._separable_max_applies(x.detach(), (2, 2), (2, 2), (1, 1))
