@@ -420,6 +420,9 @@ def write_report(results, variants, args, path, commands):
               "Ampere and later: 10-bit mantissas, hence tiled differences near 1e-4); CI and Cp use the same "
               "setting. Tiled and untiled outputs differ by rounding only where cuDNN picks other algorithms per "
               "tile shape.",
+              "- Rows merged from earlier runs (see the commands above) keep the labels of their time: the "
+              "H100 run's BaseNet variants name the then default of 128×128 CPU tiles, which no longer exists "
+              "(CPU runs are untiled unless the memory guard needs tiles).",
               "- PyTorch runs with transparent huge pages for its CPU buffers (`THP_MEM_ALLOC_ENABLE=1`, set by "
               "this script for every variant), TensorFlow and PyTorch with the same number of threads.", ""]
     with open(path, "w") as f:
