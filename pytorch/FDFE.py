@@ -1183,7 +1183,7 @@ def _separable_max_applies(x, kernel, stride, dilation) -> bool:
     """Whether :func:`_separable_max_pool` replaces ``F.max_pool2d``: stride-1, undilated max pooling
     on the CPU, with autograd not recording through ``x`` (its backward would split the gradient
     between tied maxima, where Cp's max pooling gives it to one) and not while CI is exported."""
-    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    kernel, stride, dilation = _pair(kernel, "kernel"), _pair(stride, "stride"), _pair(dilation, "dilation")
     return (stride == (1, 1) and dilation == (1, 1) and kernel != (1, 1) and x.dim() == 4 and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and x.requires_grad) and not _exporting())
 
@@ -1200,9 +1200,10 @@ def _separable_max_pool(x: torch.Tensor, kernel) -> torch.Tensor:
     Shape:
         (B, C, H, W) -> (B, C, H - kh + 1, W - kw + 1), a view into a buffer of (B, C, H, W).
     """
+    kh, kw = _pair(kernel, "kernel")
     buffers = [torch.empty_like(x), torch.empty_like(x)]
     current, which = x, 0
-    for dim, size in ((3, kernel[1]), (2, kernel[0])):
+    for dim, size in ((3, kw), (2, kh)):
         span = 1
         while span < size:
             step = min(span, size - span)

@@ -139,3 +139,4 @@ def test_torch_separable_max_pool_equals_max_pool2d(tb):
     with torch.no_grad():
         assert tb.FDFE._separable_max_applies(x, (2, 2), (1, 1), (1, 1))
     assert not tb.FDFE._separable_max_applies(x.detach(), (2, 2), (2, 2), (1, 1))
+    assert not tb.FDFE._separable_max_applies(x.detach(), [1, 1], 1, 1)  # 1x1: max_pool2d (a new tensor)
