@@ -1954,8 +1954,12 @@ class _Step:
 
     ``aliases`` is True when the outputs share memory with the first input (identity ops and
     reshapes); the plan uses it so that no in-place op changes a value that is still read.
+    ``per_pixel`` is True when the step reads each position of its inputs alone (no neighbours), so
+    that it gives the same values whether the shifts of a stride are stacked on the batch axis or
+    left in place (see :func:`_dense_tail`).
     """
     aliases = False
+    per_pixel = False
 
     def __init__(self, inputs, outputs, label):
         self.inputs, self.outputs, self.label = list(inputs), list(outputs), label
@@ -1968,6 +1972,7 @@ class _Step:
 class _AliasStep(_Step):
     """The value passes through unchanged (dropout at inference, clone, views and reshapes)."""
     aliases = True
+    per_pixel = True
 
     def __init__(self, node, label=None):
         super().__init__(node.in_slots[:1], node.out_slots, label or f"{node.name} (identity)")
@@ -1983,6 +1988,7 @@ class _CallStep(_Step):
     its memory, is not read afterwards) and autograd is not recording, so a user's in-place op
     never changes the padded image, a value read later, or a value saved for backward.
     """
+    per_pixel = True
 
     def __init__(self, node, func=None, args=None, kwargs=None):
         super().__init__(node.in_slots, node.out_slots, node.name)
@@ -2037,9 +2043,16 @@ class _PoolStep(_Step):
         self.kind, self.kernel, self.stride, self.dilation = kind, kernel, stride, dilation
         self.norm_type, self.divisor_override = norm_type, divisor_override
 
+    @property
+    def per_pixel(self):
+        return self.kernel == (1, 1) and self.stride == (1, 1)
+
     def run(self, values, net, overwrite=False):
         if net._without_shifts(self):  # output_stride: the shifts no output pixel uses are not computed
             return [_pool(values[0], self.kind, self.kernel, self.stride, self.dilation, self.norm_type,
+                          self.divisor_override)]
+        if net._shifts_in_place(self):  # only per-pixel steps follow: all shifts at once, left in place
+            return [_pool(values[0], self.kind, self.kernel, (1, 1), self.dilation, self.norm_type,
                           self.divisor_override)]
         return [multi_pool(values[0], self.kind, self.kernel, self.stride, self.dilation, net.naive,
                            self.norm_type, self.divisor_override)]
@@ -2056,6 +2069,11 @@ class _ConvStep(_Step):
         self.stride, self.dilation, self.groups = stride, dilation, groups
         self.weight_shape = weight_shape
 
+    @property
+    def per_pixel(self):
+        shape = self.weight_shape or self.weight.view or self.weight.shape
+        return tuple(shape[-2:]) == (1, 1) and self.stride == (1, 1)
+
     def run(self, values, net, overwrite=False):
         weight = net._resolve(self.weight)
         if self.weight_shape is not None:
@@ -2063,6 +2081,8 @@ class _ConvStep(_Step):
         bias = None if self.bias is None else net._resolve(self.bias)
         if net._without_shifts(self):
             return [F.conv2d(values[0], weight, bias, self.stride, 0, self.dilation, self.groups)]
+        if net._shifts_in_place(self):  # only per-pixel steps follow: all shifts at once, left in place
+            return [F.conv2d(values[0], weight, bias, 1, 0, self.dilation, self.groups)]
         return [multi_conv(values[0], weight, bias, self.stride, self.dilation, self.groups, net.naive)]
 
 
@@ -2687,7 +2707,9 @@ class DenseFeatureNet(nn.Module):
     def stacked(self, padded: torch.Tensor) -> torch.Tensor:
         """Run CI's steps on padded images; returns the shift-stacked result before unwarping.
 
-        In-place variants run only where the plan allows them and autograd is not recording.
+        In-place variants run only where the plan allows them and autograd is not recording.  Where
+        only per-pixel steps follow the last strided step, its shifts stay in place (see
+        :func:`_dense_tail`); M and (SH, SW) then leave its stride out.
 
         Shape:
             (N, C, H' + pH - 1, W' + pW - 1) -> (M * N, K, >= H'/SH, >= W'/SW).
@@ -2779,14 +2801,29 @@ class DenseFeatureNet(nn.Module):
         """True for the strided steps that output_stride lets run as ordinary strided layers."""
         return getattr(step, "depth", 0) and step.depth <= self._grid[0]
 
+    def _shifts_in_place(self, step):
+        """True for the last strided step when only per-pixel steps follow it (:func:`_dense_tail`) and it
+        keeps its shifts: it runs at stride 1, which leaves its shifts where unwarping would put them
+        (no stacking on the batch axis, one copy fewer).  Not in naive mode (the paper's formulation)."""
+        return getattr(step, "dense_tail", False) and not self.naive and not self._without_shifts(step)
+
+    def _unwarp_strides(self):
+        """The strides whose shifts are stacked on the batch axis of :meth:`stacked`'s result, in network
+        order: those output_stride keeps, less the last one where its shifts stay in place."""
+        n = len(self.strides)
+        if n and not self.naive and self._grid[0] < n and any(getattr(s, "dense_tail", False) for s in self.steps):
+            n -= 1
+        return self.strides[self._grid[0]:n]
+
     def _finish(self, stacked, height, width, out_format=torch.contiguous_format):
         """Unwarp the strides that kept their shifts, crop to the image, subsample to output_stride;
         the result in the layout ``out_format``."""
         k, (gy, gx), (ry, rx) = self._grid
+        strides = self._unwarp_strides()
         if _exporting():  # any (symbolic or traced) image size
-            dense = unwarp_gather(stacked, self.strides[k:], -(-height // gy), -(-width // gx))
+            dense = unwarp_gather(stacked, strides, -(-height // gy), -(-width // gx))
             return dense if (ry, rx) == (1, 1) else dense[:, :, ::ry, ::rx]
-        dense = unwarp(stacked, self.strides[k:], self.naive)[:, :, :-(-height // gy), :-(-width // gx)]
+        dense = unwarp(stacked, strides, self.naive)[:, :, :-(-height // gy), :-(-width // gx)]
         dense = dense if (ry, rx) == (1, 1) else dense[:, :, ::ry, ::rx]
         if out_format == torch.contiguous_format and _is_channels_last(dense):
             return _channels_last_to_contiguous(dense)
@@ -2849,9 +2886,11 @@ class DenseFeatureNet(nn.Module):
     def _tiled(self, padded, height, width, tile, out_format=torch.contiguous_format):
         """Exact tiling (:func:`tile_grid`): each output tile from its own crop of the padded image
         (overlap pH-1, pW-1), unwarped straight into the output (of layout ``out_format``)."""
-        sh, sw = self._unwarp_product
+        strides = self._unwarp_strides()
+        # the stacked maps' scale: every stride but one whose shifts stay in place
+        k, (gy, gx), (ry, rx) = self._grid
+        sh, sw = gy * _prod(s[0] for s in strides), gx * _prod(s[1] for s in strides)
         ph, pw = self.patch_size
-        k, _, (ry, rx) = self._grid
         oy, ox = self.output_stride
         multiple = _lcm_pair(self.stride_product, (oy, ox))  # tiles start on the stacked and the output grid
         grid = tile_grid(height, width, tile, multiple)
@@ -2871,10 +2910,10 @@ class DenseFeatureNet(nn.Module):
             if self.naive or (oy, ox) != (1, 1) or not inside or _is_channels_last(stacked) != _is_channels_last(dest):
                 # unwarped in the stacked layout first: unwarping straight into a tile of another layout
                 # reads across the channels for every element (about 10x slower on CPUs)
-                unwarped = unwarp(stacked, self.strides[k:], self.naive)[:, :, ::ry, ::rx]
+                unwarped = unwarp(stacked, strides, self.naive)[:, :, ::ry, ::rx]
                 _copy_rows_blocked(dest, unwarped[:, :, :dest.shape[2], :dest.shape[3]])
             else:
-                unwarp_into(stacked, self.strides, dest)
+                unwarp_into(stacked, strides, dest)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -2974,6 +3013,28 @@ def _apply_rules(nodes, geoms):
     return steps
 
 
+def _dense_tail(steps, geoms):
+    """The last strided step, where only per-pixel steps (``_Step.per_pixel``) on its grid follow it;
+    else None.
+
+    Stacking a stride's shifts on the batch axis lets the layers after it run on each shift as on an
+    ordinary map, and unwarping puts the shifts back in place.  Where every later step reads each
+    position alone, that round trip changes nothing: the step may run at stride 1 and leave its
+    shifts in place (one copy of its output fewer; e.g. Cp ending in max pooling and tanh).
+    """
+    strided = [i for i, step in enumerate(steps) if getattr(step, "depth", 0)]
+    if not strided:
+        return None
+    last = max(strided, key=lambda i: steps[i].depth)
+    grid = geoms[steps[last].outputs[0]].strides
+    if sum(steps[i].depth == steps[last].depth for i in strided) != 1:
+        return None  # two strided steps at the same depth (streams that pool alike): not one tail
+    for step in steps[last + 1:]:
+        if not step.per_pixel or any(geoms[slot].strides != grid for slot in step.inputs):
+            return None
+    return steps[last]
+
+
 def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, *, naive: bool = False,
             tile="auto", max_memory: Optional[int] = None, memory_guard: bool = True,
             memory_format=torch.channels_last, check: bool = True, progress: Optional[bool] = None,
@@ -3063,6 +3124,9 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
     for step in steps:  # how many strided layers up to this one (output_stride skips the first ones' shifts)
         if isinstance(step, (_PoolStep, _ConvStep)) and step.stride != (1, 1):
             step.depth = len(geoms[step.outputs[0]].strides) if chain else len(geom.strides) + 1
+    tail = _dense_tail(steps, geoms) if chain else None
+    if tail is not None:
+        tail.dense_tail = True
     net = DenseFeatureNet(base_net, (ph, pw), in_channels, out_channels, steps, out_slot, list(geom.strides),
                           tracer.constants, plan, naive=naive, tile=tile, memory_format=memory_format,
                           progress=progress, max_memory=max_memory, memory_guard=memory_guard,
