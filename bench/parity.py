@@ -3,12 +3,13 @@
 On a shared machine the speed of the CPUs drifts by tens of percent within minutes, so two
 backends timed one after the other (as in bench.py) can differ by the drift alone.  Here each
 backend runs in its own process (no thread pool of one spins while the other works), both build CI
-for the row once, and the parent asks them in turns, one call at a time, for ``--repeats`` timed
-calls each after a warm-up.  The ratio of the medians is the figure; the range of the ratios of
-neighbouring calls shows the noise.
+for the row once, and the parent asks them in turns, one call at a time, for timed calls after a
+warm-up: at least ``--repeats`` each, and more on fast rows, until each backend has run about
+``--seconds`` (at most 51 calls).  The ratio of the medians is the figure; the range of the ratios
+of neighbouring calls shows the noise.
 
     python bench/parity.py [--rows simo_serra,original_basenet] [--threads 2] [--repeats 5]
-                           [--out bench/RESULTS_parity.md]
+                           [--seconds 10] [--out bench/RESULTS_parity.md]
 
 Same weights (the Keras net is built from the PyTorch one), the same grey image, the same number of
 threads, `convert`'s defaults; PyTorch's output is contiguous (its grey images are), TensorFlow's NHWC.
@@ -93,16 +94,18 @@ def timed_call(proc):
     return float(proc.stdout.readline())
 
 
-def measure(row, threads, repeats):
-    """One row: both children built and warmed up, then ``repeats`` calls each, in turns (the one
-    that goes first alternates)."""
+def measure(row, threads, repeats, seconds=0.0):
+    """One row: both children built and warmed up, then calls in turns (the one that goes first
+    alternates): ``repeats`` each, or more where that takes less than ``seconds`` (at most 51)."""
     procs = {}
     for backend in ("torch", "tf"):  # one at a time: building and warming up uses every core
         procs[backend] = start(backend, row, threads)
     times = {"torch": [], "tf": []}
-    for i in range(repeats):
+    i = 0
+    while i < repeats or (i < 51 and sum(times["torch"]) < seconds and sum(times["tf"]) < seconds):
         for backend in (("torch", "tf") if i % 2 == 0 else ("tf", "torch")):
             times[backend].append(timed_call(procs[backend][0]))
+        i += 1
     for proc, _, _ in procs.values():
         proc.stdin.write(b"q\n")
         proc.stdin.flush()
@@ -111,7 +114,7 @@ def measure(row, threads, repeats):
     pair = [a / b for a, b in zip(times["torch"], times["tf"])]
     return {"torch": float(np.median(times["torch"])), "tf": float(np.median(times["tf"])),
             "ratio": float(np.median(times["torch"]) / np.median(times["tf"])),
-            "pair_min": min(pair), "pair_max": max(pair), "diff": diff,
+            "pair_min": min(pair), "pair_max": max(pair), "diff": diff, "calls": len(pair),
             "versions": (procs["torch"][2], procs["tf"][2])}
 
 
@@ -123,7 +126,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=None, help="comma-separated net names (default: every row)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="at least this many timed calls per backend")
+    p.add_argument("--seconds", type=float, default=10.0,
+                   help="more calls on fast rows, until each backend has run this long (at most 51 calls)")
     p.add_argument("--out", default=None, help="also write the Markdown table here")
     p.add_argument("--worker", nargs=4, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -135,16 +140,17 @@ def main(argv=None):
     command = "python bench/parity.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = []
     for row in rows:
-        r = measure(row, args.threads, args.repeats)
+        r = measure(row, args.threads, args.repeats, args.seconds)
         if not lines:
             lines = [f"CI in turns, {r['versions'][0]} against {r['versions'][1]}, {args.threads} CPU threads, "
-                     f"float32, one grey image, `convert`'s defaults; median of {args.repeats} calls each after a "
-                     f"warm-up, the backends' calls alternating. Command: `{command.strip()}`", "",
-                     "| net | image (W×H) | PyTorch | TensorFlow | PyTorch / TensorFlow | range over neighbouring "
-                     "calls | outputs differ by (rel.) |", "|---|---|---|---|---|---|---|"]
+                     f"float32, one grey image, `convert`'s defaults; median of the calls each (at least "
+                     f"{args.repeats}, more on fast rows until each backend ran about {args.seconds:g} s, at most "
+                     f"51) after a warm-up, the backends' calls alternating. Command: `{command.strip()}`", "",
+                     "| net | image (W×H) | PyTorch | TensorFlow | PyTorch / TensorFlow | calls each | range over "
+                     "neighbouring calls | outputs differ by (rel.) |", "|---|---|---|---|---|---|---|---|"]
         name, height, width = row
         line = (f"| {name} | {width}×{height} | {fmt_time(r['torch'])} | {fmt_time(r['tf'])} | {r['ratio']:.2f} | "
-                f"{r['pair_min']:.2f}–{r['pair_max']:.2f} | {r['diff']:.1e} |")
+                f"{r['calls']} | {r['pair_min']:.2f}–{r['pair_max']:.2f} | {r['diff']:.1e} |")
         lines.append(line)
         print(line, flush=True)
     text = "\n".join(lines) + "\n"

@@ -3014,8 +3014,8 @@ def _apply_rules(nodes, geoms):
 
 
 def _dense_tail(steps, geoms):
-    """The last strided step, where only per-pixel steps (``_Step.per_pixel``) on its grid follow it;
-    else None.
+    """The last strided step, where only per-pixel steps (``_Step.per_pixel``, keeping the patch-level
+    size) on its grid follow it; else None.
 
     Stacking a stride's shifts on the batch axis lets the layers after it run on each shift as on an
     ordinary map, and unwarping puts the shifts back in place.  Where every later step reads each
@@ -3030,7 +3030,8 @@ def _dense_tail(steps, geoms):
     if sum(steps[i].depth == steps[last].depth for i in strided) != 1:
         return None  # two strided steps at the same depth (streams that pool alike): not one tail
     for step in steps[last + 1:]:
-        if not step.per_pixel or any(geoms[slot].strides != grid for slot in step.inputs):
+        if not step.per_pixel or any(geoms[slot].strides != grid or geoms[slot].size != geoms[step.outputs[0]].size
+                                     for slot in step.inputs):
             return None
     return steps[last]
 

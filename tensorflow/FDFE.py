@@ -1334,6 +1334,9 @@ class multiPoolPrepare(_Layer):
 class _MultiPoolBase(_Layer):
     kind = "max"
     shifts = True  # False: an ordinary strided pooling (CI's output_stride skips the shifts no output uses)
+    #: True (CI sets it on its last strided layer where only per-pixel layers follow): stride 1, the shifts left in
+    #: place rather than stacked on the batch axis (not in naive mode)
+    shifts_in_place = False
 
     def __init__(self, kW, kH, dW=None, dH=None, naive: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -1344,6 +1347,8 @@ class _MultiPoolBase(_Layer):
     def call(self, x):
         if not self.shifts:
             return _pool(x, self.kind, self.kernel_size, self.stride, float(self._options().get("norm_type", 2.0)))
+        if self.shifts_in_place and not self.naive:
+            return _pool(x, self.kind, self.kernel_size, (1, 1), float(self._options().get("norm_type", 2.0)))
         return multi_pool(x, self.kind, self.kernel_size, self.stride, self.naive, **self._options())
 
     def _options(self):
@@ -1442,6 +1447,9 @@ class multiConv(_WrapperLayer):
     """
     wrapped = "conv"
     shifts = True  # False: an ordinary strided convolution (CI's output_stride skips the unused shifts)
+    #: True (CI sets it on its last strided layer where only per-pixel layers follow): stride 1, the shifts left in
+    #: place rather than stacked on the batch axis (not in naive mode)
+    shifts_in_place = False
 
     def __init__(self, conv, naive: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -1467,6 +1475,8 @@ class multiConv(_WrapperLayer):
         bias = c.bias if c.use_bias else None
         if not self.shifts:  # an ordinary strided convolution (output_stride)
             y = multi_conv(x, c.kernel, bias, 1, c.dilation_rate)[:, ::c.strides[0], ::c.strides[1], :]
+        elif self.shifts_in_place and not self.naive:
+            y = multi_conv(x, c.kernel, bias, 1, c.dilation_rate)
         else:
             y = multi_conv(x, c.kernel, bias, c.strides, c.dilation_rate, self.naive)
         act = _activation_of(c)
@@ -2545,6 +2555,9 @@ class _MultiDepthwise(_WrapperLayer):
     multi-convolution (all shifts when strided), then the pointwise part, bias and activation."""
     wrapped = "layer"
     shifts = True  # False: an ordinary strided convolution (CI's output_stride skips the unused shifts)
+    #: True (CI sets it on its last strided layer where only per-pixel layers follow): stride 1, the shifts left in
+    #: place rather than stacked on the batch axis (not in naive mode)
+    shifts_in_place = False
 
     def __init__(self, layer, naive: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -2567,8 +2580,12 @@ class _MultiDepthwise(_WrapperLayer):
                                               dilations=dil)
             y = tf.nn.depthwise_conv2d(t, tf.cast(depthwise, t.dtype), [1, 1, 1, 1], "VALID", dilations=dil)
             return y[:, ::s[0], ::s[1], :]
-        y = conv(x, stride) if not self.shifts else _multi(x, conv, tuple(depthwise.shape[:2]), stride, dil,
-                                                          self.naive)
+        if not self.shifts:
+            y = conv(x, stride)
+        elif self.shifts_in_place and not self.naive:
+            y = conv(x, (1, 1))
+        else:
+            y = _multi(x, conv, tuple(depthwise.shape[:2]), stride, dil, self.naive)
         if separable:
             y = tf.nn.conv2d(y, tf.cast(layer.pointwise_kernel, y.dtype), 1, "VALID")
         if layer.use_bias:
@@ -3099,7 +3116,7 @@ class DenseFeatureModel(keras.Model):
 
     def __init__(self, core, patch_size, strides, in_channels, out_channels, naive=False, tile=None,
                  progress=None, peak_channels=None, max_memory=None, memory_guard=True, grid_multiple=None,
-                 border="zeros", output_stride=1, skip_shifts=True, **kwargs):
+                 border="zeros", output_stride=1, skip_shifts=True, shifts_in_place=False, **kwargs):
         kwargs.setdefault("autocast", False)  # images are cast to the core's dtype in call()
         super().__init__(**kwargs)
         self.core = core
@@ -3120,11 +3137,13 @@ class DenseFeatureModel(keras.Model):
                                    "output_stride")
         self.skip_shifts = bool(skip_shifts)
         self._grid = _output_grid(self.strides if self.skip_shifts else [], self.output_stride)
-        strided = [l for l in self.core._flatten_layers(include_self=False)
-                   if isinstance(l, (multiConv, _MultiDepthwise))
-                   or (isinstance(l, _MultiPoolBase) and l.stride != (1, 1))]
+        strided = _strided_layers(self.core)
         for i, layer in enumerate(strided):  # the first k strided layers run without their shifts
             layer.shifts = i >= self._grid[0]
+        # the last strided layer leaves its shifts in place where only per-pixel layers follow it (_dense_tail)
+        self.shifts_in_place = bool(shifts_in_place) and bool(strided)
+        if self.shifts_in_place:
+            strided[-1].shifts_in_place = True
 
     @tf.autograph.experimental.do_not_convert  # autograph (export's serving function) cannot convert super()
     def __call__(self, images, *args, **kwargs):
@@ -3197,17 +3216,27 @@ class DenseFeatureModel(keras.Model):
                                 tuple(image_size), self.stride_product, self.patch_size)
 
     def stacked(self, padded):
-        """Run CI's layers on padded images; the shift-stacked result before unwarping.
+        """Run CI's layers on padded images; the shift-stacked result before unwarping.  Where only
+        per-pixel layers follow the last strided layer, its shifts stay in place (``shifts_in_place``;
+        see :func:`_dense_tail`); M and (SH, SW) then leave its stride out.
 
         Shape:
             (N, H' + pH - 1, W' + pW - 1, C) -> (M * N, >= H'/SH, >= W'/SW, K).
         """
         return self.core(padded, training=False)
 
+    def _unwarp_strides(self):
+        """The strides whose shifts are stacked on the batch axis of :meth:`stacked`'s result, in network
+        order: those output_stride keeps, less the last one where its shifts stay in place."""
+        n = len(self.strides)
+        if self.shifts_in_place and not self.naive and self._grid[0] < n:
+            n -= 1
+        return self.strides[self._grid[0]:n]
+
     def _unwarped_crop(self, padded, out_h, out_w):
         """Unwarp the strides that kept their shifts, crop to the image, subsample to output_stride."""
         k, (gy, gx), (ry, rx) = self._grid
-        dense = unwarp(self.stacked(padded), self.strides[k:], self.naive)
+        dense = unwarp(self.stacked(padded), self._unwarp_strides(), self.naive)
         dense = dense[:, :(out_h + gy - 1) // gy, :(out_w + gx - 1) // gx, :]
         return dense if (ry, rx) == (1, 1) else dense[:, ::ry, ::rx, :]
 
@@ -3304,7 +3333,8 @@ class DenseFeatureModel(keras.Model):
                 "tile": None if self.tile is None else list(self.tile), "peak_channels": self.peak_channels,
                 "max_memory": self.max_memory, "memory_guard": self.memory_guard,
                 "grid_multiple": list(self.stride_product), "border": self.border,
-                "output_stride": list(self.output_stride), "skip_shifts": self.skip_shifts, "name": self.name}
+                "output_stride": list(self.output_stride), "skip_shifts": self.skip_shifts,
+                "shifts_in_place": self.shifts_in_place, "name": self.name}
 
     @classmethod
     def from_config(cls, config):
@@ -3440,6 +3470,42 @@ def _apply_rules(calls, geoms, values):
         raise _all_problems(problems)
 
 
+def _strided_layers(core):
+    """The multipooling and strided layers of CI's core, in the core's (topological) order."""
+    return [layer for layer in core._flatten_layers(include_self=False)
+            if isinstance(layer, (multiConv, _MultiDepthwise))
+            or (isinstance(layer, _MultiPoolBase) and layer.stride != (1, 1))]
+
+
+def _dense_tail(calls, geoms):
+    """The output slot of the last strided layer where only per-pixel calls (keeping the patch-level size)
+    on its grid follow it and it is the only one of its depth; else None.
+
+    Stacking a stride's shifts on the batch axis lets the layers after it run on each shift as on an
+    ordinary map, and unwarping puts the shifts back in place.  Where every later layer reads each
+    position alone, that round trip changes nothing: the layer may run at stride 1 and leave its
+    shifts in place (one copy of its output fewer; e.g. Cp ending in max pooling and tanh).  CI's rules
+    accept no layer that keeps the patch-level size of a map but reads neighbours (padding is refused),
+    so a call that keeps the size on the same grid is per-pixel.
+    """
+    def depth(slot):
+        return len(geoms[slot].strides)
+    strided = [i for i, call in enumerate(calls)
+               if any(depth(s) > max([depth(t) for t in call.in_slots] or [0]) for s in call.out_slots)]
+    if not strided:
+        return None
+    n = max(depth(s) for i in strided for s in calls[i].out_slots)
+    last = [i for i in strided if any(depth(s) == n for s in calls[i].out_slots)]
+    if len(last) != 1:
+        return None  # two strided layers at the same depth (streams that pool alike): not one tail
+    grid = geoms[calls[last[0]].out_slots[0]].strides
+    for call in calls[last[0] + 1:]:
+        for s in call.in_slots:
+            if geoms[s].strides != grid or any(geoms[s].size != geoms[o].size for o in call.out_slots):
+                return None
+    return calls[last[0]].out_slots[0]
+
+
 def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: bool = False, tile=None,
             max_memory: Optional[int] = None, memory_guard: bool = True, check: bool = True,
             progress: Optional[bool] = None, border: str = "zeros", output_stride=1) -> DenseFeatureModel:
@@ -3523,12 +3589,16 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
         stacked = _FlattenOutput(geom.size)(stacked)
         channels[out_slot] = max(channels[out_slot], out_channels)
     core = keras.Model(images, stacked, name=f"{base_net.name}_dense_core")
+    chain = all(g.strides == geom.strides[:len(g.strides)] for g in geoms.values())
+    tail = _dense_tail(tracer.calls, geoms) if chain else None
+    # DenseFeatureModel marks the last of the core's strided layers: it must be the tail's own layer
+    tail = tail is not None and _strided_layers(core)[-1:] == [values[tail]._keras_history.operation]
     plan = plan_steps([(c.in_slots, c.out_slots, False) for c in tracer.calls], channels, out_slot)
     net = DenseFeatureModel(core, (ph, pw), list(geom.strides), in_channels, out_channels, naive=naive,
                             tile=tile, progress=progress, peak_channels=plan.peak_channels, max_memory=max_memory,
                             memory_guard=memory_guard, grid_multiple=_grid_multiple(geoms.values()),
                             border=border, output_stride=output_stride,
-                            skip_shifts=all(g.strides == geom.strides[:len(g.strides)] for g in geoms.values()),
+                            skip_shifts=chain, shifts_in_place=tail,
                             name=f"{base_net.name}_dense")
     net.build((None, None, None, in_channels))
     if check:

@@ -1,0 +1,118 @@
+"""The last strided layer with its shifts left in place: where only per-pixel layers follow it (Cp ending in
+max pooling and tanh, or a strided convolution, 1x1 convolutions and normalisation), CI runs it at stride 1
+instead of stacking its shifts on the batch axis and unwarping them again.  Same values and gradients as Cp
+on every patch, in both backends, with every output stride, tiles, batches and odd sizes; and only where
+the layers after it are per-pixel."""
+
+import numpy as np
+import pytest
+
+import netspec
+from conftest import TOL, max_rel_error
+from test_training import _check_keras, _check_torch
+
+#: Cp ending in max pooling (3x3), tanh, a 1x1 convolution, ELU and unit length: strides (2, 2), (3, 3),
+#: patch-level 1x1 at the end
+POOL_TAIL = [{"type": "conv", "out": 3, "k": [3, 3]}, {"type": "pool", "kind": "max", "k": [2, 2], "stride": [2, 2]},
+             {"type": "act", "fn": "tanh"}, {"type": "conv", "out": 4, "k": [2, 2]},
+             {"type": "pool", "kind": "max", "k": [3, 3], "stride": [3, 3]}, {"type": "act", "fn": "tanh"},
+             {"type": "conv", "out": 5, "k": [1, 1]}, {"type": "act", "fn": "elu"}, {"type": "l2norm"}]
+#: Cp ending in a strided convolution (2x3), then batch normalisation, flatten, a Linear and sigmoid
+CONV_TAIL = [{"type": "conv", "out": 3, "k": [2, 2]}, {"type": "pool", "kind": "avg", "k": [2, 2], "stride": [2, 2]},
+             {"type": "act", "fn": "elu"}, {"type": "conv", "out": 4, "k": [3, 2], "stride": [2, 3]},
+             {"type": "bn"}, {"type": "flatten"}, {"type": "linear", "out": 3}, {"type": "act", "fn": "sigmoid"}]
+#: a 3x3 convolution after the last pooling: that layer reads neighbours, so the shifts are stacked
+NO_TAIL = [{"type": "conv", "out": 3, "k": [3, 3]}, {"type": "pool", "kind": "max", "k": [2, 2], "stride": [2, 2]},
+           {"type": "act", "fn": "tanh"}, {"type": "conv", "out": 4, "k": [3, 3]}]
+CASES = [(POOL_TAIL, (11, 12), [(2, 2), (3, 3)]), (CONV_TAIL, (7, 8), [(2, 2), (2, 3)]),
+         (NO_TAIL, (8, 9), [(2, 2)])]
+STEPS = [1, 2, 3, (2, 6), 4, 6]
+CHANNELS = 2
+
+
+def _torch_tail(ci):
+    return [i for i, step in enumerate(ci.steps) if getattr(step, "dense_tail", False)]
+
+
+def _keras_tail(ci):
+    return [layer.name for layer in ci.core._flatten_layers(include_self=False)
+            if getattr(layer, "shifts_in_place", False)]
+
+
+@pytest.mark.parametrize("spec, patch, strides", CASES)
+def test_torch_shifts_in_place_are_exact(tb, spec, patch, strides):
+    import torch
+    net = netspec.build_torch(spec, CHANNELS, patch, netspec.make_weights(spec, CHANNELS, patch, 3))
+    images = torch.from_numpy(netspec.random_images(2, CHANNELS, 19, 23, 5).transpose(0, 3, 1, 2))
+    ci = tb.FDFE.convert(net, patch)
+    assert ci.strides == strides
+    tail = spec is not NO_TAIL
+    assert len(_torch_tail(ci)) == int(tail)
+    assert ci._unwarp_strides() == (strides[:-1] if tail else strides)
+    for step in STEPS:
+        sy, sx = (step, step) if isinstance(step, int) else step
+        ref = tb.FDFE.dense_reference(net, images, patch, output_stride=step)
+        assert ref.shape[-2:] == (-(-19 // sy), -(-23 // sx))
+        for naive, tile, layout in [(False, None, torch.contiguous_format), (True, None, torch.contiguous_format),
+                                    (False, (7, 5), torch.contiguous_format), (False, None, torch.channels_last),
+                                    (False, (6, 12), torch.channels_last)]:
+            ci = tb.FDFE.convert(net, patch, output_stride=step, naive=naive, tile=tile)
+            with torch.no_grad():
+                out = ci(images.contiguous(memory_format=layout))
+            assert out.shape == ref.shape
+            assert max_rel_error(out, ref) <= TOL["float64"], (step, naive, tile, layout)
+    with torch.no_grad():  # float32 Cp, with the separable max pooling of the forward pass
+        net32 = net.float()
+        out = tb.FDFE.convert(net32, patch)(images.float())
+    assert max_rel_error(out, tb.FDFE.dense_reference(net32, images.float(), patch)) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("spec, patch, strides", CASES)
+def test_keras_shifts_in_place_are_exact(kb, spec, patch, strides, tmp_path):
+    import keras
+    import tensorflow as tf
+    net = netspec.build_keras(spec, CHANNELS, patch, netspec.make_weights(spec, CHANNELS, patch, 3), kb.FDFE)
+    images = tf.constant(netspec.random_images(2, CHANNELS, 19, 23, 5))
+    ci = kb.FDFE.convert(net, patch)
+    assert ci.strides == strides
+    tail = spec is not NO_TAIL
+    assert len(_keras_tail(ci)) == int(tail) and ci.shifts_in_place == tail
+    assert ci._unwarp_strides() == (strides[:-1] if tail else strides)
+    for step in STEPS:
+        ref = kb.FDFE.dense_reference(net, images, patch, output_stride=step)
+        for naive, tile in [(False, None), (True, None), (False, (7, 5))]:
+            ci = kb.FDFE.convert(net, patch, output_stride=step, naive=naive, tile=tile)
+            assert max_rel_error(ci(images), ref) <= TOL["float64"], (step, naive, tile)
+    ci = kb.FDFE.convert(net, patch)
+    ci.save(str(tmp_path / "ci.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "ci.keras"))
+    assert loaded.shifts_in_place == tail and len(_keras_tail(loaded)) == int(tail)
+    np.testing.assert_array_equal(loaded(images).numpy(), ci(images).numpy())
+
+
+@pytest.mark.parametrize("spec, patch", [(POOL_TAIL, (11, 12)), (CONV_TAIL, (7, 8))])
+def test_gradients_through_shifts_in_place(tb, kb, spec, patch):
+    """Training through CI: the gradients of the images and of every parameter equal Cp's on all patches."""
+    modes = [(False, None), (False, (5, 7))]
+    _check_torch(tb, spec, CHANNELS, patch, 2, 13, 17, 11, modes)
+    _check_keras(kb, spec, CHANNELS, patch, 2, 13, 17, 11, modes)
+
+
+def test_simo_serra_ends_with_shifts_in_place(tb, kb):
+    """The paper's Simo-Serra net (max pooling 4x4, then tanh): its last pooling keeps its shifts in place in
+    both backends, and the two agree."""
+    import torch
+    import tensorflow as tf
+    import architectures
+    t_net = architectures.build_torch("simo_serra")
+    ci = tb.FDFE.convert(t_net, 64)
+    assert ci._unwarp_strides() == [(2, 2), (3, 3)] and len(_torch_tail(ci)) == 1
+    k_net = architectures.build_keras("simo_serra", t_net, kb.FDFE)
+    k_ci = kb.FDFE.convert(k_net, 64)
+    assert k_ci._unwarp_strides() == [(2, 2), (3, 3)] and k_ci.shifts_in_place
+    images = torch.randn(2, 1, 29, 31)
+    with torch.no_grad():
+        out = ci(images)
+    assert max_rel_error(out, tb.FDFE.dense_reference(t_net, images, 64)) <= TOL["float32"]
+    k_out = k_ci(tf.constant(images.numpy().transpose(0, 2, 3, 1)))
+    assert max_rel_error(k_out, out.numpy().transpose(0, 2, 3, 1)) <= TOL["float32"]
