@@ -21,11 +21,16 @@ POOL_TAIL = [{"type": "conv", "out": 3, "k": [3, 3]}, {"type": "pool", "kind": "
 CONV_TAIL = [{"type": "conv", "out": 3, "k": [2, 2]}, {"type": "pool", "kind": "avg", "k": [2, 2], "stride": [2, 2]},
              {"type": "act", "fn": "elu"}, {"type": "conv", "out": 4, "k": [3, 2], "stride": [2, 3]},
              {"type": "bn"}, {"type": "flatten"}, {"type": "linear", "out": 3}, {"type": "act", "fn": "sigmoid"}]
+#: Cp ending in overlapping average pooling (3x3, stride 2) after LP pooling, then sigmoid
+AVG_TAIL = [{"type": "conv", "out": 3, "k": [3, 3]},
+            {"type": "pool", "kind": "lp", "k": [2, 2], "stride": [2, 2], "p": 2.0},
+            {"type": "conv", "out": 4, "k": [2, 2]},
+            {"type": "pool", "kind": "avg", "k": [3, 3], "stride": [2, 2]}, {"type": "act", "fn": "sigmoid"}]
 #: a 3x3 convolution after the last pooling: that layer reads neighbours, so the shifts are stacked
 NO_TAIL = [{"type": "conv", "out": 3, "k": [3, 3]}, {"type": "pool", "kind": "max", "k": [2, 2], "stride": [2, 2]},
            {"type": "act", "fn": "tanh"}, {"type": "conv", "out": 4, "k": [3, 3]}]
 CASES = [(POOL_TAIL, (11, 12), [(2, 2), (3, 3)]), (CONV_TAIL, (7, 8), [(2, 2), (2, 3)]),
-         (NO_TAIL, (8, 9), [(2, 2)])]
+         (AVG_TAIL, (10, 13), [(2, 2), (2, 2)]), (NO_TAIL, (8, 9), [(2, 2)])]
 STEPS = [1, 2, 3, (2, 6), 4, 6]
 CHANNELS = 2
 
@@ -116,3 +121,57 @@ def test_simo_serra_ends_with_shifts_in_place(tb, kb):
     assert max_rel_error(out, tb.FDFE.dense_reference(t_net, images, 64)) <= TOL["float32"]
     k_out = k_ci(tf.constant(images.numpy().transpose(0, 2, 3, 1)))
     assert max_rel_error(k_out, out.numpy().transpose(0, 2, 3, 1)) <= TOL["float32"]
+
+
+def test_exports_with_shifts_in_place(tb, kb, tmp_path):
+    """Exported CI with its shifts in place, run by the real runtimes at sizes not seen at export: torch.export
+    (N, H, W dynamic), ONNX Runtime, a Keras SavedModel and TFLite with built-in ops only."""
+    import onnxruntime
+    import tensorflow as tf
+    import torch
+    from torch.export import Dim
+    spec, patch = POOL_TAIL, (11, 12)
+    weights = netspec.make_weights(spec, CHANNELS, patch, 3)
+    net = netspec.build_torch(spec, CHANNELS, patch, weights, "float32")
+    ci = tb.FDFE.convert(net, patch)
+    assert len(_torch_tail(ci)) == 1
+    sizes = [(1, 1, 1), (2, 17, 23), (1, 8, 31)]
+
+    def images(n, h, w, seed):
+        return np.ascontiguousarray(netspec.random_images(n, CHANNELS, h, w, seed), dtype=np.float32)  # NHWC
+
+    example = (torch.from_numpy(images(2, 14, 19, 1).transpose(0, 3, 1, 2)).contiguous(),)
+    dims = {0: Dim("N", min=1, max=64), 2: Dim("H", min=1, max=4096), 3: Dim("W", min=1, max=4096)}
+    program = torch.export.export(ci, example, dynamic_shapes={"images": dims}).module()
+    path = str(tmp_path / "ci.onnx")
+    torch.onnx.export(ci, example, path, dynamo=False, input_names=["images"], output_names=["features"],
+                      dynamic_axes={"images": {0: "N", 2: "H", 3: "W"}, "features": {0: "N", 2: "H", 3: "W"}})
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for seed, (n, h, w) in enumerate(sizes):
+        x = torch.from_numpy(images(n, h, w, 10 + seed).transpose(0, 3, 1, 2)).contiguous()
+        ref = tb.FDFE.dense_reference(net, x, patch)
+        with torch.no_grad():
+            assert max_rel_error(program(x), ref) <= TOL["float32"], ("torch.export", (n, h, w))
+        assert max_rel_error(session.run(None, {"images": x.numpy()})[0], ref) <= TOL["float32"], ("onnx", (n, h, w))
+
+    k_net = netspec.build_keras(spec, CHANNELS, patch, weights, kb.FDFE, "float32")
+    k_ci = kb.FDFE.convert(k_net, patch)
+    assert k_ci.shifts_in_place
+    k_ci.export(str(tmp_path / "saved"), verbose=False)
+    loaded = tf.saved_model.load(str(tmp_path / "saved"))  # kept: its variables live as long as it does
+    k_ci.export(str(tmp_path / "lite"), input_signature=[tf.TensorSpec([None, None, None, CHANNELS], tf.float32)],
+                verbose=False)
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "lite"))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    interpreter = tf.lite.Interpreter(model_content=converter.convert())
+    index = interpreter.get_input_details()[0]["index"]
+    for seed, (n, h, w) in enumerate(sizes):
+        x = images(n, h, w, 10 + seed)
+        ref = kb.FDFE.dense_reference(k_net, tf.constant(x), patch)
+        assert max_rel_error(loaded.serve(tf.constant(x)), ref) <= TOL["float32"], ("SavedModel", (n, h, w))
+        interpreter.resize_tensor_input(index, list(x.shape))
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(index, x)
+        interpreter.invoke()
+        out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        assert max_rel_error(out, ref) <= TOL["float32"], ("TFLite", (n, h, w))
