@@ -175,3 +175,50 @@ def test_exports_with_shifts_in_place(tb, kb, tmp_path):
         interpreter.invoke()
         out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
         assert max_rel_error(out, ref) <= TOL["float32"], ("TFLite", (n, h, w))
+
+
+def test_parallel_poolings_at_one_depth_with_output_strides(tb, kb, tmp_path):
+    """Two poolings of one map (the same depth), concatenated, then a convolution, the tail pooling and a
+    channel slice: every output stride is exact without the self-check (Keras once counted strided layers
+    instead of depths and skipped the shifts of the wrong ones), the tail is used in both backends, and the
+    depths survive saving."""
+    import keras
+    import tensorflow as tf
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+
+    class Parallel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.conv3 = nn.Conv2d(2, 3, 3), nn.Conv2d(6, 4, 2), nn.Conv2d(4, 3, 1)
+
+        def forward(self, x):
+            x = torch.tanh(self.conv1(x))
+            y = self.conv2(torch.cat([F.max_pool2d(x, 2), F.avg_pool2d(x, 2)], 1))
+            return torch.sigmoid(self.conv3(F.max_pool2d(y, 3, 2)))[:, :2]
+
+    torch.manual_seed(0)
+    t_net = Parallel().eval()
+    layers = keras.layers
+    inputs = keras.Input((10, 10, 2))
+    x = layers.Conv2D(3, 3, activation="tanh")(inputs)
+    y = layers.Conv2D(4, 2)(layers.Concatenate()([layers.MaxPooling2D(2)(x), layers.AveragePooling2D(2)(x)]))
+    y = layers.Conv2D(3, 1, activation="sigmoid")(layers.MaxPooling2D(3, 2)(y))
+    k_net = keras.Model(inputs, layers.Lambda(lambda t: t[..., :2])(y))
+    images = netspec.random_images(2, 2, 17, 23, 7).astype(np.float32)
+    t_images, k_images = torch.from_numpy(images.transpose(0, 3, 1, 2)).contiguous(), tf.constant(images)
+    for step in [1, 2, 3, 4, (2, 4), 8]:
+        ci = tb.FDFE.convert(t_net, 10, output_stride=step, check=False)
+        assert len(_torch_tail(ci)) == 1
+        with torch.no_grad():
+            out = ci(t_images)
+        assert max_rel_error(out, tb.FDFE.dense_reference(t_net, t_images, 10, output_stride=step)) <= TOL["float32"]
+        k_ci = kb.FDFE.convert(k_net, 10, output_stride=step, check=False)
+        assert k_ci.shifts_in_place and k_ci.strided_depths == [1, 1, 2], step
+        ref = kb.FDFE.dense_reference(k_net, k_images, 10, output_stride=step)
+        assert max_rel_error(k_ci(k_images), ref) <= TOL["float32"], step
+    k_ci.save(str(tmp_path / "ci.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "ci.keras"), safe_mode=False)  # the Lambda is ours
+    assert loaded.strided_depths == [1, 1, 2]
+    np.testing.assert_array_equal(loaded(k_images).numpy(), k_ci(k_images).numpy())

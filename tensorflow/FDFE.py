@@ -3116,7 +3116,8 @@ class DenseFeatureModel(keras.Model):
 
     def __init__(self, core, patch_size, strides, in_channels, out_channels, naive=False, tile=None,
                  progress=None, peak_channels=None, max_memory=None, memory_guard=True, grid_multiple=None,
-                 border="zeros", output_stride=1, skip_shifts=True, shifts_in_place=False, **kwargs):
+                 border="zeros", output_stride=1, skip_shifts=True, shifts_in_place=False, strided_depths=None,
+                 **kwargs):
         kwargs.setdefault("autocast", False)  # images are cast to the core's dtype in call()
         super().__init__(**kwargs)
         self.core = core
@@ -3138,8 +3139,15 @@ class DenseFeatureModel(keras.Model):
         self.skip_shifts = bool(skip_shifts)
         self._grid = _output_grid(self.strides if self.skip_shifts else [], self.output_stride)
         strided = _strided_layers(self.core)
-        for i, layer in enumerate(strided):  # the first k strided layers run without their shifts
-            layer.shifts = i >= self._grid[0]
+        # how many strided layers each one's output has gone through, itself included (parallel layers, e.g.
+        # two poolings of one map, share a depth; by default each one is a level deeper than the one before)
+        self.strided_depths = [int(d) for d in strided_depths] if strided_depths is not None else \
+            list(range(1, len(strided) + 1))
+        if len(self.strided_depths) != len(strided):
+            raise ValueError(f"strided_depths has {len(self.strided_depths)} entries for the core's {len(strided)} "
+                             f"strided layers")
+        for layer, depth in zip(strided, self.strided_depths):  # those of the first k depths run without shifts
+            layer.shifts = depth > self._grid[0]
         # the last strided layer leaves its shifts in place where only per-pixel layers follow it (_dense_tail)
         self.shifts_in_place = bool(shifts_in_place) and bool(strided)
         if self.shifts_in_place:
@@ -3334,7 +3342,8 @@ class DenseFeatureModel(keras.Model):
                 "max_memory": self.max_memory, "memory_guard": self.memory_guard,
                 "grid_multiple": list(self.stride_product), "border": self.border,
                 "output_stride": list(self.output_stride), "skip_shifts": self.skip_shifts,
-                "shifts_in_place": self.shifts_in_place, "name": self.name}
+                "shifts_in_place": self.shifts_in_place, "strided_depths": list(self.strided_depths),
+                "name": self.name}
 
     @classmethod
     def from_config(cls, config):
@@ -3593,12 +3602,15 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     tail = _dense_tail(tracer.calls, geoms) if chain else None
     # DenseFeatureModel marks the last of the core's strided layers: it must be the tail's own layer
     tail = tail is not None and _strided_layers(core)[-1:] == [values[tail]._keras_history.operation]
+    depth_of = {id(values[s]._keras_history.operation): len(geoms[s].strides)
+                for call in tracer.calls for s in call.out_slots if hasattr(values.get(s), "_keras_history")}
     plan = plan_steps([(c.in_slots, c.out_slots, False) for c in tracer.calls], channels, out_slot)
     net = DenseFeatureModel(core, (ph, pw), list(geom.strides), in_channels, out_channels, naive=naive,
                             tile=tile, progress=progress, peak_channels=plan.peak_channels, max_memory=max_memory,
                             memory_guard=memory_guard, grid_multiple=_grid_multiple(geoms.values()),
                             border=border, output_stride=output_stride,
                             skip_shifts=chain, shifts_in_place=tail,
+                            strided_depths=[depth_of[id(layer)] for layer in _strided_layers(core)],
                             name=f"{base_net.name}_dense")
     net.build((None, None, None, in_channels))
     if check:
