@@ -2053,10 +2053,10 @@ class _PoolStep(_Step):
         if net._without_shifts(self):  # output_stride: the shifts no output pixel uses are not computed
             return [_pool(values[0], self.kind, self.kernel, self.stride, self.dilation, self.norm_type,
                           self.divisor_override)]
-        if not net.naive:  # multi_pool's own way, the stride-1 pooling using the input's memory where it may
+        if not net.naive:  # one stride-1 pooling as in multi_pool, in the input's memory where the plan allows it
             pooled = _pool(values[0], self.kind, self.kernel, (1, 1), self.dilation, self.norm_type,
                            self.divisor_override, overwrite)
-            if net._shifts_in_place(self) or self.stride == (1, 1):  # only per-pixel steps follow: left in place
+            if self.stride == (1, 1) or net._shifts_in_place(self):  # no shifts to stack, or they stay in place
                 return [pooled]
             return [space_to_batch(pooled, self.stride)]
         return [multi_pool(values[0], self.kind, self.kernel, self.stride, self.dilation, net.naive,
