@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/bench.py --json bench/results_cpu.json --merge bench/results_cuda.json
 	$(PY) bench/parity.py --out bench/RESULTS_parity.md
 	$(PY) bench/efficiency.py --out bench/RESULTS_efficiency.md
+	$(PY) bench/shifts_in_place.py --out bench/RESULTS_shifts_in_place.md
 	$(PY) bench/train_step.py --out bench/RESULTS_train.md
 	$(PY) bench/output_stride.py --out bench/RESULTS_output_stride.md
 	$(PY) bench/deploy.py --out bench/RESULTS_deploy.md
