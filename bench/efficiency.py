@@ -34,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(HERE)
 
 import bench  # noqa: E402  (its rows, runners and FLOP counts)
+from timing import report  # noqa: E402
 
 BATCH = 256
 
@@ -125,11 +126,7 @@ def main(argv=None):
                     f"{values[:, 0].min():.2f}–{values[:, 0].max():.2f} |")
             lines.append(line)
             print(line, flush=True)
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
+from timing import report  # noqa: E402
 
 ROWS = [("simo_serra", 48, 72), ("simo_serra", 240, 360), ("simo_serra", 480, 720), ("simo_serra", 720, 1080),
         ("zagoruyko_siam_l2", 720, 1080), ("siam2stream", 720, 1080), ("bailer_fast", 576, 864),
@@ -153,11 +154,7 @@ def main(argv=None):
                 f"{r['calls']} | {r['pair_min']:.2f}–{r['pair_max']:.2f} | {r['diff']:.1e} |")
         lines.append(line)
         print(line, flush=True)
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

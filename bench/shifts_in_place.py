@@ -26,6 +26,7 @@ sys.path.append(os.path.join(HERE, "..", "shared_tests"))  # appended: never ahe
 
 import architectures  # noqa: E402
 from backends import load_backend  # noqa: E402
+from timing import report  # noqa: E402
 
 
 def torch_pair(threads):
@@ -89,11 +90,7 @@ def main(argv=None):
             line = f"| {label} | {w}×{h} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | {a / b:.3f} | {diff:.1e} |"
             lines.append(line)
             print(line, flush=True)
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    report(lines, args.out)
 
 
 if __name__ == "__main__":
