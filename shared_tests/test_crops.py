@@ -84,6 +84,39 @@ def test_torch_slices_that_cannot_be_made_dense_are_refused(tb):
         tb.FDFE.convert(Batch(), 4, in_channels=1)
 
 
+def test_strided_slices_that_keep_one_element_are_crops_in_both_backends(tb, kb):
+    """x[:, :, ::3, ::2] of a 2x2 or 3x2 map keeps its top-left element, x[:, :, 1::5] its second row, and
+    x[:, ::2, ::2] of a 2x2 Keras map its top-left element: crops, which both backends make dense (their
+    other strided slices are refused, above)."""
+    import keras
+    import torch
+    import torch.nn as nn
+
+    class Picked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3)
+
+        def forward(self, x):
+            y = torch.tanh(self.conv(x))
+            return torch.cat([y[:, :, ::3, ::2].flatten(1), y[:, :, 1::5, 1:2].flatten(1)], 1)
+
+    torch.manual_seed(3)
+    net = Picked().double().eval()
+    images = torch.randn(2, 2, 9, 7, dtype=torch.float64)
+    for patch in [(4, 4), (5, 4)]:  # maps of 2x2 and 3x2
+        ci = tb.FDFE.convert(net, patch)
+        with torch.no_grad():
+            assert max_rel_error(ci(images), tb.FDFE.dense_reference(net, images, patch)) <= TOL["float64"]
+    L = keras.layers
+    inp = keras.Input((4, 4, 2), dtype="float64")
+    y = L.Conv2D(3, 3, activation="tanh", dtype="float64")(inp)
+    out = L.Flatten(dtype="float64")(L.Lambda(lambda t: t[:, ::2, ::2, :], dtype="float64")(y))
+    k_images = images.numpy().transpose(0, 2, 3, 1)
+    k_ci = kb.FDFE.convert(keras.Model(inp, out), 4)
+    assert max_rel_error(k_ci(k_images), kb.FDFE.dense_reference(keras.Model(inp, out), k_images, 4)) <= TOL["float64"]
+
+
 def _keras_nets(dtype):
     import keras
     L = keras.layers

@@ -144,6 +144,25 @@ def test_keras_functional_lambda_and_custom_layers_are_read(kb, tmp_path):
                                   ci(images).numpy())
 
 
+def test_keras_float64_layers_under_the_float32_policy_with_python_scalars(kb):
+    """A Cp whose layers are float64 while the global dtype policy stays float32, with arithmetic on Python
+    scalars after a pooling (t * 1.5, t - 0.25): FDFE's layers declare their input's dtype, so the ops
+    after them are built in float64 too, and CI equals Cp in float64."""
+    import keras
+    L = keras.layers
+    assert keras.config.dtype_policy().name == "float32"
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((7, 7, 2), dtype="float64")
+    x = L.Conv2D(3, 3, dtype="float64")(inp)
+    x = L.Lambda(lambda t: t * 1.5 - 0.25, dtype="float64")(L.MaxPooling2D(3, 2, dtype="float64")(x))
+    net = keras.Model(inp, L.Flatten(dtype="float64")(L.Conv2D(2, 2, dtype="float64")(x)))
+    images = np.random.default_rng(4).standard_normal((N, H, W, 2))
+    ci = kb.FDFE.convert(net, 7)
+    out = ci(images)
+    assert out.dtype.name == "float64"
+    assert max_rel_error(out, kb.FDFE.dense_reference(net, images, 7)) <= TOL["float64"]
+
+
 def test_keras_tf_nn_convolution_and_pooling_in_call(kb):
     """tf.nn.conv2d / depthwise_conv2d with Cp's weights and tf.nn.max_pool2d / avg_pool2d in call(), unpadded
     and at stride 1, run as they are on the dense map; strided ones are refused with the way out."""

@@ -793,6 +793,21 @@ class _Layer(keras.layers.Layer):
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
 
+    def compute_output_spec(self, *args, **kwargs):
+        """Keras' spec, but in the input's floating dtype where the layer gives its shape alone
+        (compute_output_shape): Keras would declare the dtype policy's (float32 by default) for a
+        float64 Cp, and the ops of Cp applied after the layer would be built for that dtype."""
+        spec = super().compute_output_spec(*args, **kwargs)
+        if type(self).compute_output_shape is keras.layers.Layer.compute_output_shape:
+            return spec  # Keras ran call() on symbolic inputs: its dtypes are the call's
+        floating = [t.dtype for t in keras.tree.flatten((args, kwargs))
+                    if isinstance(t, keras.KerasTensor) and tf.as_dtype(t.dtype).is_floating]
+        if not floating:
+            return spec
+        return keras.tree.map_structure(
+            lambda t: keras.KerasTensor(t.shape, dtype=floating[0])
+            if isinstance(t, keras.KerasTensor) and tf.as_dtype(t.dtype).is_floating else t, spec)
+
 
 # ---------------------------------------------------------------------------
 # Input checks
