@@ -51,11 +51,12 @@ def test_banded_max_pool_equals_max_pool2d(tb, monkeypatch, band):
                 assert torch.equal(x.nan_to_num(), before.nan_to_num()), case
 
 
-@pytest.mark.parametrize("tile", [None, (8, 12)])
+@pytest.mark.parametrize("tile, output_stride", [(None, 1), ((8, 12), 1), (None, 2), ((8, 12), 2)])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_ci_with_small_bands_is_exact(tb, monkeypatch, tile, dtype):
+def test_ci_with_small_bands_is_exact(tb, monkeypatch, tile, output_stride, dtype):
     """CI with bands of a few rows, on a batch of two images whose sizes are no multiple of the stride
-    product (6x4), untiled and tiled, against Cp on every patch; the unwarping by bands did run."""
+    product (6x4), untiled and tiled, every pixel and every second one, against Cp on every patch; the
+    unwarping by bands did run (tiles at a step unwarp in the stacked layout first)."""
     import torch
     monkeypatch.setattr(tb.FDFE, "_POOL_BAND_ELEMENTS", 50)
     monkeypatch.setattr(tb.FDFE, "_UNWARP_BAND_ELEMENTS", 300)
@@ -64,11 +65,12 @@ def test_ci_with_small_bands_is_exact(tb, monkeypatch, tile, dtype):
     monkeypatch.setattr(tb.FDFE, "_unwarp_across_layouts", lambda *args: calls.append(1) or original(*args))
     net = netspec.build_torch(MAX_NET, 2, PATCH, netspec.make_weights(MAX_NET, 2, PATCH, 4), dtype)
     images = torch.from_numpy(netspec.random_images(2, 2, 29, 23, 6).transpose(0, 3, 1, 2).astype(dtype)).contiguous()
-    ci = tb.FDFE.convert(net, PATCH, tile=tile, check=False)
+    ci = tb.FDFE.convert(net, PATCH, tile=tile, check=False, output_stride=output_stride)
     assert ci.strides == [(2, 2), (3, 2)]
     with torch.no_grad():
         got = ci(images)
-    ref = tb.FDFE.dense_reference(net, images, PATCH)
-    assert got.shape == ref.shape == (2, 5, 29, 23) and got.is_contiguous()
+    ref = tb.FDFE.dense_reference(net, images, PATCH, output_stride=output_stride)
+    assert got.shape == ref.shape == (2, 5, -(-29 // output_stride), -(-23 // output_stride))
+    assert got.is_contiguous()
     assert max_rel_error(got.numpy(), ref.numpy()) < TOL[dtype]
-    assert calls, "the banded unwarping was not used"
+    assert calls or (tile is not None and output_stride != 1), "the banded unwarping was not used"
