@@ -1272,7 +1272,7 @@ def _separable_max_pool(x: torch.Tensor, kernel, reuse_input: bool = False) -> t
         return x if reuse_input else out.copy_(x)
     band = max(1, _POOL_BAND_ELEMENTS // (w * rows.shape[2]))  # output rows per band
     buffer_shape = (min(band, rows.shape[0]) + kh - 1, w, rows.shape[2])
-    buffers = [rows.new_empty(buffer_shape) for _ in range(min(2, max(1, len(passes) - 1)))]
+    buffers = [rows.new_empty(buffer_shape), rows.new_empty(buffer_shape)]  # small: kept in the cache
     for start in range(0, rows.shape[0] - kh + 1, band):
         count = min(band, rows.shape[0] - kh + 1 - start)
         current, height, width = rows[start:start + count + kh - 1], count + kh - 1, w
@@ -2907,10 +2907,15 @@ class DenseFeatureNet(nn.Module):
     def _unwarp_strides(self):
         """The strides whose shifts are stacked on the batch axis of :meth:`stacked`'s result, in network
         order: those output_stride keeps, less the last one where its shifts stay in place."""
-        n = len(self.strides)
-        if n and not self.naive and self._grid[0] < n and any(getattr(s, "dense_tail", False) for s in self.steps):
-            n -= 1
+        n = len(self.strides) - any(self._shifts_in_place(step) for step in self.steps)
         return self.strides[self._grid[0]:n]
+
+    def _unwarps_across_layouts(self, stacked, strides, dest_channels_last: bool) -> bool:
+        """Whether :func:`_unwarp_across_layouts` unwarps ``stacked`` into a destination of the other layout:
+        channels-last maps with strides to unwarp, on the CPU, not in naive mode (the paper's per-layer
+        unwarping)."""
+        return (bool(strides) and not self.naive and stacked.device.type == "cpu" and _is_channels_last(stacked)
+                and not dest_channels_last)
 
     def _finish(self, stacked, height, width, out_format=torch.contiguous_format):
         """Unwarp the strides that kept their shifts, crop to the image, subsample to output_stride;
@@ -2920,8 +2925,7 @@ class DenseFeatureNet(nn.Module):
         if _exporting():  # any (symbolic or traced) image size
             dense = unwarp_gather(stacked, strides, -(-height // gy), -(-width // gx))
             return dense if (ry, rx) == (1, 1) else dense[:, :, ::ry, ::rx]
-        if (strides and not self.naive and (ry, rx) == (1, 1) and stacked.device.type == "cpu"
-                and out_format == torch.contiguous_format and _is_channels_last(stacked)
+        if ((ry, rx) == (1, 1) and self._unwarps_across_layouts(stacked, strides, out_format == torch.channels_last)
                 and stacked.numel() >= 2 * _UNWARP_BAND_ELEMENTS):  # (small maps: fewer ops, as before)
             out = torch.empty((stacked.shape[0] // _prod(s[0] * s[1] for s in strides), stacked.shape[1],
                                -(-height // gy), -(-width // gx)), dtype=stacked.dtype)
@@ -2991,7 +2995,7 @@ class DenseFeatureNet(nn.Module):
         (overlap pH-1, pW-1), unwarped straight into the output (of layout ``out_format``)."""
         strides = self._unwarp_strides()
         # the stacked maps' scale: every stride but one whose shifts stay in place
-        k, (gy, gx), (ry, rx) = self._grid
+        _, (gy, gx), (ry, rx) = self._grid
         sh, sw = gy * _prod(s[0] for s in strides), gx * _prod(s[1] for s in strides)
         ph, pw = self.patch_size
         oy, ox = self.output_stride
@@ -3011,8 +3015,7 @@ class DenseFeatureNet(nn.Module):
             dest = out[:, :, y0 // oy:(y0 + hp) // oy, x0 // ox:(x0 + wp) // ox]
             inside = dest.shape[-2:] == ((hp // oy), (wp // ox))  # else a tile on the bottom or right edge
             mixed = _is_channels_last(stacked) != _is_channels_last(dest)  # the layouts differ
-            if (mixed and _is_channels_last(stacked) and strides and not self.naive and (oy, ox) == (1, 1)
-                    and stacked.device.type == "cpu"):
+            if (oy, ox) == (1, 1) and self._unwarps_across_layouts(stacked, strides, _is_channels_last(dest)):
                 _unwarp_across_layouts(stacked, strides, dest)
             elif self.naive or (oy, ox) != (1, 1) or not inside or mixed:
                 # unwarped in the stacked layout first: unwarping straight into a tile of another layout
