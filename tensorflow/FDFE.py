@@ -1346,12 +1346,18 @@ class multiPoolPrepare(_Layer):
                 "stride_product": list(self.stride_product)}
 
 
-class _MultiPoolBase(_Layer):
-    kind = "max"
-    shifts = True  # False: an ordinary strided pooling (CI's output_stride skips the shifts no output uses)
+class _ShiftOptions:
+    """How CI runs one of its strided layers (multipooling, multiConv, _MultiDepthwise); DenseFeatureModel
+    sets both flags from its own config."""
+    #: False: an ordinary strided layer (CI's output_stride skips the shifts no output uses)
+    shifts = True
     #: True (CI sets it on its last strided layer where only per-pixel layers follow): stride 1, the shifts left in
     #: place rather than stacked on the batch axis (not in naive mode)
     shifts_in_place = False
+
+
+class _MultiPoolBase(_ShiftOptions, _Layer):
+    kind = "max"
 
     def __init__(self, kW, kH, dW=None, dH=None, naive: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -1444,7 +1450,7 @@ class _WrapperLayer(_Layer):
 
 
 @_register
-class multiConv(_WrapperLayer):
+class multiConv(_ShiftOptions, _WrapperLayer):
     """A trained strided Conv2D made dense.  Reuses (shares) the layer's weights and activation.
 
     Its stride counts like a pooling layer's: list it for :class:`unwarpAll` and in the stride product
@@ -1461,10 +1467,6 @@ class multiConv(_WrapperLayer):
         (B, L_h, L_w, C) -> (sh * sw * B, h', w', K).
     """
     wrapped = "conv"
-    shifts = True  # False: an ordinary strided convolution (CI's output_stride skips the unused shifts)
-    #: True (CI sets it on its last strided layer where only per-pixel layers follow): stride 1, the shifts left in
-    #: place rather than stacked on the batch axis (not in naive mode)
-    shifts_in_place = False
 
     def __init__(self, conv, naive: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -2565,14 +2567,10 @@ def _rule_layer_norm(call, geoms):
 
 
 @_register
-class _MultiDepthwise(_WrapperLayer):
+class _MultiDepthwise(_ShiftOptions, _WrapperLayer):
     """A trained DepthwiseConv2D or SeparableConv2D made dense (shared weights): the depthwise part as
     multi-convolution (all shifts when strided), then the pointwise part, bias and activation."""
     wrapped = "layer"
-    shifts = True  # False: an ordinary strided convolution (CI's output_stride skips the unused shifts)
-    #: True (CI sets it on its last strided layer where only per-pixel layers follow): stride 1, the shifts left in
-    #: place rather than stacked on the batch axis (not in naive mode)
-    shifts_in_place = False
 
     def __init__(self, layer, naive: bool = False, **kwargs):
         super().__init__(**kwargs)
