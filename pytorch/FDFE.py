@@ -1882,6 +1882,9 @@ class _Param:
     def __init__(self, name, shape, view=None):
         self.name, self.shape, self.view = name, tuple(shape), view
 
+    def with_view(self, view):
+        return _Param(self.name, self.shape, view)
+
 
 class _Const:
     """Placeholder for a constant tensor created inside Cp's forward (stored as a buffer of CI)."""
@@ -1889,6 +1892,26 @@ class _Const:
 
     def __init__(self, index, shape, view=None):
         self.index, self.shape, self.view = index, tuple(shape), view
+
+    def with_view(self, view):
+        return _Const(self.index, self.shape, view)
+
+
+class _Derived:
+    """Placeholder for a tensor that Cp's forward computes from its parameters or buffers alone (``self.g.exp()``,
+    ``self.gamma.view(1, -1, 1, 1)``, a parametrized weight): the ``leaf``-th tensor of expression ``index``,
+    computed again from the current parameters at run time (so training and ``load_state_dict`` reach it)."""
+    __slots__ = ("index", "leaf", "shape", "view")
+
+    def __init__(self, index, leaf, shape, view=None):
+        self.index, self.leaf, self.shape, self.view = index, leaf, tuple(shape), view
+
+    def with_view(self, view):
+        return _Derived(self.index, self.leaf, self.shape, view)
+
+
+#: the placeholders of tensors that are not activations, resolved by ``DenseFeatureNet._resolve``
+_OPERANDS = (_Param, _Const, _Derived)
 
 
 def _map_structure(obj, fn):
@@ -1971,6 +1994,8 @@ class _Tracer(TorchFunctionMode):
         self.names = {id(t): n for n, t in base_net.named_parameters(remove_duplicate=False)}
         self.names.update({id(t): n for n, t in base_net.named_buffers(remove_duplicate=False)})
         self.constants: List[torch.Tensor] = []
+        self.derived = {}                       # id of a tensor computed from parameters alone -> _Derived
+        self.expressions = []                   # (func, args, kwargs) of each such computation
         self.nodes: List[_Node] = []
         self.stack = [type(base_net).__name__ + ".forward"]
         self.hooks = []
@@ -1999,8 +2024,29 @@ class _Tracer(TorchFunctionMode):
             return _Ref(self.slot_of[id(value)])
         if id(value) in self.names:
             return _Param(self.names[id(value)], value.shape)
+        if id(value) in self.derived:
+            return self.derived[id(value)]
         self.constants.append(value.detach().clone())
         return _Const(len(self.constants) - 1, value.shape)
+
+    def _record_derived(self, func, args, kwargs, out):
+        """Record a computation from Cp's parameters or buffers alone (no activation) as an expression that CI
+        evaluates again at run time, rather than a constant that would keep the values of conversion time."""
+        inputs = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if not any(id(t) in self.names or id(t) in self.derived for t in inputs):
+            return
+        outputs = [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
+        if not outputs:  # metadata (.shape, .size()) or a Python value
+            return
+        for t in outputs:
+            if id(t) in self.names:
+                raise ConversionError(
+                    f"{self.stack[-1]}: {_func_name(func)} changes the parameter or buffer "
+                    f"{self.names[id(t)]!r} of Cp in place during its forward; CI cannot repeat that")
+        self.expressions.append((func, _map_structure(args, self._template), _map_structure(kwargs, self._template)))
+        for leaf, t in enumerate(outputs):
+            self.derived[id(t)] = _Derived(len(self.expressions) - 1, leaf, t.shape)
+            self.alive.append(t)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -2008,6 +2054,7 @@ class _Tracer(TorchFunctionMode):
         in_slots = [self.slot_of[id(t)] for t in _leaves((args, kwargs))
                     if isinstance(t, torch.Tensor) and id(t) in self.slot_of]
         if not in_slots:
+            self._record_derived(func, args, kwargs, out)
             return out
         where = self.stack[-1]
         out_tensors = [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
@@ -2092,7 +2139,7 @@ class _CallStep(_Step):
         def sub(v):
             if isinstance(v, _Ref):
                 return env[v.slot]
-            if isinstance(v, (_Param, _Const)):
+            if isinstance(v, _OPERANDS):
                 return net._resolve(v)
             return v
         args, kwargs = _map_structure(self.args, sub), _map_structure(self.kwargs, sub)
@@ -2240,7 +2287,7 @@ def _channel_dim(geom, dim, node):
 
 def _constant_for(geom, value, node):
     """Reshape a constant operand so that it broadcasts per pixel on the dense tensor."""
-    if not isinstance(value, (torch.Tensor, _Param, _Const)):
+    if not isinstance(value, (torch.Tensor,) + _OPERANDS):
         return value
     shape = tuple(value.shape)
     if _prod(shape) == 1 and len(shape) <= (4 if geom.kind == MAP else 2):
@@ -2253,11 +2300,7 @@ def _constant_for(geom, value, node):
                         f"({geom.describe()}), so overlapping patches cannot share work")
     if geom.kind == VECTOR and geom.size == (1, 1) and len(shape) <= 2 and (len(shape) < 2 or shape[0] == 1):
         view = (1, shape[-1], 1, 1)
-        if isinstance(value, _Const):
-            return _Const(value.index, value.shape, view)
-        if isinstance(value, _Param):
-            return _Param(value.name, value.shape, view)
-        return value.reshape(view)
+        return value.reshape(view) if isinstance(value, torch.Tensor) else value.with_view(view)
     raise node.fail(f"a constant of shape {shape} differs across the entries of {geom.describe()}")
 
 
@@ -2349,8 +2392,8 @@ def _rule_conv2d(node, geoms):
     _require_map(node, geom)
     if _padding_of(p["padding"]):
         raise node.fail(f"it pads its input (padding={p['padding']!r}); {_PADDING_REASON}")
-    if not isinstance(p["weight"], _Param):
-        raise node.fail("its weight is not a parameter of Cp")
+    if not isinstance(p["weight"], (_Param, _Derived)):
+        raise node.fail("its weight is not a parameter of Cp (nor computed from its parameters)")
     stride, dil = _pair(p["stride"], "stride"), _pair(p["dilation"], "dilation")
     out = node.out_shapes[0]
     return (_ConvStep(node, p["weight"], p["bias"], stride, dil, int(p["groups"])),
@@ -2365,8 +2408,8 @@ def _rule_linear(node, geoms):
     if geom.kind != VECTOR:
         raise node.fail(f"it is applied to {geom.describe()} and so mixes values along the width axis; "
                         f"flatten the map first")
-    if not isinstance(p["weight"], _Param):
-        raise node.fail("its weight is not a parameter of Cp")
+    if not isinstance(p["weight"], (_Param, _Derived)):
+        raise node.fail("its weight is not a parameter of Cp (nor computed from its parameters)")
     c, (h, w) = geom.channels, geom.size
     out = node.out_shapes[0][-1]
     step = _ConvStep(node, p["weight"], p["bias"], (1, 1), (1, 1), 1, weight_shape=(out, c, h, w),
@@ -2768,7 +2811,8 @@ class DenseFeatureNet(nn.Module):
 
     def __init__(self, base_net, patch_size, in_channels, out_channels, steps, output_slot, strides,
                  constants, plan, naive=False, tile="auto", memory_format=torch.channels_last, progress=None,
-                 max_memory=None, memory_guard=True, grid_multiple=None, border="zeros", output_stride=1):
+                 max_memory=None, memory_guard=True, grid_multiple=None, border="zeros", output_stride=1,
+                 expressions=()):
         super().__init__()
         self.base_net = base_net
         self.patch_size = _pair(patch_size, "patch_size")
@@ -2782,6 +2826,7 @@ class DenseFeatureNet(nn.Module):
         for i, c in enumerate(constants):
             self.register_buffer(f"constant_{i}", c)
         self.n_constants = len(constants)
+        self.expressions = list(expressions)  # what _Derived placeholders compute from Cp's parameters
         self.naive = naive
         self.tile = tile
         self.memory_format = memory_format
@@ -2792,11 +2837,20 @@ class DenseFeatureNet(nn.Module):
         self.output_stride = output_stride
 
     def _resolve(self, ref):
+        """The tensor of a placeholder: Cp's parameter or buffer, a constant of Cp's forward, or a value computed
+        from Cp's parameters (evaluated now, from their current values, so that gradients reach them)."""
         if isinstance(ref, _Param):
             try:
                 t = self.base_net.get_parameter(ref.name)
             except AttributeError:
                 t = self.base_net.get_buffer(ref.name)
+        elif isinstance(ref, _Derived):
+            func, args, kwargs = self.expressions[ref.index]
+
+            def sub(v):
+                return self._resolve(v) if isinstance(v, _OPERANDS) else v
+            out = func(*_map_structure(args, sub), **_map_structure(kwargs, sub))
+            t = [leaf for leaf in _leaves(out) if isinstance(leaf, torch.Tensor)][ref.leaf]
         else:
             t = getattr(self, f"constant_{ref.index}")
         return t if ref.view is None else t.reshape(ref.view)
@@ -3241,7 +3295,8 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
     net = DenseFeatureNet(base_net, (ph, pw), in_channels, out_channels, steps, out_slot, list(geom.strides),
                           tracer.constants, plan, naive=naive, tile=tile, memory_format=memory_format,
                           progress=progress, max_memory=max_memory, memory_guard=memory_guard,
-                          grid_multiple=_grid_multiple(geoms.values()), border=border, output_stride=output_stride)
+                          grid_multiple=_grid_multiple(geoms.values()), border=border, output_stride=output_stride,
+                          expressions=tracer.expressions)
     if check and _example_kind(base_net)[1].type != "meta":  # a meta Cp has no values to compare
         _self_check(net, base_net)
     return net

@@ -97,6 +97,12 @@ def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):
                    forward=branchy)
     _torch_refusal(tb, [nn.Conv2d(1, 2, 3)], 5, r"not a single vector.*\(2, 2, 3, 3\)")
 
+    def grows_its_bias(self, x):  # a forward that changes its own parameter: CI would repeat it at every call
+        self.layers[0].bias.add_(1.0)
+        return self.layers[0](x).flatten(1)
+    _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"Tensor\.add_ changes the parameter or buffer 'layers\.0\.bias'",
+                   forward=grows_its_bias)
+
 
 # --- refusals of convert(): Keras ----------------------------------------------------------------------
 

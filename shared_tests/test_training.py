@@ -339,3 +339,80 @@ def test_keras_subclassed_models_that_cast(kb):
         ci = kb.FDFE.convert(net, 6, in_channels=1)
         images = tf.constant(netspec.random_images(2, 1, 11, 9), dtype)
         assert max_rel_error(ci(images), kb.FDFE.dense_reference(net, images, 6)) <= TOL["float32"]
+
+
+# --- parameters transformed inside Cp's forward -----------------------------------------------
+
+def test_torch_parameters_transformed_in_forward_follow_their_parameters(tb):
+    """Values that Cp's forward computes from its parameters alone (a per-channel scale through exp and
+    view, a weight-normalised convolution) are computed again from the current parameters at every call:
+    CI stays equal to Cp after the parameters change, and the gradients reach them (float64, against Cp
+    on every patch)."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torch.nn.utils import parametrizations
+
+    class Cp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = parametrizations.weight_norm(nn.Conv2d(2, 4, 3))
+            self.conv2 = nn.Conv2d(4, 3, 2)
+            self.log_scale = nn.Parameter(torch.linspace(-0.5, 0.5, 3))
+
+        def forward(self, x):
+            y = F.max_pool2d(torch.tanh(self.conv1(x)), 2)
+            return (self.conv2(y) * self.log_scale.exp().view(1, -1, 1, 1)).mean((2, 3))
+
+    torch.manual_seed(0)
+    cp = Cp().double()
+    ci = tb.FDFE.convert(cp, (8, 7))
+    images = torch.from_numpy(netspec.random_images(2, 2, 9, 11, 3).transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        cp.log_scale.add_(0.7)
+        cp.conv1.parametrizations.weight.original0.mul_(-1.5)
+        cp.conv2.weight.mul_(2.0)
+    out = ci(images)
+    ref = tb.FDFE.dense_reference(cp, images, (8, 7), differentiable=True)
+    assert max_rel_error(out.detach(), ref.detach()) <= TOL["float64"]
+    params = [cp.log_scale, cp.conv1.parametrizations.weight.original0, cp.conv1.parametrizations.weight.original1]
+    weights = torch.from_numpy(np.random.default_rng(5).standard_normal(tuple(out.shape)))
+    got = torch.autograd.grad((out * weights).sum(), params)
+    expected = torch.autograd.grad((ref * weights).sum(), params)
+    for g, e in zip(got, expected):
+        assert float(e.abs().max()) > 0
+        assert max_rel_error(g.reshape(e.shape), e) <= TOL["float64"]
+
+
+def test_keras_parameters_transformed_in_call_follow_their_parameters(kb):
+    """The Keras twin: a layer whose call scales by exp(its weight); assigning the weight reaches CI, and the
+    gradients reach the weight (float64, against Cp on every patch)."""
+    import keras
+    import tensorflow as tf
+
+    class ExpScale(keras.layers.Layer):
+        def build(self, input_shape):
+            self.log_scale = self.add_weight(shape=(input_shape[-1],), initializer="zeros", dtype="float64")
+
+        def call(self, x):
+            return x * keras.ops.exp(self.log_scale)
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    cp = keras.Sequential([keras.Input((8, 7, 2), dtype="float64"), layers.Conv2D(4, 3, dtype="float64"),
+                           layers.Activation("tanh", dtype="float64"), layers.MaxPooling2D(2, dtype="float64"),
+                           layers.Conv2D(3, 2, dtype="float64"), ExpScale(dtype="float64"),
+                           layers.GlobalAveragePooling2D(dtype="float64")])
+    ci = kb.FDFE.convert(cp, (8, 7))
+    images = tf.constant(netspec.random_images(2, 2, 9, 11, 3))
+    scale = cp.layers[4].log_scale
+    scale.assign(np.linspace(0.2, 1.2, 3))
+    weights = tf.constant(np.random.default_rng(5).standard_normal((2, 9, 11, 3)))
+    with tf.GradientTape(persistent=True) as tape:
+        out = ci(images)
+        ref = kb.FDFE.dense_reference(cp, images, (8, 7), differentiable=True)
+        loss_ci, loss_ref = tf.reduce_sum(out * weights), tf.reduce_sum(ref * weights)
+    assert max_rel_error(out.numpy(), ref.numpy()) <= TOL["float64"]
+    got, expected = tape.gradient(loss_ci, scale).numpy(), tape.gradient(loss_ref, scale).numpy()
+    assert np.abs(expected).max() > 0
+    assert max_rel_error(got, expected) <= TOL["float64"]
