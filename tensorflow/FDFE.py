@@ -3612,7 +3612,8 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
         channels[out_slot] = max(channels[out_slot], out_channels)
     core = keras.Model(images, stacked, name=f"{base_net.name}_dense_core")
     chain = all(g.strides == geom.strides[:len(g.strides)] for g in geoms.values())
-    tail = _dense_tail(tracer.calls, geoms) if chain else None
+    # the output's unfolding (_FlattenOutput) reads neighbouring positions: no shifts may stay in place before it
+    tail = _dense_tail(tracer.calls, geoms) if chain and geom.size == (1, 1) else None
     # DenseFeatureModel marks the last of the core's strided layers: it must be the tail's own layer
     tail = tail is not None and _strided_layers(core)[-1:] == [values[tail]._keras_history.operation]
     depth_of = {id(values[s]._keras_history.operation): len(geoms[s].strides)
