@@ -946,7 +946,9 @@ def patch_outputs(base_net: nn.Module, images: torch.Tensor, patch_size, positio
             n = chunk[:, 0, None, None]
             yy = (chunk[:, 1, None] + rows)[:, :, None]
             xx = (chunk[:, 2, None] + cols)[:, None, :]
-            patches = padded[n, :, yy, xx].permute(0, 3, 1, 2).contiguous()  # (B, C, pH, pW)
+            # (B, C, pH, pW) in contiguous memory, also for C = 1 (where .contiguous() would keep the gather's
+            # strides, and Cp's x.view(B, -1) after a convolution would fail)
+            patches = padded[n, :, yy, xx].permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
             outputs.append(_output_vectors(base_net(patches), len(chunk)))
             if bar is not None:
                 bar.update(1)

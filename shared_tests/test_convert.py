@@ -166,8 +166,10 @@ def _torch_check(tb, net, patch, channels, size=(9, 11), batch=2):
     return out
 
 
-def test_torch_functional_forward_with_checks_reuse_and_views(tb):
-    """Shape checks, a module used twice, functional calls, x.view(x.size(0), -1), F.normalize."""
+@pytest.mark.parametrize("channels", [2, 1])
+def test_torch_functional_forward_with_checks_reuse_and_views(tb, channels):
+    """Shape checks, a module used twice, functional calls, x.view(x.size(0), -1), F.normalize; grey patches too
+    (whose view once failed in Cp on the reference's patches, for their channels-last strides)."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -175,7 +177,7 @@ def test_torch_functional_forward_with_checks_reuse_and_views(tb):
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv1 = nn.Conv2d(2, 6, 3)
+            self.conv1 = nn.Conv2d(channels, 6, 3)
             self.shared = nn.Conv2d(6, 6, 1)
             self.conv2 = nn.Conv2d(6, 8, 2, stride=2)
             self.fc1 = nn.Linear(8 * 3 * 3, 7)
@@ -183,8 +185,8 @@ def test_torch_functional_forward_with_checks_reuse_and_views(tb):
             self.scale = nn.Parameter(torch.rand(7) + 0.5)
 
         def forward(self, x):
-            if x.dim() != 4 or x.shape[1] != 2:
-                raise ValueError("expected (B, 2, H, W)")
+            if x.dim() != 4 or x.shape[1] != channels:
+                raise ValueError(f"expected (B, {channels}, H, W)")
             x = F.relu(self.conv1(x))
             x = torch.tanh(self.shared(x))
             x = self.shared(x) + x                       # reused module, residual on the same grid
@@ -193,7 +195,7 @@ def test_torch_functional_forward_with_checks_reuse_and_views(tb):
             x = x.view(x.size(0), -1)
             x = F.leaky_relu(self.fc1(x), 0.2) * self.scale + 1.0
             return F.normalize(self.fc2(x), dim=1)
-    _torch_check(tb, Net(), (10, 11), 2)
+    _torch_check(tb, Net(), (10, 11), channels)
 
 
 def test_torch_squeeze_mean_adaptive_and_flatten_output(tb):
