@@ -276,6 +276,41 @@ def _keras_check(kb, net, patch, channels, size=(9, 10), batch=2):
     return out
 
 
+def test_normalisation_and_prelu_after_a_dense_head(tb, kb, tmp_path):
+    """Batch normalisation and PReLU built for (B, K) vectors, after a Dense / Linear head, act on the vector of
+    every position (Keras once failed on their 2-D input spec); trained statistics and slopes, and the
+    Keras CI saves and loads."""
+    import keras
+    import tensorflow as tf
+    import torch
+    import torch.nn as nn
+    rng = np.random.default_rng(3)
+    torch_net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 5), nn.BatchNorm1d(5),
+                              nn.PReLU(5), nn.Linear(5, 4), nn.PReLU())
+    with torch.no_grad():
+        bn = torch_net[4]
+        bn.running_mean.copy_(torch.from_numpy(rng.standard_normal(5)))
+        bn.running_var.copy_(torch.from_numpy(rng.uniform(0.5, 2.0, 5)))
+        bn.weight.copy_(torch.from_numpy(rng.uniform(0.5, 2.0, 5)))
+        bn.bias.copy_(torch.from_numpy(rng.standard_normal(5)))
+        torch_net[5].weight.copy_(torch.from_numpy(rng.uniform(0.1, 0.5, 5)))
+    _torch_check(tb, torch_net, 6, 2)
+    layers = keras.layers
+    net = keras.Sequential([keras.Input((6, 6, 2)), layers.Conv2D(3, 3), layers.MaxPooling2D(2), layers.Flatten(),
+                            layers.Dense(5), layers.BatchNormalization(), layers.PReLU(), layers.Dense(4),
+                            layers.PReLU()])
+    bn = net.layers[4]
+    for variable, values in [(bn.moving_mean, rng.standard_normal(5)), (bn.moving_variance, rng.uniform(0.5, 2.0, 5)),
+                             (bn.gamma, rng.uniform(0.5, 2.0, 5)), (bn.beta, rng.standard_normal(5)),
+                             (net.layers[5].alpha, rng.uniform(0.1, 0.5, 5))]:
+        variable.assign(values.astype("float32"))
+    out = _keras_check(kb, net, 6, 2)
+    ci = kb.FDFE.convert(net, 6)
+    ci.save(str(tmp_path / "ci.keras"))
+    images = tf.constant(netspec.random_images(2, 2, 9, 10, seed=9), dtype=tf.float32)
+    np.testing.assert_array_equal(keras.models.load_model(str(tmp_path / "ci.keras"))(images).numpy(), out.numpy())
+
+
 def test_keras_functional_model_with_merge(kb):
     import keras
     L = keras.layers

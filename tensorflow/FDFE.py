@@ -2327,6 +2327,29 @@ class DenseAsConv(_WrapperLayer):
 
 
 @_register
+class _OnPixelVectors(_WrapperLayer):
+    """A trained layer built for (B, C) vectors (BatchNormalization or PReLU after a Dense head) applied to the
+    vector of every position: CI's (B, H, W, C) values are read as (B * H * W, C) rows and put back.
+
+    Shape:
+        (B, H, W, C) -> (B, H, W, C).
+    """
+    wrapped = "layer"
+
+    def __init__(self, layer, **kwargs):
+        super().__init__(**kwargs)
+        self.layer = layer
+
+    def call(self, x):
+        shape = tf.shape(x)
+        rows = self.layer(tf.reshape(x, [-1, x.shape[-1]]), training=False)
+        return tf.reshape(rows, shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@_register
 class _FlattenOutput(_Layer):
     """Cp returns a flattened (h, w, C) map: gather its h*w shifts into channels (H, W, C order)."""
 
@@ -2551,6 +2574,8 @@ def _rule_channelwise(call, geoms):
     if hasattr(layer, "axis"):
         _check_channel_axis(call, layer.axis, len(call.in_shapes[0]))
     _per_pixel_ok(call, geom)
+    if len(call.in_shapes[0]) == 2:  # built for (B, C) vectors, which accept no (B, H, W, C) values
+        return (lambda xs: [_OnPixelVectors(layer)(xs[0])]), [geom]
     return _reuse(layer), [geom]
 
 
