@@ -2306,11 +2306,16 @@ def _constant_for(geom, value, node):
     raise node.fail(f"a constant of shape {shape} differs across the entries of {geom.describe()}")
 
 
-def _check_same_shape(node):
+def _check_same_shape(node, channels_may_broadcast=False):
+    """The output has the shape of every activation the op reads; with ``channels_may_broadcast``, an input
+    of one channel may stand against C (the same value for every channel of a pixel is still per pixel)."""
     for shape in node.out_shapes:
-        if shape != node.in_shapes[0]:
-            raise node.fail(f"its output {shape} does not have the shape of its input {node.in_shapes[0]} "
-                            f"(broadcasting an activation over the patch is not per-pixel)")
+        for in_shape in node.in_shapes:
+            broadcast = channels_may_broadcast and len(shape) > 1 and len(in_shape) == len(shape) \
+                and in_shape[1] == 1 and in_shape[:1] + in_shape[2:] == shape[:1] + shape[2:]
+            if shape != in_shape and not broadcast:
+                raise node.fail(f"its output {shape} does not have the shape of its input {in_shape} "
+                                f"(broadcasting an activation over the patch is not per-pixel)")
 
 
 def _padding_of(p):
@@ -2337,7 +2342,9 @@ def _rule_elementwise(node, geoms):
     geom, unwarps = _merge_grids(node, geoms)
     args = _map_structure(node.args, lambda v: _constant_for(geom, v, node))
     kwargs = _map_structure(node.kwargs, lambda v: _constant_for(geom, v, node))
-    _check_same_shape(node)
+    _check_same_shape(node, channels_may_broadcast=all(g.kind == MAP or g.is_pixel_vector for g in geoms))
+    if node.in_shapes[0] != node.out_shapes[0]:  # a one-channel value first (g * x): C channels out
+        geom = geom.with_(channels=node.out_shapes[0][1])
     return _aligned(_CallStep(node, args=args, kwargs=kwargs), unwarps), [geom] * len(node.out_slots)
 
 

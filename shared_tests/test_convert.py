@@ -276,6 +276,33 @@ def _keras_check(kb, net, patch, channels, size=(9, 10), batch=2):
     return out
 
 
+def test_one_channel_values_against_many_on_either_side(tb, kb):
+    """A one-channel value (a gate or a norm per pixel) combined with a C-channel map is per pixel whichever
+    operand comes first (PyTorch once refused g * x while accepting x * g)."""
+    import keras
+    import torch
+    import torch.nn as nn
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 3, 2, stride=2)
+
+        def forward(self, x):
+            x = self.conv1(x)
+            gate = torch.sigmoid(x.mean(dim=1, keepdim=True))
+            x = gate * x - x * gate.square() + torch.linalg.vector_norm(x, dim=1, keepdim=True) / (1.0 + x.abs())
+            return self.conv2(x).amax((2, 3))
+    _torch_check(tb, Gated(), 6, 2)
+
+    inp = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(4, 3)(inp)
+    gate = keras.layers.Lambda(lambda t: keras.ops.sigmoid(keras.ops.mean(t, axis=-1, keepdims=True)))(x)
+    x = keras.layers.Lambda(lambda ts: ts[1] * ts[0] - ts[0] * keras.ops.square(ts[1]))([x, gate])
+    out = keras.layers.GlobalMaxPooling2D()(keras.layers.Conv2D(3, 2, strides=2)(x))
+    _keras_check(kb, keras.Model(inp, out), 6, 2)
+
+
 def test_normalisation_and_prelu_after_a_dense_head(tb, kb, tmp_path):
     """Batch normalisation and PReLU built for (B, K) vectors, after a Dense / Linear head, act on the vector of
     every position (Keras once failed on their 2-D input spec); trained statistics and slopes, and the
