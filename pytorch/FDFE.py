@@ -1601,7 +1601,7 @@ class multiConv(nn.Module):
         super().__init__()
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"multiConv needs a trained nn.Conv2d, got {type(conv).__name__}")
-        if conv.padding_mode != "zeros" or any(p != 0 for p in _padding_values(conv.padding)):
+        if conv.padding_mode != "zeros" or _padding_of(conv.padding, conv.kernel_size):
             raise ConversionError(f"multiConv: the convolution pads its input (padding={conv.padding}); "
                                   f"{_PADDING_REASON}")
         self.conv = conv
@@ -2065,6 +2065,11 @@ class _Tracer(TorchFunctionMode):
             attr = getattr(getattr(func, "__self__", None), "__name__", None) if is_getter else None
             if func in _METADATA_METHODS or attr in _METADATA_ATTRS:
                 return out
+            if func is torch.Tensor.__setitem__:
+                raise ConversionError(
+                    f"{where}: Tensor.__setitem__ writes into an activation in place (x[...] = value), which CI "
+                    f"cannot follow; compute it out of place (torch.where with a mask, torch.cat of the parts, or "
+                    f"a multiplication by a mask)")
             raise ConversionError(
                 f"{where}: {_func_name(func)} reads the values of an activation (data-dependent "
                 f"control flow or a Python number computed from the patch); CI cannot reproduce that")
@@ -2318,7 +2323,10 @@ def _check_same_shape(node, channels_may_broadcast=False):
                                 f"(broadcasting an activation over the patch is not per-pixel)")
 
 
-def _padding_of(p):
+def _padding_of(p, kernel=None):
+    """Whether ``padding`` pads: "same" pads nothing for a 1x1 ``kernel``."""
+    if p == "same" and kernel is not None and tuple(kernel) == (1, 1):
+        return False
     return any(v != 0 for v in _padding_values(p))
 
 
@@ -2334,8 +2342,11 @@ def _padding_of(p):
             "float", "double", "half", "bfloat16", "to", "type_as", "sin", "cos", "atan", "floor", "ceil",
             "round", "trunc", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__",
             "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__div__",
-            "__pow__", "__rpow__", "__neg__", "__abs__", "rsub"],
-           "element-wise functions, arithmetic and casts (applied per pixel)")
+            "__pow__", "__rpow__", "__neg__", "__abs__", "rsub", "gt", "lt", "ge", "le", "eq", "ne", "greater",
+            "less", "greater_equal", "less_equal", "not_equal", "__gt__", "__lt__", "__ge__", "__le__", "__eq__",
+            "__ne__", "logical_and", "logical_or", "logical_xor", "logical_not", "__and__", "__or__", "__xor__",
+            "__invert__", "isnan", "isinf", "isfinite", "nan_to_num"],
+           "element-wise functions, arithmetic, comparisons and casts (applied per pixel)")
 def _rule_elementwise(node, geoms):
     """Element-wise functions (activations, arithmetic, casts): applied unchanged (values of streams
     that pooled differently are unwarped first, see _merge_grids)."""
@@ -2399,10 +2410,10 @@ def _rule_conv2d(node, geoms):
                   {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
     geom = geoms[0]
     _require_map(node, geom)
-    if _padding_of(p["padding"]):
-        raise node.fail(f"it pads its input (padding={p['padding']!r}); {_PADDING_REASON}")
     if not isinstance(p["weight"], (_Param, _Derived)):
         raise node.fail("its weight is not a parameter of Cp (nor computed from its parameters)")
+    if _padding_of(p["padding"], p["weight"].shape[-2:]):
+        raise node.fail(f"it pads its input (padding={p['padding']!r}); {_PADDING_REASON}")
     stride, dil = _pair(p["stride"], "stride"), _pair(p["dilation"], "dilation")
     out = node.out_shapes[0]
     return (_ConvStep(node, p["weight"], p["bias"], stride, dil, int(p["groups"])),
@@ -2532,7 +2543,8 @@ def _make_reduce_rule(kind):
         if not keepdim and geom.kind == MAP:
             raise node.fail("a channel reduction without keepdim=True turns the map into (N, h, w)")
         first = p.pop(names[0])
-        return _CallStep(node, args=(first,), kwargs=dict(p, dim=1, keepdim=True)), [geom.with_(channels=1)]
+        return (_CallStep(node, args=(first,), kwargs=dict(p, dim=1, keepdim=True)),
+                [geom.with_(channels=1)] * len(node.out_slots))  # (values, indices) of torch.max(x, dim)
     return rule
 
 
@@ -2558,6 +2570,17 @@ _rule_for(["mean"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule("avg
 _rule_for(["amax"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule("max"))
 _rule_for(["sum", "amin", "norm", "logsumexp"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule(None))
 _register_rule(_make_reduce_rule(None), [torch.linalg.vector_norm], ["linalg.vector_norm"], _REDUCE_LABEL)
+
+
+@_rule_for(["max", "min", "argmax", "argmin"], "maxima and minima: of two values (element-wise), over channels "
+           "(values and indices, per pixel)", (torch, torch.Tensor))
+def _rule_max_min(node, geoms):
+    """``torch.max(x, y)`` / ``min``: element-wise; ``torch.max(x, dim=1, keepdim=True)``, ``argmax``: over the
+    channels of each pixel (values and indices); over positions of the patch or the whole tensor: refused."""
+    p = node.bind(["input", "dim", "keepdim"], {"dim": None})
+    if isinstance(p.get("other", p.get("dim")), (torch.Tensor, _Ref) + _OPERANDS):
+        return _rule_elementwise(node, geoms)
+    return _make_reduce_rule(None)(node, geoms)
 
 
 def _make_channel_rule(dim_name, position, default):

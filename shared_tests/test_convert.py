@@ -303,6 +303,36 @@ def test_one_channel_values_against_many_on_either_side(tb, kb):
     _keras_check(kb, keras.Model(inp, out), 6, 2)
 
 
+def test_comparisons_channel_maxima_and_same_padding_of_one_by_one_kernels(tb, kb):
+    """Comparisons feeding torch.where, torch.max / min over channels (values and indices) and of two values,
+    argmax, and padding="same" on 1x1 kernels (which pads nothing: Keras too) are per pixel."""
+    import keras
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(2, 4, 1, padding="same")
+            self.conv2 = nn.Conv2d(4, 4, 3)
+            self.conv3 = nn.Conv2d(6, 3, 2, stride=2)
+
+        def forward(self, x):
+            x = self.conv2(self.conv1(x))
+            x = torch.where((x > 0) & ~(x >= 2.0), x, 0.1 * x)
+            top, index = torch.max(x, dim=1, keepdim=True)
+            low = x.min(1, keepdim=True).values
+            y = torch.cat([x - top, torch.maximum(low, torch.min(x, -x)).sum(1, keepdim=True),
+                           index.to(x.dtype) + x.argmin(1, keepdim=True)], 1)
+            return self.conv3(y).amax((2, 3))
+    _torch_check(tb, Net(), 6, 2)
+    layers = keras.layers
+    net = keras.Sequential([keras.Input((6, 6, 2)), layers.Conv2D(4, 1, padding="same"),
+                            layers.Conv2D(3, 1, strides=2, padding="same", activation="tanh"),
+                            layers.DepthwiseConv2D(2, padding="valid"), layers.Flatten()])
+    _keras_check(kb, net, 6, 2)
+
+
 def test_normalisation_and_prelu_after_a_dense_head(tb, kb, tmp_path):
     """Batch normalisation and PReLU built for (B, K) vectors, after a Dense / Linear head, act on the vector of
     every position (Keras once failed on their 2-D input spec); trained statistics and slopes, and the

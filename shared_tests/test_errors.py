@@ -97,6 +97,13 @@ def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):
                    forward=branchy)
     _torch_refusal(tb, [nn.Conv2d(1, 2, 3)], 5, r"not a single vector.*\(2, 2, 3, 3\)")
 
+    def writes_a_slice(self, x):
+        y = self.layers[0](x)
+        y[:, :1] = 0.0
+        return y.flatten(1)
+    _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"Tensor\.__setitem__ writes into an activation in place.*torch\.where",
+                   forward=writes_a_slice)
+
     def grows_its_bias(self, x):  # a forward that changes its own parameter: CI would repeat it at every call
         self.layers[0].bias.add_(1.0)
         return self.layers[0](x).flatten(1)

@@ -1449,6 +1449,11 @@ class _WrapperLayer(_Layer):
         return cls(inner, **config)
 
 
+def _pads(conv) -> bool:
+    """Whether a convolution layer pads its input: padding="same" pads nothing for a 1x1 kernel."""
+    return conv.padding != "valid" and not (conv.padding == "same" and tuple(conv.kernel_size) == (1, 1))
+
+
 @_register
 class multiConv(_ShiftOptions, _WrapperLayer):
     """A trained strided Conv2D made dense.  Reuses (shares) the layer's weights and activation.
@@ -1472,7 +1477,7 @@ class multiConv(_ShiftOptions, _WrapperLayer):
         super().__init__(**kwargs)
         if not isinstance(conv, keras.layers.Conv2D):
             raise TypeError(f"multiConv needs a trained keras.layers.Conv2D, got {type(conv).__name__}")
-        if conv.padding != "valid":
+        if _pads(conv):
             raise ConversionError(f"multiConv: the convolution pads its input (padding={conv.padding!r}); "
                                   f"{_PADDING_REASON}")
         self.conv = conv
@@ -2645,7 +2650,7 @@ def _make_conv_rule(dense_layer):
         geom = geoms[0]
         layer = call.layer
         _require_map(call, geom)
-        if layer.padding != "valid":
+        if _pads(layer):
             raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
         _require_channels_last(call)
         stride = tuple(layer.strides)
