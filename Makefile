@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/deploy.py --out bench/RESULTS_deploy.md
 	$(PY) bench/bfloat16.py --out bench/RESULTS_bfloat16.md
 	$(PY) bench/memory_budget.py --out bench/RESULTS_memory.md
+	$(PY) bench/allocator.py --out bench/RESULTS_allocator.md
 
 weights: $(STAMP)
 	$(PY) weights/make_weights.py
