@@ -2040,13 +2040,18 @@ class _Tracer(TorchFunctionMode):
         outputs = [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
         if not outputs:  # metadata (.shape, .size()) or a Python value
             return
+        name = getattr(func, "__name__", "")
+        in_place = (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") \
+            or func is torch.Tensor.__setitem__
+        if not in_place and all(id(t) in self.names or id(t) in self.derived for t in outputs):
+            return  # it returned its input (.to() of the same dtype and device, .contiguous(), ...): nothing new
         for t in outputs:
             if id(t) in self.names:
                 raise ConversionError(
                     f"{self.stack[-1]}: {_func_name(func)} changes the parameter or buffer "
                     f"{self.names[id(t)]!r} of Cp in place during its forward; CI cannot repeat that")
         self.expressions.append((func, _map_structure(args, self._template), _map_structure(kwargs, self._template)))
-        for leaf, t in enumerate(outputs):
+        for leaf, t in enumerate(outputs):  # (an in-place op on such a value: the new expression replaces it)
             self.derived[id(t)] = _Derived(len(self.expressions) - 1, leaf, t.shape)
             self.alive.append(t)
 

@@ -344,8 +344,9 @@ def test_keras_subclassed_models_that_cast(kb):
 # --- parameters transformed inside Cp's forward -----------------------------------------------
 
 def test_torch_parameters_transformed_in_forward_follow_their_parameters(tb):
-    """Values that Cp's forward computes from its parameters alone (a per-channel scale through exp and
-    view, a weight-normalised convolution) are computed again from the current parameters at every call:
+    """Values that Cp's forward computes from its parameters alone (a per-channel scale through casts that change
+    nothing, exp, an in-place op and a view; a weight-normalised convolution) are computed again from the
+    current parameters at every call:
     CI stays equal to Cp after the parameters change, and the gradients reach them (float64, against Cp
     on every patch)."""
     import torch
@@ -362,7 +363,9 @@ def test_torch_parameters_transformed_in_forward_follow_their_parameters(tb):
 
         def forward(self, x):
             y = F.max_pool2d(torch.tanh(self.conv1(x)), 2)
-            return (self.conv2(y) * self.log_scale.exp().view(1, -1, 1, 1)).mean((2, 3))
+            scale = self.log_scale.to(y.dtype).to(y.device).contiguous().exp() * 0.5  # casts that change nothing
+            scale.add_(0.25)  # an in-place op on a value computed from a parameter
+            return (self.conv2(y) * scale.view(1, -1, 1, 1)).mean((2, 3))
 
     torch.manual_seed(0)
     cp = Cp().double()
