@@ -485,6 +485,13 @@ def _memory_estimate(image_size, batch, in_channels, out_channels, patch, stride
     return int((fixed + work) * itemsize)
 
 
+def _size_text(n_bytes) -> str:
+    """A byte count for messages, in three significant digits (KiB under 1 MiB), so that a need and a
+    budget that differ never print alike: 56956 -> '55.6 KiB', 2.3e9 -> '2193 MiB'."""
+    value, unit = (n_bytes / 2**20, "MiB") if n_bytes >= 2**20 else (n_bytes / 2**10, "KiB")
+    return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
+
+
 def _tile_for_memory(budget, estimate, image_size, stride_product, patch=(1, 1)):
     """The tile (multiple of the stride product) whose tiling fits the budget with the least work.
 
@@ -523,9 +530,9 @@ def _tile_for_memory(budget, estimate, image_size, stride_product, patch=(1, 1))
         if best is None or key < best[0]:
             best = (key, (th, tw))
     if best is None:
-        raise MemoryError(f"CI needs about {estimate((least_h, least_w)) / 2**20:.1f} MiB even with "
+        raise MemoryError(f"CI needs about {_size_text(estimate((least_h, least_w)))} even with "
                           f"{least_h}x{least_w} tiles (the padded image and the output alone take "
-                          f"{estimate((1, 1)) / 2**20:.1f} MiB); the budget is {budget / 2**20:.1f} MiB")
+                          f"{_size_text(estimate((1, 1)))}); the budget is {_size_text(budget)}")
     return best[1]
 
 
@@ -628,8 +635,8 @@ def _choose_tile(requested, estimate, image_size, stride_product, max_memory, av
     try:
         return _tile_for_memory(guard, estimate, image_size, stride_product, patch)
     except MemoryError as exc:
-        raise MemoryError(f"{what} would need about {estimate(requested) / 2**20:.0f} MiB, but this process may "
-                          f"allocate only about {available / 2**20:.0f} MiB more (the memory guard uses "
+        raise MemoryError(f"{what} would need about {_size_text(estimate(requested))}, but this process may "
+                          f"allocate only about {_size_text(available)} more (the memory guard uses "
                           f"{MEMORY_GUARD_FRACTION:.0%} of it), and tiles do not help: {exc}. Use smaller images "
                           f"or batches; or set max_memory= to a budget you know is free, or memory_guard=False "
                           f"to allocate anyway") from None
@@ -1984,6 +1991,10 @@ _METADATA_METHODS = {getattr(torch.Tensor, n) for n in (
     "element_size", "get_device", "__len__", "stride", "storage_offset", "is_signed") if hasattr(torch.Tensor, n)}
 
 
+#: Tensor methods that turn values into Python numbers (on Cp's parameters: refused, see _Tracer._record_derived)
+_VALUE_READS = {"item", "tolist", "numpy", "__float__", "__int__", "__index__", "__bool__", "__complex__"}
+
+
 class _Tracer(TorchFunctionMode):
     """Records every call of Cp's forward that touches a value derived from the input."""
 
@@ -2038,9 +2049,17 @@ class _Tracer(TorchFunctionMode):
         if not any(id(t) in self.names or id(t) in self.derived for t in inputs):
             return
         outputs = [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
-        if not outputs:  # metadata (.shape, .size()) or a Python value
-            return
         name = getattr(func, "__name__", "")
+        if not outputs:  # metadata (.shape, .size()), or a value read as a Python number: frozen into CI
+            if name in _VALUE_READS:
+                source = next(t for t in inputs if id(t) in self.names or id(t) in self.derived)
+                what = f"the parameter or buffer {self.names[id(source)]!r}" if id(source) in self.names \
+                    else "a value computed from Cp's parameters"
+                raise ConversionError(
+                    f"{self.stack[-1]}: {_func_name(func)} reads {what} as a Python value; CI would keep its "
+                    f"value of conversion time through training and load_state_dict (keep it a tensor: "
+                    f"x * self.scale, not x * self.scale.item())")
+            return
         in_place = (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") \
             or func is torch.Tensor.__setitem__
         if not in_place and all(id(t) in self.names or id(t) in self.derived for t in outputs):

@@ -104,6 +104,11 @@ def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):
     _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"Tensor\.__setitem__ writes into an activation in place.*torch\.where",
                    forward=writes_a_slice)
 
+    def reads_its_bias(self, x):  # a parameter read as a number would stay at its value of conversion time
+        return self.layers[0](x).flatten(1) * float(self.layers[0].bias[0]) + self.layers[0].bias.sum().item()
+    _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"Tensor\.__float__ reads a value computed from Cp's parameters as "
+                   r"a Python value.*load_state_dict", forward=reads_its_bias)
+
     def grows_its_bias(self, x):  # a forward that changes its own parameter: CI would repeat it at every call
         self.layers[0].bias.add_(1.0)
         return self.layers[0](x).flatten(1)

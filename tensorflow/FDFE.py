@@ -117,6 +117,7 @@ __all__ = [
     "unwrapPool",
     "unwarpAll",
     "linearAsConv",
+    "PerPixel",
     "check_ci",
     "run_as_graph",
     "DenseAsConv",
@@ -497,6 +498,13 @@ def _memory_estimate(image_size, batch, in_channels, out_channels, patch, stride
     return int((fixed + work) * itemsize)
 
 
+def _size_text(n_bytes) -> str:
+    """A byte count for messages, in three significant digits (KiB under 1 MiB), so that a need and a
+    budget that differ never print alike: 56956 -> '55.6 KiB', 2.3e9 -> '2193 MiB'."""
+    value, unit = (n_bytes / 2**20, "MiB") if n_bytes >= 2**20 else (n_bytes / 2**10, "KiB")
+    return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
+
+
 def _tile_for_memory(budget, estimate, image_size, stride_product, patch=(1, 1)):
     """The tile (multiple of the stride product) whose tiling fits the budget with the least work.
 
@@ -535,9 +543,9 @@ def _tile_for_memory(budget, estimate, image_size, stride_product, patch=(1, 1))
         if best is None or key < best[0]:
             best = (key, (th, tw))
     if best is None:
-        raise MemoryError(f"CI needs about {estimate((least_h, least_w)) / 2**20:.1f} MiB even with "
+        raise MemoryError(f"CI needs about {_size_text(estimate((least_h, least_w)))} even with "
                           f"{least_h}x{least_w} tiles (the padded image and the output alone take "
-                          f"{estimate((1, 1)) / 2**20:.1f} MiB); the budget is {budget / 2**20:.1f} MiB")
+                          f"{_size_text(estimate((1, 1)))}); the budget is {_size_text(budget)}")
     return best[1]
 
 
@@ -640,8 +648,8 @@ def _choose_tile(requested, estimate, image_size, stride_product, max_memory, av
     try:
         return _tile_for_memory(guard, estimate, image_size, stride_product, patch)
     except MemoryError as exc:
-        raise MemoryError(f"{what} would need about {estimate(requested) / 2**20:.0f} MiB, but this process may "
-                          f"allocate only about {available / 2**20:.0f} MiB more (the memory guard uses "
+        raise MemoryError(f"{what} would need about {_size_text(estimate(requested))}, but this process may "
+                          f"allocate only about {_size_text(available)} more (the memory guard uses "
                           f"{MEMORY_GUARD_FRACTION:.0%} of it), and tiles do not help: {exc}. Use smaller images "
                           f"or batches; or set max_memory= to a budget you know is free, or memory_guard=False "
                           f"to allocate anyway") from None
@@ -2332,12 +2340,24 @@ class DenseAsConv(_WrapperLayer):
 
 
 @_register
-class _OnPixelVectors(_WrapperLayer):
-    """A trained layer built for (B, C) vectors (BatchNormalization or PReLU after a Dense head) applied to the
-    vector of every position: CI's (B, H, W, C) values are read as (B * H * W, C) rows and put back.
+class PerPixel(_WrapperLayer):
+    """Applies a trained layer built for (B, C) vectors to the vector of every position of a map: CI's
+    (B, H, W, C) values are read as (B * H * W, C) rows and put back (shared weights, inference mode).
+
+    For layers that accept no 4-D input once built on a Dense head's output (``BatchNormalization``,
+    ``PReLU``); ``convert`` wraps them itself, hand-wired CIs wrap them so.
+
+    Args:
+        layer: the trained layer, built for (B, C) inputs.
 
     Shape:
         (B, H, W, C) -> (B, H, W, C).
+
+    Example:
+        >>> bn = keras.layers.BatchNormalization()
+        >>> bn.build((None, 5))
+        >>> tuple(FDFE.PerPixel(bn)(np.ones((1, 3, 4, 5), "float32")).shape)
+        (1, 3, 4, 5)
     """
     wrapped = "layer"
 
@@ -2580,7 +2600,7 @@ def _rule_channelwise(call, geoms):
         _check_channel_axis(call, layer.axis, len(call.in_shapes[0]))
     _per_pixel_ok(call, geom)
     if len(call.in_shapes[0]) == 2:  # built for (B, C) vectors, which accept no (B, H, W, C) values
-        return (lambda xs: [_OnPixelVectors(layer)(xs[0])]), [geom]
+        return (lambda xs: [PerPixel(layer)(xs[0])]), [geom]
     return _reuse(layer), [geom]
 
 
