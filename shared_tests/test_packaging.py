@@ -105,3 +105,11 @@ def test_sample_code_runs_and_matches(backend, tmp_path):
     max_diff = float(lines.split("maximal abs difference = ")[1].split()[0])
     assert max_diff <= 1e-5
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one patch: its comparison, and no speedup extrapolated from one cold call of Cp
+    single = subprocess.run(cmd[:2] + ["--imH", "37", "--imW", "29", "--mode", "singlePatch", "--patch_i_center", "5",
+                                       "--patch_j_center", "28", "--device", "cpu", "--figure", str(figure)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "the patch at i=5, j=28" in single.stdout and "speedup of C_I:" not in single.stdout, single.stdout
+    assert float(single.stdout.split("maximal abs difference = ")[1].split()[0]) <= 1e-5

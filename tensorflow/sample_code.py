@@ -131,10 +131,14 @@ def run(args):
         what = f"a random sample of {len(positions)} of the {height * width} patches"
     ref, cp_time = time_cp(base_net, image, patch, positions, args.batch_size,
                            None if args.all_patches else False)
-    print(f"Averaged time for C_P per Patch without warm up: {cp_time:.8f} sec (batch {args.batch_size})")
-    cp_all = cp_time * height * width
-    print(f"C_P on all {height * width} patches: about {cp_all:.3f} sec (extrapolated); "
-          f"speedup of C_I: {cp_all / ci_time:.1f}x")
+    if args.mode == "singlePatch":  # one cold call on one patch: no basis for a per-patch time or a speedup
+        print(f"Time for C_P on this one patch (one call, no warm-up): {cp_time:.8f} sec; for the speedup of "
+              f"C_I, run --mode allPatches")
+    else:
+        print(f"Averaged time for C_P per Patch without warm up: {cp_time:.8f} sec (batch {args.batch_size})")
+        cp_all = cp_time * height * width
+        print(f"C_P on all {height * width} patches: about {cp_all:.3f} sec (extrapolated); "
+              f"speedup of C_I: {cp_all / ci_time:.1f}x")
 
     got = tf.gather_nd(out, positions).numpy().astype(np.float64)
     ref = ref.numpy().astype(np.float64)
