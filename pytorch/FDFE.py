@@ -680,6 +680,9 @@ _NOT_REPLACED = ("a pooling layer or strided convolution of Cp was not replaced 
                  "multiAvgPooling, multiLPPooling or multiConv), so it still strides inside CI")
 
 
+_SIZES_SWAPPED = ("a multipooling layer got its sizes height first (multiMaxPooling, multiAvgPooling and "
+                  "multiLPPooling take kW, kH, dW, dH: width first, as in the original port)")
+
 _STRIDE_MISSING = ("a stride is missing from the list (list the stride of every pooling layer and of every "
                    "strided convolution, multiConv included, in network order)")
 
@@ -697,16 +700,18 @@ def _stacked_problem(who, batch, map_size, products, listed, image_size, n_image
         if batch > want and batch % want == 0:
             cause = f"{_STRIDE_MISSING}: there are {batch // want} times more shifts than listed"
         else:
-            cause = f"{_NOT_REPLACED}; or the list holds a stride that Cp does not have"
+            cause = f"{_NOT_REPLACED}; or the list holds a stride that Cp does not have; or {_SIZES_SWAPPED}"
         return (f"{who}: the stacked result holds {batch} maps, but {n_images} image(s) with {listed} "
                 f"({m} shifts per image) make {want}; likely cause: {cause}")
     if batch % m:
         return (f"{who}: the stacked result holds {batch} maps, not a multiple of the {m} shifts per image of "
-                f"{listed}; likely cause: {_NOT_REPLACED}; or the list holds a stride that Cp does not have")
+                f"{listed}; likely cause: {_NOT_REPLACED}; or the list holds a stride that Cp does not have; "
+                f"or {_SIZES_SWAPPED}")
     if h * sh < height or w * sw < width:
         return (f"{who}: the stacked maps are {h}x{w} and unwarp to {h * sh}x{w * sw}, smaller than the images "
                 f"({height}x{width}); likely cause: {_NOT_REPLACED} (and its stride is not listed); or "
-                f"{_STRIDE_MISSING}; or multiPoolPrepare got a smaller stride product or patch than Cp has")
+                f"{_STRIDE_MISSING}; or multiPoolPrepare got a smaller stride product or patch than Cp has; or "
+                f"{_SIZES_SWAPPED}")
     return None
 
 

@@ -95,6 +95,18 @@ def test_unsupported_message_lists_supported_kinds(tb, kb):
         kb.FDFE.convert(model, 3)
 
 
+def test_unwarping_messages_name_the_causes(tb):
+    """The neutral block's diagnosis of a stacked result that does not fit the images: every message names
+    the likely wiring mistakes, the width-first order of the multipooling sizes among them."""
+    problem = tb.FDFE._stacked_problem
+    listed = "the strides [(2, 1)]"
+    for args in [(4, (10, 10), (2, 1), listed, (19, 15), 3), (5, (10, 10), (2, 1), listed, (19, 15)),
+                 (4, (9, 7), (2, 1), listed, (19, 15))]:
+        message = problem("unwarpAll", *args)
+        assert "was not replaced" in message and "take kW, kH, dW, dH: width first" in message, message
+    assert problem("unwarpAll", 6, (10, 15), (2, 1), listed, (19, 15), 3) is None
+
+
 def test_tile_grid_covers_the_image_once(tb, kb):
     for height, width, tile, sp in [(5, 7, (4, 4), (2, 2)), (37, 53, (8, 12), (3, 2)), (1, 1, (4, 4), (4, 4)),
                                     (128, 300, (128, 128), (1, 1))]:
