@@ -2374,7 +2374,7 @@ def _padding_of(p, kernel=None):
             "__pow__", "__rpow__", "__neg__", "__abs__", "rsub", "gt", "lt", "ge", "le", "eq", "ne", "greater",
             "less", "greater_equal", "less_equal", "not_equal", "__gt__", "__lt__", "__ge__", "__le__", "__eq__",
             "__ne__", "logical_and", "logical_or", "logical_xor", "logical_not", "__and__", "__or__", "__xor__",
-            "__invert__", "isnan", "isinf", "isfinite", "nan_to_num"],
+            "__invert__", "isnan", "isinf", "isfinite", "nan_to_num", "zeros_like", "ones_like", "full_like"],
            "element-wise functions, arithmetic, comparisons and casts (applied per pixel)")
 def _rule_elementwise(node, geoms):
     """Element-wise functions (activations, arithmetic, casts): applied unchanged (values of streams

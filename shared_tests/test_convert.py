@@ -305,7 +305,8 @@ def test_one_channel_values_against_many_on_either_side(tb, kb):
 
 def test_comparisons_channel_maxima_and_same_padding_of_one_by_one_kernels(tb, kb):
     """Comparisons feeding torch.where, torch.max / min over channels (values and indices) and of two values,
-    argmax, and padding="same" on 1x1 kernels (which pads nothing: Keras too) are per pixel."""
+    argmax, ones_like / full_like, and padding="same" on 1x1 kernels (which pads nothing: Keras too) are per
+    pixel."""
     import keras
     import torch
     import torch.nn as nn
@@ -319,7 +320,7 @@ def test_comparisons_channel_maxima_and_same_padding_of_one_by_one_kernels(tb, k
 
         def forward(self, x):
             x = self.conv2(self.conv1(x))
-            x = torch.where((x > 0) & ~(x >= 2.0), x, 0.1 * x)
+            x = torch.where((x > 0) & ~(x >= 2.0), x, 0.1 * x) + torch.full_like(x, 0.5) - torch.ones_like(x) * 0.5
             top, index = torch.max(x, dim=1, keepdim=True)
             low = x.min(1, keepdim=True).values
             y = torch.cat([x - top, torch.maximum(low, torch.min(x, -x)).sum(1, keepdim=True),
@@ -331,6 +332,26 @@ def test_comparisons_channel_maxima_and_same_padding_of_one_by_one_kernels(tb, k
                             layers.Conv2D(3, 1, strides=2, padding="same", activation="tanh"),
                             layers.DepthwiseConv2D(2, padding="valid"), layers.Flatten()])
     _keras_check(kb, net, 6, 2)
+
+
+def test_keras_center_crop_is_a_crop(kb, tmp_path):
+    """CenterCrop of a larger map is a crop at Keras' offsets ((size - target) // 2, odd margins included);
+    onto a larger target it resizes, refused with the reason; CI with it saves and loads."""
+    import keras
+    import tensorflow as tf
+    layers = keras.layers
+    for crop in [(5, 5), (4, 6), (7, 8)]:
+        net = keras.Sequential([keras.Input((9, 10, 2)), layers.Conv2D(3, 3), layers.CenterCrop(*crop),
+                                layers.Conv2D(4, 2, strides=2), layers.Flatten(), layers.Dense(3)])
+        out = _keras_check(kb, net, (9, 10), 2)
+    ci = kb.FDFE.convert(net, (9, 10))
+    ci.save(str(tmp_path / "ci.keras"))
+    images = tf.constant(netspec.random_images(2, 2, 9, 10, seed=9), dtype=tf.float32)
+    np.testing.assert_array_equal(keras.models.load_model(str(tmp_path / "ci.keras"))(images).numpy(), out.numpy())
+    net = keras.Sequential([keras.Input((9, 10, 2)), layers.Conv2D(3, 3), layers.CenterCrop(9, 9), layers.Flatten(),
+                            layers.Dense(3)])
+    with pytest.raises(kb.FDFE.ConversionError, match=r"CenterCrop.*resizes the 7x8 patch-level map to 9x9"):
+        kb.FDFE.convert(net, (9, 10))
 
 
 def test_normalisation_and_prelu_after_a_dense_head(tb, kb, tmp_path):

@@ -2813,7 +2813,10 @@ class _AlignStreams(_Layer):
         return {**super().get_config(), "unwarps": self.unwarps}
 
 
-@_rule_for(keras.layers.Cropping2D, label="crops (Cropping2D): a translation of the dense map")
+_CROP_LABEL = "crops (Cropping2D, CenterCrop of a larger map): a translation of the dense map"
+
+
+@_rule_for(keras.layers.Cropping2D, label=_CROP_LABEL)
 def _rule_crop(call, geoms):
     """Cropping2D: a crop of the patch-level map is a translation of the dense map (every patch's rows
     t.. are rows t.. of the dense tensor, in every shift branch): the same crop at the start, and the
@@ -2828,6 +2831,27 @@ def _rule_crop(call, geoms):
         x = xs[0]
         return [x[:, top:(-bottom or None), left:(-right or None), :]]
     return run, [geom.with_(size=size)]
+
+
+@_rule_for(keras.layers.CenterCrop, label=_CROP_LABEL)
+def _rule_center_crop(call, geoms):
+    """CenterCrop of a map at least as large as its target: a crop (Keras' offsets, (size - target) // 2),
+    after the layer's cast to its compute dtype, as in Cp; onto a larger target it resizes (refused)."""
+    geom = geoms[0]
+    _require_map(call, geom)
+    _require_channels_last(call)
+    layer = call.layer
+    (h, w), (th, tw) = geom.size, (int(layer.height), int(layer.width))
+    if th > h or tw > w:
+        raise call.fail(f"it resizes the {h}x{w} patch-level map to {th}x{tw} (interpolation mixes positions)")
+    top, left = (h - th) // 2, (w - tw) // 2
+    bottom, right = h - th - top, w - tw - left
+    dtype = layer.compute_dtype
+
+    def run(xs):
+        x = keras.ops.cast(xs[0], dtype)
+        return [x[:, top:(-bottom or None), left:(-right or None), :]]
+    return run, [geom.with_(size=(th, tw))]
 
 
 @_rule_for(keras.layers.ZeroPadding2D, label="refused: padding inside Cp")
