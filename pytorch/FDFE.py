@@ -2397,7 +2397,12 @@ class _AlignedStep(_Step):
         self.inner, self.unwarps = inner, list(unwarps)
 
     def run(self, values, net, overwrite=False):
-        values = [unwarp(v, list(s), net.naive) if s else v for v, s in zip(values, self.unwarps)]
+        if _exporting():  # one gather per stream, no reshape of sizes that depend on the image (see unwarp_gather)
+            sizes = [(v.shape[2] * _prod(t[0] for t in s), v.shape[3] * _prod(t[1] for t in s)) if s
+                     else tuple(v.shape[2:]) for v, s in zip(values, self.unwarps)]
+            values = [unwarp_gather(v, list(s), *size) if s else v for v, s, size in zip(values, self.unwarps, sizes)]
+        else:
+            values = [unwarp(v, list(s), net.naive) if s else v for v, s in zip(values, self.unwarps)]
         h, w = min(v.shape[2] for v in values), min(v.shape[3] for v in values)
         return self.inner.run([v[:, :, :h, :w] for v in values], net, False)
 

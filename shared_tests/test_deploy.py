@@ -171,6 +171,50 @@ def test_torch_export_with_an_output_stride(tb, tmp_path):
         assert max_rel_error(session.run(None, {"images": images.numpy()})[0], ref.numpy()) <= TOL["float32"]
 
 
+def test_torch_exports_of_streams_that_pool_differently(tb, tmp_path):
+    """Two streams with other strides merged per pixel (siam2stream-like): torch.export over the whole size range
+    and both ONNX exporters are exact at sizes not seen at export (the streams' unwarping was once recorded as
+    view copies: the TorchScript-based ONNX export ran and gave wrong values, torch.export failed)."""
+    import onnxruntime
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torch.export import Dim
+
+    class TwoStreams(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a1, self.a2 = nn.Conv2d(2, 3, 3), nn.Conv2d(3, 4, 3)
+            self.b1, self.b2 = nn.Conv2d(2, 4, 2, stride=2), nn.Conv2d(4, 4, 2)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            a = self.a2(F.relu(F.max_pool2d(self.a1(x), 2)))
+            b = self.b2(torch.tanh(F.avg_pool2d(self.b1(x), 2)))
+            return self.fc(torch.cat([a, b], 1).flatten(1))
+    torch.manual_seed(0)
+    net = TwoStreams().eval()
+    ci = tb.FDFE.convert(net, 8)
+    example = (_torch_images(2, 12, 13, 4),)
+    dims = {0: Dim("N", min=1, max=64), 2: Dim("H", min=1, max=8192), 3: Dim("W", min=1, max=8192)}
+    runs = {"torch.export": torch.export.export(ci, example, dynamic_shapes={"images": dims}).module()}
+    for dynamo in (True, False):
+        path = str(tmp_path / f"two_{dynamo}.onnx")
+        options = {"dynamic_shapes": {"images": dims}} if dynamo else \
+            {"dynamic_axes": {"images": {0: "N", 2: "H", 3: "W"}, "features": {0: "N", 2: "H", 3: "W"}}}
+        torch.onnx.export(ci, example, path, dynamo=dynamo, input_names=["images"], output_names=["features"],
+                          **options)
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        runs[f"onnx, dynamo={dynamo}"] = lambda x, session=session: session.run(None, {"images": x.numpy()})[0]
+    for seed, (n, h, w) in enumerate([(1, 1, 1), (1, 17, 11), (3, 6, 9)]):
+        images = _torch_images(n, h, w, 30 + seed)
+        ref = tb.FDFE.dense_reference(net, images, 8)
+        for name, run in runs.items():
+            with torch.no_grad():
+                out = torch.as_tensor(np.asarray(run(images)))
+            assert out.shape == ref.shape and max_rel_error(out, ref) <= TOL["float32"], (name, (n, h, w))
+
+
 def test_torch_onnx_exports_run_exactly_in_onnxruntime(tb, tmp_path):
     """torch.onnx.export, both exporters (dynamo=True with Dim ranges; the TorchScript-based one with
     dynamic_axes), run in ONNX Runtime at sizes not seen at export."""
