@@ -2013,7 +2013,8 @@ class _Tracer(TorchFunctionMode):
         self.names.update({id(t): n for n, t in base_net.named_buffers(remove_duplicate=False)})
         self.constants: List[torch.Tensor] = []
         self.derived = {}                       # id of a tensor computed from parameters alone -> _Derived
-        self.expressions = []                   # (func, args, kwargs) of each such computation
+        self.expressions = []                   # (func, args, kwargs, in place) of each such computation
+        self.stale = {}                         # id of a view whose memory an in-place op changed -> why refused
         self.nodes: List[_Node] = []
         self.stack = [type(base_net).__name__ + ".forward"]
         self.hooks = []
@@ -2042,22 +2043,61 @@ class _Tracer(TorchFunctionMode):
             return _Ref(self.slot_of[id(value)])
         if id(value) in self.names:
             return _Param(self.names[id(value)], value.shape)
+        if id(value) in self.stale:
+            raise ConversionError(self.stale[id(value)])
         if id(value) in self.derived:
             return self.derived[id(value)]
         self.constants.append(value.detach().clone())
         return _Const(len(self.constants) - 1, value.shape)
 
-    def _record_derived(self, func, args, kwargs, out):
+    def _tracked(self, t):
+        return isinstance(t, torch.Tensor) and (id(t) in self.names or id(t) in self.derived)
+
+    def _before_in_place(self, func, args, kwargs):
+        """For an in-place op (``w.add_(...)``, ``w[0] = ...``) that involves Cp's parameters or values computed
+        from them and no activation: the templates of its arguments taken before it runs (a constant it
+        changes is kept as it was), after refusing what CI could not repeat.  None for other ops."""
+        name = getattr(func, "__name__", "")
+        if not ((name.endswith("_") and not name.endswith("__")) or name.startswith("__i")
+                or func is torch.Tensor.__setitem__):
+            return None
+        tensors = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if not tensors or not any(self._tracked(t) for t in tensors):
+            return None
+        target, where = tensors[0], f"{self.stack[-1]}: {_func_name(func)}"
+        if id(target) in self.names or target._base is not None and id(target._base) in self.names:
+            raise ConversionError(f"{where} changes the parameter or buffer "
+                                  f"{self.names.get(id(target), self.names.get(id(target._base)))!r} of Cp in place "
+                                  f"during its forward; CI cannot repeat that")
+        templates = (_map_structure(args, self._template), _map_structure(kwargs, self._template))
+        # tensors that share the changed memory keep their old expression: reading them later is refused
+        base = target if target._base is None else target._base
+        shared = [t for t in self.alive + [base]
+                  if t is not target and (t is base or getattr(t, "_base", None) is base)]
+        for t in shared:
+            self.stale[id(t)] = (f"{where} changed a value computed from Cp's parameters in place, and this one shares "
+                                 f"its memory (a view); CI cannot follow changes through views: compute it out of "
+                                 f"place (torch.where, torch.cat, or clone() before changing it)")
+        return templates
+
+    def _record_derived(self, func, args, kwargs, out, in_place=None):
         """Record a computation from Cp's parameters or buffers alone (no activation) as an expression that CI
-        evaluates again at run time, rather than a constant that would keep the values of conversion time."""
+        evaluates again at run time, rather than a constant that would keep the values of conversion time.
+        ``in_place``: the templates of :meth:`_before_in_place`; the changed tensor's expression is replaced."""
+        if in_place is not None:
+            target = next(t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+            self.expressions.append((func, *in_place, True))
+            self.derived[id(target)] = _Derived(len(self.expressions) - 1, 0, target.shape)
+            self.alive.append(target)
+            return
         inputs = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if not any(id(t) in self.names or id(t) in self.derived for t in inputs):
+        if not any(self._tracked(t) for t in inputs):
             return
         outputs = [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
         name = getattr(func, "__name__", "")
         if not outputs:  # metadata (.shape, .size()), or a value read as a Python number: frozen into CI
             if name in _VALUE_READS:
-                source = next(t for t in inputs if id(t) in self.names or id(t) in self.derived)
+                source = next(t for t in inputs if self._tracked(t))
                 what = f"the parameter or buffer {self.names[id(source)]!r}" if id(source) in self.names \
                     else "a value computed from Cp's parameters"
                 raise ConversionError(
@@ -2065,27 +2105,22 @@ class _Tracer(TorchFunctionMode):
                     f"value of conversion time through training and load_state_dict (keep it a tensor: "
                     f"x * self.scale, not x * self.scale.item())")
             return
-        in_place = (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") \
-            or func is torch.Tensor.__setitem__
-        if not in_place and all(id(t) in self.names or id(t) in self.derived for t in outputs):
+        if all(self._tracked(t) for t in outputs):
             return  # it returned its input (.to() of the same dtype and device, .contiguous(), ...): nothing new
-        for t in outputs:
-            if id(t) in self.names:
-                raise ConversionError(
-                    f"{self.stack[-1]}: {_func_name(func)} changes the parameter or buffer "
-                    f"{self.names[id(t)]!r} of Cp in place during its forward; CI cannot repeat that")
-        self.expressions.append((func, _map_structure(args, self._template), _map_structure(kwargs, self._template)))
-        for leaf, t in enumerate(outputs):  # (an in-place op on such a value: the new expression replaces it)
+        self.expressions.append((func, _map_structure(args, self._template), _map_structure(kwargs, self._template),
+                                 False))
+        for leaf, t in enumerate(outputs):
             self.derived[id(t)] = _Derived(len(self.expressions) - 1, leaf, t.shape)
             self.alive.append(t)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         in_slots = [self.slot_of[id(t)] for t in _leaves((args, kwargs))
                     if isinstance(t, torch.Tensor) and id(t) in self.slot_of]
+        in_place = None if in_slots else self._before_in_place(func, args, kwargs)
+        out = func(*args, **kwargs)
         if not in_slots:
-            self._record_derived(func, args, kwargs, out)
+            self._record_derived(func, args, kwargs, out, in_place)
             return out
         where = self.stack[-1]
         out_tensors = [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
@@ -2911,12 +2946,18 @@ class DenseFeatureNet(nn.Module):
             except AttributeError:
                 t = self.base_net.get_buffer(ref.name)
         elif isinstance(ref, _Derived):
-            func, args, kwargs = self.expressions[ref.index]
+            func, args, kwargs, in_place = self.expressions[ref.index]
 
             def sub(v):
                 return self._resolve(v) if isinstance(v, _OPERANDS) else v
-            out = func(*_map_structure(args, sub), **_map_structure(kwargs, sub))
-            t = [leaf for leaf in _leaves(out) if isinstance(leaf, torch.Tensor)][ref.leaf]
+            args, kwargs = _map_structure(args, sub), _map_structure(kwargs, sub)
+            if in_place:  # on a copy of the tensor it changes (never on a parameter or constant of CI), which it gives
+                args = (args[0].clone(),) + tuple(args[1:])
+                func(*args, **kwargs)
+                t = args[0]
+            else:
+                out = func(*args, **kwargs)
+                t = [leaf for leaf in _leaves(out) if isinstance(leaf, torch.Tensor)][ref.leaf]
         else:
             t = getattr(self, f"constant_{ref.index}")
         return t if ref.view is None else t.reshape(ref.view)

@@ -109,6 +109,13 @@ def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):
     _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"Tensor\.__float__ reads a value computed from Cp's parameters as "
                    r"a Python value.*load_state_dict", forward=reads_its_bias)
 
+    def zeroes_through_a_view(self, x):  # the clone's value changes through a view: CI cannot follow views
+        scale = self.layers[0].bias.clone()
+        scale[1:].zero_()
+        return (self.layers[0](x) * scale.view(1, -1, 1, 1)).flatten(1)
+    _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"Tensor\.zero_ changed a value computed from Cp's parameters in "
+                   r"place, and this one shares its memory \(a view\)", forward=zeroes_through_a_view)
+
     def grows_its_bias(self, x):  # a forward that changes its own parameter: CI would repeat it at every call
         self.layers[0].bias.add_(1.0)
         return self.layers[0](x).flatten(1)

@@ -364,15 +364,19 @@ def test_torch_parameters_transformed_in_forward_follow_their_parameters(tb):
         def forward(self, x):
             y = F.max_pool2d(torch.tanh(self.conv1(x)), 2)
             scale = self.log_scale.to(y.dtype).to(y.device).contiguous().exp() * 0.5  # casts that change nothing
-            scale.add_(0.25)  # an in-place op on a value computed from a parameter
-            return (self.conv2(y) * scale.view(1, -1, 1, 1)).mean((2, 3))
+            scale.add_(0.25)  # in-place ops on a value computed from a parameter, an assignment among them
+            scale[0] = scale[0].clone().clamp(max=1.0)
+            offset = torch.zeros(3, dtype=y.dtype)
+            offset[1] = 0.5  # a constant changed before a parameter meets it
+            offset += self.log_scale
+            return (self.conv2(y) * scale.view(1, -1, 1, 1) + offset.view(1, -1, 1, 1)).mean((2, 3))
 
     torch.manual_seed(0)
     cp = Cp().double()
     ci = tb.FDFE.convert(cp, (8, 7))
     images = torch.from_numpy(netspec.random_images(2, 2, 9, 11, 3).transpose(0, 3, 1, 2))
     with torch.no_grad():
-        cp.log_scale.add_(0.7)
+        cp.log_scale.add_(0.7)  # the first scale now exceeds the clamp
         cp.conv1.parametrizations.weight.original0.mul_(-1.5)
         cp.conv2.weight.mul_(2.0)
     out = ci(images)
