@@ -3005,10 +3005,17 @@ class DenseFeatureNet(nn.Module):
             (N, C, H, W) -> (N, K, ceil(H / sy), ceil(W / sx)) with (sy, sx) = ``output_stride``.
         """
         if not _exporting() and isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:
-            # an empty batch, as Cp
-            shape = (1,) + tuple(images.shape[1:])
-            check_images(torch.empty(shape, dtype=images.dtype, device="meta"), self.in_channels)
-            return images.new_empty((0, self.out_channels) + shape[2:], dtype=_compute_dtype(self.base_net))
+            # an empty batch, as Cp: Cp's own result on no patches (its dtype, and its gradient path), per pixel
+            if min(images.shape[1:]) < 1:
+                raise ValueError(f"images must not be empty, got shape {tuple(images.shape)}")
+            check_images(images.new_empty((1,) + tuple(images.shape[1:]), device="meta"), self.in_channels)
+            patches = images[:, :, :1, :1].expand((0, self.in_channels) + self.patch_size)  # no patches, from images
+            patches = patches.to(_compute_dtype(self.base_net) or patches.dtype)
+            with _EvalMode(self.base_net):
+                vectors = self.base_net(patches).reshape(0, self.out_channels)
+            (sy, sx), (height, width) = self.output_stride, images.shape[2:]
+            return vectors.reshape(0, self.out_channels, 1, 1).expand(0, self.out_channels, -(-height // sy),
+                                                                       -(-width // sx))
         images = check_images(images, self.in_channels, dtype=_compute_dtype(self.base_net))
         height, width = images.shape[-2:]
         out_format = torch.channels_last if _is_channels_last(images) else torch.contiguous_format

@@ -310,7 +310,7 @@ def test_torch_meta_device_cp_converts(tb):
 
 
 def test_empty_batch_gives_an_empty_output(tb, kb):
-    """Batch 0: Cp accepts it, and so does CI (an empty (0, K, H, W) / (0, H, W, K) result)."""
+    """Batch 0: Cp accepts it, and so does CI (an empty (0, K, H, W) / (0, H, W, K) result, also at a step)."""
     import tensorflow as tf
     import torch
     t_ci = tb.FDFE.convert(tb.BaseNet.BaseNet(), 15)
@@ -320,6 +320,17 @@ def test_empty_batch_gives_an_empty_output(tb, kb):
         t_ci(torch.zeros(0, 3, 20, 30))
     k_ci = kb.FDFE.convert(kb.BaseNet.BaseNet(), 15)
     assert tuple(k_ci(tf.zeros((0, 20, 30, 1))).shape) == (0, 20, 30, 113)
+    # at a step: the step's size; in PyTorch Cp's gradient path too (a loss on it backpropagates)
+    t_ci = tb.FDFE.convert(tb.BaseNet.BaseNet(), 15, output_stride=(2, 3))
+    images = torch.zeros(0, 1, 21, 31, requires_grad=True)
+    out = t_ci(images)
+    assert out.shape == (0, 113, 11, 11) and out.requires_grad
+    out.sum().backward()
+    assert images.grad is not None and images.grad.shape == images.shape
+    with pytest.raises(ValueError, match=r"images must not be empty, got shape \(0, 1, 0, 5\)"):
+        t_ci(torch.zeros(0, 1, 0, 5))
+    k_ci = kb.FDFE.convert(kb.BaseNet.BaseNet(), 15, output_stride=(2, 3))
+    assert tuple(k_ci(tf.zeros((0, 21, 31, 1))).shape) == (0, 11, 11, 113)
 
 
 def test_torchscript_cp_is_refused_with_the_way_out(tb):
