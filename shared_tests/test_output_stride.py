@@ -57,6 +57,31 @@ def test_keras_output_stride_is_exact(kb, patch, tmp_path):
     assert loaded.output_stride == (6, 6) and loaded._grid == (2, (6, 6), (1, 1))
 
 
+def test_output_stride_set_after_conversion(tb, kb):
+    """ci.output_stride = s after conversion (called before and after) equals converting with s, in both
+    backends (Keras once kept the step it was built with, silently)."""
+    import tensorflow as tf
+    import torch
+    patch = PATCHES[0]
+    weights = netspec.make_weights(SPEC, 2, patch, 4)
+    t_net, k_net = netspec.build_torch(SPEC, 2, patch, weights), netspec.build_keras(SPEC, 2, patch, weights, kb.FDFE)
+    array = netspec.random_images(2, 2, 23, 19, 4)
+    t_ci, k_ci = tb.FDFE.convert(t_net, patch), kb.FDFE.convert(k_net, patch)
+    for step in [6, (2, 3), 1, [4, 3]]:
+        with torch.no_grad():
+            t_ci(torch.from_numpy(array.transpose(0, 3, 1, 2)))  # a call with the old step first
+            k_ci(tf.constant(array))
+            t_ci.output_stride = k_ci.output_stride = step
+            t_out = t_ci(torch.from_numpy(array.transpose(0, 3, 1, 2)))
+        k_out = k_ci(tf.constant(array))
+        ref = kb.FDFE.dense_reference(k_net, tf.constant(array), patch,
+                                      output_stride=(step, step) if isinstance(step, int) else tuple(step))
+        assert max_rel_error(k_out, ref) <= TOL["float64"], step
+        assert max_rel_error(t_out.numpy().transpose(0, 2, 3, 1), ref.numpy()) <= TOL["float64"], step
+    with pytest.raises(ValueError, match="output_stride"):
+        k_ci.output_stride = 0
+
+
 def test_output_stride_with_two_streams_and_borders(tb, kb):
     """Streams that pool differently: computed at step 1 and subsampled; with a border mode too."""
     import torch

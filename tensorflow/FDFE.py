@@ -3226,10 +3226,7 @@ class DenseFeatureModel(keras.Model):
         self.memory_guard = bool(memory_guard)
         _check_border(border, (None, None), self.patch_size)
         self.border = border
-        self.output_stride = _pair(tuple(output_stride) if isinstance(output_stride, list) else output_stride,
-                                   "output_stride")
         self.skip_shifts = bool(skip_shifts)
-        self._grid = _output_grid(self.strides if self.skip_shifts else [], self.output_stride)
         strided = _strided_layers(self.core)
         # how many strided layers each one's output has gone through, itself included (parallel layers, e.g.
         # two poolings of one map, share a depth; by default each one is a level deeper than the one before)
@@ -3238,8 +3235,7 @@ class DenseFeatureModel(keras.Model):
         if len(self.strided_depths) != len(strided):
             raise ValueError(f"strided_depths has {len(self.strided_depths)} entries for the core's {len(strided)} "
                              f"strided layers")
-        for layer, depth in zip(strided, self.strided_depths):  # those of the first k depths run without shifts
-            layer.shifts = depth > self._grid[0]
+        self.output_stride = output_stride
         # the last strided layer leaves its shifts in place where only per-pixel layers follow it (_dense_tail)
         self.shifts_in_place = bool(shifts_in_place) and bool(strided)
         if self.shifts_in_place:
@@ -3282,6 +3278,21 @@ class DenseFeatureModel(keras.Model):
         print_fn(f'DenseFeatureModel "{self.name}": {self.input_shape} -> {self.output_shape}, patch '
                  f'{self.patch_size[0]}x{self.patch_size[1]}, strides {self.strides}; its converted layers:')
         return self.core.summary(*args, **kwargs)
+
+    @property
+    def output_stride(self):
+        """(sy, sx): CI gives Cp's output for the pixels (sy * i, sx * j) ((1, 1): every pixel).  It may be set
+        after conversion, as in PyTorch; the strided layers of the first depths that the step lets skip their
+        shifts run as ordinary strided layers."""
+        return self._output_stride
+
+    @output_stride.setter
+    def output_stride(self, value):
+        self._output_stride = _pair(tuple(value) if isinstance(value, list) else value, "output_stride")
+        self._grid = _output_grid(self.strides if self.skip_shifts else [], self._output_stride)
+        for layer, depth in zip(_strided_layers(self.core), self.strided_depths):
+            layer.shifts = depth > self._grid[0]
+        object.__setattr__(self, "_graph_fn", None)  # traced with the old value
 
     @property
     def naive(self):
