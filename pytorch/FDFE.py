@@ -476,13 +476,22 @@ def _memory_estimate(image_size, batch, in_channels, out_channels, patch, stride
     (a multipooling's stride-1 result and its shift-stacked copy, layout copies, convolution
     workspaces) on top of what the plan counts.  Each backend passes the factor its measurements
     bound (bench/memory_budget.py)."""
-    (height, width), (ph, pw), (sh, sw) = image_size, patch, stride_product
+    (height, width), (ph, pw), (sh, sw) = _pair(image_size, "image_size"), patch, stride_product
     full_h, full_w = _ceil_to(height, sh), _ceil_to(width, sw)
     fixed = batch * (in_channels * (full_h + ph - 1) * (full_w + pw - 1) + out_channels * full_h * full_w)
     th, tw = (full_h, full_w) if tile is None else (min(_ceil_to(tile[0], sh), full_h),
                                                   min(_ceil_to(tile[1], sw), full_w))
     work = work_factor * batch * peak_channels * (th + ph - 1 + sh) * (tw + pw - 1 + sw)
     return int((fixed + work) * itemsize)
+
+
+def _check_budget(max_memory):
+    """``max_memory`` as given (None, or a positive number of bytes), or a clear error."""
+    if max_memory is None:
+        return None
+    if isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Real) or not max_memory > 0:
+        raise ValueError(f"max_memory must be None or a positive number of bytes, got {max_memory!r}")
+    return max_memory
 
 
 def _size_text(n_bytes) -> str:
@@ -556,6 +565,7 @@ def tile_grid(height, width, tile, stride_product):
         [(0, 0, 4, 4, 4, 4), (0, 4, 4, 3, 4, 4), (4, 0, 1, 4, 2, 4), (4, 4, 1, 3, 2, 4)]
     """
     (sh, sw) = stride_product
+    tile = _pair(tile, "tile")
     th, tw = _ceil_to(tile[0], sh), _ceil_to(tile[1], sw)
     grid = []
     for y0 in range(0, height, th):
@@ -815,6 +825,9 @@ def check_images(images, in_channels: Optional[int] = None, name: str = "images"
         ...
         TypeError: images must be a floating-point tensor, got dtype torch.uint8; convert it first, ...
     """
+    if in_channels is not None and (isinstance(in_channels, bool) or not isinstance(in_channels, numbers.Integral)
+                                    or in_channels < 1):
+        raise ValueError(f"in_channels must be None or a positive int, got {in_channels!r}")
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
     if images.dim() != 4:
@@ -1195,6 +1208,8 @@ def space_to_batch(x: torch.Tensor, stride) -> torch.Tensor:
         (sh * sw * B, C, L_h // sh, L_w // sw), shift-major.
     """
     sh, sw = _pair(stride, "stride")
+    if x.dim() != 4:
+        raise ValueError(f"space_to_batch: x must be a (B, C, H, W) map, got shape {tuple(x.shape)}")
     b, c, lh, lw = x.shape
     hq, wq = lh // sh, lw // sw
     if not torch.jit.is_tracing() and (hq < 1 or wq < 1):
@@ -1586,6 +1601,8 @@ class multiLPPooling(_MultiPoolBase):
 
     def __init__(self, norm_type: float, kW, kH, dW=None, dH=None, naive: bool = False):
         super().__init__(kW, kH, dW, dH, naive)
+        if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real) or not norm_type > 0:
+            raise ValueError(f"multiLPPooling: norm_type (the power p) must be a positive number, got {norm_type!r}")
         self.norm_type = float(norm_type)
 
     def _options(self):
@@ -1887,6 +1904,9 @@ class _Ref:
 
     def __init__(self, slot):
         self.slot = slot
+
+    def __repr__(self):  # as messages show an op's arguments
+        return "<an activation>"
 
 
 class _Param:
@@ -2932,7 +2952,7 @@ class DenseFeatureNet(nn.Module):
         self.tile = tile
         self.memory_format = memory_format
         self.progress = progress
-        self.max_memory = max_memory
+        self.max_memory = _check_budget(max_memory)
         self.memory_guard = memory_guard
         self.border = border
         self.output_stride = output_stride

@@ -244,6 +244,37 @@ def basenet_module(request, tb, kb):
     return tb.BaseNet if request.param == "torch" else kb.BaseNet
 
 
+def test_public_functions_name_bad_arguments(tb, kb):
+    """Budgets, tiles, image sizes, channel counts, LP powers and map ranks are checked where they come in, with
+    a message naming the argument (they once ended in a TypeError deep inside, a ZeroDivisionError, a negative
+    estimate or an empty tile list), in both backends."""
+    import tensorflow as tf
+    import torch
+    import torch.nn as nn
+    t_net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.MaxPool2d(2), nn.Conv2d(3, 4, 2), nn.Flatten())
+    t_ci = tb.FDFE.convert(t_net, 6)
+    for fdfe, convert in [(tb.FDFE, lambda **kw: tb.FDFE.convert(t_net, 6, **kw)),
+                          (kb.FDFE, lambda **kw: kb.FDFE.convert(kb.BaseNet.BaseNet(), 15, **kw))]:
+        for budget in (-1, 0, "1GB"):
+            with pytest.raises(ValueError, match=r"max_memory must be None or a positive number of bytes"):
+                convert(max_memory=budget)
+        for tile in ((0, 2), (-4, 4)):
+            with pytest.raises(ValueError, match=r"tile must be at least 1"):
+                fdfe.tile_grid(10, 10, tile, (2, 2))
+        with pytest.raises(ValueError, match=r"in_channels must be None or a positive int, got -1"):
+            fdfe.check_images(np.zeros((1, 4, 4, 1), np.float32) if fdfe is kb.FDFE else torch.zeros(1, 1, 4, 4), -1)
+        with pytest.raises(ValueError, match=r"norm_type \(the power p\) must be a positive number, got 0"):
+            fdfe.multiLPPooling(0, 2, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"image_size must be at least 1, got \(-10, 10\)"):
+        t_ci.estimate_memory((-10, 10))
+    with pytest.raises(ValueError, match=r"space_to_batch: x must be a \(B, C, H, W\) map, got shape \(2, 11, 13\)"):
+        tb.FDFE.space_to_batch(torch.zeros(2, 11, 13), 2)
+    with pytest.raises(ValueError, match=r"space_to_batch: x must be a \(B, H, W, C\) map, got shape \(2, 11, 13\)"):
+        kb.FDFE.space_to_batch(tf.zeros((2, 11, 13)), 2)
+    with pytest.raises(TypeError, match=r"got a RaggedTensor; convert it first \(\.to_tensor\(\)"):
+        kb.FDFE.check_images(tf.RaggedTensor.from_row_lengths(tf.zeros((3, 4, 4, 1)), [1, 2]))
+
+
 def test_missing_weights_file(basenet_module, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"weights file not found: .*nothere\.npz.*make_weights"):
         basenet_module.BaseNet(weights=str(tmp_path / "nothere.npz"))

@@ -489,13 +489,22 @@ def _memory_estimate(image_size, batch, in_channels, out_channels, patch, stride
     (a multipooling's stride-1 result and its shift-stacked copy, layout copies, convolution
     workspaces) on top of what the plan counts.  Each backend passes the factor its measurements
     bound (bench/memory_budget.py)."""
-    (height, width), (ph, pw), (sh, sw) = image_size, patch, stride_product
+    (height, width), (ph, pw), (sh, sw) = _pair(image_size, "image_size"), patch, stride_product
     full_h, full_w = _ceil_to(height, sh), _ceil_to(width, sw)
     fixed = batch * (in_channels * (full_h + ph - 1) * (full_w + pw - 1) + out_channels * full_h * full_w)
     th, tw = (full_h, full_w) if tile is None else (min(_ceil_to(tile[0], sh), full_h),
                                                   min(_ceil_to(tile[1], sw), full_w))
     work = work_factor * batch * peak_channels * (th + ph - 1 + sh) * (tw + pw - 1 + sw)
     return int((fixed + work) * itemsize)
+
+
+def _check_budget(max_memory):
+    """``max_memory`` as given (None, or a positive number of bytes), or a clear error."""
+    if max_memory is None:
+        return None
+    if isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Real) or not max_memory > 0:
+        raise ValueError(f"max_memory must be None or a positive number of bytes, got {max_memory!r}")
+    return max_memory
 
 
 def _size_text(n_bytes) -> str:
@@ -569,6 +578,7 @@ def tile_grid(height, width, tile, stride_product):
         [(0, 0, 4, 4, 4, 4), (0, 4, 4, 3, 4, 4), (4, 0, 1, 4, 2, 4), (4, 4, 1, 3, 2, 4)]
     """
     (sh, sw) = stride_product
+    tile = _pair(tile, "tile")
     th, tw = _ceil_to(tile[0], sh), _ceil_to(tile[1], sw)
     grid = []
     for y0 in range(0, height, th):
@@ -855,6 +865,9 @@ def check_images(images, in_channels: Optional[int] = None, name: str = "images"
         ...
         TypeError: images must be a floating-point tensor, got dtype uint8; convert it first, e.g. tf.cast(images, ...
     """
+    if in_channels is not None and (isinstance(in_channels, bool) or not isinstance(in_channels, numbers.Integral)
+                                    or in_channels < 1):
+        raise ValueError(f"in_channels must be None or a positive int, got {in_channels!r}")
     images = _as_images(images, name)
     shape = tuple(images.shape)
     if len(shape) != 4:
@@ -878,6 +891,9 @@ def _as_images(images, name="images"):
     """Images as a tensor or numpy array: nested Python lists or tuples of numbers are converted to a numpy
     array (as Keras converts data for a model, e.g. in predict()); other types are refused naming the
     expected ones."""
+    if isinstance(images, (tf.RaggedTensor, tf.SparseTensor)):
+        raise TypeError(f"{name} must be a dense tensor of shape (N, H, W, C), got a {type(images).__name__}; "
+                        f"convert it first (.to_tensor() for a RaggedTensor, tf.sparse.to_dense for a SparseTensor)")
     if not isinstance(images, (list, tuple)):
         if not (tf.is_tensor(images) or isinstance(images, (np.ndarray, keras.KerasTensor))):
             raise TypeError(f"{name} must be a tensor or numpy array of shape (N, H, W, C), got "
@@ -1158,6 +1174,8 @@ def space_to_batch(x, stride):
         (B, L_h, L_w, C) -> (sh * sw * B, L_h // sh, L_w // sw, C), shift-major.
     """
     sh, sw = _pair(stride, "stride")
+    if len(x.shape) != 4:
+        raise ValueError(f"space_to_batch: x must be a (B, H, W, C) map, got shape {tuple(x.shape)}")
     b, lh, lw, c = _static_or_dynamic(x)
     hq, wq = lh // sh, lw // sw
     if isinstance(hq, int) and isinstance(wq, int) and (hq < 1 or wq < 1):
@@ -1422,6 +1440,8 @@ class multiLPPooling(_MultiPoolBase):
 
     def __init__(self, norm_type: float, kW, kH, dW=None, dH=None, naive: bool = False, **kwargs):
         super().__init__(kW, kH, dW, dH, naive, **kwargs)
+        if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real) or not norm_type > 0:
+            raise ValueError(f"multiLPPooling: norm_type (the power p) must be a positive number, got {norm_type!r}")
         self.norm_type = float(norm_type)
 
     def _options(self):
@@ -3222,7 +3242,7 @@ class DenseFeatureModel(keras.Model):
         self.tile = None if tile is None else _pair(tile, "tile")
         self.progress = progress
         self.peak_channels = int(peak_channels or in_channels + out_channels)
-        self.max_memory = max_memory
+        self.max_memory = _check_budget(max_memory)
         self.memory_guard = bool(memory_guard)
         _check_border(border, (None, None), self.patch_size)
         self.border = border
