@@ -1214,11 +1214,15 @@ def space_to_batch(x: torch.Tensor, stride) -> torch.Tensor:
     hq, wq = lh // sh, lw // sw
     if not torch.jit.is_tracing() and (hq < 1 or wq < 1):
         raise ValueError(f"input {lh}x{lw} is smaller than the stride {sh}x{sw}")
-    if torch.compiler.is_compiling():
-        # torch.export / torch.compile: unfold (a view (b, c, hq, wq, sh, sw)) rather than a reshape of
-        # the cropped size, which would leave the shape solver a divisibility it cannot prove
+    if torch.compiler.is_exporting():
+        # torch.export: unfold (a view (b, c, hq, wq, sh, sw)) rather than a reshape of the cropped size,
+        # which would leave the shape solver a divisibility it cannot prove
         y = x.unfold(2, sh, sh).unfold(3, sw, sw)
         return y.permute(4, 5, 0, 1, 2, 3).reshape(sh * sw * b, c, hq, wq)
+    if torch.compiler.is_compiling():
+        # torch.compile: the shifts as strided slices (no divisibility either); inductor's backward of the
+        # unfold form gave wrong gradients (PyTorch 2.13), and the reshape form fails with dynamic sizes
+        return torch.cat([x[:, :, dy::sh, dx::sw][:, :, :hq, :wq] for dy in range(sh) for dx in range(sw)], 0)
     channels_last = _is_channels_last(x)
     x = x[:, :, :hq * sh, :wq * sw]
     if channels_last:

@@ -74,3 +74,22 @@ def test_bad_border_and_too_small_images_for_reflect(tb, kb):
         tb.FDFE.convert(tb.BaseNet.BaseNet(), 15, border="reflect")(torch.zeros(1, 1, 5, 9))
     with pytest.raises(ValueError, match=msg):
         kb.FDFE.convert(kb.BaseNet.BaseNet(), 15, border="reflect")(tf.zeros((1, 5, 9, 1)))
+
+
+def test_torch_compile_trains_exactly(tb):
+    """torch.compile(ci), forward and backward: the image gradients equal Cp's on every patch (inductor's backward
+    of the unfold form of space-to-batch once gave wrong ones, silently), with the zeros and reflect borders
+    (replicate: inductor's backward of replication_pad2d fails on CI's channels-last copy, PyTorch 2.13)."""
+    import torch
+    import torch.nn as nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.MaxPool2d(2), nn.Conv2d(3, 4, 2), nn.Flatten()).double()
+    images = torch.randn(2, 2, 11, 13, dtype=torch.float64)
+    for border in ("zeros", "reflect"):
+        x = images.clone().requires_grad_(True)
+        (tb.FDFE.dense_reference(net, x, 6, differentiable=True, border=border) ** 2).sum().backward()
+        expected = x.grad
+        torch._dynamo.reset()
+        x = images.clone().requires_grad_(True)
+        (torch.compile(tb.FDFE.convert(net, 6, border=border))(x) ** 2).sum().backward()
+        assert max_rel_error(x.grad, expected) <= TOL["float64"], border
