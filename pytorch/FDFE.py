@@ -2661,8 +2661,9 @@ def _rule_statistic(node, geoms):
                     f"normalisation does; {_PER_PATCH_REASON}")
 _rule_for(["mean"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule("avg"))
 _rule_for(["amax"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule("max"))
-_rule_for(["sum", "amin", "norm", "logsumexp"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule(None))
-_register_rule(_make_reduce_rule(None), [torch.linalg.vector_norm], ["linalg.vector_norm"], _REDUCE_LABEL)
+_rule_reduce = _rule_for(["sum", "amin", "norm", "logsumexp"], _REDUCE_LABEL, (torch, torch.Tensor))(
+    _make_reduce_rule(None))
+_register_rule(_rule_reduce, [torch.linalg.vector_norm], ["linalg.vector_norm"], _REDUCE_LABEL)
 
 
 @_rule_for(["max", "min", "argmax", "argmin"], "maxima and minima: of two values (element-wise), over channels "
@@ -2673,7 +2674,7 @@ def _rule_max_min(node, geoms):
     p = node.bind(["input", "dim", "keepdim"], {"dim": None})
     if isinstance(p.get("other", p.get("dim")), (torch.Tensor, _Ref) + _OPERANDS):
         return _rule_elementwise(node, geoms)
-    return _make_reduce_rule(None)(node, geoms)
+    return _rule_reduce(node, geoms)
 
 
 def _make_channel_rule(dim_name, position, default):
