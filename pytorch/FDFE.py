@@ -2020,6 +2020,10 @@ _METADATA_METHODS = {getattr(torch.Tensor, n) for n in (
     "element_size", "get_device", "__len__", "stride", "storage_offset", "is_signed") if hasattr(torch.Tensor, n)}
 
 
+#: the augmented assignments (w += ...), which change their left operand in place
+_IN_PLACE_OPERATORS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
+                                               "and", "or", "xor", "lshift", "rshift")}
+
 #: Tensor methods that turn values into Python numbers (on Cp's parameters: refused, see _Tracer._record_derived)
 _VALUE_READS = {"item", "tolist", "numpy", "__float__", "__int__", "__index__", "__bool__", "__complex__"}
 
@@ -2082,7 +2086,7 @@ class _Tracer(TorchFunctionMode):
         from them and no activation: the templates of its arguments taken before it runs (a constant it
         changes is kept as it was), after refusing what CI could not repeat.  None for other ops."""
         name = getattr(func, "__name__", "")
-        if not ((name.endswith("_") and not name.endswith("__")) or name.startswith("__i")
+        if not ((name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS
                 or func is torch.Tensor.__setitem__):
             return None
         tensors = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]

@@ -108,6 +108,8 @@ def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):
         return self.layers[0](x).flatten(1) * float(self.layers[0].bias[0]) + self.layers[0].bias.sum().item()
     _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"Tensor\.__float__ reads a value computed from Cp's parameters as "
                    r"a Python value.*load_state_dict", forward=reads_its_bias)
+    _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"Tensor\.__int__ reads a value computed from Cp's parameters",
+                   forward=lambda self, x: self.layers[0](x).flatten(1) * int(self.layers[0].bias.sum() > -1e9))
 
     def zeroes_through_a_view(self, x):  # the clone's value changes through a view: CI cannot follow views
         scale = self.layers[0].bias.clone()
