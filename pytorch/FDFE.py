@@ -485,11 +485,16 @@ def _memory_estimate(image_size, batch, in_channels, out_channels, patch, stride
     return int((fixed + work) * itemsize)
 
 
+def _is_positive(value, kind=numbers.Real) -> bool:
+    """True for a number of ``kind`` (not a bool) above 0: the check of budgets, powers and channel counts."""
+    return isinstance(value, kind) and not isinstance(value, bool) and value > 0
+
+
 def _check_budget(max_memory):
     """``max_memory`` as given (None, or a positive number of bytes), or a clear error."""
     if max_memory is None:
         return None
-    if isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Real) or not max_memory > 0:
+    if not _is_positive(max_memory):
         raise ValueError(f"max_memory must be None or a positive number of bytes, got {max_memory!r}")
     return max_memory
 
@@ -825,8 +830,7 @@ def check_images(images, in_channels: Optional[int] = None, name: str = "images"
         ...
         TypeError: images must be a floating-point tensor, got dtype torch.uint8; convert it first, ...
     """
-    if in_channels is not None and (isinstance(in_channels, bool) or not isinstance(in_channels, numbers.Integral)
-                                    or in_channels < 1):
+    if in_channels is not None and not _is_positive(in_channels, numbers.Integral):
         raise ValueError(f"in_channels must be None or a positive int, got {in_channels!r}")
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
@@ -1605,7 +1609,7 @@ class multiLPPooling(_MultiPoolBase):
 
     def __init__(self, norm_type: float, kW, kH, dW=None, dH=None, naive: bool = False):
         super().__init__(kW, kH, dW, dH, naive)
-        if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real) or not norm_type > 0:
+        if not _is_positive(norm_type):
             raise ValueError(f"multiLPPooling: norm_type (the power p) must be a positive number, got {norm_type!r}")
         self.norm_type = float(norm_type)
 
