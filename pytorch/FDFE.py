@@ -1197,6 +1197,15 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and x.stride(3) >= x.shape[1]
 
 
+def _one_channel_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous one-channel batch with channels-last strides (N, 1, H, W) -> strides (H*W, 1, W, 1): the
+    same memory, but convolutions on it give channels-last outputs, where the ordinary strides leave them
+    in NCHW (CI then converted the first convolution's output: 2x its time plus a copy, on grey images)."""
+    if x.shape[1] != 1 or not x.is_contiguous():
+        return x
+    return x.as_strided(x.shape, (x.stride(0), 1, x.stride(2), 1))
+
+
 def space_to_batch(x: torch.Tensor, stride) -> torch.Tensor:
     """Split a stride-1 result into its s x s shifts and stack them on the batch axis.
 
@@ -3066,6 +3075,8 @@ class DenseFeatureNet(nn.Module):
             return self._finish(self.stacked(padded), height, width)
         if self.memory_format is not None and self.memory_format != torch.contiguous_format:
             padded = padded.contiguous(memory_format=self.memory_format)
+            if self.memory_format == torch.channels_last and padded.shape[1] == 1:
+                padded = _one_channel_channels_last(padded)
         tile = self._tile_size(images.device, height, width, images.shape[0], images.dtype)
         if tile is None:
             return self._finish(self.stacked(padded), height, width, out_format)
