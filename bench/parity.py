@@ -9,7 +9,7 @@ warm-up: at least ``--repeats`` each, and more on fast rows, until each backend 
 of neighbouring calls shows the noise.
 
     python bench/parity.py [--rows simo_serra,original_basenet] [--threads 2] [--repeats 5]
-                           [--seconds 10] [--out bench/RESULTS_parity.md]
+                           [--seconds 10] [--keep-freed-memory] [--out bench/RESULTS_parity.md]
 
 Same weights (the Keras net is built from the PyTorch one), the same grey image, the same number of
 threads, `convert`'s defaults; PyTorch's output is contiguous (its grey images are), TensorFlow's NHWC.
@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
-from timing import report  # noqa: E402
+from timing import cpu_description, report  # noqa: E402
 
 ROWS = [("simo_serra", 48, 72), ("simo_serra", 240, 360), ("simo_serra", 480, 720), ("simo_serra", 720, 1080),
         ("zagoruyko_siam_l2", 720, 1080), ("siam2stream", 720, 1080), ("bailer_fast", 576, 864),
@@ -45,8 +45,12 @@ def worker(backend, name, height, width, threads):
     patch = architectures.PATCH[name]
     net = architectures.build_torch(name)
     image = np.random.default_rng(0).standard_normal((1, height, width, 1)).astype(np.float32)
+    keep = os.environ.get("PARITY_KEEP_FREED_MEMORY") == "1"
     if backend == "torch":
-        ci = load_backend("pytorch", "torch").FDFE.convert(net, patch, progress=False)
+        fdfe = load_backend("pytorch", "torch").FDFE
+        if keep and not fdfe.keep_freed_memory():
+            raise SystemExit("keep_freed_memory() is not available here (glibc only)")
+        ci = fdfe.convert(net, patch, progress=False)
         x = torch.from_numpy(image.transpose(0, 3, 1, 2).copy())
 
         def call():
@@ -58,6 +62,8 @@ def worker(backend, name, height, width, threads):
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
         fdfe = load_backend("tensorflow", "tf").FDFE
+        if keep and not fdfe.keep_freed_memory():
+            raise SystemExit("keep_freed_memory() is not available here (glibc only)")
         ci = fdfe.convert(architectures.build_keras(name, net, fdfe, "float32"), patch, progress=False)
         x = tf.constant(image)
 
@@ -131,11 +137,15 @@ def main(argv=None):
     p.add_argument("--seconds", type=float, default=10.0,
                    help="more calls on fast rows, until each backend has run this long (at most 51 calls)")
     p.add_argument("--out", default=None, help="also write the Markdown table here")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="both processes call FDFE.keep_freed_memory() first (glibc keeps freed memory)")
     p.add_argument("--worker", nargs=4, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         backend, name, height, width = args.worker
         return worker(backend, name, int(height), int(width), args.threads)
+    if args.keep_freed_memory:
+        os.environ["PARITY_KEEP_FREED_MEMORY"] = "1"  # read by the children
     wanted = None if args.rows is None else set(args.rows.split(","))
     rows = [r for r in ROWS if wanted is None or r[0] in wanted]
     command = "python bench/parity.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -143,8 +153,9 @@ def main(argv=None):
     for row in rows:
         r = measure(row, args.threads, args.repeats, args.seconds)
         if not lines:
-            lines = [f"CI in turns, {r['versions'][0]} against {r['versions'][1]}, {args.threads} CPU threads, "
-                     f"float32, one grey image, `convert`'s defaults; median of the calls each (at least "
+            keep = ", both processes after `FDFE.keep_freed_memory()`" if args.keep_freed_memory else ""
+            lines = [f"CI in turns, {r['versions'][0]} against {r['versions'][1]}, {args.threads} threads of "
+                     f"{cpu_description()}, float32, one grey image, `convert`'s defaults{keep}; median of the calls each (at least "
                      f"{args.repeats}, more on fast rows until each backend ran about {args.seconds:g} s, at most "
                      f"51) after a warm-up, the backends' calls alternating. Command: `{command.strip()}`", "",
                      "| net | image (W×H) | PyTorch | TensorFlow | PyTorch / TensorFlow | calls each | range over "

@@ -22,3 +22,19 @@ def report(lines, out=None):
     if out:
         with open(out, "w", encoding="utf-8") as f:
             f.write(text + "\n")
+
+
+def cpu_description():
+    """The CPU's model name and its widest vector instructions, from /proc/cpuinfo (e.g. "AMD EPYC, AVX512 with
+    avx512_bf16"): figures differ between CPU classes (TensorFlow turns its oneDNN ops and their memory pool
+    on for AVX512-VNNI, AVX512-BF16 and AMX CPUs only)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    vector = "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    extras = [f for f in ("avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model}, {vector}" + (f" with {', '.join(extras)}" if extras else "")

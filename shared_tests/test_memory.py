@@ -181,3 +181,44 @@ def test_budget_holds_and_the_estimate_bounds_the_peak(backend, request):
     tiled = _measure(backend, budget)
     assert tiled["tile"] is not None and tiled["budget"] == budget
     assert tiled["peak"] <= budget + fdfe.MEMORY_SLACK, (tiled["peak"] / 2**20, budget / 2**20, tiled["tile"])
+
+
+# --- keep_freed_memory: glibc keeps freed blocks, so a second large allocation takes no fresh pages ---------
+
+KEEP_SCRIPT = PREAMBLE + """
+import ctypes
+FDFE = load_backend({folder!r}, {module!r}).FDFE
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def faults_of_a_fresh_block(size=200 * 2**20):  # over glibc's 32 MB mmap threshold
+    block = libc.malloc(size)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ctypes.memset(block, 1, size)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    libc.free(block)
+    return after - before
+
+result = {"default": [faults_of_a_fresh_block() for _ in range(2)]}
+result["applied"] = FDFE.keep_freed_memory()
+result["kept"] = [faults_of_a_fresh_block() for _ in range(2)]
+print(json.dumps(result))
+"""
+
+
+def _glibc():
+    try:
+        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc only")
+@pytest.mark.parametrize("folder,module", [("pytorch", "torch"), ("tensorflow", "tf")])
+def test_keep_freed_memory_keeps_freed_blocks_for_the_next_allocation(folder, module):
+    result = _run(KEEP_SCRIPT.replace("{folder!r}", repr(folder)).replace("{module!r}", repr(module)))
+    pages = 200 * 2**20 // 4096
+    assert result["applied"] is True
+    assert min(result["default"]) > pages // 4  # glibc's default: every fresh block faults its pages in again
+    assert result["kept"][1] < pages // 20  # kept: the second block reuses the first one's pages
