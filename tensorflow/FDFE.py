@@ -1492,11 +1492,13 @@ class multiLPPooling(_MultiPoolBase):
 
 
 def _dense_as_conv(x, dense, h, w):
-    """A trained Dense layer on flattened (h, w, C) maps, as an h x w convolution (shared weights)."""
-    kernel = tf.reshape(dense.kernel, [h, w, -1, dense.units])
-    y = tf.nn.conv2d(x, tf.cast(kernel, x.dtype), 1, "VALID")
-    if dense.use_bias:
-        y = tf.nn.bias_add(y, tf.cast(dense.bias, x.dtype))
+    """A trained Dense layer on flattened (h, w, C) maps, as an h x w convolution (shared weights), in the
+    Dense layer's compute dtype."""
+    x, kernel, bias = _in_compute_dtype(dense, x, tf.reshape(dense.kernel, [h, w, -1, dense.units]),
+                                        dense.bias if dense.use_bias else None)
+    y = tf.nn.conv2d(x, kernel, 1, "VALID")
+    if bias is not None:
+        y = tf.nn.bias_add(y, bias)
     act = _activation_of(dense)
     return y if act is None else act(y)
 
@@ -1506,10 +1508,30 @@ def _activation_of(layer):
     return None if act is None or act is keras.activations.linear else act
 
 
+def _in_compute_dtype(layer, x, *weights):
+    """``x`` and ``weights`` in ``layer``'s compute dtype, as Keras itself casts a layer's floating inputs (and,
+    under a mixed policy, its variables) before the layer computes: a float32 Dense head of a mixed_bfloat16
+    Cp computes in float32, a bfloat16 convolution in bfloat16 (None weights stay None)."""
+    dtype = tf.as_dtype(getattr(layer, "compute_dtype", None) or x.dtype)
+    if x.dtype.is_floating and x.dtype != dtype:
+        x = tf.cast(x, dtype)
+    return (x,) + tuple(None if w is None else tf.cast(w, x.dtype) for w in weights)
+
+
 class _WrapperLayer(_Layer):
     """An FDFE layer that runs a trained layer of Cp (shared weights), held as ``self.<wrapped>``;
     its config holds that layer's, so the wrapper saves and loads with it."""
     wrapped = "layer"
+
+    def compute_output_spec(self, *args, **kwargs):
+        """As :class:`_Layer`'s, in the wrapped layer's compute dtype, which its call computes in."""
+        spec = super().compute_output_spec(*args, **kwargs)
+        dtype = getattr(getattr(self, self.wrapped, None), "compute_dtype", None)
+        if dtype is None:
+            return spec
+        return keras.tree.map_structure(
+            lambda t: keras.KerasTensor(t.shape, dtype=dtype)
+            if isinstance(t, keras.KerasTensor) and tf.as_dtype(t.dtype).is_floating else t, spec)
 
     def get_config(self):
         inner = keras.saving.serialize_keras_object(getattr(self, self.wrapped))
@@ -1567,13 +1589,13 @@ class multiConv(_ShiftOptions, _WrapperLayer):
             raise ValueError(f"multiConv: its input has {x.shape[-1]} channels but the convolution takes "
                              f"{channels} (layout (B, H, W, C)); likely cause: a layer before it is missing, or "
                              f"in another order than in Cp")
-        bias = c.bias if c.use_bias else None
+        x, kernel, bias = _in_compute_dtype(c, x, c.kernel, c.bias if c.use_bias else None)
         if not self.shifts:  # an ordinary strided convolution (output_stride)
-            y = multi_conv(x, c.kernel, bias, 1, c.dilation_rate)[:, ::c.strides[0], ::c.strides[1], :]
+            y = multi_conv(x, kernel, bias, 1, c.dilation_rate)[:, ::c.strides[0], ::c.strides[1], :]
         elif self.shifts_in_place and not self.naive:
-            y = multi_conv(x, c.kernel, bias, 1, c.dilation_rate)
+            y = multi_conv(x, kernel, bias, 1, c.dilation_rate)
         else:
-            y = multi_conv(x, c.kernel, bias, c.strides, c.dilation_rate, self.naive)
+            y = multi_conv(x, kernel, bias, c.strides, c.dilation_rate, self.naive)
         act = _activation_of(c)
         return y if act is None else act(y)
 
@@ -2700,6 +2722,7 @@ class _MultiDepthwise(_ShiftOptions, _WrapperLayer):
         layer = self.layer
         separable = isinstance(layer, keras.layers.SeparableConv2D)
         depthwise = layer.depthwise_kernel if separable else layer.kernel
+        x, = _in_compute_dtype(layer, x)
         dil, stride = tuple(layer.dilation_rate), tuple(layer.strides)
 
         def conv(t, s):
@@ -3374,11 +3397,20 @@ class DenseFeatureModel(keras.Model):
     def estimate_memory(self, image_size, batch: int = 1, tile=None, dtype=None) -> int:
         """Estimated peak bytes of CI on images of ``image_size`` (H, W): the padded input, the
         output, and the values alive at once on one tile (``tile`` None: whole image), an upper bound
-        of the measured peak (bench/RESULTS_memory.md)."""
-        itemsize = tf.as_dtype(dtype or self.core.inputs[0].dtype).size
+        of the measured peak (bench/RESULTS_memory.md).  ``dtype`` None: the widest of the input's dtype and
+        the compute dtypes of CI's layers (a float64 Cp behind a float32 Input computes in float64)."""
+        itemsize = tf.as_dtype(dtype).size if dtype is not None else self._widest_itemsize()
         return _memory_estimate(image_size, batch, self.in_channels, self.out_channels, self.patch_size,
                                 self.stride_product, self.peak_channels, itemsize,
                                 None if tile is None else _pair(tile, "tile"), self.memory_work_factor)
+
+    def _widest_itemsize(self):
+        sizes = [tf.as_dtype(self.core.inputs[0].dtype).size]
+        for layer in self.core._flatten_layers(include_self=False):
+            dtype = tf.as_dtype(getattr(layer, "compute_dtype", None) or "float32")
+            if dtype.is_floating:
+                sizes.append(dtype.size)
+        return max(sizes)
 
     def tile_for_memory(self, budget: int, image_size, batch: int = 1, dtype=None):
         """The tile whose tiling fits ``budget`` bytes (:meth:`estimate_memory`) with the least work
