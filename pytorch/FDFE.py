@@ -3063,6 +3063,7 @@ class DenseFeatureNet(nn.Module):
         for i, c in enumerate(constants):
             self.register_buffer(f"constant_{i}", c)
         self.n_constants = len(constants)
+        self._constants_dtype = _compute_dtype(base_net)  # Cp's dtype when its forward made the constants
         self.expressions = list(expressions)  # what _Derived placeholders compute from Cp's parameters
         self.naive = naive
         self.tile = tile
@@ -3095,8 +3096,19 @@ class DenseFeatureNet(nn.Module):
                 out = func(*args, **kwargs)
                 t = [leaf for leaf in _leaves(out) if isinstance(leaf, torch.Tensor)][ref.leaf]
         else:
-            t = getattr(self, f"constant_{ref.index}")
+            t = self._constant_like_cp(getattr(self, f"constant_{ref.index}"))
         return t if ref.view is None else t.reshape(ref.view)
+
+    def _constant_like_cp(self, t):
+        """A constant of Cp's forward made in Cp's dtype (``torch.tensor(..., dtype=x.dtype)``), on Cp's device
+        and in its dtype now, where Cp alone was moved or cast after convert (``ci.to()`` moves both)."""
+        tensors = list(self.base_net.parameters()) + list(self.base_net.buffers())
+        param = next((p for p in tensors if p.is_floating_point()), None)  # as _compute_dtype
+        if param is None:
+            return t
+        if t.is_floating_point() and t.dtype == getattr(self, "_constants_dtype", None) and param.dtype != t.dtype:
+            t = t.to(param.dtype)
+        return t if t.device == param.device else t.to(param.device)
 
     def stacked(self, padded: torch.Tensor) -> torch.Tensor:
         """Run CI's steps on padded images; returns the shift-stacked result before unwarping.
