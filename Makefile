@@ -32,6 +32,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench.py --json bench/results_cpu.json --merge bench/results_cuda.json
 	$(PY) bench/parity.py --out bench/RESULTS_parity.md
+	$(PY) bench/parity.py --keep-freed-memory --out bench/RESULTS_parity_keep.md
 	$(PY) bench/efficiency.py --out bench/RESULTS_efficiency.md
 	$(PY) bench/shifts_in_place.py --out bench/RESULTS_shifts_in_place.md
 	$(PY) bench/train_step.py --out bench/RESULTS_train.md

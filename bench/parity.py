@@ -155,7 +155,8 @@ def main(argv=None):
         if not lines:
             keep = ", both processes after `FDFE.keep_freed_memory()`" if args.keep_freed_memory else ""
             lines = [f"CI in turns, {r['versions'][0]} against {r['versions'][1]}, {args.threads} threads of "
-                     f"{cpu_description()}, float32, one grey image, `convert`'s defaults{keep}; median of the calls each (at least "
+                     f"{cpu_description()}, float32, one grey image, `convert`'s defaults{keep}; median of the calls "
+                     f"each (at least "
                      f"{args.repeats}, more on fast rows until each backend ran about {args.seconds:g} s, at most "
                      f"51) after a warm-up, the backends' calls alternating. Command: `{command.strip()}`", "",
                      "| net | image (W×H) | PyTorch | TensorFlow | PyTorch / TensorFlow | calls each | range over "

@@ -654,10 +654,10 @@ def keep_freed_memory() -> bool:
     2 cores, 0.4 s of system time per call of PyTorch's CI on the Simo-Serra net at 720x480).  After this
     call, blocks up to 1 GiB allocated by the main thread come from glibc's heap and stay with the process
     when freed (up to 2 GiB at the heap's top), much as the environment variables
-    ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1099511627776`` do at start-up (other threads'
-    arenas still return blocks over 64 MB).  TensorFlow's own CPU pool, where it uses one, is not affected.  The price: the
-    process's memory stays at its peak between calls (and the memory guard, which reads the system's
-    available memory, sees less).  Nothing in FDFE calls this for you.
+    ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1099511627776`` do at start-up (other
+    threads' arenas still return blocks over 64 MB).  TensorFlow's own CPU pool, where it uses one, is not
+    affected.  The price: the process's memory stays at its peak between calls (and the memory guard,
+    which reads the system's available memory, sees less).  Nothing in FDFE calls this for you.
 
     Returns:
         True where glibc accepted both settings; False elsewhere (another C library, another system), where
