@@ -1236,7 +1236,8 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 def _one_channel_channels_last(x: torch.Tensor) -> torch.Tensor:
     """A contiguous one-channel batch with channels-last strides (N, 1, H, W) -> strides (H*W, 1, W, 1): the
     same memory, but convolutions on it give channels-last outputs, where the ordinary strides leave them
-    in NCHW (CI then converted the first convolution's output: 2x its time plus a copy, on grey images)."""
+    in NCHW (CI then converted the first convolution's output: 2x its time plus a copy, on grey images).
+    Used on CPUs (oneDNN); GPU paths keep the ordinary strides, whose speed there was measured."""
     if x.shape[1] != 1 or not x.is_contiguous():
         return x
     return x.as_strided(x.shape, (x.stride(0), 1, x.stride(2), 1))
@@ -1606,7 +1607,10 @@ class multiPoolPrepare(nn.Module):
         self.stride_product = _pair(stride_product, "stride_product")
 
     def forward(self, images):
-        return multipool_prepare(images, self.patch_size, self.stride_product)
+        padded = multipool_prepare(images, self.patch_size, self.stride_product)
+        if padded.device.type == "cpu" and not _exporting():  # grey images: the next convolution writes channels-last
+            padded = _one_channel_channels_last(padded)
+        return padded
 
     def extra_repr(self):
         return f"patch_size={self.patch_size}, stride_product={self.stride_product}"
@@ -2444,6 +2448,12 @@ def _constant_for(geom, value, node):
         padded = (1,) * (4 - len(shape)) + shape
         if len(shape) <= 4 and padded[0] == 1 and padded[2] == 1 and padded[3] == 1:
             return value
+        batch = node.in_shapes[0][0] if node.in_shapes and node.in_shapes[0] else None
+        if len(shape) == 4 and batch and batch > 1 and padded[0] == batch and padded[2] == padded[3] == 1:
+            raise node.fail(f"a constant of shape {shape} has one entry per patch of the example batch convert "
+                            f"traces ({batch} patches), as a value expanded or repeated to the batch size "
+                            f"(p.expand(x.shape[0], ...)) has; leave the batch axis to broadcasting (x + p with p "
+                            f"of shape (1, C, 1, 1)), which CI can make dense")
         raise node.fail(f"a constant of shape {shape} differs across positions of the patch "
                         f"({geom.describe()}), so overlapping patches cannot share work")
     if geom.kind == VECTOR and geom.size == (1, 1) and len(shape) <= 2 and (len(shape) < 2 or shape[0] == 1):
@@ -3188,7 +3198,7 @@ class DenseFeatureNet(nn.Module):
             return self._finish(self.stacked(padded), height, width)
         if self.memory_format is not None and self.memory_format != torch.contiguous_format:
             padded = padded.contiguous(memory_format=self.memory_format)
-            if self.memory_format == torch.channels_last and padded.shape[1] == 1:
+            if self.memory_format == torch.channels_last and padded.shape[1] == 1 and padded.device.type == "cpu":
                 padded = _one_channel_channels_last(padded)
         tile = self._tile_size(images.device, height, width, images.shape[0], images.dtype)
         if tile is None:

@@ -36,6 +36,24 @@ def test_torch_refuses_padded_convolution(tb):
                    r"layers\.0 \(Conv2d\): F\.pad cannot be made dense exactly: it pads an activation inside Cp")
 
 
+def test_torch_names_a_parameter_expanded_to_the_batch(tb):
+    """A parameter expanded to x.shape[0] is the same for every patch but is traced as one entry per patch of the
+    example batch: the message says so and how to write it instead (not "differs across positions")."""
+    import torch
+    import torch.nn as nn
+
+    class Cp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.token = nn.Conv2d(1, 4, 3), nn.Parameter(torch.randn(1, 4, 1, 1))
+
+        def forward(self, x):
+            return self.conv(x) + self.token.expand(x.shape[0], -1, -1, -1)
+    with pytest.raises(tb.FDFE.ConversionError, match=r"Tensor\.add.*one entry per patch of the example batch"
+                                                      r".*p\.expand\(x\.shape\[0\].*broadcasting"):
+        tb.FDFE.convert(Cp(), 3)
+
+
 def test_torch_refuses_padded_pooling_and_partial_windows(tb):
     import torch.nn as nn
     _torch_refusal(tb, [nn.Conv2d(1, 4, 2), nn.MaxPool2d(3, 2, padding=1), nn.Conv2d(4, 2, 2)], 5,
