@@ -2982,6 +2982,15 @@ def _tanh_fusions(steps, output_slot):
     return fusions
 
 
+def _cpu_autocast() -> bool:
+    """True inside ``torch.autocast("cpu")``: its convolutions compute in the autocast dtype, which the fused
+    oneDNN op would not follow."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # older PyTorch
+        return torch.is_autocast_cpu_enabled()
+
+
 def _conv_tanh_available() -> bool:
     """True where oneDNN can run a convolution with tanh applied to its output (CPU builds with mkldnn)."""
     if _CONV_TANH_STATE:
@@ -3074,7 +3083,8 @@ class DenseFeatureNet(nn.Module):
         for i, c in enumerate(constants):
             self.register_buffer(f"constant_{i}", c)
         self.n_constants = len(constants)
-        self._constants_dtype = _compute_dtype(base_net)  # Cp's dtype when its forward made the constants
+        made_in = _compute_dtype(base_net)  # Cp's dtype when its forward made the constants
+        self._constants_follow_cp = [c.is_floating_point() and c.dtype == made_in for c in constants]
         self.expressions = list(expressions)  # what _Derived placeholders compute from Cp's parameters
         self.naive = naive
         self.tile = tile
@@ -3107,19 +3117,20 @@ class DenseFeatureNet(nn.Module):
                 out = func(*args, **kwargs)
                 t = [leaf for leaf in _leaves(out) if isinstance(leaf, torch.Tensor)][ref.leaf]
         else:
-            t = self._constant_like_cp(getattr(self, f"constant_{ref.index}"))
+            t = getattr(self, f"constant_{ref.index}")
+            if ref.index < len(getattr(self, "_constants_follow_cp", ())) and self._constants_follow_cp[ref.index]:
+                t = self._constant_like_cp(t)
         return t if ref.view is None else t.reshape(ref.view)
 
     def _constant_like_cp(self, t):
-        """A constant of Cp's forward made in Cp's dtype (``torch.tensor(..., dtype=x.dtype)``), on Cp's device
-        and in its dtype now, where Cp alone was moved or cast after convert (``ci.to()`` moves both)."""
+        """A constant that Cp's forward made in Cp's dtype (``torch.tensor(..., dtype=x.dtype)``), in Cp's dtype
+        and on its device now, where Cp alone was cast or moved after convert.  Its values keep the precision
+        they were captured in (convert again after casting Cp to a wider dtype: README, Limits)."""
         tensors = list(self.base_net.parameters()) + list(self.base_net.buffers())
         param = next((p for p in tensors if p.is_floating_point()), None)  # as _compute_dtype
         if param is None:
             return t
-        if t.is_floating_point() and t.dtype == getattr(self, "_constants_dtype", None) and param.dtype != t.dtype:
-            t = t.to(param.dtype)
-        return t if t.device == param.device else t.to(param.device)
+        return t.to(device=param.device, dtype=param.dtype)
 
     def stacked(self, padded: torch.Tensor) -> torch.Tensor:
         """Run CI's steps on padded images; returns the shift-stacked result before unwarping.
@@ -3235,7 +3246,8 @@ class DenseFeatureNet(nn.Module):
 
     def _fuses_tanh_now(self, padded):
         return (self.fuse_tanh and not self.naive and not torch.is_grad_enabled() and not _exporting()
-                and padded.device.type == "cpu" and padded.dtype == torch.float32 and _conv_tanh_available())
+                and padded.device.type == "cpu" and padded.dtype == torch.float32 and not _cpu_autocast()
+                and _conv_tanh_available())
 
     def _tanh_fusions(self):
         """{index of a stride-1 convolution step: index of the tanh step it can compute}: the tanh reads the

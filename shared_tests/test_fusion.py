@@ -81,3 +81,17 @@ def test_torch_tanh_fusion_is_available_on_this_cpu_build(tb):
     if not torch.backends.mkldnn.is_available():
         pytest.skip("PyTorch built without oneDNN")
     assert tb.FDFE._conv_tanh_available()
+
+
+def test_torch_no_tanh_fusion_under_autocast(tb):
+    """torch.autocast("cpu", bfloat16) runs Cp's convolutions in bfloat16; the fused oneDNN op would compute in
+    float32 and return float32, so under autocast CI runs Cp's own ops (bit for bit those of Cp)."""
+    torch.manual_seed(0)
+    cp = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Conv2d(8, 5, 3), nn.Tanh()).eval()
+    images = torch.randn(2, 3, 19, 23)
+    ci = tb.FDFE.convert(cp, 5)
+    assert ci._tanh_fusions() == {0: 1, 2: 3}
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        ref, out = tb.FDFE.dense_reference(cp, images, 5), ci(images)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert max_rel_error(out.float(), ref.float()) == 0.0

@@ -8,7 +8,7 @@ float32 rounding of the differently ordered sums)."""
 import numpy as np
 import pytest
 
-from conftest import max_rel_error
+from conftest import TOL, max_rel_error
 
 
 def _layers(case, L):
@@ -113,3 +113,9 @@ def test_torch_constants_of_cps_forward_follow_cp_cast_after_convert(tb):
             out, ref = ci(images), tb.FDFE.dense_reference(cp, images, 4)
         assert out.dtype == ref.dtype == dtype
         assert max_rel_error(out.double(), ref.double()) <= (1e-10 if dtype == torch.float64 else 1e-2)
+    ci.double()  # CI cast (its constants too), then Cp alone back to float32: the constants follow Cp again
+    cp.float()
+    with torch.no_grad():
+        out, ref = ci(images), tb.FDFE.dense_reference(cp, images, 4)
+    assert out.dtype == ref.dtype == torch.float32
+    assert max_rel_error(out, ref) <= TOL["float32"]
