@@ -374,13 +374,15 @@ def test_normalisation_and_prelu_after_a_dense_head(tb, kb, tmp_path):
         torch_net[5].weight.copy_(torch.from_numpy(rng.uniform(0.1, 0.5, 5)))
     _torch_check(tb, torch_net, 6, 2)
     layers = keras.layers
+    keras.utils.set_random_seed(3)  # Keras' initial weights: the outputs were all <= 0 on some seeds
     net = keras.Sequential([keras.Input((6, 6, 2)), layers.Conv2D(3, 3), layers.MaxPooling2D(2), layers.Flatten(),
                             layers.Dense(5), layers.BatchNormalization(), layers.PReLU(), layers.Dense(4),
                             layers.PReLU()])
     bn = net.layers[4]
     for variable, values in [(bn.moving_mean, rng.standard_normal(5)), (bn.moving_variance, rng.uniform(0.5, 2.0, 5)),
                              (bn.gamma, rng.uniform(0.5, 2.0, 5)), (bn.beta, rng.standard_normal(5)),
-                             (net.layers[5].alpha, rng.uniform(0.1, 0.5, 5))]:
+                             (net.layers[5].alpha, rng.uniform(0.1, 0.5, 5)),
+                             (net.layers[7].alpha, rng.uniform(0.1, 0.5, 4))]:  # not 0: negative outputs count
         variable.assign(values.astype("float32"))
     out = _keras_check(kb, net, 6, 2)
     ci = kb.FDFE.convert(net, 6)
