@@ -888,16 +888,20 @@ def check_images(images, in_channels: Optional[int] = None, name: str = "images"
     return images
 
 
+def _first_floating(module: nn.Module) -> Optional[torch.Tensor]:
+    """The network's first floating parameter, else its first floating buffer (None where it has none)."""
+    for tensors in (module.parameters(), module.buffers()):
+        for t in tensors:
+            if t.is_floating_point():
+                return t
+    return None
+
+
 def _compute_dtype(module: nn.Module) -> Optional[torch.dtype]:
     """The floating dtype a network computes in: that of its first floating parameter or buffer (None
     where it has none: such a net computes in its input's dtype)."""
-    for t in module.parameters():
-        if t.is_floating_point():
-            return t.dtype
-    for t in module.buffers():
-        if t.is_floating_point():
-            return t.dtype
-    return None
+    t = _first_floating(module)
+    return None if t is None else t.dtype
 
 
 # ---------------------------------------------------------------------------
@@ -2365,11 +2369,15 @@ class _ConvStep(_Step):
         shape = self.weight_shape or self.weight.view or self.weight.shape
         return tuple(shape[-2:]) == (1, 1) and self.stride == (1, 1)
 
-    def run(self, values, net, overwrite=False):
+    def weights(self, net):
+        """(weight, bias) as the convolution uses them, from Cp's current parameters."""
         weight = net._resolve(self.weight)
         if self.weight_shape is not None:
             weight = weight.reshape(self.weight_shape)
-        bias = None if self.bias is None else net._resolve(self.bias)
+        return weight, None if self.bias is None else net._resolve(self.bias)
+
+    def run(self, values, net, overwrite=False):
+        weight, bias = self.weights(net)
         if net._without_shifts(self):
             return [F.conv2d(values[0], weight, bias, self.stride, 0, self.dilation, self.groups)]
         if net._shifts_in_place(self):  # only per-pixel steps follow: all shifts at once, left in place
@@ -3011,10 +3019,7 @@ def _conv_tanh(x: torch.Tensor, net, step) -> torch.Tensor:
     applied while the output is in the cache, about half the cost of PyTorch's separate pass (1-ulp Sleef
     tanh) on AVX512 CPUs; it differs from torch.tanh by at most about 1e-7 (tests compare with Cp).  Falls
     back to the two ops where oneDNN refuses (and stops trying)."""
-    weight = net._resolve(step.weight)
-    if step.weight_shape is not None:
-        weight = weight.reshape(step.weight_shape)
-    bias = None if step.bias is None else net._resolve(step.bias)
+    weight, bias = step.weights(net)
     if torch.backends.mkldnn.enabled and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
         try:
             return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [0, 0], [1, 1], list(step.dilation),
@@ -3126,11 +3131,8 @@ class DenseFeatureNet(nn.Module):
         """A constant that Cp's forward made in Cp's dtype (``torch.tensor(..., dtype=x.dtype)``), in Cp's dtype
         and on its device now, where Cp alone was cast or moved after convert.  Its values keep the precision
         they were captured in (convert again after casting Cp to a wider dtype: README, Limits)."""
-        tensors = list(self.base_net.parameters()) + list(self.base_net.buffers())
-        param = next((p for p in tensors if p.is_floating_point()), None)  # as _compute_dtype
-        if param is None:
-            return t
-        return t.to(device=param.device, dtype=param.dtype)
+        param = _first_floating(self.base_net)  # the tensor _compute_dtype reads
+        return t if param is None else t.to(device=param.device, dtype=param.dtype)
 
     def stacked(self, padded: torch.Tensor) -> torch.Tensor:
         """Run CI's steps on padded images; returns the shift-stacked result before unwarping.
