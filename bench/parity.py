@@ -45,11 +45,13 @@ def worker(backend, name, height, width, threads):
     patch = architectures.PATCH[name]
     net = architectures.build_torch(name)
     image = np.random.default_rng(0).standard_normal((1, height, width, 1)).astype(np.float32)
-    keep = os.environ.get("PARITY_KEEP_FREED_MEMORY") == "1"
+    def keep_freed_memory(fdfe):  # --keep-freed-memory: glibc keeps freed memory in this process
+        if os.environ.get("PARITY_KEEP_FREED_MEMORY") == "1" and not fdfe.keep_freed_memory():
+            raise SystemExit("keep_freed_memory() is not available here (glibc only)")
+
     if backend == "torch":
         fdfe = load_backend("pytorch", "torch").FDFE
-        if keep and not fdfe.keep_freed_memory():
-            raise SystemExit("keep_freed_memory() is not available here (glibc only)")
+        keep_freed_memory(fdfe)
         ci = fdfe.convert(net, patch, progress=False)
         x = torch.from_numpy(image.transpose(0, 3, 1, 2).copy())
 
@@ -62,8 +64,7 @@ def worker(backend, name, height, width, threads):
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
         fdfe = load_backend("tensorflow", "tf").FDFE
-        if keep and not fdfe.keep_freed_memory():
-            raise SystemExit("keep_freed_memory() is not available here (glibc only)")
+        keep_freed_memory(fdfe)
         ci = fdfe.convert(architectures.build_keras(name, net, fdfe, "float32"), patch, progress=False)
         x = tf.constant(image)
 

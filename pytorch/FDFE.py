@@ -1242,7 +1242,7 @@ def _one_channel_channels_last(x: torch.Tensor) -> torch.Tensor:
     same memory, but convolutions on it give channels-last outputs, where the ordinary strides leave them
     in NCHW (CI then converted the first convolution's output: 2x its time plus a copy, on grey images).
     Used on CPUs (oneDNN); GPU paths keep the ordinary strides, whose speed there was measured."""
-    if x.shape[1] != 1 or not x.is_contiguous():
+    if x.device.type != "cpu" or x.shape[1] != 1 or not x.is_contiguous():
         return x
     return x.as_strided(x.shape, (x.stride(0), 1, x.stride(2), 1))
 
@@ -1612,7 +1612,7 @@ class multiPoolPrepare(nn.Module):
 
     def forward(self, images):
         padded = multipool_prepare(images, self.patch_size, self.stride_product)
-        if padded.device.type == "cpu" and not _exporting():  # grey images: the next convolution writes channels-last
+        if not _exporting():  # grey images: the next convolution writes channels-last
             padded = _one_channel_channels_last(padded)
         return padded
 
@@ -3211,7 +3211,7 @@ class DenseFeatureNet(nn.Module):
             return self._finish(self.stacked(padded), height, width)
         if self.memory_format is not None and self.memory_format != torch.contiguous_format:
             padded = padded.contiguous(memory_format=self.memory_format)
-            if self.memory_format == torch.channels_last and padded.shape[1] == 1 and padded.device.type == "cpu":
+            if self.memory_format == torch.channels_last:
                 padded = _one_channel_channels_last(padded)
         tile = self._tile_size(images.device, height, width, images.shape[0], images.dtype)
         if tile is None:

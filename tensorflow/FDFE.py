@@ -866,11 +866,14 @@ class _Layer(keras.layers.Layer):
             return spec  # Keras ran call() on symbolic inputs: its dtypes are the call's
         floating = [t.dtype for t in keras.tree.flatten((args, kwargs))
                     if isinstance(t, keras.KerasTensor) and tf.as_dtype(t.dtype).is_floating]
-        if not floating:
-            return spec
-        return keras.tree.map_structure(
-            lambda t: keras.KerasTensor(t.shape, dtype=floating[0])
-            if isinstance(t, keras.KerasTensor) and tf.as_dtype(t.dtype).is_floating else t, spec)
+        return _spec_in_dtype(spec, floating[0]) if floating else spec
+
+
+def _spec_in_dtype(spec, dtype):
+    """``spec`` (KerasTensors) with its floating tensors declared in ``dtype``."""
+    return keras.tree.map_structure(
+        lambda t: keras.KerasTensor(t.shape, dtype=dtype)
+        if isinstance(t, keras.KerasTensor) and tf.as_dtype(t.dtype).is_floating else t, spec)
 
 
 # ---------------------------------------------------------------------------
@@ -1527,11 +1530,7 @@ class _WrapperLayer(_Layer):
         """As :class:`_Layer`'s, in the wrapped layer's compute dtype, which its call computes in."""
         spec = super().compute_output_spec(*args, **kwargs)
         dtype = getattr(getattr(self, self.wrapped, None), "compute_dtype", None)
-        if dtype is None:
-            return spec
-        return keras.tree.map_structure(
-            lambda t: keras.KerasTensor(t.shape, dtype=dtype)
-            if isinstance(t, keras.KerasTensor) and tf.as_dtype(t.dtype).is_floating else t, spec)
+        return spec if dtype is None else _spec_in_dtype(spec, dtype)
 
     def get_config(self):
         inner = keras.saving.serialize_keras_object(getattr(self, self.wrapped))
