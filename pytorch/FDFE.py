@@ -2031,11 +2031,12 @@ def _leaves(obj):
 class _Node:
     """One recorded call of Cp's forward that touched an activation."""
 
-    def __init__(self, func, args, kwargs, in_slots, in_shapes, out_slots, out_shapes, where):
+    def __init__(self, func, args, kwargs, in_slots, in_shapes, out_slots, out_shapes, where, constants=None):
         self.func, self.args, self.kwargs = func, args, kwargs
         self.in_slots, self.in_shapes = in_slots, in_shapes
         self.out_slots, self.out_shapes = out_slots, out_shapes
         self.where = where
+        self.constants = [] if constants is None else constants  # the tracer's: what _Const placeholders index
 
     @property
     def name(self):
@@ -2082,6 +2083,11 @@ _IN_PLACE_OPERATORS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "
                                                "and", "or", "xor", "lshift", "rshift")}
 
 #: Tensor methods that turn values into Python numbers (on Cp's parameters: refused, see _Tracer._record_derived)
+#: Tensor methods whose result depends on the tensor's dtype and device, not on its values: called on an
+#: activation (``x.new_zeros(x.shape)``) they make a constant of Cp's forward, as ``torch.zeros`` does
+_NEW_TENSOR_METHODS = {getattr(torch.Tensor, n) for n in ("new_zeros", "new_ones", "new_full", "new_tensor")
+                       if hasattr(torch.Tensor, n)}
+
 _VALUE_READS = {"item", "tolist", "numpy", "__float__", "__int__", "__index__", "__bool__", "__complex__"}
 
 
@@ -2207,6 +2213,8 @@ class _Tracer(TorchFunctionMode):
         if not in_slots:
             self._record_derived(func, args, kwargs, out, in_place)
             return out
+        if func in _NEW_TENSOR_METHODS:
+            return out  # a constant, captured where an op reads it
         where = self.stack[-1]
         out_tensors = [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
         if not out_tensors:
@@ -2233,7 +2241,7 @@ class _Tracer(TorchFunctionMode):
             out_slots.append(self.n_slots)
             self.n_slots += 1
         self.nodes.append(_Node(func, args_t, kwargs_t, in_slots, in_shapes, out_slots,
-                                [tuple(t.shape) for t in out_tensors], where))
+                                [tuple(t.shape) for t in out_tensors], where, self.constants))
         return out
 
 
@@ -2445,10 +2453,31 @@ def _channel_dim(geom, dim, node):
                     f"only the channel axis (dim 1) can be made dense")
 
 
+def _same_at_every_position(value, geom, node):
+    """A constant of Cp's forward (``torch.zeros(x.shape)``, ``torch.full(x.shape, c)``, ``x.new_ones(...)``)
+    whose entries are the same at every position of the patch and for every patch of the example batch: the
+    one value per channel it holds, as a new constant of shape (1, C, 1, 1) (a map) or (1, C) (a vector of one
+    position), which broadcasts to the same values.  Exact, since such a constant does not depend on the
+    input; parameters and values computed from them (which training may make differ) are never replaced.
+    ``value`` otherwise."""
+    if not isinstance(value, _Const) or value.view is not None or not (geom.kind == MAP or geom.is_pixel_vector):
+        return value
+    rank, tensor = (4 if geom.kind == MAP else 2), node.constants[value.index]
+    if tensor.dim() > rank:
+        return value
+    tensor = tensor.reshape((1,) * (rank - tensor.dim()) + tuple(tensor.shape))  # as it broadcasts
+    first = tensor[:1, :, :1, :1] if geom.kind == MAP else tensor[:1]
+    if first.shape == tensor.shape or not torch.equal(tensor, first.expand_as(tensor)):  # (NaN: never equal)
+        return value
+    node.constants.append(first.clone())
+    return _Const(len(node.constants) - 1, first.shape)
+
+
 def _constant_for(geom, value, node):
     """Reshape a constant operand so that it broadcasts per pixel on the dense tensor."""
     if not isinstance(value, (torch.Tensor,) + _OPERANDS):
         return value
+    value = _same_at_every_position(value, geom, node)
     shape = tuple(value.shape)
     if _prod(shape) == 1 and len(shape) <= (4 if geom.kind == MAP else 2):
         return value
@@ -2462,6 +2491,11 @@ def _constant_for(geom, value, node):
                             f"traces ({batch} patches), as a value expanded or repeated to the batch size "
                             f"(p.expand(x.shape[0], ...)) has; leave the batch axis to broadcasting (x + p with p "
                             f"of shape (1, C, 1, 1)), which CI can make dense")
+        if isinstance(value, (_Param, _Derived)):
+            what = f"the parameter or buffer {value.name!r}" if isinstance(value, _Param) \
+                else "a value computed from Cp's parameters"
+            raise node.fail(f"{what} has shape {shape}, one entry per position of the patch ({geom.describe()}), "
+                            f"which may differ (training changes them), so overlapping patches cannot share work")
         raise node.fail(f"a constant of shape {shape} differs across positions of the patch "
                         f"({geom.describe()}), so overlapping patches cannot share work")
     if geom.kind == VECTOR and geom.size == (1, 1) and len(shape) <= 2 and (len(shape) < 2 or shape[0] == 1):

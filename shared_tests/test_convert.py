@@ -334,6 +334,72 @@ def test_comparisons_channel_maxima_and_same_padding_of_one_by_one_kernels(tb, k
     _keras_check(kb, net, 6, 2)
 
 
+def test_constants_the_same_at_every_position_are_per_channel(tb, kb):
+    """Constants of the activation's shape made in Cp's forward (torch.zeros(x.shape), torch.full, x.new_ones,
+    keras.ops.zeros_like, tf.fill(tf.shape(x), c), an op of such constants) hold one value per channel at every
+    position of every patch: CI uses that value per pixel, exactly (they were refused as "differing across
+    positions").  A constant that differs per position, and a weight of the patch's shape (equal everywhere now,
+    but training may change that), are refused, the weight by name."""
+    import keras
+    import tensorflow as tf
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self, variant):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 3, 2, stride=2)
+            self.scale = nn.Parameter(torch.ones(4, 4, 4))
+            self.variant = variant
+
+        def forward(self, x):
+            x = self.conv1(x)
+            n, c, h, w = x.shape
+            if self.variant == "same":
+                per_channel = torch.ones(n, c, h, w) * torch.arange(c).view(1, c, 1, 1) * 0.1
+                x = torch.maximum(x, torch.zeros(x.shape)) + torch.full((c, h, w), 0.3) - per_channel
+                x = torch.where(x > 0.5, x * x.new_ones(x.shape), x.new_full((n, c, h, w), -0.2)) + x.new_tensor(2.0)
+            elif self.variant == "columns":
+                x = x + torch.arange(w) * 0.1
+            else:
+                x = x * self.scale
+            return self.conv2(x).amax((2, 3))
+    _torch_check(tb, Net("same"), 6, 2)
+    with pytest.raises(tb.FDFE.ConversionError, match=r"Tensor.add .*a constant of shape \(4,\) differs across "
+                                                      r"positions of the patch \(a 4x4x4 map\)"):
+        tb.FDFE.convert(Net("columns"), 6, in_channels=2)
+    with pytest.raises(tb.FDFE.ConversionError, match=r"the parameter or buffer 'scale' has shape \(4, 4, 4\), one "
+                                                      r"entry per position of the patch .*training changes them"):
+        tb.FDFE.convert(Net("weight"), 6, in_channels=2)
+
+    ops = keras.ops
+
+    def same(x):
+        per_channel = tf.ones_like(x) * tf.range(4, dtype=x.dtype) * 0.1
+        x = ops.maximum(x, ops.zeros_like(x)) + tf.fill(tf.shape(x), 0.3) - per_channel + tf.ones((4, 4, 4)) * 0.5
+        return tf.where(x > 0.5, x * ops.ones_like(x), ops.full_like(x, -0.2)) + 2.0
+
+    class Scaled(keras.layers.Layer):
+        def build(self, shape):
+            self.scale = self.add_weight(shape=(4, 4, 4), initializer="ones")
+
+        def call(self, x):
+            return x * self.scale
+
+    def net(middle):
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((6, 6, 2))
+        x = middle(keras.layers.Conv2D(4, 3)(inp))
+        return keras.Model(inp, keras.layers.GlobalMaxPooling2D()(keras.layers.Conv2D(3, 2, strides=2)(x)))
+    _keras_check(kb, net(keras.layers.Lambda(same)), 6, 2)
+    columns = keras.layers.Lambda(lambda x: x + tf.range(4, dtype=x.dtype)[:, None] * 0.1)
+    with pytest.raises(kb.FDFE.ConversionError, match=r"constant of shape \[4, 1\], which differs per position"):
+        kb.FDFE.convert(net(columns), 6, in_channels=2)
+    with pytest.raises(kb.FDFE.ConversionError, match=r"a value of shape \[4, 4, 4\] computed from Cp's weights, "
+                                                      r"one entry per position of the patch"):
+        kb.FDFE.convert(net(Scaled()), 6, in_channels=2)
+
+
 def test_keras_center_crop_is_a_crop(kb, tmp_path):
     """CenterCrop of a larger map is a crop at Keras' offsets ((size - target) // 2, odd margins included);
     onto a larger target it resizes, refused with the reason; CI with it saves and loads."""

@@ -237,7 +237,7 @@ def test_keras_op_refusals_name_the_op_and_why(kb):
         (lambda s, x: s.b(s.a(x)[:1]), r"\(StridedSlice.*it slices the batch of patches"),
         (lambda s, x: s.b(s.a(x) + tf.random.normal((1, 5, 5, 4))),
          r"\(AddV2.*computes a constant with RandomStandardNormal .*a random or stateful op"),
-        (lambda s, x: s.b(s.a(x) * tf.ones((5, 5, 4))),
+        (lambda s, x: s.b(s.a(x) * tf.reshape(tf.range(100, dtype=x.dtype), (5, 5, 4))),
          r"\(Mul.*with a constant of shape \[5, 5, 4\], which differs per position of the patch"),
         (lambda s, x: s.d(ops.softmax(ops.reshape(s.b(s.a(x)), (-1, 27)))),
          r"\(Softmax.*along the last axis of a flattened 3x3x3 map, which mixes positions of the patch"),

@@ -3017,6 +3017,36 @@ def _per_channel(geom):
     return geom.kind == MAP or geom.is_pixel_vector
 
 
+def _same_at_every_position(spec, geom):
+    """A constant of Cp's call() (``keras.ops.zeros_like(x)``, ``tf.fill(tf.shape(x), c)``) whose entries are the
+    same at every position of the patch and for every patch of the example batch: the one value per channel
+    it holds, of shape [1, ..., 1, C], which broadcasts to the same values.  Exact, since such a constant does
+    not depend on the input; values computed from Cp's variables (which training may make differ) are never
+    replaced.  ``spec`` otherwise."""
+    if not isinstance(spec, dict) or not _per_channel(geom) or not _constant_only(spec):
+        return spec
+    if "const" in spec:
+        value, dtype = np.asarray(spec["const"]), spec["dtype"]
+    else:  # an op of constants only (tf.ones_like(x) * 0.5): its value, computed once
+        value = _operand_value(spec, [], [])
+        value, dtype = np.asarray(value.numpy()), value.dtype.name
+    if value.ndim < 2:
+        return spec
+    first = value.reshape(-1, value.shape[-1])[:1].reshape((1,) * (value.ndim - 1) + value.shape[-1:])
+    if first.shape == value.shape or not np.array_equal(value, np.broadcast_to(first, value.shape)):  # (NaN: never)
+        return spec
+    return {"const": first.tolist(), "dtype": dtype, "shape": list(first.shape)}
+
+
+def _constant_only(spec):
+    """Whether an operand spec stands for a constant: neither computed from the input nor from Cp's variables."""
+    if isinstance(spec, list):
+        return all(_constant_only(s) for s in spec)
+    if "op" in spec:
+        return all(_constant_only(s) for s in spec["args"].values())
+    return "const" in spec
+
+
 _ELEMENTWISE_OPS = (
     # activations and other functions of one value
     "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Softplus", "Softsign", "Sigmoid", "Tanh", "Abs", "Neg", "Sign",
@@ -3054,15 +3084,21 @@ def _rule_elementwise_op(call, geoms):
             raise call.fail(f"it broadcasts {geom.describe()} along the last axis of a {out} value, which mixes "
                             f"positions of the patch")
     first, unwarps = _merge_grids(call, geoms)
-    for spec in _flat_specs(call.args):
+    args = {name: [_same_at_every_position(s, first) for s in spec] if isinstance(spec, list)
+            else _same_at_every_position(spec, first) for name, spec in call.args.items()}
+    for spec in _flat_specs(args):
         if "input" in spec:
             continue
         shape = tuple(spec["shape"] or ())
         per_position = any(s != 1 for s in shape[:-1]) or (shape and shape[-1] != 1 and not _per_channel(first))
         if len(shape) > len(out) or per_position or (shape and shape[-1] not in (1, out[-1])):
+            if not _constant_only(spec):
+                raise call.fail(f"it combines {first.describe()} with a value of shape {list(shape)} computed from "
+                                f"Cp's weights, one entry per position of the patch, which may differ (training "
+                                f"changes them); only scalars and per-channel values can be made dense")
             raise call.fail(f"it combines {first.describe()} with a constant of shape {list(shape)}, which differs "
                             f"per position of the patch; only scalars and per-channel constants can be made dense")
-    return _op_runner(call, unwarps=unwarps), [first.with_(channels=out[-1] if _per_channel(first) else None)]
+    return _op_runner(call, args, unwarps), [first.with_(channels=out[-1] if _per_channel(first) else None)]
 
 
 @_op_rule_for("MatMul", label="TensorFlow matrix products in call() with a constant or weight (x @ w): per pixel "
