@@ -2082,12 +2082,12 @@ _METADATA_METHODS = {getattr(torch.Tensor, n) for n in (
 _IN_PLACE_OPERATORS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
                                                "and", "or", "xor", "lshift", "rshift")}
 
-#: Tensor methods that turn values into Python numbers (on Cp's parameters: refused, see _Tracer._record_derived)
 #: Tensor methods whose result depends on the tensor's dtype and device, not on its values: called on an
 #: activation (``x.new_zeros(x.shape)``) they make a constant of Cp's forward, as ``torch.zeros`` does
 _NEW_TENSOR_METHODS = {getattr(torch.Tensor, n) for n in ("new_zeros", "new_ones", "new_full", "new_tensor")
                        if hasattr(torch.Tensor, n)}
 
+#: Tensor methods that turn values into Python numbers (on Cp's parameters: refused, see _Tracer._record_derived)
 _VALUE_READS = {"item", "tolist", "numpy", "__float__", "__int__", "__index__", "__bool__", "__complex__"}
 
 
