@@ -2091,6 +2091,23 @@ _NEW_TENSOR_METHODS = {getattr(torch.Tensor, n) for n in ("new_zeros", "new_ones
 _VALUE_READS = {"item", "tolist", "numpy", "__float__", "__int__", "__index__", "__bool__", "__complex__"}
 
 
+def _version(t: torch.Tensor):
+    """The version counter of ``t``'s memory (shared by its views; in-place ops advance it); None for inference
+    tensors, which have none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _memory_of(t: torch.Tensor):
+    """A key of the memory ``t`` views (its storage's address), the same for every view of it."""
+    try:
+        return (t.device, t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 class _Tracer(TorchFunctionMode):
     """Records every call of Cp's forward that touches a value derived from the input."""
 
@@ -2106,6 +2123,8 @@ class _Tracer(TorchFunctionMode):
         self.derived = {}                       # id of a tensor computed from parameters alone -> _Derived
         self.expressions = []                   # (func, args, kwargs, in place) of each such computation
         self.stale = {}                         # id of a view whose memory an in-place op changed -> why refused
+        self.version_of = {id(example): _version(example)}  # activation -> its memory's version when recorded
+        self.changed_by = {}                    # memory of activations -> the last in-place op that changed it
         self.nodes: List[_Node] = []
         self.stack = [type(base_net).__name__ + ".forward"]
         self.hooks = []
@@ -2206,8 +2225,11 @@ class _Tracer(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        in_slots = [self.slot_of[id(t)] for t in _leaves((args, kwargs))
-                    if isinstance(t, torch.Tensor) and id(t) in self.slot_of]
+        activations = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor) and id(t) in self.slot_of]
+        in_slots = [self.slot_of[id(t)] for t in activations]
+        # an activation whose memory an in-place op changed after it was recorded (through a view of it, the
+        # tensor it views, or another view of that memory): its recorded expression no longer gives its values
+        stale = [t for t in activations if _version(t) != self.version_of.get(id(t))]
         in_place = None if in_slots else self._before_in_place(func, args, kwargs)
         out = func(*args, **kwargs)
         if not in_slots:
@@ -2230,11 +2252,22 @@ class _Tracer(TorchFunctionMode):
             raise ConversionError(
                 f"{where}: {_func_name(func)} reads the values of an activation (data-dependent "
                 f"control flow or a Python number computed from the patch); CI cannot reproduce that")
+        if stale:
+            change = self.changed_by.get(_memory_of(stale[0]), "an in-place op")
+            raise ConversionError(
+                f"{where}: {_func_name(func)} reads an activation whose memory {change} changed in place through "
+                f"another tensor that shares it (a view such as y[:, :2] or y.view(...), or the tensor a view was "
+                f"taken of), after the activation was computed; CI cannot follow changes through views: compute "
+                f"it out of place (torch.cat of the parts, torch.where with a mask, or clone() before changing it)")
+        for t in activations:
+            if _version(t) != self.version_of.get(id(t)):  # this op changed it in place
+                self.changed_by[_memory_of(t)] = f"{_func_name(func)} (in {where})"
         args_t = _map_structure(args, self._template)
         kwargs_t = _map_structure(kwargs, self._template)
         in_shapes = [self.shapes[s] for s in in_slots]
         out_slots = []
         for t in out_tensors:
+            self.version_of[id(t)] = _version(t)
             self.slot_of[id(t)] = self.n_slots
             self.shapes[self.n_slots] = tuple(t.shape)
             self.alive.append(t)

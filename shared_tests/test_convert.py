@@ -548,6 +548,60 @@ def test_torch_inplace_ops_never_touch_the_input_or_other_tiles(tb):
         assert max_rel_error(out, ref) <= TOL["float64"], tile
 
 
+def test_torch_inplace_changes_through_views_are_refused(tb):
+    """An in-place op that changes an activation's memory through another tensor sharing it (a view changed in
+    place, the tensor a view was taken of, detach()) left the other tensor with its old expression: CI computed
+    the unchanged values, 0.3 off, silently with check=False or with a large other output channel.  Reading
+    such a tensor is refused, naming the in-place op; in-place ops whose changed values are read only through
+    the changed tensor (ReLU(inplace=True), out += identity, a view of the result) stay exact."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    def view_changed(y):
+        y[:, :2].relu_()
+        return y
+
+    def base_changed(y):
+        z = y[:, :, 1:-1, 1:-1]
+        y.mul_(2)
+        return F.pad(z, (1, 1, 1, 1)) + y
+
+    def detached(y):
+        z = y.detach()
+        F.relu(y, inplace=True)
+        return z
+
+    def reshaped(y):
+        y.view(y.shape[0], 4, -1).mul_(3)
+        return y
+
+    def fine(y):
+        x = F.relu(y, inplace=True)
+        x += y.new_tensor(0.5)
+        x = x.flatten(1).clamp_(max=2.0).view(y.shape)  # a view changed, then read through itself only
+        x.mul_(torch.sigmoid(x))
+        return x
+
+    class Net(nn.Module):
+        def __init__(self, middle):
+            super().__init__()
+            self.conv1, self.conv2, self.middle = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 3, 2, stride=2), middle
+
+        def forward(self, x):
+            y = self.middle(self.conv1(x))
+            return self.conv2(y).amax((2, 3))
+
+    changed = {view_changed: "Tensor.relu_", base_changed: "Tensor.mul_", detached: "F.relu", reshaped: "Tensor.mul_"}
+    for middle, op in changed.items():
+        for check in (True, False):
+            with pytest.raises(tb.FDFE.ConversionError, match=rf"reads an activation whose memory {op} \(in "
+                                                               rf"Net.forward\) changed in place through another "
+                                                               rf"tensor that shares it"):
+                tb.FDFE.convert(Net(middle), 6, in_channels=2, check=check)
+    _torch_check(tb, Net(fine), 6, 2)
+
+
 def test_keras_depthwise_and_separable_convolutions(kb, tmp_path):
     """DepthwiseConv2D and SeparableConv2D (valid padding; stride, dilation, depth multiplier) convert
     exactly: reused at stride 1, all shifts when strided; naive, tiled, at an output stride, saved."""
