@@ -602,6 +602,42 @@ def test_torch_inplace_changes_through_views_are_refused(tb):
     _torch_check(tb, Net(fine), 6, 2)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Keras' quantize() warnings
+def test_keras_layers_whose_dense_form_would_skip_their_call_are_refused(kb):
+    """A strided Conv2D subclass that overrides convolution_op (weight standardisation, an input clip) and a
+    quantized Dense on a flattened map: CI made their dense forms from the raw kernel, skipping the override or
+    the scales (4.5 off silently for the clip, whose effect the random check image did not reach; 1e3 off with
+    check=False for int8).  Refused by name; at stride 1, and a quantized Dense on channels, the layer is called
+    as it is: exact."""
+    import keras
+    import tensorflow as tf
+    L, ops = keras.layers, keras.ops
+
+    class ClippedConv2D(L.Conv2D):
+        def convolution_op(self, inputs, kernel):
+            return super().convolution_op(ops.clip(inputs, -0.5, 0.5), kernel)
+
+    def net(strides, quantized=False):
+        keras.utils.set_random_seed(0)
+        cp = keras.Sequential([keras.Input((8, 8, 2)), ClippedConv2D(4, 3, strides=strides), L.Dense(5),
+                               L.MaxPooling2D(2), L.Flatten(), L.Dense(3)])
+        if quantized:
+            cp.quantize("int8")
+        return cp
+    with pytest.raises(kb.FDFE.ConversionError, match=r"layer 'clipped_conv2d.*' \(ClippedConv2D\) .*overrides "
+                                                      r"convolution_op\(\) of Conv2D, which its strided form"):
+        kb.FDFE.convert(net(2), 8, in_channels=2, check=False)
+    _keras_check(kb, net(1), 8, 2)
+    with pytest.raises(kb.FDFE.ConversionError, match=r"layer 'dense.*' \(Dense\) .*it is quantized "
+                                                      r"\(quantization_mode='int8'\).*computed from its kernel"):
+        kb.FDFE.convert(net(1, quantized=True), 8, in_channels=2, check=False)
+    cp = net(1, quantized=True)
+    cp = keras.Sequential(cp.layers[:-2] + [L.GlobalMaxPooling2D()])  # the quantized Dense on channels only
+    images = tf.constant(netspec.random_images(2, 2, 9, 10, seed=9), dtype=tf.float32)
+    assert max_rel_error(kb.FDFE.convert(cp, 8, in_channels=2)(images),
+                         kb.FDFE.dense_reference(cp, images, 8)) <= TOL["float32"]
+
+
 def test_keras_depthwise_and_separable_convolutions(kb, tmp_path):
     """DepthwiseConv2D and SeparableConv2D (valid padding; stride, dilation, depth multiplier) convert
     exactly: reused at stride 1, all shifts when strided; naive, tiled, at an output stride, saved."""

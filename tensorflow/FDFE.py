@@ -2602,6 +2602,23 @@ def _require_map(call, geom):
         raise call.fail(f"its input is {geom.describe()}, not an image-like map")
 
 
+def _require_plain_weights(call, form, *methods):
+    """For a layer whose dense ``form`` CI computes from its kernel rather than by calling it: refuse a quantized
+    layer (its kernel is stored quantized, its scales apply in call()) and a subclass that overrides one of
+    ``methods`` of the layer kind convert knows (such as Conv2D.convolution_op), which that form would skip."""
+    layer = call.layer
+    mode = getattr(layer, "quantization_mode", None)
+    if mode is not None:
+        raise call.fail(f"it is quantized (quantization_mode={mode!r}) and {form} is computed from its kernel, "
+                        f"which is stored quantized; convert the model before quantizing it")
+    known = next((base for base in type(layer).__mro__ if base in _RULES), type(layer))
+    for name in methods:
+        if getattr(type(layer), name, None) is not getattr(known, name, None):
+            raise call.fail(f"its class {type(layer).__name__} overrides {name}() of {known.__name__}, which "
+                            f"{form} would skip: CI computes that form from the layer's kernel and strides, not "
+                            f"by calling the layer (at stride 1 it calls the layer, overrides included)")
+
+
 def _require_channels_last(call):
     if getattr(call.layer, "data_format", "channels_last") != "channels_last":
         raise call.fail("only data_format='channels_last' is supported")
@@ -2763,6 +2780,7 @@ def _make_conv_rule(dense_layer):
         stride = tuple(layer.strides)
         if stride == (1, 1):
             return _reuse(layer), [_map_geom(call, geom)]
+        _require_plain_weights(call, "its strided form (all shifts)", "convolution_op")
         return (lambda xs: [dense_layer(layer)(xs[0])]), [_map_geom(call, geom, stride)]
     rule.__doc__ = f"convolution without padding: reused at stride 1, {dense_layer.__name__} when strided."
     return rule
@@ -2850,6 +2868,7 @@ def _rule_dense(call, geoms):
     if geom.kind == MAP or geom.size == (1, 1):
         _activation_ok(call, geom, layer)
         return _reuse(layer), [geom.with_(channels=units)]
+    _require_plain_weights(call, "its form on a flattened map (an h x w convolution)")
     return (lambda xs: [DenseAsConv(layer, geom.size)(xs[0])]), [geom.with_(channels=units, size=(1, 1))]
 
 
