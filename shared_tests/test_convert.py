@@ -638,6 +638,41 @@ def test_keras_layers_whose_dense_form_would_skip_their_call_are_refused(kb):
                          kb.FDFE.dense_reference(cp, images, 8)) <= TOL["float32"]
 
 
+def test_keras_adapted_normalization_follows_adapt_and_load_weights(kb, tmp_path):
+    """An adapted Normalization keeps its statistics as tensors made when it is adapted or loaded, which CI's
+    graph kept: after Cp's adapt() or load_weights() (convert first, then load the trained weights) CI was 1.7
+    and 3.5 off, silently.  CI reads the layer's variables at every call, and saves and loads with them."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+    rng = np.random.default_rng(0)
+
+    def net():
+        keras.utils.set_random_seed(0)
+        cp = keras.Sequential([keras.Input((6, 6, 3)), L.Normalization(), L.Conv2D(4, 3), L.MaxPooling2D(2),
+                               L.Conv2D(3, 2), L.Flatten(), L.Dense(4), L.Normalization(invert=True)])
+        cp.layers[0].adapt(rng.standard_normal((8, 6, 6, 3)).astype("float32"))
+        cp.layers[-1].adapt(rng.standard_normal((8, 4)).astype("float32") * 3 + 1)
+        return cp
+    images = tf.constant(netspec.random_images(2, 3, 9, 10, seed=9), dtype=tf.float32)
+
+    def exact(ci, cp):
+        assert max_rel_error(ci(images), kb.FDFE.dense_reference(cp, images, 6)) <= TOL["float32"]
+    cp = net()
+    ci = kb.FDFE.convert(cp, 6, in_channels=3)
+    exact(ci, cp)
+    cp.layers[0].adapt((rng.standard_normal((8, 6, 6, 3)) * 5 + 3).astype("float32"))
+    exact(ci, cp)
+    trained = net()
+    trained.layers[-1].adapt(rng.standard_normal((8, 4)).astype("float32") - 4)
+    trained.save_weights(str(tmp_path / "trained.weights.h5"))
+    cp.load_weights(str(tmp_path / "trained.weights.h5"))
+    exact(ci, cp)
+    ci.save(str(tmp_path / "ci.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "ci.keras"))
+    assert np.array_equal(loaded(images).numpy(), ci(images).numpy())
+
+
 def test_keras_depthwise_and_separable_convolutions(kb, tmp_path):
     """DepthwiseConv2D and SeparableConv2D (valid padding; stride, dilation, depth multiplier) convert
     exactly: reused at stride 1, all shifts when strided; naive, tiled, at an output stride, saved."""

@@ -2702,6 +2702,10 @@ def _rule_channelwise(call, geoms):
     if hasattr(layer, "axis"):
         _check_channel_axis(call, layer.axis, len(call.in_shapes[0]))
     _per_pixel_ok(call, geom)
+    if isinstance(layer, keras.layers.Normalization) and getattr(layer, "input_mean", None) is None \
+            and hasattr(layer, "adapt_mean"):
+        normalization = _AdaptedNormalization(layer)  # its statistics as they are at every call
+        return (lambda xs: [normalization(xs[0])]), [geom]
     if len(call.in_shapes[0]) == 2:  # built for (B, C) vectors, which accept no (B, H, W, C) values
         return (lambda xs: [PerPixel(layer)(xs[0])]), [geom]
     return _reuse(layer), [geom]
@@ -2717,6 +2721,32 @@ def _rule_layer_norm(call, geoms):
         raise call.fail(f"it normalises {geoms[0].describe()} over axes {axis}, with statistics of each patch; "
                         f"{_PER_PATCH_REASON}")
     return _rule_channelwise(call, geoms)
+
+
+@_register
+class _AdaptedNormalization(_WrapperLayer):
+    """An adapted ``keras.layers.Normalization`` (statistics in its ``adapt_mean``/``adapt_variance`` variables)
+    that reads them at every call, as the layer computes: the layer itself keeps them as tensors made when it
+    is adapted or loaded, which a CI traced into a graph would keep after ``adapt()`` or ``load_weights()``.
+
+    Shape:
+        (..., C) -> (..., C), normalised over the last axis.
+    """
+
+    def __init__(self, layer, **kwargs):
+        super().__init__(**kwargs)
+        self.layer = layer
+
+    def call(self, x):
+        layer = self.layer
+        x = tf.cast(x, layer.compute_dtype)
+        mean = tf.cast(tf.reshape(layer.adapt_mean, [-1]), layer.compute_dtype)
+        scale = tf.maximum(tf.sqrt(tf.cast(tf.reshape(layer.adapt_variance, [-1]), layer.compute_dtype)),
+                           keras.backend.epsilon())
+        return mean + x * scale if layer.invert else (x - mean) / scale
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
 
 @_register
