@@ -331,6 +331,33 @@ def test_keras_saved_model_serves_any_image_size(kb, tmp_path):
             assert max_rel_error(out, ref) <= TOL["float32"]
 
 
+def test_keras_saved_model_of_a_cp_whose_call_reads_its_weights(kb, tmp_path):
+    """A layer of Cp without a rule of its own that reads its weight in call() (x * exp(self.log_s)) becomes
+    ops of CI that read Cp's variable, which TensorFlow's tracking did not reach: tf.saved_model.save(ci)
+    failed ("references an 'untracked' resource").  It saves, and the reloaded CI is exact; .keras too."""
+    import keras
+    import tensorflow as tf
+
+    class Scaled(keras.layers.Layer):
+        def build(self, shape):
+            self.log_s = self.add_weight(shape=(shape[-1],), initializer="random_normal", name="log_s")
+
+        def call(self, x):
+            return x * keras.ops.exp(self.log_s)
+    keras.utils.set_random_seed(0)
+    net = keras.Sequential([keras.Input((7, 7, CHANNELS)), keras.layers.Conv2D(4, 3), Scaled(),
+                            keras.layers.MaxPooling2D(2), keras.layers.Conv2D(3, 2), keras.layers.Flatten()])
+    ci = kb.FDFE.convert(net, 7)
+    tf.saved_model.save(ci, str(tmp_path / "saved"))
+    served = tf.saved_model.load(str(tmp_path / "saved")).signatures["serving_default"]
+    ci.save(str(tmp_path / "ci.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "ci.keras"), custom_objects={"Scaled": Scaled})
+    images = tf.constant(netspec.random_images(2, CHANNELS, 17, 23, 6), tf.float32)
+    ref = kb.FDFE.dense_reference(net, images, 7)
+    assert max_rel_error(next(iter(served(images).values())), ref) <= TOL["float32"]
+    assert max_rel_error(loaded(images), ref) <= TOL["float32"]
+
+
 def _keras_images(n, h, w, seed):
     return np.ascontiguousarray(netspec.random_images(n, CHANNELS, h, w, seed), dtype=np.float32)
 

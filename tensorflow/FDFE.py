@@ -2507,6 +2507,15 @@ class _TFOp(_Layer):
         out = _run_op(op_type, args, attrs, xs, variables)
         return out if tf.is_tensor(out) else list(out)
 
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        """TensorFlow's tracking (tf.saved_model.save, tf.train.Checkpoint) also reaches the variables of Cp
+        the op reads, which Keras does not track here (they are Cp's, saved in .keras files as constants of
+        the config), so that a SavedModel of CI captures them."""
+        children = super()._trackable_children(save_type, **kwargs)
+        for i, variable in enumerate(self._op[3]):
+            children[f"read_variable_{i}"] = variable
+        return children
+
     def get_config(self):
         op_type, args, attrs, variables = self._op
         return {**super().get_config(), "op_type": op_type, "attrs": attrs,
