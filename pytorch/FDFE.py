@@ -2609,10 +2609,25 @@ def _aligned(step, unwarps):
 
 
 @_rule_for(["contiguous", "clone", "detach"], "identity (the value passes through)", (torch, torch.Tensor))
-@_rule_for(["dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-            "feature_dropout"], "identity (the value passes through)", (torch, F))
 def _rule_identity(node, geoms):
-    """Dropout (off at inference), contiguous, clone, detach: the value passes through."""
+    """Contiguous, clone, detach: the value passes through."""
+    return _AliasStep(node), [geoms[0]]
+
+
+@_rule_for(["dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+            "feature_dropout"], "dropout (the value passes through at inference)", (torch, F))
+def _rule_dropout(node, geoms):
+    """Dropout: off at inference (nn.Dropout passes training=False in eval mode), the value passes through;
+    one that Cp's forward turns on whatever its mode (``F.dropout(x, 0.5)``, whose default is training=True)
+    drops random values, which nothing dense reproduces: refused."""
+    torch_op = getattr(node.func, "__module__", "") != F.__name__  # torch.dropout(input, p, train)
+    names = ["input", "p", "train"] if torch_op else ["input", "p", "training", "inplace"]
+    default = not torch_op and node.func in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
+    p = node.bind(names, {"p": 0.5, names[2]: default})
+    if p[names[2]] and p["p"] > 0:
+        raise node.fail(f"it drops random values ({names[2]}=True, p={p['p']}) whatever Cp's mode, which no "
+                        f"dense computation reproduces; pass {names[2]}=self.training (as nn.Dropout does) so "
+                        f"that it is off at inference")
     return _AliasStep(node), [geoms[0]]
 
 
@@ -2860,6 +2875,10 @@ def _rule_batch_norm(node, geoms):
     if p["running_mean"] is None or p["running_var"] is None:
         raise node.fail("it has no running statistics (track_running_stats=False), so it normalises with "
                         "statistics of the batch of patches")
+    if p["training"]:
+        raise node.fail("Cp's forward calls it with training=True whatever Cp's mode, so it normalises with "
+                        "statistics of the batch of patches; pass training=self.training (as nn.BatchNorm2d "
+                        "does) so that it uses its running statistics at inference")
     if geom.kind == VECTOR and geom.size != (1, 1):
         raise node.fail(f"it normalises each entry of {geom.describe()} with its own statistics")
     args = (_Ref(node.in_slots[0]), p["running_mean"], p["running_var"], p["weight"], p["bias"], False,

@@ -5,6 +5,8 @@ import re
 import numpy as np
 import pytest
 
+from conftest import TOL, max_rel_error
+
 
 # --- refusals of convert(): PyTorch ----------------------------------------------------------------
 
@@ -197,6 +199,52 @@ def test_keras_refuses_unknown_tensorflow_ops_between_layers(kb):
 
 
 # --- bad input to CI, dense_reference, convert and SlimNet ------------------------------------------
+
+def test_layers_forced_into_training_mode_are_refused_by_name(tb, kb):
+    """Dropout and batch normalisation that Cp's forward / call() runs in training mode whatever Cp's mode
+    (F.dropout(x, 0.5), whose default is training=True; layer(x, training=True)) draw random values or use
+    statistics of the batch of patches: named, with the fix; they failed only the self-check, whose message
+    named no layer.  p=0, and the flags of eval mode, convert."""
+    import keras
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    conv, bn = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+    for forward, match in [
+            (lambda s, x: F.dropout(conv(x), 0.5), r"F\.dropout .*drops random values \(training=True, p=0\.5\)"),
+            (lambda s, x: F.dropout2d(conv(x), 0.3, True), r"F\.dropout2d .*training=self\.training"),
+            (lambda s, x: torch.dropout(conv(x), 0.5, True), r"dropout .*\(train=True, p=0\.5\)"),
+            (lambda s, x: F.batch_norm(conv(x), bn.running_mean, bn.running_var, training=True),
+             r"F\.batch_norm .*training=True whatever Cp's mode, so it normalises with statistics of the batch")]:
+        _torch_refusal(tb, [conv, bn], 5, match, forward=lambda s, x, f=forward: f(s, x).amax((2, 3)))
+    net = nn.Sequential(conv, nn.Dropout(0.5), bn, nn.Dropout2d(0.5), nn.Conv2d(4, 3, 3)).train()
+    images = torch.randn(2, 1, 8, 9)
+    with torch.no_grad():  # converted and compared in inference mode, the flags left as they were
+        assert max_rel_error(tb.FDFE.convert(net, 5)(images), tb.FDFE.dense_reference(net, images, 5)) \
+            <= TOL["float32"] and net.training
+
+    L = keras.layers
+
+    class Forced(keras.Model):
+        def __init__(self, layer):
+            super().__init__()
+            self.conv, self.layer, self.head = L.Conv2D(4, 3), layer, L.GlobalMaxPooling2D()
+
+        def call(self, x, training=None):
+            return self.head(self.layer(self.conv(x), training=True))
+    for layer, match in [(L.Dropout(0.5), r"layer 'dropout.*' \(Dropout\) .*training=True whatever Cp's mode, "
+                                          r"so it draws random values"),
+                         (L.GaussianNoise(0.1), r"\(GaussianNoise\) .*draws random values"),
+                         (L.BatchNormalization(), r"\(BatchNormalization\) .*training=True whatever Cp's mode, "
+                                                  r"so it normalises with statistics of the batch of patches")]:
+        net = Forced(layer)
+        net(np.zeros((1, 5, 5, 1), "float32"))
+        with pytest.raises(kb.FDFE.ConversionError, match=match):
+            kb.FDFE.convert(net, 5, in_channels=1)
+    net = Forced(L.Dropout(0.0))
+    net(np.zeros((1, 5, 5, 1), "float32"))
+    kb.FDFE.convert(net, 5, in_channels=1)
+
 
 def test_torch_bad_inputs(tb):
     import torch

@@ -2208,11 +2208,18 @@ def _install_recording_call():
             out = original(layer, *args, **kwargs)
         finally:
             tracer.inside = False
-        tracer.record(layer, args[:1] or [kwargs.get("inputs")], out)
+        forced = kwargs.get("training", args[1] if len(args) > 1 else None) is True
+        tracer.record(layer, args[:1] or [kwargs.get("inputs")], out, forced)
         return out
     recording_call.__wrapped__ = original
     keras.Layer.__call__ = recording_call
     _ORIGINAL_LAYER_CALL.append(original)
+
+
+#: layers that draw random values in training mode (identity at inference)
+_RANDOM_IN_TRAINING = (keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
+                       keras.layers.SpatialDropout3D, keras.layers.GaussianNoise, keras.layers.GaussianDropout,
+                       keras.layers.AlphaDropout)
 
 
 class _Tracer:
@@ -2269,9 +2276,9 @@ class _Tracer:
         self._depends_on_input[tensor.name] = True
         return slot
 
-    def record(self, layer, first, out):
+    def record(self, layer, first, out, training=False):
         """A leaf layer was called on ``first`` (a list holding its first argument): record it, after the ops
-        that computed its inputs."""
+        that computed its inputs.  ``training``: called with training=True (whatever Cp's mode)."""
         inputs = [t for t in tf.nest.flatten(first) if tf.is_tensor(t)]
         if self.graph is None or not inputs or any(getattr(t, "graph", None) is not self.graph for t in inputs):
             return  # a call outside Cp's traced graph (Keras building a layer symbolically)
@@ -2287,6 +2294,14 @@ class _Tracer:
         elif len(outs) != 1 or not tf.is_tensor(outs[0]):
             problem = ConversionError(f"{name} returns {len(outs)} values; only layers with one output are "
                                       f"supported")
+        elif training and isinstance(layer, _RANDOM_IN_TRAINING) and getattr(layer, "rate", 1) > 0:
+            problem = ConversionError(f"{name} cannot be made dense exactly: Cp's call() calls it with "
+                                      f"training=True whatever Cp's mode, so it draws random values, which no dense "
+                                      f"computation reproduces; pass it the training argument Cp's call() receives")
+        elif training and isinstance(layer, keras.layers.BatchNormalization):
+            problem = ConversionError(f"{name} cannot be made dense exactly: Cp's call() calls it with "
+                                      f"training=True whatever Cp's mode, so it normalises with statistics of the "
+                                      f"batch of patches; pass it the training argument Cp's call() receives")
         in_slots = [self._resolve(t) for t, d in zip(inputs, depends) if d]  # before its outputs get slots
         out_slots = [self._new_slot(t) for t in outs if tf.is_tensor(t)]
         if out_slots:
