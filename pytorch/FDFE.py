@@ -3514,8 +3514,9 @@ def _infer_in_channels(base_net, patch_size):
     return candidates[0]
 
 
-def _trace(base_net, patch_size, in_channels):
-    """Run Cp once on random patches and record its ops.  Tries a batch of 2, then of 1."""
+def _trace(base_net, patch_size, in_channels, guessed=False):
+    """Run Cp once on random patches and record its ops.  Tries a batch of 2, then of 1.  ``guessed``: the
+    caller inferred ``in_channels`` (the error then says so)."""
     ph, pw = patch_size
     dtype, device = _example_kind(base_net)
     last_error = None
@@ -3539,6 +3540,9 @@ def _trace(base_net, patch_size, in_channels):
                               "shapes cannot be multiplied", "size mismatch")):
         hint = (f" -- the patch {ph}x{pw} may be smaller (or larger) than the net needs; check patch_size "
                 f"against the size Cp was trained on")
+    if guessed:
+        hint += f" -- in_channels={in_channels} was inferred from Cp's modules; pass in_channels= if Cp's input " \
+                f"has another number of channels"
     raise ConversionError(f"running Cp on a batch of {in_channels}x{ph}x{pw} patches failed: "
                           f"{type(last_error).__name__}: {msg}{hint}") from last_error
 
@@ -3658,14 +3662,15 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
                         f"nn.Module (its state_dict loads into it), and export CI itself afterwards")
     ph, pw = _pair(patch_size, "patch_size")
     _check_border(border, (None, None), (ph, pw))
-    if in_channels is None:
+    guessed = in_channels is None
+    if guessed:
         in_channels = _infer_in_channels(base_net, (ph, pw))
         if in_channels is None:
             raise ValueError("in_channels cannot be inferred from base_net (no module has in_channels); "
                              "pass in_channels=")
     elif not isinstance(in_channels, numbers.Integral) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-    tracer, out, example = _trace(base_net, (ph, pw), int(in_channels))
+    tracer, out, example = _trace(base_net, (ph, pw), int(in_channels), guessed)
     batch = example.shape[0]
     geoms = {0: _Geom(MAP, in_channels, (ph, pw))}
     steps = _apply_rules(tracer.nodes, geoms)

@@ -246,6 +246,45 @@ def test_layers_forced_into_training_mode_are_refused_by_name(tb, kb):
     kb.FDFE.convert(net, 5, in_channels=1)
 
 
+def test_an_inferred_channel_count_that_fails_says_so(tb, kb):
+    """Cp whose first convolution is not a module / layer with in_channels (F.conv2d with its own weight):
+    convert infers the channels of its first Conv2d; when Cp then fails, the error says the count was
+    inferred and to pass in_channels= (it showed the framework's error alone)."""
+    import keras
+    import tensorflow as tf
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 1, 3, 3))
+            self.conv = nn.Conv2d(4, 3, 3)
+
+        def forward(self, x):
+            return self.conv(F.conv2d(x, self.w)).flatten(1)
+    with pytest.raises(tb.FDFE.ConversionError, match=r"4x5x5 patches failed: .* -- in_channels=4 was inferred "
+                                                      r"from Cp's modules; pass in_channels="):
+        tb.FDFE.convert(Net(), 5)
+    tb.FDFE.convert(Net(), 5, in_channels=1)
+
+    class KerasNet(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.w = self.add_weight(shape=(3, 3, 3, 4), initializer="random_normal")
+            self.conv = keras.layers.Conv2D(3, 3)
+
+        def call(self, x):
+            return keras.ops.reshape(self.conv(tf.nn.conv2d(x, self.w, 1, "VALID")), (-1, 3))
+    net = KerasNet()
+    net(np.zeros((1, 5, 5, 3), "float32"))
+    with pytest.raises(kb.FDFE.ConversionError, match=r"(?s)5x5x4 patches failed: [^\x1b]* -- in_channels=4 was "
+                                                      r"inferred from Cp's first Conv2D; pass in_channels="):
+        kb.FDFE.convert(net, 5)
+    kb.FDFE.convert(net, 5, in_channels=3)
+
+
 def test_torch_bad_inputs(tb):
     import torch
     net = tb.BaseNet.BaseNet()

@@ -3681,13 +3681,20 @@ def _write_rows(out, tile, y0, x0, height, width):
 # convert(): capture -> rules -> core model and plan -> DenseFeatureModel, then the self-check
 # ---------------------------------------------------------------------------
 
-def _infer_in_channels(base_net):
+def _declared_channels(base_net):
+    """The channel count of Cp's declared input (keras.Input), or None."""
     try:
         shape = base_net.inputs[0].shape
-        if shape[-1] is not None:
-            return int(shape[-1])
+        return None if shape[-1] is None else int(shape[-1])
     except (AttributeError, IndexError, ValueError):
-        pass
+        return None
+
+
+def _infer_in_channels(base_net):
+    """C of the input: declared by Cp's input, else its first built Conv2D's."""
+    declared = _declared_channels(base_net)
+    if declared is not None:
+        return declared
     for layer in base_net._flatten_layers(include_self=False):
         if isinstance(layer, keras.layers.Conv2D) and layer.built:
             return int(layer.kernel.shape[2]) * int(layer.groups)
@@ -3715,9 +3722,10 @@ def _check_declared_input(base_net, patch_size, in_channels):
                                   f"{in_channels}")
 
 
-def _trace(base_net, patch_size, in_channels):
+def _trace(base_net, patch_size, in_channels, guessed=False):
     """Run Cp eagerly on random patches (building its layers; its output), then trace its call() into a
-    graph and record its layers and ops (_Tracer).  Tries a batch of 2, then of 1."""
+    graph and record its layers and ops (_Tracer).  Tries a batch of 2, then of 1.  ``guessed``: the caller
+    inferred ``in_channels`` from a layer (the error then says so)."""
     ph, pw = patch_size
     last_error = None
     for batch in (2, 1):
@@ -3745,10 +3753,13 @@ def _trace(base_net, patch_size, in_channels):
                 f"forward that reads values of tensors, with Python conditions on them or .numpy(), cannot be made "
                 f"dense)") from exc
         return tracer, out, example
+    hint = f" -- in_channels={in_channels} was inferred from Cp's first Conv2D; pass in_channels= if Cp's input " \
+        f"has another number of channels" if guessed else ""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(last_error))  # Keras' bold
     raise ConversionError(f"running Cp on a batch of {ph}x{pw}x{in_channels} patches failed: "
-                          f"{type(last_error).__name__}: {last_error} -- the patch {ph}x{pw} may be smaller "
+                          f"{type(last_error).__name__}: {text} -- the patch {ph}x{pw} may be smaller "
                           f"(or larger) than the net needs; check patch_size against the size Cp was trained "
-                          f"on") from last_error
+                          f"on{hint}") from last_error
 
 
 def _apply_rules(calls, geoms, values):
@@ -3870,6 +3881,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     if not isinstance(base_net, keras.layers.Layer):
         raise TypeError(f"base_net must be a Keras model or layer, got {type(base_net).__name__}")
     ph, pw = _pair(patch_size, "patch_size")
+    guessed = in_channels is None and _declared_channels(base_net) is None
     if in_channels is None:
         in_channels = _infer_in_channels(base_net)
         if in_channels is None:
@@ -3878,7 +3890,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     elif not isinstance(in_channels, numbers.Integral) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     _check_declared_input(base_net, (ph, pw), int(in_channels))
-    tracer, out, example = _trace(base_net, (ph, pw), int(in_channels))
+    tracer, out, example = _trace(base_net, (ph, pw), int(in_channels), guessed)
     batch = int(example.shape[0])
     dtype = tf.as_dtype(example.dtype)
     images = keras.Input((None, None, in_channels), dtype=dtype.name, name="padded_images")
