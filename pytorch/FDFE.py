@@ -551,6 +551,18 @@ def _tile_for_memory(budget, estimate, image_size, stride_product, patch=(1, 1))
     return best[1]
 
 
+def _adaptive_windows(size: int, out: int):
+    """(kernel, stride) of the ordinary pooling that adaptive pooling from ``size`` to ``out`` entries of an
+    axis is (window i covers floor(i size / out) to ceil((i + 1) size / out)), where its windows have one size
+    and one spacing (5 -> 2: windows 0:3 and 2:5, kernel 3, stride 2); else None."""
+    starts = [i * size // out for i in range(out)]
+    ends = [-(-(i + 1) * size // out) for i in range(out)]
+    kernel, stride = ends[0] - starts[0], (starts[1] - starts[0] if out > 1 else 1)
+    if any(e - b != kernel for b, e in zip(starts, ends)) or any(b != i * stride for i, b in enumerate(starts)):
+        return None
+    return kernel, stride
+
+
 def tile_grid(height, width, tile, stride_product):
     """The output tiles of an exact tiling, row by row.
 
@@ -2747,15 +2759,18 @@ def _make_adaptive_rule(kind):
         out_size = tuple(geom.size[i] if o is None else int(o) for i, o in enumerate(out_size))
         if out_size == (1, 1):
             return _global_pool_step(node, geom, kind, keep_map=True)
-        if any(s % o for s, o in zip(geom.size, out_size)):
-            raise node.fail(f"adaptive pooling from {geom.size} to {out_size} uses windows of varying size")
-        kernel = tuple(s // o for s, o in zip(geom.size, out_size))
-        return _PoolStep(node, kind, kernel, kernel), [geom.with_(size=out_size, stride=kernel)]
-    rule.__doc__ = f"adaptive {kind} pooling: global pooling, or an ordinary one where sizes divide."
+        windows = [_adaptive_windows(s, o) for s, o in zip(geom.size, out_size)]
+        if None in windows:
+            raise node.fail(f"adaptive pooling from {geom.size[0]}x{geom.size[1]} to {out_size[0]}x{out_size[1]} "
+                            f"uses windows of varying size or spacing")
+        (kh, sh), (kw, sw) = windows
+        return _PoolStep(node, kind, (kh, kw), (sh, sw)), [geom.with_(size=out_size, stride=(sh, sw))]
+    rule.__doc__ = (f"adaptive {kind} pooling: global pooling, or an ordinary one where its windows have one "
+                    f"size and one spacing.")
     return rule
 
 
-_ADAPTIVE_LABEL = "adaptive pooling (global, or windows that divide the map)"
+_ADAPTIVE_LABEL = "adaptive pooling (global, or windows of one size and spacing)"
 _rule_for(["adaptive_avg_pool2d"], _ADAPTIVE_LABEL, (torch, F))(_make_adaptive_rule("avg"))
 _rule_for(["adaptive_max_pool2d"], _ADAPTIVE_LABEL, (torch, F))(_make_adaptive_rule("max"))
 

@@ -233,6 +233,34 @@ def test_torch_squeeze_mean_adaptive_and_flatten_output(tb):
     assert out.shape[1] == 16
 
 
+@pytest.mark.parametrize("size, out", [(5, 2), (7, 3), (7, (2, 3))])
+def test_adaptive_pooling_whose_windows_have_one_size_and_spacing(tb, kb, size, out):
+    """Adaptive pooling whose windows have one size and spacing is an ordinary pooling (5 -> 2: windows 0:3
+    and 2:5, kernel 3, stride 2), made dense as one, in both backends (refused before as "windows of varying
+    size"); where sizes or spacings differ (6 -> 4) it is refused with that reason."""
+    import keras
+    import tensorflow as tf
+    import torch
+    import torch.nn as nn
+    patch, pair = size + 2, out if isinstance(out, tuple) else (out, out)
+    for pool in (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d):
+        torch.manual_seed(0)
+        _torch_check(tb, nn.Sequential(nn.Conv2d(2, 4, 3), pool(out), nn.Conv2d(4, 3, pair), nn.Flatten()), patch, 2)
+    L = keras.layers
+    for pool in (L.AdaptiveAveragePooling2D, L.AdaptiveMaxPooling2D):
+        keras.utils.set_random_seed(0)
+        _keras_check(kb, keras.Sequential([keras.Input((patch, patch, 2)), L.Conv2D(4, 3), pool(out),
+                                           L.Conv2D(3, pair), L.Flatten()]), patch, 2)
+    if size == 7 and out == 3:
+        with pytest.raises(tb.FDFE.ConversionError, match=r"adaptive pooling from 6x6 to 4x4 uses windows of "
+                                                          r"varying size or spacing"):
+            tb.FDFE.convert(nn.Sequential(nn.Conv2d(2, 4, 3), nn.AdaptiveMaxPool2d(4), nn.Conv2d(4, 3, 4)), 8)
+        with pytest.raises(kb.FDFE.ConversionError, match=r"\(AdaptiveAveragePooling2D\) .*adaptive pooling from "
+                                                          r"6x6 to 4x4 uses windows of varying size or spacing"):
+            kb.FDFE.convert(keras.Sequential([keras.Input((8, 8, 2)), L.Conv2D(4, 3), L.AdaptiveAveragePooling2D(4),
+                                              L.Conv2D(3, 4), L.Flatten()]), 8)
+
+
 def test_torch_convert_keeps_training_flags_and_shares_weights(tb):
     """convert() restores each of Cp's training flags as the user set them and shares Cp's weights; CI runs
     in inference mode whatever the flags say (dropout off, batch norm with its running statistics, which

@@ -564,6 +564,18 @@ def _tile_for_memory(budget, estimate, image_size, stride_product, patch=(1, 1))
     return best[1]
 
 
+def _adaptive_windows(size: int, out: int):
+    """(kernel, stride) of the ordinary pooling that adaptive pooling from ``size`` to ``out`` entries of an
+    axis is (window i covers floor(i size / out) to ceil((i + 1) size / out)), where its windows have one size
+    and one spacing (5 -> 2: windows 0:3 and 2:5, kernel 3, stride 2); else None."""
+    starts = [i * size // out for i in range(out)]
+    ends = [-(-(i + 1) * size // out) for i in range(out)]
+    kernel, stride = ends[0] - starts[0], (starts[1] - starts[0] if out > 1 else 1)
+    if any(e - b != kernel for b, e in zip(starts, ends)) or any(b != i * stride for i, b in enumerate(starts)):
+        return None
+    return kernel, stride
+
+
 def tile_grid(height, width, tile, stride_product):
     """The output tiles of an exact tiling, row by row.
 
@@ -2885,6 +2897,33 @@ def _make_global_pool_rule(kind):
 _GLOBAL_LABEL = "global pooling (a stride-1 reduction over windows of the map's size)"
 _rule_for(keras.layers.GlobalMaxPooling2D, label=_GLOBAL_LABEL)(_make_global_pool_rule("max"))
 _rule_for(keras.layers.GlobalAveragePooling2D, label=_GLOBAL_LABEL)(_make_global_pool_rule("avg"))
+
+
+def _make_adaptive_rule(kind):
+    def rule(call, geoms):
+        geom = geoms[0]
+        _require_map(call, geom)
+        _require_channels_last(call)
+        out_size = tuple(call.out_shape[1:3])
+        if out_size == (1, 1):
+            layer = _WindowReduce(kind, geom.size)
+            return (lambda xs: [layer(xs[0])]), [geom.with_(size=(1, 1))]
+        windows = [_adaptive_windows(s, o) for s, o in zip(geom.size, out_size)]
+        if None in windows:
+            raise call.fail(f"adaptive pooling from {geom.size[0]}x{geom.size[1]} to {out_size[0]}x{out_size[1]} "
+                            f"uses windows of varying size or spacing")
+        (kh, sh), (kw, sw) = windows
+        cls = {"max": multiMaxPooling, "avg": multiAvgPooling}[kind]
+        return (lambda xs: [cls(kw, kh, sw, sh)(xs[0])]), [_map_geom(call, geom, (sh, sw))]
+    rule.__doc__ = (f"adaptive {kind} pooling: global pooling, or an ordinary one (multipooling) where its windows "
+                    f"have one size and one spacing.")
+    return rule
+
+
+_ADAPTIVE_LABEL = "adaptive pooling (global, or windows of one size and spacing)"
+for _kind, _name in (("avg", "AdaptiveAveragePooling2D"), ("max", "AdaptiveMaxPooling2D")):
+    if hasattr(keras.layers, _name):  # Keras 3.12 and later
+        _rule_for(getattr(keras.layers, _name), label=_ADAPTIVE_LABEL)(_make_adaptive_rule(_kind))
 
 
 @_rule_for(keras.layers.Flatten, keras.layers.Reshape,
