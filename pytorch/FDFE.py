@@ -3021,10 +3021,26 @@ def _rule_cat(node, geoms):
     return _aligned(step, unwarps), [geom.with_(channels=out[1])]
 
 
-@_rule_for(["instance_norm", "group_norm"], "refused: per-patch normalisation", (torch, F))
+@_rule_for(["group_norm"], "refused: per-patch normalisation", (torch, F))
 def _rule_refuse_per_patch(node, geoms):
-    """Instance and group normalisation use statistics of each patch."""
+    """Group normalisation uses statistics of each patch."""
     raise node.fail(f"it normalises with statistics computed over each patch; {_PER_PATCH_REASON}")
+
+
+@_rule_for(["instance_norm"], "instance normalisation with running statistics (per-channel affine; with "
+           "statistics of each patch: refused)", (torch, F))
+def _rule_instance_norm(node, geoms):
+    """Instance normalisation: with its running statistics (InstanceNorm2d(track_running_stats=True) in eval
+    mode) the per-channel affine map of batch normalisation; with statistics of each patch refused."""
+    p = node.bind(["input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"],
+                  {"running_mean": None, "running_var": None, "weight": None, "bias": None, "use_input_stats": True,
+                   "momentum": 0.1, "eps": 1e-5})
+    if p["use_input_stats"] or p["running_mean"] is None or p["running_var"] is None:
+        raise node.fail(f"it normalises with statistics computed over each patch; {_PER_PATCH_REASON}")
+    _require_map(node, geoms[0])
+    args = (_Ref(node.in_slots[0]), p["running_mean"], p["running_var"], p["weight"], p["bias"], False, 0.0,
+            p["eps"])
+    return _CallStep(node, func=F.batch_norm, args=args, kwargs={}), [geoms[0]]
 
 
 @_rule_for(["pad", "constant_pad_nd"], "refused: padding inside Cp (negative amounts crop)", (torch, F))

@@ -261,6 +261,25 @@ def test_adaptive_pooling_whose_windows_have_one_size_and_spacing(tb, kb, size, 
                                               L.Conv2D(3, 4), L.Flatten()]), 8)
 
 
+def test_torch_instance_norm_with_running_statistics_is_per_channel(tb):
+    """InstanceNorm2d(track_running_stats=True) in eval mode normalises with its running statistics, a
+    per-channel affine map like batch normalisation: exact (it was refused as per-patch statistics, which it
+    uses only in training mode or without running statistics: still refused)."""
+    import torch
+    import torch.nn as nn
+    torch.manual_seed(0)
+    for affine in (True, False):
+        norm = nn.InstanceNorm2d(4, affine=affine, track_running_stats=True)
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        if affine:
+            nn.init.normal_(norm.weight)
+            nn.init.normal_(norm.bias)
+        _torch_check(tb, nn.Sequential(nn.Conv2d(2, 4, 3), norm, nn.MaxPool2d(2), nn.Conv2d(4, 3, 2)), 6, 2)
+    with pytest.raises(tb.FDFE.ConversionError, match=r"InstanceNorm2d.*statistics computed over each patch"):
+        tb.FDFE.convert(nn.Sequential(nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4), nn.Conv2d(4, 3, 4)), 6)
+
+
 def test_torch_convert_keeps_training_flags_and_shares_weights(tb):
     """convert() restores each of Cp's training flags as the user set them and shares Cp's weights; CI runs
     in inference mode whatever the flags say (dropout off, batch norm with its running statistics, which
