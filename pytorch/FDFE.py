@@ -1302,7 +1302,10 @@ _POOLS = ("max", "avg", "lp")
 
 
 def _pool(x, kind, kernel, stride, dilation, norm_type, divisor_override, reuse_input=False):
-    """One pooling; ``reuse_input``: the separable max pooling may write into ``x`` (nothing reads it after)."""
+    """One pooling; ``reuse_input``: the separable max pooling may write into ``x`` (nothing reads it after).
+    ``kind`` "min" (global pooling only): the max pooling of -x, negated."""
+    if kind == "min":
+        return -_pool(-x, "max", kernel, stride, dilation, norm_type, divisor_override, True)
     if kind == "max":
         if _separable_max_applies(x, kernel, stride, dilation):
             return _separable_max_pool(x, kernel, reuse_input)
@@ -2393,7 +2396,7 @@ class _PoolStep(_Step):
         return self.kernel == (1, 1) and self.stride == (1, 1)
 
     def run(self, values, net, overwrite=False):
-        if net._without_shifts(self):  # output_stride: the shifts no output pixel uses are not computed
+        if self.stride == (1, 1) or net._without_shifts(self):  # no shifts (output_stride: none an output uses)
             return [_pool(values[0], self.kind, self.kernel, self.stride, self.dilation, self.norm_type,
                           self.divisor_override)]
         if not net.naive:  # one stride-1 pooling as in multi_pool, in the input's memory where the plan allows it
@@ -2742,8 +2745,10 @@ _rule_for(["lp_pool2d"], _POOLING_LABEL, (F,))(_make_pool_rule("lp"))
 
 
 def _global_pool_step(node, geom, kind, keep_map):
-    """Pooling over the whole patch-level map: a stride-1 pooling with the map's size."""
-    step = _PoolStep(node, kind, geom.size, (1, 1))
+    """Pooling over the whole patch-level map: a stride-1 pooling with the map's size ("sum": an average pooling
+    with divisor 1; "min": the max pooling of -x, negated)."""
+    step = _PoolStep(node, "avg", geom.size, (1, 1), divisor_override=1) if kind == "sum" \
+        else _PoolStep(node, kind, geom.size, (1, 1))
     return step, [geom.with_(kind=MAP if keep_map else VECTOR, size=(1, 1))]
 
 
@@ -2792,7 +2797,8 @@ def _make_reduce_rule(kind):
         keepdim = bool(p.pop("keepdim"))
         if geom.kind == MAP and sorted(d % 4 for d in dims) == [2, 3]:
             if kind is None:
-                raise node.fail("only mean and amax over the spatial axes are supported (as global pooling)")
+                raise node.fail("only mean, sum, amax and amin over the spatial axes are supported (as global "
+                                "pooling)")
             return _global_pool_step(node, geom, kind, keep_map=keepdim)
         rank = 4 if geom.kind == MAP else len(node.in_shapes[0])
         if any(d % rank == 0 for d in dims):
@@ -2809,7 +2815,7 @@ def _make_reduce_rule(kind):
     return rule
 
 
-_REDUCE_LABEL = "reductions over channels (per pixel) or over the whole map (global pooling)"
+_REDUCE_LABEL = "reductions over channels (per pixel) or over the whole map (mean, sum, amax, amin: global pooling)"
 
 
 @_rule_for(["std", "var", "std_mean", "var_mean"], "refused: statistics over positions of the patch (per-pixel "
@@ -2829,9 +2835,11 @@ def _rule_statistic(node, geoms):
                     f"normalisation does; {_PER_PATCH_REASON}")
 _rule_for(["mean"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule("avg"))
 _rule_for(["amax"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule("max"))
-_rule_reduce = _rule_for(["sum", "amin", "norm", "logsumexp"], _REDUCE_LABEL, (torch, torch.Tensor))(
-    _make_reduce_rule(None))
-_register_rule(_rule_reduce, [torch.linalg.vector_norm], ["linalg.vector_norm"], _REDUCE_LABEL)
+_rule_for(["sum"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule("sum"))
+_rule_for(["amin"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule("min"))
+_CHANNEL_REDUCE_LABEL = "reductions over channels (per pixel)"
+_rule_reduce = _rule_for(["norm", "logsumexp"], _CHANNEL_REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule(None))
+_register_rule(_rule_reduce, [torch.linalg.vector_norm], ["linalg.vector_norm"], _CHANNEL_REDUCE_LABEL)
 
 
 @_rule_for(["max", "min", "argmax", "argmin"], "maxima and minima: of two values (element-wise), over channels "

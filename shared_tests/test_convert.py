@@ -261,6 +261,29 @@ def test_adaptive_pooling_whose_windows_have_one_size_and_spacing(tb, kb, size, 
                                               L.Conv2D(3, 4), L.Flatten()]), 8)
 
 
+def test_torch_global_sum_and_minimum_over_the_map(tb):
+    """x.sum((2, 3)) and torch.amin over the spatial axes are global poolings, as Keras' keras.ops.sum / min
+    over axes (1, 2) are (they were refused, while FDFE.supported_layers() listed them); fast and naive."""
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.pool, self.conv2 = nn.Conv2d(2, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 3, 2)
+
+        def forward(self, x):
+            y = self.conv2(self.pool(self.conv1(x)))
+            low = torch.amin(y, (-1, -2), keepdim=True).flatten(1)
+            return torch.cat([y.sum((2, 3)), low, y.sum(dim=(3, 2), keepdim=True).view(y.shape[0], -1)], 1)
+    _torch_check(tb, Net(), 8, 2)
+    net = Net().double().eval()
+    images = torch.randn(2, 2, 9, 11, dtype=torch.float64)
+    with torch.no_grad():
+        assert max_rel_error(tb.FDFE.convert(net, 8, naive=True)(images),
+                             tb.FDFE.dense_reference(net, images, 8)) <= TOL["float64"]
+
+
 def test_torch_instance_norm_with_running_statistics_is_per_channel(tb):
     """InstanceNorm2d(track_running_stats=True) in eval mode normalises with its running statistics, a
     per-channel affine map like batch normalisation: exact (it was refused as per-patch statistics, which it
