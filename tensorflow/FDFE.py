@@ -998,9 +998,10 @@ def check_patch_size(base_net, patch_size, in_channels: int) -> int:
     try:
         out = base_net(tf.random.normal([1, ph, pw, in_channels], dtype=_input_dtype(base_net)),
                        training=False)
-    except (ValueError, tf.errors.InvalidArgumentError) as exc:
+    except (ValueError, tf.errors.OpError) as exc:  # (oneDNN's pooling of a map below its window: AbortedError)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # Keras' bold
         raise ValueError(f"patch {ph}x{pw} does not fit the net (smaller than its receptive field needs?): "
-                         f"{exc}") from exc
+                         f"{text}") from exc
     try:
         return int(_output_vectors(out, 1).shape[1])
     except ConversionError as exc:
