@@ -2795,12 +2795,14 @@ def _make_reduce_rule(kind):
             raise node.fail("it reduces over the whole tensor, batch included")
         dims = [dim] if isinstance(dim, numbers.Integral) else list(dim)
         keepdim = bool(p.pop("keepdim"))
-        if geom.kind == MAP and sorted(d % 4 for d in dims) == [2, 3]:
+        (h, w), shape = geom.size, tuple(node.in_shapes[0])
+        flattened = geom.kind == VIEW and shape[1:] == (geom.channels, h * w) and [d % 3 for d in dims] == [2]
+        if (geom.kind == MAP and sorted(d % 4 for d in dims) == [2, 3]) or flattened:  # x.view(N, C, -1).mean(-1)
             if kind is None:
                 raise node.fail("only mean, sum, amax and amin over the spatial axes are supported (as global "
                                 "pooling)")
-            return _global_pool_step(node, geom, kind, keep_map=keepdim)
-        rank = 4 if geom.kind == MAP else len(node.in_shapes[0])
+            return _global_pool_step(node, geom.with_(kind=MAP), kind, keep_map=keepdim and not flattened)
+        rank = 4 if geom.kind == MAP else len(shape)
         if any(d % rank == 0 for d in dims):
             raise node.fail("it reduces over the batch of patches")
         per_pixel = dims and all(d % rank == 1 for d in dims) and (geom.kind == MAP or geom.is_pixel_vector)

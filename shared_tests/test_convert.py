@@ -284,6 +284,36 @@ def test_torch_global_sum_and_minimum_over_the_map(tb):
                              tb.FDFE.dense_reference(net, images, 8)) <= TOL["float64"]
 
 
+def test_global_pooling_of_a_map_flattened_over_its_positions(tb, kb):
+    """A head that flattens the positions and reduces them (x.view(N, C, -1).mean(-1), torch.flatten(x, 2).amax(2);
+    Keras keras.ops.mean of a (N, h*w, C) reshape over axis 1) is global pooling: exact (it was refused as a
+    statistic of the patch, as per-patch normalisation)."""
+    import keras
+    import tensorflow as tf
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.pool, self.conv2 = nn.Conv2d(2, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 3, 2)
+
+        def forward(self, x):
+            y = self.conv2(self.pool(self.conv1(x)))
+            n, c = y.shape[:2]
+            return torch.cat([y.view(n, c, -1).mean(-1), torch.flatten(y, 2).amax(2),
+                              y.reshape(n, c, -1).sum(2, keepdim=True).flatten(1)], 1)
+    _torch_check(tb, Net(), 8, 2)
+
+    ops, L = keras.ops, keras.layers
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 2))
+    y = L.Conv2D(3, 2)(L.MaxPooling2D(2)(L.Conv2D(4, 3)(inp)))
+    head = L.Lambda(lambda t: ops.concatenate([ops.mean(ops.reshape(t, (-1, 4, 3)), axis=1),
+                                               tf.reduce_max(tf.reshape(t, [tf.shape(t)[0], -1, 3]), axis=1)], -1))
+    _keras_check(kb, keras.Model(inp, head(y)), 8, 2)
+
+
 def test_torch_instance_norm_with_running_statistics_is_per_channel(tb):
     """InstanceNorm2d(track_running_stats=True) in eval mode normalises with its running statistics, a
     per-channel affine map like batch normalisation: exact (it was refused as per-patch statistics, which it

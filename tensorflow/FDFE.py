@@ -3359,6 +3359,15 @@ def _rule_reduce_op(call, geoms):
                 x = step(x)
             return [x]
         return run, [_reshaped_geom(call, reduced, (src[0],) + reduced.size + (reduced.channels,), dst)]
+    (h, w), c = geom.size, geom.channels
+    if geom.kind == VIEW and src[1:] == (h * w, c) and axes == [1]:  # ops.mean(ops.reshape(x, (-1, h * w, C)), 1)
+        kind = _REDUCTIONS[call.type]
+        if kind is None:
+            raise call.fail(f"it reduces over positions of the patch with {call.type}; only mean, max, min and "
+                            f"sum over positions (global pooling) can be made dense")
+        layer = _WindowReduce(kind, (h, w))
+        reduced = geom.with_(kind=MAP, size=(1, 1))
+        return (lambda xs: [layer(xs[0])]), [_reshaped_geom(call, reduced, (src[0], 1, 1, c), dst)]
     if geom.is_pixel_vector and len(src) == 2:
         layer = per_pixel()
         return (lambda xs: [layer(xs[0])]), [_reshaped_geom(call, geom.with_(channels=1), (src[0], 1), dst)]
