@@ -500,6 +500,18 @@ def test_constants_the_same_at_every_position_are_per_channel(tb, kb):
         kb.FDFE.convert(net(Scaled()), 6, in_channels=2)
 
 
+def test_keras_pooling_with_same_padding_that_pads_nothing(kb):
+    """padding="same" pads nothing where the windows tile the patch-level map (2x2 windows at stride 2 of a 4x4
+    map; 3x3 at stride 3 of a 6x6 one): such a pooling is "valid", exact (it was refused as padding)."""
+    import keras
+    L = keras.layers
+    for pool, patch in [(L.MaxPooling2D(2, padding="same"), 5), (L.AveragePooling2D(3, padding="same"), 7)]:
+        keras.utils.set_random_seed(0)
+        net = keras.Sequential([keras.Input((patch, patch, 2)), L.Conv2D(4, 2), pool, L.Conv2D(3, 2),
+                                L.Flatten()])
+        _keras_check(kb, net, patch, 2)
+
+
 def test_keras_center_crop_is_a_crop(kb, tmp_path):
     """CenterCrop of a larger map is a crop at Keras' offsets ((size - target) // 2, odd margins included);
     onto a larger target it resizes, refused with the reason; CI with it saves and loads."""

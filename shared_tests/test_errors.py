@@ -161,8 +161,8 @@ def test_keras_refusals(kb):
                    r"layer 'conv2d.*' \(Conv2D\).*pads its input \(padding='same'\).*patch border")
     _keras_refusal(kb, [L.ZeroPadding2D(1), L.Conv2D(2, 7)], 5,
                    r"\(ZeroPadding2D\).*pads an activation inside Cp; inside Cp the padded border")
-    _keras_refusal(kb, [L.Conv2D(4, 2), L.MaxPooling2D(2, padding="same"), L.Conv2D(2, 2)], 5,
-                   r"\(MaxPooling2D\).*pads its input \(padding='same'\)")
+    _keras_refusal(kb, [L.Conv2D(4, 2), L.MaxPooling2D(2, padding="same"), L.Conv2D(2, 3)], 6,
+                   r"\(MaxPooling2D\).*pads its input \(padding='same'\)")  # (5x5 map: it pads one row, column)
     _keras_refusal(kb, [L.Conv2D(4, 2), L.GroupNormalization(2), L.Conv2D(2, 4)], 5,
                    r"\(GroupNormalization\).*statistics computed over each patch")
     _keras_refusal(kb, [L.LayerNormalization(axis=[1, 2, 3]), L.Conv2D(2, 5)], 5,

@@ -2864,11 +2864,14 @@ def _make_pool_rule(kind):
         geom = geoms[0]
         layer = call.layer
         _require_map(call, geom)
-        if getattr(layer, "padding", "valid") != "valid":
-            raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
-        _require_channels_last(call)
         kernel = tuple(layer.pool_size)
         stride = tuple(layer.strides) if layer.strides is not None else kernel
+        padding = getattr(layer, "padding", "valid")
+        if padding != "valid" and (padding != "same" or any(
+                (-(-n // s) - 1) * s + k > n for n, k, s in zip(geom.size, kernel, stride))):
+            raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
+        _require_channels_last(call)  # ("same" that pads nothing on the patch-level map, such as 2x2 windows of an
+        # even-sized map, is "valid")
         cls = {"max": multiMaxPooling, "avg": multiAvgPooling, "lp": multiLPPooling}[kind]
         args = ((layer.norm_type,) if kind == "lp" else ()) + (kernel[1], kernel[0], stride[1], stride[0])
         return (lambda xs: [cls(*args)(xs[0])]), [_map_geom(call, geom, stride)]
