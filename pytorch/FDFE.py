@@ -3031,6 +3031,25 @@ def _rule_cat(node, geoms):
     return _aligned(step, unwarps), [geom.with_(channels=out[1])]
 
 
+@_rule_for(["flip", "index_select"], "channel reordering: flip or index_select along the channel axis (RGB to "
+           "BGR)", (torch, torch.Tensor))
+def _rule_channel_order(node, geoms):
+    """``x.flip(1)`` and ``x.index_select(1, index)`` (an index not computed from the patch: a constant, a buffer):
+    the same channels of every pixel; along a spatial axis they reorder positions of the patch (refused)."""
+    geom = geoms[0]
+    flip = node.name.split(".")[-1] == "flip"
+    p = node.bind(["input", "dims"] if flip else ["input", "dim", "index"])
+    dims = p["dims"] if flip else [p["dim"]]
+    dims = [dims] if isinstance(dims, numbers.Integral) else list(dims)
+    if not flip and isinstance(p["index"], _Ref):
+        raise node.fail("its index is computed from the patch")
+    if len(dims) != 1:
+        raise node.fail(f"it reorders dims {dims}, which moves values between positions of the patch")
+    dense = _channel_dim(geom, int(dims[0]), node)
+    kwargs = {"dims": [dense]} if flip else {"dim": dense, "index": p["index"]}
+    return _CallStep(node, args=(p["input"],), kwargs=kwargs), [geom.with_(channels=node.out_shapes[0][1])]
+
+
 @_rule_for(["group_norm"], "refused: per-patch normalisation", (torch, F))
 def _rule_refuse_per_patch(node, geoms):
     """Group normalisation uses statistics of each patch."""

@@ -314,6 +314,50 @@ def test_global_pooling_of_a_map_flattened_over_its_positions(tb, kb):
     _keras_check(kb, keras.Model(inp, head(y)), 8, 2)
 
 
+def test_channels_reordered_per_pixel(tb, kb, tmp_path):
+    """Reordering channels (RGB to BGR) takes the same channels of every pixel: x.flip(1), index_select on dim
+    1 with a constant or a buffer; Keras x[..., ::-1], x[..., ::2] (after a crop too) and tf.gather on axis -1.
+    Exact, also after a .keras round trip (they were refused as reordering positions).  Along a spatial axis
+    they reorder positions of the patch: refused."""
+    import keras
+    import tensorflow as tf
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self, reorder):
+            super().__init__()
+            self.conv1, self.pool, self.conv2 = nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 3, 2)
+            self.register_buffer("order", torch.tensor([2, 0, 1, 3]))
+            self.reorder = reorder
+
+        def forward(self, x):
+            y = self.conv1(x.flip(1))
+            return self.conv2(self.pool(self.reorder(self, y))).flatten(1)
+    for reorder in (lambda s, y: y.index_select(1, s.order),
+                    lambda s, y: torch.index_select(y, -3, torch.tensor([3, 3, 0, 1])) + torch.flip(y, [-3])):
+        _torch_check(tb, Net(reorder), 8, 3)
+    with pytest.raises(tb.FDFE.ConversionError, match=r"Tensor\.flip .*works along dim 2 of a 4x6x6 map"):
+        tb.FDFE.convert(Net(lambda s, y: y.flip(2)), 8)
+
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((9, 9, 3))
+    y = L.Conv2D(4, 3)(L.Lambda(lambda t: t[..., ::-1])(inp))
+    y = L.Lambda(lambda t: keras.ops.concatenate([t[:, 1:4, 0:5, ::-1], t[:, 1:4, 0:5, ::2],
+                                                  tf.gather(t[:, 1:4, 0:5], [2, 0, 1], axis=-1)], -1))(y)
+    net = keras.Model(inp, L.GlobalMaxPooling2D()(L.Conv2D(3, 2)(y)))
+    out = _keras_check(kb, net, 9, 3)
+    ci = kb.FDFE.convert(net, 9)
+    ci.save(str(tmp_path / "ci.keras"))
+    images = tf.constant(netspec.random_images(2, 3, 9, 10, seed=9), dtype=tf.float32)
+    assert np.array_equal(keras.models.load_model(str(tmp_path / "ci.keras"))(images).numpy(), out.numpy())
+    spatial = keras.Sequential([keras.Input((9, 9, 3)), L.Conv2D(4, 3), L.Lambda(lambda t: t[:, ::-1]),
+                                L.GlobalMaxPooling2D()])
+    with pytest.raises(kb.FDFE.ConversionError, match=r"reversed or reordered slice of positions"):
+        kb.FDFE.convert(spatial, 9)
+
+
 def test_torch_instance_norm_with_running_statistics_is_per_channel(tb):
     """InstanceNorm2d(track_running_stats=True) in eval mode normalises with its running statistics, a
     per-channel affine map like batch normalisation: exact (it was refused as per-patch statistics, which it

@@ -3300,8 +3300,20 @@ def _rule_slice_op(call, geoms):
     lo, hi = np.unravel_index(picked.min(), src), np.unravel_index(picked.max(), src)
     box = index[tuple(slice(a, b + 1) for a, b in zip(lo, hi))]
     if box.size != picked.size or not np.array_equal(box.ravel(), picked.ravel()):
-        raise call.fail("it takes a strided, reversed or reordered slice; only contiguous crops (x[:, a:b, c:d, :]) "
-                        "and slices of channels can be made dense")
+        channels = _channel_selection(picked, src, geom)
+        if channels is None:
+            raise call.fail("it takes a strided, reversed or reordered slice of positions; only contiguous crops "
+                            "(x[:, a:b, c:d, :]) and slices, steps or reversals of channels can be made dense")
+        (y0, x0), (bh, bw) = channels[1:]
+        gather = _TFOp("GatherV2", {"params": {"input": 0}, "indices": {"const": channels[0], "dtype": "int32"},
+                                    "axis": {"const": -1, "dtype": "int32"}}, {"batch_dims": ["int", 0]})
+        if geom.kind == MAP:
+            crop = _crop_runner(y0, geom.size[0] - y0 - bh, x0, geom.size[1] - x0 - bw, 0, geom.channels,
+                                geom.channels)
+            picked_geom = geom.with_(size=(bh, bw), channels=len(channels[0]))
+        else:
+            crop, picked_geom = _pass_through, geom.with_(channels=len(channels[0]))
+        return (lambda xs: [gather(crop(xs)[0])]), [picked_geom]
     if (lo[0], hi[0]) != (0, src[0] - 1):
         raise call.fail("it slices the batch of patches")
     if box.shape == src:  # every entry, reshaped (x[:, None], x[..., 0] of one channel)
@@ -3316,6 +3328,40 @@ def _rule_slice_op(call, geoms):
         return run, [_reshaped_geom(call, geom.with_(channels=box.shape[1]), box.shape, dst)]
     raise call.fail(f"it slices {geom.describe()}; only crops of a (N, h, w, C) map and slices of channels can be "
                     f"made dense")
+
+
+@_op_rule_for("GatherV2", label="TensorFlow gathers of channels in call() (tf.gather(x, indices, axis=-1)): per pixel")
+def _rule_gather_op(call, geoms):
+    """``tf.gather(x, indices, axis=-1)`` with constant indices: the same channels of every pixel."""
+    geom, rank = geoms[0], len(call.in_shapes[0])
+    axis, indices = call.constant("axis"), call.constant("indices")
+    if "input" not in call.args["params"] or indices is None or axis is None or int(axis) % rank != rank - 1 \
+            or call.attrs.get("batch_dims", ["int", 0])[1] != 0 or not _per_channel(geom):
+        raise call.fail(f"it gathers from {geom.describe()} along axis {axis}; only constant indices into the channel "
+                        f"axis (-1) of a map or of a vector of one position can be made dense")
+    args = dict(call.args, axis={"const": -1, "dtype": call.args["axis"]["dtype"]})
+    return _op_runner(call, args), [geom.with_(channels=call.out_shapes[0][-1])]
+
+
+def _channel_selection(picked, src, geom):
+    """Where a slice of a map (N, h, w, C) or of a vector of one position (N, C) takes every patch, a contiguous
+    box of positions and the same channels at each (x[..., ::-1], x[:, a:b, c:d, ::2]), with the output in
+    that order: (channel indices, (y0, x0), (box height, box width)); else None."""
+    if not (geom.kind == MAP and len(src) == 4 or geom.is_pixel_vector and len(src) == 2) or \
+            picked.ndim != len(src):
+        return None
+    coords = np.unravel_index(picked, src)
+    if len(src) == 2:
+        coords = (coords[0][:, None, None, :], np.zeros((1, 1, 1, 1), np.int64), np.zeros((1, 1, 1, 1), np.int64),
+                  coords[1][:, None, None, :])
+    n, y, x, c = coords
+    (bn, bh, bw, _), (y0, x0) = n.shape, (int(y.flat[0]), int(x.flat[0]))
+    channels = c[0, 0, 0]
+    ok = (bn == src[0] and np.array_equal(n, np.broadcast_to(np.arange(bn)[:, None, None, None], n.shape))
+          and np.array_equal(y, np.broadcast_to((y0 + np.arange(bh))[None, :, None, None], y.shape))
+          and np.array_equal(x, np.broadcast_to((x0 + np.arange(bw))[None, None, :, None], x.shape))
+          and np.array_equal(c, np.broadcast_to(channels, c.shape)))
+    return ([int(i) for i in channels], (y0, x0), (bh, bw)) if ok else None
 
 
 _REDUCTIONS = {"Mean": "avg", "Max": "max", "Min": "min", "Sum": "sum", "Prod": None, "All": None, "Any": None,
