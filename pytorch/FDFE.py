@@ -3031,6 +3031,21 @@ def _rule_cat(node, geoms):
     return _aligned(step, unwarps), [geom.with_(channels=out[1])]
 
 
+@_rule_for(["split", "chunk", "tensor_split"], "splits along the channel axis (chunk(2, dim=1), split): the "
+           "channels of every pixel", (torch, torch.Tensor))
+def _rule_split(node, geoms):
+    """``torch.split`` / ``chunk`` / ``tensor_split`` along the channel axis (max-feature-map: torch.max(*x.chunk(2,
+    1))): each part holds some channels of every pixel, the same parts of the dense values; along a spatial axis
+    they split positions of the patch (refused)."""
+    geom = geoms[0]
+    names = {"split": ["tensor", "split_size_or_sections", "dim"], "chunk": ["input", "chunks", "dim"],
+             "tensor_split": ["input", "indices_or_sections", "dim"]}[node.name.split(".")[-1]]
+    p = node.bind(names, {"dim": 0})
+    dense = _channel_dim(geom, int(p[names[2]]), node)
+    return (_CallStep(node, args=(p[names[0]], p[names[1]]), kwargs={"dim": dense}),
+            [geom.with_(channels=shape[1]) for shape in node.out_shapes])
+
+
 @_rule_for(["flip", "index_select"], "channel reordering: flip or index_select along the channel axis (RGB to "
            "BGR)", (torch, torch.Tensor))
 def _rule_channel_order(node, geoms):

@@ -358,6 +358,41 @@ def test_channels_reordered_per_pixel(tb, kb, tmp_path):
         kb.FDFE.convert(spatial, 9)
 
 
+def test_channel_splits_per_pixel(tb, kb):
+    """Splits along the channel axis (the max-feature-map activation, torch.max(*x.chunk(2, 1)); split with sizes;
+    tensor_split; Keras keras.ops.split / tf.split on axis -1) hold channels of every pixel: exact (they were
+    unknown ops).  Along a spatial axis they split positions: refused."""
+    import keras
+    import tensorflow as tf
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self, split):
+            super().__init__()
+            self.conv1, self.pool, self.conv2 = nn.Conv2d(3, 8, 3), nn.MaxPool2d(2), nn.Conv2d(4, 3, 2)
+            self.split = split
+
+        def forward(self, x):
+            return self.conv2(self.pool(self.split(self.conv1(x)))).flatten(1)
+    for split in (lambda y: torch.max(*y.chunk(2, 1)) + torch.tensor_split(y, 2, dim=1)[1],
+                  lambda y: torch.cat(y.split([1, 3, 4], 1)[1:2] + (y[:, :1],), 1)):
+        _torch_check(tb, Net(split), 8, 3)
+    with pytest.raises(tb.FDFE.ConversionError, match=r"Tensor.split .*works along dim 2 of a 4x6x6 map"):
+        tb.FDFE.convert(Net(lambda y: torch.cat(y[:, :4].split(3, 2), 2)), 8)
+
+    L, ops = keras.layers, keras.ops
+
+    def net(split):
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((8, 8, 3))
+        y = L.MaxPooling2D(2)(L.Lambda(split)(L.Conv2D(8, 3)(inp)))
+        return keras.Model(inp, L.GlobalMaxPooling2D()(L.Conv2D(3, 2)(y)))
+    _keras_check(kb, net(lambda y: ops.maximum(*ops.split(y, 2, axis=-1)) + tf.split(y, [1, 4, 3], axis=3)[1]), 8, 3)
+    with pytest.raises(kb.FDFE.ConversionError, match=r"\(Split.*splits a 6x6x4 map along axis 1"):
+        kb.FDFE.convert(net(lambda y: ops.concatenate(ops.split(y[..., :4], 2, axis=1), 1)), 8)
+
+
 def test_torch_instance_norm_with_running_statistics_is_per_channel(tb):
     """InstanceNorm2d(track_running_stats=True) in eval mode normalises with its running statistics, a
     per-channel affine map like batch normalisation: exact (it was refused as per-patch statistics, which it

@@ -3330,6 +3330,20 @@ def _rule_slice_op(call, geoms):
                     f"made dense")
 
 
+@_op_rule_for("Split", "SplitV", label="TensorFlow splits along the channel axis in call() (tf.split(x, 2, axis=-1)): "
+                                        "the channels of every pixel")
+def _rule_split_op(call, geoms):
+    """``tf.split`` / ``keras.ops.split`` along the channel axis (max-feature-map: maximum of the two halves): each
+    part holds some channels of every pixel, the same parts of the dense values."""
+    geom, rank = geoms[0], len(call.in_shapes[0])
+    axis = call.constant("axis")
+    if axis is None or int(axis) % rank != rank - 1 or not _per_channel(geom):
+        raise call.fail(f"it splits {geom.describe()} along axis {axis}; only the channel axis (-1) of a map or of a "
+                        f"vector of one position can be made dense")
+    args = dict(call.args, axis={"const": -1, "dtype": call.args["axis"]["dtype"]})
+    return _op_runner(call, args), [geom.with_(channels=shape[-1]) for shape in call.out_shapes]
+
+
 @_op_rule_for("GatherV2", label="TensorFlow gathers of channels in call() (tf.gather(x, indices, axis=-1)): per pixel")
 def _rule_gather_op(call, geoms):
     """``tf.gather(x, indices, axis=-1)`` with constant indices: the same channels of every pixel."""
