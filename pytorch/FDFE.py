@@ -2809,11 +2809,11 @@ def _make_reduce_rule(kind):
         if not per_pixel:
             raise node.fail(f"it computes a statistic over positions of each patch (dims {dims} of "
                             f"{geom.describe()}), as per-patch normalisation does; {_PER_PATCH_REASON}")
-        if not keepdim and geom.kind == MAP:
-            raise node.fail("a channel reduction without keepdim=True turns the map into (N, h, w)")
         first = p.pop(names[0])
+        # (N, h, w) without keepdim: a view of the one-channel map the dense values keep (N, 1, H, W)
+        reduced = geom.with_(channels=1, kind=VIEW if not keepdim and geom.kind == MAP else geom.kind)
         return (_CallStep(node, args=(first,), kwargs=dict(p, dim=1, keepdim=True)),
-                [geom.with_(channels=1)] * len(node.out_slots))  # (values, indices) of torch.max(x, dim)
+                [reduced] * len(node.out_slots))  # (values, indices) of torch.max(x, dim)
     return rule
 
 
@@ -3615,7 +3615,7 @@ def _trace(base_net, patch_size, in_channels, guessed=False):
                               "shapes cannot be multiplied", "size mismatch")):
         hint = (f" -- the patch {ph}x{pw} may be smaller (or larger) than the net needs; check patch_size "
                 f"against the size Cp was trained on")
-    if guessed:
+    if guessed and "channel" in msg:
         hint += f" -- in_channels={in_channels} was inferred from Cp's modules; pass in_channels= if Cp's input " \
                 f"has another number of channels"
     raise ConversionError(f"running Cp on a batch of {in_channels}x{ph}x{pw} patches failed: "

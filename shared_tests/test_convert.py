@@ -393,6 +393,26 @@ def test_channel_splits_per_pixel(tb, kb):
         kb.FDFE.convert(net(lambda y: ops.concatenate(ops.split(y[..., :4], 2, axis=1), 1)), 8)
 
 
+def test_torch_channel_reductions_without_keepdim(tb):
+    """A channel reduction without keepdim gives (N, h, w) per patch: a view of the one-channel map the dense
+    values keep, which may be unsqueezed, flattened or combined element-wise (x.norm(dim=1) of a 1x1 map as
+    the output, x * x.amax(1).unsqueeze(1), argmax); it was refused, as Keras' keepdims=False was not."""
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.conv1, self.pool, self.conv2, self.head = nn.Conv2d(3, 8, 3), nn.MaxPool2d(2), nn.Conv2d(8, 3, 3), head
+
+        def forward(self, x):
+            return self.head(self.conv2(self.pool(self.conv1(x))))
+    for head in (lambda y: y.norm(dim=1).view(y.shape[0], -1),
+                 lambda y: torch.cat([(y * y.amax(1).unsqueeze(1)).flatten(1), (y.sum(1) * 2).flatten(1),
+                                      (y.argmax(1).to(y.dtype) + y.max(1)[0]).flatten(1)], 1)):
+        _torch_check(tb, Net(head), 8, 3)
+
+
 def test_torch_instance_norm_with_running_statistics_is_per_channel(tb):
     """InstanceNorm2d(track_running_stats=True) in eval mode normalises with its running statistics, a
     per-channel affine map like batch normalisation: exact (it was refused as per-patch statistics, which it

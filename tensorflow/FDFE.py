@@ -3865,9 +3865,10 @@ def _trace(base_net, patch_size, in_channels, guessed=False):
                 f"forward that reads values of tensors, with Python conditions on them or .numpy(), cannot be made "
                 f"dense)") from exc
         return tracer, out, example
-    hint = f" -- in_channels={in_channels} was inferred from Cp's first Conv2D; pass in_channels= if Cp's input " \
-        f"has another number of channels" if guessed else ""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(last_error))  # Keras' bold
+    about_channels = any(word in text for word in ("channel", "depth", "axis -1", "axis 3"))
+    hint = f" -- in_channels={in_channels} was inferred from Cp's first Conv2D; pass in_channels= if Cp's input " \
+        f"has another number of channels" if guessed and about_channels else ""
     raise ConversionError(f"running Cp on a batch of {ph}x{pw}x{in_channels} patches failed: "
                           f"{type(last_error).__name__}: {text} -- the patch {ph}x{pw} may be smaller "
                           f"(or larger) than the net needs; check patch_size against the size Cp was trained "
