@@ -558,7 +558,8 @@ def _adaptive_windows(size: int, out: int):
     starts = [i * size // out for i in range(out)]
     ends = [-(-(i + 1) * size // out) for i in range(out)]
     kernel, stride = ends[0] - starts[0], (starts[1] - starts[0] if out > 1 else 1)
-    if any(e - b != kernel for b, e in zip(starts, ends)) or any(b != i * stride for i, b in enumerate(starts)):
+    if any(e - b != kernel for b, e in zip(starts, ends)) or any(b != i * stride for i, b in enumerate(starts)) \
+            or (out > 1 and stride < 1):  # (more entries than the axis has: windows that repeat)
         return None
     return kernel, stride
 
@@ -1303,9 +1304,13 @@ _POOLS = ("max", "avg", "lp")
 
 def _pool(x, kind, kernel, stride, dilation, norm_type, divisor_override, reuse_input=False):
     """One pooling; ``reuse_input``: the separable max pooling may write into ``x`` (nothing reads it after).
-    ``kind`` "min" (global pooling only): the max pooling of -x, negated."""
+    ``kind`` "min" and "sum" (global pooling only): the max pooling of -x, negated; an average pooling times
+    the window's area."""
     if kind == "min":
         return -_pool(-x, "max", kernel, stride, dilation, norm_type, divisor_override, True)
+    if kind == "sum":  # (not divisor_override=1: ONNX's AveragePool has none, and its exports would divide)
+        kernel = _pair(kernel, "kernel")
+        return F.avg_pool2d(x, kernel, stride, 0, False, True) * (kernel[0] * kernel[1])
     if kind == "max":
         if _separable_max_applies(x, kernel, stride, dilation):
             return _separable_max_pool(x, kernel, reuse_input)
@@ -2115,6 +2120,18 @@ def _version(t: torch.Tensor):
         return None
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two views of one storage have elements in common (their shapes, strides and offsets; where their
+    element sizes differ, assumed)."""
+    if a.element_size() != b.element_size():
+        return True
+    size = a.untyped_storage().nbytes() // a.element_size()
+    offsets = torch.arange(size, device="cpu")
+    touched = torch.zeros(size, dtype=torch.bool)
+    touched[offsets.as_strided(a.shape, a.stride(), a.storage_offset()).reshape(-1)] = True
+    return bool(touched[offsets.as_strided(b.shape, b.stride(), b.storage_offset()).reshape(-1)].any())
+
+
 def _memory_of(t: torch.Tensor):
     """A key of the memory ``t`` views (its storage's address), the same for every view of it."""
     try:
@@ -2138,8 +2155,9 @@ class _Tracer(TorchFunctionMode):
         self.derived = {}                       # id of a tensor computed from parameters alone -> _Derived
         self.expressions = []                   # (func, args, kwargs, in place) of each such computation
         self.stale = {}                         # id of a view whose memory an in-place op changed -> why refused
-        self.version_of = {id(example): _version(example)}  # activation -> its memory's version when recorded
-        self.changed_by = {}                    # memory of activations -> the last in-place op that changed it
+        self.version_of = {id(example): _version(example)}  # activation -> its memory's version, to see writes
+        self.sharing = {_memory_of(example): [example]}  # memory -> the activations that view it
+        self.changed = {}                       # id of an activation an in-place op changed through another -> why
         self.nodes: List[_Node] = []
         self.stack = [type(base_net).__name__ + ".forward"]
         self.hooks = []
@@ -2238,13 +2256,33 @@ class _Tracer(TorchFunctionMode):
             self.derived[id(t)] = _Derived(len(self.expressions) - 1, leaf, t.shape)
             self.alive.append(t)
 
+    def _note_writes(self, func, kwargs, activations, out_tensors, where):
+        """After an op that changed activations in place (their memory's version moved): every other activation
+        that views memory it wrote (elements in common, not just the same storage: the two halves of
+        x.chunk(2, 1) do not) keeps its recorded expression, which no longer gives its values; reading it later
+        is refused (``self.changed``)."""
+        moved = [t for t in activations if _version(t) != self.version_of.get(id(t))]
+        if not moved:
+            return
+        inputs = {id(t) for t in activations}
+        written = [t for t in out_tensors if id(t) in inputs]  # in-place ops return the tensor they change
+        written += [t for t in _leaves(kwargs.get("out")) if isinstance(t, torch.Tensor)]
+        outputs = {id(t) for t in out_tensors}
+        for target in written or moved:
+            for other in self.sharing.get(_memory_of(target), ()):
+                if id(other) not in outputs and other is not target and _overlap(other, target):
+                    self.changed[id(other)] = f"{_func_name(func)} (in {where})"
+        for t in moved:
+            for other in self.sharing.get(_memory_of(t), ()):
+                self.version_of[id(other)] = _version(other)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         activations = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor) and id(t) in self.slot_of]
         in_slots = [self.slot_of[id(t)] for t in activations]
         # an activation whose memory an in-place op changed after it was recorded (through a view of it, the
         # tensor it views, or another view of that memory): its recorded expression no longer gives its values
-        stale = [t for t in activations if _version(t) != self.version_of.get(id(t))]
+        stale = [t for t in activations if id(t) in self.changed]
         in_place = None if in_slots else self._before_in_place(func, args, kwargs)
         out = func(*args, **kwargs)
         if not in_slots:
@@ -2268,21 +2306,23 @@ class _Tracer(TorchFunctionMode):
                 f"{where}: {_func_name(func)} reads the values of an activation (data-dependent "
                 f"control flow or a Python number computed from the patch); CI cannot reproduce that")
         if stale:
-            change = self.changed_by.get(_memory_of(stale[0]), "an in-place op")
             raise ConversionError(
-                f"{where}: {_func_name(func)} reads an activation whose memory {change} changed in place through "
-                f"another tensor that shares it (a view such as y[:, :2] or y.view(...), or the tensor a view was "
-                f"taken of), after the activation was computed; CI cannot follow changes through views: compute "
-                f"it out of place (torch.cat of the parts, torch.where with a mask, or clone() before changing it)")
-        for t in activations:
-            if _version(t) != self.version_of.get(id(t)):  # this op changed it in place
-                self.changed_by[_memory_of(t)] = f"{_func_name(func)} (in {where})"
+                f"{where}: {_func_name(func)} reads an activation whose memory {self.changed[id(stale[0])]} changed "
+                f"in place through another tensor that shares it (a view such as y[:, :2] or y.view(...), or the "
+                f"tensor a view was taken of), after the activation was computed; CI cannot follow changes through "
+                f"views: compute it out of place (torch.cat of the parts, torch.where with a mask, or clone() "
+                f"before changing it)")
+        self._note_writes(func, kwargs, activations, out_tensors, where)
         args_t = _map_structure(args, self._template)
         kwargs_t = _map_structure(kwargs, self._template)
         in_shapes = [self.shapes[s] for s in in_slots]
         out_slots = []
         for t in out_tensors:
             self.version_of[id(t)] = _version(t)
+            self.changed.pop(id(t), None)
+            group = self.sharing.setdefault(_memory_of(t), [])
+            if not any(u is t for u in group):
+                group.append(t)
             self.slot_of[id(t)] = self.n_slots
             self.shapes[self.n_slots] = tuple(t.shape)
             self.alive.append(t)
@@ -2515,10 +2555,18 @@ def _same_at_every_position(value, geom, node):
         return value
     tensor = tensor.reshape((1,) * (rank - tensor.dim()) + tuple(tensor.shape))  # as it broadcasts
     first = tensor[:1, :, :1, :1] if geom.kind == MAP else tensor[:1]
-    if first.shape == tensor.shape or not torch.equal(tensor, first.expand_as(tensor)):  # (NaN: never equal)
+    if first.shape == tensor.shape or not _all_equal(tensor, first.expand_as(tensor)):
         return value
     node.constants.append(first.clone())
     return _Const(len(node.constants) - 1, first.shape)
+
+
+def _all_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same values, NaN equal to NaN."""
+    same = a == b
+    if a.is_floating_point() or a.is_complex():
+        same = same | (a.isnan() & b.isnan())
+    return bool(same.all())
 
 
 def _constant_for(geom, value, node):
@@ -2576,7 +2624,7 @@ def _padding_of(p, kernel=None):
 @_rule_for(["relu", "relu_", "relu6", "elu", "elu_", "selu", "selu_", "celu", "celu_", "leaky_relu",
             "leaky_relu_", "gelu", "silu", "mish", "hardswish", "hardsigmoid", "hardtanh", "hardtanh_",
             "softplus", "softsign", "softshrink", "hardshrink", "tanhshrink", "logsigmoid", "threshold",
-            "threshold_", "rrelu", "sigmoid", "sigmoid_", "tanh", "tanh_", "abs", "abs_", "exp", "exp_",
+            "threshold_", "sigmoid", "sigmoid_", "tanh", "tanh_", "abs", "abs_", "exp", "exp_",
             "log", "log_", "log1p", "expm1", "sqrt", "sqrt_", "rsqrt", "square", "neg", "neg_", "sign", "erf",
             "reciprocal", "clamp", "clamp_", "clip", "clamp_min", "clamp_max", "pow", "pow_", "add", "add_",
             "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "maximum", "minimum", "where",
@@ -2627,6 +2675,17 @@ def _aligned(step, unwarps):
 def _rule_identity(node, geoms):
     """Contiguous, clone, detach: the value passes through."""
     return _AliasStep(node), [geoms[0]]
+
+
+@_rule_for(["rrelu", "rrelu_"], "randomized leaky ReLU (leaky at inference: the mean slope)", (torch, F))
+def _rule_rrelu(node, geoms):
+    """F.rrelu: at inference a leaky ReLU with the mean slope, per pixel; with training=True whatever Cp's mode
+    it draws random slopes, which nothing dense reproduces: refused."""
+    p = node.bind(["input", "lower", "upper", "training", "inplace"], {"training": False})
+    if p["training"]:
+        raise node.fail("it draws random slopes (training=True) whatever Cp's mode, which no dense computation "
+                        "reproduces; pass training=self.training (as nn.RReLU does) so that it is leaky at inference")
+    return _rule_elementwise(node, geoms)
 
 
 @_rule_for(["dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
@@ -2745,10 +2804,9 @@ _rule_for(["lp_pool2d"], _POOLING_LABEL, (F,))(_make_pool_rule("lp"))
 
 
 def _global_pool_step(node, geom, kind, keep_map):
-    """Pooling over the whole patch-level map: a stride-1 pooling with the map's size ("sum": an average pooling
-    with divisor 1; "min": the max pooling of -x, negated)."""
-    step = _PoolStep(node, "avg", geom.size, (1, 1), divisor_override=1) if kind == "sum" \
-        else _PoolStep(node, kind, geom.size, (1, 1))
+    """Pooling over the whole patch-level map: a stride-1 pooling with the map's size ("sum" and "min": see
+    _pool)."""
+    step = _PoolStep(node, kind, geom.size, (1, 1))
     return step, [geom.with_(kind=MAP if keep_map else VECTOR, size=(1, 1))]
 
 
@@ -2906,9 +2964,18 @@ def _rule_batch_norm(node, geoms):
                         "does) so that it uses its running statistics at inference")
     if geom.kind == VECTOR and geom.size != (1, 1):
         raise node.fail(f"it normalises each entry of {geom.describe()} with its own statistics")
-    args = (_Ref(node.in_slots[0]), p["running_mean"], p["running_var"], p["weight"], p["bias"], False,
-            0.0, p["eps"])
-    return _CallStep(node, func=F.batch_norm, args=args, kwargs={}), [geom]
+    args = (_Ref(node.in_slots[0]), p["running_mean"], p["running_var"], p["weight"], p["bias"], p["eps"])
+    return _CallStep(node, func=_batch_norm_eval, args=args, kwargs={}), [geom]
+
+
+def _batch_norm_eval(x, mean, var, weight, bias, eps):
+    """Batch normalisation with running statistics; without affine parameters, while CI is exported, with
+    explicit ones and zeros (the TorchScript-based ONNX exporter needs the channel count they carry)."""
+    if _exporting() and weight is None:
+        weight = torch.ones_like(mean)
+    if _exporting() and bias is None:
+        bias = torch.zeros_like(mean)
+    return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
 
 @_rule_for(["prelu"], "PReLU (one slope per channel)", (torch, F))
@@ -3082,9 +3149,8 @@ def _rule_instance_norm(node, geoms):
     if p["use_input_stats"] or p["running_mean"] is None or p["running_var"] is None:
         raise node.fail(f"it normalises with statistics computed over each patch; {_PER_PATCH_REASON}")
     _require_map(node, geoms[0])
-    args = (_Ref(node.in_slots[0]), p["running_mean"], p["running_var"], p["weight"], p["bias"], False, 0.0,
-            p["eps"])
-    return _CallStep(node, func=F.batch_norm, args=args, kwargs={}), [geoms[0]]
+    args = (_Ref(node.in_slots[0]), p["running_mean"], p["running_var"], p["weight"], p["bias"], p["eps"])
+    return _CallStep(node, func=_batch_norm_eval, args=args, kwargs={}), [geoms[0]]
 
 
 @_rule_for(["pad", "constant_pad_nd"], "refused: padding inside Cp (negative amounts crop)", (torch, F))
@@ -3596,11 +3662,12 @@ def _trace(base_net, patch_size, in_channels, guessed=False):
     dtype, device = _example_kind(base_net)
     last_error = None
     for batch in (2, 1):
-        example = torch.randn(batch, in_channels, ph, pw, dtype=dtype, device=device)
+        with torch.inference_mode(False):
+            example = torch.randn(batch, in_channels, ph, pw, dtype=dtype, device=device)
         tracer = _Tracer(base_net, example)
         try:
-            with torch.no_grad(), _EvalMode(base_net), tracer:
-                out = base_net(example)
+            with torch.inference_mode(False), torch.no_grad(), _EvalMode(base_net), tracer:
+                out = base_net(example)  # (not in inference mode: its tensors have the version counters _Tracer reads)
         except ConversionError:
             raise
         except Exception as exc:  # the net rejected this example; report it below

@@ -215,6 +215,52 @@ def test_torch_exports_of_streams_that_pool_differently(tb, tmp_path):
             assert out.shape == ref.shape and max_rel_error(out, ref) <= TOL["float32"], (name, (n, h, w))
 
 
+def test_torch_exports_of_global_sums_channel_ops_and_running_statistics(tb, tmp_path):
+    """Global sum and minimum, channel splits and flips, and instance normalisation with running statistics
+    (no affine parameters) after a pooling: torch.export and both ONNX exporters are exact in onnxruntime at sizes
+    not seen at export.  The sum was an average pooling with divisor_override=1, which ONNX's AveragePool lacks:
+    onnxruntime divided it by the window's area, silently; the TorchScript-based exporter refused a batch
+    normalisation without weights ("unknown channel size")."""
+    import onnxruntime
+    import torch
+    import torch.nn as nn
+    from torch.export import Dim
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.pool, self.conv2 = nn.Conv2d(2, 6, 3), nn.MaxPool2d(2), nn.Conv2d(3, 4, 2)
+            self.norm = nn.InstanceNorm2d(6, track_running_stats=True)
+            self.norm.running_mean.normal_()
+            self.norm.running_var.uniform_(0.5, 2.0)
+
+        def forward(self, x):
+            y = self.norm(self.pool(self.conv1(x)))
+            y = self.conv2(torch.max(*y.flip(1).chunk(2, 1)))
+            return torch.cat([y.sum((2, 3)), torch.amin(y, (2, 3))], 1)
+    torch.manual_seed(0)
+    net = Net().eval()
+    ci = tb.FDFE.convert(net, 7)
+    example = (_torch_images(2, 12, 13, 4),)
+    dims = {0: Dim("N", min=1, max=64), 2: Dim("H", min=1, max=8192), 3: Dim("W", min=1, max=8192)}
+    runs = {"torch.export": torch.export.export(ci, example, dynamic_shapes={"images": dims}).module()}
+    for dynamo in (True, False):
+        path = str(tmp_path / f"net_{dynamo}.onnx")
+        options = {"dynamic_shapes": {"images": dims}} if dynamo else \
+            {"dynamic_axes": {"images": {0: "N", 2: "H", 3: "W"}, "features": {0: "N", 2: "H", 3: "W"}}}
+        torch.onnx.export(ci, example, path, dynamo=dynamo, input_names=["images"], output_names=["features"],
+                          **options)
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        runs[f"onnx, dynamo={dynamo}"] = lambda x, session=session: session.run(None, {"images": x.numpy()})[0]
+    for seed, (n, h, w) in enumerate([(1, 1, 1), (1, 17, 11), (3, 6, 9)]):
+        images = _torch_images(n, h, w, 40 + seed)
+        ref = tb.FDFE.dense_reference(net, images, 7)
+        for name, run in runs.items():
+            with torch.no_grad():
+                out = torch.as_tensor(np.asarray(run(images)))
+            assert out.shape == ref.shape and max_rel_error(out, ref) <= TOL["float32"], (name, (n, h, w))
+
+
 def test_torch_onnx_exports_run_exactly_in_onnxruntime(tb, tmp_path):
     """torch.onnx.export, both exporters (dynamo=True with Dim ranges; the TorchScript-based one with
     dynamic_axes), run in ONNX Runtime at sizes not seen at export."""

@@ -214,10 +214,11 @@ def test_layers_forced_into_training_mode_are_refused_by_name(tb, kb):
             (lambda s, x: F.dropout(conv(x), 0.5), r"F\.dropout .*drops random values \(training=True, p=0\.5\)"),
             (lambda s, x: F.dropout2d(conv(x), 0.3, True), r"F\.dropout2d .*training=self\.training"),
             (lambda s, x: torch.dropout(conv(x), 0.5, True), r"dropout .*\(train=True, p=0\.5\)"),
+            (lambda s, x: F.rrelu(conv(x), training=True), r"F\.rrelu .*draws random slopes \(training=True\)"),
             (lambda s, x: F.batch_norm(conv(x), bn.running_mean, bn.running_var, training=True),
              r"F\.batch_norm .*training=True whatever Cp's mode, so it normalises with statistics of the batch")]:
         _torch_refusal(tb, [conv, bn], 5, match, forward=lambda s, x, f=forward: f(s, x).amax((2, 3)))
-    net = nn.Sequential(conv, nn.Dropout(0.5), bn, nn.Dropout2d(0.5), nn.Conv2d(4, 3, 3)).train()
+    net = nn.Sequential(conv, nn.Dropout(0.5), bn, nn.Dropout2d(0.5), nn.RReLU(), nn.Conv2d(4, 3, 3)).train()
     images = torch.randn(2, 1, 8, 9)
     with torch.no_grad():  # converted and compared in inference mode, the flags left as they were
         assert max_rel_error(tb.FDFE.convert(net, 5)(images), tb.FDFE.dense_reference(net, images, 5)) \
