@@ -379,8 +379,9 @@ def test_keras_saved_model_serves_any_image_size(kb, tmp_path):
 
 def test_keras_saved_model_of_a_cp_whose_call_reads_its_weights(kb, tmp_path):
     """A layer of Cp without a rule of its own that reads its weight in call() (x * exp(self.log_s)) becomes
-    ops of CI that read Cp's variable, which TensorFlow's tracking did not reach: tf.saved_model.save(ci)
-    failed ("references an 'untracked' resource").  It saves, and the reloaded CI is exact; .keras too."""
+    ops of CI that read Cp's variable, which CI did not track: tf.saved_model.save(ci) failed ("references an
+    'untracked' resource"), ci.fit left the variable alone, get_weights / save_weights missed it, and a .keras
+    copy kept its value as a constant (stale after set_weights).  It is a weight of CI: all of these work."""
     import keras
     import tensorflow as tf
 
@@ -402,6 +403,15 @@ def test_keras_saved_model_of_a_cp_whose_call_reads_its_weights(kb, tmp_path):
     ref = kb.FDFE.dense_reference(net, images, 7)
     assert max_rel_error(next(iter(served(images).values())), ref) <= TOL["float32"]
     assert max_rel_error(loaded(images), ref) <= TOL["float32"]
+
+    log_s = net.layers[1].log_s
+    assert any(w is log_s for w in ci.trainable_weights) and len(ci.get_weights()) == len(net.weights)
+    before = log_s.numpy().copy()
+    ci.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    ci.fit(images, tf.zeros_like(ref), epochs=1, verbose=0)
+    assert not np.array_equal(log_s.numpy(), before), "ci.fit did not train a weight Cp's call() reads"
+    loaded.set_weights(ci.get_weights())  # the copy's own variables, set from the trained CI
+    assert max_rel_error(loaded(images), kb.FDFE.dense_reference(net, images, 7)) <= TOL["float32"]
 
 
 def _keras_images(n, h, w, seed):

@@ -2153,18 +2153,6 @@ def _run_op(op_type, args, attrs, xs, variables, output=None):
     return out
 
 
-def _snapshot(spec, variables):
-    """``spec`` with the variables it reads replaced by constants of their current values (for configs)."""
-    if isinstance(spec, list):
-        return [_snapshot(s, variables) for s in spec]
-    if "variable" in spec:
-        value = np.asarray(keras.ops.convert_to_numpy(variables[spec["variable"]]))
-        return {"const": value.tolist(), "dtype": value.dtype.name, "shape": spec.get("shape")}
-    if "op" in spec:
-        return {**spec, "args": {k: _snapshot(s, variables) for k, s in spec["args"].items()}}
-    return spec
-
-
 def _handle_of(variable):
     """The resource handle of a Keras variable (how the traced graph refers to it), or None."""
     return getattr(getattr(variable, "value", variable), "handle", None)
@@ -2518,16 +2506,26 @@ class _TFOp(_Layer):
             ``{"variable": k}``: ``variables[k]``, read at every call; ``{"op": type, "args": ...,
             "attrs": ..., "output": i}``: an op of constants and variables (e.g. ``exp`` of a weight).
         attrs: tf.raw_ops argument name -> [attribute kind, value] for the op's attributes.
-        variables: Cp's variables the op reads (shared, not copied; the config saves their values).
+        variables: Cp's variables the op reads (shared, not copied): weights of this layer too, so that
+            ``ci.weights``, ``fit``, ``get_weights`` and checkpoints reach them; a copy made from the config
+            (.keras files, ``from_config``, ``clone_model``) has variables of its own, loaded or set with
+            the weights.
+        variable_specs: instead of ``variables`` (from a config): [{"shape", "dtype", "trainable"}] of the
+            variables to create.
 
     Shape:
         the op's: the layer takes the list of dense tensors and returns the op's output (a list for ops
         with several outputs).
     """
 
-    def __init__(self, op_type, args, attrs, variables=(), **kwargs):
+    def __init__(self, op_type, args, attrs, variables=(), variable_specs=None, **kwargs):
         super().__init__(**kwargs)
+        if variable_specs is not None:
+            variables = [self.add_weight(shape=tuple(v["shape"]), dtype=v["dtype"], trainable=v["trainable"],
+                                         initializer="zeros", name=f"read_variable_{i}")
+                         for i, v in enumerate(variable_specs)]
         object.__setattr__(self, "_op", (str(op_type), dict(args), dict(attrs), tuple(variables)))
+        self.read_variables = list(variables)  # (tracked by Keras: weights of this layer)
 
     def call(self, inputs):
         op_type, args, attrs, variables = self._op
@@ -2535,19 +2533,11 @@ class _TFOp(_Layer):
         out = _run_op(op_type, args, attrs, xs, variables)
         return out if tf.is_tensor(out) else list(out)
 
-    def _trackable_children(self, save_type="checkpoint", **kwargs):
-        """TensorFlow's tracking (tf.saved_model.save, tf.train.Checkpoint) also reaches the variables of Cp
-        the op reads, which Keras does not track here (they are Cp's, saved in .keras files as constants of
-        the config), so that a SavedModel of CI captures them."""
-        children = super()._trackable_children(save_type, **kwargs)
-        for i, variable in enumerate(self._op[3]):
-            children[f"read_variable_{i}"] = variable
-        return children
-
     def get_config(self):
         op_type, args, attrs, variables = self._op
-        return {**super().get_config(), "op_type": op_type, "attrs": attrs,
-                "args": {name: _snapshot(spec, variables) for name, spec in args.items()}}
+        specs = [{"shape": [int(d) for d in v.shape], "dtype": tf.as_dtype(v.dtype).name,
+                  "trainable": bool(v.trainable)} for v in variables]
+        return {**super().get_config(), "op_type": op_type, "attrs": attrs, "args": args, "variable_specs": specs}
 
 
 def _window_combine(x, axis, k, combine):
