@@ -859,6 +859,33 @@ def test_keras_layers_whose_dense_form_would_skip_their_call_are_refused(kb):
                          kb.FDFE.dense_reference(cp, images, 8)) <= TOL["float32"]
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Keras' quantize() and LoRA warnings
+def test_keras_ci_follows_layers_changed_after_convert(kb):
+    """CI's traced graphs (eager calls, predict) kept Cp's layers as they were at their first trace: after
+    enable_lora() on a strided convolution eager CI was 0.86 off while predict was exact; after quantize() of a
+    Dense that CI makes dense from its kernel, predict was 670x off.  CI traces again where Cp's layers changed:
+    LoRA is followed, quantization is refused by name when CI runs."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    cp = keras.Sequential([keras.Input((8, 8, 2)), L.Conv2D(4, 3, strides=2), L.Conv2D(4, 2), L.Flatten(),
+                           L.Dense(3)])
+    ci = kb.FDFE.convert(cp, 8)
+    images = tf.constant(netspec.random_images(2, 2, 9, 10, seed=9), dtype=tf.float32)
+    ci(images), ci.predict(images, verbose=0)  # traced
+    cp.layers[0].enable_lora(2)
+    cp.layers[0].lora_kernel_b.assign(tf.random.normal(cp.layers[0].lora_kernel_b.shape))
+    ref = kb.FDFE.dense_reference(cp, images, 8)
+    assert max_rel_error(ci(images), ref) <= TOL["float32"]
+    assert max_rel_error(ci.predict(images, verbose=0), ref) <= TOL["float32"]
+    cp.quantize("int8")
+    for run in (ci, lambda x: ci.predict(x, verbose=0)):
+        with pytest.raises(ValueError, match=r"DenseAsConv: layer 'dense.*' is quantized \(quantization_mode="
+                                             r"'int8'\).*do not quantize it \(or CI\) afterwards"):
+            run(images)
+
+
 def test_keras_adapted_normalization_follows_adapt_and_load_weights(kb, tmp_path):
     """An adapted Normalization keeps its statistics as tensors made when it is adapted or loaded, which CI's
     graph kept: after Cp's adapt() or load_weights() (convert first, then load the trained weights) CI was 1.7

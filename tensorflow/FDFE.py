@@ -1556,6 +1556,16 @@ class _WrapperLayer(_Layer):
         return cls(inner, **config)
 
 
+def _require_float_kernel(layer, what):
+    """A layer whose dense form FDFE computes from its kernel must not have been quantized since (its kernel is
+    then stored quantized, its scales apply in its own call())."""
+    mode = getattr(layer, "quantization_mode", None)
+    if mode is not None:
+        raise ValueError(f"{what}: layer '{layer.name}' is quantized (quantization_mode={mode!r}) and its dense form "
+                         f"is computed from its kernel, which is stored quantized; convert the float model and do "
+                         f"not quantize it (or CI) afterwards")
+
+
 def _pads(conv) -> bool:
     """Whether a convolution layer pads its input: padding="same" pads nothing for a 1x1 kernel."""
     return conv.padding != "valid" and not (conv.padding == "same" and tuple(conv.kernel_size) == (1, 1))
@@ -1596,6 +1606,7 @@ class multiConv(_ShiftOptions, _WrapperLayer):
 
     def call(self, x):
         c = self.conv
+        _require_float_kernel(c, "multiConv")
         channels = int(c.kernel.shape[2]) * int(c.groups)
         if len(x.shape) == 4 and x.shape[-1] is not None and x.shape[-1] != channels:
             raise ValueError(f"multiConv: its input has {x.shape[-1]} channels but the convolution takes "
@@ -2432,6 +2443,7 @@ class DenseAsConv(_WrapperLayer):
             self.dense.build((None, self.size[0] * self.size[1] * input_shape[-1]))
 
     def call(self, x):
+        _require_float_kernel(self.dense, "DenseAsConv")
         return _dense_as_conv(x, self.dense, self.size[0], self.size[1])
 
     def compute_output_shape(self, input_shape):
@@ -2637,7 +2649,8 @@ def _require_plain_weights(call, form, *methods):
     mode = getattr(layer, "quantization_mode", None)
     if mode is not None:
         raise call.fail(f"it is quantized (quantization_mode={mode!r}) and {form} is computed from its kernel, "
-                        f"which is stored quantized; convert the model before quantizing it")
+                        f"which is stored quantized; convert the float model and do not quantize it (or CI) "
+                        f"afterwards")
     known = next((base for base in type(layer).__mro__ if base in _RULES), type(layer))
     for name in methods:
         if getattr(type(layer), name, None) is not getattr(known, name, None):
@@ -2793,6 +2806,7 @@ class _MultiDepthwise(_ShiftOptions, _WrapperLayer):
 
     def call(self, x):
         layer = self.layer
+        _require_float_kernel(layer, "a strided depthwise convolution made dense")
         separable = isinstance(layer, keras.layers.SeparableConv2D)
         depthwise = layer.depthwise_kernel if separable else layer.kernel
         x, = _in_compute_dtype(layer, x)
@@ -3653,11 +3667,40 @@ class DenseFeatureModel(keras.Model):
         dense = dense[:, :(out_h + gy - 1) // gy, :(out_w + gx - 1) // gx, :]
         return dense if (ry, rx) == (1, 1) else dense[:, ::ry, ::rx, :]
 
+    def _layers_state(self):
+        """What of Cp's layers a traced graph of CI keeps: their identity, quantization, LoRA and number of
+        weights (quantize() and enable_lora() change them after convert)."""
+        return tuple((id(layer), getattr(layer, "quantization_mode", None), bool(getattr(layer, "lora_enabled", False)),
+                      len(layer.weights)) for layer in self.core._flatten_layers(include_self=False, recursive=True))
+
+    def _layers_changed(self) -> bool:
+        """Whether Cp's layers changed (see _layers_state) since the graphs of CI were traced; forgets those
+        graphs (CI's own and Keras' predict, test and train functions) if so."""
+        state = self._layers_state()
+        seen = getattr(self, "_traced_state", None)
+        object.__setattr__(self, "_traced_state", state)
+        if seen is None or seen == state:
+            return False
+        object.__setattr__(self, "_graph_fn", None)
+        self.predict_function = self.test_function = self.train_function = None
+        return True
+
+    def make_predict_function(self, force=False):
+        return super().make_predict_function(force=self._layers_changed() or force)
+
+    def make_test_function(self, force=False):
+        return super().make_test_function(force=self._layers_changed() or force)
+
+    def make_train_function(self, force=False):
+        return super().make_train_function(force=self._layers_changed() or force)
+
     def _dense(self, padded, out_h, out_w):
         """Stacked layers + unwarping + crop; called eagerly, it runs as one graph (traced once for
-        every image size), which is markedly faster than layer-by-layer eager execution."""
+        every image size, and again where Cp's layers changed), which is markedly faster than layer-by-layer
+        eager execution."""
         if not tf.executing_eagerly():
             return self._unwarped_crop(padded, out_h, out_w)
+        self._layers_changed()
         spec = tf.TensorSpec([None, None, None, self.in_channels], self.core.inputs[0].dtype)
         scalar = tf.TensorSpec([], tf.int32)
         return run_as_graph(self, self._unwarped_crop, [padded, tf.constant(out_h, tf.int32),
