@@ -284,7 +284,7 @@ def test_torch_autocast_bfloat16(tb):
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
-def test_keras_mixed_precision_policies(kb, policy):
+def test_keras_mixed_precision_policies(kb, policy, tmp_path):
     import keras
     import tensorflow as tf
     spec, channels, patch = _mixed_spec()
@@ -305,6 +305,11 @@ def test_keras_mixed_precision_policies(kb, policy):
             out, ref = ci(images), kb.FDFE.dense_reference(net, images, patch)
             assert out.dtype == ref.dtype == net.compute_dtype
             assert max_rel_error(tf.cast(out, tf.float32), tf.cast(ref, tf.float32)) <= TOL[net.compute_dtype]
+        # export() serves Cp's input dtype, float32 (it served the policy's compute dtype: bfloat16 images only)
+        ci.export(str(tmp_path / "exported"), verbose=False)
+        loaded = tf.saved_model.load(str(tmp_path / "exported"))
+        served = loaded.serve(images)
+        assert np.array_equal(tf.cast(served, tf.float32).numpy(), tf.cast(out, tf.float32).numpy())
     finally:
         keras.config.set_dtype_policy("float32")
 

@@ -3565,6 +3565,12 @@ class DenseFeatureModel(keras.Model):
         return list(self.core.inputs)
 
     @property
+    def input_dtype(self):
+        """The dtype CI takes: Cp's (float32 for a mixed-precision Cp, whose layers cast), not the compute dtype of
+        the policy CI was made under (export()'s serving signature and Keras' cast of the images read it)."""
+        return self.core.inputs[0].dtype
+
+    @property
     def outputs(self):
         """[a symbolic (None, None, None, K) feature map]: Cp's output at every pixel."""
         spec = self.compute_output_shape(tuple(self.core.inputs[0].shape))
