@@ -348,6 +348,8 @@ def test_channels_reordered_per_pixel(tb, kb, tmp_path):
     y = L.Conv2D(4, 3)(L.Lambda(lambda t: t[..., ::-1])(inp))
     y = L.Lambda(lambda t: keras.ops.concatenate([t[:, 1:4, 0:5, ::-1], t[:, 1:4, 0:5, ::2],
                                                   tf.gather(t[:, 1:4, 0:5], [2, 0, 1], axis=-1)], -1))(y)
+    y = L.Lambda(lambda t: keras.ops.flip(t, -1) + tf.reverse(t, [3]) * keras.ops.take(t, list(range(9))[::-1],
+                                                                                     axis=-1))(y)
     net = keras.Model(inp, L.GlobalMaxPooling2D()(L.Conv2D(3, 2)(y)))
     out = _keras_check(kb, net, 9, 3)
     ci = kb.FDFE.convert(net, 9)
@@ -898,8 +900,10 @@ def test_keras_adapted_normalization_follows_adapt_and_load_weights(kb, tmp_path
     def net():
         keras.utils.set_random_seed(0)
         cp = keras.Sequential([keras.Input((6, 6, 3)), L.Normalization(), L.Conv2D(4, 3), L.MaxPooling2D(2),
-                               L.Conv2D(3, 2), L.Flatten(), L.Dense(4), L.Normalization(invert=True)])
+                               L.Normalization(axis=None), L.Conv2D(3, 2), L.Flatten(), L.Dense(4),
+                               L.Normalization(invert=True)])
         cp.layers[0].adapt(rng.standard_normal((8, 6, 6, 3)).astype("float32"))
+        cp.layers[3].adapt(rng.standard_normal((8, 2, 2, 4)).astype("float32") * 2 + 1)  # one mean and variance
         cp.layers[-1].adapt(rng.standard_normal((8, 4)).astype("float32") * 3 + 1)
         return cp
     images = tf.constant(netspec.random_images(2, 3, 9, 10, seed=9), dtype=tf.float32)

@@ -242,9 +242,10 @@ def test_layers_forced_into_training_mode_are_refused_by_name(tb, kb):
         net(np.zeros((1, 5, 5, 1), "float32"))
         with pytest.raises(kb.FDFE.ConversionError, match=match):
             kb.FDFE.convert(net, 5, in_channels=1)
-    net = Forced(L.Dropout(0.0))
-    net(np.zeros((1, 5, 5, 1), "float32"))
-    kb.FDFE.convert(net, 5, in_channels=1)
+    for layer in (L.Dropout(0.0), L.GaussianNoise(0.0)):  # nothing random
+        net = Forced(layer)
+        net(np.zeros((1, 5, 5, 1), "float32"))
+        kb.FDFE.convert(net, 5, in_channels=1)
 
 
 def test_an_inferred_channel_count_that_fails_says_so(tb, kb):

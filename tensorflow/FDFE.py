@@ -2306,7 +2306,8 @@ class _Tracer:
         elif len(outs) != 1 or not tf.is_tensor(outs[0]):
             problem = ConversionError(f"{name} returns {len(outs)} values; only layers with one output are "
                                       f"supported")
-        elif training and isinstance(layer, _RANDOM_IN_TRAINING) and getattr(layer, "rate", 1) > 0:
+        elif training and isinstance(layer, _RANDOM_IN_TRAINING) and getattr(layer, "rate",
+                                                                          getattr(layer, "stddev", 1)) > 0:
             problem = ConversionError(f"{name} cannot be made dense exactly: Cp's call() calls it with "
                                       f"training=True whatever Cp's mode, so it draws random values, which no dense "
                                       f"computation reproduces; pass it the training argument Cp's call() receives")
@@ -2739,7 +2740,8 @@ def _rule_channelwise(call, geoms):
         shared = sorted(layer.shared_axes or [])
         if geom.kind == MAP and shared != [1, 2]:
             raise call.fail("its slopes differ per position (use shared_axes=[1, 2])")
-    if hasattr(layer, "axis"):
+    scalar = isinstance(layer, keras.layers.Normalization) and not layer.axis  # axis=None: one mean and variance
+    if hasattr(layer, "axis") and not scalar:
         _check_channel_axis(call, layer.axis, len(call.in_shapes[0]))
     _per_pixel_ok(call, geom)
     if isinstance(layer, keras.layers.Normalization) and getattr(layer, "input_mean", None) is None \
@@ -3348,11 +3350,25 @@ def _rule_split_op(call, geoms):
     return _op_runner(call, args), [geom.with_(channels=shape[-1]) for shape in call.out_shapes]
 
 
+@_op_rule_for("ReverseV2", label="TensorFlow reversals of the channel axis in call() (keras.ops.flip(x, -1), "
+                                  "tf.reverse): per pixel")
+def _rule_reverse_op(call, geoms):
+    """``tf.reverse(x, [-1])`` / ``keras.ops.flip(x, -1)``: the channels of every pixel in reverse order."""
+    geom, rank = geoms[0], len(call.in_shapes[0])
+    axes = call.constant("axis")
+    if axes is None or [int(a) % rank for a in np.ravel(axes)] != [rank - 1] or not _per_channel(geom):
+        raise call.fail(f"it reverses {geom.describe()} along axes {axes}, which reorders positions of the patch; "
+                        f"only the channel axis (-1) can be made dense")
+    args = dict(call.args, axis={"const": [-1], "dtype": call.args["axis"]["dtype"]})
+    return _op_runner(call, args), [geom]
+
+
 @_op_rule_for("GatherV2", label="TensorFlow gathers of channels in call() (tf.gather(x, indices, axis=-1)): per pixel")
 def _rule_gather_op(call, geoms):
     """``tf.gather(x, indices, axis=-1)`` with constant indices: the same channels of every pixel."""
     geom, rank = geoms[0], len(call.in_shapes[0])
-    axis, indices = call.constant("axis"), call.constant("indices")
+    axis, indices = call.constant("axis"), call.args["indices"]
+    indices = None if not isinstance(indices, dict) or not _constant_only(indices) else indices
     if "input" not in call.args["params"] or indices is None or axis is None or int(axis) % rank != rank - 1 \
             or call.attrs.get("batch_dims", ["int", 0])[1] != 0 or not _per_channel(geom):
         raise call.fail(f"it gathers from {geom.describe()} along axis {axis}; only constant indices into the channel "
