@@ -2857,8 +2857,10 @@ def _make_reduce_rule(kind):
         flattened = geom.kind == VIEW and shape[1:] == (geom.channels, h * w) and [d % 3 for d in dims] == [2]
         if (geom.kind == MAP and sorted(d % 4 for d in dims) == [2, 3]) or flattened:  # x.view(N, C, -1).mean(-1)
             if kind is None:
-                raise node.fail("only mean, sum, amax and amin over the spatial axes are supported (as global "
-                                "pooling)")
+                hint = " (torch.max / min over positions also give indices, positions inside one patch: use " \
+                    "amax / amin)" if node.name.split(".")[-1] in ("max", "min") else ""
+                raise node.fail(f"only mean, sum, amax and amin over the spatial axes are supported (as global "
+                                f"pooling){hint}")
             return _global_pool_step(node, geom.with_(kind=MAP), kind, keep_map=keepdim and not flattened)
         rank = 4 if geom.kind == MAP else len(shape)
         if any(d % rank == 0 for d in dims):
@@ -3043,7 +3045,7 @@ def _slices_of(node, rank):
     index = index if isinstance(index, tuple) else (index,)
     if sum(i is Ellipsis for i in index) > 1 or not all(i is Ellipsis or isinstance(i, slice) for i in index):
         raise node.fail(f"it indexes with {index!r}; only constant slices (start:stop) of the channel or spatial "
-                        f"axes can be made dense")
+                        f"axes can be made dense (reorder channels with x.flip(1) or x.index_select(1, index))")
     if Ellipsis in index:
         at = index.index(Ellipsis)
         index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1:]
