@@ -2269,6 +2269,8 @@ class _Tracer(TorchFunctionMode):
         written += [t for t in _leaves(kwargs.get("out")) if isinstance(t, torch.Tensor)]
         outputs = {id(t) for t in out_tensors}
         for target in written or moved:
+            if _memory_of(target) is None:  # (no storage to compare: every activation sharing its memory kept)
+                continue
             for other in self.sharing.get(_memory_of(target), ()):
                 if id(other) not in outputs and other is not target and _overlap(other, target):
                     self.changed[id(other)] = f"{_func_name(func)} (in {where})"
@@ -2436,7 +2438,8 @@ class _PoolStep(_Step):
         return self.kernel == (1, 1) and self.stride == (1, 1)
 
     def run(self, values, net, overwrite=False):
-        if self.stride == (1, 1) or net._without_shifts(self):  # no shifts (output_stride: none an output uses)
+        if net._without_shifts(self) or (net.naive and self.stride == (1, 1)):  # no shifts to compute (output_stride:
+            # none an output uses; stride 1, which also takes the global kinds multi_pool does not)
             return [_pool(values[0], self.kind, self.kernel, self.stride, self.dilation, self.norm_type,
                           self.divisor_override)]
         if not net.naive:  # one stride-1 pooling as in multi_pool, in the input's memory where the plan allows it
