@@ -571,7 +571,8 @@ def _adaptive_windows(size: int, out: int):
     starts = [i * size // out for i in range(out)]
     ends = [-(-(i + 1) * size // out) for i in range(out)]
     kernel, stride = ends[0] - starts[0], (starts[1] - starts[0] if out > 1 else 1)
-    if any(e - b != kernel for b, e in zip(starts, ends)) or any(b != i * stride for i, b in enumerate(starts)):
+    if any(e - b != kernel for b, e in zip(starts, ends)) or any(b != i * stride for i, b in enumerate(starts)) \
+            or (out > 1 and stride < 1):  # (more entries than the axis has: windows that repeat)
         return None
     return kernel, stride
 
