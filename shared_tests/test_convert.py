@@ -166,6 +166,21 @@ def _torch_check(tb, net, patch, channels, size=(9, 11), batch=2):
     return out
 
 
+def _conv_pool_conv(head, channels=2, middle=4, out=3, kernel=2):
+    """Cp: a 3x3 convolution, a 2x2 max pooling, a convolution of ``kernel``, then ``head`` of its map."""
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.pool = nn.Conv2d(channels, middle, 3), nn.MaxPool2d(2)
+            self.conv2 = nn.Conv2d(middle, out, kernel)
+
+        def forward(self, x):
+            return head(self.conv2(self.pool(self.conv1(x))))
+    return Net()
+
+
 @pytest.mark.parametrize("channels", [2, 1])
 def test_torch_functional_forward_with_checks_reuse_and_views(tb, channels):
     """Shape checks, a module used twice, functional calls, x.view(x.size(0), -1), F.normalize; grey patches too
@@ -239,7 +254,6 @@ def test_adaptive_pooling_whose_windows_have_one_size_and_spacing(tb, kb, size, 
     and 2:5, kernel 3, stride 2), made dense as one, in both backends (refused before as "windows of varying
     size"); where sizes or spacings differ (6 -> 4) it is refused with that reason."""
     import keras
-    import tensorflow as tf
     import torch
     import torch.nn as nn
     patch, pair = size + 2, out if isinstance(out, tuple) else (out, out)
@@ -267,19 +281,12 @@ def test_torch_global_sum_and_minimum_over_the_map(tb):
     """x.sum((2, 3)) and torch.amin over the spatial axes are global poolings, as Keras' keras.ops.sum / min
     over axes (1, 2) are (they were refused, while FDFE.supported_layers() listed them); fast and naive."""
     import torch
-    import torch.nn as nn
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1, self.pool, self.conv2 = nn.Conv2d(2, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 3, 2)
-
-        def forward(self, x):
-            y = self.conv2(self.pool(self.conv1(x)))
-            low = torch.amin(y, (-1, -2), keepdim=True).flatten(1)
-            return torch.cat([y.sum((2, 3)), low, y.sum(dim=(3, 2), keepdim=True).view(y.shape[0], -1)], 1)
-    _torch_check(tb, Net(), 8, 2)
-    net = Net().double().eval()
+    def head(y):
+        low = torch.amin(y, (-1, -2), keepdim=True).flatten(1)
+        return torch.cat([y.sum((2, 3)), low, y.sum(dim=(3, 2), keepdim=True).view(y.shape[0], -1)], 1)
+    _torch_check(tb, _conv_pool_conv(head), 8, 2)
+    net = _conv_pool_conv(head).double().eval()
     images = torch.randn(2, 2, 9, 11, dtype=torch.float64)
     with torch.no_grad():
         assert max_rel_error(tb.FDFE.convert(net, 8, naive=True)(images),
@@ -293,19 +300,12 @@ def test_global_pooling_of_a_map_flattened_over_its_positions(tb, kb):
     import keras
     import tensorflow as tf
     import torch
-    import torch.nn as nn
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1, self.pool, self.conv2 = nn.Conv2d(2, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 3, 2)
-
-        def forward(self, x):
-            y = self.conv2(self.pool(self.conv1(x)))
-            n, c = y.shape[:2]
-            return torch.cat([y.view(n, c, -1).mean(-1), torch.flatten(y, 2).amax(2),
-                              y.reshape(n, c, -1).sum(2, keepdim=True).flatten(1)], 1)
-    _torch_check(tb, Net(), 8, 2)
+    def head(y):
+        n, c = y.shape[:2]
+        return torch.cat([y.view(n, c, -1).mean(-1), torch.flatten(y, 2).amax(2),
+                          y.reshape(n, c, -1).sum(2, keepdim=True).flatten(1)], 1)
+    _torch_check(tb, _conv_pool_conv(head), 8, 2)
 
     ops, L = keras.ops, keras.layers
     keras.utils.set_random_seed(0)
@@ -402,19 +402,10 @@ def test_torch_channel_reductions_without_keepdim(tb):
     values keep, which may be unsqueezed, flattened or combined element-wise (x.norm(dim=1) of a 1x1 map as
     the output, x * x.amax(1).unsqueeze(1), argmax); it was refused, as Keras' keepdims=False was not."""
     import torch
-    import torch.nn as nn
-
-    class Net(nn.Module):
-        def __init__(self, head):
-            super().__init__()
-            self.conv1, self.pool, self.conv2, self.head = nn.Conv2d(3, 8, 3), nn.MaxPool2d(2), nn.Conv2d(8, 3, 3), head
-
-        def forward(self, x):
-            return self.head(self.conv2(self.pool(self.conv1(x))))
     for head in (lambda y: y.norm(dim=1).view(y.shape[0], -1),
                  lambda y: torch.cat([(y * y.amax(1).unsqueeze(1)).flatten(1), (y.sum(1) * 2).flatten(1),
                                       (y.argmax(1).to(y.dtype) + y.max(1)[0]).flatten(1)], 1)):
-        _torch_check(tb, Net(head), 8, 3)
+        _torch_check(tb, _conv_pool_conv(head, channels=3, middle=8, kernel=3), 8, 3)
 
 
 def test_torch_instance_norm_with_running_statistics_is_per_channel(tb):

@@ -175,11 +175,9 @@ def test_torch_exports_of_streams_that_pool_differently(tb, tmp_path):
     """Two streams with other strides merged per pixel (siam2stream-like): torch.export over the whole size range
     and both ONNX exporters are exact at sizes not seen at export (the streams' unwarping was once recorded as
     view copies: the TorchScript-based ONNX export ran and gave wrong values, torch.export failed)."""
-    import onnxruntime
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-    from torch.export import Dim
 
     class TwoStreams(nn.Module):
         def __init__(self):
@@ -193,22 +191,30 @@ def test_torch_exports_of_streams_that_pool_differently(tb, tmp_path):
             b = self.b2(torch.tanh(F.avg_pool2d(self.b1(x), 2)))
             return self.fc(torch.cat([a, b], 1).flatten(1))
     torch.manual_seed(0)
-    net = TwoStreams().eval()
-    ci = tb.FDFE.convert(net, 8)
+    _check_torch_exports(tb, TwoStreams().eval(), 8, tmp_path, 30)
+
+
+def _check_torch_exports(tb, net, patch, tmp_path, seed):
+    """torch.export over the whole size range and both ONNX exporters (run in onnxruntime) of ``net``'s CI give
+    Cp's output on every patch at sizes not seen at export (1x1 included)."""
+    import onnxruntime
+    import torch
+    from torch.export import Dim
+    ci = tb.FDFE.convert(net, patch)
     example = (_torch_images(2, 12, 13, 4),)
     dims = {0: Dim("N", min=1, max=64), 2: Dim("H", min=1, max=8192), 3: Dim("W", min=1, max=8192)}
     runs = {"torch.export": torch.export.export(ci, example, dynamic_shapes={"images": dims}).module()}
     for dynamo in (True, False):
-        path = str(tmp_path / f"two_{dynamo}.onnx")
+        path = str(tmp_path / f"ci_{dynamo}.onnx")
         options = {"dynamic_shapes": {"images": dims}} if dynamo else \
             {"dynamic_axes": {"images": {0: "N", 2: "H", 3: "W"}, "features": {0: "N", 2: "H", 3: "W"}}}
         torch.onnx.export(ci, example, path, dynamo=dynamo, input_names=["images"], output_names=["features"],
                           **options)
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         runs[f"onnx, dynamo={dynamo}"] = lambda x, session=session: session.run(None, {"images": x.numpy()})[0]
-    for seed, (n, h, w) in enumerate([(1, 1, 1), (1, 17, 11), (3, 6, 9)]):
-        images = _torch_images(n, h, w, 30 + seed)
-        ref = tb.FDFE.dense_reference(net, images, 8)
+    for i, (n, h, w) in enumerate([(1, 1, 1), (1, 17, 11), (3, 6, 9)]):
+        images = _torch_images(n, h, w, seed + i)
+        ref = tb.FDFE.dense_reference(net, images, patch)
         for name, run in runs.items():
             with torch.no_grad():
                 out = torch.as_tensor(np.asarray(run(images)))
@@ -221,10 +227,8 @@ def test_torch_exports_of_global_sums_channel_ops_and_running_statistics(tb, tmp
     not seen at export.  The sum was an average pooling with divisor_override=1, which ONNX's AveragePool lacks:
     onnxruntime divided it by the window's area, silently; the TorchScript-based exporter refused a batch
     normalisation without weights ("unknown channel size")."""
-    import onnxruntime
     import torch
     import torch.nn as nn
-    from torch.export import Dim
 
     class Net(nn.Module):
         def __init__(self):
@@ -239,26 +243,7 @@ def test_torch_exports_of_global_sums_channel_ops_and_running_statistics(tb, tmp
             y = self.conv2(torch.max(*y.flip(1).chunk(2, 1)))
             return torch.cat([y.sum((2, 3)), torch.amin(y, (2, 3))], 1)
     torch.manual_seed(0)
-    net = Net().eval()
-    ci = tb.FDFE.convert(net, 7)
-    example = (_torch_images(2, 12, 13, 4),)
-    dims = {0: Dim("N", min=1, max=64), 2: Dim("H", min=1, max=8192), 3: Dim("W", min=1, max=8192)}
-    runs = {"torch.export": torch.export.export(ci, example, dynamic_shapes={"images": dims}).module()}
-    for dynamo in (True, False):
-        path = str(tmp_path / f"net_{dynamo}.onnx")
-        options = {"dynamic_shapes": {"images": dims}} if dynamo else \
-            {"dynamic_axes": {"images": {0: "N", 2: "H", 3: "W"}, "features": {0: "N", 2: "H", 3: "W"}}}
-        torch.onnx.export(ci, example, path, dynamo=dynamo, input_names=["images"], output_names=["features"],
-                          **options)
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        runs[f"onnx, dynamo={dynamo}"] = lambda x, session=session: session.run(None, {"images": x.numpy()})[0]
-    for seed, (n, h, w) in enumerate([(1, 1, 1), (1, 17, 11), (3, 6, 9)]):
-        images = _torch_images(n, h, w, 40 + seed)
-        ref = tb.FDFE.dense_reference(net, images, 7)
-        for name, run in runs.items():
-            with torch.no_grad():
-                out = torch.as_tensor(np.asarray(run(images)))
-            assert out.shape == ref.shape and max_rel_error(out, ref) <= TOL["float32"], (name, (n, h, w))
+    _check_torch_exports(tb, Net().eval(), 7, tmp_path, 40)
 
 
 def test_torch_onnx_exports_run_exactly_in_onnxruntime(tb, tmp_path):
