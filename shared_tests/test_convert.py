@@ -874,7 +874,7 @@ def test_keras_ci_follows_layers_changed_after_convert(kb):
     assert max_rel_error(ci.predict(images, verbose=0), ref) <= TOL["float32"]
     cp.quantize("int8")
     for run in (ci, lambda x: ci.predict(x, verbose=0)):
-        with pytest.raises(ValueError, match=r"DenseAsConv: layer 'dense.*' is quantized \(quantization_mode="
+        with pytest.raises(ValueError, match=r"DenseAsConv: layer 'dense.*': it is quantized \(quantization_mode="
                                              r"'int8'\).*do not quantize it \(or CI\) afterwards"):
             run(images)
 

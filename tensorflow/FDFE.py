@@ -1557,14 +1557,21 @@ class _WrapperLayer(_Layer):
         return cls(inner, **config)
 
 
-def _require_float_kernel(layer, what):
-    """A layer whose dense form FDFE computes from its kernel must not have been quantized since (its kernel is
-    then stored quantized, its scales apply in its own call())."""
+def _quantized(layer, form):
+    """Why a layer whose ``form`` FDFE computes from its kernel cannot be made dense if it is quantized (its kernel
+    is then stored quantized, its scales apply in its own call()); None if it is not."""
     mode = getattr(layer, "quantization_mode", None)
-    if mode is not None:
-        raise ValueError(f"{what}: layer '{layer.name}' is quantized (quantization_mode={mode!r}) and its dense form "
-                         f"is computed from its kernel, which is stored quantized; convert the float model and do "
-                         f"not quantize it (or CI) afterwards")
+    if mode is None:
+        return None
+    return (f"it is quantized (quantization_mode={mode!r}) and {form} is computed from its kernel, which is stored "
+            f"quantized; convert the float model and do not quantize it (or CI) afterwards")
+
+
+def _require_float_kernel(layer, what):
+    """A layer whose dense form FDFE computes from its kernel must not have been quantized since convert."""
+    reason = _quantized(layer, "its dense form")
+    if reason is not None:
+        raise ValueError(f"{what}: layer '{layer.name}': {reason}")
 
 
 def _pads(conv) -> bool:
@@ -2648,11 +2655,8 @@ def _require_plain_weights(call, form, *methods):
     layer (its kernel is stored quantized, its scales apply in call()) and a subclass that overrides one of
     ``methods`` of the layer kind convert knows (such as Conv2D.convolution_op), which that form would skip."""
     layer = call.layer
-    mode = getattr(layer, "quantization_mode", None)
-    if mode is not None:
-        raise call.fail(f"it is quantized (quantization_mode={mode!r}) and {form} is computed from its kernel, "
-                        f"which is stored quantized; convert the float model and do not quantize it (or CI) "
-                        f"afterwards")
+    if _quantized(layer, form) is not None:
+        raise call.fail(_quantized(layer, form))
     known = next((base for base in type(layer).__mro__ if base in _RULES), type(layer))
     for name in methods:
         if getattr(type(layer), name, None) is not getattr(known, name, None):
