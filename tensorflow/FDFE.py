@@ -3160,7 +3160,7 @@ def _same_at_every_position(spec, geom):
     if value.ndim < 2:
         return spec
     first = value.reshape(-1, value.shape[-1])[:1].reshape((1,) * (value.ndim - 1) + value.shape[-1:])
-    if first.shape == value.shape or not np.array_equal(value, np.broadcast_to(first, value.shape)):  # (NaN: never)
+    if first.shape == value.shape or not np.array_equal(value, np.broadcast_to(first, value.shape), equal_nan=True):
         return spec
     return {"const": first.tolist(), "dtype": dtype, "shape": list(first.shape)}
 
