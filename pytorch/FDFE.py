@@ -1307,9 +1307,14 @@ def _pool(x, kind, kernel, stride, dilation, norm_type, divisor_override, reuse_
     ``kind`` "min" and "sum" (global pooling only): the max pooling of -x, negated; an average pooling times
     the window's area."""
     if kind == "min":
+        if x.dtype == torch.bool:
+            return ~_pool(~x, "max", kernel, stride, dilation, norm_type, divisor_override, True)
         return -_pool(-x, "max", kernel, stride, dilation, norm_type, divisor_override, True)
     if kind == "sum":  # (not divisor_override=1: ONNX's AveragePool has none, and its exports would divide)
         kernel = _pair(kernel, "kernel")
+        if not x.is_floating_point():  # integers and booleans: torch's sum gives int64, exactly
+            total = F.avg_pool2d(x.double(), kernel, stride, 0, False, True) * (kernel[0] * kernel[1])
+            return total.round().to(torch.int64)
         return F.avg_pool2d(x, kernel, stride, 0, False, True) * (kernel[0] * kernel[1])
     if kind == "max":
         if _separable_max_applies(x, kernel, stride, dilation):
@@ -2631,8 +2636,9 @@ def _padding_of(p, kernel=None):
             "log", "log_", "log1p", "expm1", "sqrt", "sqrt_", "rsqrt", "square", "neg", "neg_", "sign", "erf",
             "reciprocal", "clamp", "clamp_", "clip", "clamp_min", "clamp_max", "pow", "pow_", "add", "add_",
             "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "maximum", "minimum", "where",
-            "float", "double", "half", "bfloat16", "to", "type_as", "sin", "cos", "atan", "floor", "ceil",
-            "round", "trunc", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__",
+            "float", "double", "half", "bfloat16", "long", "int", "short", "bool", "to", "type_as", "sin", "cos",
+            "atan", "floor", "ceil", "round", "trunc", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__",
+            "__isub__",
             "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__div__",
             "__pow__", "__rpow__", "__neg__", "__abs__", "rsub", "gt", "lt", "ge", "le", "eq", "ne", "greater",
             "less", "greater_equal", "less_equal", "not_equal", "__gt__", "__lt__", "__ge__", "__le__", "__eq__",
@@ -2859,6 +2865,9 @@ def _make_reduce_rule(kind):
         (h, w), shape = geom.size, tuple(node.in_shapes[0])
         flattened = geom.kind == VIEW and shape[1:] == (geom.channels, h * w) and [d % 3 for d in dims] == [2]
         if (geom.kind == MAP and sorted(d % 4 for d in dims) == [2, 3]) or flattened:  # x.view(N, C, -1).mean(-1)
+            if p.get("dtype") is not None:
+                raise node.fail(f"a global pooling with dtype={p['dtype']} (cast before it instead: "
+                                f"x.to({p['dtype']}).sum(...))")
             if kind is None:
                 hint = " (torch.max / min over positions also give indices, positions inside one patch: use " \
                     "amax / amin)" if node.name.split(".")[-1] in ("max", "min") else ""
@@ -3455,12 +3464,14 @@ class DenseFeatureNet(nn.Module):
 
         While traced, CI runs its export graph (see :meth:`forward`), whose every shape is computed
         from the image's; the trace therefore serves any N, H, W, like ``torch.jit.trace(ci, images)``
-        with images of any size.  The example is a zero image of twice the stride product."""
+        with images of any size.  The example is a zero image of a multiple of twice the stride product, at
+        least the patch (which a reflected border needs)."""
         param = next(iter(self.base_net.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = _compute_dtype(self.base_net) or torch.float32
         multiple = _lcm_pair(self.stride_product, self.output_stride)
-        example = torch.zeros((1, self.in_channels, 2 * multiple[0], 2 * multiple[1]), dtype=dtype, device=device)
+        size = [2 * m * -(-max(p, 1) // (2 * m)) for m, p in zip(multiple, self.patch_size)]  # (reflect's reach)
+        example = torch.zeros((1, self.in_channels, *size), dtype=dtype, device=device)
         with torch.no_grad():
             return _ScriptableCI(torch.jit.trace(self, example, check_trace=False))
 
@@ -3824,6 +3835,10 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
     _output_vectors(out, batch)
     if id(out) not in tracer.slot_of:
         raise ConversionError("Cp's output does not depend on its input patch")
+    if id(out) in tracer.changed:  # (read by no op after the change, so not refused where it is read)
+        raise ConversionError(f"Cp's output is an activation whose memory {tracer.changed[id(out)]} changed in place "
+                              f"through another tensor that shares it, after it was computed; CI cannot follow "
+                              f"changes through views: compute it out of place")
     out_slot = tracer.slot_of[id(out)]
     geom = geoms[out_slot]
     out_channels = out.reshape(batch, -1).shape[1]

@@ -284,8 +284,12 @@ def test_torch_global_sum_and_minimum_over_the_map(tb):
 
     def head(y):
         low = torch.amin(y, (-1, -2), keepdim=True).flatten(1)
-        return torch.cat([y.sum((2, 3)), low, y.sum(dim=(3, 2), keepdim=True).view(y.shape[0], -1)], 1)
+        counts = (y > 0).sum((2, 3)) + y.argmax(1, keepdim=True).sum((2, 3)) + torch.amin(y > 0, (2, 3)).long()
+        return torch.cat([y.sum((2, 3)), low, y.sum(dim=(3, 2), keepdim=True).view(y.shape[0], -1),
+                          counts.to(y.dtype)], 1)  # (integer and boolean sums and minima: int64, exact)
     _torch_check(tb, _conv_pool_conv(head), 8, 2)
+    with pytest.raises(tb.FDFE.ConversionError, match=r"a global pooling with dtype=torch.float64 \(cast before"):
+        tb.FDFE.convert(_conv_pool_conv(lambda y: y.sum((2, 3), dtype=torch.float64)), 8)
     net = _conv_pool_conv(head).double().eval()
     images = torch.randn(2, 2, 9, 11, dtype=torch.float64)
     with torch.no_grad():
@@ -801,6 +805,23 @@ def test_torch_inplace_changes_through_views_are_refused(tb):
         def forward(self, x):
             y = self.middle(self.conv1(x))
             return self.conv2(y).amax((2, 3))
+
+    def changed_output(y):  # Cp's output, changed after it was computed through a view of it
+        z = y.flatten(1)
+        y.add_(1.0)
+        return z
+
+    class Changed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 6)
+
+        def forward(self, x):
+            return changed_output(self.conv(x))
+    for check in (True, False):
+        with pytest.raises(tb.FDFE.ConversionError, match=r"Cp's output is an activation whose memory Tensor\.add_ "
+                                                          r"\(in Changed.forward\) changed in place"):
+            tb.FDFE.convert(Changed(), 6, check=check)
 
     def halves(y):  # (ShuffleNet-style: the halves share memory but no element)
         a, b = y.chunk(2, 1)

@@ -280,6 +280,14 @@ def test_torch_jit_trace_and_script_serve_any_image_size(tb, tmp_path):
     for name, module in [("trace", traced), ("script", scripted)]:
         torch.jit.save(module, str(tmp_path / f"{name}.pt"))
         _check_torch_artifact(tb, net, torch.jit.load(str(tmp_path / f"{name}.pt")), f"torch.jit.{name}")
+    # a reflected border reaches half a patch: script traces an example at least that large (it failed)
+    torch.manual_seed(0)
+    strided = torch.nn.Sequential(torch.nn.Conv2d(CHANNELS, 4, 3, stride=2), torch.nn.Conv2d(4, 3, 4)).eval()
+    scripted = torch.jit.script(tb.FDFE.convert(strided, 9, border="reflect"))
+    images = _torch_images(2, 11, 13, 5)
+    with torch.no_grad():
+        assert max_rel_error(scripted(images), tb.FDFE.dense_reference(strided, images, 9, border="reflect")) \
+            <= TOL["float32"]
 
 
 def test_torch_output_layout_follows_the_input(tb):
