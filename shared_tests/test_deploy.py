@@ -374,7 +374,8 @@ def test_keras_saved_model_of_a_cp_whose_call_reads_its_weights(kb, tmp_path):
     """A layer of Cp without a rule of its own that reads its weight in call() (x * exp(self.log_s)) becomes
     ops of CI that read Cp's variable, which CI did not track: tf.saved_model.save(ci) failed ("references an
     'untracked' resource"), ci.fit left the variable alone, get_weights / save_weights missed it, and a .keras
-    copy kept its value as a constant (stale after set_weights).  It is a weight of CI: all of these work."""
+    copy kept its value as a constant (stale after set_weights).  It is a weight of CI, once however many ops
+    read it (a copy has one too), and tf.train.Checkpoint saves it: all of these work."""
     import keras
     import tensorflow as tf
 
@@ -382,8 +383,8 @@ def test_keras_saved_model_of_a_cp_whose_call_reads_its_weights(kb, tmp_path):
         def build(self, shape):
             self.log_s = self.add_weight(shape=(shape[-1],), initializer="random_normal", name="log_s")
 
-        def call(self, x):
-            return x * keras.ops.exp(self.log_s)
+        def call(self, x):  # (the weight read by two ops: one variable of CI, and of its copies)
+            return x * keras.ops.exp(self.log_s) - 0.1 * self.log_s
     keras.utils.set_random_seed(0)
     net = keras.Sequential([keras.Input((7, 7, CHANNELS)), keras.layers.Conv2D(4, 3), Scaled(),
                             keras.layers.MaxPooling2D(2), keras.layers.Conv2D(3, 2), keras.layers.Flatten()])
@@ -405,6 +406,12 @@ def test_keras_saved_model_of_a_cp_whose_call_reads_its_weights(kb, tmp_path):
     assert not np.array_equal(log_s.numpy(), before), "ci.fit did not train a weight Cp's call() reads"
     loaded.set_weights(ci.get_weights())  # the copy's own variables, set from the trained CI
     assert max_rel_error(loaded(images), kb.FDFE.dense_reference(net, images, 7)) <= TOL["float32"]
+    checkpoint = tf.train.Checkpoint(model=ci)
+    path = checkpoint.save(str(tmp_path / "ckpt"))
+    trained = log_s.numpy().copy()
+    log_s.assign(tf.zeros_like(log_s))
+    checkpoint.restore(path)
+    assert np.array_equal(log_s.numpy(), trained), "tf.train.Checkpoint(ci) did not restore a weight call() reads"
 
 
 def _keras_images(n, h, w, seed):

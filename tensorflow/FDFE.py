@@ -2527,38 +2527,40 @@ class _TFOp(_Layer):
             ``{"variable": k}``: ``variables[k]``, read at every call; ``{"op": type, "args": ...,
             "attrs": ..., "output": i}``: an op of constants and variables (e.g. ``exp`` of a weight).
         attrs: tf.raw_ops argument name -> [attribute kind, value] for the op's attributes.
-        variables: Cp's variables the op reads (shared, not copied): weights of this layer too, so that
-            ``ci.weights``, ``fit``, ``get_weights`` and checkpoints reach them; a copy made from the config
-            (.keras files, ``from_config``, ``clone_model``) has variables of its own, loaded or set with
-            the weights.
-        variable_specs: instead of ``variables`` (from a config): [{"shape", "dtype", "trainable"}] of the
-            variables to create.
+        variables: Cp's variables the op reads (shared, not copied).  The model holding the op tracks them
+            (:class:`DenseFeatureModel`: weights of CI once each) and sets ``variable_refs``, where the config
+            says where each is held, so that a copy made from the config binds the op to its own copy of them.
+        variable_refs: from a config: for each variable, ["model", k, shape, dtype] (the k-th of the model's read
+            variables) or ["layer", name, i, shape, dtype] (the i-th weight of the core's layer ``name``); until
+            the model binds them (:meth:`bind`), zeros of that shape stand for them (Keras rebuilding the core).
 
     Shape:
         the op's: the layer takes the list of dense tensors and returns the op's output (a list for ops
         with several outputs).
     """
 
-    def __init__(self, op_type, args, attrs, variables=(), variable_specs=None, **kwargs):
+    def __init__(self, op_type, args, attrs, variables=(), variable_refs=None, **kwargs):
         super().__init__(**kwargs)
-        if variable_specs is not None:
-            variables = [self.add_weight(shape=tuple(v["shape"]), dtype=v["dtype"], trainable=v["trainable"],
-                                         initializer="zeros", name=f"read_variable_{i}")
-                         for i, v in enumerate(variable_specs)]
         object.__setattr__(self, "_op", (str(op_type), dict(args), dict(attrs), tuple(variables)))
-        self.read_variables = list(variables)  # (tracked by Keras: weights of this layer)
+        object.__setattr__(self, "variable_refs", variable_refs)  # (untracked: the model holds the variables)
+
+    def bind(self, variables):
+        """Read ``variables`` (a copy's own, resolved from ``variable_refs``) from now on."""
+        op_type, args, attrs, _ = self._op
+        object.__setattr__(self, "_op", (op_type, args, attrs, tuple(variables)))
 
     def call(self, inputs):
         op_type, args, attrs, variables = self._op
+        if not variables and self.variable_refs:  # (not bound yet)
+            variables = [tf.zeros(ref[-2], ref[-1]) for ref in self.variable_refs]
         xs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         out = _run_op(op_type, args, attrs, xs, variables)
         return out if tf.is_tensor(out) else list(out)
 
     def get_config(self):
         op_type, args, attrs, variables = self._op
-        specs = [{"shape": [int(d) for d in v.shape], "dtype": tf.as_dtype(v.dtype).name,
-                  "trainable": bool(v.trainable)} for v in variables]
-        return {**super().get_config(), "op_type": op_type, "attrs": attrs, "args": args, "variable_specs": specs}
+        return {**super().get_config(), "op_type": op_type, "attrs": attrs, "args": args,
+                "variable_refs": self.variable_refs}
 
 
 def _window_combine(x, axis, k, combine):
@@ -3537,10 +3539,11 @@ class DenseFeatureModel(keras.Model):
     def __init__(self, core, patch_size, strides, in_channels, out_channels, naive=False, tile=None,
                  progress=None, peak_channels=None, max_memory=None, memory_guard=True, grid_multiple=None,
                  border="zeros", output_stride=1, skip_shifts=True, shifts_in_place=False, strided_depths=None,
-                 **kwargs):
+                 read_variable_specs=None, **kwargs):
         kwargs.setdefault("autocast", False)  # images are cast to the core's dtype in call()
         super().__init__(**kwargs)
         self.core = core
+        self._hold_read_variables(read_variable_specs)
         self.patch_size = _pair(patch_size, "patch_size")
         self.strides = [_pair(s, "stride") for s in strides]
         product = (_prod(s[0] for s in self.strides), _prod(s[1] for s in self.strides))
@@ -3568,6 +3571,42 @@ class DenseFeatureModel(keras.Model):
         self.shifts_in_place = bool(shifts_in_place) and bool(strided)
         if self.shifts_in_place:
             strided[-1].shifts_in_place = True
+
+    def _hold_read_variables(self, specs):
+        """The variables of Cp that the core's ops (_TFOp) read outside its layers (``x * exp(self.log_s)`` in a
+        layer of the user's): held here once each, as weights of CI (``fit``, ``get_weights``, checkpoints),
+        unless a layer of the core holds them.  Built from a config (``specs``), the copy creates its own and
+        binds the ops to them, and to its layers' weights, as the original read Cp's."""
+        layers = list(self.core._flatten_layers(include_self=False, recursive=True))
+        ops = [layer for layer in layers if isinstance(layer, _TFOp)]
+        if specs is not None:  # a copy: its own variables, in the order the original held them
+            held = [self.add_weight(shape=tuple(v["shape"]), dtype=v["dtype"], trainable=v["trainable"],
+                                    initializer="zeros", name=f"read_variable_{k}") for k, v in enumerate(specs)]
+            by_name = {layer.name: layer for layer in layers}
+            for op in ops:
+                op.bind([held[ref[1]] if ref[0] == "model" else by_name[ref[1]].weights[ref[2]]
+                         for ref in op.variable_refs or ()])
+        else:
+            owners = {id(w): ["layer", layer.name, i] for layer in layers if not isinstance(layer, _TFOp)
+                      for i, w in enumerate(layer.weights)}
+            held, index = [], {}
+            for op in ops:
+                refs = []
+                for v in op._op[3]:
+                    if id(v) not in owners and id(v) not in index:
+                        index[id(v)] = len(held)
+                        held.append(v)
+                    where = owners.get(id(v)) or ["model", index[id(v)]]
+                    refs.append(where + [[int(d) for d in v.shape], tf.as_dtype(v.dtype).name])
+                object.__setattr__(op, "variable_refs", refs)
+        self.read_variables = held  # (tracked by Keras: weights of CI)
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        """TensorFlow's tracking (tf.train.Checkpoint, tf.saved_model.save) also reaches the read variables."""
+        children = super()._trackable_children(save_type, **kwargs)
+        for k, variable in enumerate(self.read_variables):
+            children[f"read_variable_{k}"] = variable
+        return children
 
     @tf.autograph.experimental.do_not_convert  # autograph (export's serving function) cannot convert super()
     def __call__(self, images, *args, **kwargs):
@@ -3818,6 +3857,8 @@ class DenseFeatureModel(keras.Model):
                 "grid_multiple": list(self.stride_product), "border": self.border,
                 "output_stride": list(self.output_stride), "skip_shifts": self.skip_shifts,
                 "shifts_in_place": self.shifts_in_place, "strided_depths": list(self.strided_depths),
+                "read_variable_specs": [{"shape": [int(d) for d in v.shape], "dtype": tf.as_dtype(v.dtype).name,
+                                         "trainable": bool(v.trainable)} for v in self.read_variables],
                 "name": self.name}
 
     @classmethod
