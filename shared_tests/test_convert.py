@@ -900,6 +900,22 @@ def test_keras_ci_follows_layers_changed_after_convert(kb):
                                              r"'int8'\).*do not quantize it \(or CI\) afterwards"):
             run(images)
 
+    class Normed(keras.Model):  # call() reads its convolution's kernel outside the layer (a weight norm)
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = L.Conv2D(4, 3), L.GlobalMaxPooling2D()
+
+        def call(self, x):
+            return self.head(self.conv(x) / keras.ops.sqrt(keras.ops.sum(keras.ops.square(self.conv.kernel))))
+    normed = Normed()
+    normed(np.zeros((1, 5, 5, 2), "float32"))
+    ci = kb.FDFE.convert(normed, 5, in_channels=2)
+    ci(images)
+    normed.conv.enable_lora(2)
+    with pytest.raises(ValueError, match=r"Cp's layer 'conv2d.*' changed after convert \(LoRA or quantization\) "
+                                         r"and Cp's call\(\) reads its weights outside the layer"):
+        ci(images)
+
 
 def test_keras_adapted_normalization_follows_adapt_and_load_weights(kb, tmp_path):
     """An adapted Normalization keeps its statistics as tensors made when it is adapted or loaded, which CI's

@@ -3747,6 +3747,15 @@ class DenseFeatureModel(keras.Model):
         object.__setattr__(self, "_traced_state", state)
         if seen is None or seen == state:
             return False
+        changed = {entry[0] for entry in set(state) - set(seen)}
+        layers = {layer.name: layer for layer in self.core._flatten_layers(include_self=False, recursive=True)}
+        for layer in layers.values():
+            for ref in (getattr(layer, "variable_refs", None) or []) if isinstance(layer, _TFOp) else []:
+                if ref[0] == "layer" and id(layers[ref[1]]) in changed:
+                    object.__setattr__(self, "_traced_state", seen)  # (refused again at the next call)
+                    raise ValueError(f"Cp's layer '{ref[1]}' changed after convert (LoRA or quantization) and Cp's "
+                                     f"call() reads its weights outside the layer ('{layer.name}'), which CI "
+                                     f"reads as they were: convert again")
         object.__setattr__(self, "_graph_fn", None)
         self.predict_function = self.test_function = self.train_function = None
         return True
