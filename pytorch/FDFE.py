@@ -3080,6 +3080,10 @@ def _rule_crop(node, geoms):
     patch-level map that is a translation of the dense map (every patch's rows a.. are rows a.. of
     the dense tensor, in every shift branch)."""
     geom = geoms[0]
+    index = node.args[1] if len(node.args) > 1 else None
+    index = index if isinstance(index, tuple) else (index,)
+    if None in index and all(i is None or i is Ellipsis or i == slice(None) for i in index):  # x[:, None]: a reshape
+        return _rule_reshape(node, geoms)
     if not (geom.kind == MAP or geom.is_pixel_vector):
         raise node.fail(f"it slices {geom.describe()}; flatten after cropping, not before")
     rank = 4 if geom.kind == MAP else 2

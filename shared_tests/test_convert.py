@@ -403,10 +403,12 @@ def test_channel_splits_per_pixel(tb, kb):
 
 def test_torch_channel_reductions_without_keepdim(tb):
     """A channel reduction without keepdim gives (N, h, w) per patch: a view of the one-channel map the dense
-    values keep, which may be unsqueezed, flattened or combined element-wise (x.norm(dim=1) of a 1x1 map as
-    the output, x * x.amax(1).unsqueeze(1), argmax); it was refused, as Keras' keepdims=False was not."""
+    values keep, which may be unsqueezed (also as x[:, None]), flattened or combined element-wise (x.norm(dim=1)
+    of a 1x1 map as the output, x * x.amax(1).unsqueeze(1), argmax); it was refused, as Keras' keepdims=False
+    was not."""
     import torch
     for head in (lambda y: y.norm(dim=1).view(y.shape[0], -1),
+                 lambda y: torch.cat([(y - y.mean(1)[:, None]).flatten(1), y.amax(1)[:, None, ...].flatten(1)], 1),
                  lambda y: torch.cat([(y * y.amax(1).unsqueeze(1)).flatten(1), (y.sum(1) * 2).flatten(1),
                                       (y.argmax(1).to(y.dtype) + y.max(1)[0]).flatten(1)], 1)):
         _torch_check(tb, _conv_pool_conv(head, channels=3, middle=8, kernel=3), 8, 3)
