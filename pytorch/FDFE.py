@@ -2274,9 +2274,10 @@ class _Tracer(TorchFunctionMode):
         written += [t for t in _leaves(kwargs.get("out")) if isinstance(t, torch.Tensor)]
         outputs = {id(t) for t in out_tensors}
         for target in written or moved:
-            if _memory_of(target) is None:  # (no storage to compare: every activation sharing its memory kept)
+            memory = _memory_of(target)
+            if memory is None:  # (a tensor without storage: its views cannot be told apart from others')
                 continue
-            for other in self.sharing.get(_memory_of(target), ()):
+            for other in self.sharing.get(memory, ()):
                 if id(other) not in outputs and other is not target and _overlap(other, target):
                     self.changed[id(other)] = f"{_func_name(func)} (in {where})"
         for t in moved:
@@ -2443,8 +2444,9 @@ class _PoolStep(_Step):
         return self.kernel == (1, 1) and self.stride == (1, 1)
 
     def run(self, values, net, overwrite=False):
-        if net._without_shifts(self) or (net.naive and self.stride == (1, 1)):  # no shifts to compute (output_stride:
-            # none an output uses; stride 1, which also takes the global kinds multi_pool does not)
+        # no shifts to compute: none that an output uses (output_stride), or stride 1 in naive mode (the global
+        # kinds "sum" and "min" among them, which multi_pool does not take)
+        if net._without_shifts(self) or (net.naive and self.stride == (1, 1)):
             return [_pool(values[0], self.kind, self.kernel, self.stride, self.dilation, self.norm_type,
                           self.divisor_override)]
         if not net.naive:  # one stride-1 pooling as in multi_pool, in the input's memory where the plan allows it
