@@ -917,6 +917,67 @@ def _compute_dtype(module: nn.Module) -> Optional[torch.dtype]:
     return None if t is None else t.dtype
 
 
+#: settings of PyTorch's layers that do not change what CI computes (it runs Cp in inference mode)
+_SETTINGS_CI_IGNORES = frozenset({"training", "momentum", "inplace"})
+_SETTING_TYPES = (bool, int, float, str, tuple, type(None))
+
+
+def _module_structure(base_net: nn.Module) -> Tuple:
+    """What the ops that :func:`convert` traced depend on, module by module: its name and class, the settings of
+    PyTorch's own layers (stride, padding, kernel size, ...) and the names of its parameters and buffers.
+
+    CI reads Cp's parameters and buffers by name at every call, so their new values are followed (training,
+    ``load_state_dict``, ``torch.func.functional_call``, a module replaced by one of the same class and settings,
+    a parametrization such as ``weight_norm``).  A change of this structure (a module replaced by another
+    kind, a layer's stride changed, pruning, fusing, quantization) changes the ops Cp runs, which CI would not
+    follow: :meth:`DenseFeatureNet.forward` refuses it.  Modules of other libraries and the user's own
+    are compared by class alone.  (Called at every call of CI: kept to plain loops.)"""
+    entries = []
+    for name, module in base_net.named_modules():
+        if "parametrizations" in name:
+            continue  # a parametrization's own modules: CI reads the tensor they compute
+        attributes = module.__dict__
+        parametrized = module._modules.get("parametrizations")
+        if parametrized is not None and not nn.utils.parametrize.is_parametrized(module):
+            parametrized = None
+        kind = nn.utils.parametrize.type_before_parametrizations(module) if parametrized else type(module)
+        settings = ()
+        if kind.__module__.startswith("torch.nn.") and not isinstance(module, nn.modules.dropout._DropoutNd):
+            settings = tuple((k, v) for k, v in attributes.items() if k[0] != "_" and k not in _SETTINGS_CI_IGNORES
+                             and isinstance(v, _SETTING_TYPES))
+        tensors = frozenset(module._parameters).union(module._buffers, parametrized.keys() if parametrized else ())
+        entries.append((name, kind, settings, tensors))
+    return tuple(entries)
+
+
+def _structure_change(before: Tuple, now: Tuple) -> Optional[str]:
+    """The first difference between two :func:`_module_structure` results, in words (None: the same)."""
+    if before == now:
+        return None
+    old, new = {e[0]: e[1:] for e in before}, {e[0]: e[1:] for e in now}
+
+    def label(name, kind):
+        return f"module '{name}' ({kind.__name__})" if name else f"Cp ({kind.__name__})"
+    for name, (kind, settings, tensors) in old.items():
+        if name not in new:
+            return f"{label(name, kind)} was removed"
+        kind2, settings2, tensors2 = new[name]
+        if kind2 is not kind:
+            if kind2.__name__ == kind.__name__:
+                return (f"module '{name}' ({kind.__module__}.{kind.__qualname__}) was replaced by "
+                        f"{kind2.__module__}.{kind2.__qualname__}")
+            return f"{label(name, kind)} was replaced by {kind2.__name__}"
+        if settings2 != settings:
+            was, is_, unset = dict(settings), dict(settings2), "unset"
+            key = sorted(k for k in set(was) | set(is_) if (k in was, was.get(k)) != (k in is_, is_.get(k)))[0]
+            return f"{label(name, kind)} changed its {key} from {was.get(key, unset)!r} to {is_.get(key, unset)!r}"
+        if tensors2 != tensors:
+            return (f"{label(name, kind)} now holds the tensors {', '.join(sorted(tensors2)) or 'none'} instead of "
+                    f"{', '.join(sorted(tensors)) or 'none'} (pruned?)")
+    added = [name for name in new if name not in old]
+    return f"{label(added[0], new[added[0]][0])} was added" if added else "its modules changed"
+
+
 # ---------------------------------------------------------------------------
 # Patch convention and the ground truth: Cp run on patches
 # ---------------------------------------------------------------------------
@@ -3346,15 +3407,30 @@ class DenseFeatureNet(nn.Module):
         self.memory_guard = memory_guard
         self.border = border
         self.output_stride = output_stride
+        self._structure = _module_structure(base_net)  # what the traced ops depend on (see _check_structure)
+
+    def _check_structure(self):
+        """Refuses to run where Cp's modules changed after convert in a way the traced ops do not follow
+        (:func:`_module_structure`)."""
+        recorded = getattr(self, "_structure", None)
+        change = None if recorded is None else _structure_change(recorded, _module_structure(self.base_net))
+        if change is not None:
+            raise ConversionError(f"Cp changed after convert: {change}. CI runs the ops convert traced, which no "
+                                  f"longer are Cp's: convert Cp again (new weights, load_state_dict and "
+                                  f"parametrizations such as weight_norm are followed without converting again)")
 
     def _resolve(self, ref):
         """The tensor of a placeholder: Cp's parameter or buffer, a constant of Cp's forward, or a value computed
         from Cp's parameters (evaluated now, from their current values, so that gradients reach them)."""
-        if isinstance(ref, _Param):
+        if isinstance(ref, _Param):  # by attribute: torch.func.functional_call and parametrizations set them
+            path, _, attr = ref.name.rpartition(".")
             try:
-                t = self.base_net.get_parameter(ref.name)
+                t = getattr(self.base_net.get_submodule(path) if path else self.base_net, attr)
             except AttributeError:
-                t = self.base_net.get_buffer(ref.name)
+                t = None
+            if not isinstance(t, torch.Tensor):
+                raise ConversionError(f"CI reads Cp's parameter or buffer '{ref.name}', which Cp no longer has: "
+                                      f"convert Cp again after changing its modules")
         elif isinstance(ref, _Derived):
             func, args, kwargs, in_place = self.expressions[ref.index]
 
@@ -3428,7 +3504,13 @@ class DenseFeatureNet(nn.Module):
 
         Shape:
             (N, C, H, W) -> (N, K, ceil(H / sy), ceil(W / sx)) with (sy, sx) = ``output_stride``.
+
+        Raises:
+            ConversionError: where Cp's modules changed after convert in a way CI does not follow (a module
+                replaced by another kind, a layer's settings changed, pruning, fusing): convert again.
         """
+        if not _exporting():
+            self._check_structure()
         if not _exporting() and isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:
             # an empty batch, as Cp: Cp's own result on no patches (its dtype, and its gradient path), per pixel
             if min(images.shape[1:]) < 1:

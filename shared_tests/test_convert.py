@@ -983,3 +983,134 @@ def test_keras_depthwise_and_separable_convolutions(kb, tmp_path):
     ci.save(str(tmp_path / "ci.keras"))
     np.testing.assert_array_equal(keras.models.load_model(str(tmp_path / "ci.keras"))(images).numpy(),
                                   ci(images).numpy())
+
+
+def test_torch_ci_follows_new_weights_and_refuses_new_ops_of_cp_after_convert(tb):
+    """CI reads Cp's parameters by name at every call.  torch.func.functional_call (which swaps them for plain
+    tensors) and a weight_norm added after convert failed with "`weight` is not a buffer"; pruning and fusing
+    after convert failed the same way; replacing a module by another kind (MaxPool2d by
+    AvgPool2d, ReLU by Tanh) was silently wrong (0.88 and 0.54 off), a changed stride gave a shape error.  Now
+    the first two are followed exactly (values and gradients, against Cp on every patch) and the rest are
+    refused by name."""
+    import copy
+    import pickle
+    import torch
+    import torch.ao.quantization
+    import torch.nn as nn
+    import torch.nn.utils.prune
+    FDFE = tb.FDFE
+    patch = 6
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 2),
+                             nn.Dropout(0.3), nn.Flatten(), nn.Linear(5, 3)).double().eval()
+    images = torch.from_numpy(netspec.random_images(2, 2, 13, 11, seed=7).transpose(0, 3, 1, 2))
+    r = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 3, 13, 11)))
+
+    def grads(out, params):
+        return torch.autograd.grad((out * r).sum(), params)
+
+    cp = make()
+    ci = FDFE.convert(cp, patch, in_channels=2)
+    # torch.func.functional_call: CI computes with the tensors given, and torch.func.grad differentiates them
+    new = {name: p.detach() * 1.5 for name, p in ci.named_parameters()}
+    cp_new = make()
+    cp_new.load_state_dict({name[len("base_net."):]: p for name, p in new.items()}, strict=False)
+    out = torch.func.functional_call(ci, new, (images,))
+    assert max_rel_error(out.detach(), FDFE.dense_reference(cp_new, images, patch)) <= TOL["float64"]
+    got = torch.func.grad(lambda p: (torch.func.functional_call(ci, p, (images,)) * r).sum())(new)
+    ref = grads(FDFE.dense_reference(cp_new, images, patch, differentiable=True), list(cp_new.parameters()))
+    for (name, _), g in zip(cp_new.named_parameters(), ref):
+        assert max_rel_error(got["base_net." + name], g) <= TOL["float64"], name
+    # a parametrization added after convert: CI reads the weight it computes, and trains its tensors
+    wn = torch.nn.utils.parametrizations.weight_norm(cp[4])
+    with torch.no_grad():
+        wn.parametrizations.weight.original0.mul_(2)
+    params = list(wn.parametrizations.weight.parameters())
+    ref_out = FDFE.dense_reference(cp, images, patch, differentiable=True)
+    out = ci(images)
+    assert max_rel_error(out.detach(), ref_out.detach()) <= TOL["float64"]
+    for a, b in zip(grads(out, params), grads(ref_out, params)):
+        assert max_rel_error(a, b) <= TOL["float64"]
+    # a module replaced by one of the same kind and settings is followed; training mode, dropout's p and
+    # batch norm's momentum do not change what CI computes (inference mode)
+    cp[0] = nn.Conv2d(2, 4, 3).double()
+    cp.train()
+    cp[5].p, cp[1].momentum = 0.5, 0.01
+    with torch.no_grad():
+        assert max_rel_error(ci(images), FDFE.dense_reference(cp, images, patch)) <= TOL["float64"]
+    cp.eval()
+    # changes of the ops Cp runs are refused, naming the module and the change
+    changes = [
+        (lambda c: c.__setitem__(3, nn.AvgPool2d(2)), r"module '3' \(MaxPool2d\) was replaced by AvgPool2d"),
+        (lambda c: c.__setitem__(2, nn.Tanh()), r"module '2' \(ReLU\) was replaced by Tanh"),
+        (lambda c: setattr(c[0], "stride", (2, 2)), r"module '0' \(Conv2d\) changed its stride from \(1, 1\) to "
+                                                    r"\(2, 2\)"),
+        (lambda c: c[1].__setattr__("eps", 0.5), r"module '1' \(BatchNorm2d\) changed its eps"),
+        (lambda c: torch.nn.utils.prune.l1_unstructured(c[0], "weight", amount=0.5),
+         r"module '0' \(Conv2d\) now holds the tensors bias, weight_mask, weight_orig instead of bias, weight"),
+        (lambda c: torch.ao.quantization.fuse_modules(c, [["0", "1", "2"]], inplace=True),
+         r"module '0' \(Conv2d\) was replaced by ConvReLU2d"),
+        (lambda c: c.add_module("extra", nn.ReLU()), r"module 'extra' \(ReLU\) was added"),
+    ]
+    for change, message in changes:
+        cp = make()
+        ci = FDFE.convert(cp, patch, in_channels=2)
+        change(cp)
+        with pytest.raises(FDFE.ConversionError, match=r"Cp changed after convert: " + message + r".*convert Cp "
+                                                         r"again"):
+            ci(images)
+    # copies check their own Cp
+    cp = make()
+    ci = FDFE.convert(cp, patch, in_channels=2)
+    for copied in (copy.deepcopy(ci), pickle.loads(pickle.dumps(ci))):
+        assert torch.equal(copied(images).detach(), ci(images).detach())
+        copied.base_net[2] = nn.Sigmoid()
+        with pytest.raises(FDFE.ConversionError, match=r"module '2' \(ReLU\) was replaced by Sigmoid"):
+            copied(images)
+    ci(images)
+
+
+def test_keras_stateless_call_computes_with_the_values_given(kb):
+    """Keras' model.stateless_call runs a model with the variable values it is given (as JAX-style training
+    loops do).  Eager CI ran its graph traced before, which read the variables themselves: 7.4 off, silently.
+    Now it computes with the values given (a layer's own weights, weights that call() reads outside a layer,
+    tiled or not) and leaves the variables as they were."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+    FDFE = kb.FDFE
+    images = tf.constant(netspec.random_images(2, 2, 13, 11, seed=9), dtype=tf.float32)
+
+    class Normed(keras.Model):  # call() reads its first convolution's kernel outside the layer
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool, self.conv2 = L.Conv2D(4, 3), L.MaxPooling2D(2), L.Conv2D(3, 2)
+            self.head = L.GlobalMaxPooling2D()
+
+        def call(self, x):
+            h = self.conv(x)
+            return self.head(self.conv2(self.pool(h / keras.ops.sqrt(keras.ops.sum(keras.ops.square(
+                self.conv.kernel))))))
+
+    def sequential():
+        return keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(4, 3, activation="relu"), L.MaxPooling2D(2),
+                                 L.Conv2D(5, 2), L.Flatten(), L.Dense(3)])
+    for make in (sequential, Normed):
+        keras.utils.set_random_seed(0)
+        cp = make()
+        cp(np.zeros((1, 6, 6, 2), "float32"))
+        ci = FDFE.convert(cp, 6, in_channels=2)
+        before = ci(images).numpy()
+        values = [v * 1.5 + 0.1 for v in ci.trainable_variables]
+        keras.utils.set_random_seed(0)
+        cp_new = make()
+        cp_new(np.zeros((1, 6, 6, 2), "float32"))
+        cp_new.set_weights([np.asarray(v) for v in values])
+        ref = FDFE.dense_reference(cp_new, images, 6)
+        for tile in (None, (4, 5)):
+            ci.tile = tile
+            out, _ = ci.stateless_call(values, list(ci.non_trainable_variables), images)
+            assert max_rel_error(out, ref) <= TOL["float32"], (make.__name__, tile)
+            assert max_rel_error(ci(images), before) <= TOL["float32"]

@@ -1839,6 +1839,16 @@ def _error_text(exc):
     return text[start + len("assertion failed: "):end if end > 0 else None].strip()
 
 
+def _in_stateless_scope() -> bool:
+    """Whether Keras runs in a StatelessScope (``model.stateless_call``), where variables read the values the
+    scope gives them."""
+    try:
+        from keras.src.backend.common.stateless_scope import in_stateless_scope
+    except ImportError:  # another Keras layout: no such scope to honour
+        return False
+    return in_stateless_scope()
+
+
 def run_as_graph(owner, fn, args, input_signature, cache: str = "_graph"):
     """Run ``fn(*args)`` as one graph when called eagerly (Keras-only; layer-by-layer eager execution is
     markedly slower); inside a graph (a tf.function, Keras tracing a model), run ``fn`` directly.
@@ -3773,7 +3783,9 @@ class DenseFeatureModel(keras.Model):
         """Stacked layers + unwarping + crop; called eagerly, it runs as one graph (traced once for
         every image size, and again where Cp's layers changed), which is markedly faster than layer-by-layer
         eager execution."""
-        if not tf.executing_eagerly():
+        if not tf.executing_eagerly() or _in_stateless_scope():
+            # (in Keras' StatelessScope, as in ci.stateless_call, the variables' values come from the scope,
+            # which a graph traced before would not read)
             return self._unwarped_crop(padded, out_h, out_w)
         self._layers_changed()
         spec = tf.TensorSpec([None, None, None, self.in_channels], self.core.inputs[0].dtype)
