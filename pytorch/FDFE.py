@@ -917,21 +917,29 @@ def _compute_dtype(module: nn.Module) -> Optional[torch.dtype]:
     return None if t is None else t.dtype
 
 
-#: settings of PyTorch's layers that do not change what CI computes (it runs Cp in inference mode)
+#: attributes of Cp's modules that do not change what CI computes (it runs Cp in inference mode)
 _SETTINGS_CI_IGNORES = frozenset({"training", "momentum", "inplace"})
-_SETTING_TYPES = (bool, int, float, str, tuple, type(None))
+_SETTING_TYPES = (bool, int, float, str, type(None))
+
+
+def _is_setting(value) -> bool:
+    """Whether a module attribute is compared by :func:`_module_structure`: numbers, strings, None, and tuples
+    and lists of them."""
+    return isinstance(value, _SETTING_TYPES) or (isinstance(value, (tuple, list))
+                                                 and all(isinstance(v, _SETTING_TYPES) for v in value))
 
 
 def _module_structure(base_net: nn.Module) -> Tuple:
-    """What the ops that :func:`convert` traced depend on, module by module: its name and class, the settings of
-    PyTorch's own layers (stride, padding, kernel size, ...) and the names of its parameters and buffers.
+    """What the ops that :func:`convert` traced depend on, module by module: its name and class, its settings
+    (public attributes that are numbers, strings or tuples of them: a layer's stride, a temperature, a flag that
+    picks a branch of forward), the names of its parameters and buffers, and its hooks.
 
     CI reads Cp's parameters and buffers by name at every call, so their new values are followed (training,
     ``load_state_dict``, ``torch.func.functional_call``, a module replaced by one of the same class and settings,
     a parametrization such as ``weight_norm``).  A change of this structure (a module replaced by another
-    kind, a layer's stride changed, pruning, fusing, quantization) changes the ops Cp runs, which CI would not
-    follow: :meth:`DenseFeatureNet.forward` refuses it.  Modules of other libraries and the user's own
-    are compared by class alone.  (Called at every call of CI: kept to plain loops.)"""
+    kind, a setting changed, pruning, fusing, quantization, hooks added or removed) changes the ops Cp runs,
+    which CI would not follow: :meth:`DenseFeatureNet.forward` refuses it.  Attributes whose names start with
+    ``_``, and dropout's, are not compared.  (Called at every call of CI: kept to plain loops.)"""
     entries = []
     for name, module in base_net.named_modules():
         if "parametrizations" in name:
@@ -942,11 +950,13 @@ def _module_structure(base_net: nn.Module) -> Tuple:
             parametrized = None
         kind = nn.utils.parametrize.type_before_parametrizations(module) if parametrized else type(module)
         settings = ()
-        if kind.__module__.startswith("torch.nn.") and not isinstance(module, nn.modules.dropout._DropoutNd):
+        if not isinstance(module, nn.modules.dropout._DropoutNd):
             settings = tuple((k, v) for k, v in attributes.items() if k[0] != "_" and k not in _SETTINGS_CI_IGNORES
-                             and isinstance(v, _SETTING_TYPES))
+                             and _is_setting(v))
         tensors = frozenset(module._parameters).union(module._buffers, parametrized.keys() if parametrized else ())
-        entries.append((name, kind, settings, tensors))
+        hooks = (tuple(module._forward_pre_hooks), tuple(module._forward_hooks), tuple(module._backward_hooks),
+                 tuple(getattr(module, "_backward_pre_hooks", ())))
+        entries.append((name, kind, settings, tensors, hooks))
     return tuple(entries)
 
 
@@ -958,10 +968,10 @@ def _structure_change(before: Tuple, now: Tuple) -> Optional[str]:
 
     def label(name, kind):
         return f"module '{name}' ({kind.__name__})" if name else f"Cp ({kind.__name__})"
-    for name, (kind, settings, tensors) in old.items():
+    for name, (kind, settings, tensors, hooks) in old.items():
         if name not in new:
             return f"{label(name, kind)} was removed"
-        kind2, settings2, tensors2 = new[name]
+        kind2, settings2, tensors2, hooks2 = new[name]
         if kind2 is not kind:
             if kind2.__name__ == kind.__name__:
                 return (f"module '{name}' ({kind.__module__}.{kind.__qualname__}) was replaced by "
@@ -974,6 +984,9 @@ def _structure_change(before: Tuple, now: Tuple) -> Optional[str]:
         if tensors2 != tensors:
             return (f"{label(name, kind)} now holds the tensors {', '.join(sorted(tensors2)) or 'none'} instead of "
                     f"{', '.join(sorted(tensors)) or 'none'} (pruned?)")
+        if hooks2 != hooks:
+            return (f"{label(name, kind)} had hooks added or removed (CI does not call Cp's modules: the hooks "
+                    f"present at convert were traced into its ops, later ones would not run)")
     added = [name for name in new if name not in old]
     return f"{label(added[0], new[added[0]][0])} was added" if added else "its modules changed"
 
@@ -1220,6 +1233,22 @@ def _exporting() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+def _forward_ad_active() -> bool:
+    """Whether forward-mode AD may watch CI's values: a level of ``torch.autograd.forward_ad`` is open, or a
+    ``torch.func`` transform (jvp, jacfwd, grad, ...) runs.  CI's fast passes (out= and in-place ops, oneDNN's
+    fused convolution and tanh) carry no tangents, so they stand aside then."""
+    return (getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+            or torch._C._functorch.maybe_current_level() is not None)
+
+
+def _autodiff_watches(x: torch.Tensor) -> bool:
+    """Whether autograd records through ``x`` or forward-mode AD may watch it (:func:`_forward_ad_active`).
+    CI then runs plain differentiable ops: no out= or in-place passes, and no copies into slices of one buffer,
+    each of whose backward nodes would pass on the whole output's gradient (training time grew with the square
+    of the image size)."""
+    return (torch.is_grad_enabled() and x.requires_grad) or _forward_ad_active()
+
+
 def _channels_last_to_contiguous(x: torch.Tensor) -> torch.Tensor:
     """``x.contiguous()`` for a channels-last ``x``, about 2.5 times as fast on CPUs (K = 113): each image, a
     (H*W, K) matrix in memory, is transposed in column blocks of about 64K elements, whose source
@@ -1389,10 +1418,11 @@ def _pool(x, kind, kernel, stride, dilation, norm_type, divisor_override, reuse_
 def _separable_max_applies(x, kernel, stride, dilation) -> bool:
     """Whether :func:`_separable_max_pool` replaces ``F.max_pool2d``: stride-1, undilated max pooling
     on the CPU, with autograd not recording through ``x`` (its backward would split the gradient
-    between tied maxima, where Cp's max pooling gives it to one) and not while CI is exported."""
+    between tied maxima, where Cp's max pooling gives it to one; forward-mode AD cannot pass its out= ops) and not
+    while CI is exported."""
     kernel, stride, dilation = _pair(kernel, "kernel"), _pair(stride, "stride"), _pair(dilation, "dilation")
     return (stride == (1, 1) and dilation == (1, 1) and kernel != (1, 1) and x.dim() == 4 and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and x.requires_grad) and not _exporting())
+            and not _exporting() and not _autodiff_watches(x))
 
 
 def _window_steps(size: int):
@@ -3469,11 +3499,12 @@ class DenseFeatureNet(nn.Module):
         """
         values = {0: padded}
         layout = self.memory_format
-        in_place_ok = not torch.is_grad_enabled()
         if torch.jit.is_tracing():
             layout, in_place_ok = None, False
         elif torch.compiler.is_compiling():
             in_place_ok = False
+        else:
+            in_place_ok = not torch.is_grad_enabled() and not _forward_ad_active()
         fused = self._tanh_fusions() if self._fuses_tanh_now(padded) else {}
         for i, (step, free, overwrite) in enumerate(zip(self.steps, self.plan.free_after, self.plan.overwrite)):
             if i in fused:  # a convolution with the tanh that follows it (or follows its max pooling)
@@ -3561,7 +3592,7 @@ class DenseFeatureNet(nn.Module):
         size = [2 * m * -(-max(p, 1) // (2 * m)) for m, p in zip(multiple, self.patch_size)]  # (reflect's reach)
         example = torch.zeros((1, self.in_channels, *size), dtype=dtype, device=device)
         with torch.no_grad():
-            return _ScriptableCI(torch.jit.trace(self, example, check_trace=False))
+            return _ScriptableCI(torch.jit.trace(self, example, check_trace=False)).train(self.training)
 
     @property
     def output_stride(self):
@@ -3579,6 +3610,7 @@ class DenseFeatureNet(nn.Module):
 
     def _fuses_tanh_now(self, padded):
         return (self.fuse_tanh and not self.naive and not torch.is_grad_enabled() and not _exporting()
+                and not _forward_ad_active()
                 and padded.device.type == "cpu" and padded.dtype == torch.float32 and not _cpu_autocast()
                 and _conv_tanh_available())
 
@@ -3623,14 +3655,16 @@ class DenseFeatureNet(nn.Module):
         if _exporting():  # any (symbolic or traced) image size
             dense = unwarp_gather(stacked, strides, -(-height // gy), -(-width // gx))
             return dense if (ry, rx) == (1, 1) else dense[:, :, ::ry, ::rx]
-        if ((ry, rx) == (1, 1) and self._unwarps_across_layouts(stacked, strides, out_format == torch.channels_last)
+        plain = _autodiff_watches(stacked)  # (differentiated: no copies into slices of a buffer)
+        if (not plain and (ry, rx) == (1, 1)
+                and self._unwarps_across_layouts(stacked, strides, out_format == torch.channels_last)
                 and stacked.numel() >= 2 * _UNWARP_BAND_ELEMENTS):  # (small maps: fewer ops, as before)
             out = torch.empty((stacked.shape[0] // _prod(s[0] * s[1] for s in strides), stacked.shape[1],
                                -(-height // gy), -(-width // gx)), dtype=stacked.dtype)
             return _unwarp_across_layouts(stacked, strides, out)
         dense = unwarp(stacked, strides, self.naive)[:, :, :-(-height // gy), :-(-width // gx)]
         dense = dense if (ry, rx) == (1, 1) else dense[:, :, ::ry, ::rx]
-        if out_format == torch.contiguous_format and _is_channels_last(dense):
+        if out_format == torch.contiguous_format and _is_channels_last(dense) and not plain:
             return _channels_last_to_contiguous(dense)
         return dense.contiguous(memory_format=out_format)
 
@@ -3703,10 +3737,18 @@ class DenseFeatureNet(nn.Module):
         bar = _progress(len(grid), "CI tiles", self.progress if self.progress is not None else
                         (None if len(grid) >= 50 and not automatic else False))
         out_h, out_w = -(-height // oy), -(-width // ox)
-        out = None
+        out, plain, rows = None, None, {}
         for y0, x0, _, _, hp, wp in grid:
             stacked = self.stacked(padded[:, :, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1])
             stacked = stacked[:, :, :hp // sh, :wp // sw]
+            plain = _autodiff_watches(stacked) if plain is None else plain
+            if plain:  # differentiated: the tiles are concatenated (copies into one output would each pass on
+                # the whole output's gradient)
+                rows.setdefault(y0, []).append(unwarp(stacked, strides, self.naive)[:, :, ::ry, ::rx][
+                    :, :, :min(out_h, (y0 + hp) // oy) - y0 // oy, :min(out_w, (x0 + wp) // ox) - x0 // ox])
+                if bar is not None:
+                    bar.update(1)
+                continue
             if out is None:  # exactly the output's size, so that no crop (copy) is needed at the end
                 out = torch.empty((padded.shape[0], stacked.shape[1], out_h, out_w), dtype=stacked.dtype,
                                   device=stacked.device, memory_format=out_format)
@@ -3726,6 +3768,8 @@ class DenseFeatureNet(nn.Module):
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if plain:
+            return torch.cat([torch.cat(row, 3) for row in rows.values()], 2).contiguous(memory_format=out_format)
         return out
 
     def extra_repr(self):

@@ -985,6 +985,21 @@ def test_keras_depthwise_and_separable_convolutions(kb, tmp_path):
                                   ci(images).numpy())
 
 
+def _temper_module():
+    """A module of the user's own with a plain setting (at module level, so that CI pickles)."""
+    import torch.nn as nn
+
+    class Temper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.temperature = 1.0
+
+        def forward(self, x):
+            return x / self.temperature
+    Temper.__qualname__ = "Temper"
+    return Temper
+
+
 def test_torch_ci_follows_new_weights_and_refuses_new_ops_of_cp_after_convert(tb):
     """CI reads Cp's parameters by name at every call.  torch.func.functional_call (which swaps them for plain
     tensors) and a weight_norm added after convert failed with "`weight` is not a buffer"; pruning and fusing
@@ -1004,7 +1019,7 @@ def test_torch_ci_follows_new_weights_and_refuses_new_ops_of_cp_after_convert(tb
     def make():
         torch.manual_seed(0)
         return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 2),
-                             nn.Dropout(0.3), nn.Flatten(), nn.Linear(5, 3)).double().eval()
+                             nn.Dropout(0.3), nn.Flatten(), nn.Linear(5, 3), nn.Identity()).double().eval()
     images = torch.from_numpy(netspec.random_images(2, 2, 13, 11, seed=7).transpose(0, 3, 1, 2))
     r = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 3, 13, 11)))
 
@@ -1053,6 +1068,8 @@ def test_torch_ci_follows_new_weights_and_refuses_new_ops_of_cp_after_convert(tb
         (lambda c: torch.ao.quantization.fuse_modules(c, [["0", "1", "2"]], inplace=True),
          r"module '0' \(Conv2d\) was replaced by ConvReLU2d"),
         (lambda c: c.add_module("extra", nn.ReLU()), r"module 'extra' \(ReLU\) was added"),
+        (lambda c: c[2].register_forward_hook(lambda m, i, o: o * 2), r"module '2' \(ReLU\) had hooks added"),
+        (lambda c: c.__setitem__(8, _temper_module()()), r"module '8' \(Identity\) was replaced by Temper"),
     ]
     for change, message in changes:
         cp = make()
@@ -1061,6 +1078,18 @@ def test_torch_ci_follows_new_weights_and_refuses_new_ops_of_cp_after_convert(tb
         with pytest.raises(FDFE.ConversionError, match=r"Cp changed after convert: " + message + r".*convert Cp "
                                                          r"again"):
             ci(images)
+    # settings of the user's own modules: a temperature (kept in a buffer or a "_" attribute, it would be
+    # followed or not compared)
+    cp = make()
+    cp[8] = _temper_module()()
+    ci = FDFE.convert(cp, patch, in_channels=2)
+    cp[8].temperature = 0.1
+    with pytest.raises(FDFE.ConversionError, match=r"module '8' \(Temper\) changed its temperature from 1.0 to 0.1"):
+        ci(images)
+    cp[8].temperature = 1.0
+    # torch.jit.freeze needs a scripted CI in CI's own mode
+    frozen = torch.jit.freeze(torch.jit.script(ci.eval()))
+    assert max_rel_error(frozen(images), ci(images).detach()) <= TOL["float64"]
     # copies check their own Cp
     cp = make()
     ci = FDFE.convert(cp, patch, in_channels=2)
@@ -1114,3 +1143,69 @@ def test_keras_stateless_call_computes_with_the_values_given(kb):
             out, _ = ci.stateless_call(values, list(ci.non_trainable_variables), images)
             assert max_rel_error(out, ref) <= TOL["float32"], (make.__name__, tile)
             assert max_rel_error(ci(images), before) <= TOL["float32"]
+
+
+def test_keras_changed_layer_settings_after_convert_are_refused(kb):
+    """CI's layers were built from Cp's layers' settings at convert.  Setting a layer's activation afterwards
+    (``cp.layers[-1].activation = linear``, to read logits) left CI computing the old one: 1.6 off, silently; a
+    changed stride or pool size was not seen either.  Now CI refuses to run, naming the layer and the setting;
+    LoRA, new weights and training mode stay followed."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+    images = tf.constant(netspec.random_images(2, 2, 13, 11, seed=9), dtype=tf.float32)
+
+    def make():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(4, 3, activation="relu"), L.MaxPooling2D(2),
+                                 L.Dropout(0.2), L.Conv2D(5, 2, activation="tanh"), L.Flatten(),
+                                 L.Dense(3, activation="softmax")])
+    changes = [
+        (lambda c: setattr(c.layers[-1], "activation", keras.activations.linear),
+         r"layer 'dense.*' changed its activation from 'softmax' to 'linear'"),
+        (lambda c: setattr(c.layers[0], "activation", keras.activations.tanh),
+         r"layer 'conv2d.*' changed its activation from 'relu' to 'tanh'"),
+        (lambda c: setattr(c.layers[3], "strides", (2, 2)), r"layer 'conv2d.*' changed its strides from \(1, 1\) to "
+                                                            r"\(2, 2\)"),
+        (lambda c: setattr(c.layers[1], "pool_size", (1, 1)), r"layer 'max_pooling2d.*' changed its pool_size"),
+    ]
+    for change, message in changes:
+        cp = make()
+        ci = kb.FDFE.convert(cp, 6, in_channels=2)
+        ci(images)
+        change(cp)
+        for run in (ci, lambda x: ci.predict(x, verbose=0)):
+            with pytest.raises(ValueError, match=r"Cp changed after convert: " + message + r".*convert Cp again"):
+                run(images)
+    cp = make()
+    ci = kb.FDFE.convert(cp, 6, in_channels=2)
+    cp.layers[2].rate = 0.5  # dropout is off in CI, as LoRA and new weights are followed
+    cp.layers[3].enable_lora(2)
+    cp.layers[3].lora_kernel_b.assign(tf.random.normal(cp.layers[3].lora_kernel_b.shape))
+    cp.layers[0].kernel.assign(cp.layers[0].kernel * 2)
+    assert max_rel_error(ci(images), kb.FDFE.dense_reference(cp, images, 6)) <= TOL["float32"]
+
+
+def test_keras_predict_follows_settings_of_ci_changed_after_a_call(kb):
+    """Keras' predict, evaluate and fit functions were traced with CI's border and output_stride of their first
+    call: after ``ci.border = "reflect"`` predict kept the zero border (0.75 off) and after ``ci.output_stride = 2``
+    it kept the full grid, while eager calls followed.  Setting them now traces those functions again."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    cp = keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(4, 3, activation="relu"), L.MaxPooling2D(2),
+                           L.Conv2D(5, 2)])
+    ci = kb.FDFE.convert(cp, 6, in_channels=2)
+    images = tf.constant(netspec.random_images(2, 2, 13, 11, seed=9), dtype=tf.float32)
+    ci.predict(images, verbose=0)
+    ci.compile(loss="mse")
+    ci.evaluate(images, ci(images), verbose=0)
+    ci.border = "reflect"
+    ref = kb.FDFE.dense_reference(cp, images, 6, border="reflect")
+    assert max_rel_error(ci.predict(images, verbose=0), ref) <= TOL["float32"]
+    assert ci.evaluate(images, ref, verbose=0) <= 1e-10
+    ci.output_stride = 2
+    assert max_rel_error(ci.predict(images, verbose=0), np.asarray(ref)[:, ::2, ::2]) <= TOL["float32"]
+    with pytest.raises(ValueError, match="border"):
+        ci.border = "mirror"

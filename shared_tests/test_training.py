@@ -428,3 +428,53 @@ def test_keras_parameters_transformed_in_call_follow_their_parameters(kb):
     got, expected = tape.gradient(loss_ci, scale).numpy(), tape.gradient(loss_ref, scale).numpy()
     assert np.abs(expected).max() > 0
     assert max_rel_error(got, expected) <= TOL["float64"]
+
+
+def test_torch_forward_mode_ad_and_training_take_plain_paths(tb):
+    """Forward-mode AD through CI: under torch.no_grad the fused convolution and tanh dropped the tangent
+    (None, silently); torch.func.jvp, and dual images into a frozen Cp, failed in the stride-1 max pooling's out=
+    ops.  Tangents now equal Cp's on every patch.  Training: the output was assembled by copies into slices of
+    one buffer, each of whose backward nodes passed on the whole output's gradient (time grew with the square of
+    the image size); differentiated outputs, tiled or not, are now built without such copies."""
+    import torch
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn as nn
+    FDFE = tb.FDFE
+    torch.manual_seed(0)
+    cp = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(8, 5, 3), nn.Tanh()).eval()
+    patch = 8
+    ci = FDFE.convert(cp, patch)
+    x = torch.from_numpy(netspec.random_images(2, 3, 13, 11, seed=3).transpose(0, 3, 1, 2)).float()
+    t = torch.from_numpy(netspec.random_images(2, 3, 13, 11, seed=4).transpose(0, 3, 1, 2)).float()
+    _, ref = torch.func.jvp(lambda im: FDFE.dense_reference(cp, im, patch, differentiable=True), (x,), (t,))
+    ref, tol = ref.detach(), 1e-5
+    _, got = torch.func.jvp(ci, (x,), (t,))
+    assert max_rel_error(got.detach(), ref) <= tol
+    for frozen, mode in ((False, torch.no_grad), (True, torch.enable_grad)):
+        cp.requires_grad_(not frozen)
+        with mode(), fwAD.dual_level():
+            tangent = fwAD.unpack_dual(ci(fwAD.make_dual(x, t))).tangent
+        assert tangent is not None, (frozen, mode)
+        assert max_rel_error(tangent.detach(), ref) <= tol, (frozen, mode)
+    cp.requires_grad_(True)
+
+    def copies_into_slices(out):
+        seen, stack, found = set(), [out.grad_fn], 0
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            found += node.name().endswith("CopySlices")
+            stack.extend(n for n, _ in node.next_functions)
+        return found
+    cp = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(16, 64, 5)).eval()
+    ci = FDFE.convert(cp, 12)
+    big = torch.randn(1, 3, 256, 272)  # large enough for the banded unwarping of the inference path
+    for tile in (None, (96, 128)):
+        ci.tile = tile
+        out = ci(big)  # (one copy of a whole map per unwarping: one per tile)
+        tiles = 1 if tile is None else len(FDFE.tile_grid(*big.shape[2:], tile, ci.stride_product))
+        assert copies_into_slices(out) <= tiles, tile
+        with torch.no_grad():
+            assert torch.allclose(out.detach(), ci(big), rtol=1e-5, atol=1e-6)

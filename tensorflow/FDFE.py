@@ -1839,6 +1839,31 @@ def _error_text(exc):
     return text[start + len("assertion failed: "):end if end > 0 else None].strip()
 
 
+#: the settings of Keras' layers that decide the ops CI builds from them (read where they exist; the activation
+#: is compared for every layer)
+_LAYER_SETTINGS = ("filters", "kernel_size", "strides", "dilation_rate", "padding", "data_format", "groups",
+                   "pool_size", "depth_multiplier", "units", "use_bias", "axis", "epsilon", "center", "scale", "offset",
+                   "cropping", "size", "target_shape", "dims", "negative_slope", "max_value", "threshold", "alpha",
+                   "shared_axes", "invert", "keepdims", "output_size", "approximate", "mean", "variance")
+_SETTING_TYPES = (bool, int, float, str, tuple, list, type(None))
+
+
+def _layer_settings(layers) -> List[Tuple]:
+    """(layer, setting names, their values, activation) of each layer: the settings of Keras' own layers
+    (strides, padding, pool size, axis, ...; others' by their activation alone) that the layers CI built from them
+    depend on.  A change after convert changes the ops Cp runs, which CI would not follow: refused where CI runs
+    (DenseFeatureModel._check_settings, which reads the names listed here)."""
+    entries = []
+    for layer in layers:
+        names = ()
+        if type(layer).__module__.startswith("keras.") and not isinstance(layer, keras.Model):
+            attributes = vars(layer)
+            names = tuple(k for k in _LAYER_SETTINGS if isinstance(attributes.get(k, ()), _SETTING_TYPES)
+                          and k in attributes)
+        entries.append((layer, names, tuple(getattr(layer, k) for k in names), getattr(layer, "activation", None)))
+    return entries
+
+
 def _in_stateless_scope() -> bool:
     """Whether Keras runs in a StatelessScope (``model.stateless_call``), where variables read the values the
     scope gives them."""
@@ -3565,8 +3590,7 @@ class DenseFeatureModel(keras.Model):
         self.peak_channels = int(peak_channels or in_channels + out_channels)
         self.max_memory = _check_budget(max_memory)
         self.memory_guard = bool(memory_guard)
-        _check_border(border, (None, None), self.patch_size)
-        self.border = border
+        self.border = border  # (checked where it is set)
         self.skip_shifts = bool(skip_shifts)
         strided = _strided_layers(self.core)
         # how many strided layers each one's output has gone through, itself included (parallel layers, e.g.
@@ -3581,6 +3605,8 @@ class DenseFeatureModel(keras.Model):
         self.shifts_in_place = bool(shifts_in_place) and bool(strided)
         if self.shifts_in_place:
             strided[-1].shifts_in_place = True
+        object.__setattr__(self, "_settings", _layer_settings(self.core._flatten_layers(include_self=False,
+                                                                                       recursive=True)))
 
     def _hold_read_variables(self, specs):
         """The variables of Cp that the core's ops (_TFOp) read outside its layers (``x * exp(self.log_s)`` in a
@@ -3675,7 +3701,25 @@ class DenseFeatureModel(keras.Model):
         self._grid = _output_grid(self.strides if self.skip_shifts else [], self._output_stride)
         for layer, depth in zip(_strided_layers(self.core), self.strided_depths):
             layer.shifts = depth > self._grid[0]
-        object.__setattr__(self, "_graph_fn", None)  # traced with the old value
+        self._forget_graphs()  # traced with the old value
+
+    #: attributes that a traced graph of CI reads when it is traced (border, output_stride and naive change its
+    #: values; tile, max_memory and memory_guard its memory)
+    _TRACED_ATTRIBUTES = frozenset({"border", "tile", "max_memory", "memory_guard"})
+
+    def __setattr__(self, name, value):
+        if name == "border":
+            _check_border(value, (None, None), self.patch_size)
+        super().__setattr__(name, value)
+        if name in self._TRACED_ATTRIBUTES:
+            self._forget_graphs()
+
+    def _forget_graphs(self):
+        """Forgets CI's traced graphs: its own and Keras' predict, test and train functions (traced again at the
+        next call, with the current settings)."""
+        object.__setattr__(self, "_graph_fn", None)
+        if hasattr(self, "predict_function"):
+            self.predict_function = self.test_function = self.train_function = None
 
     @property
     def naive(self):
@@ -3687,7 +3731,7 @@ class DenseFeatureModel(keras.Model):
         for layer in self.core._flatten_layers(include_self=False, recursive=True):
             if isinstance(layer, (_MultiPoolBase, multiConv, _MultiDepthwise, _AlignStreams)):
                 layer.naive = self._naive
-        object.__setattr__(self, "_graph_fn", None)  # traced with the old value
+        self._forget_graphs()  # traced with the old value
 
     #: the values alive at once count once: TensorFlow frees each op's input after its last use, so a
     #: multipooling's stride-1 result, crop and transpose follow one another (measured peaks stay under
@@ -3749,9 +3793,27 @@ class DenseFeatureModel(keras.Model):
         return tuple((id(layer), getattr(layer, "quantization_mode", None), bool(getattr(layer, "lora_enabled", False)),
                       len(layer.weights)) for layer in self.core._flatten_layers(include_self=False, recursive=True))
 
+    def _check_settings(self):
+        """Refuses to run where a setting of Cp's layers changed after convert (:func:`_layer_settings`).
+        (Called at every eager call of CI: a plain loop.)"""
+        for layer, names, values, activation in getattr(self, "_settings", ()):
+            now = tuple(getattr(layer, k, None) for k in names)
+            activation_now = getattr(layer, "activation", None)
+            if now == values and activation_now is activation:
+                continue
+            key, was, is_ = "activation", activation, activation_now
+            if now != values:
+                key, was, is_ = next((k, a, b) for k, a, b in zip(names, values, now) if a != b)
+            was, is_ = getattr(was, "__name__", was), getattr(is_, "__name__", is_)
+            raise ValueError(f"Cp changed after convert: layer '{layer.name}' changed its {key} from {was!r} to "
+                             f"{is_!r}. CI runs the ops convert built, which no longer are Cp's: convert Cp again "
+                             f"(new weights, LoRA and load_weights are followed without converting again)")
+
     def _layers_changed(self) -> bool:
         """Whether Cp's layers changed (see _layers_state) since the graphs of CI were traced; forgets those
-        graphs (CI's own and Keras' predict, test and train functions) if so."""
+        graphs (CI's own and Keras' predict, test and train functions) if so.  Refuses changes of their settings
+        (:meth:`_check_settings`)."""
+        self._check_settings()
         state = self._layers_state()
         seen = getattr(self, "_traced_state", None)
         object.__setattr__(self, "_traced_state", state)
@@ -3766,8 +3828,7 @@ class DenseFeatureModel(keras.Model):
                     raise ValueError(f"Cp's layer '{ref[1]}' changed after convert (LoRA or quantization) and Cp's "
                                      f"call() reads its weights outside the layer ('{layer.name}'), which CI "
                                      f"reads as they were: convert again")
-        object.__setattr__(self, "_graph_fn", None)
-        self.predict_function = self.test_function = self.train_function = None
+        self._forget_graphs()
         return True
 
     def make_predict_function(self, force=False):
@@ -3783,11 +3844,11 @@ class DenseFeatureModel(keras.Model):
         """Stacked layers + unwarping + crop; called eagerly, it runs as one graph (traced once for
         every image size, and again where Cp's layers changed), which is markedly faster than layer-by-layer
         eager execution."""
-        if not tf.executing_eagerly() or _in_stateless_scope():
-            # (in Keras' StatelessScope, as in ci.stateless_call, the variables' values come from the scope,
-            # which a graph traced before would not read)
+        if not tf.executing_eagerly():
             return self._unwarped_crop(padded, out_h, out_w)
         self._layers_changed()
+        if _in_stateless_scope():  # (ci.stateless_call: the variables' values come from the scope, which a graph
+            return self._unwarped_crop(padded, out_h, out_w)  # traced before would not read)
         spec = tf.TensorSpec([None, None, None, self.in_channels], self.core.inputs[0].dtype)
         scalar = tf.TensorSpec([], tf.int32)
         return run_as_graph(self, self._unwarped_crop, [padded, tf.constant(out_h, tf.int32),
@@ -4164,6 +4225,12 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
                             strided_depths=[depth_of[id(layer)] for layer in _strided_layers(core)],
                             name=f"{base_net.name}_dense")
     net.build((None, None, None, in_channels))
+    # Cp's layers that CI replaced by its own (poolings, flattening heads) are not in the core: their settings are
+    # checked as well (by this CI; a copy made from its config has no Cp)
+    seen = {id(entry[0]) for entry in net._settings}
+    replaced = [layer for layer in base_net._flatten_layers(include_self=False, recursive=True)
+                if id(layer) not in seen]
+    object.__setattr__(net, "_settings", net._settings + _layer_settings(replaced))
     if check:
         _self_check(net, base_net, dtype)
     return net
