@@ -929,10 +929,11 @@ def _is_setting(value) -> bool:
                                                  and all(isinstance(v, _SETTING_TYPES) for v in value))
 
 
-def _module_structure(base_net: nn.Module) -> Tuple:
+def _module_structure(base_net: nn.Module, captured=()) -> Tuple:
     """What the ops that :func:`convert` traced depend on, module by module: its name and class, its settings
     (public attributes that are numbers, strings or tuples of them: a layer's stride, a temperature, a flag that
-    picks a branch of forward), the names of its parameters and buffers, and its hooks.
+    picks a branch of forward), the names of its parameters and buffers, and its hooks; and the tensor attributes
+    whose values CI captured (``captured``: (module name, attribute) pairs, :func:`_captured_attributes`).
 
     CI reads Cp's parameters and buffers by name at every call, so their new values are followed (training,
     ``load_state_dict``, ``torch.func.functional_call``, a module replaced by one of the same class and settings,
@@ -957,7 +958,41 @@ def _module_structure(base_net: nn.Module) -> Tuple:
         hooks = (tuple(module._forward_pre_hooks), tuple(module._forward_hooks), tuple(module._backward_hooks),
                  tuple(getattr(module, "_backward_pre_hooks", ())))
         entries.append((name, kind, settings, tensors, hooks))
+    for name, key in captured:
+        try:
+            value = getattr(base_net.get_submodule(name) if name else base_net, key)
+        except AttributeError:
+            value = None
+        entries.append((f"{name}:{key}", _TensorAttribute, (("value", _TensorAttribute(value)),), frozenset(), ()))
     return tuple(entries)
+
+
+class _TensorAttribute:
+    """A tensor attribute of one of Cp's modules (neither parameter nor buffer) whose values CI captured at
+    convert: equal to another while both are the same tensor, unchanged in place since."""
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.version = tensor, _version(tensor) if isinstance(tensor, torch.Tensor) else None
+
+    def __eq__(self, other):
+        return isinstance(other, _TensorAttribute) and other.tensor is self.tensor and other.version == self.version
+
+    def __reduce__(self):  # copies (deepcopy, pickle) compare with their own copy of the tensor, as it is then
+        return _TensorAttribute, (self.tensor,)
+
+    def __repr__(self):
+        if not isinstance(self.tensor, torch.Tensor):
+            return repr(self.tensor)
+        return f"a tensor of shape {tuple(self.tensor.shape)} (version {self.version})"
+
+
+def _captured_attributes(base_net: nn.Module, tracer) -> List[Tuple[str, str]]:
+    """(module name, attribute) of the tensor attributes of Cp's modules, neither parameters nor buffers, whose
+    values the trace captured as constants (``self.scale = torch.tensor(2.0)``): CI keeps those values, so
+    :func:`_module_structure` compares them to see them replaced or changed in place."""
+    return [(name, key) for name, module in base_net.named_modules() for key, value in vars(module).items()
+            if isinstance(value, torch.Tensor) and id(value) in tracer.constant_sources]
 
 
 def _structure_change(before: Tuple, now: Tuple) -> Optional[str]:
@@ -969,6 +1004,10 @@ def _structure_change(before: Tuple, now: Tuple) -> Optional[str]:
     def label(name, kind):
         return f"module '{name}' ({kind.__name__})" if name else f"Cp ({kind.__name__})"
     for name, (kind, settings, tensors, hooks) in old.items():
+        if kind is _TensorAttribute and new.get(name) != (kind, settings, tensors, hooks):
+            module, _, key = name.partition(":")
+            return (f"the tensor {key!r} of {f'module {module!r}' if module else 'Cp'}, whose values CI captured at "
+                    f"convert, was replaced or changed in place (register it as a buffer to have CI follow it)")
         if name not in new:
             return f"{label(name, kind)} was removed"
         kind2, settings2, tensors2, hooks2 = new[name]
@@ -2248,6 +2287,7 @@ class _Tracer(TorchFunctionMode):
         self.names = {id(t): n for n, t in base_net.named_parameters(remove_duplicate=False)}
         self.names.update({id(t): n for n, t in base_net.named_buffers(remove_duplicate=False)})
         self.constants: List[torch.Tensor] = []
+        self.constant_sources = set()           # ids of the tensors the constants copy (module attributes among them)
         self.derived = {}                       # id of a tensor computed from parameters alone -> _Derived
         self.expressions = []                   # (func, args, kwargs, in place) of each such computation
         self.stale = {}                         # id of a view whose memory an in-place op changed -> why refused
@@ -2287,6 +2327,7 @@ class _Tracer(TorchFunctionMode):
         if id(value) in self.derived:
             return self.derived[id(value)]
         self.constants.append(value.detach().clone())
+        self.constant_sources.add(id(value))
         return _Const(len(self.constants) - 1, value.shape)
 
     def _tracked(self, t):
@@ -3412,7 +3453,7 @@ class DenseFeatureNet(nn.Module):
     def __init__(self, base_net, patch_size, in_channels, out_channels, steps, output_slot, strides,
                  constants, plan, naive=False, tile="auto", memory_format=torch.channels_last, progress=None,
                  max_memory=None, memory_guard=True, grid_multiple=None, border="zeros", output_stride=1,
-                 expressions=()):
+                 expressions=(), captured=()):
         super().__init__()
         self.base_net = base_net
         self.patch_size = _pair(patch_size, "patch_size")
@@ -3437,13 +3478,15 @@ class DenseFeatureNet(nn.Module):
         self.memory_guard = memory_guard
         self.border = border
         self.output_stride = output_stride
-        self._structure = _module_structure(base_net)  # what the traced ops depend on (see _check_structure)
+        self._captured_attributes = list(captured)
+        self._structure = _module_structure(base_net, captured)  # what the traced ops depend on (_check_structure)
 
     def _check_structure(self):
         """Refuses to run where Cp's modules changed after convert in a way the traced ops do not follow
         (:func:`_module_structure`)."""
         recorded = getattr(self, "_structure", None)
-        change = None if recorded is None else _structure_change(recorded, _module_structure(self.base_net))
+        change = None if recorded is None else _structure_change(recorded, _module_structure(
+            self.base_net, getattr(self, "_captured_attributes", ())))
         if change is not None:
             raise ConversionError(f"Cp changed after convert: {change}. CI runs the ops convert traced, which no "
                                   f"longer are Cp's: convert Cp again (new weights, load_state_dict and "
@@ -3994,7 +4037,7 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
                           tracer.constants, plan, naive=naive, tile=tile, memory_format=memory_format,
                           progress=progress, max_memory=max_memory, memory_guard=memory_guard,
                           grid_multiple=_grid_multiple(geoms.values()), border=border, output_stride=output_stride,
-                          expressions=tracer.expressions)
+                          expressions=tracer.expressions, captured=_captured_attributes(base_net, tracer))
     if check and _example_kind(base_net)[1].type != "meta":  # a meta Cp has no values to compare
         _self_check(net, base_net)
     return net

@@ -1004,9 +1004,10 @@ def test_torch_ci_follows_new_weights_and_refuses_new_ops_of_cp_after_convert(tb
     """CI reads Cp's parameters by name at every call.  torch.func.functional_call (which swaps them for plain
     tensors) and a weight_norm added after convert failed with "`weight` is not a buffer"; pruning and fusing
     after convert failed the same way; replacing a module by another kind (MaxPool2d by
-    AvgPool2d, ReLU by Tanh) was silently wrong (0.88 and 0.54 off), a changed stride gave a shape error.  Now
-    the first two are followed exactly (values and gradients, against Cp on every patch) and the rest are
-    refused by name."""
+    AvgPool2d, ReLU by Tanh) was silently wrong (0.88 and 0.54 off), a changed stride gave a shape error, and a
+    changed setting of the user's own module (a temperature), a hook added later or a captured tensor attribute
+    replaced were ignored (0.9, 0.65, 0.39 off).  Now the first two are followed exactly (values and gradients,
+    against Cp on every patch) and the rest are refused by name."""
     import copy
     import pickle
     import torch
@@ -1087,6 +1088,24 @@ def test_torch_ci_follows_new_weights_and_refuses_new_ops_of_cp_after_convert(tb
     with pytest.raises(FDFE.ConversionError, match=r"module '8' \(Temper\) changed its temperature from 1.0 to 0.1"):
         ci(images)
     cp[8].temperature = 1.0
+
+    class Scaled(nn.Module):  # a tensor attribute that is no buffer: CI captured its values
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 3, 2)
+            self.scale = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64).view(1, 4, 1, 1)
+
+        def forward(self, x):
+            return self.head(torch.nn.functional.max_pool2d(self.conv(x) * self.scale, 2))
+    for change in (lambda m: setattr(m, "scale", m.scale * 2), lambda m: m.scale.mul_(2)):
+        scaled = Scaled().double().eval()
+        ci_scaled = FDFE.convert(scaled, patch)
+        with torch.no_grad():
+            assert max_rel_error(ci_scaled(images), FDFE.dense_reference(scaled, images, patch)) <= TOL["float64"]
+        change(scaled)
+        with pytest.raises(FDFE.ConversionError, match=r"the tensor 'scale' of Cp, whose values CI captured at "
+                                                       r"convert, was replaced or changed in place"):
+            ci_scaled(images)
     # torch.jit.freeze needs a scripted CI in CI's own mode
     frozen = torch.jit.freeze(torch.jit.script(ci.eval()))
     assert max_rel_error(frozen(images), ci(images).detach()) <= TOL["float64"]
@@ -1209,3 +1228,35 @@ def test_keras_predict_follows_settings_of_ci_changed_after_a_call(kb):
     assert max_rel_error(ci.predict(images, verbose=0), np.asarray(ref)[:, ::2, ::2]) <= TOL["float32"]
     with pytest.raises(ValueError, match="border"):
         ci.border = "mirror"
+
+
+def test_keras_activation_functions_of_ones_own_are_tested_per_pixel(kb):
+    """A layer's ``activation=`` that is not one of Keras' own was applied to whole maps as a black box: a
+    centring over the map or a flip failed convert's self-check with "please report it", and with check=False
+    CI was 0.22 off, silently.  Such functions are now tested on a random map against the same pixels one at a
+    time: those that mix positions are refused by name, per-pixel ones convert exactly."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+    images = tf.constant(netspec.random_images(2, 2, 13, 11, seed=9), dtype=tf.float32)
+
+    def center(z):
+        return z - keras.ops.mean(z, axis=(1, 2), keepdims=True)
+
+    def swish(z):
+        return z * tf.sigmoid(z)
+
+    def net(act, as_layer):
+        keras.utils.set_random_seed(0)
+        first = [L.Conv2D(4, 3), L.Activation(act)] if as_layer else [L.Conv2D(4, 3, activation=act)]
+        return keras.Sequential([keras.Input((6, 6, 2))] + first + [L.MaxPooling2D(2), L.Conv2D(3, 2)])
+    for as_layer in (False, True):
+        for act in (center, lambda z: z[:, ::-1]):
+            for check in (True, False):
+                with pytest.raises(kb.FDFE.ConversionError, match=r"its activation '(center|<lambda>)' is not "
+                                                                  r"computed pixel by pixel"):
+                    kb.FDFE.convert(net(act, as_layer), 6, check=check)
+        for act in (swish, tf.nn.gelu, lambda z: tf.nn.leaky_relu(z, 0.1)):
+            cp = net(act, as_layer)
+            assert max_rel_error(kb.FDFE.convert(cp, 6)(images), kb.FDFE.dense_reference(cp, images, 6)) <= \
+                TOL["float32"]

@@ -478,3 +478,27 @@ def test_torch_forward_mode_ad_and_training_take_plain_paths(tb):
         assert copies_into_slices(out) <= tiles, tile
         with torch.no_grad():
             assert torch.allclose(out.detach(), ci(big), rtol=1e-5, atol=1e-6)
+
+
+def test_keras_training_with_activity_regularizers_is_refused(kb):
+    """Cp adds an activity regularization loss for each patch's activations; CI added it for whole maps (fit's
+    regularization term 5.75 against 1.04 for Cp on every patch), or, for an ActivityRegularization layer, not
+    at all, silently.  Training through such a CI is refused by name; inference is exact, and removing the
+    regularizers after convert lets CI train."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    cp = keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(4, 3, activity_regularizer=keras.regularizers.L1(0.01)),
+                           L.MaxPooling2D(2), L.ActivityRegularization(l2=0.1), L.Conv2D(3, 2)])
+    ci = kb.FDFE.convert(cp, 6)
+    images = tf.constant(netspec.random_images(2, 2, 13, 11, seed=9), dtype=tf.float32)
+    target = kb.FDFE.dense_reference(cp, images, 6)
+    assert max_rel_error(ci(images), target) <= TOL["float32"]
+    ci.compile("sgd", "mse")
+    for names in ("'conv2d.*', 'activity_regularization.*'", "'activity_regularization.*'"):
+        with pytest.raises(ValueError, match=f"Cp's layer\\(s\\) {names} add an activity regularization loss"):
+            ci.fit(images, target, epochs=1, verbose=0)
+        cp.layers[0].activity_regularizer = None
+    cp.layers[2].l2 = 0.0
+    ci.fit(images, target, epochs=1, verbose=0)

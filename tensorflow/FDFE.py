@@ -1864,6 +1864,25 @@ def _layer_settings(layers) -> List[Tuple]:
     return entries
 
 
+#: the end of the message for tiles asked for where the image size is unknown (an export traces such sizes)
+_EXPORT_HINT = ("; exports (ci.export, tf.saved_model.save) trace CI for every size: set ci.tile = ci.max_memory = "
+                "None before exporting (the artifact runs untiled)")
+
+
+def _activity_regularized(layers) -> List[str]:
+    """The names of the layers that add an activity regularization loss (``activity_regularizer=``, an
+    ActivityRegularization layer): Cp adds it for each patch's activations, CI would add it for whole maps (or,
+    for the layer, not at all), so CI refuses to train with them (DenseFeatureModel.call)."""
+    names = []
+    for layer in layers:
+        if isinstance(layer, keras.layers.ActivityRegularization):
+            if getattr(layer, "l1", 0) or getattr(layer, "l2", 0):
+                names.append(layer.name)
+        elif getattr(layer, "activity_regularizer", None) is not None:
+            names.append(layer.name)
+    return names
+
+
 def _in_stateless_scope() -> bool:
     """Whether Keras runs in a StatelessScope (``model.stateless_call``), where variables read the values the
     scope gives them."""
@@ -2718,6 +2737,34 @@ def _check_channel_axis(call, axis, rank=4):
     axes = [axis] if isinstance(axis, numbers.Integral) else list(axis)
     if [a % rank for a in axes] != [rank - 1]:
         raise call.fail(f"it works along axis {axis}; only the channel axis (-1) can be made dense")
+
+
+def _check_activation_per_pixel(call):
+    """A layer's ``activation`` that is not one of Keras' own (a function of the user's, or of TensorFlow's) is
+    applied by CI to whole maps, as a black box: refused unless it computes every pixel from that pixel alone,
+    tested on a random map against the same pixels given one at a time (a centring over the patch, a flip, a
+    statistic of the batch fail)."""
+    act = _activation_of(call.layer)
+    if act is None or getattr(act, "__module__", "").startswith("keras."):
+        return
+    out = call.out_shape
+    if len(out) != 4 or not all(isinstance(d, int) for d in out[1:]):
+        return  # on vectors (a Dense head after flattening) an activation is per position anyway
+    dtype = getattr(call.layer, "compute_dtype", None) or "float32"
+    x = tf.constant(np.random.default_rng(0).standard_normal((1, 3, 4, out[3])), dtype=dtype)
+    try:
+        whole = np.asarray(act(x), dtype=np.float64)
+        pixels = np.asarray(act(tf.reshape(x, (12, 1, 1, out[3]))), dtype=np.float64).reshape(whole.shape)
+        per_pixel = np.allclose(whole, pixels, rtol=1e-5, atol=1e-6, equal_nan=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means it is not a per-pixel function of its input
+        per_pixel, why = False, f" ({type(exc).__name__}: {exc})"
+    else:
+        why = ""
+    if not per_pixel:
+        name = getattr(act, "__name__", type(act).__name__)
+        raise call.fail(f"its activation {name!r} is not computed pixel by pixel (tested on a random map{why}), "
+                        f"which mixes positions of the patch; an activation of your own that is per pixel passes "
+                        f"this test, and a Lambda layer has its ops read one by one")
 
 
 def _activation_ok(call, geom, layer):
@@ -3607,6 +3654,7 @@ class DenseFeatureModel(keras.Model):
             strided[-1].shifts_in_place = True
         object.__setattr__(self, "_settings", _layer_settings(self.core._flatten_layers(include_self=False,
                                                                                        recursive=True)))
+        object.__setattr__(self, "_regularizable", list(self.core._flatten_layers(include_self=False, recursive=True)))
 
     def _hold_read_variables(self, specs):
         """The variables of Cp that the core's ops (_TFOp) read outside its layers (``x * exp(self.log_s)`` in a
@@ -3856,6 +3904,13 @@ class DenseFeatureModel(keras.Model):
                             cache="_graph_fn")
 
     def call(self, images, training=None):
+        regularized = _activity_regularized(getattr(self, "_regularizable", ())) if training else []
+        if regularized:
+            raise ValueError(f"Cp's layer(s) {', '.join(map(repr, regularized))} add an activity "
+                             f"regularization loss, which Cp computes from each patch's activations and CI could only "
+                             f"compute from whole maps: training through CI would not be training on every patch. "
+                             f"Set their activity_regularizer to None (or remove ActivityRegularization layers; "
+                             f"outputs do not change) before training through CI")
         if tuple(getattr(images, "shape", ()))[:1] == (0,) and len(images.shape) == 4:  # an empty batch, as Cp
             check_images(tf.zeros((1,) + tuple(images.shape[1:]), images.dtype), self.in_channels)
             sy, sx = self.output_stride
@@ -3871,7 +3926,7 @@ class DenseFeatureModel(keras.Model):
             if not size_known:
                 raise ValueError(f"max_memory={self.max_memory} needs the image height and width to be known "
                                  f"when CI is traced (got shape {tuple(images.shape)}): call it eagerly, or trace "
-                                 f"it with a fixed height and width")
+                                 f"it with a fixed height and width{_EXPORT_HINT}")
             if not isinstance(shape[0], int):  # unknown batch: one image at a time, tiled for one image
                 tile = self.tile_for_memory(self.max_memory, (shape[1], shape[2]), 1)
                 return tf.map_fn(lambda p: self._run(p[None], shape[1], shape[2], tile)[0], padded,
@@ -3882,7 +3937,7 @@ class DenseFeatureModel(keras.Model):
         if self.tile is not None and not size_known:
             raise ValueError(f"tile={self.tile} needs the image height and width to be known when CI is traced "
                              f"(got shape {tuple(images.shape)}): call it eagerly, or trace it with a fixed "
-                             f"height and width")
+                             f"height and width{_EXPORT_HINT}")
         tile = self.tile
         if self.memory_guard and size_known and isinstance(shape[0], int) and "GPU" not in (images.device or ""):
             tile = _choose_tile(tile, lambda t: self.estimate_memory((shape[1], shape[2]), shape[0], t),
@@ -4070,6 +4125,8 @@ def _apply_rules(calls, geoms, values):
                 raise call.problem
             if rule is None:
                 raise ConversionError(_unsupported_message(call.where, "op" if call.is_op else "layer kind"))
+            if not call.is_op:
+                _check_activation_per_pixel(call)
             run, out_geoms = rule(call, in_geoms)
         except ConversionError as exc:
             problems.append(str(exc))
@@ -4231,6 +4288,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     replaced = [layer for layer in base_net._flatten_layers(include_self=False, recursive=True)
                 if id(layer) not in seen]
     object.__setattr__(net, "_settings", net._settings + _layer_settings(replaced))
+    object.__setattr__(net, "_regularizable", net._regularizable + replaced)  # (activity regularization)
     if check:
         _self_check(net, base_net, dtype)
     return net
