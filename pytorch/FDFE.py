@@ -917,59 +917,35 @@ def _compute_dtype(module: nn.Module) -> Optional[torch.dtype]:
     return None if t is None else t.dtype
 
 
-#: attributes of Cp's modules that do not change what CI computes (it runs Cp in inference mode)
-_SETTINGS_CI_IGNORES = frozenset({"training", "momentum", "inplace"})
-_SETTING_TYPES = (bool, int, float, str, type(None))
+#: settings of PyTorch's own layers that do not change what CI computes (it runs Cp in inference mode)
+_TORCH_SETTINGS_CI_IGNORES = frozenset({"momentum", "inplace"})
+_SETTING_TYPES = (bool, int, float, str, type(None), np.generic)
 
 
-def _is_setting(value) -> bool:
-    """Whether a module attribute is compared by :func:`_module_structure`: numbers, strings, None, and tuples
-    and lists of them."""
-    return isinstance(value, _SETTING_TYPES) or (isinstance(value, (tuple, list))
-                                                 and all(isinstance(v, _SETTING_TYPES) for v in value))
+def _setting(value):
+    """A module attribute as :func:`_module_structure` compares it, or ``_NOT_A_SETTING``: numbers, strings and
+    None by value (NaN equal to NaN), tuples, lists and dicts of them by a copy of their values, functions and
+    other callables (not modules) by identity."""
+    if isinstance(value, _SETTING_TYPES):
+        return "NaN" if isinstance(value, (float, np.floating)) and value != value else value
+    if isinstance(value, (tuple, list)):
+        items = tuple(_setting(v) for v in value)
+        return _NOT_A_SETTING if any(v is _NOT_A_SETTING for v in items) else items
+    if isinstance(value, dict):
+        items = tuple((k, _setting(v)) for k, v in value.items())
+        return _NOT_A_SETTING if any(v is _NOT_A_SETTING for _, v in items) else dict(items)
+    if callable(value) and not isinstance(value, (nn.Module, torch.Tensor)):
+        return value
+    return _NOT_A_SETTING
 
 
-def _module_structure(base_net: nn.Module, captured=()) -> Tuple:
-    """What the ops that :func:`convert` traced depend on, module by module: its name and class, its settings
-    (public attributes that are numbers, strings or tuples of them: a layer's stride, a temperature, a flag that
-    picks a branch of forward), the names of its parameters and buffers, and its hooks; and the tensor attributes
-    whose values CI captured (``captured``: (module name, attribute) pairs, :func:`_captured_attributes`).
-
-    CI reads Cp's parameters and buffers by name at every call, so their new values are followed (training,
-    ``load_state_dict``, ``torch.func.functional_call``, a module replaced by one of the same class and settings,
-    a parametrization such as ``weight_norm``).  A change of this structure (a module replaced by another
-    kind, a setting changed, pruning, fusing, quantization, hooks added or removed) changes the ops Cp runs,
-    which CI would not follow: :meth:`DenseFeatureNet.forward` refuses it.  Attributes whose names start with
-    ``_``, and dropout's, are not compared.  (Called at every call of CI: kept to plain loops.)"""
-    entries = []
-    for name, module in base_net.named_modules():
-        if "parametrizations" in name:
-            continue  # a parametrization's own modules: CI reads the tensor they compute
-        attributes = module.__dict__
-        parametrized = module._modules.get("parametrizations")
-        if parametrized is not None and not nn.utils.parametrize.is_parametrized(module):
-            parametrized = None
-        kind = nn.utils.parametrize.type_before_parametrizations(module) if parametrized else type(module)
-        settings = ()
-        if not isinstance(module, nn.modules.dropout._DropoutNd):
-            settings = tuple((k, v) for k, v in attributes.items() if k[0] != "_" and k not in _SETTINGS_CI_IGNORES
-                             and _is_setting(v))
-        tensors = frozenset(module._parameters).union(module._buffers, parametrized.keys() if parametrized else ())
-        hooks = (tuple(module._forward_pre_hooks), tuple(module._forward_hooks), tuple(module._backward_hooks),
-                 tuple(getattr(module, "_backward_pre_hooks", ())))
-        entries.append((name, kind, settings, tensors, hooks))
-    for name, key in captured:
-        try:
-            value = getattr(base_net.get_submodule(name) if name else base_net, key)
-        except AttributeError:
-            value = None
-        entries.append((f"{name}:{key}", _TensorAttribute, (("value", _TensorAttribute(value)),), frozenset(), ()))
-    return tuple(entries)
+_NOT_A_SETTING = object()
 
 
 class _TensorAttribute:
     """A tensor attribute of one of Cp's modules (neither parameter nor buffer) whose values CI captured at
-    convert: equal to another while both are the same tensor, unchanged in place since."""
+    convert: equal to another while both are the same tensor, unchanged in place since (as far as its version
+    counter tells: writes through ``.data`` or numpy, and inference tensors, which have none, are not seen)."""
     __slots__ = ("tensor", "version")
 
     def __init__(self, tensor: torch.Tensor):
@@ -987,47 +963,93 @@ class _TensorAttribute:
         return f"a tensor of shape {tuple(self.tensor.shape)} (version {self.version})"
 
 
+def _module_structure(base_net: nn.Module, captured=()) -> Dict:
+    """What the ops that :func:`convert` traced depend on, module by module (name -> entry): its class, its
+    settings (public attributes that are numbers, strings, their tuples, lists and dicts, or functions: a layer's
+    stride, a temperature, a flag that picks a branch of forward, an activation function), the names of its
+    parameters and buffers, and its hooks; and the tensor attributes whose values CI captured (``captured``:
+    (module name, attribute) pairs, :func:`_captured_attributes`).
+
+    CI reads Cp's parameters and buffers by name at every call, so their new values are followed (training,
+    ``load_state_dict``, ``torch.func.functional_call``, a module replaced by one of the same class and settings,
+    a parametrization such as ``weight_norm``).  A change of this structure (a module replaced by another
+    kind, added or removed, a setting changed, pruning, fusing, quantization, hooks added or removed) changes,
+    or may change, the ops Cp runs, which CI would not follow: :meth:`DenseFeatureNet.forward` refuses it.
+    Attributes whose names start with ``_``, and PyTorch's dropout layers, are not compared.  (Called at every call
+    of CI: kept to plain loops.)"""
+    entries = {}
+    for name, module in base_net.named_modules():
+        if "parametrizations" in name and "parametrizations" in name.split("."):
+            continue  # a parametrization's own modules: CI reads the tensor they compute
+        attributes = module.__dict__
+        parametrized = module._modules.get("parametrizations")
+        if parametrized is not None and not nn.utils.parametrize.is_parametrized(module):
+            parametrized = None
+        kind = nn.utils.parametrize.type_before_parametrizations(module) if parametrized else type(module)
+        own = kind.__module__.startswith("torch.nn.")
+        settings = {}
+        if not (own and isinstance(module, nn.modules.dropout._DropoutNd)):
+            for k, v in attributes.items():
+                if k[0] != "_" and k != "training" and not (own and k in _TORCH_SETTINGS_CI_IGNORES):
+                    v = _setting(v)
+                    if v is not _NOT_A_SETTING:
+                        settings[k] = v
+        tensors = frozenset(module._parameters).union(module._buffers, parametrized.keys() if parametrized else ())
+        hooks = (tuple(module._forward_pre_hooks), tuple(module._forward_hooks), tuple(module._backward_hooks),
+                 tuple(getattr(module, "_backward_pre_hooks", ())))
+        entries[name] = (kind, settings, tensors, hooks)
+    for name, key in captured:
+        try:
+            value = getattr(base_net.get_submodule(name) if name else base_net, key)
+        except AttributeError:
+            value = None
+        entries[f"{name}:{key}"] = (_TensorAttribute, {"value": _TensorAttribute(value)}, frozenset(), ())
+    return entries
+
+
 def _captured_attributes(base_net: nn.Module, tracer) -> List[Tuple[str, str]]:
     """(module name, attribute) of the tensor attributes of Cp's modules, neither parameters nor buffers, whose
-    values the trace captured as constants (``self.scale = torch.tensor(2.0)``): CI keeps those values, so
-    :func:`_module_structure` compares them to see them replaced or changed in place."""
+    values the trace captured as constants, directly or through a view (``self.scale = torch.tensor(2.0)``,
+    ``self.mean.view(1, 3, 1, 1)``): CI keeps those values, so :func:`_module_structure` compares them to see them
+    replaced or changed in place."""
     return [(name, key) for name, module in base_net.named_modules() for key, value in vars(module).items()
             if isinstance(value, torch.Tensor) and id(value) in tracer.constant_sources]
 
 
-def _structure_change(before: Tuple, now: Tuple) -> Optional[str]:
+def _structure_change(before: Dict, now: Dict) -> Optional[str]:
     """The first difference between two :func:`_module_structure` results, in words (None: the same)."""
     if before == now:
         return None
-    old, new = {e[0]: e[1:] for e in before}, {e[0]: e[1:] for e in now}
 
     def label(name, kind):
         return f"module '{name}' ({kind.__name__})" if name else f"Cp ({kind.__name__})"
-    for name, (kind, settings, tensors, hooks) in old.items():
-        if kind is _TensorAttribute and new.get(name) != (kind, settings, tensors, hooks):
+    for name, (kind, settings, tensors, hooks) in before.items():
+        if kind is _TensorAttribute and now.get(name) != (kind, settings, tensors, hooks):
             module, _, key = name.partition(":")
             return (f"the tensor {key!r} of {f'module {module!r}' if module else 'Cp'}, whose values CI captured at "
                     f"convert, was replaced or changed in place (register it as a buffer to have CI follow it)")
-        if name not in new:
+        if name not in now:
             return f"{label(name, kind)} was removed"
-        kind2, settings2, tensors2, hooks2 = new[name]
+        kind2, settings2, tensors2, hooks2 = now[name]
         if kind2 is not kind:
             if kind2.__name__ == kind.__name__:
                 return (f"module '{name}' ({kind.__module__}.{kind.__qualname__}) was replaced by "
                         f"{kind2.__module__}.{kind2.__qualname__}")
             return f"{label(name, kind)} was replaced by {kind2.__name__}"
         if settings2 != settings:
-            was, is_, unset = dict(settings), dict(settings2), "unset"
-            key = sorted(k for k in set(was) | set(is_) if (k in was, was.get(k)) != (k in is_, is_.get(k)))[0]
-            return f"{label(name, kind)} changed its {key} from {was.get(key, unset)!r} to {is_.get(key, unset)!r}"
+            unset = "unset"
+            key = sorted(k for k in set(settings) | set(settings2)
+                         if (k in settings, settings.get(k)) != (k in settings2, settings2.get(k)))[0]
+            return (f"{label(name, kind)} changed its {key} from {settings.get(key, unset)!r} to "
+                    f"{settings2.get(key, unset)!r}")
         if tensors2 != tensors:
             return (f"{label(name, kind)} now holds the tensors {', '.join(sorted(tensors2)) or 'none'} instead of "
                     f"{', '.join(sorted(tensors)) or 'none'} (pruned?)")
         if hooks2 != hooks:
             return (f"{label(name, kind)} had hooks added or removed (CI does not call Cp's modules: the hooks "
                     f"present at convert were traced into its ops, later ones would not run)")
-    added = [name for name in new if name not in old]
-    return f"{label(added[0], new[added[0]][0])} was added" if added else "its modules changed"
+    added = [name for name in now if name not in before]
+    return f"{label(added[0], now[added[0]][0])} was added" if added else "its modules changed"
 
 
 # ---------------------------------------------------------------------------
@@ -2327,7 +2349,7 @@ class _Tracer(TorchFunctionMode):
         if id(value) in self.derived:
             return self.derived[id(value)]
         self.constants.append(value.detach().clone())
-        self.constant_sources.add(id(value))
+        self.constant_sources.update((id(value), id(value._base)))  # (a view's source: the attribute it views)
         return _Const(len(self.constants) - 1, value.shape)
 
     def _tracked(self, t):
@@ -4040,6 +4062,7 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
                           expressions=tracer.expressions, captured=_captured_attributes(base_net, tracer))
     if check and _example_kind(base_net)[1].type != "meta":  # a meta Cp has no values to compare
         _self_check(net, base_net)
+        net._structure = _module_structure(base_net, net._captured_attributes)  # as Cp's forward left it
     return net
 
 

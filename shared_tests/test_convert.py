@@ -1089,22 +1089,31 @@ def test_torch_ci_follows_new_weights_and_refuses_new_ops_of_cp_after_convert(tb
         ci(images)
     cp[8].temperature = 1.0
 
-    class Scaled(nn.Module):  # a tensor attribute that is no buffer: CI captured its values
+    class Scaled(nn.Module):  # a tensor attribute that is no buffer (CI captured its values, through a view); a
+        # list setting; a NaN setting; an attribute forward updates at every call, named with "_"
         def __init__(self):
             super().__init__()
             self.conv, self.head = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 3, 2)
-            self.scale = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64).view(1, 4, 1, 1)
+            self.scale = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+            self.weights, self.fill, self._calls = [1.0, 2.0], float("nan"), 0
 
         def forward(self, x):
-            return self.head(torch.nn.functional.max_pool2d(self.conv(x) * self.scale, 2))
-    for change in (lambda m: setattr(m, "scale", m.scale * 2), lambda m: m.scale.mul_(2)):
+            self._calls += 1
+            y = self.conv(x) * self.scale.view(1, 4, 1, 1) * self.weights[0]
+            return self.head(torch.nn.functional.max_pool2d(y, 2))
+    scaled = Scaled().double().eval()
+    ci_scaled = FDFE.convert(scaled, patch)
+    scaled.fill = float("nan")  # another NaN object, equal as a setting
+    ci_scaled(images)
+    for change, what in ((lambda m: setattr(m, "scale", m.scale * 2), "the tensor 'scale'"),
+                         (lambda m: m.scale.mul_(2), "the tensor 'scale'"),
+                         (lambda m: m.weights.__setitem__(0, 3.0), r"Cp \(Scaled\) changed its weights")):
         scaled = Scaled().double().eval()
         ci_scaled = FDFE.convert(scaled, patch)
         with torch.no_grad():
             assert max_rel_error(ci_scaled(images), FDFE.dense_reference(scaled, images, patch)) <= TOL["float64"]
         change(scaled)
-        with pytest.raises(FDFE.ConversionError, match=r"the tensor 'scale' of Cp, whose values CI captured at "
-                                                       r"convert, was replaced or changed in place"):
+        with pytest.raises(FDFE.ConversionError, match=what):
             ci_scaled(images)
     # torch.jit.freeze needs a scripted CI in CI's own mode
     frozen = torch.jit.freeze(torch.jit.script(ci.eval()))
@@ -1196,6 +1205,20 @@ def test_keras_changed_layer_settings_after_convert_are_refused(kb):
         for run in (ci, lambda x: ci.predict(x, verbose=0)):
             with pytest.raises(ValueError, match=r"Cp changed after convert: " + message + r".*convert Cp again"):
                 run(images)
+
+    class Tempered(keras.Model):  # a subclassed Cp with a setting of its own
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool, self.head, self.t = L.Conv2D(4, 3), L.MaxPooling2D(2), L.Conv2D(3, 2), 1.0
+
+        def call(self, x):
+            return self.head(self.pool(self.conv(x))) / self.t
+    tempered = Tempered()
+    tempered(np.zeros((1, 6, 6, 2), "float32"))
+    ci = kb.FDFE.convert(tempered, 6, in_channels=2)
+    tempered.t = 3.0
+    with pytest.raises(ValueError, match=r"Cp changed after convert: layer 'tempered.*' changed its t from 1.0 to 3.0"):
+        ci(images)
     cp = make()
     ci = kb.FDFE.convert(cp, 6, in_channels=2)
     cp.layers[2].rate = 0.5  # dropout is off in CI, as LoRA and new weights are followed
@@ -1251,7 +1274,8 @@ def test_keras_activation_functions_of_ones_own_are_tested_per_pixel(kb):
         first = [L.Conv2D(4, 3), L.Activation(act)] if as_layer else [L.Conv2D(4, 3, activation=act)]
         return keras.Sequential([keras.Input((6, 6, 2))] + first + [L.MaxPooling2D(2), L.Conv2D(3, 2)])
     for as_layer in (False, True):
-        for act in (center, lambda z: z[:, ::-1]):
+        for act in (center, lambda z: z[:, ::-1], lambda z: z / tf.reduce_max(tf.abs(z)),
+                    lambda z: z / tf.maximum(1.0, tf.reduce_max(tf.abs(z), axis=(1, 2), keepdims=True) / 4)):
             for check in (True, False):
                 with pytest.raises(kb.FDFE.ConversionError, match=r"its activation '(center|<lambda>)' is not "
                                                                   r"computed pixel by pixel"):
@@ -1260,3 +1284,9 @@ def test_keras_activation_functions_of_ones_own_are_tested_per_pixel(kb):
             cp = net(act, as_layer)
             assert max_rel_error(kb.FDFE.convert(cp, 6)(images), kb.FDFE.dense_reference(cp, images, 6)) <= \
                 TOL["float32"]
+    # after a Dense on a flattened map CI applies the activation to maps too (an axis=1 meant for vectors)
+    keras.utils.set_random_seed(0)
+    cp = keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(4, 3), L.MaxPooling2D(2), L.Flatten(),
+                           L.Dense(5, activation=lambda v: tf.math.l2_normalize(v, axis=1))])
+    with pytest.raises(kb.FDFE.ConversionError, match="its activation '<lambda>' is not computed pixel by pixel"):
+        kb.FDFE.convert(cp, 6, check=False)

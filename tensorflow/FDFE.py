@@ -1839,27 +1839,55 @@ def _error_text(exc):
     return text[start + len("assertion failed: "):end if end > 0 else None].strip()
 
 
-#: the settings of Keras' layers that decide the ops CI builds from them (read where they exist; the activation
-#: is compared for every layer)
+#: the settings of Keras' layers that decide the ops CI builds from them (compared where they exist)
 _LAYER_SETTINGS = ("filters", "kernel_size", "strides", "dilation_rate", "padding", "data_format", "groups",
                    "pool_size", "depth_multiplier", "units", "use_bias", "axis", "epsilon", "center", "scale", "offset",
                    "cropping", "size", "target_shape", "dims", "negative_slope", "max_value", "threshold", "alpha",
-                   "shared_axes", "invert", "keepdims", "output_size", "approximate", "mean", "variance")
-_SETTING_TYPES = (bool, int, float, str, tuple, list, type(None))
+                   "shared_axes", "invert", "keepdims", "output_size", "approximate", "height", "width",
+                   "rms_scaling", "function", "interpolation", "crop_to_aspect_ratio")  # (Normalization's statistics:
+#: variables, which CI reads at every call)
+#: public attributes of Keras' layers and models that are not settings of what they compute (training state,
+#: bookkeeping, inference-mode no-ops), for layers of the user's own, which are compared by all their settings
+_KERAS_BOOKKEEPING = frozenset({"name", "built", "trainable", "autocast", "supports_jit", "supports_masking",
+                                "call_signature_parameters", "compiled", "loss", "steps_per_execution",
+                                "unrolled_steps_per_execution", "stop_training", "jit_compile", "run_eagerly",
+                                "train_function", "test_function", "predict_function", "activity_regularizer",
+                                "seed", "rate", "momentum", "renorm_momentum", "noise_shape", "stddev"})
+_PLAIN_TYPES = (bool, int, float, str, type(None))
+
+
+def _is_plain(value) -> bool:
+    """Numbers, strings, None, and tuples and lists of them: settings compared by value (others by identity)."""
+    return isinstance(value, _PLAIN_TYPES) or (isinstance(value, (tuple, list)) and all(map(_is_plain, value)))
+
+
+def _same_setting(a, b) -> bool:
+    return a is b or (_is_plain(a) and _is_plain(b) and a == b)
+
+
+def _setting_names(layer) -> Tuple[str, ...]:
+    """The settings of a layer that :func:`_layer_settings` records: for Keras' own layers those of
+    ``_LAYER_SETTINGS`` they have; for layers and models of the user's own (subclasses of Keras' layers
+    included) and FDFE's LPPooling2D and LocalResponseNormalization, every public attribute with a plain value as
+    well, but Keras' bookkeeping; none for Sequential and functional models (their layers are compared) and for
+    the layers FDFE builds inside CI."""
+    kind, attributes = type(layer), vars(layer)
+    if kind.__module__ == __name__ and kind not in (LPPooling2D, LocalResponseNormalization):
+        return ()
+    if kind.__module__.startswith("keras."):
+        return () if isinstance(layer, keras.Model) else tuple(k for k in _LAYER_SETTINGS if k in attributes)
+    return tuple(k for k, v in attributes.items() if k in _LAYER_SETTINGS or (
+        k[0] != "_" and k not in _KERAS_BOOKKEEPING and not k.startswith("is_") and "lora" not in k
+        and "quantiz" not in k and not k.endswith(("_regularizer", "_constraint")) and _is_plain(v)))
 
 
 def _layer_settings(layers) -> List[Tuple]:
-    """(layer, setting names, their values, activation) of each layer: the settings of Keras' own layers
-    (strides, padding, pool size, axis, ...; others' by their activation alone) that the layers CI built from them
-    depend on.  A change after convert changes the ops Cp runs, which CI would not follow: refused where CI runs
-    (DenseFeatureModel._check_settings, which reads the names listed here)."""
+    """(layer, setting names, their values, activation) of each layer (:func:`_setting_names`): what the layers CI
+    built from them depend on.  A change after convert changes the ops Cp runs, which CI would not follow: refused
+    where CI runs (DenseFeatureModel._check_settings, which reads the names listed here)."""
     entries = []
     for layer in layers:
-        names = ()
-        if type(layer).__module__.startswith("keras.") and not isinstance(layer, keras.Model):
-            attributes = vars(layer)
-            names = tuple(k for k in _LAYER_SETTINGS if isinstance(attributes.get(k, ()), _SETTING_TYPES)
-                          and k in attributes)
+        names = _setting_names(layer)
         entries.append((layer, names, tuple(getattr(layer, k) for k in names), getattr(layer, "activation", None)))
     return entries
 
@@ -2740,29 +2768,35 @@ def _check_channel_axis(call, axis, rank=4):
 
 
 def _check_activation_per_pixel(call):
-    """A layer's ``activation`` that is not one of Keras' own (a function of the user's, or of TensorFlow's) is
-    applied by CI to whole maps, as a black box: refused unless it computes every pixel from that pixel alone,
-    tested on a random map against the same pixels given one at a time (a centring over the patch, a flip, a
-    statistic of the batch fail)."""
+    """A layer's ``activation`` that is not one of ``keras.activations`` (a function of the user's, of TensorFlow's,
+    a ``keras.ops`` function) is applied by CI to whole maps (also after a Dense on a flattened map), as a black
+    box: refused unless it computes every pixel from that pixel alone, tested on two random maps (one of large
+    values, for functions that mix positions only beyond some value) against each of their pixels given alone.
+    A centring over the patch or over the batch, a flip, a normalisation by the largest value fail."""
     act = _activation_of(call.layer)
-    if act is None or getattr(act, "__module__", "").startswith("keras."):
+    name = getattr(act, "__name__", None)
+    if act is None or (name is not None and getattr(keras.activations, name, None) is act):
         return
-    out = call.out_shape
-    if len(out) != 4 or not all(isinstance(d, int) for d in out[1:]):
-        return  # on vectors (a Dense head after flattening) an activation is per position anyway
+    channels = call.out_shape[-1]
+    if not isinstance(channels, int):
+        return
     dtype = getattr(call.layer, "compute_dtype", None) or "float32"
-    x = tf.constant(np.random.default_rng(0).standard_normal((1, 3, 4, out[3])), dtype=dtype)
+    rng = np.random.default_rng(0)
+    why, per_pixel = "", True
     try:
-        whole = np.asarray(act(x), dtype=np.float64)
-        pixels = np.asarray(act(tf.reshape(x, (12, 1, 1, out[3]))), dtype=np.float64).reshape(whole.shape)
-        per_pixel = np.allclose(whole, pixels, rtol=1e-5, atol=1e-6, equal_nan=True)
-    except Exception as exc:  # noqa: BLE001 - any failure means it is not a per-pixel function of its input
+        for scale, offset in ((1.0, 0.0), (50.0, 5.0)):
+            x = tf.constant(rng.standard_normal((1, 3, 4, channels)) * scale + offset, dtype=dtype)
+            whole = np.asarray(tf.cast(act(x), tf.float64))
+            pixels = np.stack([np.asarray(tf.cast(act(x[:, i:i + 1, j:j + 1, :]), tf.float64))[0, 0, 0]
+                               for i in range(3) for j in range(4)]).reshape(whole.shape)
+            tolerance = 1e-5 if tf.as_dtype(dtype).size >= 4 else 1e-2
+            per_pixel = per_pixel and np.allclose(whole, pixels, rtol=tolerance, atol=tolerance * 1e-1,
+                                                  equal_nan=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means it is not a per-pixel function of a map
         per_pixel, why = False, f" ({type(exc).__name__}: {exc})"
-    else:
-        why = ""
     if not per_pixel:
-        name = getattr(act, "__name__", type(act).__name__)
-        raise call.fail(f"its activation {name!r} is not computed pixel by pixel (tested on a random map{why}), "
+        shown = name or type(act).__name__
+        raise call.fail(f"its activation {shown!r} is not computed pixel by pixel (tested on random maps{why}), "
                         f"which mixes positions of the patch; an activation of your own that is per pixel passes "
                         f"this test, and a Lambda layer has its ops read one by one")
 
@@ -3847,11 +3881,12 @@ class DenseFeatureModel(keras.Model):
         for layer, names, values, activation in getattr(self, "_settings", ()):
             now = tuple(getattr(layer, k, None) for k in names)
             activation_now = getattr(layer, "activation", None)
-            if now == values and activation_now is activation:
+            if activation_now is activation and all(map(_same_setting, now, values)):
                 continue
             key, was, is_ = "activation", activation, activation_now
-            if now != values:
-                key, was, is_ = next((k, a, b) for k, a, b in zip(names, values, now) if a != b)
+            changed = [(k, a, b) for k, a, b in zip(names, values, now) if not _same_setting(a, b)]
+            if changed:
+                key, was, is_ = changed[0]
             was, is_ = getattr(was, "__name__", was), getattr(is_, "__name__", is_)
             raise ValueError(f"Cp changed after convert: layer '{layer.name}' changed its {key} from {was!r} to "
                              f"{is_!r}. CI runs the ops convert built, which no longer are Cp's: convert Cp again "
@@ -4285,7 +4320,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     # Cp's layers that CI replaced by its own (poolings, flattening heads) are not in the core: their settings are
     # checked as well (by this CI; a copy made from its config has no Cp)
     seen = {id(entry[0]) for entry in net._settings}
-    replaced = [layer for layer in base_net._flatten_layers(include_self=False, recursive=True)
+    replaced = [layer for layer in base_net._flatten_layers(include_self=True, recursive=True)
                 if id(layer) not in seen]
     object.__setattr__(net, "_settings", net._settings + _layer_settings(replaced))
     object.__setattr__(net, "_regularizable", net._regularizable + replaced)  # (activity regularization)
