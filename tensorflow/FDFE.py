@@ -1861,8 +1861,18 @@ def _is_plain(value) -> bool:
     return isinstance(value, _PLAIN_TYPES) or (isinstance(value, (tuple, list)) and all(map(_is_plain, value)))
 
 
+def _snapshot(value):
+    """A setting as recorded and compared: lists as tuples (a list changed in place differs from its record)."""
+    return tuple(_snapshot(v) for v in value) if isinstance(value, list) else value
+
+
 def _same_setting(a, b) -> bool:
-    return a is b or (_is_plain(a) and _is_plain(b) and a == b)
+    """Plain settings by value (NaN equal to NaN), others by identity."""
+    if a is b:
+        return True
+    if not (_is_plain(a) and _is_plain(b)):
+        return False
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
 
 
 def _setting_names(layer) -> Tuple[str, ...]:
@@ -1888,7 +1898,8 @@ def _layer_settings(layers) -> List[Tuple]:
     entries = []
     for layer in layers:
         names = _setting_names(layer)
-        entries.append((layer, names, tuple(getattr(layer, k) for k in names), getattr(layer, "activation", None)))
+        entries.append((layer, names, tuple(_snapshot(getattr(layer, k)) for k in names),
+                        getattr(layer, "activation", None)))
     return entries
 
 
@@ -3879,7 +3890,7 @@ class DenseFeatureModel(keras.Model):
         """Refuses to run where a setting of Cp's layers changed after convert (:func:`_layer_settings`).
         (Called at every eager call of CI: a plain loop.)"""
         for layer, names, values, activation in getattr(self, "_settings", ()):
-            now = tuple(getattr(layer, k, None) for k in names)
+            now = tuple(_snapshot(getattr(layer, k, None)) for k in names)
             activation_now = getattr(layer, "activation", None)
             if activation_now is activation and all(map(_same_setting, now, values)):
                 continue
