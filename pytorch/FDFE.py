@@ -942,6 +942,12 @@ def _setting(value):
 _NOT_A_SETTING = object()
 
 
+def _shown_setting(value):
+    """:func:`_setting`, or for other objects their kind (an object that replaced a setting is a change)."""
+    setting = _setting(value)
+    return f"a {type(value).__name__}" if setting is _NOT_A_SETTING else setting
+
+
 class _TensorAttribute:
     """A tensor attribute of one of Cp's modules (neither parameter nor buffer) whose values CI captured at
     convert: equal to another while both are the same tensor, unchanged in place since (as far as its version
@@ -963,41 +969,100 @@ class _TensorAttribute:
         return f"a tensor of shape {tuple(self.tensor.shape)} (version {self.version})"
 
 
-def _module_structure(base_net: nn.Module, captured=()) -> Dict:
-    """What the ops that :func:`convert` traced depend on, module by module (name -> entry): its class, its
-    settings (public attributes that are numbers, strings, their tuples, lists and dicts, or functions: a layer's
-    stride, a temperature, a flag that picks a branch of forward, an activation function), the names of its
-    parameters and buffers, and its hooks; and the tensor attributes whose values CI captured (``captured``:
-    (module name, attribute) pairs, :func:`_captured_attributes`).
+class _AttributeAccess:
+    """While convert traces Cp's forward: which public attributes of Cp's modules it reads (the settings its ops
+    depend on, compared at every call of CI by :func:`_module_structure`) and which it writes (state, such as a
+    cached shape or a counter: never compared).  Each module's class is swapped, for the trace only, for a subclass
+    that records them."""
+
+    def __init__(self, base_net: nn.Module):
+        self.base_net = base_net
+        self.read, self.written = set(), set()  # (module name, attribute)
+        self._swapped = []
+
+    def _recording(self, cls, name):
+        read, written = self.read, self.written
+
+        def __getattribute__(obj, attr):
+            if attr[0] != "_":
+                read.add((name, attr))
+            return cls.__getattribute__(obj, attr)
+
+        def __setattr__(obj, attr, value):
+            if attr[0] != "_":
+                written.add((name, attr))
+            cls.__setattr__(obj, attr, value)
+        return type(cls)(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__setattr__": __setattr__,
+                                                "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+    def __enter__(self):
+        for name, module in self.base_net.named_modules():
+            cls = type(module)
+            if isinstance(module, torch.jit.ScriptModule):
+                continue
+            try:
+                object.__setattr__(module, "__class__", self._recording(cls, name))
+            except Exception:  # noqa: BLE001 - a class that cannot be subclassed or swapped: settings not compared
+                continue
+            self._swapped.append((module, cls))
+        return self
+
+    def __exit__(self, *exc):
+        for module, cls in self._swapped:
+            object.__setattr__(module, "__class__", cls)
+        self._swapped = []
+
+    def settings(self) -> Dict[str, Tuple[str, ...]]:
+        """module name -> the attributes compared: read and not written, with a value that is a setting
+        (:func:`_setting`) or with none of the module's own (a method, a class attribute, a submodule: an attribute
+        of the module's own set later under that name, such as a replaced ``forward``, is a change), leaving out
+        PyTorch's layers' momentum and inplace and PyTorch's dropout layers'."""
+        names = {}
+        for name, module in self.base_net.named_modules():
+            kind = nn.utils.parametrize.type_before_parametrizations(module)
+            if kind.__module__.startswith("torch.nn.") and isinstance(module, nn.modules.dropout._DropoutNd):
+                continue
+            torch_layer = any(c.__module__.startswith("torch.nn.") for c in kind.__mro__[:-2])
+            attributes = vars(module)
+            names[name] = tuple(sorted(
+                k for (n, k) in self.read if n == name and (n, k) not in self.written
+                and k != "training" and not (torch_layer and k in _TORCH_SETTINGS_CI_IGNORES)
+                and (k not in attributes or _setting(attributes[k]) is not _NOT_A_SETTING)))
+        return names
+
+
+#: containers whose forward runs every child: a module added to one changes Cp's ops
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _module_structure(base_net: nn.Module, captured=(), settings=None) -> Dict:
+    """What the ops that :func:`convert` traced depend on, module by module (name -> entry): its class, the
+    settings its forward read while traced (``settings``: module name -> attribute names, from
+    :class:`_AttributeAccess`: a layer's stride, a temperature, a flag that picks a branch, an activation
+    function), the names of its parameters and buffers, and its hooks; and the tensor attributes whose values CI
+    captured (``captured``: (module name, attribute) pairs, :func:`_captured_attributes`).
 
     CI reads Cp's parameters and buffers by name at every call, so their new values are followed (training,
     ``load_state_dict``, ``torch.func.functional_call``, a module replaced by one of the same class and settings,
-    a parametrization such as ``weight_norm``).  A change of this structure (a module replaced by another
-    kind, added or removed, a setting changed, pruning, fusing, quantization, hooks added or removed) changes,
-    or may change, the ops Cp runs, which CI would not follow: :meth:`DenseFeatureNet.forward` refuses it.
-    Attributes whose names start with ``_``, and PyTorch's dropout layers, are not compared.  (Called at every call
-    of CI: kept to plain loops.)"""
+    a parametrization such as ``weight_norm``).  :func:`_structure_change` tells the changes that change, or may
+    change, the ops Cp runs, which CI would not follow (a module replaced by another kind, added to a container
+    or removed, a setting read by forward changed, a parameter gone (pruning, fusing), hooks added or removed):
+    :meth:`DenseFeatureNet.forward` refuses them.  (Called at every call of CI: kept to plain loops.)"""
+    settings = settings or {}
     entries = {}
     for name, module in base_net.named_modules():
         if "parametrizations" in name and "parametrizations" in name.split("."):
             continue  # a parametrization's own modules: CI reads the tensor they compute
-        attributes = module.__dict__
         parametrized = module._modules.get("parametrizations")
         if parametrized is not None and not nn.utils.parametrize.is_parametrized(module):
             parametrized = None
         kind = nn.utils.parametrize.type_before_parametrizations(module) if parametrized else type(module)
-        own = kind.__module__.startswith("torch.nn.")
-        settings = {}
-        if not (own and isinstance(module, nn.modules.dropout._DropoutNd)):
-            for k, v in attributes.items():
-                if k[0] != "_" and k != "training" and not (own and k in _TORCH_SETTINGS_CI_IGNORES):
-                    v = _setting(v)
-                    if v is not _NOT_A_SETTING:
-                        settings[k] = v
+        attributes = module.__dict__
+        values = {k: _shown_setting(attributes[k]) if k in attributes else "unset" for k in settings.get(name, ())}
         tensors = frozenset(module._parameters).union(module._buffers, parametrized.keys() if parametrized else ())
         hooks = (tuple(module._forward_pre_hooks), tuple(module._forward_hooks), tuple(module._backward_hooks),
                  tuple(getattr(module, "_backward_pre_hooks", ())))
-        entries[name] = (kind, settings, tensors, hooks)
+        entries[name] = (kind, values, tensors, hooks)
     for name, key in captured:
         try:
             value = getattr(base_net.get_submodule(name) if name else base_net, key)
@@ -1007,17 +1072,20 @@ def _module_structure(base_net: nn.Module, captured=()) -> Dict:
     return entries
 
 
-def _captured_attributes(base_net: nn.Module, tracer) -> List[Tuple[str, str]]:
+def _captured_attributes(base_net: nn.Module, tracer, access=None) -> List[Tuple[str, str]]:
     """(module name, attribute) of the tensor attributes of Cp's modules, neither parameters nor buffers, whose
     values the trace captured as constants, directly or through a view (``self.scale = torch.tensor(2.0)``,
     ``self.mean.view(1, 3, 1, 1)``): CI keeps those values, so :func:`_module_structure` compares them to see them
-    replaced or changed in place."""
+    replaced or changed in place.  Attributes that forward itself sets (``access``, :class:`_AttributeAccess`)
+    are its state, not compared."""
+    written = access.written if access is not None else set()
     return [(name, key) for name, module in base_net.named_modules() for key, value in vars(module).items()
-            if isinstance(value, torch.Tensor) and id(value) in tracer.constant_sources]
+            if isinstance(value, torch.Tensor) and id(value) in tracer.constant_sources and (name, key) not in written]
 
 
 def _structure_change(before: Dict, now: Dict) -> Optional[str]:
-    """The first difference between two :func:`_module_structure` results, in words (None: the same)."""
+    """The first difference between two :func:`_module_structure` results that changes, or may change, the ops
+    Cp runs, in words (None: none)."""
     if before == now:
         return None
 
@@ -1036,20 +1104,24 @@ def _structure_change(before: Dict, now: Dict) -> Optional[str]:
                 return (f"module '{name}' ({kind.__module__}.{kind.__qualname__}) was replaced by "
                         f"{kind2.__module__}.{kind2.__qualname__}")
             return f"{label(name, kind)} was replaced by {kind2.__name__}"
+        if tensors - tensors2:  # (tensors added, a buffer registered later, are not read by the traced ops)
+            return (f"{label(name, kind)} no longer holds the tensors {', '.join(sorted(tensors - tensors2))} "
+                    f"(pruned, fused, or deleted?)")
         if settings2 != settings:
             unset = "unset"
             key = sorted(k for k in set(settings) | set(settings2)
                          if (k in settings, settings.get(k)) != (k in settings2, settings2.get(k)))[0]
             return (f"{label(name, kind)} changed its {key} from {settings.get(key, unset)!r} to "
                     f"{settings2.get(key, unset)!r}")
-        if tensors2 != tensors:
-            return (f"{label(name, kind)} now holds the tensors {', '.join(sorted(tensors2)) or 'none'} instead of "
-                    f"{', '.join(sorted(tensors)) or 'none'} (pruned?)")
         if hooks2 != hooks:
             return (f"{label(name, kind)} had hooks added or removed (CI does not call Cp's modules: the hooks "
                     f"present at convert were traced into its ops, later ones would not run)")
-    added = [name for name in now if name not in before]
-    return f"{label(added[0], now[added[0]][0])} was added" if added else "its modules changed"
+    for name in now:  # a module added to a container (Sequential, ModuleList, ModuleDict) runs in forward
+        if name not in before and name.rpartition(".")[0] in before:
+            parent = name.rpartition(".")[0]
+            if issubclass(before[parent][0], _CONTAINERS):
+                return f"{label(name, now[name][0])} was added to {label(parent, before[parent][0])}"
+    return None  # modules added elsewhere (an auxiliary head) are not run by the traced forward
 
 
 # ---------------------------------------------------------------------------
@@ -3475,7 +3547,7 @@ class DenseFeatureNet(nn.Module):
     def __init__(self, base_net, patch_size, in_channels, out_channels, steps, output_slot, strides,
                  constants, plan, naive=False, tile="auto", memory_format=torch.channels_last, progress=None,
                  max_memory=None, memory_guard=True, grid_multiple=None, border="zeros", output_stride=1,
-                 expressions=(), captured=()):
+                 expressions=(), captured=(), settings=None):
         super().__init__()
         self.base_net = base_net
         self.patch_size = _pair(patch_size, "patch_size")
@@ -3501,14 +3573,15 @@ class DenseFeatureNet(nn.Module):
         self.border = border
         self.output_stride = output_stride
         self._captured_attributes = list(captured)
-        self._structure = _module_structure(base_net, captured)  # what the traced ops depend on (_check_structure)
+        self._settings_read = dict(settings or {})  # module name -> the attributes its traced forward read
+        self._structure = _module_structure(base_net, captured, self._settings_read)  # (see _check_structure)
 
     def _check_structure(self):
         """Refuses to run where Cp's modules changed after convert in a way the traced ops do not follow
         (:func:`_module_structure`)."""
         recorded = getattr(self, "_structure", None)
         change = None if recorded is None else _structure_change(recorded, _module_structure(
-            self.base_net, getattr(self, "_captured_attributes", ())))
+            self.base_net, getattr(self, "_captured_attributes", ()), getattr(self, "_settings_read", None)))
         if change is not None:
             raise ConversionError(f"Cp changed after convert: {change}. CI runs the ops convert traced, which no "
                                   f"longer are Cp's: convert Cp again (new weights, load_state_dict and "
@@ -3878,8 +3951,9 @@ def _trace(base_net, patch_size, in_channels, guessed=False):
         with torch.inference_mode(False):
             example = torch.randn(batch, in_channels, ph, pw, dtype=dtype, device=device)
         tracer = _Tracer(base_net, example)
+        tracer.access = _AttributeAccess(base_net)  # the settings forward reads (compared when CI runs)
         try:
-            with torch.inference_mode(False), torch.no_grad(), _EvalMode(base_net), tracer:
+            with torch.inference_mode(False), torch.no_grad(), _EvalMode(base_net), tracer, tracer.access:
                 out = base_net(example)  # (not in inference mode: its tensors have the version counters _Tracer reads)
         except ConversionError:
             raise
@@ -4059,10 +4133,11 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
                           tracer.constants, plan, naive=naive, tile=tile, memory_format=memory_format,
                           progress=progress, max_memory=max_memory, memory_guard=memory_guard,
                           grid_multiple=_grid_multiple(geoms.values()), border=border, output_stride=output_stride,
-                          expressions=tracer.expressions, captured=_captured_attributes(base_net, tracer))
+                          expressions=tracer.expressions, settings=tracer.access.settings(),
+                          captured=_captured_attributes(base_net, tracer, tracer.access))
     if check and _example_kind(base_net)[1].type != "meta":  # a meta Cp has no values to compare
         _self_check(net, base_net)
-        net._structure = _module_structure(base_net, net._captured_attributes)  # as Cp's forward left it
+        net._structure = _module_structure(base_net, net._captured_attributes, net._settings_read)  # as Cp left it
     return net
 
 
