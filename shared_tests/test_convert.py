@@ -1244,6 +1244,23 @@ def test_keras_changed_layer_settings_after_convert_are_refused(kb):
     tempered.t = 3.0
     with pytest.raises(ValueError, match=r"Cp changed after convert: layer 'tempered.*' changed its t from 1.0 to 3.0"):
         ci(images)
+
+    class Counting(L.Layer):  # state call() writes (a counter, a shape seen) and metadata: not settings
+        def __init__(self):
+            super().__init__()
+            self.n_calls, self.last_shape, self.epoch = 0, None, 0
+
+        def call(self, x):
+            self.n_calls += 1
+            self.last_shape = tuple(x.shape)
+            return x
+    keras.utils.set_random_seed(0)
+    counting = keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(4, 3), Counting(), L.MaxPooling2D(2),
+                                 L.Conv2D(3, 2)])
+    ci = kb.FDFE.convert(counting, 6, in_channels=2)
+    ref = kb.FDFE.dense_reference(counting, images, 6)
+    counting.layers[1].epoch = 4
+    assert max_rel_error(ci(images), ref) <= TOL["float32"]
     cp = make()
     ci = kb.FDFE.convert(cp, 6, in_channels=2)
     cp.layers[2].rate = 0.5  # dropout is off in CI, as LoRA and new weights are followed
