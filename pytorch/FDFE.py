@@ -973,7 +973,7 @@ class _AttributeAccess:
     """While convert traces Cp's forward: which public attributes of Cp's modules it reads (the settings its ops
     depend on, compared at every call of CI by :func:`_module_structure`) and which it writes (state, such as a
     cached shape or a counter: never compared).  Each module's class is swapped, for the trace only, for a subclass
-    that records them."""
+    that records them (same name and module; ``type(self) is MyNet`` inside forward would see the subclass)."""
 
     def __init__(self, base_net: nn.Module):
         self.base_net = base_net
