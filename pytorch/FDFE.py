@@ -969,66 +969,35 @@ class _TensorAttribute:
         return f"a tensor of shape {tuple(self.tensor.shape)} (version {self.version})"
 
 
-class _AttributeAccess:
-    """While convert traces Cp's forward: which public attributes of Cp's modules it reads (the settings its ops
-    depend on, compared at every call of CI by :func:`_module_structure`) and which it writes (state, such as a
-    cached shape or a counter: never compared).  Each module's class is swapped, for the trace only, for a subclass
-    that records them (same name and module; ``type(self) is MyNet`` inside forward would see the subclass)."""
+def _attribute_values(base_net: nn.Module) -> Dict[Tuple[str, str], object]:
+    """(module name, attribute) -> value as compared (:func:`_shown_setting`; tensors by identity and version) of
+    every public attribute of Cp's modules: snapshots taken around the runs of Cp that convert makes, to tell
+    state (what forward changes as it runs: a counter, a cached shape) from settings."""
+    values = {}
+    for name, module in base_net.named_modules():
+        for k, v in vars(module).items():
+            if k[0] != "_":
+                values[(name, k)] = (id(v), _version(v)) if isinstance(v, torch.Tensor) else _shown_setting(v)
+    return values
 
-    def __init__(self, base_net: nn.Module):
-        self.base_net = base_net
-        self.read, self.written = set(), set()  # (module name, attribute)
-        self._swapped = []
 
-    def _recording(self, cls, name):
-        read, written = self.read, self.written
-
-        def __getattribute__(obj, attr):
-            if attr[0] != "_":
-                read.add((name, attr))
-            return cls.__getattribute__(obj, attr)
-
-        def __setattr__(obj, attr, value):
-            if attr[0] != "_":
-                written.add((name, attr))
-            cls.__setattr__(obj, attr, value)
-        return type(cls)(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__setattr__": __setattr__,
-                                                "__module__": cls.__module__, "__qualname__": cls.__qualname__})
-
-    def __enter__(self):
-        for name, module in self.base_net.named_modules():
-            cls = type(module)
-            if isinstance(module, torch.jit.ScriptModule):
-                continue
-            try:
-                object.__setattr__(module, "__class__", self._recording(cls, name))
-            except Exception:  # noqa: BLE001 - a class that cannot be subclassed or swapped: settings not compared
-                continue
-            self._swapped.append((module, cls))
-        return self
-
-    def __exit__(self, *exc):
-        for module, cls in self._swapped:
-            object.__setattr__(module, "__class__", cls)
-        self._swapped = []
-
-    def settings(self) -> Dict[str, Tuple[str, ...]]:
-        """module name -> the attributes compared: read and not written, with a value that is a setting
-        (:func:`_setting`) or with none of the module's own (a method, a class attribute, a submodule: an attribute
-        of the module's own set later under that name, such as a replaced ``forward``, is a change), leaving out
-        PyTorch's layers' momentum and inplace and PyTorch's dropout layers'."""
-        names = {}
-        for name, module in self.base_net.named_modules():
-            kind = nn.utils.parametrize.type_before_parametrizations(module)
-            if kind.__module__.startswith("torch.nn.") and isinstance(module, nn.modules.dropout._DropoutNd):
-                continue
-            torch_layer = any(c.__module__.startswith("torch.nn.") for c in kind.__mro__[:-2])
-            attributes = vars(module)
-            names[name] = tuple(sorted(
-                k for (n, k) in self.read if n == name and (n, k) not in self.written
-                and k != "training" and not (torch_layer and k in _TORCH_SETTINGS_CI_IGNORES)
-                and (k not in attributes or _setting(attributes[k]) is not _NOT_A_SETTING)))
-        return names
+def _compared_settings(base_net: nn.Module, snapshots) -> Dict[str, Tuple[str, ...]]:
+    """module name -> the attributes CI compares at every call (:func:`_module_structure`): the public ones with a
+    setting's value (:func:`_setting`), and ``forward`` (replaced on an instance, it is a change); leaving out
+    state, which changed between the ``snapshots`` (:func:`_attribute_values`, taken around convert's runs of
+    Cp), ``training``, PyTorch's layers' momentum and inplace (also in subclasses), and PyTorch's dropout
+    layers."""
+    state = {key for a, b in zip(snapshots, snapshots[1:]) for key in set(a) | set(b) if a.get(key) != b.get(key)}
+    names = {}
+    for name, module in base_net.named_modules():
+        kind = nn.utils.parametrize.type_before_parametrizations(module)
+        if kind.__module__.startswith("torch.nn.") and isinstance(module, nn.modules.dropout._DropoutNd):
+            continue
+        torch_layer = any(c.__module__.startswith("torch.nn.") for c in kind.__mro__[:-2])
+        names[name] = tuple(sorted({"forward"} | {
+            k for k, v in vars(module).items() if k[0] != "_" and k != "training" and (name, k) not in state
+            and not (torch_layer and k in _TORCH_SETTINGS_CI_IGNORES) and _setting(v) is not _NOT_A_SETTING}))
+    return names
 
 
 #: containers whose forward runs every child: a module added to one changes Cp's ops
@@ -1037,16 +1006,16 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 def _module_structure(base_net: nn.Module, captured=(), settings=None) -> Dict:
     """What the ops that :func:`convert` traced depend on, module by module (name -> entry): its class, the
-    settings its forward read while traced (``settings``: module name -> attribute names, from
-    :class:`_AttributeAccess`: a layer's stride, a temperature, a flag that picks a branch, an activation
-    function), the names of its parameters and buffers, and its hooks; and the tensor attributes whose values CI
+    settings (``settings``: module name -> attribute names, :func:`_compared_settings`: a layer's stride, a
+    temperature, a flag that picks a branch, an activation function; not the state forward changes as it runs),
+    the names of its parameters and buffers, and its hooks; and the tensor attributes whose values CI
     captured (``captured``: (module name, attribute) pairs, :func:`_captured_attributes`).
 
     CI reads Cp's parameters and buffers by name at every call, so their new values are followed (training,
     ``load_state_dict``, ``torch.func.functional_call``, a module replaced by one of the same class and settings,
     a parametrization such as ``weight_norm``).  :func:`_structure_change` tells the changes that change, or may
     change, the ops Cp runs, which CI would not follow (a module replaced by another kind, added to a container
-    or removed, a setting read by forward changed, a parameter gone (pruning, fusing), hooks added or removed):
+    or removed, a setting changed, a parameter gone (pruning, fusing), hooks added or removed):
     :meth:`DenseFeatureNet.forward` refuses them.  (Called at every call of CI: kept to plain loops.)"""
     settings = settings or {}
     entries = {}
@@ -1072,13 +1041,13 @@ def _module_structure(base_net: nn.Module, captured=(), settings=None) -> Dict:
     return entries
 
 
-def _captured_attributes(base_net: nn.Module, tracer, access=None) -> List[Tuple[str, str]]:
+def _captured_attributes(base_net: nn.Module, tracer, snapshots=()) -> List[Tuple[str, str]]:
     """(module name, attribute) of the tensor attributes of Cp's modules, neither parameters nor buffers, whose
     values the trace captured as constants, directly or through a view (``self.scale = torch.tensor(2.0)``,
     ``self.mean.view(1, 3, 1, 1)``): CI keeps those values, so :func:`_module_structure` compares them to see them
-    replaced or changed in place.  Attributes that forward itself sets (``access``, :class:`_AttributeAccess`)
-    are its state, not compared."""
-    written = access.written if access is not None else set()
+    replaced or changed in place.  Attributes that forward itself changes as it runs (between the ``snapshots``,
+    :func:`_attribute_values`) are its state, not compared."""
+    written = {key for a, b in zip(snapshots, snapshots[1:]) for key in set(a) | set(b) if a.get(key) != b.get(key)}
     return [(name, key) for name, module in base_net.named_modules() for key, value in vars(module).items()
             if isinstance(value, torch.Tensor) and id(value) in tracer.constant_sources and (name, key) not in written]
 
@@ -2374,6 +2343,7 @@ class _Tracer(TorchFunctionMode):
 
     def __init__(self, base_net: nn.Module, example: torch.Tensor):
         super().__init__()
+        self.snapshots = [_attribute_values(base_net)]  # the modules' attributes before and after the trace
         self.slot_of = {id(example): 0}
         self.alive = [example]                  # keep traced tensors alive so ids stay unique
         self.shapes = {0: tuple(example.shape)}
@@ -3573,7 +3543,7 @@ class DenseFeatureNet(nn.Module):
         self.border = border
         self.output_stride = output_stride
         self._captured_attributes = list(captured)
-        self._settings_read = dict(settings or {})  # module name -> the attributes its traced forward read
+        self._settings_read = dict(settings or {})  # module name -> the attributes compared (_compared_settings)
         self._structure = _module_structure(base_net, captured, self._settings_read)  # (see _check_structure)
 
     def _check_structure(self):
@@ -3951,10 +3921,10 @@ def _trace(base_net, patch_size, in_channels, guessed=False):
         with torch.inference_mode(False):
             example = torch.randn(batch, in_channels, ph, pw, dtype=dtype, device=device)
         tracer = _Tracer(base_net, example)
-        tracer.access = _AttributeAccess(base_net)  # the settings forward reads (compared when CI runs)
         try:
-            with torch.inference_mode(False), torch.no_grad(), _EvalMode(base_net), tracer, tracer.access:
+            with torch.inference_mode(False), torch.no_grad(), _EvalMode(base_net), tracer:
                 out = base_net(example)  # (not in inference mode: its tensors have the version counters _Tracer reads)
+            tracer.snapshots.append(_attribute_values(base_net))
         except ConversionError:
             raise
         except Exception as exc:  # the net rejected this example; report it below
@@ -4133,11 +4103,14 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
                           tracer.constants, plan, naive=naive, tile=tile, memory_format=memory_format,
                           progress=progress, max_memory=max_memory, memory_guard=memory_guard,
                           grid_multiple=_grid_multiple(geoms.values()), border=border, output_stride=output_stride,
-                          expressions=tracer.expressions, settings=tracer.access.settings(),
-                          captured=_captured_attributes(base_net, tracer, tracer.access))
+                          expressions=tracer.expressions, settings=_compared_settings(base_net, tracer.snapshots),
+                          captured=_captured_attributes(base_net, tracer, tracer.snapshots))
     if check and _example_kind(base_net)[1].type != "meta":  # a meta Cp has no values to compare
-        _self_check(net, base_net)
-        net._structure = _module_structure(base_net, net._captured_attributes, net._settings_read)  # as Cp left it
+        _self_check(net, base_net)  # (runs Cp again: what it changes is state too)
+        snapshots = tracer.snapshots + [_attribute_values(base_net)]
+        net._settings_read = _compared_settings(base_net, snapshots)
+        net._captured_attributes = _captured_attributes(base_net, tracer, snapshots)
+        net._structure = _module_structure(base_net, net._captured_attributes, net._settings_read)
     return net
 
 

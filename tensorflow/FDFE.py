@@ -1876,58 +1876,26 @@ def _same_setting(a, b) -> bool:
     return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
 
 
-class _AttributeAccess:
-    """While convert traces Cp's call(): which public attributes of Cp's layers (and of Cp) it reads (settings of
-    the user's own layers that CI depends on, compared where CI runs) and which it writes (state, such as a counter
-    or a cached shape: never compared).  Each layer's class is swapped, for the trace only, for a subclass that
-    records them."""
-
-    def __init__(self, base_net):
-        self.layers = list(base_net._flatten_layers(include_self=True, recursive=True))
-        self.read, self.written = set(), set()  # (id of the layer, attribute)
-        self._swapped = []
-
-    def _recording(self, cls, key):
-        read, written = self.read, self.written
-
-        def __getattribute__(obj, attr):
-            if attr[0] != "_":
-                read.add((key, attr))
-            return cls.__getattribute__(obj, attr)
-
-        def __setattr__(obj, attr, value):
-            if attr[0] != "_":
-                written.add((key, attr))
-            cls.__setattr__(obj, attr, value)
-        return type(cls)(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__setattr__": __setattr__,
-                                                "__module__": cls.__module__, "__qualname__": cls.__qualname__})
-
-    def __enter__(self):
-        for layer in self.layers:
-            cls = type(layer)
-            if cls.__module__.startswith("keras.") or cls.__module__ == __name__:
-                continue  # Keras' own and FDFE's layers: compared by their known settings
-            try:
-                object.__setattr__(layer, "__class__", self._recording(cls, id(layer)))
-            except Exception:  # noqa: BLE001 - a class that cannot be subclassed or swapped: settings not compared
-                continue
-            self._swapped.append((layer, cls))
-        return self
-
-    def __exit__(self, *exc):
-        for layer, cls in self._swapped:
-            object.__setattr__(layer, "__class__", cls)
-        self._swapped = []
-        return False
+def _attribute_values(layers) -> Dict[Tuple[int, str], object]:
+    """(id of the layer, attribute) -> value (a snapshot of lists) of every public attribute of the user's own
+    layers: snapshots taken around the runs of Cp that convert makes, to tell state (what call() changes as it
+    runs: a counter, a shape seen) from settings."""
+    values = {}
+    for layer in layers:
+        if not type(layer).__module__.startswith("keras.") and type(layer).__module__ != __name__:
+            for k, v in vars(layer).items():
+                if k[0] != "_":
+                    values[(id(layer), k)] = _snapshot(v) if _is_plain(v) else id(v)
+    return values
 
 
-def _setting_names(layer, access=None) -> Tuple[str, ...]:
+def _setting_names(layer, state=None) -> Tuple[str, ...]:
     """The settings of a layer that :func:`_layer_settings` records: for Keras' own layers those of
     ``_LAYER_SETTINGS`` they have; for layers and models of the user's own (subclasses of Keras' layers included),
-    the public attributes with plain values that Cp's call() read and did not write while convert traced it
-    (``access``, :class:`_AttributeAccess`; none without it, as in a copy made from a config), Keras' bookkeeping
-    aside; none for Sequential and functional models (their layers are compared) and for the layers FDFE
-    builds (its LPPooling2D and LocalResponseNormalization are compared by their settings)."""
+    the public attributes with plain values but Keras' bookkeeping and the ``state`` that call() changed as
+    convert ran Cp ((id of the layer, attribute) pairs; None: none compared, as in a copy made from a config);
+    none for Sequential and functional models (their layers are compared) and for the layers FDFE builds (its
+    LPPooling2D and LocalResponseNormalization are compared by their settings)."""
     kind, attributes = type(layer), vars(layer)
     if kind in (LPPooling2D, LocalResponseNormalization):
         return tuple(k for k, v in attributes.items() if k[0] != "_" and k not in _KERAS_BOOKKEEPING and _is_plain(v))
@@ -1935,21 +1903,21 @@ def _setting_names(layer, access=None) -> Tuple[str, ...]:
         return ()
     if kind.__module__.startswith("keras."):
         return () if isinstance(layer, keras.Model) else tuple(k for k in _LAYER_SETTINGS if k in attributes)
-    if access is None:
+    if state is None:
         return ()
-    return tuple(k for k, v in attributes.items() if (id(layer), k) in access.read
-                 and (id(layer), k) not in access.written and k[0] != "_" and k not in _KERAS_BOOKKEEPING
+    return tuple(k for k, v in attributes.items() if (id(layer), k) not in state and k[0] != "_"
+                 and k not in _KERAS_BOOKKEEPING
                  and not k.startswith("is_") and "lora" not in k and "quantiz" not in k
                  and not k.endswith(("_regularizer", "_constraint")) and (_is_plain(v) or k in _LAYER_SETTINGS))
 
 
-def _layer_settings(layers, access=None) -> List[Tuple]:
+def _layer_settings(layers, state=None) -> List[Tuple]:
     """(layer, setting names, their values, activation) of each layer (:func:`_setting_names`): what the layers CI
     built from them depend on.  A change after convert changes the ops Cp runs, which CI would not follow: refused
     where CI runs (DenseFeatureModel._check_settings, which reads the names listed here)."""
     entries = []
     for layer in layers:
-        names = _setting_names(layer, access)
+        names = _setting_names(layer, state)
         entries.append((layer, names, tuple(_snapshot(getattr(layer, k)) for k in names),
                         getattr(layer, "activation", None)))
     return entries
@@ -4179,6 +4147,8 @@ def _trace(base_net, patch_size, in_channels, guessed=False):
     for batch in (2, 1):
         dtype = _input_dtype(base_net)
         example = tf.random.normal([batch, ph, pw, in_channels], dtype=dtype)
+        layers = list(base_net._flatten_layers(include_self=True, recursive=True))
+        snapshots = [_attribute_values(layers)]  # the user's layers' attributes around convert's runs of Cp
         try:
             out = base_net(example, training=False)  # builds the layers outside the recording
             if _input_dtype(base_net) != dtype:  # the layers' dtypes are known once they are built
@@ -4188,10 +4158,11 @@ def _trace(base_net, patch_size, in_channels, guessed=False):
             last_error = exc
             continue
         tracer = _Tracer(base_net)
-        tracer.access = _AttributeAccess(base_net)  # the settings call() reads (compared where CI runs)
         try:
-            with tracer, tracer.access:
+            snapshots.append(_attribute_values(layers))
+            with tracer:
                 tracer.trace(example)
+            tracer.snapshots = snapshots + [_attribute_values(layers)]
         except ConversionError:
             raise
         except Exception as exc:
@@ -4383,14 +4354,16 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     net.build((None, None, None, in_channels))
     # Cp's layers that CI replaced by its own (poolings, flattening heads) are not in the core: their settings are
     # checked as well (by this CI; a copy made from its config has no Cp), and so are the settings of the user's own
-    # layers that call() read while traced (after convert's own check, which runs Cp and may change its state)
+    # layers, but the state their call() changed as convert ran Cp
     seen = {id(layer) for layer in net._regularizable}
     replaced = [layer for layer in base_net._flatten_layers(include_self=True, recursive=True)
                 if id(layer) not in seen]
     object.__setattr__(net, "_regularizable", net._regularizable + replaced)  # (activity regularization)
     if check:
-        _self_check(net, base_net, dtype)
-    object.__setattr__(net, "_settings", _layer_settings(net._regularizable, tracer.access))
+        _self_check(net, base_net, dtype)  # (runs Cp again: what it changes is state too)
+    snapshots = tracer.snapshots + [_attribute_values(net._regularizable)]
+    state = {key for a, b in zip(snapshots, snapshots[1:]) for key in set(a) | set(b) if a.get(key) != b.get(key)}
+    object.__setattr__(net, "_settings", _layer_settings(net._regularizable, state))
     return net
 
 
