@@ -3717,9 +3717,10 @@ class DenseFeatureModel(keras.Model):
         self.shifts_in_place = bool(shifts_in_place) and bool(strided)
         if self.shifts_in_place:
             strided[-1].shifts_in_place = True
-        object.__setattr__(self, "_settings", _layer_settings(self.core._flatten_layers(include_self=False,
-                                                                                       recursive=True)))
-        object.__setattr__(self, "_regularizable", list(self.core._flatten_layers(include_self=False, recursive=True)))
+        # the layers of Cp that CI depends on (the core's; convert adds those it replaced): their settings and
+        # activity regularizers are checked where CI runs
+        object.__setattr__(self, "_cp_layers", list(self.core._flatten_layers(include_self=False, recursive=True)))
+        object.__setattr__(self, "_settings", _layer_settings(self._cp_layers))
 
     def _hold_read_variables(self, specs):
         """The variables of Cp that the core's ops (_TFOp) read outside its layers (``x * exp(self.log_s)`` in a
@@ -3970,7 +3971,7 @@ class DenseFeatureModel(keras.Model):
                             cache="_graph_fn")
 
     def call(self, images, training=None):
-        regularized = _activity_regularized(getattr(self, "_regularizable", ())) if training else []
+        regularized = _activity_regularized(getattr(self, "_cp_layers", ())) if training else []
         if regularized:
             raise ValueError(f"Cp's layer(s) {', '.join(map(repr, regularized))} add an activity "
                              f"regularization loss, which Cp computes from each patch's activations and CI could only "
@@ -4355,15 +4356,15 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     # Cp's layers that CI replaced by its own (poolings, flattening heads) are not in the core: their settings are
     # checked as well (by this CI; a copy made from its config has no Cp), and so are the settings of the user's own
     # layers, but the state their call() changed as convert ran Cp
-    seen = {id(layer) for layer in net._regularizable}
+    seen = {id(layer) for layer in net._cp_layers}
     replaced = [layer for layer in base_net._flatten_layers(include_self=True, recursive=True)
                 if id(layer) not in seen]
-    object.__setattr__(net, "_regularizable", net._regularizable + replaced)  # (activity regularization)
+    object.__setattr__(net, "_cp_layers", net._cp_layers + replaced)
     if check:
         _self_check(net, base_net, dtype)  # (runs Cp again: what it changes is state too)
-    snapshots = tracer.snapshots + [_attribute_values(net._regularizable)]
+    snapshots = tracer.snapshots + [_attribute_values(net._cp_layers)]
     state = {key for a, b in zip(snapshots, snapshots[1:]) for key in set(a) | set(b) if a.get(key) != b.get(key)}
-    object.__setattr__(net, "_settings", _layer_settings(net._regularizable, state))
+    object.__setattr__(net, "_settings", _layer_settings(net._cp_layers, state))
     return net
 
 
