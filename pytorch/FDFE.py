@@ -551,6 +551,12 @@ def _tile_for_memory(budget, estimate, image_size, stride_product, patch=(1, 1))
     return best[1]
 
 
+def _changed_between(snapshots) -> set:
+    """The keys whose values differ between consecutive snapshots (dicts; a key missing from one counts as a
+    change): the state a network changed as it ran, as opposed to its settings."""
+    return {key for a, b in zip(snapshots, snapshots[1:]) for key in set(a) | set(b) if a.get(key) != b.get(key)}
+
+
 def _adaptive_windows(size: int, out: int):
     """(kernel, stride) of the ordinary pooling that adaptive pooling from ``size`` to ``out`` entries of an
     axis is (window i covers floor(i size / out) to ceil((i + 1) size / out)), where its windows have one size
@@ -987,7 +993,7 @@ def _compared_settings(base_net: nn.Module, snapshots) -> Dict[str, Tuple[str, .
     state, which changed between the ``snapshots`` (:func:`_attribute_values`, taken around convert's runs of
     Cp), ``training``, PyTorch's layers' momentum and inplace (also in subclasses), and PyTorch's dropout
     layers."""
-    state = {key for a, b in zip(snapshots, snapshots[1:]) for key in set(a) | set(b) if a.get(key) != b.get(key)}
+    state = _changed_between(snapshots)
     names = {}
     for name, module in base_net.named_modules():
         kind = nn.utils.parametrize.type_before_parametrizations(module)
@@ -1047,7 +1053,7 @@ def _captured_attributes(base_net: nn.Module, tracer, snapshots=()) -> List[Tupl
     ``self.mean.view(1, 3, 1, 1)``): CI keeps those values, so :func:`_module_structure` compares them to see them
     replaced or changed in place.  Attributes that forward itself changes as it runs (between the ``snapshots``,
     :func:`_attribute_values`) are its state, not compared."""
-    written = {key for a, b in zip(snapshots, snapshots[1:]) for key in set(a) | set(b) if a.get(key) != b.get(key)}
+    written = _changed_between(snapshots)
     return [(name, key) for name, module in base_net.named_modules() for key, value in vars(module).items()
             if isinstance(value, torch.Tensor) and id(value) in tracer.constant_sources and (name, key) not in written]
 

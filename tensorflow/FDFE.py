@@ -564,6 +564,12 @@ def _tile_for_memory(budget, estimate, image_size, stride_product, patch=(1, 1))
     return best[1]
 
 
+def _changed_between(snapshots) -> set:
+    """The keys whose values differ between consecutive snapshots (dicts; a key missing from one counts as a
+    change): the state a network changed as it ran, as opposed to its settings."""
+    return {key for a, b in zip(snapshots, snapshots[1:]) for key in set(a) | set(b) if a.get(key) != b.get(key)}
+
+
 def _adaptive_windows(size: int, out: int):
     """(kernel, stride) of the ordinary pooling that adaptive pooling from ``size`` to ``out`` entries of an
     axis is (window i covers floor(i size / out) to ceil((i + 1) size / out)), where its windows have one size
@@ -4363,7 +4369,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     if check:
         _self_check(net, base_net, dtype)  # (runs Cp again: what it changes is state too)
     snapshots = tracer.snapshots + [_attribute_values(net._cp_layers)]
-    state = {key for a, b in zip(snapshots, snapshots[1:]) for key in set(a) | set(b) if a.get(key) != b.get(key)}
+    state = _changed_between(snapshots)
     object.__setattr__(net, "_settings", _layer_settings(net._cp_layers, state))
     return net
 
