@@ -1334,11 +1334,23 @@ def _memory_available(device: torch.device) -> Optional[int]:
     return None
 
 
-def _exporting() -> bool:
-    """True while torch.export, torch.compile or torch.jit.trace records CI: CI then runs one untiled
-    graph whose shapes are all computed from the image size, so that the recorded graph serves
-    every image size (see DenseFeatureNet.forward)."""
+def _recording_graph() -> bool:
+    """True while torch.export, torch.compile or torch.jit.trace records CI."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _vmapped() -> bool:
+    """True while ``torch.func.vmap`` runs CI (possibly under other transforms): its batched tensors answer no
+    questions about their layout in memory."""
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    return any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack)
+
+
+def _exporting() -> bool:
+    """True while a graph of CI is recorded (:func:`_recording_graph`) or ``torch.func.vmap`` runs it: CI then
+    runs one untiled graph of plain ops whose shapes are all computed from the image size, so that the recorded
+    graph serves every image size (see DenseFeatureNet.forward) and no step asks for a layout."""
+    return _recording_graph() or _vmapped()
 
 
 def _forward_ad_active() -> bool:
@@ -3613,7 +3625,7 @@ class DenseFeatureNet(nn.Module):
         """
         values = {0: padded}
         layout = self.memory_format
-        if torch.jit.is_tracing():
+        if torch.jit.is_tracing() or _vmapped():
             layout, in_place_ok = None, False
         elif torch.compiler.is_compiling():
             in_place_ok = False
@@ -3654,7 +3666,7 @@ class DenseFeatureNet(nn.Module):
             ConversionError: where Cp's modules changed after convert in a way CI does not follow (a module
                 replaced by another kind, a layer's settings changed, pruning, fusing): convert again.
         """
-        if not _exporting():
+        if not _recording_graph():
             self._check_structure()
         if not _exporting() and isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:
             # an empty batch, as Cp: Cp's own result on no patches (its dtype, and its gradient path), per pixel

@@ -502,3 +502,39 @@ def test_keras_training_with_activity_regularizers_is_refused(kb):
         cp.layers[0].activity_regularizer = None
     cp.layers[2].l2 = 0.0
     ci.fit(images, target, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_torch_vmap_and_per_sample_gradients(tb, channels):
+    """torch.func.vmap over CI failed ("NYI: querying is_contiguous inside of vmap"): CI asked its batched
+    tensors for their layout.  Under vmap CI now runs its export graph of plain ops.  Checked: vmap(ci) against
+    Cp on every patch, and per-sample gradients (vmap over grad of functional_call) against Cp's gradients on all
+    patches of each image alone, with a reflected border and a step."""
+    import torch
+    import torch.nn as nn
+    FDFE = tb.FDFE
+    torch.manual_seed(0)
+    cp = nn.Sequential(nn.Conv2d(channels, 8, 3), nn.BatchNorm2d(8), nn.Tanh(), nn.MaxPool2d(2),
+                       nn.Conv2d(8, 6, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(6, 4)).double().eval()
+    cp[1].running_mean.uniform_(-0.5, 0.5)
+    patch = (9, 8)
+    ci = FDFE.convert(cp, patch, border="reflect", output_stride=(1, 2))
+    x = torch.from_numpy(netspec.random_images(3, channels, 13, 11, seed=5).transpose(0, 3, 1, 2)).double()
+    ref = FDFE.dense_reference(cp, x, patch, border="reflect", output_stride=(1, 2))
+    got = torch.func.vmap(ci)(x[:, None])[:, 0].detach()
+    assert got.shape == ref.shape
+    assert max_rel_error(got, ref) <= TOL["float64"]
+    r = torch.randn(ref.shape, dtype=torch.float64)
+    params = {k: v.detach() for k, v in ci.named_parameters()}  # "base_net.0.weight", ...
+
+    def loss(p, image, weights, net):
+        return (torch.func.functional_call(net, p, (image[None],))[0] * weights).sum()
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0, None))(params, x, r, ci)
+    names, weights = zip(*cp.named_parameters())
+    for n in range(x.shape[0]):
+        out = FDFE.dense_reference(cp, x[n:n + 1], patch, border="reflect", output_stride=(1, 2),
+                                   differentiable=True)
+        expected = torch.autograd.grad((out[0] * r[n]).sum(), weights)
+        for name, e in zip(names, expected):
+            assert e.abs().max() > 0, name
+            assert max_rel_error(per_sample["base_net." + name][n].detach(), e) <= TOL["float64"], (n, name)
