@@ -3172,6 +3172,26 @@ _rule_for(["softmax", "log_softmax", "softmin"], _CHANNEL_LABEL, (torch, F, torc
     _make_channel_rule("dim", 1, None))
 
 
+@_rule_for(["glu"], "gated linear units over the channel axis (per pixel)", (F,))
+def _rule_glu(node, geoms):
+    """``F.glu`` / ``nn.GLU``: one half of the channels gates the other at each pixel; dim must be the channel
+    axis (dim=1 of a map, the default dim=-1 of a vector of one position, as after the flatten)."""
+    geom = geoms[0]
+    p = node.bind(["input", "dim"], {"dim": -1})
+    dense_dim = _channel_dim(geom, int(p["dim"]), node)
+    return _CallStep(node, args=(_Ref(node.in_slots[0]),), kwargs={"dim": dense_dim}), \
+        [geom.with_(channels=node.out_shapes[0][1])]
+
+
+@_rule_for(["channel_shuffle", "native_channel_shuffle"], "channel shuffle (a permutation of the channels)",
+           (torch, F))
+def _rule_channel_shuffle(node, geoms):
+    """``nn.ChannelShuffle``: the same permutation of the channels at every pixel of a map."""
+    _require_map(node, geoms[0])
+    _check_same_shape(node)
+    return _CallStep(node), [geoms[0]]
+
+
 @_rule_for(["local_response_norm"], "local response normalisation (across channels)", (F,))
 def _rule_local_response_norm(node, geoms):
     """Local response normalisation: across channels at each pixel."""

@@ -1333,3 +1333,22 @@ def test_keras_activation_functions_of_ones_own_are_tested_per_pixel(kb):
                            L.Dense(5, activation=lambda v: tf.math.l2_normalize(v, axis=1))])
     with pytest.raises(kb.FDFE.ConversionError, match="its activation '<lambda>' is not computed pixel by pixel"):
         kb.FDFE.convert(cp, 6, check=False)
+
+
+def test_gated_linear_units_and_channel_shuffles_act_per_pixel(tb, kb):
+    """nn.GLU over channels (dim=1 of a map, the default dim=-1 after the flatten), nn.ChannelShuffle and Keras'
+    glu activation (on a map and after a Dense head) act per pixel; they were refused as unknown ops or as
+    changing the shape."""
+    import keras
+    import torch
+    import torch.nn as nn
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GLU(dim=1), nn.ChannelShuffle(2), nn.MaxPool2d(2), nn.Conv2d(4, 6, 2),
+                        nn.Tanh(), nn.Flatten(), nn.Linear(6, 6), nn.GLU())
+    assert _torch_check(tb, net, (7, 6), 3, size=(10, 13)).shape == (2, 3, 10, 13)
+    L = keras.layers
+    keras.utils.set_random_seed(4)
+    for last in ([L.Dense(6, activation="glu")], [L.Dense(6), L.Activation("glu")]):  # (Keras' own shape inference
+        net = keras.Sequential([keras.Input((7, 6, 3)), L.Conv2D(8, 3), L.Lambda(keras.ops.glu),  # misses glu's
+                                L.MaxPooling2D(2), L.Conv2D(6, 2, activation="tanh"), L.Flatten()] + last)  # halving)
+        assert _keras_check(kb, net, (7, 6), 3, size=(10, 13)).shape == (2, 10, 13, 3)

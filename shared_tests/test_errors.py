@@ -105,6 +105,10 @@ def test_torch_refuses_ops_that_mix_positions(tb):
     _torch_refusal(tb, [nn.Conv2d(1, 2, 3)], 5,
                    r"Tensor\.softmax .*along dim 1 of a flattened 2x3x3 map, which mixes positions of the patch",
                    forward=lambda self, x: self.layers[0](x).flatten(1).softmax(1))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 2), nn.GLU(dim=2), nn.Flatten()], 5,
+                   r"layers\.1 \(GLU\).*F\.glu .*along dim 2 of a 4x4x4 map.*only the channel axis")
+    _torch_refusal(tb, [nn.Conv2d(1, 2, 3), nn.Flatten(), nn.GLU()], 5,
+                   r"layers\.2 \(GLU\).*F\.glu .*along dim -1 of a flattened 2x3x3 map, which mixes positions")
 
 
 def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):
@@ -175,6 +179,8 @@ def test_keras_refusals(kb):
     _keras_refusal(kb, [L.Conv2D(2, 3)], 5, r"not a single vector.*\(2, 3, 3, 2\)")
     _keras_refusal(kb, [L.Conv2D(2, 3), L.Flatten(), L.Softmax()], 5,
                    r"\(Softmax\).*a flattened 3x3x2 map.*which mixes positions of the patch")
+    _keras_refusal(kb, [L.Conv2D(2, 3), L.Flatten(), L.Activation("glu")], 5,
+                   r"\(Activation\).*its gated linear unit.*a flattened 3x3x2 map.*which mixes positions")
 
 
 def test_keras_refuses_unknown_tensorflow_ops_between_layers(kb):

@@ -366,6 +366,14 @@ def test_keras_images_as_lists_arrays_and_tensors(kb):
         ci([[[[1]]]])
     with pytest.raises(TypeError, match=r"images must be a tensor or numpy array of shape \(N, H, W, C\), got str"):
         ci("image.png")
+    # a one-element list of a tensor or array, as a Functional Cp with one input accepts (ci([x]) read it as a
+    # batch of one 5-D image; predict([x]) failed converting a symbolic tensor); mask=None as Keras' models take
+    for given in ([images], (tf.constant(images),)):
+        out = ci(given, mask=None)
+        assert np.allclose(out.numpy(), expected, rtol=0, atol=1e-6), type(given)
+    assert np.allclose(ci.predict([images.astype("float32")], verbose=0), expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="CI takes no mask"):
+        ci(images, mask=tf.ones(images.shape[:3], bool))
 
 
 _RETRACING_SCRIPT = """
@@ -423,3 +431,47 @@ def test_keras_ops_convert_while_another_thread_runs_keras(kb):
         stop.set()
         thread.join()
     assert calls
+
+
+def test_keras_augmentation_layers_are_the_identity_at_inference(kb):
+    """Keras' augmentation layers (RandomFlip, RandomRotation, ...), built into a model as Keras' guides do, were
+    refused as unknown kinds; CI runs Cp in inference mode, where they return their input.  Each is checked to be
+    the identity at convert (a subclass that is not is refused), and Cp calling one with training=True whatever its
+    mode is refused, as for dropout."""
+    import keras
+    L = keras.layers
+    keras.utils.set_random_seed(3)
+    augment = [L.RandomFlip("horizontal"), L.RandomRotation(0.1), L.RandomZoom(0.1), L.RandomContrast(0.2),
+               L.RandomTranslation(0.1, 0.1), L.RandomCrop(9, 8)]
+    inp = keras.Input((9, 8, 2))
+    x = inp
+    for layer in augment:
+        x = layer(x)
+    x = L.Conv2D(6, 3, activation="relu")(x)
+    x = L.MaxPooling2D(2)(x)
+    x = L.Conv2D(4, (2, 3))(x)
+    out = L.Flatten()(x)
+    cp = keras.Model(inp, out)
+    ci = kb.FDFE.convert(cp, (9, 8))
+    images = _images(2)[:, :13, :11]
+    assert max_rel_error(ci(images), kb.FDFE.dense_reference(cp, images, (9, 8))) <= TOL["float32"]
+
+    class Brighter(L.RandomFlip):  # not the identity at inference
+        def transform_images(self, images, transformation, training=True):
+            return super().transform_images(images, transformation, training) + 1.0
+    for layer, match in ((Brighter(), "does not return its input unchanged at inference"),):
+        net = keras.Sequential([keras.Input((5, 5, 1)), layer, L.Conv2D(2, 5)])
+        with pytest.raises(kb.FDFE.ConversionError, match=match):
+            kb.FDFE.convert(net, 5)
+
+    class Forced(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.flip, self.conv = L.RandomFlip(), L.Conv2D(2, 5)
+
+        def call(self, x):
+            return self.conv(self.flip(x, training=True))
+    forced = Forced()
+    forced(np.zeros((1, 5, 5, 1), "float32"))
+    with pytest.raises(kb.FDFE.ConversionError, match="calls it with training=True whatever Cp's mode"):
+        kb.FDFE.convert(forced, 5)

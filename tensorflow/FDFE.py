@@ -956,6 +956,9 @@ def _as_images(images, name="images"):
     if isinstance(images, (tf.RaggedTensor, tf.SparseTensor)):
         raise TypeError(f"{name} must be a dense tensor of shape (N, H, W, C), got a {type(images).__name__}; "
                         f"convert it first (.to_tensor() for a RaggedTensor, tf.sparse.to_dense for a SparseTensor)")
+    if isinstance(images, (list, tuple)) and len(images) == 1 and (
+            tf.is_tensor(images[0]) or isinstance(images[0], (np.ndarray, keras.KerasTensor))):
+        images = images[0]  # [images], as a Functional model with one input accepts (and predict() passes on)
     if not isinstance(images, (list, tuple)):
         if not (tf.is_tensor(images) or isinstance(images, (np.ndarray, keras.KerasTensor))):
             raise TypeError(f"{name} must be a tensor or numpy array of shape (N, H, W, C), got "
@@ -2355,10 +2358,19 @@ def _install_recording_call():
     _ORIGINAL_LAYER_CALL.append(original)
 
 
+#: Keras' augmentation layers (those this Keras has): random transformations in training, meant to be the
+#: identity at inference (each is checked to be so at convert: RandomCrop, for one, is not)
+_AUGMENTATION = tuple(getattr(keras.layers, name) for name in (
+    "RandomBrightness", "RandomColorDegeneration", "RandomColorJitter", "RandomContrast", "RandomCrop",
+    "RandomElasticTransform", "RandomErasing", "RandomFlip", "RandomGaussianBlur", "RandomGrayscale", "RandomHue",
+    "RandomInvert", "RandomPerspective", "RandomPosterization", "RandomRotation", "RandomSaturation",
+    "RandomSharpness", "RandomShear", "RandomTranslation", "RandomZoom", "RandAugment", "AugMix", "CutMix", "MixUp")
+    if isinstance(getattr(keras.layers, name, None), type))
+
 #: layers that draw random values in training mode (identity at inference)
 _RANDOM_IN_TRAINING = (keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
                        keras.layers.SpatialDropout3D, keras.layers.GaussianNoise, keras.layers.GaussianDropout,
-                       keras.layers.AlphaDropout)
+                       keras.layers.AlphaDropout) + _AUGMENTATION
 
 
 class _Tracer:
@@ -2433,8 +2445,8 @@ class _Tracer:
         elif len(outs) != 1 or not tf.is_tensor(outs[0]):
             problem = ConversionError(f"{name} returns {len(outs)} values; only layers with one output are "
                                       f"supported")
-        elif training and isinstance(layer, _RANDOM_IN_TRAINING) and getattr(layer, "rate",
-                                                                          getattr(layer, "stddev", 1)) > 0:
+        elif training and (isinstance(layer, _AUGMENTATION) or isinstance(layer, _RANDOM_IN_TRAINING)
+                           and getattr(layer, "rate", getattr(layer, "stddev", 1)) > 0):
             problem = ConversionError(f"{name} cannot be made dense exactly: Cp's call() calls it with "
                                       f"training=True whatever Cp's mode, so it draws random values, which no dense "
                                       f"computation reproduces; pass it the training argument Cp's call() receives")
@@ -2842,6 +2854,8 @@ def _activation_ok(call, geom, layer):
     act = _activation_of(layer)
     if act is not None and getattr(act, "__name__", "") in ("softmax", "log_softmax"):
         _per_pixel_ok(call, geom, "its softmax")
+    if act is getattr(keras.activations, "glu", None):
+        _per_pixel_ok(call, geom, "its gated linear unit (glu, over the last axis)")
 
 
 def _map_geom(call, geom, stride=(1, 1)):
@@ -2876,6 +2890,8 @@ def _rule_activation(call, geoms):
     _activation_ok(call, geoms[0], call.layer)
     if isinstance(call.layer, keras.layers.Softmax):
         return _rule_channelwise(call, geoms)
+    if _activation_of(call.layer) is getattr(keras.activations, "glu", None):  # halves the channels
+        return _reuse(call.layer), [geoms[0].with_(channels=call.out_shape[-1])]
     return _rule_reuse(call, geoms)
 
 
@@ -2884,6 +2900,25 @@ def _rule_activation(call, geoms):
            keras.layers.Identity, label="identity at inference (dropout, noise, regularisation)")
 def _rule_identity(call, geoms):
     """Dropout, noise and regularisation layers: identity at inference."""
+    return _pass_through, [geoms[0]]
+
+
+@_rule_for(*_AUGMENTATION, label="augmentation layers that are the identity at inference (RandomFlip, "
+           "RandomRotation, RandomZoom, RandomContrast, ...)")
+def _rule_augmentation(call, geoms):
+    """Keras' augmentation layers: CI runs Cp in inference mode (as for dropout), where they must return their
+    input unchanged; checked on random values of the traced shape and of a larger one (a layer that resizes or
+    crops at inference, as RandomCrop does, is refused)."""
+    shape = tuple(call.in_shapes[0])
+    rng = np.random.default_rng(0)
+    for grow in (0, 5):
+        size = shape[:1] + tuple(d + grow for d in shape[1:-1]) + shape[-1:] if len(shape) == 4 else shape
+        x = tf.constant(rng.uniform(0.0, 1.0, size), call.layer.compute_dtype or "float32")
+        y = call.layer(x, training=False)
+        if tuple(y.shape) != size or not bool(tf.reduce_all(tf.equal(tf.cast(y, x.dtype), x))):
+            raise call.fail(f"it does not return its input unchanged at inference (on {size} values it gives "
+                            f"{'shape ' + str(tuple(y.shape)) if tuple(y.shape) != size else 'other values'}), "
+                            f"and CI runs Cp in inference mode; apply it to the images before CI instead")
     return _pass_through, [geoms[0]]
 
 
@@ -3976,7 +4011,10 @@ class DenseFeatureModel(keras.Model):
                                                         tf.constant(out_w, tf.int32)], [spec, scalar, scalar],
                             cache="_graph_fn")
 
-    def call(self, images, training=None):
+    def call(self, images, training=None, mask=None):
+        if mask is not None:
+            raise ValueError("CI takes no mask: Cp's output for every pixel depends on its whole patch (a Keras mask "
+                             "marks time steps of sequences); pass mask=None")
         regularized = _activity_regularized(getattr(self, "_cp_layers", ())) if training else []
         if regularized:
             raise ValueError(f"Cp's layer(s) {', '.join(map(repr, regularized))} add an activity "
