@@ -2359,7 +2359,7 @@ def _install_recording_call():
 
 
 #: Keras' augmentation layers (those this Keras has): random transformations in training, meant to be the
-#: identity at inference (each is checked to be so at convert: RandomCrop, for one, is not)
+#: identity at inference (each is checked to be so at convert, on maps larger than the patch-level ones too)
 _AUGMENTATION = tuple(getattr(keras.layers, name) for name in (
     "RandomBrightness", "RandomColorDegeneration", "RandomColorJitter", "RandomContrast", "RandomCrop",
     "RandomElasticTransform", "RandomErasing", "RandomFlip", "RandomGaussianBlur", "RandomGrayscale", "RandomHue",
@@ -2908,7 +2908,7 @@ def _rule_identity(call, geoms):
 def _rule_augmentation(call, geoms):
     """Keras' augmentation layers: CI runs Cp in inference mode (as for dropout), where they must return their
     input unchanged; checked on random values of the traced shape and of a larger one (a layer that resizes or
-    crops at inference, as RandomCrop does, is refused)."""
+    crops at inference is refused)."""
     shape = tuple(call.in_shapes[0])
     rng = np.random.default_rng(0)
     for grow in (0, 5):
