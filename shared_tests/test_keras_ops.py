@@ -368,7 +368,7 @@ def test_keras_images_as_lists_arrays_and_tensors(kb):
         ci("image.png")
     # a one-element list of a tensor or array, as a Functional Cp with one input accepts (ci([x]) read it as a
     # batch of one 5-D image; predict([x]) failed converting a symbolic tensor); mask=None as Keras' models take
-    for given in ([images], (tf.constant(images),)):
+    for given in ([images], (tf.constant(images),), {"patch": images}):
         out = ci(given, mask=None)
         assert np.allclose(out.numpy(), expected, rtol=0, atol=1e-6), type(given)
     assert np.allclose(ci.predict([images.astype("float32")], verbose=0), expected, rtol=0, atol=1e-6)
@@ -441,8 +441,8 @@ def test_keras_augmentation_layers_are_the_identity_at_inference(kb):
     import keras
     L = keras.layers
     keras.utils.set_random_seed(3)
-    augment = [L.RandomFlip("horizontal"), L.RandomRotation(0.1), L.RandomZoom(0.1), L.RandomContrast(0.2),
-               L.RandomTranslation(0.1, 0.1), L.RandomCrop(9, 8)]
+    augment = [L.RandomFlip("horizontal"), L.RandomRotation(0.1), L.Pipeline([L.RandomZoom(0.1), L.RandomContrast(0.2)]),
+               L.RandomTranslation(0.1, 0.1), L.RandomCrop(9, 8)]  # (a Pipeline of them, as Keras' guides chain them)
     inp = keras.Input((9, 8, 2))
     x = inp
     for layer in augment:
@@ -475,3 +475,31 @@ def test_keras_augmentation_layers_are_the_identity_at_inference(kb):
     forced(np.zeros((1, 5, 5, 1), "float32"))
     with pytest.raises(kb.FDFE.ConversionError, match="calls it with training=True whatever Cp's mode"):
         kb.FDFE.convert(forced, 5)
+
+
+def test_keras_activation_functions_that_change_the_channel_count_or_are_not_element_wise(kb):
+    """keras.ops.glu, or a glu of one's own, given as a layer's activation= was refused: the per-pixel test built
+    maps of the layer's output channel count, which glu halves.  A softmax of one's own (an Activation layer)
+    after a Flatten passed the per-pixel test though its entries are positions of the patch: convert's self-check
+    caught it with "please report it"; it is now refused by name (on flattened maps the function must be
+    element-wise, which is tested)."""
+    import keras
+    L = keras.layers
+    keras.utils.set_random_seed(6)
+
+    def my_glu(t):
+        a, b = keras.ops.split(t, 2, axis=-1)
+        return a * keras.ops.sigmoid(b)
+    for act in (keras.ops.glu, my_glu):  # (last: Keras' own shape inference misses glu's halving)
+        body = [keras.Input((9, 8, 3)), L.Conv2D(8, 3), L.MaxPooling2D(2)]
+        for last in ([L.Conv2D(6, 3, activation=act), L.Flatten()], [L.Conv2D(6, 3), L.Activation(act), L.Flatten()],
+                     [L.Conv2D(4, 2), L.Flatten(), L.Dense(6, activation=act)]):
+            assert _assert_exact(kb, keras.Sequential(body + last), (9, 8), 3)(_images(3)).shape[-1] == 3
+    for act in (lambda t: keras.ops.softmax(t), lambda t: t / keras.ops.max(keras.ops.abs(t), -1, keepdims=True)):
+        net = keras.Sequential([keras.Input((5, 5, 1)), L.Conv2D(2, 3), L.Flatten(), L.Activation(act)])
+        with pytest.raises(kb.FDFE.ConversionError, match=r"its activation '<lambda>' is applied to a flattened "
+                                                          r"3x3x2 map.*it is not element-wise"):
+            kb.FDFE.convert(net, 5)
+    net = keras.Sequential([keras.Input((5, 5, 1)), L.Conv2D(2, 3), L.Flatten(),  # element-wise: accepted
+                            L.Activation(lambda t: keras.ops.tanh(t) * 2.0)])
+    _assert_exact(kb, net, 5, 1)

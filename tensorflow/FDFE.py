@@ -956,6 +956,8 @@ def _as_images(images, name="images"):
     if isinstance(images, (tf.RaggedTensor, tf.SparseTensor)):
         raise TypeError(f"{name} must be a dense tensor of shape (N, H, W, C), got a {type(images).__name__}; "
                         f"convert it first (.to_tensor() for a RaggedTensor, tf.sparse.to_dense for a SparseTensor)")
+    if isinstance(images, dict) and len(images) == 1:
+        images = list(images.values())  # {name: images}, as a Functional model with one input accepts
     if isinstance(images, (list, tuple)) and len(images) == 1 and (
             tf.is_tensor(images[0]) or isinstance(images[0], (np.ndarray, keras.KerasTensor))):
         images = images[0]  # [images], as a Functional model with one input accepts (and predict() passes on)
@@ -2321,11 +2323,15 @@ class _GraphBody:
         return self.fn(*args)
 
 
+#: Keras' layers that only call other layers (traced through, as models are)
+_CONTAINERS = tuple(c for c in (getattr(keras.layers, "Pipeline", None),) if isinstance(c, type))
+
+
 def _is_leaf(layer) -> bool:
     """Layers recorded as one op: those with a rule, and Keras' own layers (an LSTM, with its cell; an
     unknown kind is named as such).  Models, Lambda layers and the user's own layers are traced through:
     their ops are read from the graph."""
-    if isinstance(layer, (keras.Model, keras.layers.Lambda)):
+    if isinstance(layer, (keras.Model, keras.layers.Lambda) + _CONTAINERS):
         return False
     return _lookup_rule(layer) is not None or type(layer).__module__.startswith("keras.")
 
@@ -2816,38 +2822,67 @@ def _check_channel_axis(call, axis, rank=4):
         raise call.fail(f"it works along axis {axis}; only the channel axis (-1) can be made dense")
 
 
-def _check_activation_per_pixel(call):
+def _pre_activation_channels(call):
+    """The channel count a layer's activation receives (glu halves it): an Activation layer's input's, a
+    convolution's filters, a Dense layer's units; else the layer's output's."""
+    layer = call.layer
+    if isinstance(layer, keras.layers.Activation):
+        return call.in_shapes[0][-1]
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        return call.in_shapes[0][-1] * layer.depth_multiplier
+    for name in ("filters", "units"):
+        if isinstance(getattr(layer, name, None), int):
+            return getattr(layer, name)
+    return call.out_shape[-1]
+
+
+def _check_activation_per_pixel(call, in_geoms):
     """A layer's ``activation`` that is not one of ``keras.activations`` (a function of the user's, of TensorFlow's,
     a ``keras.ops`` function) is applied by CI to whole maps (also after a Dense on a flattened map), as a black
     box: refused unless it computes every pixel from that pixel alone, tested on two random maps (one of large
     values, for functions that mix positions only beyond some value) against each of their pixels given alone.
-    A centring over the patch or over the batch, a flip, a normalisation by the largest value fail."""
+    A centring over the patch or over the batch, a flip, a normalisation by the largest value fail.  An Activation
+    layer applied to a flattened map (whose entries are positions of the patch) must moreover be element-wise:
+    tested by changing some entries, which must leave the others' outputs unchanged (a softmax fails)."""
     act = _activation_of(call.layer)
     name = getattr(act, "__name__", None)
     if act is None or (name is not None and getattr(keras.activations, name, None) is act):
         return
-    channels = call.out_shape[-1]
+    channels = _pre_activation_channels(call)
     if not isinstance(channels, int):
         return
+    geom = in_geoms[0] if isinstance(call.layer, keras.layers.Activation) and in_geoms else None
+    elementwise = geom is not None and (geom.kind == VIEW or (geom.kind == VECTOR and geom.size != (1, 1)))
     dtype = getattr(call.layer, "compute_dtype", None) or "float32"
+    tolerance = 1e-5 if tf.as_dtype(dtype).size >= 4 else 3e-2  # (a few bfloat16 rounding units)
     rng = np.random.default_rng(0)
-    why, per_pixel = "", True
+    why, per_pixel, per_entry = "", True, True
+
+    def close(a, b):
+        return np.allclose(a, b, rtol=tolerance, atol=tolerance * 1e-1, equal_nan=True)
     try:
         for scale, offset in ((1.0, 0.0), (50.0, 5.0)):
             x = tf.constant(rng.standard_normal((1, 3, 4, channels)) * scale + offset, dtype=dtype)
             whole = np.asarray(tf.cast(act(x), tf.float64))
             pixels = np.stack([np.asarray(tf.cast(act(x[:, i:i + 1, j:j + 1, :]), tf.float64))[0, 0, 0]
                                for i in range(3) for j in range(4)]).reshape(whole.shape)
-            tolerance = 1e-5 if tf.as_dtype(dtype).size >= 4 else 3e-2  # (a few bfloat16 rounding units)
-            per_pixel = per_pixel and np.allclose(whole, pixels, rtol=tolerance, atol=tolerance * 1e-1,
-                                                  equal_nan=True)
+            per_pixel = per_pixel and close(whole, pixels)
+            if elementwise:
+                changed = np.arange(channels) % 2 == 1  # every other entry changed: the rest must not move
+                moved = np.asarray(tf.cast(act(x + tf.constant(changed * scale, dtype=dtype)), tf.float64))
+                per_entry = per_entry and whole.shape == x.shape and close(whole[..., ~changed],
+                                                                           moved[..., ~changed])
     except Exception as exc:  # noqa: BLE001 - any failure means it is not a per-pixel function of a map
         per_pixel, why = False, f" ({type(exc).__name__}: {exc})"
+    shown = name or type(act).__name__
     if not per_pixel:
-        shown = name or type(act).__name__
         raise call.fail(f"its activation {shown!r} is not computed pixel by pixel (tested on random maps{why}), "
                         f"which mixes positions of the patch; an activation of your own that is per pixel passes "
                         f"this test, and a Lambda layer has its ops read one by one")
+    if not per_entry:
+        raise call.fail(f"its activation {shown!r} is applied to {geom.describe()}, whose entries are positions of "
+                        f"the patch, and it is not element-wise (tested on random values: changing some entries "
+                        f"changes the others' outputs), which mixes positions of the patch")
 
 
 def _activation_ok(call, geom, layer):
@@ -2890,8 +2925,10 @@ def _rule_activation(call, geoms):
     _activation_ok(call, geoms[0], call.layer)
     if isinstance(call.layer, keras.layers.Softmax):
         return _rule_channelwise(call, geoms)
-    if _activation_of(call.layer) is getattr(keras.activations, "glu", None):  # halves the channels
-        return _reuse(call.layer), [geoms[0].with_(channels=call.out_shape[-1])]
+    out, src = call.out_shape, call.in_shapes[0]
+    if out[:-1] == src[:-1] and out[-1] != src[-1]:  # glu (or a function of one's own, tested per pixel) halves
+        _per_pixel_ok(call, geoms[0], f"its activation, which changes the channel count ({src[-1]} -> {out[-1]}),")
+        return _reuse(call.layer), [geoms[0].with_(channels=out[-1])]
     return _rule_reuse(call, geoms)
 
 
@@ -4092,9 +4129,9 @@ class DenseFeatureModel(keras.Model):
         return rows[0] if len(rows) == 1 else tf.concat(rows, 1)
 
     def compute_output_shape(self, input_shape):
-        if self.output_stride != (1, 1):
-            return (input_shape[0], None, None, self.out_channels)
-        return (input_shape[0], input_shape[1], input_shape[2], self.out_channels)
+        (sy, sx), (_, height, width) = self.output_stride, tuple(input_shape)[:3]
+        return (input_shape[0], None if height is None else -(-height // sy), None if width is None else
+                -(-width // sx), self.out_channels)
 
     def get_config(self):
         return {"core": keras.saving.serialize_keras_object(self.core), "patch_size": list(self.patch_size),
@@ -4241,7 +4278,7 @@ def _apply_rules(calls, geoms, values):
             if rule is None:
                 raise ConversionError(_unsupported_message(call.where, "op" if call.is_op else "layer kind"))
             if not call.is_op:
-                _check_activation_per_pixel(call)
+                _check_activation_per_pixel(call, in_geoms)
             run, out_geoms = rule(call, in_geoms)
         except ConversionError as exc:
             problems.append(str(exc))
