@@ -154,9 +154,16 @@ def _prod(values) -> int:
     return out
 
 
+def _ceil_div(value, divisor):
+    """``value / divisor`` rounded up, for positive ``divisor`` (ints, or symbolic or scalar tensors for value).
+    Written without negative operands: exporters (ONNX) may turn ``//`` into a division that rounds toward
+    zero, which on ``-(-value // divisor)`` would round down."""
+    return (value + divisor - 1) // divisor
+
+
 def _ceil_to(value, multiple):
     """``value`` rounded up to a multiple of ``multiple`` (ints, or scalar tensors for value)."""
-    return -(-value // multiple) * multiple
+    return _ceil_div(value, multiple) * multiple
 
 
 def patch_padding(patch_size) -> Tuple[int, int, int, int]:
@@ -521,12 +528,12 @@ def _tile_for_memory(budget, estimate, image_size, stride_product, patch=(1, 1))
     least_h, least_w = min(full_h, _ceil_to(8, sh)), min(full_w, _ceil_to(8, sw))
 
     def columns(nx):
-        return _ceil_to(-(-width // nx), sw)
+        return _ceil_to(_ceil_div(width, nx), sw)
 
-    most_x = -(-width // least_w)
+    most_x = _ceil_div(width, least_w)
     best, heights = None, []
-    for ny in range(1, -(-height // least_h) + 1):
-        th = _ceil_to(-(-height // ny), sh)
+    for ny in range(1, _ceil_div(height, least_h) + 1):
+        th = _ceil_to(_ceil_div(height, ny), sh)
         if th < least_h or th in heights:
             continue
         heights.append(th)
@@ -540,7 +547,7 @@ def _tile_for_memory(budget, estimate, image_size, stride_product, patch=(1, 1))
             else:
                 lo = mid + 1
         tw = columns(lo)
-        rows, cols = -(-height // th), -(-width // tw)
+        rows, cols = _ceil_div(height, th), _ceil_div(width, tw)
         key = ((full_h + rows * (ph - 1)) * (full_w + cols * (pw - 1)), rows * cols)
         if best is None or key < best[0]:
             best = (key, (th, tw))
@@ -562,7 +569,7 @@ def _adaptive_windows(size: int, out: int):
     axis is (window i covers floor(i size / out) to ceil((i + 1) size / out)), where its windows have one size
     and one spacing (5 -> 2: windows 0:3 and 2:5, kernel 3, stride 2); else None."""
     starts = [i * size // out for i in range(out)]
-    ends = [-(-(i + 1) * size // out) for i in range(out)]
+    ends = [_ceil_div((i + 1) * size, out) for i in range(out)]
     kernel, stride = ends[0] - starts[0], (starts[1] - starts[0] if out > 1 else 1)
     if any(e - b != kernel for b, e in zip(starts, ends)) or any(b != i * stride for i, b in enumerate(starts)) \
             or (out > 1 and stride < 1):  # (more entries than the axis has: windows that repeat)
@@ -1431,7 +1438,7 @@ def _unwarp_across_layouts(stacked: torch.Tensor, strides, dest: torch.Tensor) -
     band = max(1, _UNWARP_BAND_ELEMENTS // (sh * w * sw * k))  # stacked rows per band
     buffer = stacked.new_empty((1, k, min(band, h) * sh, w * sw)).contiguous(memory_format=torch.channels_last)
     for i in range(n):
-        for q0 in range(0, -(-hd // sh), band):
+        for q0 in range(0, _ceil_div(hd, sh), band):
             q1 = min(h, q0 + band)
             rows = min(hd, q1 * sh) - q0 * sh
             unwarped = unwarp_into(stacked[i::n, :, q0:q1], strides, buffer[:, :, :(q1 - q0) * sh])
@@ -1969,7 +1976,7 @@ class unwrapPrepare(nn.Module):
                                    f"the stride product {sh}x{sw}", (height, width), n)
         if problem:
             raise ValueError(problem)
-        grid_h, grid_w = -(-height // sh), -(-width // sw)  # ceil(H / SH), ceil(W / SW)
+        grid_h, grid_w = _ceil_div(height, sh), _ceil_div(width, sw)  # ceil(H / SH), ceil(W / SW)
         return x[:, :, :grid_h, :grid_w]
 
 
@@ -2756,10 +2763,15 @@ def _require_map(node, geom):
 
 
 def _channel_dim(geom, dim, node):
-    """Dense channel axis for ``dim`` of a patch tensor, or raise if ``dim`` is spatial or the batch."""
-    rank = 4 if geom.kind == MAP else 2
+    """Dense channel axis for ``dim`` of a patch tensor, or raise if ``dim`` is spatial or the batch.  A reshape
+    (VIEW) that keeps the channels on dim 1 ((N, C, h*w), the (N, C, 1) of a 1x1 map) has them there too: the
+    map's C-major order leaves each channel's values, for every position, at its index of dim 1."""
+    shape = tuple(node.in_shapes[0]) if node.in_shapes else ()
+    view_by_channel = (geom.kind == VIEW and len(shape) >= 2 and shape[1] == geom.channels
+                       and _prod(shape[2:]) == geom.size[0] * geom.size[1])
+    rank = 4 if geom.kind == MAP else len(shape) if view_by_channel else 2
     d = dim + rank if dim < 0 else dim
-    if d == 1 and (geom.kind == MAP or geom.is_pixel_vector):
+    if d == 1 and (geom.kind == MAP or geom.is_pixel_vector or view_by_channel):
         return 1
     raise node.fail(f"it works along dim {dim} of {geom.describe()}, which mixes positions of the patch; "
                     f"only the channel axis (dim 1) can be made dense")
@@ -3186,8 +3198,10 @@ def _rule_glu(node, geoms):
 @_rule_for(["channel_shuffle", "native_channel_shuffle"], "channel shuffle (a permutation of the channels)",
            (torch, F))
 def _rule_channel_shuffle(node, geoms):
-    """``nn.ChannelShuffle``: the same permutation of the channels at every pixel of a map."""
-    _require_map(node, geoms[0])
+    """``nn.ChannelShuffle``: the same permutation of the channels at every pixel of a map (or of a reshape that
+    keeps the channels on dim 1, see :func:`_channel_dim`)."""
+    if geoms[0].kind != MAP:
+        _channel_dim(geoms[0], 1, node)
     _check_same_shape(node)
     return _CallStep(node), [geoms[0]]
 
@@ -3698,8 +3712,8 @@ class DenseFeatureNet(nn.Module):
             with _EvalMode(self.base_net):
                 vectors = self.base_net(patches).reshape(0, self.out_channels)
             (sy, sx), (height, width) = self.output_stride, images.shape[2:]
-            return vectors.reshape(0, self.out_channels, 1, 1).expand(0, self.out_channels, -(-height // sy),
-                                                                       -(-width // sx))
+            return vectors.reshape(0, self.out_channels, 1, 1).expand(0, self.out_channels, _ceil_div(height, sy),
+                                                                      _ceil_div(width, sx))
         images = check_images(images, self.in_channels, dtype=_compute_dtype(self.base_net))
         height, width = images.shape[-2:]
         out_format = torch.channels_last if _is_channels_last(images) else torch.contiguous_format
@@ -3712,7 +3726,7 @@ class DenseFeatureNet(nn.Module):
             # block of zero rows and columns keeps every stacked map at least 2 wide, since sizes
             # 1 and 0 are special cases the exported graph could not serve.
             padded = F.pad(padded, (0, multiple[1], 0, multiple[0]))
-            if self.memory_format == torch.channels_last and torch.compiler.is_compiling():
+            if self.memory_format == torch.channels_last and torch.compiler.is_compiling() and not _vmapped():
                 padded = padded.contiguous(memory_format=torch.channels_last)
             return self._finish(self.stacked(padded), height, width)
         if self.memory_format is not None and self.memory_format != torch.contiguous_format:
@@ -3735,7 +3749,7 @@ class DenseFeatureNet(nn.Module):
         device = param.device if param is not None else torch.device("cpu")
         dtype = _compute_dtype(self.base_net) or torch.float32
         multiple = _lcm_pair(self.stride_product, self.output_stride)
-        size = [2 * m * -(-max(p, 1) // (2 * m)) for m, p in zip(multiple, self.patch_size)]  # (reflect's reach)
+        size = [2 * m * _ceil_div(max(p, 1), 2 * m) for m, p in zip(multiple, self.patch_size)]  # (reflect's reach)
         example = torch.zeros((1, self.in_channels, *size), dtype=dtype, device=device)
         with torch.no_grad():
             return _ScriptableCI(torch.jit.trace(self, example, check_trace=False)).train(self.training)
@@ -3799,16 +3813,19 @@ class DenseFeatureNet(nn.Module):
         k, (gy, gx), (ry, rx) = self._grid
         strides = self._unwarp_strides()
         if _exporting():  # any (symbolic or traced) image size
-            dense = unwarp_gather(stacked, strides, -(-height // gy), -(-width // gx))
-            return dense if (ry, rx) == (1, 1) else dense[:, :, ::ry, ::rx]
+            dense = unwarp_gather(stacked, strides, _ceil_div(height, gy), _ceil_div(width, gx))
+            for axis, step in ((2, ry), (3, rx)):  # gathers: a strided view would add a guard on the size's parity
+                if step > 1:
+                    dense = dense.index_select(axis, torch.arange(0, dense.shape[axis], step, device=dense.device))
+            return dense
         plain = _autodiff_watches(stacked)  # (differentiated: no copies into slices of a buffer)
         if (not plain and (ry, rx) == (1, 1)
                 and self._unwarps_across_layouts(stacked, strides, out_format == torch.channels_last)
                 and stacked.numel() >= 2 * _UNWARP_BAND_ELEMENTS):  # (small maps: fewer ops, as before)
             out = torch.empty((stacked.shape[0] // _prod(s[0] * s[1] for s in strides), stacked.shape[1],
-                               -(-height // gy), -(-width // gx)), dtype=stacked.dtype)
+                               _ceil_div(height, gy), _ceil_div(width, gx)), dtype=stacked.dtype)
             return _unwarp_across_layouts(stacked, strides, out)
-        dense = unwarp(stacked, strides, self.naive)[:, :, :-(-height // gy), :-(-width // gx)]
+        dense = unwarp(stacked, strides, self.naive)[:, :, :_ceil_div(height, gy), :_ceil_div(width, gx)]
         dense = dense if (ry, rx) == (1, 1) else dense[:, :, ::ry, ::rx]
         if out_format == torch.contiguous_format and _is_channels_last(dense) and not plain:
             return _channels_last_to_contiguous(dense)
@@ -3882,7 +3899,7 @@ class DenseFeatureNet(nn.Module):
         automatic = self._tile == "auto" and self.max_memory is None  # quiet: the user asked for nothing
         bar = _progress(len(grid), "CI tiles", self.progress if self.progress is not None else
                         (None if len(grid) >= 50 and not automatic else False))
-        out_h, out_w = -(-height // oy), -(-width // ox)
+        out_h, out_w = _ceil_div(height, oy), _ceil_div(width, ox)
         out, plain, rows = None, None, {}
         for y0, x0, _, _, hp, wp in grid:
             stacked = self.stacked(padded[:, :, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1])
@@ -4160,7 +4177,7 @@ def _self_check(net: DenseFeatureNet, base_net: nn.Module) -> None:
     sy, sx = net.output_stride
     h, w = max(h, 2 * sy + 1), max(w, 2 * sx + 1)
     images = torch.randn(1, net.in_channels, h, w, generator=gen).to(device=device, dtype=dtype)
-    grid_positions = torch.tensor(_self_check_positions(-(-h // sy), -(-w // sx)))
+    grid_positions = torch.tensor(_self_check_positions(_ceil_div(h, sy), _ceil_div(w, sx)))
     positions = grid_positions * torch.tensor([1, sy, sx])
     with torch.no_grad(), _EvalMode(net):
         tile = net.tile

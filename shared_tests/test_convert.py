@@ -1338,14 +1338,30 @@ def test_keras_activation_functions_of_ones_own_are_tested_per_pixel(kb):
 def test_gated_linear_units_and_channel_shuffles_act_per_pixel(tb, kb):
     """nn.GLU over channels (dim=1 of a map, the default dim=-1 after the flatten), nn.ChannelShuffle and Keras'
     glu activation (on a map and after a Dense head) act per pixel; they were refused as unknown ops or as
-    changing the shape."""
+    changing the shape.  PyTorch's channel ops also act per pixel on reshapes that keep the channels on dim 1
+    ((N, C, h*w), or the (N, C, 1) of a 1x1 map), where they were refused."""
     import keras
     import torch
     import torch.nn as nn
+    import torch.nn.functional as F
     torch.manual_seed(4)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GLU(dim=1), nn.ChannelShuffle(2), nn.MaxPool2d(2), nn.Conv2d(4, 6, 2),
                         nn.Tanh(), nn.Flatten(), nn.Linear(6, 6), nn.GLU())
     assert _torch_check(tb, net, (7, 6), 3, size=(10, 13)).shape == (2, 3, 10, 13)
+
+    class OnViews(nn.Module):  # channel ops on reshapes that keep the channels on dim 1 ((N, C, h*w), (N, C, 1))
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool, self.last = nn.Conv2d(3, 8, 4), nn.MaxPool2d(2), nn.Conv2d(8, 4, 2)
+            self.fc, self.fc2 = nn.Linear(48, 5), nn.Linear(2, 5)
+
+        def forward(self, x):
+            m = self.pool(self.conv(x))
+            y = m.flatten(2)  # (N, 8, 4): 8 channels at 2x2 positions
+            y = torch.cat([F.normalize(F.channel_shuffle(y, 2), dim=1), F.glu(y.softmax(1).flip(1), 1)], 1)
+            z = F.glu(self.last(torch.tanh(m)).squeeze(-1), 1)  # (N, 4, 1) -> (N, 2, 1)
+            return self.fc(y.flatten(1)) + self.fc2(z.squeeze(-1))
+    _torch_check(tb, OnViews(), (8, 8), 3, size=(12, 11))
     L = keras.layers
     keras.utils.set_random_seed(4)
     for last in ([L.Dense(6, activation="glu")], [L.Dense(6), L.Activation("glu")]):  # (Keras' own shape inference

@@ -167,9 +167,16 @@ def _prod(values) -> int:
     return out
 
 
+def _ceil_div(value, divisor):
+    """``value / divisor`` rounded up, for positive ``divisor`` (ints, or symbolic or scalar tensors for value).
+    Written without negative operands: exporters (ONNX) may turn ``//`` into a division that rounds toward
+    zero, which on ``-(-value // divisor)`` would round down."""
+    return (value + divisor - 1) // divisor
+
+
 def _ceil_to(value, multiple):
     """``value`` rounded up to a multiple of ``multiple`` (ints, or scalar tensors for value)."""
-    return -(-value // multiple) * multiple
+    return _ceil_div(value, multiple) * multiple
 
 
 def patch_padding(patch_size) -> Tuple[int, int, int, int]:
@@ -534,12 +541,12 @@ def _tile_for_memory(budget, estimate, image_size, stride_product, patch=(1, 1))
     least_h, least_w = min(full_h, _ceil_to(8, sh)), min(full_w, _ceil_to(8, sw))
 
     def columns(nx):
-        return _ceil_to(-(-width // nx), sw)
+        return _ceil_to(_ceil_div(width, nx), sw)
 
-    most_x = -(-width // least_w)
+    most_x = _ceil_div(width, least_w)
     best, heights = None, []
-    for ny in range(1, -(-height // least_h) + 1):
-        th = _ceil_to(-(-height // ny), sh)
+    for ny in range(1, _ceil_div(height, least_h) + 1):
+        th = _ceil_to(_ceil_div(height, ny), sh)
         if th < least_h or th in heights:
             continue
         heights.append(th)
@@ -553,7 +560,7 @@ def _tile_for_memory(budget, estimate, image_size, stride_product, patch=(1, 1))
             else:
                 lo = mid + 1
         tw = columns(lo)
-        rows, cols = -(-height // th), -(-width // tw)
+        rows, cols = _ceil_div(height, th), _ceil_div(width, tw)
         key = ((full_h + rows * (ph - 1)) * (full_w + cols * (pw - 1)), rows * cols)
         if best is None or key < best[0]:
             best = (key, (th, tw))
@@ -575,7 +582,7 @@ def _adaptive_windows(size: int, out: int):
     axis is (window i covers floor(i size / out) to ceil((i + 1) size / out)), where its windows have one size
     and one spacing (5 -> 2: windows 0:3 and 2:5, kernel 3, stride 2); else None."""
     starts = [i * size // out for i in range(out)]
-    ends = [-(-(i + 1) * size // out) for i in range(out)]
+    ends = [_ceil_div((i + 1) * size, out) for i in range(out)]
     kernel, stride = ends[0] - starts[0], (starts[1] - starts[0] if out > 1 else 1)
     if any(e - b != kernel for b, e in zip(starts, ends)) or any(b != i * stride for i, b in enumerate(starts)) \
             or (out > 1 and stride < 1):  # (more entries than the axis has: windows that repeat)
@@ -1668,8 +1675,8 @@ class unwrapPrepare(_Layer):
         sh, sw = self.stride_product
         x = _check_stacked("unwrapPrepare", x, images, (sh, sw), f"the stride product {sh}x{sw}")
         shape = _static_or_dynamic(images)
-        h = -(-shape[1] // sh)
-        w = -(-shape[2] // sw)
+        h = _ceil_div(shape[1], sh)
+        w = _ceil_div(shape[2], sw)
         return x[:, :h, :w, :]
 
     def get_config(self):
@@ -3106,7 +3113,7 @@ def _make_pool_rule(kind):
         stride = tuple(layer.strides) if layer.strides is not None else kernel
         padding = getattr(layer, "padding", "valid")
         if padding != "valid" and (padding != "same" or any(
-                (-(-n // s) - 1) * s + k > n for n, k, s in zip(geom.size, kernel, stride))):
+                (_ceil_div(n, s) - 1) * s + k > n for n, k, s in zip(geom.size, kernel, stride))):
             raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
         _require_channels_last(call)  # ("same" that pads nothing on the patch-level map, such as 2x2 windows of an
         # even-sized map, is "valid")
@@ -4062,7 +4069,7 @@ class DenseFeatureModel(keras.Model):
         if tuple(getattr(images, "shape", ()))[:1] == (0,) and len(images.shape) == 4:  # an empty batch, as Cp
             check_images(tf.zeros((1,) + tuple(images.shape[1:]), images.dtype), self.in_channels)
             sy, sx = self.output_stride
-            return tf.zeros((0, -(-images.shape[1] // sy), -(-images.shape[2] // sx), self.out_channels),
+            return tf.zeros((0, _ceil_div(images.shape[1], sy), _ceil_div(images.shape[2], sx), self.out_channels),
                             self.core.outputs[0].dtype)
         check_images(images, self.in_channels)
         images = tf.cast(images, self.core.inputs[0].dtype)
@@ -4108,12 +4115,12 @@ class DenseFeatureModel(keras.Model):
         bar = _progress(len(grid), "CI tiles", self.progress if self.progress is not None else
                         (None if len(grid) >= 50 else False))
         in_place = (tf.executing_eagerly() and not _recording_gradients() and "GPU" not in (padded.device or "")
-                    and padded.shape[0] * -(-height // oy) * -(-width // ox) < 2**31)  # InplaceUpdate's int32 rows
+                    and padded.shape[0] * _ceil_div(height, oy) * _ceil_div(width, ox) < 2**31)  # (int32 rows)
         out, rows, row = None, [], []
         for y0, x0, h, w, hp, wp in grid:
             dense = self._dense(padded[:, y0:y0 + hp + ph - 1, x0:x0 + wp + pw - 1, :], h, w)
             if in_place:
-                out = _write_rows(out, dense, y0 // oy, x0 // ox, -(-height // oy), -(-width // ox))
+                out = _write_rows(out, dense, y0 // oy, x0 // ox, _ceil_div(height, oy), _ceil_div(width, ox))
             else:
                 row.append(dense)
                 if x0 + w == width:
@@ -4125,13 +4132,13 @@ class DenseFeatureModel(keras.Model):
         if bar is not None:
             bar.close()
         if in_place:
-            return tf.reshape(out, (padded.shape[0], -(-height // oy), -(-width // ox), self.out_channels))
+            return tf.reshape(out, (padded.shape[0], _ceil_div(height, oy), _ceil_div(width, ox), self.out_channels))
         return rows[0] if len(rows) == 1 else tf.concat(rows, 1)
 
     def compute_output_shape(self, input_shape):
         (sy, sx), (_, height, width) = self.output_stride, tuple(input_shape)[:3]
-        return (input_shape[0], None if height is None else -(-height // sy), None if width is None else
-                -(-width // sx), self.out_channels)
+        return (input_shape[0], None if height is None else _ceil_div(height, sy), None if width is None else
+                _ceil_div(width, sx), self.out_channels)
 
     def get_config(self):
         return {"core": keras.saving.serialize_keras_object(self.core), "patch_size": list(self.patch_size),
@@ -4456,7 +4463,7 @@ def _self_check(net, base_net, dtype):
     h, w = max(h, 2 * sy + 1), max(w, 2 * sx + 1)
     rng = np.random.default_rng(0)
     images = tf.constant(rng.standard_normal((1, h, w, net.in_channels)), dtype=dtype)
-    grid_positions = np.array(_self_check_positions(-(-h // sy), -(-w // sx)))
+    grid_positions = np.array(_self_check_positions(_ceil_div(h, sy), _ceil_div(w, sx)))
     positions = grid_positions * np.array([1, sy, sx])
     tile, max_memory = net.tile, net.max_memory
     net.tile = net.max_memory = None
