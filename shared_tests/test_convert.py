@@ -1338,8 +1338,8 @@ def test_keras_activation_functions_of_ones_own_are_tested_per_pixel(kb):
 def test_gated_linear_units_and_channel_shuffles_act_per_pixel(tb, kb):
     """nn.GLU over channels (dim=1 of a map, the default dim=-1 after the flatten), nn.ChannelShuffle and Keras'
     glu activation (on a map and after a Dense head) act per pixel; they were refused as unknown ops or as
-    changing the shape.  PyTorch's channel ops also act per pixel on reshapes that keep the channels on dim 1
-    ((N, C, h*w), or the (N, C, 1) of a 1x1 map), where they were refused."""
+    changing the shape.  Channel ops also act per pixel on reshapes that keep the channels on their axis
+    (PyTorch: (N, C, h*w), or the (N, C, 1) of a 1x1 map; Keras: (N, h*w, C)), where they were refused."""
     import keras
     import torch
     import torch.nn as nn
@@ -1368,3 +1368,11 @@ def test_gated_linear_units_and_channel_shuffles_act_per_pixel(tb, kb):
         net = keras.Sequential([keras.Input((7, 6, 3)), L.Conv2D(8, 3), L.Lambda(keras.ops.glu),  # misses glu's
                                 L.MaxPooling2D(2), L.Conv2D(6, 2, activation="tanh"), L.Flatten()] + last)  # halving)
         assert _keras_check(kb, net, (7, 6), 3, size=(10, 13)).shape == (2, 10, 13, 3)
+
+    def on_views(y):  # channel ops on a (N, h*w, C) reshape, which keeps the channels on the last axis
+        y = keras.ops.concatenate([keras.ops.softmax(y), keras.ops.flip(keras.ops.glu(y), -1)], -1)
+        return keras.ops.maximum(*keras.ops.split(y, 2, axis=-1))
+    inp = keras.Input((8, 8, 3))
+    x = L.Reshape((4, 8))(L.MaxPooling2D(2)(L.Conv2D(8, 4)(inp)))  # 8 channels at 2x2 positions
+    x = L.Activation("glu")(L.Lambda(on_views)(x))  # (last: Keras' shape inference misses glu's halving)
+    _keras_check(kb, keras.Model(inp, L.Flatten()(x)), (8, 8), 3, size=(12, 11))

@@ -2816,9 +2816,10 @@ def _require_channels_last(call):
         raise call.fail("only data_format='channels_last' is supported")
 
 
-def _per_pixel_ok(call, geom, what="it"):
-    """Layers acting on the last axis: fine on maps and on vectors of one position."""
-    if geom.kind == VIEW or (geom.kind == VECTOR and geom.size != (1, 1)):
+def _per_pixel_ok(call, geom, what="it", shape=None):
+    """Layers acting on the last axis: fine on maps and on vectors of one position (and, given the value's traced
+    ``shape``, on reshapes that keep the channels on the last axis: see :func:`_per_channel`)."""
+    if not _per_channel(geom, shape):
         raise call.fail(f"{what} acts on each entry of {geom.describe()} differently or together, "
                         f"which mixes positions of the patch")
 
@@ -2859,7 +2860,7 @@ def _check_activation_per_pixel(call, in_geoms):
     if not isinstance(channels, int):
         return
     geom = in_geoms[0] if isinstance(call.layer, keras.layers.Activation) and in_geoms else None
-    elementwise = geom is not None and (geom.kind == VIEW or (geom.kind == VECTOR and geom.size != (1, 1)))
+    elementwise = geom is not None and not _per_channel(geom, call.in_shapes[0])
     dtype = getattr(call.layer, "compute_dtype", None) or "float32"
     tolerance = 1e-5 if tf.as_dtype(dtype).size >= 4 else 3e-2  # (a few bfloat16 rounding units)
     rng = np.random.default_rng(0)
@@ -2895,9 +2896,9 @@ def _check_activation_per_pixel(call, in_geoms):
 def _activation_ok(call, geom, layer):
     act = _activation_of(layer)
     if act is not None and getattr(act, "__name__", "") in ("softmax", "log_softmax"):
-        _per_pixel_ok(call, geom, "its softmax")
+        _per_pixel_ok(call, geom, "its softmax", call.in_shapes[0])
     if act is getattr(keras.activations, "glu", None):
-        _per_pixel_ok(call, geom, "its gated linear unit (glu, over the last axis)")
+        _per_pixel_ok(call, geom, "its gated linear unit (glu, over the last axis)", call.in_shapes[0])
 
 
 def _map_geom(call, geom, stride=(1, 1)):
@@ -2934,7 +2935,8 @@ def _rule_activation(call, geoms):
         return _rule_channelwise(call, geoms)
     out, src = call.out_shape, call.in_shapes[0]
     if out[:-1] == src[:-1] and out[-1] != src[-1]:  # glu (or a function of one's own, tested per pixel) halves
-        _per_pixel_ok(call, geoms[0], f"its activation, which changes the channel count ({src[-1]} -> {out[-1]}),")
+        _per_pixel_ok(call, geoms[0], f"its activation, which changes the channel count ({src[-1]} -> {out[-1]}),",
+                      src)
         return _reuse(call.layer), [geoms[0].with_(channels=out[-1])]
     return _rule_reuse(call, geoms)
 
@@ -3373,9 +3375,14 @@ def _crop_runner(top, bottom, left, right, c0, c1, channels):
     return lambda xs: [layer(xs[0])]
 
 
-def _per_channel(geom):
-    """Values whose last axis is the channels of one position: a map, or a vector of one position."""
-    return geom.kind == MAP or geom.is_pixel_vector
+def _per_channel(geom, shape=None):
+    """Values whose last axis is the channels of one position: a map, a vector of one position, or, given its traced
+    ``shape``, a reshape of a map that keeps the channels on the last axis ((N, h*w, C): Keras' H, W, C order
+    leaves each channel's values, for every position, at its index of that axis)."""
+    if geom.kind == MAP or geom.is_pixel_vector:
+        return True
+    return (geom.kind == VIEW and shape is not None and len(shape) >= 2 and shape[-1] == geom.channels
+            and _prod(shape[1:-1]) == geom.size[0] * geom.size[1])
 
 
 def _same_at_every_position(spec, geom):
@@ -3504,7 +3511,7 @@ def _rule_reshape_op(call, geoms):
 def _rule_channel_op(call, geoms):
     """Softmax and log-softmax along the last axis: per pixel where that axis is the channels."""
     geom = geoms[0]
-    if not _per_channel(geom):
+    if not _per_channel(geom, call.in_shapes[0]):
         raise call.fail(f"it acts along the last axis of {geom.describe()}, which mixes positions of the patch")
     return _op_runner(call), [geom]
 
@@ -3519,7 +3526,7 @@ def _rule_concat_op(call, geoms):
                         "computed from the patch")
     rank = len(call.out_shapes[0])
     first, unwarps = _merge_grids(call, geoms)
-    if int(axis) % rank != rank - 1 or not _per_channel(first):
+    if int(axis) % rank != rank - 1 or not _per_channel(first, call.in_shapes[0]):
         raise call.fail(f"it concatenates {first.describe()} along axis {int(axis)}; only the channel axis (-1) of "
                         f"maps and of vectors of one position can be made dense")
     args = dict(call.args, axis={"const": -1, "dtype": call.args["axis"]["dtype"]})
@@ -3582,7 +3589,7 @@ def _rule_split_op(call, geoms):
     part holds some channels of every pixel, the same parts of the dense values."""
     geom, rank = geoms[0], len(call.in_shapes[0])
     axis = call.constant("axis")
-    if axis is None or int(axis) % rank != rank - 1 or not _per_channel(geom):
+    if axis is None or int(axis) % rank != rank - 1 or not _per_channel(geom, call.in_shapes[0]):
         raise call.fail(f"it splits {geom.describe()} along axis {axis}; only the channel axis (-1) of a map or of a "
                         f"vector of one position can be made dense")
     args = dict(call.args, axis={"const": -1, "dtype": call.args["axis"]["dtype"]})
@@ -3595,7 +3602,8 @@ def _rule_reverse_op(call, geoms):
     """``tf.reverse(x, [-1])`` / ``keras.ops.flip(x, -1)``: the channels of every pixel in reverse order."""
     geom, rank = geoms[0], len(call.in_shapes[0])
     axes = call.constant("axis")
-    if axes is None or [int(a) % rank for a in np.ravel(axes)] != [rank - 1] or not _per_channel(geom):
+    if axes is None or [int(a) % rank for a in np.ravel(axes)] != [rank - 1] or \
+            not _per_channel(geom, call.in_shapes[0]):
         raise call.fail(f"it reverses {geom.describe()} along axes {axes}, which reorders positions of the patch; "
                         f"only the channel axis (-1) can be made dense")
     args = dict(call.args, axis={"const": [-1], "dtype": call.args["axis"]["dtype"]})
@@ -3609,7 +3617,7 @@ def _rule_gather_op(call, geoms):
     axis, indices = call.constant("axis"), call.args["indices"]
     indices = None if not isinstance(indices, dict) or not _constant_only(indices) else indices
     if "input" not in call.args["params"] or indices is None or axis is None or int(axis) % rank != rank - 1 \
-            or call.attrs.get("batch_dims", ["int", 0])[1] != 0 or not _per_channel(geom):
+            or call.attrs.get("batch_dims", ["int", 0])[1] != 0 or not _per_channel(geom, call.in_shapes[0]):
         raise call.fail(f"it gathers from {geom.describe()} along axis {axis}; only constant indices into the channel "
                         f"axis (-1) of a map or of a vector of one position can be made dense")
     args = dict(call.args, axis={"const": -1, "dtype": call.args["axis"]["dtype"]})
