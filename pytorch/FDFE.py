@@ -2762,13 +2762,19 @@ def _require_map(node, geom):
         raise node.fail(f"its input is {geom.describe()}, not an image-like map")
 
 
+def _view_by_channel(geom, shape) -> bool:
+    """Whether ``shape``, the traced shape of a reshape (VIEW) of a map, keeps the channels on dim 1 ((N, C, h*w),
+    the (N, C, 1) of a 1x1 map): the map's C-major order leaves each channel's values, for every position, at its
+    index of dim 1."""
+    return (geom.kind == VIEW and len(shape) >= 2 and shape[1] == geom.channels
+            and _prod(shape[2:]) == geom.size[0] * geom.size[1])
+
+
 def _channel_dim(geom, dim, node):
-    """Dense channel axis for ``dim`` of a patch tensor, or raise if ``dim`` is spatial or the batch.  A reshape
-    (VIEW) that keeps the channels on dim 1 ((N, C, h*w), the (N, C, 1) of a 1x1 map) has them there too: the
-    map's C-major order leaves each channel's values, for every position, at its index of dim 1."""
+    """Dense channel axis for ``dim`` of a patch tensor, or raise if ``dim`` is spatial or the batch (also for
+    reshapes that keep the channels on dim 1, :func:`_view_by_channel`)."""
     shape = tuple(node.in_shapes[0]) if node.in_shapes else ()
-    view_by_channel = (geom.kind == VIEW and len(shape) >= 2 and shape[1] == geom.channels
-                       and _prod(shape[2:]) == geom.size[0] * geom.size[1])
+    view_by_channel = _view_by_channel(geom, shape)
     rank = 4 if geom.kind == MAP else len(shape) if view_by_channel else 2
     d = dim + rank if dim < 0 else dim
     if d == 1 and (geom.kind == MAP or geom.is_pixel_vector or view_by_channel):
@@ -2879,7 +2885,8 @@ def _rule_elementwise(node, geoms):
     geom, unwarps = _merge_grids(node, geoms)
     args = _map_structure(node.args, lambda v: _constant_for(geom, v, node))
     kwargs = _map_structure(node.kwargs, lambda v: _constant_for(geom, v, node))
-    _check_same_shape(node, channels_may_broadcast=all(g.kind == MAP or g.is_pixel_vector for g in geoms))
+    _check_same_shape(node, channels_may_broadcast=all(g.kind == MAP or g.is_pixel_vector or _view_by_channel(g, s)
+                                                       for g, s in zip(geoms, node.in_shapes)))
     if node.in_shapes[0] != node.out_shapes[0]:  # a one-channel value first (g * x): C channels out
         geom = geom.with_(channels=node.out_shapes[0][1])
     return _aligned(_CallStep(node, args=args, kwargs=kwargs), unwarps), [geom] * len(node.out_slots)
@@ -3105,7 +3112,8 @@ def _make_reduce_rule(kind):
         rank = 4 if geom.kind == MAP else len(shape)
         if any(d % rank == 0 for d in dims):
             raise node.fail("it reduces over the batch of patches")
-        per_pixel = dims and all(d % rank == 1 for d in dims) and (geom.kind == MAP or geom.is_pixel_vector)
+        per_pixel = dims and all(d % rank == 1 for d in dims) and (geom.kind == MAP or geom.is_pixel_vector
+                                                                    or _view_by_channel(geom, shape))
         if not per_pixel:
             raise node.fail(f"it computes a statistic over positions of each patch (dims {dims} of "
                             f"{geom.describe()}), as per-patch normalisation does; {_PER_PATCH_REASON}")
@@ -3702,7 +3710,7 @@ class DenseFeatureNet(nn.Module):
         """
         if not _recording_graph():
             self._check_structure()
-        if not _exporting() and isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:
+        if not _recording_graph() and isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:
             # an empty batch, as Cp: Cp's own result on no patches (its dtype, and its gradient path), per pixel
             if min(images.shape[1:]) < 1:
                 raise ValueError(f"images must not be empty, got shape {tuple(images.shape)}")

@@ -1359,6 +1359,7 @@ def test_gated_linear_units_and_channel_shuffles_act_per_pixel(tb, kb):
             m = self.pool(self.conv(x))
             y = m.flatten(2)  # (N, 8, 4): 8 channels at 2x2 positions
             y = torch.cat([F.normalize(F.channel_shuffle(y, 2), dim=1), F.glu(y.softmax(1).flip(1), 1)], 1)
+            y = y - y.amax(1, keepdim=True) + y.sum(dim=1, keepdim=True)
             z = F.glu(self.last(torch.tanh(m)).squeeze(-1), 1)  # (N, 4, 1) -> (N, 2, 1)
             return self.fc(y.flatten(1)) + self.fc2(z.squeeze(-1))
     _torch_check(tb, OnViews(), (8, 8), 3, size=(12, 11))

@@ -524,6 +524,8 @@ def test_torch_vmap_and_per_sample_gradients(tb, channels):
     got = torch.func.vmap(ci)(x[:, None])[:, 0].detach()
     assert got.shape == ref.shape
     assert max_rel_error(got, ref) <= TOL["float64"]
+    empty = torch.func.vmap(ci)(x[:, None][:, :0])  # an empty batch per sample, as eager CI takes
+    assert empty.shape == (x.shape[0], 0) + tuple(ref.shape[1:])
     if channels == 3:  # a module calling vmap(ci), exported: CI's channels-last copies under vmap failed there
 
         class Batched(nn.Module):
