@@ -1372,8 +1372,10 @@ def test_gated_linear_units_and_channel_shuffles_act_per_pixel(tb, kb):
 
     def on_views(y):  # channel ops on a (N, h*w, C) reshape, which keeps the channels on the last axis
         y = keras.ops.concatenate([keras.ops.softmax(y), keras.ops.flip(keras.ops.glu(y), -1)], -1)
-        return keras.ops.maximum(*keras.ops.split(y, 2, axis=-1))
+        y = keras.ops.maximum(*keras.ops.split(y, 2, axis=-1)) * np.arange(1.0, 7.0, dtype="float32")
+        return y - keras.ops.sum(y, -1, keepdims=True) + keras.ops.max(y, -1)[..., None]
     inp = keras.Input((8, 8, 3))
     x = L.Reshape((4, 8))(L.MaxPooling2D(2)(L.Conv2D(8, 4)(inp)))  # 8 channels at 2x2 positions
-    x = L.Activation("glu")(L.Lambda(on_views)(x))  # (last: Keras' shape inference misses glu's halving)
+    x = L.Activation("glu")(L.Concatenate()([L.Lambda(on_views)(x), x]))  # (last: Keras' shape inference
+    # misses glu's halving)
     _keras_check(kb, keras.Model(inp, L.Flatten()(x)), (8, 8), 3, size=(12, 11))

@@ -368,9 +368,11 @@ def test_keras_images_as_lists_arrays_and_tensors(kb):
         ci("image.png")
     # a one-element list of a tensor or array, as a Functional Cp with one input accepts (ci([x]) read it as a
     # batch of one 5-D image; predict([x]) failed converting a symbolic tensor); mask=None as Keras' models take
-    for given in ([images], (tf.constant(images),), {"patch": images}):
+    for given in ([images], (tf.constant(images),), {"patch": images}, {"patch": list(images)}):
         out = ci(given, mask=None)
         assert np.allclose(out.numpy(), expected, rtol=0, atol=1e-6), type(given)
+    for given in ([images[1]], [tf.constant(images[1])]):  # a list of one (H, W, C) image: a batch of one
+        assert np.allclose(ci(given).numpy(), expected[1:], rtol=0, atol=1e-6), type(given)
     assert np.allclose(ci.predict([images.astype("float32")], verbose=0), expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="CI takes no mask"):
         ci(images, mask=tf.ones(images.shape[:3], bool))
@@ -475,6 +477,17 @@ def test_keras_augmentation_layers_are_the_identity_at_inference(kb):
     forced(np.zeros((1, 5, 5, 1), "float32"))
     with pytest.raises(kb.FDFE.ConversionError, match="calls it with training=True whatever Cp's mode"):
         kb.FDFE.convert(forced, 5)
+    # layers taken out of a Pipeline or a Sequential after convert: CI ran the old layers, silently (3.5 off)
+    pipe = L.Pipeline([L.RandomFlip(), L.Rescaling(2.0)])
+    seq = keras.Sequential([L.Conv2D(3, 3), L.Rescaling(0.5)])
+    inp = keras.Input((5, 5, 1))
+    net = keras.Model(inp, L.Flatten()(L.Conv2D(2, 3)(seq(pipe(inp)))))
+    for container in (pipe, seq):
+        ci = kb.FDFE.convert(net, 5)
+        container.layers.pop() if container is pipe else container.pop()
+        with pytest.raises(ValueError, match=rf"Cp changed after convert: '{container.name}' \({type(container).__name__}"
+                                             rf"\) holds other layers than at convert \(\d then, \d now"):
+            ci(_images(1))
 
 
 def test_keras_activation_functions_that_change_the_channel_count_or_are_not_element_wise(kb):
@@ -500,6 +513,10 @@ def test_keras_activation_functions_that_change_the_channel_count_or_are_not_ele
         with pytest.raises(kb.FDFE.ConversionError, match=r"its activation '<lambda>' is applied to a flattened "
                                                           r"3x3x2 map.*it is not element-wise"):
             kb.FDFE.convert(net, 5)
+    net = keras.Sequential([keras.Input((5, 5, 1)), L.Conv2D(4, 3), L.Flatten(), L.Activation("sparsemax")])
+    with pytest.raises(kb.FDFE.ConversionError, match=r"its activation 'sparsemax' is applied to a flattened "
+                                                      r"3x3x4 map.*it is not element-wise"):  # (Keras' own, too)
+        kb.FDFE.convert(net, 5)
     net = keras.Sequential([keras.Input((5, 5, 1)), L.Conv2D(2, 3), L.Flatten(),  # element-wise: accepted
                             L.Activation(lambda t: keras.ops.tanh(t) * 2.0)])
     _assert_exact(kb, net, 5, 1)

@@ -956,6 +956,14 @@ def check_images(images, in_channels: Optional[int] = None, name: str = "images"
     return images
 
 
+def _known_rank(x):
+    """The rank of a tensor or array, or None where it is unknown (a traced tensor of unknown rank)."""
+    try:
+        return len(x.shape)
+    except (TypeError, ValueError):
+        return None
+
+
 def _as_images(images, name="images"):
     """Images as a tensor or numpy array: nested Python lists or tuples of numbers are converted to a numpy
     array (as Keras converts data for a model, e.g. in predict()); other types are refused naming the
@@ -964,9 +972,10 @@ def _as_images(images, name="images"):
         raise TypeError(f"{name} must be a dense tensor of shape (N, H, W, C), got a {type(images).__name__}; "
                         f"convert it first (.to_tensor() for a RaggedTensor, tf.sparse.to_dense for a SparseTensor)")
     if isinstance(images, dict) and len(images) == 1:
-        images = list(images.values())  # {name: images}, as a Functional model with one input accepts
+        images = next(iter(images.values()))  # {name: images}, as a Functional model with one input accepts
     if isinstance(images, (list, tuple)) and len(images) == 1 and (
-            tf.is_tensor(images[0]) or isinstance(images[0], (np.ndarray, keras.KerasTensor))):
+            tf.is_tensor(images[0]) or isinstance(images[0], (np.ndarray, keras.KerasTensor))) \
+            and _known_rank(images[0]) != 3:  # (a list of one (H, W, C) image is a batch of one)
         images = images[0]  # [images], as a Functional model with one input accepts (and predict() passes on)
     if not isinstance(images, (list, tuple)):
         if not (tf.is_tensor(images) or isinstance(images, (np.ndarray, keras.KerasTensor))):
@@ -1941,6 +1950,19 @@ def _layer_settings(layers, state=None) -> List[Tuple]:
     return entries
 
 
+def _container_records(layers) -> List[Tuple]:
+    """(layer, ids of the layers it holds) for the layers among ``layers`` that hold others (Cp itself, its
+    Sequential and functional sub-models, Pipelines, layers of one's own): ``Sequential.pop()``/``add()`` and
+    a Pipeline's ``layers.pop()`` after convert change the ops Cp runs, which CI would not follow
+    (DenseFeatureModel._check_settings refuses them)."""
+    records = []
+    for layer in layers:
+        held = tuple(id(sub) for sub in layer._flatten_layers(include_self=False, recursive=False))
+        if held:
+            records.append((layer, held))
+    return records
+
+
 #: the end of the message for tiles asked for where the image size is unknown (an export traces such sizes)
 _EXPORT_HINT = ("; exports (ci.export, tf.saved_model.save) trace CI for every size: set ci.tile = ci.max_memory = "
                 "None before exporting (the artifact runs untiled)")
@@ -2854,13 +2876,14 @@ def _check_activation_per_pixel(call, in_geoms):
     tested by changing some entries, which must leave the others' outputs unchanged (a softmax fails)."""
     act = _activation_of(call.layer)
     name = getattr(act, "__name__", None)
-    if act is None or (name is not None and getattr(keras.activations, name, None) is act):
-        return
     channels = _pre_activation_channels(call)
-    if not isinstance(channels, int):
+    if act is None or not isinstance(channels, int):
         return
     geom = in_geoms[0] if isinstance(call.layer, keras.layers.Activation) and in_geoms else None
     elementwise = geom is not None and not _per_channel(geom, call.in_shapes[0])
+    if name is not None and getattr(keras.activations, name, None) is act and (
+            not elementwise or name in ("softmax", "log_softmax", "glu")):
+        return  # Keras' own are per pixel (sparsemax is not element-wise: tested); _activation_ok names those three
     dtype = getattr(call.layer, "compute_dtype", None) or "float32"
     tolerance = 1e-5 if tf.as_dtype(dtype).size >= 4 else 3e-2  # (a few bfloat16 rounding units)
     rng = np.random.default_rng(0)
@@ -2875,8 +2898,9 @@ def _check_activation_per_pixel(call, in_geoms):
             pixels = np.stack([np.asarray(tf.cast(act(x[:, i:i + 1, j:j + 1, :]), tf.float64))[0, 0, 0]
                                for i in range(3) for j in range(4)]).reshape(whole.shape)
             per_pixel = per_pixel and close(whole, pixels)
-            if elementwise:
-                changed = np.arange(channels) % 2 == 1  # every other entry changed: the rest must not move
+            if elementwise:  # some entries changed (at random, both parities): the rest must not move
+                changed = np.resize(rng.permutation(channels) < channels // 2, channels) if channels > 1 else \
+                    np.zeros(1, bool)
                 moved = np.asarray(tf.cast(act(x + tf.constant(changed * scale, dtype=dtype)), tf.float64))
                 per_entry = per_entry and whole.shape == x.shape and close(whole[..., ~changed],
                                                                            moved[..., ~changed])
@@ -3227,7 +3251,7 @@ def _rule_merge(call, geoms):
     channels = first.channels
     if isinstance(layer, keras.layers.Concatenate):
         _check_channel_axis(call, layer.axis, len(call.in_shapes[0]))
-        _per_pixel_ok(call, first)
+        _per_pixel_ok(call, first, shape=call.in_shapes[0])
         channels = call.out_shape[-1]
     if any(unwarps):
         return (lambda xs: [layer(_AlignStreams(unwarps)(list(xs)))]), [first.with_(channels=channels)]
@@ -3385,13 +3409,13 @@ def _per_channel(geom, shape=None):
             and _prod(shape[1:-1]) == geom.size[0] * geom.size[1])
 
 
-def _same_at_every_position(spec, geom):
+def _same_at_every_position(spec, geom, shape=None):
     """A constant of Cp's call() (``keras.ops.zeros_like(x)``, ``tf.fill(tf.shape(x), c)``) whose entries are the
     same at every position of the patch and for every patch of the example batch: the one value per channel
     it holds, of shape [1, ..., 1, C], which broadcasts to the same values.  Exact, since such a constant does
     not depend on the input; values computed from Cp's variables (which training may make differ) are never
-    replaced.  ``spec`` otherwise."""
-    if not isinstance(spec, dict) or not _per_channel(geom) or not _constant_only(spec):
+    replaced.  ``spec`` otherwise.  (``shape``: the traced shape of the value it is combined with.)"""
+    if not isinstance(spec, dict) or not _per_channel(geom, shape) or not _constant_only(spec):
         return spec
     if "const" in spec:
         value, dtype = np.asarray(spec["const"]), spec["dtype"]
@@ -3448,17 +3472,18 @@ def _rule_elementwise_op(call, geoms):
             raise call.fail(f"it combines {big} with {geom.describe()}, a value of the whole patch (such as its "
                             f"mean or standard deviation) used at every position, as per-patch normalisation "
                             f"does; {_PER_PATCH_REASON}")
-        if shape[-1] != out[-1] and not (shape[-1] == 1 and _per_channel(geom)):
+        if shape[-1] != out[-1] and not (shape[-1] == 1 and _per_channel(geom, shape)):
             raise call.fail(f"it broadcasts {geom.describe()} along the last axis of a {out} value, which mixes "
                             f"positions of the patch")
     first, unwarps = _merge_grids(call, geoms)
-    args = {name: [_same_at_every_position(s, first) for s in spec] if isinstance(spec, list)
-            else _same_at_every_position(spec, first) for name, spec in call.args.items()}
+    args = {name: [_same_at_every_position(s, first, out) for s in spec] if isinstance(spec, list)
+            else _same_at_every_position(spec, first, out) for name, spec in call.args.items()}
     for spec in _flat_specs(args):
         if "input" in spec:
             continue
         shape = tuple(spec["shape"] or ())
-        per_position = any(s != 1 for s in shape[:-1]) or (shape and shape[-1] != 1 and not _per_channel(first))
+        per_position = any(s != 1 for s in shape[:-1]) or (shape and shape[-1] != 1
+                                                            and not _per_channel(first, out))
         if len(shape) > len(out) or per_position or (shape and shape[-1] not in (1, out[-1])):
             if not _constant_only(spec):
                 raise call.fail(f"it combines {first.describe()} with a value of shape {list(shape)} computed from "
@@ -3466,7 +3491,7 @@ def _rule_elementwise_op(call, geoms):
                                 f"changes them); only scalars and per-channel values can be made dense")
             raise call.fail(f"it combines {first.describe()} with a constant of shape {list(shape)}, which differs "
                             f"per position of the patch; only scalars and per-channel constants can be made dense")
-    return _op_runner(call, args, unwarps), [first.with_(channels=out[-1] if _per_channel(first) else None)]
+    return _op_runner(call, args, unwarps), [first.with_(channels=out[-1] if _per_channel(first, out) else None)]
 
 
 @_op_rule_for("MatMul", label="TensorFlow matrix products in call() with a constant or weight (x @ w): per pixel "
@@ -3701,6 +3726,9 @@ def _rule_reduce_op(call, geoms):
     if geom.is_pixel_vector and len(src) == 2:
         layer = per_pixel()
         return (lambda xs: [layer(xs[0])]), [_reshaped_geom(call, geom.with_(channels=1), (src[0], 1), dst)]
+    if geom.kind == VIEW and _per_channel(geom, src) and axes == [len(src) - 1]:  # channels of a (N, h*w, C) reshape
+        layer = per_pixel()
+        return (lambda xs: [layer(xs[0])]), [_reshaped_geom(call, geom.with_(channels=1), src[:-1] + (1,), dst)]
     raise call.fail(f"it reduces {geom.describe()} over axes {axes}, which mixes positions of the patch; only "
                     f"reductions of a (N, h, w, C) map over its positions (global pooling) or its channels, and of a "
                     f"vector of one position over its channels, can be made dense")
@@ -4003,6 +4031,13 @@ class DenseFeatureModel(keras.Model):
     def _check_settings(self):
         """Refuses to run where a setting of Cp's layers changed after convert (:func:`_layer_settings`).
         (Called at every eager call of CI: a plain loop.)"""
+        for layer, held in getattr(self, "_containers", ()):
+            now = tuple(id(sub) for sub in layer._flatten_layers(include_self=False, recursive=False))
+            if now != held:
+                raise ValueError(f"Cp changed after convert: '{layer.name}' ({type(layer).__name__}) holds other "
+                                 f"layers than at convert ({len(held)} then, {len(now)} now: a layer added, removed "
+                                 f"or replaced). CI runs the ops convert built, which no longer are Cp's: convert Cp "
+                                 f"again")
         for layer, names, values, activation in getattr(self, "_settings", ()):
             now = tuple(_snapshot(getattr(layer, k, None)) for k in names)
             activation_now = getattr(layer, "activation", None)
@@ -4461,6 +4496,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     snapshots = tracer.snapshots + [_attribute_values(net._cp_layers)]
     state = _changed_between(snapshots)
     object.__setattr__(net, "_settings", _layer_settings(net._cp_layers, state))
+    object.__setattr__(net, "_containers", _container_records(replaced))
     return net
 
 
