@@ -119,3 +119,20 @@ def test_torch_constants_of_cps_forward_follow_cp_cast_after_convert(tb):
         out, ref = ci(images), tb.FDFE.dense_reference(cp, images, 4)
     assert out.dtype == ref.dtype == torch.float32
     assert max_rel_error(out, ref) <= TOL["float32"]
+
+
+def test_keras_layers_left_out_still_cast_to_their_dtype(kb):
+    """A float32 Flatten (the default policy) between float64 layers rounds Cp's values to float32; CI left the
+    Flatten out and computed in float64, so convert's self-check refused the net ("please report it").  Layers CI
+    leaves out (Flatten, dropout) now cast as Keras casts their input."""
+    import keras
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5, 5, 2), dtype="float64")
+    x = L.Flatten()(L.MaxPooling2D(2, dtype="float64")(L.Conv2D(4, 2, dtype="float64")(inp)))
+    net = keras.Model(inp, L.Dense(3, dtype="float64")(L.Dropout(0.1)(x)))
+    images = np.random.default_rng(1).standard_normal((2, 11, 10, 2))
+    ci = kb.FDFE.convert(net, 5)
+    out = ci(images)
+    assert out.dtype == "float64"
+    assert max_rel_error(out, kb.FDFE.dense_reference(net, images, 5)) <= TOL["float64"]

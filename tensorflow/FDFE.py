@@ -2940,6 +2940,16 @@ def _pass_through(xs):
     return [xs[0]]
 
 
+def _cast_as_layer_input(layer):
+    """What CI runs for a layer of Cp it leaves out (a Flatten, dropout, augmentation): the cast of a floating
+    input to the layer's compute dtype that Keras applies before any layer computes (a float32 Flatten between
+    float64 layers rounds to float32 in Cp; under mixed_bfloat16 it rounds to bfloat16)."""
+    policy = getattr(layer, "dtype_policy", None)
+    if policy is None or not hasattr(policy, "convert_input"):
+        return _pass_through
+    return lambda xs: [policy.convert_input(xs[0], getattr(layer, "autocast", True), layer.input_dtype)]
+
+
 # --- the rules ----------------------------------------------------------------
 
 @_rule_for(keras.layers.Rescaling, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU,
@@ -4330,6 +4340,8 @@ def _apply_rules(calls, geoms, values):
             if not call.is_op:
                 _check_activation_per_pixel(call, in_geoms)
             run, out_geoms = rule(call, in_geoms)
+            if run is _pass_through and not call.is_op:
+                run = _cast_as_layer_input(call.layer)
         except ConversionError as exc:
             problems.append(str(exc))
             geoms.update((s, _guessed_geom(shape, in_geoms, _MAP_LAYOUT))
