@@ -520,3 +520,24 @@ def test_keras_activation_functions_that_change_the_channel_count_or_are_not_ele
     net = keras.Sequential([keras.Input((5, 5, 1)), L.Conv2D(2, 3), L.Flatten(),  # element-wise: accepted
                             L.Activation(lambda t: keras.ops.tanh(t) * 2.0)])
     _assert_exact(kb, net, 5, 1)
+
+
+def test_keras_per_channel_layers_on_positions_reshaped_to_rows(kb):
+    """Per-channel layers on a map reshaped to (N, h*w, C) rows of positions (LayerNormalization, Softmax,
+    UnitNormalization, and BatchNormalization or PReLU built for such rows) act per pixel; they were refused as
+    mixing positions.  A PReLU with slopes per position stays refused."""
+    import keras
+    L = keras.layers
+    keras.utils.set_random_seed(7)
+    bn = L.BatchNormalization()
+    rows = [L.LayerNormalization(), bn, L.PReLU(shared_axes=[1]), L.Softmax(), L.UnitNormalization()]
+    net = keras.Sequential([keras.Input((8, 7, 2)), L.Conv2D(6, 3), L.MaxPooling2D(2), L.Reshape((6, 6))] + rows +
+                           [L.Flatten(), L.Dense(4)])
+    bn.moving_mean.assign(np.linspace(-0.2, 0.3, 6))
+    bn.moving_variance.assign(np.linspace(0.5, 2.0, 6))
+    _assert_exact(kb, net, (8, 7), 2)
+    net = keras.Sequential([keras.Input((8, 7, 2)), L.Conv2D(6, 3), L.MaxPooling2D(2), L.Reshape((6, 6)), L.PReLU(),
+                            L.Flatten(), L.Dense(4)])
+    with pytest.raises(kb.FDFE.ConversionError, match=r"\(PReLU\).*its slopes differ per position \(use "
+                                                      r"shared_axes=\[1\]\)"):
+        kb.FDFE.convert(net, (8, 7))

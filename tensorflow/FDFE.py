@@ -2634,10 +2634,12 @@ class PerPixel(_WrapperLayer):
     (B, H, W, C) values are read as (B * H * W, C) rows and put back (shared weights, inference mode).
 
     For layers that accept no 4-D input once built on a Dense head's output (``BatchNormalization``,
-    ``PReLU``); ``convert`` wraps them itself, hand-wired CIs wrap them so.
+    ``PReLU``); ``convert`` wraps them itself, hand-wired CIs wrap them so.  With ``rank=3``, for such a layer
+    built for (B, L, C) positions (a map reshaped to (B, h*w, C)): the values are read as (B, H*W, C).
 
     Args:
-        layer: the trained layer, built for (B, C) inputs.
+        layer: the trained layer, built for (B, C) inputs (``rank=2``) or (B, L, C) inputs (``rank=3``).
+        rank: the rank of the inputs the layer was built for, 2 or 3.
 
     Shape:
         (B, H, W, C) -> (B, H, W, C).
@@ -2650,14 +2652,20 @@ class PerPixel(_WrapperLayer):
     """
     wrapped = "layer"
 
-    def __init__(self, layer, **kwargs):
+    def __init__(self, layer, rank=2, **kwargs):
         super().__init__(**kwargs)
-        self.layer = layer
+        if rank not in (2, 3):
+            raise ValueError(f"rank must be 2 or 3 (the rank of the inputs the layer was built for), got {rank!r}")
+        self.layer, self.rank = layer, rank
 
     def call(self, x):
         shape = tf.shape(x)
-        rows = self.layer(tf.reshape(x, [-1, x.shape[-1]]), training=False)
+        rows = self.layer(tf.reshape(x, [-1, x.shape[-1]] if self.rank == 2 else [shape[0], -1, x.shape[-1]]),
+                          training=False)
         return tf.reshape(rows, shape)
+
+    def get_config(self):
+        return {**super().get_config(), "rank": self.rank}
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -2899,8 +2907,7 @@ def _check_activation_per_pixel(call, in_geoms):
                                for i in range(3) for j in range(4)]).reshape(whole.shape)
             per_pixel = per_pixel and close(whole, pixels)
             if elementwise:  # some entries changed (at random, both parities): the rest must not move
-                changed = np.resize(rng.permutation(channels) < channels // 2, channels) if channels > 1 else \
-                    np.zeros(1, bool)
+                changed = rng.permutation(channels) < channels // 2
                 moved = np.asarray(tf.cast(act(x + tf.constant(changed * scale, dtype=dtype)), tf.float64))
                 per_entry = per_entry and whole.shape == x.shape and close(whole[..., ~changed],
                                                                            moved[..., ~changed])
@@ -2940,14 +2947,16 @@ def _pass_through(xs):
     return [xs[0]]
 
 
-def _cast_as_layer_input(layer):
-    """What CI runs for a layer of Cp it leaves out (a Flatten, dropout, augmentation): the cast of a floating
-    input to the layer's compute dtype that Keras applies before any layer computes (a float32 Flatten between
-    float64 layers rounds to float32 in Cp; under mixed_bfloat16 it rounds to bfloat16)."""
+def _cast_as_layer_input(layer, x):
+    """``x`` cast as Keras casts a floating input to ``layer``'s compute dtype before the layer computes: CI applies
+    it to the inputs of every layer of Cp, also of those it leaves out or computes with its own ops (a Flatten,
+    dropout, a pooling, a crop): a float32 Flatten between float64 layers rounds to float32 in Cp, a bfloat16
+    pooling or crop in a float32 net rounds to bfloat16.  (Where CI calls the layer itself, Keras casts again:
+    nothing changes.)"""
     policy = getattr(layer, "dtype_policy", None)
     if policy is None or not hasattr(policy, "convert_input"):
-        return _pass_through
-    return lambda xs: [policy.convert_input(xs[0], getattr(layer, "autocast", True), layer.input_dtype)]
+        return x
+    return policy.convert_input(x, getattr(layer, "autocast", True), layer.input_dtype)
 
 
 # --- the rules ----------------------------------------------------------------
@@ -3011,20 +3020,21 @@ def _rule_channelwise(call, geoms):
     LocalResponseNormalization): reused unchanged."""
     geom = geoms[0]
     layer = call.layer
+    rank = len(call.in_shapes[0])
     if isinstance(layer, keras.layers.PReLU):
         shared = sorted(layer.shared_axes or [])
-        if geom.kind == MAP and shared != [1, 2]:
-            raise call.fail("its slopes differ per position (use shared_axes=[1, 2])")
+        if (geom.kind == MAP or rank == 3 and not geom.is_pixel_vector) and shared != list(range(1, rank - 1)):
+            raise call.fail(f"its slopes differ per position (use shared_axes={list(range(1, rank - 1))})")
     scalar = isinstance(layer, keras.layers.Normalization) and not layer.axis  # axis=None: one mean and variance
     if hasattr(layer, "axis") and not scalar:
-        _check_channel_axis(call, layer.axis, len(call.in_shapes[0]))
-    _per_pixel_ok(call, geom)
+        _check_channel_axis(call, layer.axis, rank)
+    _per_pixel_ok(call, geom, shape=call.in_shapes[0])
     if isinstance(layer, keras.layers.Normalization) and getattr(layer, "input_mean", None) is None \
             and hasattr(layer, "adapt_mean"):
         normalization = _AdaptedNormalization(layer)  # its statistics as they are at every call
         return (lambda xs: [normalization(xs[0])]), [geom]
-    if len(call.in_shapes[0]) == 2:  # built for (B, C) vectors, which accept no (B, H, W, C) values
-        return (lambda xs: [PerPixel(layer)(xs[0])]), [geom]
+    if rank in (2, 3):  # built for (B, C) vectors or (B, h*w, C) positions: may accept no (B, H, W, C) values
+        return (lambda xs: [PerPixel(layer, rank)(xs[0])]), [geom]
     return _reuse(layer), [geom]
 
 
@@ -3034,7 +3044,7 @@ def _rule_layer_norm(call, geoms):
     axis = call.layer.axis
     axes = [axis] if isinstance(axis, numbers.Integral) else list(axis)
     rank = len(call.in_shapes[0])
-    if [a % rank for a in axes] != [rank - 1] or (geoms[0].kind == VECTOR and geoms[0].size != (1, 1)):
+    if [a % rank for a in axes] != [rank - 1] or not _per_channel(geoms[0], call.in_shapes[0]):
         raise call.fail(f"it normalises {geoms[0].describe()} over axes {axis}, with statistics of each patch; "
                         f"{_PER_PATCH_REASON}")
     return _rule_channelwise(call, geoms)
@@ -4340,8 +4350,6 @@ def _apply_rules(calls, geoms, values):
             if not call.is_op:
                 _check_activation_per_pixel(call, in_geoms)
             run, out_geoms = rule(call, in_geoms)
-            if run is _pass_through and not call.is_op:
-                run = _cast_as_layer_input(call.layer)
         except ConversionError as exc:
             problems.append(str(exc))
             geoms.update((s, _guessed_geom(shape, in_geoms, _MAP_LAYOUT))
@@ -4350,7 +4358,8 @@ def _apply_rules(calls, geoms, values):
         if problems:  # CI will not be built: later layers only report their own problems
             geoms.update(zip(call.out_slots, out_geoms))
             continue
-        outs = run([values[s] for s in call.in_slots])
+        inputs = [values[s] for s in call.in_slots]
+        outs = run(inputs if call.is_op else [_cast_as_layer_input(call.layer, x) for x in inputs])
         if len(out_geoms) != len(call.out_slots) or len(outs) != len(call.out_slots):
             raise AssertionError(f"rule for {call.where} returned {len(out_geoms)} geometries and {len(outs)} "
                                  f"values for {len(call.out_slots)} outputs")
