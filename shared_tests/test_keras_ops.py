@@ -530,7 +530,8 @@ def test_keras_per_channel_layers_on_positions_reshaped_to_rows(kb):
     L = keras.layers
     keras.utils.set_random_seed(7)
     bn = L.BatchNormalization()
-    rows = [L.LayerNormalization(), bn, L.PReLU(shared_axes=[1]), L.Softmax(), L.UnitNormalization()]
+    rows = [L.LayerNormalization(), bn, L.PReLU(shared_axes=[1]), L.Softmax(), L.UnitNormalization(),
+            L.PReLU(shared_axes=[1, 2])]  # (one slope for all: per pixel too)
     net = keras.Sequential([keras.Input((8, 7, 2)), L.Conv2D(6, 3), L.MaxPooling2D(2), L.Reshape((6, 6))] + rows +
                            [L.Flatten(), L.Dense(4)])
     bn.moving_mean.assign(np.linspace(-0.2, 0.3, 6))

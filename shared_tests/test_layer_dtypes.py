@@ -145,3 +145,15 @@ def test_keras_layers_left_out_still_cast_to_their_dtype(kb):
             net = keras.Sequential([keras.Input((8, 8, 2)), L.Conv2D(4, 2), layer, L.Conv2D(3, 2), L.Flatten()])
             ci = kb.FDFE.convert(net, 8, check=False)
             assert max_rel_error(ci(images), kb.FDFE.dense_reference(net, images, 8)) <= TOL["float32"], (low, layer)
+
+
+def test_keras_self_check_tolerates_the_coarsest_dtype_cp_computes_in(kb):
+    """A float64 first convolution followed by float32 layers computes (and rounds) in float32: convert's self-check
+    took float64's tolerance from the first layer and refused the net ("please report it")."""
+    import keras
+    L = keras.layers
+    keras.utils.set_random_seed(2)
+    net = keras.Sequential([keras.Input((8, 8, 3)), L.Conv2D(4, 3, dtype="float64"), L.Conv2D(5, 6), L.Flatten()])
+    images = np.random.default_rng(3).standard_normal((2, 11, 9, 3))
+    out = kb.FDFE.convert(net, 8)(images)
+    assert max_rel_error(out, kb.FDFE.dense_reference(net, images, 8)) <= TOL["float32"]
