@@ -524,14 +524,14 @@ def test_keras_activation_functions_that_change_the_channel_count_or_are_not_ele
 
 def test_keras_per_channel_layers_on_positions_reshaped_to_rows(kb):
     """Per-channel layers on a map reshaped to (N, h*w, C) rows of positions (LayerNormalization, Softmax,
-    UnitNormalization, and BatchNormalization or PReLU built for such rows) act per pixel; they were refused as
-    mixing positions.  A PReLU with slopes per position stays refused."""
+    UnitNormalization, Dense, and BatchNormalization or PReLU built for such rows) act per pixel; they were refused
+    as mixing positions (Dense: "flatten the map first").  A PReLU with slopes per position stays refused."""
     import keras
     L = keras.layers
     keras.utils.set_random_seed(7)
     bn = L.BatchNormalization()
     rows = [L.LayerNormalization(), bn, L.PReLU(shared_axes=[1]), L.Softmax(), L.UnitNormalization(),
-            L.PReLU(shared_axes=[1, 2])]  # (one slope for all: per pixel too)
+            L.PReLU(shared_axes=[1, 2]), L.Dense(5, activation="softmax"), L.Dense(6)]  # (Dense: per row)
     net = keras.Sequential([keras.Input((8, 7, 2)), L.Conv2D(6, 3), L.MaxPooling2D(2), L.Reshape((6, 6))] + rows +
                            [L.Flatten(), L.Dense(4)])
     bn.moving_mean.assign(np.linspace(-0.2, 0.3, 6))

@@ -3251,9 +3251,9 @@ def _rule_dense(call, geoms):
     geom = geoms[0]
     layer = call.layer
     units = call.out_shape[-1]
-    if geom.kind == VIEW:
+    if geom.kind == VIEW and not _per_channel(geom, call.in_shapes[0]):
         raise call.fail(f"it is applied to {geom.describe()}; flatten the map first")
-    if geom.kind == MAP or geom.size == (1, 1):
+    if geom.kind in (MAP, VIEW) or geom.size == (1, 1):  # (a VIEW here: rows of positions, (N, h*w, C))
         _activation_ok(call, geom, layer)
         return _reuse(layer), [geom.with_(channels=units)]
     _require_plain_weights(call, "its form on a flattened map (an h x w convolution)")
