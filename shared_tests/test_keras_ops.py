@@ -443,8 +443,9 @@ def test_keras_augmentation_layers_are_the_identity_at_inference(kb):
     import keras
     L = keras.layers
     keras.utils.set_random_seed(3)
-    augment = [L.RandomFlip("horizontal"), L.RandomRotation(0.1), L.Pipeline([L.RandomZoom(0.1), L.RandomContrast(0.2)]),
-               L.RandomTranslation(0.1, 0.1), L.RandomCrop(9, 8)]  # (a Pipeline of them, as Keras' guides chain them)
+    augment = [L.RandomFlip("horizontal"), L.RandomRotation(0.1),
+               L.Pipeline([L.RandomZoom(0.1), L.RandomContrast(0.2)]),  # (as Keras' guides chain them)
+               L.RandomTranslation(0.1, 0.1), L.RandomCrop(9, 8)]
     inp = keras.Input((9, 8, 2))
     x = inp
     for layer in augment:
@@ -485,8 +486,9 @@ def test_keras_augmentation_layers_are_the_identity_at_inference(kb):
     for container in (pipe, seq):
         ci = kb.FDFE.convert(net, 5)
         container.layers.pop() if container is pipe else container.pop()
-        with pytest.raises(ValueError, match=rf"Cp changed after convert: '{container.name}' \({type(container).__name__}"
-                                             rf"\) holds other layers than at convert \(\d then, \d now"):
+        kind = type(container).__name__
+        with pytest.raises(ValueError, match=rf"Cp changed after convert: '{container.name}' \({kind}\) holds "
+                                             rf"other layers than at convert \(\d then, \d now"):
             ci(_images(1))
 
 
