@@ -2405,7 +2405,7 @@ _AUGMENTATION = tuple(getattr(keras.layers, name) for name in (
 #: layers that draw random values in training mode (identity at inference)
 _RANDOM_IN_TRAINING = (keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
                        keras.layers.SpatialDropout3D, keras.layers.GaussianNoise, keras.layers.GaussianDropout,
-                       keras.layers.AlphaDropout) + _AUGMENTATION
+                       keras.layers.AlphaDropout)
 
 
 class _Tracer:
