@@ -3082,6 +3082,28 @@ _rule_for(["adaptive_avg_pool2d"], _ADAPTIVE_LABEL, (torch, F))(_make_adaptive_r
 _rule_for(["adaptive_max_pool2d"], _ADAPTIVE_LABEL, (torch, F))(_make_adaptive_rule("max"))
 
 
+def _make_adaptive_rows_rule(kind):
+    def rule(node, geoms):
+        p = node.bind(["input", "output_size", "return_indices"], {"return_indices": False})
+        geom, shape = geoms[0], tuple(node.in_shapes[0])
+        if p["return_indices"]:
+            raise node.fail(_INDICES_REASON)
+        out_size = p["output_size"]
+        out_size = tuple(out_size) if isinstance(out_size, (tuple, list)) else (out_size,)
+        if not (geom.kind == VIEW and shape[1:] == (geom.channels, geom.size[0] * geom.size[1])) or out_size != (1,):
+            raise node.fail(f"it pools {geom.describe()} of shape {shape} to {out_size}; only global pooling "
+                            f"(output_size=1) of a map's positions flattened to (N, C, h*w) can be made dense")
+        return _global_pool_step(node, geom.with_(kind=MAP), kind, keep_map=False)
+    rule.__doc__ = (f"adaptive {kind} pooling to one value of a map's positions flattened to (N, C, h*w): the map's "
+                    f"global pooling.")
+    return rule
+
+
+_ADAPTIVE_ROWS_LABEL = "global adaptive pooling of a map's positions flattened to (N, C, h*w) (the map's global pooling)"
+_rule_for(["adaptive_avg_pool1d"], _ADAPTIVE_ROWS_LABEL, (torch, F))(_make_adaptive_rows_rule("avg"))
+_rule_for(["adaptive_max_pool1d"], _ADAPTIVE_ROWS_LABEL, (torch, F))(_make_adaptive_rows_rule("max"))
+
+
 _REDUCE_SIGNATURES = {"norm": ["input", "p", "dim", "keepdim"], "vector_norm": ["x", "ord", "dim", "keepdim"]}
 
 
@@ -3284,6 +3306,7 @@ class _CropStep(_Step):
     aliases = True
 
     def __init__(self, node, channels, top, bottom, left, right):
+        """``channels``: (start, stop) or (start, stop, step) of the channel axis."""
         super().__init__(node.in_slots[:1], node.out_slots,
                          f"crop(channels={channels}, rows +{top}/-{bottom}, cols +{left}/-{right})")
         self.channels, self.top, self.bottom, self.left, self.right = channels, top, bottom, left, right
@@ -3294,14 +3317,15 @@ class _CropStep(_Step):
 
     def run(self, values, net, overwrite=False):
         x = values[0]
-        c0, c1 = self.channels
+        channels = slice(*self.channels)
         if x.dim() == 2:
-            return [x[:, c0:c1]]
-        return [x[:, c0:c1, self.top:x.shape[2] - self.bottom, self.left:x.shape[3] - self.right]]
+            return [x[:, channels]]
+        return [x[:, channels, self.top:x.shape[2] - self.bottom, self.left:x.shape[3] - self.right]]
 
 
 def _slices_of(node, rank):
-    """The (start, stop) per axis of a constant slice or narrow, or the op's ConversionError."""
+    """The (start, stop) per axis of a constant slice or narrow, or the op's ConversionError; the channel axis
+    (dim 1), which may be sliced with a step, gets (start, stop, step)."""
     shape = node.in_shapes[0]
     bounds = [(0, n) for n in shape]
     if node.name.endswith("narrow"):
@@ -3310,6 +3334,7 @@ def _slices_of(node, rank):
             raise node.fail("it narrows by an amount computed from the data")
         dim, start = int(p["dim"]) % rank, int(p["start"]) % shape[int(p["dim"]) % rank]
         bounds[dim] = (start, start + int(p["length"]))
+        bounds[1] += (1,)
         return bounds
     index = node.args[1] if len(node.args) > 1 else None
     index = index if isinstance(index, tuple) else (index,)
@@ -3325,9 +3350,13 @@ def _slices_of(node, rank):
             raise node.fail("it slices by amounts computed from the data")
         start, stop, step = sl.indices(shape[d])
         taken = len(range(start, stop, step))
+        if d == 1 and taken > 1:  # channels: a step keeps the same channels of every pixel
+            bounds[d] = (start, start + (taken - 1) * step + 1, step)
+            continue
         if step != 1 and taken > 1:  # (a step that keeps one element is a crop to it, as in Keras)
-            raise node.fail(f"it takes every {step}th element of axis {d}; only contiguous slices can be made dense")
-        bounds[d] = (start, start + taken)
+            raise node.fail(f"it slices axis {d} with step {step}; only contiguous slices of positions can be "
+                            f"made dense")
+        bounds[d] = (start, start + taken) + ((1,) if d == 1 else ())
     return bounds
 
 
@@ -3342,23 +3371,30 @@ def _rule_crop(node, geoms):
     index = index if isinstance(index, tuple) else (index,)
     if None in index and all(i is None or i is Ellipsis or i == slice(None) for i in index):  # x[:, None]: a reshape
         return _rule_reshape(node, geoms)
-    if not (geom.kind == MAP or geom.is_pixel_vector):
+    shape = tuple(node.in_shapes[0])
+    by_channel = _view_by_channel(geom, shape)  # (N, C, h*w): its channels alone may be sliced
+    if not (geom.kind == MAP or geom.is_pixel_vector or by_channel):
         raise node.fail(f"it slices {geom.describe()}; flatten after cropping, not before")
-    rank = 4 if geom.kind == MAP else 2
-    if len(node.in_shapes[0]) != rank:
+    rank = 4 if geom.kind == MAP else len(shape) if by_channel else 2
+    if len(shape) != rank:
         raise node.fail(f"its input has shape {node.in_shapes[0]}")
     bounds = _slices_of(node, rank)
-    if bounds[0] != (0, node.in_shapes[0][0]):
+    if bounds[0] != (0, shape[0]):
         raise node.fail("it slices the batch of patches")
-    (c0, c1) = bounds[1]
-    if rank == 2:
-        return _CropStep(node, (c0, c1), 0, 0, 0, 0), [geom.with_(channels=c1 - c0)]
+    taken = len(range(*bounds[1]))  # channels
+    if by_channel and bounds[2:] != [(0, n) for n in shape[2:]]:
+        raise node.fail(f"it slices positions of {geom.describe()} ({shape}); flatten after cropping, not before "
+                        f"(its channels alone, x[:, a:b], can be sliced)")
+    if taken < 1:
+        raise node.fail("the slice is empty")
+    if rank == 2 or by_channel:
+        return _CropStep(node, bounds[1], 0, 0, 0, 0), [geom.with_(channels=taken)]
     (a, b), (c, d) = bounds[2], bounds[3]
     h, w = geom.size
-    if b - a < 1 or d - c < 1 or c1 - c0 < 1:
+    if b - a < 1 or d - c < 1:
         raise node.fail("the slice is empty")
-    step = _CropStep(node, (c0, c1), a, h - b, c, w - d)
-    return step, [geom.with_(channels=c1 - c0, size=(b - a, d - c))]
+    step = _CropStep(node, bounds[1], a, h - b, c, w - d)
+    return step, [geom.with_(channels=taken, size=(b - a, d - c))]
 
 
 @_rule_for(["cat", "concat", "concatenate"], "concatenation along the channel axis", (torch,))

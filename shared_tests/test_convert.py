@@ -1379,3 +1379,47 @@ def test_gated_linear_units_and_channel_shuffles_act_per_pixel(tb, kb):
     x = L.Activation("glu")(L.Concatenate()([L.Lambda(on_views)(x), x]))  # (last: Keras' shape inference
     # misses glu's halving)
     _keras_check(kb, keras.Model(inp, L.Flatten()(x)), (8, 8), 3, size=(12, 11))
+
+
+def test_channel_slices_and_global_pooling_of_flattened_positions(tb, kb):
+    """On reshapes that keep a map's channels on their axis (PyTorch (N, C, h*w), Keras (N, h*w, C)), slices of the
+    channels act per pixel and global pooling over the positions is the map's global pooling; PyTorch also takes
+    channel slices with a step on maps.  Each was refused; slices of the positions stay refused."""
+    import keras
+    import torch
+    import torch.nn as nn
+    torch.manual_seed(5)
+
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool = nn.Conv2d(3, 8, 3), nn.MaxPool2d(2)
+            self.fc, self.fc2 = nn.Linear(72, 4), nn.Linear(16, 4)
+            self.avg, self.max = nn.AdaptiveAvgPool1d(1), nn.AdaptiveMaxPool1d((1,))
+
+        def forward(self, x):
+            m = self.pool(torch.tanh(self.conv(x)))  # 8 channels at 3x3 positions
+            r = m.flatten(2)
+            parts = torch.cat([r[:, 1:4], r[..., ::3, :], r.narrow(1, 5, 2)], 1)  # (N, 8, 9)
+            pooled = self.avg(parts[:, 2:]) + self.max(parts[:, :6])  # (N, 6, 1)
+            return self.fc(parts.flatten(1)) + self.fc2(m[:, 1::2, 1:, :2].flatten(1)) + pooled.sum(1)
+    _torch_check(tb, Rows(), (8, 8), 3, size=(12, 11))
+
+    class Positions(nn.Module):
+        def forward(self, x):
+            return x.flatten(2)[:, :, 1:].sum(2)
+    with pytest.raises(tb.FDFE.ConversionError, match=r"slices positions of .*its channels alone, x\[:, a:b\], "
+                                                      r"can be sliced"):
+        tb.FDFE.convert(Positions(), 3, in_channels=2)
+    L = keras.layers
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((8, 8, 3))
+    rows = L.Reshape((9, 8))(L.MaxPooling2D(2)(L.Conv2D(8, 3, activation="tanh")(inp)))  # 8 channels, 3x3
+    parts = L.Lambda(lambda r: keras.ops.concatenate([r[..., 1:4], r[:, :, ::-3], r[..., 5:7]], -1))(rows)
+    pooled = L.Add()([L.GlobalAveragePooling1D()(parts), L.Flatten()(L.GlobalMaxPooling1D(keepdims=True)(parts))])
+    net = keras.Model(inp, L.Add()([L.Dense(4)(L.Flatten()(parts)), L.Dense(4)(pooled)]))
+    _keras_check(kb, net, (8, 8), 3, size=(12, 11))
+    inp = keras.Input((5, 5, 2))
+    rows = L.Reshape((9, 8))(L.Conv2D(8, 3)(inp))
+    with pytest.raises(kb.FDFE.ConversionError, match=r"slices a reshaped 3x3x8 map"):
+        kb.FDFE.convert(keras.Model(inp, L.Flatten()(L.Lambda(lambda r: r[:, 1:])(rows))), 5)

@@ -77,8 +77,8 @@ def test_torch_slices_that_cannot_be_made_dense_are_refused(tb):
     class Batch(nn.Module):
         def forward(self, x):
             return x[:1].amax((2, 3))
-    with pytest.raises(tb.FDFE.ConversionError, match=r"takes every 2th element of axis 2; only contiguous "
-                                                      r"slices can be made dense"):
+    with pytest.raises(tb.FDFE.ConversionError, match=r"slices axis 2 with step 2; only contiguous "
+                                                      r"slices of positions can be made dense"):
         tb.FDFE.convert(Strided(), 4, in_channels=1)
     with pytest.raises(tb.FDFE.ConversionError, match=r"slices the batch of patches"):
         tb.FDFE.convert(Batch(), 4, in_channels=1)

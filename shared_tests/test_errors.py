@@ -329,6 +329,7 @@ def test_torch_bad_inputs(tb):
 
 
 def test_keras_bad_inputs(kb):
+    import keras
     import tensorflow as tf
     net = kb.BaseNet.BaseNet()
     ci = kb.FDFE.convert(net, 15)
@@ -345,6 +346,10 @@ def test_keras_bad_inputs(kb):
         kb.FDFE.convert(net, 7)
     with pytest.raises(ValueError, match=r"positions must lie inside the images: 0 <= n < N, 0 <= y < H, 0 <= x < W"):
         kb.FDFE.patch_outputs(net, tf.random.normal((1, 4, 4, 1)), 15, np.array([[1, 0, 0]]))
+    unbuilt = keras.Sequential([keras.layers.Conv2D(4, 3), keras.layers.Flatten()], name="unbuilt")
+    with pytest.raises(ValueError, match=r"in_channels cannot be inferred from base_net \(unbuilt\): it declares no "
+                                         r"input \(no keras.Input\) and has no built Conv2D"):
+        kb.FDFE.convert(unbuilt, 3)
     with pytest.raises(ValueError, match=r"sL2=3 does not fit the net: its pooling layer pools with stride 2"):
         kb.SlimNet.SlimNet(net, 15, 15, sL2=3)
     for patch in (5, 9):  # 9: a map below the pooling window, which oneDNN's pooling reports as AbortedError

@@ -3194,6 +3194,27 @@ _rule_for(keras.layers.GlobalMaxPooling2D, label=_GLOBAL_LABEL)(_make_global_poo
 _rule_for(keras.layers.GlobalAveragePooling2D, label=_GLOBAL_LABEL)(_make_global_pool_rule("avg"))
 
 
+def _make_global_pool_rows_rule(kind):
+    def rule(call, geoms):
+        geom, src = geoms[0], tuple(call.in_shapes[0])
+        (h, w), c = geom.size, geom.channels
+        if not (geom.kind == VIEW and src[1:] == (h * w, c)) or getattr(call.layer, "data_format", None) == \
+                "channels_first":
+            raise call.fail(f"it pools {geom.describe()} of shape {src}; only the rows of positions of a map, "
+                            f"(N, h*w, C) with channels last, can be made dense (global pooling over the map)")
+        layer = _WindowReduce(kind, (h, w))
+        return (lambda xs: [layer(xs[0])]), [_reshaped_geom(call, geom.with_(kind=MAP, size=(1, 1)), (src[0], 1, 1, c),
+                                                            call.out_shape)]
+    rule.__doc__ = (f"global {kind} pooling over (N, h*w, C) rows of a map's positions: the map's global {kind} "
+                    f"pooling (see _make_global_pool_rule).")
+    return rule
+
+
+_GLOBAL_ROWS_LABEL = "global pooling of (N, h*w, C) rows of a map's positions (the map's global pooling)"
+_rule_for(keras.layers.GlobalMaxPooling1D, label=_GLOBAL_ROWS_LABEL)(_make_global_pool_rows_rule("max"))
+_rule_for(keras.layers.GlobalAveragePooling1D, label=_GLOBAL_ROWS_LABEL)(_make_global_pool_rows_rule("avg"))
+
+
 def _make_adaptive_rule(kind):
     def rule(call, geoms):
         geom = geoms[0]
@@ -3620,9 +3641,10 @@ def _rule_slice_op(call, geoms):
         cropped = geom.with_(size=box.shape[1:3], channels=box.shape[3])
         run = _crop_runner(lo[1], h - 1 - hi[1], lo[2], w - 1 - hi[2], lo[3], hi[3] + 1, c)
         return run, [_reshaped_geom(call, cropped, box.shape, dst)]
-    if geom.is_pixel_vector and len(src) == 2:
-        run = _crop_runner(0, 0, 0, 0, lo[1], hi[1] + 1, geom.channels)
-        return run, [_reshaped_geom(call, geom.with_(channels=box.shape[1]), box.shape, dst)]
+    if geom.is_pixel_vector and len(src) == 2 or geom.kind == VIEW and _per_channel(geom, src) and \
+            box.shape[:-1] == src[:-1]:  # channels of a vector of one position, or of (N, h*w, C) rows of positions
+        run = _crop_runner(0, 0, 0, 0, lo[-1], hi[-1] + 1, geom.channels)
+        return run, [_reshaped_geom(call, geom.with_(channels=box.shape[-1]), box.shape, dst)]
     raise call.fail(f"it slices {geom.describe()}; only crops of a (N, h, w, C) map and slices of channels can be "
                     f"made dense")
 
@@ -3672,14 +3694,22 @@ def _rule_gather_op(call, geoms):
 def _channel_selection(picked, src, geom):
     """Where a slice of a map (N, h, w, C) or of a vector of one position (N, C) takes every patch, a contiguous
     box of positions and the same channels at each (x[..., ::-1], x[:, a:b, c:d, ::2]), with the output in
-    that order: (channel indices, (y0, x0), (box height, box width)); else None."""
-    if not (geom.kind == MAP and len(src) == 4 or geom.is_pixel_vector and len(src) == 2) or \
+    that order: (channel indices, (y0, x0), (box height, box width)); else None.  Of (N, h*w, C) rows of a map's
+    positions, only slices that keep every position (rows[..., ::2]) qualify."""
+    rows = geom.kind == VIEW and _per_channel(geom, src) and picked.shape[:-1] == src[:-1]
+    if not (geom.kind == MAP and len(src) == 4 or geom.is_pixel_vector and len(src) == 2 or rows) or \
             picked.ndim != len(src):
         return None
-    coords = np.unravel_index(picked, src)
-    if len(src) == 2:
-        coords = (coords[0][:, None, None, :], np.zeros((1, 1, 1, 1), np.int64), np.zeros((1, 1, 1, 1), np.int64),
-                  coords[1][:, None, None, :])
+    if rows:  # (N, h*w, C) rows of positions: every position is kept, in order (checked below as a box of 1 x h*w)
+        n, p, c = (a.reshape(src[0], 1, -1, picked.shape[-1])
+                   for a in np.unravel_index(picked, (src[0], _prod(src[1:-1]), src[-1])))
+        coords = (n, np.zeros_like(p), p, c)
+    elif len(src) == 2:
+        n, c = np.unravel_index(picked, src)
+        coords = (n[:, None, None, :], np.zeros((1, 1, 1, 1), np.int64), np.zeros((1, 1, 1, 1), np.int64),
+                  c[:, None, None, :])
+    else:
+        coords = np.unravel_index(picked, src)
     n, y, x, c = coords
     (bn, bh, bw, _), (y0, x0) = n.shape, (int(y.flat[0]), int(x.flat[0]))
     channels = c[0, 0, 0]
@@ -4461,8 +4491,9 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     if in_channels is None:
         in_channels = _infer_in_channels(base_net)
         if in_channels is None:
-            raise ValueError("in_channels cannot be inferred from base_net (not built, no Conv2D); "
-                             "pass in_channels=")
+            raise ValueError(f"in_channels cannot be inferred from base_net ({base_net.name}): it declares no input "
+                             f"(no keras.Input) and has no built Conv2D whose kernel gives the channel count; pass "
+                             f"in_channels= (or build Cp first)")
     elif not isinstance(in_channels, numbers.Integral) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     _check_declared_input(base_net, (ph, pw), int(in_channels))
