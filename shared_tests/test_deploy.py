@@ -283,6 +283,18 @@ def test_torch_jit_trace_and_script_serve_any_image_size(tb, tmp_path):
     for name, module in [("trace", traced), ("script", scripted)]:
         torch.jit.save(module, str(tmp_path / f"{name}.pt"))
         _check_torch_artifact(tb, net, torch.jit.load(str(tmp_path / f"{name}.pt")), f"torch.jit.{name}")
+    # the scripted CI holds its trace as .traced, which takes CI's (and the trace's) state_dict
+    assert [f"traced.{k}" for k in ci.state_dict()] == list(scripted.state_dict()) and \
+        list(traced.state_dict()) == list(ci.state_dict())
+    images = _torch_images(2, 13, 12, 6)
+    scaled = {k: v * 1.25 for k, v in ci.state_dict().items()}
+    changed = copy.deepcopy(net)
+    changed.load_state_dict({k.removeprefix("base_net."): v for k, v in scaled.items()})
+    with torch.no_grad():
+        before = scripted(images)
+        scripted.traced.load_state_dict(scaled)
+        assert max_rel_error(before, scripted(images)) > 0.01
+        assert max_rel_error(scripted(images), tb.FDFE.dense_reference(changed, images, PATCH)) <= TOL["float32"]
     # a reflected border reaches half a patch: script traces an example at least that large (it failed)
     torch.manual_seed(0)
     strided = torch.nn.Sequential(torch.nn.Conv2d(CHANNELS, 4, 3, stride=2), torch.nn.Conv2d(4, 3, 4)).eval()
