@@ -3249,7 +3249,13 @@ def _rule_flatten(call, geoms):
 
     (N, h, w, C) is a MAP, (N, h*w*C) a VECTOR (Keras' H, W, C order); any other shape is a
     VIEW that only element-wise layers and further reshapes may use."""
-    return _pass_through, [_reshaped_geom(call, geoms[0], call.in_shapes[0], call.out_shape)]
+    geom, src = geoms[0], tuple(call.in_shapes[0])
+    if getattr(call.layer, "data_format", "channels_last") == "channels_first" and len(src) == 4 and \
+            src[-1] > 1 and src[1] * src[2] > 1:
+        raise call.fail(f"Flatten(data_format='channels_first') orders the values of {geom.describe()} C, H, W; only "
+                        f"channels-last flattening (H, W, C) can be made dense (reorder the rows of the next Dense's "
+                        f"kernel to H, W, C order instead)")
+    return _pass_through, [_reshaped_geom(call, geom, src, call.out_shape)]
 
 
 def _reshaped_geom(call, geom, src, dst):
