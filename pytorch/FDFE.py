@@ -244,19 +244,20 @@ MAP, VECTOR, VIEW = "map", "vector", "view"
 class _Geom:
     """Geometry of one dense value: its kind, the channels and (h, w) size Cp sees, and the
     strides of the multipooling/striding layers it went through (network order)."""
-    __slots__ = ("kind", "channels", "size", "strides")
+    __slots__ = ("kind", "channels", "size", "strides", "guessed")
 
-    def __init__(self, kind, channels, size, strides=()):
+    def __init__(self, kind, channels, size, strides=(), guessed=False):
         if kind not in (MAP, VECTOR, VIEW):
             raise ValueError(f"unknown geometry kind {kind!r}")
         self.kind, self.channels, self.size = kind, int(channels), (int(size[0]), int(size[1]))
         self.strides = tuple((int(s[0]), int(s[1])) for s in strides)
+        self.guessed = guessed  # a stand-in after a refused op (see _guessed_geom), or derived from one
 
     def with_(self, kind=None, channels=None, size=None, stride=(1, 1)):
         """A copy with some fields replaced; ``stride`` other than (1, 1) is appended to the strides."""
         strides = self.strides + ((tuple(stride),) if tuple(stride) != (1, 1) else ())
         return _Geom(self.kind if kind is None else kind, self.channels if channels is None else channels,
-                     self.size if size is None else size, strides)
+                     self.size if size is None else size, strides, self.guessed)
 
     @property
     def is_pixel_vector(self):
@@ -405,12 +406,13 @@ def _all_problems(problems):
 
 def _guessed_geom(shape, geoms, layout):
     """A stand-in geometry after a refused op (from its traced output shape), so that the rules of the
-    ops after it can still report their own problems."""
+    ops after it can still report their own problems (a reshape of a stand-in to 4 dims guesses a map
+    again, rather than reporting a reshaped vector as a second problem)."""
     strides = geoms[0].strides if geoms else ()
     if len(shape) == 4:
         channels, size = (shape[1], shape[2:]) if layout == "CHW" else (shape[3], shape[1:3])
-        return _Geom(MAP, channels, size, strides)
-    return _Geom(VECTOR, _prod(shape[1:]) if len(shape) > 1 else 1, (1, 1), strides)
+        return _Geom(MAP, channels, size, strides, guessed=True)
+    return _Geom(VECTOR, _prod(shape[1:]) if len(shape) > 1 else 1, (1, 1), strides, guessed=True)
 
 
 # --- planning: which values are alive, which step may overwrite its input ----------------------
@@ -741,10 +743,16 @@ _SELF_CHECK_TOLERANCE = {"float64": 1e-9, "float32": 1e-4}
 
 def _self_check_compare(got, expected, dtype_name, tolerance=None):
     """Raise ConversionError("internal check failed ...") unless max|got - expected| is within the
-    tolerance of ``dtype_name`` relative to max|expected|.  ``got``/``expected``: lists of floats."""
-    scale = max(max((abs(v) for v in expected), default=0.0), 1e-6)
+    tolerance of ``dtype_name`` relative to the largest finite |expected|.  Where Cp gives NaN or an infinity
+    (0 / 0 of a patch in the zero border), CI must give the same.  ``got``/``expected``: lists of floats."""
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    finite = np.isfinite(expected)
+    scale = max(float(np.abs(expected[finite]).max(initial=0.0)), 1e-6)
     tol = tolerance if tolerance is not None else _SELF_CHECK_TOLERANCE.get(dtype_name, 3e-2)
-    err = max((abs(a - b) if a == a and b == b else float("inf") for a, b in zip(got, expected)), default=0.0)
+    same = (got == expected) | (np.isnan(got) & np.isnan(expected))  # (NaN, or the same infinity, in both)
+    with np.errstate(invalid="ignore"):
+        err = float(np.where(same, 0.0, np.abs(got - expected)).max(initial=0.0))
+    err = err if err == err else float("inf")  # (NaN in one of them only)
     if not err <= tol * scale:
         raise ConversionError(f"internal check failed: CI differs from Cp by {err:.3g} (scale {scale:.3g}) on a "
                               f"test image; this net uses an op or layer whose dense form is not exact here. "
@@ -2762,6 +2770,13 @@ def _require_map(node, geom):
         raise node.fail(f"its input is {geom.describe()}, not an image-like map")
 
 
+def _geom_of_shape(geom, shape):
+    """``geom``'s values as a tensor of traced ``shape`` (the batch axis kept, as many values): (N, C, h, w) is a
+    MAP, (N, C*h*w) a VECTOR (torch's C, H, W order), any other shape a VIEW."""
+    (h, w), c, shape = geom.size, geom.channels, tuple(shape)
+    return geom.with_(kind=MAP if shape[1:] == (c, h, w) else VECTOR if shape[1:] == (c * h * w,) else VIEW)
+
+
 def _view_by_channel(geom, shape) -> bool:
     """Whether ``shape``, the traced shape of a reshape (VIEW) of a map, keeps the channels on dim 1 ((N, C, h*w),
     the (N, C, 1) of a 1x1 map): the map's C-major order leaves each channel's values, for every position, at its
@@ -2961,9 +2976,10 @@ def _rule_reshape(node, geoms):
     c, (h, w) = geom.channels, geom.size
     if dst == src:
         return _AliasStep(node), [geom]
+    if geom.guessed and len(dst) == 4:  # after a refused op: the rules that follow judge a map of that shape
+        return _AliasStep(node), [_guessed_geom(dst, [geom], _MAP_LAYOUT)]
     if len(dst) >= 1 and dst[0] == src[0] and _prod(dst[1:]) == c * h * w:
-        kind = MAP if dst[1:] == (c, h, w) else VECTOR if dst[1:] == (c * h * w,) else VIEW
-        return _AliasStep(node), [geom.with_(kind=kind)]
+        return _AliasStep(node), [_geom_of_shape(geom, dst)]
     raise node.fail(f"it reshapes {src} to {dst}, which moves values between patches (the batch axis)")
 
 
@@ -3121,7 +3137,15 @@ def _make_reduce_rule(kind):
         keepdim = bool(p.pop("keepdim"))
         (h, w), shape = geom.size, tuple(node.in_shapes[0])
         flattened = geom.kind == VIEW and shape[1:] == (geom.channels, h * w) and [d % 3 for d in dims] == [2]
-        if (geom.kind == MAP and sorted(d % 4 for d in dims) == [2, 3]) or flattened:  # x.view(N, C, -1).mean(-1)
+        spatial = sorted({d % 4 for d in dims}) if geom.kind == MAP else []
+        if spatial in ([2], [3]):  # over the rows (or the columns) of the map: a pooling over windows of h x 1
+            if p.get("dtype") is not None or kind is None:
+                raise node.fail(f"over one spatial axis only mean, sum, amax and amin (without dtype=) can be made "
+                                f"dense (as a pooling of {'h x 1' if spatial == [2] else '1 x w'} windows)")
+            window = (h, 1) if spatial == [2] else (1, w)
+            pooled = geom.with_(size=(1, w) if spatial == [2] else (h, 1), kind=MAP if keepdim else VIEW)
+            return _PoolStep(node, kind, window, (1, 1)), [pooled]  # (N, C, w) without keepdim: a view of it
+        if (geom.kind == MAP and spatial == [2, 3]) or flattened:  # x.view(N, C, -1).mean(-1)
             if p.get("dtype") is not None:
                 raise node.fail(f"a global pooling with dtype={p['dtype']} (cast before it instead: "
                                 f"x.to({p['dtype']}).sum(...))")
@@ -3141,27 +3165,31 @@ def _make_reduce_rule(kind):
                             f"{geom.describe()}), as per-patch normalisation does; {_PER_PATCH_REASON}")
         first = p.pop(names[0])
         # (N, h, w) without keepdim: a view of the one-channel map the dense values keep (N, 1, H, W)
-        reduced = geom.with_(channels=1, kind=VIEW if not keepdim and geom.kind == MAP else geom.kind)
         return (_CallStep(node, args=(first,), kwargs=dict(p, dim=1, keepdim=True)),
-                [reduced] * len(node.out_slots))  # (values, indices) of torch.max(x, dim)
+                [_geom_of_shape(geom.with_(channels=1), out) for out in node.out_shapes])  # (torch.max's values,
+        # indices)
     return rule
 
 
 _REDUCE_LABEL = "reductions over channels (per pixel) or over the whole map (mean, sum, amax, amin: global pooling)"
 
 
-@_rule_for(["std", "var", "std_mean", "var_mean"], "refused: statistics over positions of the patch (per-pixel "
-           "over channels only)", (torch, torch.Tensor))
+@_rule_for(["std", "var", "std_mean", "var_mean"], "standard deviation and variance over channels (per pixel; over "
+           "positions of the patch: refused)", (torch, torch.Tensor))
 def _rule_statistic(node, geoms):
-    """Standard deviation and variance: over the channels of a map (dim=1, keepdim) per pixel; over
-    positions of the patch they are per-patch statistics, refused as per-patch normalisation."""
-    geom = geoms[0]
-    p = node.bind(["input", "dim"], {"dim": None})
-    dim = p.get("dim")
+    """Standard deviation and variance: over the channels (dim=1, keepdim or not, of a map, a vector of one
+    position or a (N, C, h*w) reshape) per pixel; over positions of the patch they are per-patch statistics,
+    refused as per-patch normalisation."""
+    geom, shape = geoms[0], tuple(node.in_shapes[0])
+    p = node.bind(["input", "dim", "unbiased", "keepdim"], {"dim": None})
+    dim = p.pop("dim")
     dims = None if dim is None else ([dim] if isinstance(dim, numbers.Integral) else list(dim))
-    single = len(node.out_slots) == 1
-    if single and dims is not None and geom.kind == MAP and [d % 4 for d in dims] == [1] and p.get("keepdim"):
-        return _CallStep(node), [geom.with_(channels=1)]
+    by_channel = geom.kind == MAP or geom.is_pixel_vector or _view_by_channel(geom, shape)
+    if dims is not None and by_channel and [d % len(shape) for d in dims] == [1]:  # over the channels: per pixel
+        p.pop("keepdim", None)
+        # (N, h, w) without keepdim: a view of the one-channel map the dense values keep (N, 1, H, W)
+        return (_CallStep(node, args=(p.pop("input"),), kwargs=dict(p, dim=1, keepdim=True)),
+                [_geom_of_shape(geom.with_(channels=1), out) for out in node.out_shapes])  # ((std, mean) of std_mean)
     raise node.fail(f"it computes a statistic over positions of each patch ({node.name.split('.')[-1]} over "
                     f"{'all dims' if dims is None else f'dims {dims}'} of {geom.describe()}), as per-patch "
                     f"normalisation does; {_PER_PATCH_REASON}")
@@ -3338,14 +3366,21 @@ def _slices_of(node, rank):
         return bounds
     index = node.args[1] if len(node.args) > 1 else None
     index = index if isinstance(index, tuple) else (index,)
-    if sum(i is Ellipsis for i in index) > 1 or not all(i is Ellipsis or isinstance(i, slice) for i in index):
-        raise node.fail(f"it indexes with {index!r}; only constant slices (start:stop) of the channel or spatial "
-                        f"axes can be made dense (reorder channels with x.flip(1) or x.index_select(1, index))")
+    if sum(i is Ellipsis for i in index) > 1 or not all(
+            i is Ellipsis or isinstance(i, slice) or isinstance(i, numbers.Integral) and not isinstance(i, bool)
+            for i in index):
+        raise node.fail(f"it indexes with {index!r}; only constant slices (start:stop) and indices of the channel "
+                        f"or spatial axes can be made dense (reorder channels with x.flip(1) or "
+                        f"x.index_select(1, index))")
     if Ellipsis in index:
         at = index.index(Ellipsis)
         index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1:]
     index = index + (slice(None),) * (rank - len(index))
     for d, sl in enumerate(index[:rank]):
+        if isinstance(sl, numbers.Integral):  # x[:, :, i, j]: a crop to one row or column, that axis dropped
+            if not -shape[d] <= sl < shape[d]:
+                raise node.fail(f"its index {sl} is out of range for axis {d} of size {shape[d]}")
+            sl = slice(sl % shape[d], sl % shape[d] + 1)
         if not all(v is None or isinstance(v, numbers.Integral) for v in (sl.start, sl.stop, sl.step)):
             raise node.fail("it slices by amounts computed from the data")
         start, stop, step = sl.indices(shape[d])
@@ -3388,13 +3423,15 @@ def _rule_crop(node, geoms):
     if taken < 1:
         raise node.fail("the slice is empty")
     if rank == 2 or by_channel:
-        return _CropStep(node, bounds[1], 0, 0, 0, 0), [geom.with_(channels=taken)]
+        cropped = geom.with_(channels=taken)
+        return _CropStep(node, bounds[1], 0, 0, 0, 0), [_geom_of_shape(cropped, node.out_shapes[0])]
     (a, b), (c, d) = bounds[2], bounds[3]
     h, w = geom.size
     if b - a < 1 or d - c < 1:
         raise node.fail("the slice is empty")
     step = _CropStep(node, bounds[1], a, h - b, c, w - d)
-    return step, [geom.with_(channels=taken, size=(b - a, d - c))]
+    # (integer indices, x[:, :, i, j], drop axes: the same values, reshaped)
+    return step, [_geom_of_shape(geom.with_(channels=taken, size=(b - a, d - c)), node.out_shapes[0])]
 
 
 @_rule_for(["cat", "concat", "concatenate"], "concatenation along the channel axis", (torch,))

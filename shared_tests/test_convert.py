@@ -1423,3 +1423,63 @@ def test_channel_slices_and_global_pooling_of_flattened_positions(tb, kb):
     rows = L.Reshape((9, 8))(L.Conv2D(8, 3)(inp))
     with pytest.raises(kb.FDFE.ConversionError, match=r"slices a reshaped 3x3x8 map"):
         kb.FDFE.convert(keras.Model(inp, L.Flatten()(L.Lambda(lambda r: r[:, 1:])(rows))), 5)
+
+
+def test_torch_statistics_over_channels_one_spatial_axis_and_integer_indices(tb):
+    """std / var / std_mean over the channels (keepdim or not), reductions over one spatial axis (a pooling of
+    h x 1 or 1 x w windows; one after the other they are global pooling) and integer indices (x[:, :, i, j],
+    x[:, c]) act as Keras' do; PyTorch refused them (std over channels as 'a statistic over positions')."""
+    import torch
+    import torch.nn as nn
+    torch.manual_seed(6)
+
+    class Statistics(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.strided = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, stride=2)  # 11x11 -> 8x4x4
+            self.fcs = nn.ModuleList(nn.Linear(n, 5) for n in [16, 16, 128, 16, 32, 32, 32, 8, 8, 8, 8, 16, 16])
+
+        def forward(self, x):
+            x = torch.tanh(self.strided(torch.tanh(self.conv(x))))
+            sd, mu = torch.std_mean(x, dim=1, keepdim=True)
+            over_channels = [x.std(dim=1), x.var(1, False), (x - mu) / (sd + 1), x.flatten(2).var(1, correction=0)]
+            one_axis = [x.mean(2), x.amax(-1), x.sum(-2, keepdim=True), x.amin(3).mean(2)[:, :, None],
+                        x.mean(3).mean(2)]
+            indexed = [x[:, :, 3, 1], x[..., -1, 2], x[:, 2], x[:, 1:5, 2]]
+            return sum(fc(v.flatten(1)) for fc, v in zip(self.fcs, over_channels + one_axis + indexed))
+    _torch_check(tb, Statistics(), (11, 11), 3, size=(14, 13))
+
+    class Norm(nn.Module):
+        def forward(self, x):
+            return x.norm(dim=2).flatten(1)
+    with pytest.raises(tb.FDFE.ConversionError, match=r"over one spatial axis only mean, sum, amax and amin"):
+        tb.FDFE.convert(Norm(), 3, in_channels=2)
+
+
+def test_nan_where_cp_gives_nan_passes_the_self_check(tb, kb):
+    """Where Cp itself gives NaN (0 / 0 of a norm over channels at positions wholly in the zero border, as bias-free
+    layers give), CI gives NaN at the same pixels and its other values are exact; convert's self-check refused
+    such nets as 'internal check failed ... scale nan'."""
+    import keras
+    import torch
+    import torch.nn as nn
+
+    class Unit(nn.Module):
+        def forward(self, x):
+            return x / x.norm(dim=1, keepdim=True)
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), Unit(), nn.Flatten(), nn.Linear(100, 3)).double().eval()
+    images = torch.from_numpy(netspec.random_images(2, 2, 9, 10, seed=7).transpose(0, 3, 1, 2))
+    ref = tb.FDFE.dense_reference(net, images, 7)
+    with torch.no_grad():
+        out = tb.FDFE.convert(net, 7)(images)
+    assert ref.isnan().any() and not ref.isnan().all() and torch.equal(out.isnan(), ref.isnan())
+    assert max_rel_error(out.nan_to_num(), ref.nan_to_num()) <= TOL["float64"]
+    L = keras.layers
+    keras.utils.set_random_seed(7)
+    net = keras.Sequential([keras.Input((7, 7, 2)), L.Conv2D(4, 3, use_bias=False),
+                            L.Lambda(lambda x: x / keras.ops.norm(x, axis=-1, keepdims=True)), L.Flatten(), L.Dense(3)])
+    images = netspec.random_images(2, 2, 9, 10, seed=7).astype("float32")
+    ref, out = np.asarray(kb.FDFE.dense_reference(net, images, 7)), np.asarray(kb.FDFE.convert(net, 7)(images))
+    assert np.isnan(ref).any() and not np.isnan(ref).all() and np.array_equal(np.isnan(out), np.isnan(ref))
+    assert max_rel_error(np.nan_to_num(out), np.nan_to_num(ref)) <= TOL["float32"]

@@ -181,6 +181,14 @@ def test_keras_refusals(kb):
                    r"\(Softmax\).*a flattened 3x3x2 map.*which mixes positions of the patch")
     _keras_refusal(kb, [L.Conv2D(2, 3), L.Flatten(), L.Activation("glu")], 5,
                    r"\(Activation\).*its gated linear unit.*a flattened 3x3x2 map.*which mixes positions")
+    _keras_refusal(kb, [L.Conv2D(2, 3), L.Flatten(data_format="channels_first"), L.Dense(3)], 5,
+                   r"\(Flatten\).*Flatten\(data_format='channels_first'\) orders the values of a 3x3x2 map C, H, W")
+    # a problem after a refused layer is not guessed from the stand-in: the 36 rows reshaped back make a map
+    inp = keras.Input((8, 8, 2))
+    rows = L.Conv1D(4, 3, padding="same")(L.Reshape((36, 4))(L.Conv2D(4, 3)(inp)))
+    with pytest.raises(kb.FDFE.ConversionError) as refused:
+        kb.FDFE.convert(keras.Model(inp, L.Flatten()(L.Conv2D(3, 6)(L.Reshape((6, 6, 4))(rows)))), 8)
+    assert "(Conv1D) is not supported" in str(refused.value) and "problems" not in str(refused.value)
 
 
 def test_keras_refuses_unknown_tensorflow_ops_between_layers(kb):

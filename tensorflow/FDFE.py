@@ -257,19 +257,20 @@ MAP, VECTOR, VIEW = "map", "vector", "view"
 class _Geom:
     """Geometry of one dense value: its kind, the channels and (h, w) size Cp sees, and the
     strides of the multipooling/striding layers it went through (network order)."""
-    __slots__ = ("kind", "channels", "size", "strides")
+    __slots__ = ("kind", "channels", "size", "strides", "guessed")
 
-    def __init__(self, kind, channels, size, strides=()):
+    def __init__(self, kind, channels, size, strides=(), guessed=False):
         if kind not in (MAP, VECTOR, VIEW):
             raise ValueError(f"unknown geometry kind {kind!r}")
         self.kind, self.channels, self.size = kind, int(channels), (int(size[0]), int(size[1]))
         self.strides = tuple((int(s[0]), int(s[1])) for s in strides)
+        self.guessed = guessed  # a stand-in after a refused op (see _guessed_geom), or derived from one
 
     def with_(self, kind=None, channels=None, size=None, stride=(1, 1)):
         """A copy with some fields replaced; ``stride`` other than (1, 1) is appended to the strides."""
         strides = self.strides + ((tuple(stride),) if tuple(stride) != (1, 1) else ())
         return _Geom(self.kind if kind is None else kind, self.channels if channels is None else channels,
-                     self.size if size is None else size, strides)
+                     self.size if size is None else size, strides, self.guessed)
 
     @property
     def is_pixel_vector(self):
@@ -418,12 +419,13 @@ def _all_problems(problems):
 
 def _guessed_geom(shape, geoms, layout):
     """A stand-in geometry after a refused op (from its traced output shape), so that the rules of the
-    ops after it can still report their own problems."""
+    ops after it can still report their own problems (a reshape of a stand-in to 4 dims guesses a map
+    again, rather than reporting a reshaped vector as a second problem)."""
     strides = geoms[0].strides if geoms else ()
     if len(shape) == 4:
         channels, size = (shape[1], shape[2:]) if layout == "CHW" else (shape[3], shape[1:3])
-        return _Geom(MAP, channels, size, strides)
-    return _Geom(VECTOR, _prod(shape[1:]) if len(shape) > 1 else 1, (1, 1), strides)
+        return _Geom(MAP, channels, size, strides, guessed=True)
+    return _Geom(VECTOR, _prod(shape[1:]) if len(shape) > 1 else 1, (1, 1), strides, guessed=True)
 
 
 # --- planning: which values are alive, which step may overwrite its input ----------------------
@@ -754,10 +756,16 @@ _SELF_CHECK_TOLERANCE = {"float64": 1e-9, "float32": 1e-4}
 
 def _self_check_compare(got, expected, dtype_name, tolerance=None):
     """Raise ConversionError("internal check failed ...") unless max|got - expected| is within the
-    tolerance of ``dtype_name`` relative to max|expected|.  ``got``/``expected``: lists of floats."""
-    scale = max(max((abs(v) for v in expected), default=0.0), 1e-6)
+    tolerance of ``dtype_name`` relative to the largest finite |expected|.  Where Cp gives NaN or an infinity
+    (0 / 0 of a patch in the zero border), CI must give the same.  ``got``/``expected``: lists of floats."""
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    finite = np.isfinite(expected)
+    scale = max(float(np.abs(expected[finite]).max(initial=0.0)), 1e-6)
     tol = tolerance if tolerance is not None else _SELF_CHECK_TOLERANCE.get(dtype_name, 3e-2)
-    err = max((abs(a - b) if a == a and b == b else float("inf") for a, b in zip(got, expected)), default=0.0)
+    same = (got == expected) | (np.isnan(got) & np.isnan(expected))  # (NaN, or the same infinity, in both)
+    with np.errstate(invalid="ignore"):
+        err = float(np.where(same, 0.0, np.abs(got - expected)).max(initial=0.0))
+    err = err if err == err else float("inf")  # (NaN in one of them only)
     if not err <= tol * scale:
         raise ConversionError(f"internal check failed: CI differs from Cp by {err:.3g} (scale {scale:.3g}) on a "
                               f"test image; this net uses an op or layer whose dense form is not exact here. "
@@ -3266,6 +3274,8 @@ def _reshaped_geom(call, geom, src, dst):
     (h, w), c = geom.size, geom.channels
     if dst == src:
         return geom
+    if geom.guessed and len(dst) == 4:  # after a refused op: the rules that follow judge a map of that shape
+        return _guessed_geom(dst, [geom], _MAP_LAYOUT)
     if dst[:1] == src[:1] and _prod(dst[1:]) == h * w * c:
         kind = MAP if dst[1:] == (h, w, c) else VECTOR if dst[1:] == (h * w * c,) else VIEW
         return geom.with_(kind=kind)
