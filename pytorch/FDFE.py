@@ -3115,7 +3115,8 @@ def _make_adaptive_rows_rule(kind):
     return rule
 
 
-_ADAPTIVE_ROWS_LABEL = "global adaptive pooling of a map's positions flattened to (N, C, h*w) (the map's global pooling)"
+_ADAPTIVE_ROWS_LABEL = ("global adaptive pooling of a map's positions flattened to (N, C, h*w) (the map's global "
+                        "pooling)")
 _rule_for(["adaptive_avg_pool1d"], _ADAPTIVE_ROWS_LABEL, (torch, F))(_make_adaptive_rows_rule("avg"))
 _rule_for(["adaptive_max_pool1d"], _ADAPTIVE_ROWS_LABEL, (torch, F))(_make_adaptive_rows_rule("max"))
 
@@ -3479,6 +3480,33 @@ def _rule_channel_order(node, geoms):
     dense = _channel_dim(geom, int(dims[0]), node)
     kwargs = {"dims": [dense]} if flip else {"dim": dense, "index": p["index"]}
     return _CallStep(node, args=(p["input"],), kwargs=kwargs), [geom.with_(channels=node.out_shapes[0][1])]
+
+
+class _RepeatChannelsStep(_Step):
+    """One channel repeated ``channels`` times along the channel axis (a one-channel gate expanded to a map's)."""
+    per_pixel = True
+
+    def __init__(self, node, channels):
+        super().__init__(node.in_slots[:1], node.out_slots, f"repeat_channels({channels})")
+        self.channels = channels
+
+    def run(self, values, net, overwrite=False):
+        return [torch.cat([values[0]] * self.channels, 1)]
+
+
+@_rule_for(["expand", "expand_as", "repeat", "broadcast_to"], "one channel repeated over the channels (expand, "
+           "expand_as, repeat, broadcast_to of a one-channel gate): per pixel", (torch, torch.Tensor))
+def _rule_expand_channels(node, geoms):
+    """``g.expand_as(x)``, ``g.expand(-1, C, -1, -1)``, ``g.repeat(1, C, 1, 1)``, ``torch.broadcast_to`` of a
+    one-channel value to C channels at the same positions: the same channel repeated at every pixel."""
+    geom, src, dst = geoms[0], tuple(node.in_shapes[0]), tuple(node.out_shapes[0])
+    if src == dst:
+        return _AliasStep(node), [geom]
+    by_channel = geom.kind == MAP or geom.is_pixel_vector or _view_by_channel(geom, src)
+    if len(src) != len(dst) or src[0] != dst[0] or src[2:] != dst[2:] or src[1] != 1 or not by_channel:
+        raise node.fail(f"it expands {geom.describe()} from {src} to {dst}; only one channel repeated over the "
+                        f"channels (dim 1) of the same positions can be made dense")
+    return _RepeatChannelsStep(node, dst[1]), [geom.with_(channels=dst[1])]
 
 
 @_rule_for(["group_norm"], "refused: per-patch normalisation", (torch, F))

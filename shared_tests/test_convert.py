@@ -1483,3 +1483,48 @@ def test_nan_where_cp_gives_nan_passes_the_self_check(tb, kb):
     ref, out = np.asarray(kb.FDFE.dense_reference(net, images, 7)), np.asarray(kb.FDFE.convert(net, 7)(images))
     assert np.isnan(ref).any() and not np.isnan(ref).all() and np.array_equal(np.isnan(out), np.isnan(ref))
     assert max_rel_error(np.nan_to_num(out), np.nan_to_num(ref)) <= TOL["float32"]
+
+
+def test_one_channel_expanded_over_the_channels_acts_per_pixel(tb, kb):
+    """A one-channel gate expanded to C channels at the same positions (PyTorch expand, expand_as, repeat,
+    broadcast_to; Keras broadcast_to, tile) is the same channel at every pixel; each was refused as an unknown op.
+    Expanding along a spatial axis stays refused."""
+    import keras
+    import tensorflow as tf
+    import torch
+    import torch.nn as nn
+    torch.manual_seed(8)
+
+    class Gates(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.strided, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, stride=2), nn.Linear(128, 4)
+
+        def forward(self, x):
+            x = torch.tanh(self.strided(torch.tanh(self.conv(x))))  # 11x11 -> 8x4x4
+            x = x * torch.sigmoid(x[:, :1]).expand_as(x) + x[:, 1:2].expand(-1, 8, -1, -1)
+            x = x - x[:, :1].repeat(1, 8, 1, 1) + torch.broadcast_to(x.amax(1, keepdim=True), x.shape)
+            v = x.mean((2, 3))
+            return self.fc(x.flatten(1)) + (v + v[:, :1].expand(-1, 8))[:, :4]
+    _torch_check(tb, Gates(), (11, 11), 3, size=(14, 13))
+
+    class Spatial(nn.Module):
+        def forward(self, x):
+            return x[:, :, :1].expand(-1, -1, 3, -1).flatten(1)
+    with pytest.raises(tb.FDFE.ConversionError, match=r"expands a 2x1x3 map from \(\d, 2, 1, 3\) to \(\d, 2, 3, 3\); "
+                                                      r"only one channel repeated over the channels"):
+        tb.FDFE.convert(Spatial(), 3, in_channels=2)
+    L, ops = keras.layers, keras.ops
+    keras.utils.set_random_seed(8)
+
+    def gates(x):
+        g = ops.max(x, axis=-1, keepdims=True)
+        tiled = ops.tile(g, [1, 1, 1, 8]) * tf.tile(-g, [1, 1, 1, 8])
+        return x * ops.broadcast_to(ops.sigmoid(g), ops.shape(x)) + tiled
+    inp = keras.Input((11, 11, 3))
+    x = L.Conv2D(8, 3, strides=2, activation="tanh")(L.Conv2D(8, 3, activation="tanh")(inp))
+    _keras_check(kb, keras.Model(inp, L.Dense(4)(L.Flatten()(L.Lambda(gates)(x)))), (11, 11), 3, size=(14, 13))
+    inp = keras.Input((3, 3, 2))
+    with pytest.raises(kb.FDFE.ConversionError, match=r"broadcasts a 1x3x2 map from \(\d, 1, 3, 2\) to "
+                                                      r"\(\d, 3, 3, 2\)"):
+        kb.FDFE.convert(keras.Model(inp, L.Flatten()(L.Lambda(lambda x: ops.tile(x[:, :1], [1, 3, 1, 1]))(inp))), 3)

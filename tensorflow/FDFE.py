@@ -3551,6 +3551,21 @@ def _rule_elementwise_op(call, geoms):
     return _op_runner(call, args, unwarps), [first.with_(channels=out[-1] if _per_channel(first, out) else None)]
 
 
+@_op_rule_for("BroadcastTo", "Tile", label="TensorFlow broadcasts and tiles of one channel over the channels in "
+                                           "call() (keras.ops.broadcast_to, tf.tile of a one-channel gate): per pixel")
+def _rule_broadcast_op(call, geoms):
+    """``keras.ops.broadcast_to(g, shape)`` / ``tf.tile(g, [1, 1, 1, C])`` of a one-channel value to C channels at
+    the same positions: the same channel repeated at every pixel (a tile of the dense values)."""
+    geom, src, dst = geoms[0], tuple(call.in_shapes[0]), tuple(call.out_shapes[0])
+    if src == dst:
+        return _pass_through, [geom]
+    if len(src) != len(dst) or src[:-1] != dst[:-1] or src[-1] != 1 or not _per_channel(geom, src):
+        raise call.fail(f"it broadcasts {geom.describe()} from {src} to {dst}; only one channel repeated over the "
+                        f"channels (the last axis) of the same positions can be made dense")
+    tile = _TFOp("Tile", {"input": {"input": 0}, "multiples": {"const": [1, 1, 1, dst[-1]], "dtype": "int32"}}, {})
+    return (lambda xs: [tile(xs[0])]), [geom.with_(channels=dst[-1])]
+
+
 @_op_rule_for("MatMul", label="TensorFlow matrix products in call() with a constant or weight (x @ w): per pixel "
                              "on a vector of one position, an h x w convolution on a flattened map")
 def _rule_matmul_op(call, geoms):
