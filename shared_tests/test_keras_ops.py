@@ -544,3 +544,32 @@ def test_keras_per_channel_layers_on_positions_reshaped_to_rows(kb):
     with pytest.raises(kb.FDFE.ConversionError, match=r"\(PReLU\).*its slopes differ per position \(use "
                                                       r"shared_axes=\[1\]\)"):
         kb.FDFE.convert(net, (8, 7))
+
+
+def test_keras_matrix_products_over_the_channels_of_every_pixel(kb):
+    """``x @ w`` of a map, or of (N, h*w, C) rows of its positions, with a (C, K) weight is a product per pixel (it
+    was refused as an unknown op, BatchMatMulV2); keras.ops.matmul / tensordot of a map, which TensorFlow lowers to
+    a reshape to (N*h*w, C), are refused with a hint to write x @ w."""
+    import keras
+
+    class Products(keras.layers.Layer):
+        def build(self, shape):
+            self.w = self.add_weight(shape=(shape[-1], 5), initializer="glorot_uniform", name="w")
+            self.v = self.add_weight(shape=(5, 4), initializer="glorot_uniform", name="v")
+
+        def call(self, x):
+            y = keras.ops.tanh(x @ self.w)  # (N, h, w, 5)
+            return keras.ops.reshape(y, (-1, y.shape[1] * y.shape[2], 5)) @ self.v  # rows (N, h*w, 4)
+    L = keras.layers
+    keras.utils.set_random_seed(9)
+    net = keras.Sequential([keras.Input((8, 7, 2)), L.Conv2D(6, 3), L.MaxPooling2D(2), Products(), L.Flatten(),
+                            L.Dense(3)])
+    _assert_exact(kb, net, (8, 7), 2)
+
+    class Tensordot(Products):
+        def call(self, x):
+            return keras.ops.tensordot(x, self.w, axes=1)
+    net = keras.Sequential([keras.Input((5, 5, 2)), L.Conv2D(6, 3), Tensordot(), L.Flatten(), L.Dense(3)])
+    with pytest.raises(kb.FDFE.ConversionError, match=r"reshapes \(\d, 3, 3, 6\) to \(\d+, 6\).*for a product over "
+                                                      r"the channels of every pixel write x @ w"):
+        kb.FDFE.convert(net, 5)

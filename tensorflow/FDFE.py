@@ -3279,7 +3279,11 @@ def _reshaped_geom(call, geom, src, dst):
     if dst[:1] == src[:1] and _prod(dst[1:]) == h * w * c:
         kind = MAP if dst[1:] == (h, w, c) else VECTOR if dst[1:] == (h * w * c,) else VIEW
         return geom.with_(kind=kind)
-    raise call.fail(f"it reshapes {src} to {dst}, which moves values between patches (the batch axis)")
+    hint = ""
+    if len(src) > 2 and len(dst) == 2 and dst == (_prod(src[:-1]), src[-1]):  # (N*h*w, C): a product per pixel
+        hint = ("; keras.ops.matmul and tensordot of a map with a matrix reshape it so: for a product over the "
+                "channels of every pixel write x @ w, or use a Dense layer or a 1x1 Conv2D")
+    raise call.fail(f"it reshapes {src} to {dst}, which moves values between patches (the batch axis){hint}")
 
 
 @_rule_for(keras.layers.Dense, label="Dense on a flattened map (DenseAsConv, an h x w convolution) or on channels")
@@ -3595,6 +3599,22 @@ def _rule_matmul_op(call, geoms):
     attrs = {"strides": ["list(int)", [1, 1, 1, 1]], "padding": ["string", "VALID"]}
     layer = _TFOp("Conv2D", args, attrs, call.variables, name=_op_layer_name(call))
     return (lambda xs: [layer(xs[0])]), [geom.with_(channels=units, size=(1, 1))]
+
+
+@_op_rule_for("BatchMatMulV2", "BatchMatMulV3", label="TensorFlow matrix products in call() of a map (or rows of "
+                                                      "positions) with a matrix (x @ w): per pixel, over the channels")
+def _rule_batch_matmul_op(call, geoms):
+    """``x @ w`` of a map (N, h, w, C), or of (N, h*w, C) rows of its positions, with a C x K constant or weight of
+    Cp: a product over the channels of every pixel, the same op on the dense values."""
+    geom, shape = geoms[0], tuple(call.in_shapes[0])
+    x, y = call.args["x"], call.args["y"]
+    if "input" not in x or "input" in y or call.attrs["adj_x"][1] or len(y.get("shape") or ()) != 2 or \
+            not _per_channel(geom, shape) or len(shape) < 3:
+        raise call.fail(f"it multiplies {geom.describe()} of shape {shape} by a value of shape {y.get('shape')}; only "
+                        f"x @ w of a map (or of a vector of one position) with a constant or weight w of shape "
+                        f"(C, K) can be made dense (a product over the channels of every pixel)")
+    layer = _TFOp(call.type, call.args, call.attrs, call.variables, name=_op_layer_name(call))
+    return (lambda xs: [layer(xs[0])]), [geom.with_(channels=call.out_shapes[0][-1])]
 
 
 @_op_rule_for("Reshape", "Squeeze", "ExpandDims", label="TensorFlow reshapes in call() that keep the batch axis "
