@@ -230,6 +230,10 @@ _PER_PATCH_REASON = ("every patch is normalised with its own statistics, so the 
 _INDICES_REASON = "it returns pooling indices, which refer to positions inside one patch"
 _MIXED_GRID_REASON = ("values that cover different parts of the patch, such as a statistic of the whole "
                       "patch, differ for every patch and cannot be shared")
+_MIXED_STRIDES_REASON = ("maps that went through different strides lie on different grids of the image; streams "
+                         "that pool or stride differently merge exactly only as one vector per position each (1x1 "
+                         "maps: pool, crop or flatten each stream to one position first), or give the streams the "
+                         "same strides")
 
 
 # --- geometry: what a dense value holds, in patch terms ---------------------------------------
@@ -282,8 +286,11 @@ def _same_grid(op, geoms):
     first = geoms[0]
     for g in geoms[1:]:
         if not first.same_grid(g):
+            reason = _MIXED_GRID_REASON
+            if first.strides != g.strides and not (first.is_pixel_vector or g.is_pixel_vector):
+                reason = _MIXED_STRIDES_REASON
             raise op.fail(f"it combines {first.describe()} with {g.describe()} (strides {list(first.strides)} "
-                          f"vs {list(g.strides)}); {_MIXED_GRID_REASON}")
+                          f"vs {list(g.strides)}); {reason}")
     return first
 
 
@@ -4289,12 +4296,12 @@ def _self_check(net: DenseFeatureNet, base_net: nn.Module) -> None:
     grid_positions = torch.tensor(_self_check_positions(_ceil_div(h, sy), _ceil_div(w, sx)))
     positions = grid_positions * torch.tensor([1, sy, sx])
     with torch.no_grad(), _EvalMode(net):
-        tile = net.tile
-        net.tile = None
+        tile, max_memory = net.tile, net.max_memory  # (the small image runs untiled whatever the user's budget)
+        net.tile = net.max_memory = None
         try:
             dense = net(images)
         finally:
-            net.tile = tile
+            net.tile, net.max_memory = tile, max_memory
         expected = patch_outputs(base_net, images, net.patch_size, positions, border=net.border)
     got = dense[grid_positions[:, 0], :, grid_positions[:, 1], grid_positions[:, 2]]
     tolerance = None

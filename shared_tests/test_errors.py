@@ -90,6 +90,7 @@ def test_torch_refuses_per_patch_normalisation(tb):
 
 
 def test_torch_refuses_ops_that_mix_positions(tb):
+    import torch
     import torch.nn as nn
     import torch.nn.functional as F
     _torch_refusal(tb, [nn.Conv2d(1, 4, 2), nn.Linear(4, 3)], 5,
@@ -109,6 +110,10 @@ def test_torch_refuses_ops_that_mix_positions(tb):
                    r"layers\.1 \(GLU\).*F\.glu .*along dim 2 of a 4x4x4 map.*only the channel axis")
     _torch_refusal(tb, [nn.Conv2d(1, 2, 3), nn.Flatten(), nn.GLU()], 5,
                    r"layers\.2 \(GLU\).*F\.glu .*along dim -1 of a flattened 2x3x3 map, which mixes positions")
+    _torch_refusal(tb, [nn.Conv2d(1, 2, 3, stride=2), nn.Conv2d(1, 2, 5)], 7,  # 3x3 maps at strides 2 and 1
+                   r"torch\.cat .*combines a 2x3x3 map with a 2x3x3 map \(strides \[\(2, 2\)\] vs \[\]\); maps that "
+                   r"went through different strides lie on different grids.*merge exactly only as one vector per "
+                   r"position each", forward=lambda self, x: torch.cat([self.layers[0](x), self.layers[1](x)], 1))
 
 
 def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):

@@ -88,3 +88,23 @@ def test_memory_budget_picks_tiles_and_stays_exact(tb, kb):
         assert max_rel_error(t_ci(t_img), ref) <= TOL["float32"]
     k_ci.max_memory = k_ci.estimate_memory((70, 90)) // 2
     assert max_rel_error(k_ci(tf.constant(image)), ref.numpy().transpose(0, 2, 3, 1)) <= TOL["float32"]
+
+
+def test_a_budget_that_fits_the_images_also_passes_convert(tb, kb):
+    """convert(..., max_memory=B) with B enough for the user's images: the self-check's own small image runs
+    untiled whatever B (PyTorch raised MemoryError at convert where the check image needed more than B)."""
+    import keras
+    import torch
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3, stride=4))
+    images = torch.randn(1, 1, 5, 5)
+    budget = tb.FDFE.convert(net, 11, check=False).estimate_memory((5, 5), 1) + 1
+    with torch.no_grad():
+        assert max_rel_error(tb.FDFE.convert(net, 11, max_memory=budget)(images),
+                             tb.FDFE.dense_reference(net, images, 11)) <= TOL["float32"]
+    L = keras.layers
+    knet = keras.Sequential([keras.Input((11, 11, 1)), L.Conv2D(4, 3, strides=4), L.ReLU(), L.Conv2D(2, 3, strides=4)])
+    budget = kb.FDFE.convert(knet, 11, check=False).estimate_memory((5, 5), 1) + 1
+    kimages = images.numpy().transpose(0, 2, 3, 1)
+    assert max_rel_error(kb.FDFE.convert(knet, 11, max_memory=budget)(kimages),
+                         kb.FDFE.dense_reference(knet, kimages, 11)) <= TOL["float32"]
