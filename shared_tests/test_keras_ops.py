@@ -573,3 +573,26 @@ def test_keras_matrix_products_over_the_channels_of_every_pixel(kb):
     with pytest.raises(kb.FDFE.ConversionError, match=r"reshapes \(\d, 3, 3, 6\) to \(\d+, 6\).*for a product over "
                                                       r"the channels of every pixel write x @ w"):
         kb.FDFE.convert(net, 5)
+
+
+def test_keras_arg_max_and_min_over_the_channels(kb):
+    """keras.ops.argmax / argmin over the channels of a map or of a vector of one position (TensorFlow lowers argmax
+    through a Bitcast and BitwiseAnd testing the sign of zeros) give the channel index at every pixel, as PyTorch's
+    argmax does; they were refused as unknown ops.  Over positions they stay refused."""
+    import keras
+    L, ops = keras.layers, keras.ops
+
+    def args(x):
+        indices = ops.concatenate([ops.argmax(x, axis=-1)[..., None], ops.argmin(x, -1, keepdims=True)], -1)
+        return x + ops.cast(indices[..., :1] - indices[..., 1:], x.dtype)
+    keras.utils.set_random_seed(10)
+    inp = keras.Input((8, 7, 2))
+    x = L.Lambda(args)(L.MaxPooling2D(2)(L.Conv2D(6, 3)(inp)))
+    v = L.Dense(5)(L.Flatten()(x))
+    out = L.Lambda(lambda v: v * ops.cast(ops.argmax(v, axis=1)[:, None] + 1, v.dtype))(v)
+    _assert_exact(kb, keras.Model(inp, out), (8, 7), 2)
+    inp = keras.Input((5, 5, 2))
+    x = L.Lambda(lambda x: ops.cast(ops.argmax(x, axis=1), x.dtype))(L.Conv2D(4, 3)(inp))
+    with pytest.raises(kb.FDFE.ConversionError, match=r"takes the arg max of a 3x3x4 map along axis 1; only the "
+                                                      r"channel axis \(-1\)"):
+        kb.FDFE.convert(keras.Model(inp, L.Flatten()(x)), 5)

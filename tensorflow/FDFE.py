@@ -3517,7 +3517,9 @@ _ELEMENTWISE_OPS = (
     "AddV2", "Add", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "MulNoNan", "FloorDiv", "FloorMod", "TruncateDiv",
     "Maximum", "Minimum", "Pow", "SquaredDifference", "Atan2", "Xdivy", "Xlogy", "BiasAdd", "ClipByValue",
     "Greater", "GreaterEqual", "Less", "LessEqual", "Equal", "NotEqual", "LogicalAnd", "LogicalOr",
-    "Select", "SelectV2", "AddN")
+    "Select", "SelectV2", "AddN",
+    # bits (keras.ops.argmax tests the sign bit of zeros): a Bitcast between types of one width keeps the shape
+    "Bitcast", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "Invert", "LeftShift", "RightShift")
 
 
 @_op_rule_for(*_ELEMENTWISE_OPS, label="TensorFlow element-wise ops in call() (keras.ops, tf.math, tf.nn, "
@@ -3560,6 +3562,23 @@ def _rule_elementwise_op(call, geoms):
             raise call.fail(f"it combines {first.describe()} with a constant of shape {list(shape)}, which differs "
                             f"per position of the patch; only scalars and per-channel constants can be made dense")
     return _op_runner(call, args, unwarps), [first.with_(channels=out[-1] if _per_channel(first, out) else None)]
+
+
+@_op_rule_for("ArgMax", "ArgMin", label="TensorFlow arg max / min over the channel axis in call() (keras.ops.argmax(x, "
+                                        "-1)): per pixel")
+def _rule_arg_op(call, geoms):
+    """``keras.ops.argmax`` / ``argmin`` (``tf.argmax``) over the channels of a map, a vector of one position or
+    (N, h*w, C) rows: the index of a channel at every pixel (the dense values keep a one-channel last axis)."""
+    geom, src = geoms[0], tuple(call.in_shapes[0])
+    axis = call.constant("dimension")
+    if axis is None or np.ndim(axis) != 0 or int(axis) % len(src) != len(src) - 1 or not _per_channel(geom, src):
+        raise call.fail(f"it takes the arg {call.type[3:].lower()} of {geom.describe()} along axis {axis}; only the "
+                        f"channel axis (-1) can be made dense")
+    arg = _TFOp(call.type, dict(call.args, dimension={"const": -1, "dtype": call.args["dimension"]["dtype"]}),
+                call.attrs, name=_op_layer_name(call))
+    keep = _TFOp("ExpandDims", {"input": {"input": 0}, "axis": {"const": -1, "dtype": "int32"}}, {})
+    return (lambda xs: [keep(arg(xs[0]))]), [_reshaped_geom(call, geom.with_(channels=1), src[:-1] + (1,),
+                                                            call.out_shapes[0])]
 
 
 @_op_rule_for("BroadcastTo", "Tile", label="TensorFlow broadcasts and tiles of one channel over the channels in "
