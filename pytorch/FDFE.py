@@ -3489,6 +3489,23 @@ def _rule_channel_order(node, geoms):
     return _CallStep(node, args=(p["input"],), kwargs=kwargs), [geom.with_(channels=node.out_shapes[0][1])]
 
 
+@_rule_for(["permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims"], "refused: transposes (but "
+           "the identity)", (torch, torch.Tensor))
+def _rule_transpose(node, geoms):
+    """Transposes move the channels off dim 1, or swap positions of the patch: CI's dense values keep the channels
+    of every pixel on dim 1, so nothing after a transpose could be computed on them; the identity passes."""
+    rank = len(node.in_shapes[0])
+    dims = [d for v in list(node.args[1:]) + list(node.kwargs.values())
+            for d in (v if isinstance(v, (tuple, list)) else [v])]
+    if node.name.split(".")[-1] == "permute" and [int(d) % rank for d in dims] == list(range(rank)):
+        return _AliasStep(node), [geoms[0]]
+    error = node.fail(f"it transposes {geoms[0].describe()} (dims {dims}); CI keeps the channels of every pixel on "
+                    f"dim 1, and a transposed value cannot be made dense: write a Linear over the channels as a 1x1 "
+                    f"Conv2d (weight[:, :, None, None]), and a norm over them with mean/var over dim 1")
+    error.taints_outputs = True  # (what follows a transpose is not judged again: its geometry would be a guess)
+    raise error
+
+
 class _RepeatChannelsStep(_Step):
     """One channel repeated ``channels`` times along the channel axis (a one-channel gate expanded to a map's)."""
     per_pixel = True
@@ -4135,7 +4152,8 @@ def _apply_rules(nodes, geoms):
                 problems.append(str(exc))
             for s, shape in zip(node.out_slots, node.out_shapes):
                 geoms[s] = _guessed_geom(shape, in_geoms, _MAP_LAYOUT)
-                if all(i in tainted for i in node.in_slots) or len(shape) != 4:  # a statistic, not a map
+                if all(i in tainted for i in node.in_slots) or len(shape) != 4 or \
+                        getattr(exc, "taints_outputs", False):  # a statistic, not a map; a transposed map
                     tainted.add(s)
             continue
         if tainted.intersection(node.in_slots) and all(s in tainted for s in node.in_slots):

@@ -110,6 +110,10 @@ def test_torch_refuses_ops_that_mix_positions(tb):
                    r"layers\.1 \(GLU\).*F\.glu .*along dim 2 of a 4x4x4 map.*only the channel axis")
     _torch_refusal(tb, [nn.Conv2d(1, 2, 3), nn.Flatten(), nn.GLU()], 5,
                    r"layers\.2 \(GLU\).*F\.glu .*along dim -1 of a flattened 2x3x3 map, which mixes positions")
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3), nn.Linear(4, 2)], 5,  # (the Linear after it is not judged again)
+                   r"^[^\n]*Tensor\.permute cannot be made dense exactly: it transposes a 4x3x3 map "
+                   r"\(dims \[0, 2, 3, 1\]\); CI keeps the channels of every pixel on dim 1.*1x1 Conv2d[^\n]*$",
+                   forward=lambda self, x: self.layers[1](self.layers[0](x).permute(0, 2, 3, 1)).flatten(1))
     _torch_refusal(tb, [nn.Conv2d(1, 2, 3, stride=2), nn.Conv2d(1, 2, 5)], 7,  # 3x3 maps at strides 2 and 1
                    r"torch\.cat .*combines a 2x3x3 map with a 2x3x3 map \(strides \[\(2, 2\)\] vs \[\]\); maps that "
                    r"went through different strides lie on different grids.*merge exactly only as one vector per "
@@ -186,6 +190,11 @@ def test_keras_refusals(kb):
                    r"\(Softmax\).*a flattened 3x3x2 map.*which mixes positions of the patch")
     _keras_refusal(kb, [L.Conv2D(2, 3), L.Flatten(), L.Activation("glu")], 5,
                    r"\(Activation\).*its gated linear unit.*a flattened 3x3x2 map.*which mixes positions")
+    _keras_refusal(kb, [L.Conv2D(2, 3), L.Permute((3, 1, 2)), L.Flatten(), L.Dense(3)], 5,
+                   r"\(Permute\).*it transposes a 3x3x2 map \(dims \(3, 1, 2\)\); CI keeps the channels of every "
+                   r"pixel on the last axis")
+    _keras_refusal(kb, [L.Conv2D(2, 3), L.Lambda(lambda x: keras.ops.transpose(x, (0, 2, 1, 3))), L.Flatten()], 5,
+                   r"\(Transpose, created at .*it transposes a 3x3x2 map \(perm \[0, 2, 1, 3\]\)")
     _keras_refusal(kb, [L.Conv2D(2, 3), L.Flatten(data_format="channels_first"), L.Dense(3)], 5,
                    r"\(Flatten\).*Flatten\(data_format='channels_first'\) orders the values of a 3x3x2 map C, H, W")
     # a problem after a refused layer is not guessed from the stand-in: the 36 rows reshaped back make a map

@@ -3564,6 +3564,31 @@ def _rule_elementwise_op(call, geoms):
     return _op_runner(call, args, unwarps), [first.with_(channels=out[-1] if _per_channel(first, out) else None)]
 
 
+_TRANSPOSE_HINT = ("CI keeps the channels of every pixel on the last axis, and a transposed value cannot be made dense "
+                   "(Dense acts on the channels of every pixel as it is; for PyTorch's C, H, W flattening order, "
+                   "reorder the rows of the next Dense's kernel to H, W, C instead)")
+
+
+@_rule_for(keras.layers.Permute, label="refused: transposes (but the identity)")
+def _rule_permute(call, geoms):
+    """Permute: moves the channels off the last axis, or swaps positions of the patch (refused); the identity
+    passes."""
+    dims = list(call.layer.dims)
+    if dims == list(range(1, len(dims) + 1)):
+        return _pass_through, [geoms[0]]
+    raise call.fail(f"it transposes {geoms[0].describe()} (dims {tuple(dims)}); {_TRANSPOSE_HINT}")
+
+
+@_op_rule_for("Transpose", "ConjugateTranspose", label="refused: TensorFlow transposes in call() (but the identity)")
+def _rule_transpose_op(call, geoms):
+    """tf.transpose / keras.ops.transpose: refused as Permute is; the identity passes."""
+    perm = call.constant("perm")
+    perm = None if perm is None else [int(d) for d in np.ravel(perm)]
+    if perm == list(range(len(call.in_shapes[0]))):
+        return _pass_through, [geoms[0]]
+    raise call.fail(f"it transposes {geoms[0].describe()} (perm {perm}); {_TRANSPOSE_HINT}")
+
+
 @_op_rule_for("ArgMax", "ArgMin", label="TensorFlow arg max / min over the channel axis in call() (keras.ops.argmax(x, "
                                         "-1)): per pixel")
 def _rule_arg_op(call, geoms):
