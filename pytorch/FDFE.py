@@ -540,12 +540,10 @@ def _tile_for_memory(budget, estimate, image_size, stride_product, patch=(1, 1))
         return _ceil_to(_ceil_div(width, nx), sw)
 
     most_x = _ceil_div(width, least_w)
-    best, heights = None, []
-    for ny in range(1, _ceil_div(height, least_h) + 1):
-        th = _ceil_to(_ceil_div(height, ny), sh)
-        if th < least_h or th in heights:
-            continue
-        heights.append(th)
+    heights = list(dict.fromkeys(th for th in (_ceil_to(_ceil_div(height, ny), sh)
+                                               for ny in range(1, _ceil_div(height, least_h) + 1)) if th >= least_h))
+    best = None
+    for th in heights + ([least_h] if least_h not in heights else []):  # (the least tile, which errors name, too)
         if estimate((th, columns(most_x))) > budget:
             continue
         lo, hi = 1, most_x  # the fewest columns that fit (the estimate grows with the tile's width)

@@ -108,3 +108,24 @@ def test_a_budget_that_fits_the_images_also_passes_convert(tb, kb):
     kimages = images.numpy().transpose(0, 2, 3, 1)
     assert max_rel_error(kb.FDFE.convert(knet, 11, max_memory=budget)(kimages),
                          kb.FDFE.dense_reference(knet, kimages, 11)) <= TOL["float32"]
+
+
+def test_the_least_tile_that_errors_name_is_tried(tb, kb):
+    """An image 11 rows high: tiles of ceil(11 / ny) rows skip 8, the least tile height; a budget that fits the
+    8x8 tiles the MemoryError names now gets such tiles (it was refused, the message contradicting itself)."""
+    import keras
+    import torch
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    ci = tb.FDFE.convert(net, 5)
+    knet = keras.Sequential([keras.Input((5, 5, 1)), keras.layers.Conv2D(8, 3), keras.layers.ReLU(),
+                             keras.layers.Conv2D(4, 3)])
+    kci = kb.FDFE.convert(knet, 5)
+    for model in (ci, kci):
+        budget = model.estimate_memory((11, 40), 1, tile=(8, 8)) + 1
+        tile = model.tile_for_memory(budget, (11, 40))
+        assert tile[0] == 8 and model.estimate_memory((11, 40), 1, tile=tile) <= budget
+    images = torch.randn(1, 1, 11, 40)
+    ci.max_memory = ci.estimate_memory((11, 40), 1, tile=(8, 8)) + 1
+    with torch.no_grad():
+        assert max_rel_error(ci(images), tb.FDFE.dense_reference(net, images, 5)) <= TOL["float32"]
