@@ -1528,3 +1528,25 @@ def test_one_channel_expanded_over_the_channels_acts_per_pixel(tb, kb):
     with pytest.raises(kb.FDFE.ConversionError, match=r"broadcasts a 1x3x2 map from \(\d, 1, 3, 2\) to "
                                                       r"\(\d, 3, 3, 2\)"):
         kb.FDFE.convert(keras.Model(inp, L.Flatten()(L.Lambda(lambda x: ops.tile(x[:, :1], [1, 3, 1, 1]))(inp))), 3)
+
+
+def test_keras_naive_row_stride_one_convolution_avoids_a_tensorflow_fault(kb):
+    """TensorFlow 2.21's oneDNN float32 convolution with row stride 1, column stride > 1, one input channel and one
+    output column gives wrong values on batches of 2 or more (Cp itself does: convert's self-check then refuses it,
+    so check=False here); naive=True ran such a convolution per shift and was 1.8 off; it now convolves at stride 1
+    and subsamples, as the default path does.  Compared with float64 Cp on every patch."""
+    import keras
+    import tensorflow as tf
+    FDFE = kb.FDFE
+
+    def build(dtype):
+        cp = keras.Sequential([keras.Input((1, 2, 1), dtype=dtype), keras.layers.Conv2D(1, (1, 2), strides=(1, 3),
+                                                                                          dtype=dtype),
+                               keras.layers.Flatten(dtype=dtype), keras.layers.Dense(1, dtype=dtype)])
+        cp.set_weights([np.array([0.5, -1.0]).reshape(1, 2, 1, 1), np.array([0.25]), np.array([[1.0]]), np.zeros(1)])
+        return cp
+    images = netspec.random_images(3, 1, 4, 3, seed=0)
+    ref = np.asarray(FDFE.dense_reference(build("float64"), images, (1, 2)))
+    for naive in (False, True):
+        out = FDFE.convert(build("float32"), (1, 2), naive=naive, check=False)(tf.constant(images, tf.float32))
+        assert max_rel_error(np.asarray(out, np.float64), ref) <= TOL["float32"], naive
