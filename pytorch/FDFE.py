@@ -419,6 +419,9 @@ def _guessed_geom(shape, geoms, layout):
     if len(shape) == 4:
         channels, size = (shape[1], shape[2:]) if layout == "CHW" else (shape[3], shape[1:3])
         return _Geom(MAP, channels, size, strides, guessed=True)
+    if len(shape) == 3:  # rows of positions: (N, C, h*w), Keras (N, h*w, C)
+        channels, positions = (shape[1], shape[2]) if layout == "CHW" else (shape[2], shape[1])
+        return _Geom(VIEW, channels, (positions, 1), strides, guessed=True)
     return _Geom(VECTOR, _prod(shape[1:]) if len(shape) > 1 else 1, (1, 1), strides, guessed=True)
 
 
@@ -738,8 +741,10 @@ def _self_check_image_size(stride_product, patch_size=(1, 1), border="zeros"):
 
 
 def _self_check_positions(height, width):
-    """(n, y, x) of the patches compared: corners, the middle, an edge."""
-    return [[0, 0, 0], [0, height - 1, width - 1], [0, height // 2, width // 3], [0, 1, width - 1]]
+    """(n, y, x) of the patches compared: corners, the middle, an edge, of both test images (normal values, and
+    uniform in [0, 1), where a Cp that takes roots or logarithms of pixels gives finite values to compare)."""
+    return [[n, y, x] for n in (0, 1) for y, x in [(0, 0), (height - 1, width - 1), (height // 2, width // 3),
+                                                   (1, width - 1)]]
 
 
 #: relative tolerance of the self-check per compute dtype (others: 3e-2)
@@ -752,6 +757,10 @@ def _self_check_compare(got, expected, dtype_name, tolerance=None):
     (0 / 0 of a patch in the zero border), CI must give the same.  ``got``/``expected``: lists of floats."""
     got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
     finite = np.isfinite(expected)
+    if not finite.any():
+        raise ConversionError("convert's self-check compared nothing: Cp gave NaN or infinite values for every patch "
+                              "it checked, on normal and on uniform [0, 1) test images; pass check=False and compare "
+                              "CI with dense_reference on your own images")
     scale = max(float(np.abs(expected[finite]).max(initial=0.0)), 1e-6)
     tol = tolerance if tolerance is not None else _SELF_CHECK_TOLERANCE.get(dtype_name, 3e-2)
     same = (got == expected) | (np.isnan(got) & np.isnan(expected))  # (NaN, or the same infinity, in both)
@@ -3413,7 +3422,9 @@ def _rule_crop(node, geoms):
     if None in index and all(i is None or i is Ellipsis or i == slice(None) for i in index):  # x[:, None]: a reshape
         return _rule_reshape(node, geoms)
     shape = tuple(node.in_shapes[0])
-    by_channel = _view_by_channel(geom, shape)  # (N, C, h*w): its channels alone may be sliced
+    # (N, C, h*w), or the (N, C, 1) of a 1x1 map: its channels alone may be sliced
+    by_channel = _view_by_channel(geom, shape) or (geom.kind == VECTOR and geom.is_pixel_vector and len(shape) > 2
+                                                   and shape[1] == geom.channels)
     if not (geom.kind == MAP or geom.is_pixel_vector or by_channel):
         raise node.fail(f"it slices {geom.describe()}; flatten after cropping, not before")
     rank = 4 if geom.kind == MAP else len(shape) if by_channel else 2
@@ -3424,8 +3435,8 @@ def _rule_crop(node, geoms):
         raise node.fail("it slices the batch of patches")
     taken = len(range(*bounds[1]))  # channels
     if by_channel and bounds[2:] != [(0, n) for n in shape[2:]]:
-        raise node.fail(f"it slices positions of {geom.describe()} ({shape}); flatten after cropping, not before "
-                        f"(its channels alone, x[:, a:b], can be sliced)")
+        raise node.fail(f"it slices positions of {geom.describe()} ({shape}); crop the (N, C, h, w) map before "
+                        f"reshaping or reducing it (the channels alone, x[:, a:b], can be sliced here)")
     if taken < 1:
         raise node.fail("the slice is empty")
     if rank == 2 or by_channel:
@@ -4308,7 +4319,8 @@ def _self_check(net: DenseFeatureNet, base_net: nn.Module) -> None:
     h, w = _self_check_image_size(net.stride_product, net.patch_size, net.border)
     sy, sx = net.output_stride
     h, w = max(h, 2 * sy + 1), max(w, 2 * sx + 1)
-    images = torch.randn(1, net.in_channels, h, w, generator=gen).to(device=device, dtype=dtype)
+    images = torch.cat([torch.randn(1, net.in_channels, h, w, generator=gen),
+                        torch.rand(1, net.in_channels, h, w, generator=gen)]).to(device=device, dtype=dtype)
     grid_positions = torch.tensor(_self_check_positions(_ceil_div(h, sy), _ceil_div(w, sx)))
     positions = grid_positions * torch.tensor([1, sy, sx])
     with torch.no_grad(), _EvalMode(net):

@@ -1402,14 +1402,14 @@ def test_channel_slices_and_global_pooling_of_flattened_positions(tb, kb):
             r = m.flatten(2)
             parts = torch.cat([r[:, 1:4], r[..., ::3, :], r.narrow(1, 5, 2)], 1)  # (N, 8, 9)
             pooled = self.avg(parts[:, 2:]) + self.max(parts[:, :6])  # (N, 6, 1)
-            return self.fc(parts.flatten(1)) + self.fc2(m[:, 1::2, 1:, :2].flatten(1)) + pooled.sum(1)
+            return self.fc(parts.flatten(1)) + self.fc2(m[:, 1::2, 1:, :2].flatten(1)) + pooled[:, 1:4].sum(1)
     _torch_check(tb, Rows(), (8, 8), 3, size=(12, 11))
 
     class Positions(nn.Module):
         def forward(self, x):
             return x.flatten(2)[:, :, 1:].sum(2)
-    with pytest.raises(tb.FDFE.ConversionError, match=r"slices positions of .*its channels alone, x\[:, a:b\], "
-                                                      r"can be sliced"):
+    with pytest.raises(tb.FDFE.ConversionError, match=r"slices positions of .*crop the \(N, C, h, w\) map before "
+                                                      r"reshaping or reducing it"):
         tb.FDFE.convert(Positions(), 3, in_channels=2)
     L = keras.layers
     keras.utils.set_random_seed(5)
@@ -1550,3 +1550,41 @@ def test_keras_naive_row_stride_one_convolution_avoids_a_tensorflow_fault(kb):
     for naive in (False, True):
         out = FDFE.convert(build("float32"), (1, 2), naive=naive, check=False)(tf.constant(images, tf.float32))
         assert max_rel_error(np.asarray(out, np.float64), ref) <= TOL["float32"], naive
+
+
+def test_the_self_check_compares_finite_values(tb, kb):
+    """Cp that takes roots of its pixels gives NaN on normal test values: the self-check also uses a uniform [0, 1)
+    image, so it compares finite values (with NaN equal to NaN alone, it compared nothing and let a wrong CI pass);
+    where Cp gives no finite value on either image, convert says the check compared nothing."""
+    import keras
+    import torch
+    import torch.nn as nn
+
+    class Root(nn.Module):
+        def __init__(self, sign):
+            super().__init__()
+            self.sign, self.conv = sign, nn.Conv2d(2, 3, 3)
+
+        def forward(self, x):
+            return self.conv(torch.sqrt(self.sign * x.abs() if self.sign < 0 else x)).flatten(1)
+    torch.manual_seed(9)
+    images = torch.from_numpy(netspec.random_images(2, 2, 8, 9, seed=9).transpose(0, 3, 1, 2)).abs()
+    net = Root(1).double().eval()
+    with torch.no_grad():
+        assert max_rel_error(tb.FDFE.convert(net, 3)(images), tb.FDFE.dense_reference(net, images, 3)) \
+            <= TOL["float64"]
+    with pytest.raises(tb.FDFE.ConversionError, match=r"self-check compared nothing: Cp gave NaN or infinite values "
+                                                      r"for every patch it checked.*pass check=False"):
+        tb.FDFE.convert(Root(-1).double().eval(), 3)
+    L = keras.layers
+    for sign, check in [(1, None), (-1, "compared nothing")]:
+        inp = keras.Input((3, 3, 2))
+        root = L.Lambda(lambda x, s=sign: keras.ops.sqrt(x if s > 0 else -keras.ops.abs(x) - 1.0))(inp)
+        knet = keras.Model(inp, L.Flatten()(L.Conv2D(3, 3)(root)))
+        if check:
+            with pytest.raises(kb.FDFE.ConversionError, match=check):
+                kb.FDFE.convert(knet, 3)
+        else:
+            kimages = images.numpy().transpose(0, 2, 3, 1).astype("float32")
+            assert max_rel_error(kb.FDFE.convert(knet, 3)(kimages), kb.FDFE.dense_reference(knet, kimages, 3)) \
+                <= TOL["float32"]

@@ -196,13 +196,21 @@ def test_keras_refusals(kb):
     _keras_refusal(kb, [L.Conv2D(2, 3), L.Lambda(lambda x: keras.ops.transpose(x, (0, 2, 1, 3))), L.Flatten()], 5,
                    r"\(Transpose, created at .*it transposes a 3x3x2 map \(perm \[0, 2, 1, 3\]\)")
     _keras_refusal(kb, [L.Conv2D(2, 3), L.Flatten(data_format="channels_first"), L.Dense(3)], 5,
-                   r"\(Flatten\).*Flatten\(data_format='channels_first'\) orders the values of a 3x3x2 map C, H, W")
+                   r"\(Flatten\).*Flatten\(data_format='channels_first'\) moves axis 1 of \(\d, 3, 3, 2\) to the end "
+                   r"before flattening, which reorders the values of a 3x3x2 map")
+    for rows in [(9, 2), (9, 2, 1)]:  # (N, h*w, C) rows, and a 4-D reshape of them, are reordered too
+        _keras_refusal(kb, [L.Conv2D(2, 3), L.Reshape(rows), L.Flatten(data_format="channels_first"), L.Dense(3)], 5,
+                       r"\(Flatten\).*moves axis 1 of \(\d, 9, 2(, 1)?\) to the end .*a reshaped 3x3x2 map")
     # a problem after a refused layer is not guessed from the stand-in: the 36 rows reshaped back make a map
     inp = keras.Input((8, 8, 2))
     rows = L.Conv1D(4, 3, padding="same")(L.Reshape((36, 4))(L.Conv2D(4, 3)(inp)))
     with pytest.raises(kb.FDFE.ConversionError) as refused:
         kb.FDFE.convert(keras.Model(inp, L.Flatten()(L.Conv2D(3, 6)(L.Reshape((6, 6, 4))(rows)))), 8)
     assert "(Conv1D) is not supported" in str(refused.value) and "problems" not in str(refused.value)
+    rows = L.Reshape((36, 4))(L.Conv2D(4, 3)(inp))  # a refused slice of rows, then a pooling of the stand-in
+    with pytest.raises(kb.FDFE.ConversionError) as refused:
+        kb.FDFE.convert(keras.Model(inp, L.GlobalAveragePooling1D()(L.Lambda(lambda r: r[:, 1:, :])(rows))), 8)
+    assert "slices a reshaped 6x6x4 map" in str(refused.value) and "problems" not in str(refused.value)
 
 
 def test_keras_refuses_unknown_tensorflow_ops_between_layers(kb):

@@ -432,6 +432,9 @@ def _guessed_geom(shape, geoms, layout):
     if len(shape) == 4:
         channels, size = (shape[1], shape[2:]) if layout == "CHW" else (shape[3], shape[1:3])
         return _Geom(MAP, channels, size, strides, guessed=True)
+    if len(shape) == 3:  # rows of positions: (N, C, h*w), Keras (N, h*w, C)
+        channels, positions = (shape[1], shape[2]) if layout == "CHW" else (shape[2], shape[1])
+        return _Geom(VIEW, channels, (positions, 1), strides, guessed=True)
     return _Geom(VECTOR, _prod(shape[1:]) if len(shape) > 1 else 1, (1, 1), strides, guessed=True)
 
 
@@ -751,8 +754,10 @@ def _self_check_image_size(stride_product, patch_size=(1, 1), border="zeros"):
 
 
 def _self_check_positions(height, width):
-    """(n, y, x) of the patches compared: corners, the middle, an edge."""
-    return [[0, 0, 0], [0, height - 1, width - 1], [0, height // 2, width // 3], [0, 1, width - 1]]
+    """(n, y, x) of the patches compared: corners, the middle, an edge, of both test images (normal values, and
+    uniform in [0, 1), where a Cp that takes roots or logarithms of pixels gives finite values to compare)."""
+    return [[n, y, x] for n in (0, 1) for y, x in [(0, 0), (height - 1, width - 1), (height // 2, width // 3),
+                                                   (1, width - 1)]]
 
 
 #: relative tolerance of the self-check per compute dtype (others: 3e-2)
@@ -765,6 +770,10 @@ def _self_check_compare(got, expected, dtype_name, tolerance=None):
     (0 / 0 of a patch in the zero border), CI must give the same.  ``got``/``expected``: lists of floats."""
     got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
     finite = np.isfinite(expected)
+    if not finite.any():
+        raise ConversionError("convert's self-check compared nothing: Cp gave NaN or infinite values for every patch "
+                              "it checked, on normal and on uniform [0, 1) test images; pass check=False and compare "
+                              "CI with dense_reference on your own images")
     scale = max(float(np.abs(expected[finite]).max(initial=0.0)), 1e-6)
     tol = tolerance if tolerance is not None else _SELF_CHECK_TOLERANCE.get(dtype_name, 3e-2)
     same = (got == expected) | (np.isnan(got) & np.isnan(expected))  # (NaN, or the same infinity, in both)
@@ -3265,11 +3274,11 @@ def _rule_flatten(call, geoms):
     (N, h, w, C) is a MAP, (N, h*w*C) a VECTOR (Keras' H, W, C order); any other shape is a
     VIEW that only element-wise layers and further reshapes may use."""
     geom, src = geoms[0], tuple(call.in_shapes[0])
-    if getattr(call.layer, "data_format", "channels_last") == "channels_first" and len(src) == 4 and \
-            src[-1] > 1 and src[1] * src[2] > 1:
-        raise call.fail(f"Flatten(data_format='channels_first') orders the values of {geom.describe()} C, H, W; only "
-                        f"channels-last flattening (H, W, C) can be made dense (reorder the rows of the next Dense's "
-                        f"kernel to H, W, C order instead)")
+    if getattr(call.layer, "data_format", "channels_last") == "channels_first" and len(src) >= 3 and \
+            src[1] > 1 and _prod(src[2:]) > 1:
+        raise call.fail(f"Flatten(data_format='channels_first') moves axis 1 of {src} to the end before flattening, "
+                        f"which reorders the values of {geom.describe()}; only channels-last flattening (H, W, C "
+                        f"order) can be made dense (reorder the rows of the next Dense's kernel instead)")
     return _pass_through, [_reshaped_geom(call, geom, src, call.out_shape)]
 
 
@@ -4660,7 +4669,8 @@ def _self_check(net, base_net, dtype):
     sy, sx = net.output_stride
     h, w = max(h, 2 * sy + 1), max(w, 2 * sx + 1)
     rng = np.random.default_rng(0)
-    images = tf.constant(rng.standard_normal((1, h, w, net.in_channels)), dtype=dtype)
+    images = tf.constant(np.concatenate([rng.standard_normal((1, h, w, net.in_channels)),
+                                         rng.random((1, h, w, net.in_channels))]), dtype=dtype)
     grid_positions = np.array(_self_check_positions(_ceil_div(h, sy), _ceil_div(w, sx)))
     positions = grid_positions * np.array([1, sy, sx])
     tile, max_memory = net.tile, net.max_memory
