@@ -3499,15 +3499,17 @@ def _rule_channel_order(node, geoms):
 
 
 @_rule_for(["permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims"], "refused: transposes (but "
-           "the identity)", (torch, torch.Tensor))
+           "those that keep the values' order)", (torch, torch.Tensor))
 def _rule_transpose(node, geoms):
     """Transposes move the channels off dim 1, or swap positions of the patch: CI's dense values keep the channels
-    of every pixel on dim 1, so nothing after a transpose could be computed on them; the identity passes."""
-    rank = len(node.in_shapes[0])
+    of every pixel on dim 1, so nothing after a transpose could be computed on them; one that keeps the values in
+    their order (the identity, or moving axes of size 1) is a reshape."""
     dims = [d for v in list(node.args[1:]) + list(node.kwargs.values())
             for d in (v if isinstance(v, (tuple, list)) else [v])]
-    if node.name.split(".")[-1] == "permute" and [int(d) % rank for d in dims] == list(range(rank)):
-        return _AliasStep(node), [geoms[0]]
+    shape = tuple(node.in_shapes[0])
+    index = torch.arange(_prod(shape)).reshape(shape)
+    if torch.equal(node.func(index, *node.args[1:], **node.kwargs).flatten(), index.flatten()):
+        return _rule_reshape(node, geoms)  # the values keep their order (an identity, axes of size 1): a reshape
     error = node.fail(f"it transposes {geoms[0].describe()} (dims {dims}); CI keeps the channels of every pixel on "
                     f"dim 1, and a transposed value cannot be made dense: write a Linear over the channels as a 1x1 "
                     f"Conv2d (weight[:, :, None, None]), and a norm over them with mean/var over dim 1")

@@ -1588,3 +1588,29 @@ def test_the_self_check_compares_finite_values(tb, kb):
             kimages = images.numpy().transpose(0, 2, 3, 1).astype("float32")
             assert max_rel_error(kb.FDFE.convert(knet, 3)(kimages), kb.FDFE.dense_reference(knet, kimages, 3)) \
                 <= TOL["float32"]
+
+
+def test_transposes_that_keep_the_order_of_values_pass(tb, kb):
+    """Transposes are refused (test_errors.py), but not those that keep the values in their order: the identity
+    (x.transpose(1, 1), x.movedim(1, 1), Permute((1, 2, 3))) and moving axes of size 1 (the channels of a 1x1 map
+    to the end), which are reshapes; x.transpose(1, 1) was refused."""
+    import keras
+    import torch
+    import torch.nn as nn
+    torch.manual_seed(11)
+
+    class Identities(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.last, self.fc = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 5, 3), nn.Linear(5, 3)
+
+        def forward(self, x):
+            x = self.conv(x).transpose(1, 1).movedim(1, 1).permute(0, 1, 2, 3)
+            return self.fc(torch.tanh(self.last(x)).permute(0, 2, 3, 1).flatten(1))  # (N, 5, 1, 1) -> (N, 1, 1, 5)
+    _torch_check(tb, Identities(), (5, 5), 2, size=(9, 8))
+    L = keras.layers
+    keras.utils.set_random_seed(11)
+    inp = keras.Input((5, 5, 2))
+    x = L.Lambda(lambda t: keras.ops.transpose(t, (0, 1, 2, 3)))(L.Permute((1, 2, 3))(L.Conv2D(4, 3)(inp)))
+    x = L.Permute((3, 1, 2))(L.Conv2D(5, 3, activation="tanh")(x))  # (N, 1, 1, 5) -> (N, 5, 1, 1)
+    _keras_check(kb, keras.Model(inp, L.Dense(3)(L.Flatten()(x))), (5, 5), 2, size=(9, 8))

@@ -3297,8 +3297,8 @@ def _reshaped_geom(call, geom, src, dst):
         return geom.with_(kind=kind)
     hint = ""
     if len(src) > 2 and len(dst) == 2 and dst == (_prod(src[:-1]), src[-1]):  # (N*h*w, C): a product per pixel
-        hint = ("; keras.ops.matmul and tensordot of a map with a matrix reshape it so: for a product over the "
-                "channels of every pixel write x @ w, or use a Dense layer or a 1x1 Conv2D")
+        hint = ("; keras.ops.matmul and tensordot of a map (or of rows of its positions) with a matrix reshape it "
+                "so: for a product over the channels of every pixel write x @ w, or use a Dense layer")
     raise call.fail(f"it reshapes {src} to {dst}, which moves values between patches (the batch axis){hint}")
 
 
@@ -3578,23 +3578,26 @@ _TRANSPOSE_HINT = ("CI keeps the channels of every pixel on the last axis, and a
                    "reorder the rows of the next Dense's kernel to H, W, C instead)")
 
 
-@_rule_for(keras.layers.Permute, label="refused: transposes (but the identity)")
+@_rule_for(keras.layers.Permute, label="refused: transposes (but those that keep the values' order)")
 def _rule_permute(call, geoms):
-    """Permute: moves the channels off the last axis, or swaps positions of the patch (refused); the identity
-    passes."""
-    dims = list(call.layer.dims)
-    if dims == list(range(1, len(dims) + 1)):
-        return _pass_through, [geoms[0]]
+    """Permute: moves the channels off the last axis, or swaps positions of the patch (refused); one that keeps the
+    values in their order (the identity, or moving axes of size 1) is a reshape."""
+    dims, src = list(call.layer.dims), tuple(call.in_shapes[0])
+    index = np.arange(_prod(src)).reshape(src)
+    if np.array_equal(np.transpose(index, [0] + dims).ravel(), index.ravel()):  # the values keep their order
+        return _pass_through, [_reshaped_geom(call, geoms[0], src, call.out_shape)]
     raise call.fail(f"it transposes {geoms[0].describe()} (dims {tuple(dims)}); {_TRANSPOSE_HINT}")
 
 
-@_op_rule_for("Transpose", "ConjugateTranspose", label="refused: TensorFlow transposes in call() (but the identity)")
+@_op_rule_for("Transpose", "ConjugateTranspose",
+              label="refused: TensorFlow transposes in call() (but those that keep the values' order)")
 def _rule_transpose_op(call, geoms):
     """tf.transpose / keras.ops.transpose: refused as Permute is; the identity passes."""
-    perm = call.constant("perm")
+    perm, src = call.constant("perm"), tuple(call.in_shapes[0])
     perm = None if perm is None else [int(d) for d in np.ravel(perm)]
-    if perm == list(range(len(call.in_shapes[0]))):
-        return _pass_through, [geoms[0]]
+    index = np.arange(_prod(src)).reshape(src)
+    if perm is not None and np.array_equal(np.transpose(index, perm).ravel(), index.ravel()):  # (order kept)
+        return _pass_through, [_reshaped_geom(call, geoms[0], src, call.out_shapes[0])]
     raise call.fail(f"it transposes {geoms[0].describe()} (perm {perm}); {_TRANSPOSE_HINT}")
 
 
