@@ -1532,9 +1532,10 @@ def test_one_channel_expanded_over_the_channels_acts_per_pixel(tb, kb):
 
 def test_keras_naive_row_stride_one_convolution_avoids_a_tensorflow_fault(kb):
     """TensorFlow 2.21's oneDNN float32 convolution with row stride 1, column stride > 1, one input channel and one
-    output column gives wrong values on batches of 2 or more (Cp itself does: convert's self-check then refuses it,
-    so check=False here); naive=True ran such a convolution per shift and was 1.8 off; it now convolves at stride 1
-    and subsamples, as the default path does.  Compared with float64 Cp on every patch."""
+    output column gives wrong values on batches of 2 or more; naive=True ran such a convolution per shift and was 1.8
+    off; it now convolves at stride 1 and subsamples, as the default path does.  Compared with float64 Cp on every
+    patch.  Where Cp has the fault itself (patches of 2 rows), convert's self-check says so instead of reporting an
+    internal failure."""
     import keras
     import tensorflow as tf
     FDFE = kb.FDFE
@@ -1550,6 +1551,15 @@ def test_keras_naive_row_stride_one_convolution_avoids_a_tensorflow_fault(kb):
     for naive in (False, True):
         out = FDFE.convert(build("float32"), (1, 2), naive=naive, check=False)(tf.constant(images, tf.float32))
         assert max_rel_error(np.asarray(out, np.float64), ref) <= TOL["float32"], naive
+    # convert's self-check names the fault where this TensorFlow has it (Cp on a batch of patches is wrong)
+    x, k = np.arange(8.0, dtype="float32").reshape(2, 2, 2, 1), np.ones((1, 2, 1, 1), "float32")
+    faulty = not np.allclose(tf.nn.conv2d(x, k, (1, 1, 3, 1), "VALID").numpy().ravel(), [1, 5, 9, 13])
+    if faulty:
+        cp = keras.Sequential([keras.Input((2, 2, 1)), keras.layers.Conv2D(1, (1, 2), strides=(1, 3)),
+                               keras.layers.Flatten(), keras.layers.Dense(1)])  # (2 rows: Cp has the fault too)
+        with pytest.raises(FDFE.ConversionError, match=r"Cp gives other values for a batch of patches than for each "
+                                                       r"patch alone, and CI matches Cp on each patch alone"):
+            FDFE.convert(cp, 2)
 
 
 def test_the_self_check_compares_finite_values(tb, kb):
