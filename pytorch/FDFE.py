@@ -2792,11 +2792,11 @@ def _geom_of_shape(geom, shape):
 
 
 def _view_by_channel(geom, shape) -> bool:
-    """Whether ``shape``, the traced shape of a reshape (VIEW) of a map, keeps the channels on dim 1 ((N, C, h*w),
-    the (N, C, 1) of a 1x1 map): the map's C-major order leaves each channel's values, for every position, at its
-    index of dim 1."""
-    return (geom.kind == VIEW and len(shape) >= 2 and shape[1] == geom.channels
-            and _prod(shape[2:]) == geom.size[0] * geom.size[1])
+    """Whether ``shape``, the traced shape of a reshape (VIEW) of a map or of a vector of one position, keeps the
+    channels on dim 1 ((N, C, h*w), the (N, C, 1) of a 1x1 map): the map's C-major order leaves each channel's
+    values, for every position, at its index of dim 1."""
+    return ((geom.kind == VIEW or geom.kind == VECTOR and geom.is_pixel_vector) and len(shape) >= 2
+            and shape[1] == geom.channels and _prod(shape[2:]) == geom.size[0] * geom.size[1])
 
 
 def _channel_dim(geom, dim, node):
@@ -3123,7 +3123,8 @@ def _make_adaptive_rows_rule(kind):
         if not (geom.kind == VIEW and shape[1:] == (geom.channels, geom.size[0] * geom.size[1])) or out_size != (1,):
             raise node.fail(f"it pools {geom.describe()} of shape {shape} to {out_size}; only global pooling "
                             f"(output_size=1) of a map's positions flattened to (N, C, h*w) can be made dense")
-        return _global_pool_step(node, geom.with_(kind=MAP), kind, keep_map=False)
+        step, (pooled,) = _global_pool_step(node, geom.with_(kind=MAP), kind, keep_map=True)
+        return step, [_geom_of_shape(pooled, node.out_shapes[0])]  # (N, C, 1): a view of the 1x1 map
     rule.__doc__ = (f"adaptive {kind} pooling to one value of a map's positions flattened to (N, C, h*w): the map's "
                     f"global pooling.")
     return rule
@@ -3169,7 +3170,8 @@ def _make_reduce_rule(kind):
                     "amax / amin)" if node.name.split(".")[-1] in ("max", "min") else ""
                 raise node.fail(f"only mean, sum, amax and amin over the spatial axes are supported (as global "
                                 f"pooling){hint}")
-            return _global_pool_step(node, geom.with_(kind=MAP), kind, keep_map=keepdim and not flattened)
+            step, (pooled,) = _global_pool_step(node, geom.with_(kind=MAP), kind, keep_map=True)
+            return step, [_geom_of_shape(pooled, node.out_shapes[0])]  # (a 1x1 map, its (N, C, 1) or (N, C) views)
         rank = 4 if geom.kind == MAP else len(shape)
         if any(d % rank == 0 for d in dims):
             raise node.fail("it reduces over the batch of patches")
@@ -3422,9 +3424,7 @@ def _rule_crop(node, geoms):
     if None in index and all(i is None or i is Ellipsis or i == slice(None) for i in index):  # x[:, None]: a reshape
         return _rule_reshape(node, geoms)
     shape = tuple(node.in_shapes[0])
-    # (N, C, h*w), or the (N, C, 1) of a 1x1 map: its channels alone may be sliced
-    by_channel = _view_by_channel(geom, shape) or (geom.kind == VECTOR and geom.is_pixel_vector and len(shape) > 2
-                                                   and shape[1] == geom.channels)
+    by_channel = _view_by_channel(geom, shape)  # (N, C, h*w), the (N, C, 1) of a 1x1 map: its channels may be sliced
     if not (geom.kind == MAP or geom.is_pixel_vector or by_channel):
         raise node.fail(f"it slices {geom.describe()}; flatten after cropping, not before")
     rank = 4 if geom.kind == MAP else len(shape) if by_channel else 2

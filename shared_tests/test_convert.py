@@ -1402,7 +1402,8 @@ def test_channel_slices_and_global_pooling_of_flattened_positions(tb, kb):
             r = m.flatten(2)
             parts = torch.cat([r[:, 1:4], r[..., ::3, :], r.narrow(1, 5, 2)], 1)  # (N, 8, 9)
             pooled = self.avg(parts[:, 2:]) + self.max(parts[:, :6])  # (N, 6, 1)
-            return self.fc(parts.flatten(1)) + self.fc2(m[:, 1::2, 1:, :2].flatten(1)) + pooled[:, 1:4].sum(1)
+            pooled = (pooled.softmax(-2) + pooled[:, 2:3])[:, 1:4] + pooled.amax(-2, keepdim=True)  # (dim -2: channels)
+            return self.fc(parts.flatten(1)) + self.fc2(m[:, 1::2, 1:, :2].flatten(1)) + pooled.sum(1)
     _torch_check(tb, Rows(), (8, 8), 3, size=(12, 11))
 
     class Positions(nn.Module):
