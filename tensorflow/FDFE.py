@@ -3218,6 +3218,16 @@ _rule_for(keras.layers.GlobalMaxPooling2D, label=_GLOBAL_LABEL)(_make_global_poo
 _rule_for(keras.layers.GlobalAveragePooling2D, label=_GLOBAL_LABEL)(_make_global_pool_rule("avg"))
 
 
+def _global_pool_of_rows(call, geom, kind):
+    """Global ``kind`` pooling over the positions of (N, h*w, C) rows of a map (axis 1): the map's global pooling, a
+    stride-1 reduction over windows of its size; the result reshaped as the op's output."""
+    (h, w), c = geom.size, geom.channels
+    layer = _WindowReduce(kind, (h, w))
+    pooled = geom.with_(kind=MAP, size=(1, 1))
+    return (lambda xs: [layer(xs[0])]), [_reshaped_geom(call, pooled, (call.in_shapes[0][0], 1, 1, c),
+                                                        call.out_shapes[0])]
+
+
 def _make_global_pool_rows_rule(kind):
     def rule(call, geoms):
         geom, src = geoms[0], tuple(call.in_shapes[0])
@@ -3226,9 +3236,7 @@ def _make_global_pool_rows_rule(kind):
                 "channels_first":
             raise call.fail(f"it pools {geom.describe()} of shape {src}; only the rows of positions of a map, "
                             f"(N, h*w, C) with channels last, can be made dense (global pooling over the map)")
-        layer = _WindowReduce(kind, (h, w))
-        return (lambda xs: [layer(xs[0])]), [_reshaped_geom(call, geom.with_(kind=MAP, size=(1, 1)), (src[0], 1, 1, c),
-                                                            call.out_shape)]
+        return _global_pool_of_rows(call, geom, kind)
     rule.__doc__ = (f"global {kind} pooling over (N, h*w, C) rows of a map's positions: the map's global {kind} "
                     f"pooling (see _make_global_pool_rule).")
     return rule
@@ -3884,9 +3892,7 @@ def _rule_reduce_op(call, geoms):
         if kind is None:
             raise call.fail(f"it reduces over positions of the patch with {call.type}; only mean, max, min and "
                             f"sum over positions (global pooling) can be made dense")
-        layer = _WindowReduce(kind, (h, w))
-        reduced = geom.with_(kind=MAP, size=(1, 1))
-        return (lambda xs: [layer(xs[0])]), [_reshaped_geom(call, reduced, (src[0], 1, 1, c), dst)]
+        return _global_pool_of_rows(call, geom, kind)
     if geom.is_pixel_vector and len(src) == 2:
         layer = per_pixel()
         return (lambda xs: [layer(xs[0])]), [_reshaped_geom(call, geom.with_(channels=1), (src[0], 1), dst)]
