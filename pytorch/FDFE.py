@@ -241,8 +241,11 @@ _MIXED_STRIDES_REASON = ("maps that went through different strides lie on differ
 #: Geometry kinds.  MAP: Cp sees a (channels, h, w) map (Keras: (h, w, channels)); the dense
 #: tensor holds it for every pixel, shift-stacked on the batch axis.  VECTOR: Cp sees the
 #: flattening of such a map (torch's C, H, W order; Keras' H, W, C order); the dense tensor is
-#: still the map's.  VIEW: any other reshape of that map, usable by element-wise ops only.
-MAP, VECTOR, VIEW = "map", "vector", "view"
+#: still the map's.  VIEW: any other reshape of that map, usable by element-wise ops only.  TRANSPOSED:
+#: the map with its channels moved to the other end (torch: (h, w, channels), Keras: (channels, h, w)); the
+#: dense tensor is transposed the same way, and only ops per position along the channel axis and the
+#: transpose back may use it.
+MAP, VECTOR, VIEW, TRANSPOSED = "map", "vector", "view", "transposed"
 
 
 class _Geom:
@@ -251,7 +254,7 @@ class _Geom:
     __slots__ = ("kind", "channels", "size", "strides", "guessed")
 
     def __init__(self, kind, channels, size, strides=(), guessed=False):
-        if kind not in (MAP, VECTOR, VIEW):
+        if kind not in (MAP, VECTOR, VIEW, TRANSPOSED):
             raise ValueError(f"unknown geometry kind {kind!r}")
         self.kind, self.channels, self.size = kind, int(channels), (int(size[0]), int(size[1]))
         self.strides = tuple((int(s[0]), int(s[1])) for s in strides)
@@ -275,6 +278,8 @@ class _Geom:
         """E.g. "a 16x5x5 map" (sizes in the backend's layout, _MAP_LAYOUT)."""
         (h, w), c = self.size, self.channels
         what = f"{c}x{h}x{w} map" if _MAP_LAYOUT == "CHW" else f"{h}x{w}x{c} map"
+        if self.kind == TRANSPOSED:
+            return f"a transposed map ({h}x{w}x{c})" if _MAP_LAYOUT == "CHW" else f"a transposed map ({c}x{h}x{w})"
         return {MAP: f"a {what}", VECTOR: f"a flattened {what}"}.get(self.kind, f"a reshaped {what}")
 
     def __repr__(self):
@@ -416,6 +421,9 @@ def _guessed_geom(shape, geoms, layout):
     ops after it can still report their own problems (a reshape of a stand-in to 4 dims guesses a map
     again, rather than reporting a reshaped vector as a second problem)."""
     strides = geoms[0].strides if geoms else ()
+    if len(shape) == 4 and any(g.kind == TRANSPOSED for g in geoms):  # (still a transposed map: its transpose back
+        channels, size = (shape[3], shape[1:3]) if layout == "CHW" else (shape[1], shape[2:])  # is no problem)
+        return _Geom(TRANSPOSED, channels, size, strides, guessed=True)
     if len(shape) == 4:
         channels, size = (shape[1], shape[2:]) if layout == "CHW" else (shape[3], shape[1:3])
         return _Geom(MAP, channels, size, strides, guessed=True)
@@ -2765,6 +2773,15 @@ def _rule_for(names, label, spaces=_ALL_SPACES):
     return register
 
 
+_TRANSPOSED_RULES = set()  # the rules that handle transposed maps (TRANSPOSED); the others never see one
+
+
+def _takes_transposed(rule):
+    """Mark ``rule`` as one that handles transposed maps (ops per position along their channels, dim -1)."""
+    _TRANSPOSED_RULES.add(rule)
+    return rule
+
+
 def _lookup_rule(func):
     """The rule registered for ``func`` (Tensor's Python-level wrappers found by their name)."""
     rule = _RULES.get(func)
@@ -2804,12 +2821,22 @@ def _channel_dim(geom, dim, node):
     reshapes that keep the channels on dim 1, :func:`_view_by_channel`)."""
     shape = tuple(node.in_shapes[0]) if node.in_shapes else ()
     view_by_channel = _view_by_channel(geom, shape)
-    rank = 4 if geom.kind == MAP else len(shape) if view_by_channel else 2
+    rank = 4 if geom.kind in (MAP, TRANSPOSED) else len(shape) if view_by_channel else 2
     d = dim + rank if dim < 0 else dim
+    if geom.kind == TRANSPOSED:
+        if d == 3:
+            return 3
+        raise node.fail(f"it works along dim {dim} of {geom.describe()}, which mixes positions of the patch; only "
+                        f"the channel axis (dim -1 of a transposed map) can be made dense")
     if d == 1 and (geom.kind == MAP or geom.is_pixel_vector or view_by_channel):
         return 1
     raise node.fail(f"it works along dim {dim} of {geom.describe()}, which mixes positions of the patch; "
                     f"only the channel axis (dim 1) can be made dense")
+
+
+def _channels_of(geom, shape) -> int:
+    """The channel count of a value of traced ``shape`` with ``geom``'s layout (dim -1 of a transposed map)."""
+    return int(shape[-1] if geom.kind == TRANSPOSED else shape[1])
 
 
 def _same_at_every_position(value, geom, node):
@@ -2819,13 +2846,15 @@ def _same_at_every_position(value, geom, node):
     position), which broadcasts to the same values.  Exact, since such a constant does not depend on the
     input; parameters and values computed from them (which training may make differ) are never replaced.
     ``value`` otherwise."""
-    if not isinstance(value, _Const) or value.view is not None or not (geom.kind == MAP or geom.is_pixel_vector):
+    if not isinstance(value, _Const) or value.view is not None or not (geom.kind in (MAP, TRANSPOSED)
+                                                                        or geom.is_pixel_vector):
         return value
-    rank, tensor = (4 if geom.kind == MAP else 2), node.constants[value.index]
+    rank, tensor = (4 if geom.kind in (MAP, TRANSPOSED) else 2), node.constants[value.index]
     if tensor.dim() > rank:
         return value
     tensor = tensor.reshape((1,) * (rank - tensor.dim()) + tuple(tensor.shape))  # as it broadcasts
-    first = tensor[:1, :, :1, :1] if geom.kind == MAP else tensor[:1]
+    first = tensor[:1, :, :1, :1] if geom.kind == MAP else tensor[:1, :1, :1, :] if geom.kind == TRANSPOSED \
+        else tensor[:1]
     if first.shape == tensor.shape or not _all_equal(tensor, first.expand_as(tensor)):
         return value
     node.constants.append(first.clone())
@@ -2846,8 +2875,13 @@ def _constant_for(geom, value, node):
         return value
     value = _same_at_every_position(value, geom, node)
     shape = tuple(value.shape)
-    if _prod(shape) == 1 and len(shape) <= (4 if geom.kind == MAP else 2):
+    if _prod(shape) == 1 and len(shape) <= (4 if geom.kind in (MAP, TRANSPOSED) else 2):
         return value
+    if geom.kind == TRANSPOSED:  # (h, w, C) per patch: constants of shape (C,), (1, 1, 1, C) are per channel
+        if len(shape) <= 4 and all(n == 1 for n in ((1,) * (4 - len(shape)) + shape)[:3]):
+            return value
+        raise node.fail(f"a constant of shape {shape} differs across positions of the patch ({geom.describe()}), "
+                        f"so overlapping patches cannot share work")
     if geom.kind == MAP:
         padded = (1,) * (4 - len(shape)) + shape
         if len(shape) <= 4 and padded[0] == 1 and padded[2] == 1 and padded[3] == 1:
@@ -2871,13 +2905,15 @@ def _constant_for(geom, value, node):
     raise node.fail(f"a constant of shape {shape} differs across the entries of {geom.describe()}")
 
 
-def _check_same_shape(node, channels_may_broadcast=False):
+def _check_same_shape(node, channels_may_broadcast=False, channel_dim=1):
     """The output has the shape of every activation the op reads; with ``channels_may_broadcast``, an input
-    of one channel may stand against C (the same value for every channel of a pixel is still per pixel)."""
+    of one channel (on ``channel_dim``) may stand against C (the same value for every channel of a pixel is
+    still per pixel)."""
     for shape in node.out_shapes:
         for in_shape in node.in_shapes:
+            d = channel_dim % len(shape) if shape else 0
             broadcast = channels_may_broadcast and len(shape) > 1 and len(in_shape) == len(shape) \
-                and in_shape[1] == 1 and in_shape[:1] + in_shape[2:] == shape[:1] + shape[2:]
+                and in_shape[d] == 1 and in_shape[:d] + in_shape[d + 1:] == shape[:d] + shape[d + 1:]
             if shape != in_shape and not broadcast:
                 raise node.fail(f"its output {shape} does not have the shape of its input {in_shape} "
                                 f"(broadcasting an activation over the patch is not per-pixel)")
@@ -2914,10 +2950,12 @@ def _rule_elementwise(node, geoms):
     geom, unwarps = _merge_grids(node, geoms)
     args = _map_structure(node.args, lambda v: _constant_for(geom, v, node))
     kwargs = _map_structure(node.kwargs, lambda v: _constant_for(geom, v, node))
-    _check_same_shape(node, channels_may_broadcast=all(g.kind == MAP or g.is_pixel_vector or _view_by_channel(g, s)
-                                                       for g, s in zip(geoms, node.in_shapes)))
+    transposed = geom.kind == TRANSPOSED  # (then all are: _merge_grids)
+    _check_same_shape(node, channels_may_broadcast=all(g.kind in (MAP, TRANSPOSED) or g.is_pixel_vector
+                                                       or _view_by_channel(g, s) for g, s in zip(geoms, node.in_shapes)),
+                      channel_dim=-1 if transposed else 1)
     if node.in_shapes[0] != node.out_shapes[0]:  # a one-channel value first (g * x): C channels out
-        geom = geom.with_(channels=node.out_shapes[0][1])
+        geom = geom.with_(channels=_channels_of(geom, node.out_shapes[0]))
     return _aligned(_CallStep(node, args=args, kwargs=kwargs), unwarps), [geom] * len(node.out_slots)
 
 
@@ -2990,6 +3028,12 @@ def _rule_reshape(node, geoms):
     c, (h, w) = geom.channels, geom.size
     if dst == src:
         return _AliasStep(node), [geom]
+    if geom.kind == TRANSPOSED:
+        if geom.size == (1, 1) and dst[:1] == src[:1]:  # one position: (N, 1, 1, C) holds (N, C, 1, 1)'s order
+            return _PermuteStep(node.in_slots[:1], node.out_slots, (0, 3, 1, 2)), \
+                [_geom_of_shape(geom.with_(kind=MAP), dst)]
+        raise node.fail(f"it reshapes {geom.describe()} {src} to {dst}: the values of a transposed map are not in "
+                        f"(C, h, w) order; transpose it back first (x.permute(0, 3, 1, 2))")
     if geom.guessed and len(dst) == 4:  # after a refused op: the rules that follow judge a map of that shape
         return _AliasStep(node), [_guessed_geom(dst, [geom], _MAP_LAYOUT)]
     if len(dst) >= 1 and dst[0] == src[0] and _prod(dst[1:]) == c * h * w:
@@ -3019,6 +3063,8 @@ def _rule_linear(node, geoms):
     """Linear layer on a flattened map: a convolution with the map's size (C, h, w order)."""
     p = node.bind(["input", "weight", "bias"], {"bias": None})
     geom = geoms[0]
+    if geom.kind == TRANSPOSED:  # (N, h, w, C) -> (N, h, w, K): the same Linear at every position
+        return _CallStep(node), [geom.with_(channels=node.out_shapes[0][-1])]
     if geom.kind != VECTOR:
         raise node.fail(f"it is applied to {geom.describe()} and so mixes values along the width axis; "
                         f"flatten the map first")
@@ -3152,6 +3198,8 @@ def _make_reduce_rule(kind):
         dims = [dim] if isinstance(dim, numbers.Integral) else list(dim)
         keepdim = bool(p.pop("keepdim"))
         (h, w), shape = geom.size, tuple(node.in_shapes[0])
+        if geom.kind == TRANSPOSED:
+            return _reduce_transposed(node, geom, dims, keepdim)
         flattened = geom.kind == VIEW and shape[1:] == (geom.channels, h * w) and [d % 3 for d in dims] == [2]
         spatial = sorted({d % 4 for d in dims}) if geom.kind == MAP else []
         if spatial in ([2], [3]):  # over the rows (or the columns) of the map: a pooling over windows of h x 1
@@ -3185,7 +3233,19 @@ def _make_reduce_rule(kind):
         return (_CallStep(node, args=(first,), kwargs=dict(p, dim=1, keepdim=True)),
                 [_geom_of_shape(geom.with_(channels=1), out) for out in node.out_shapes])  # (torch.max's values,
         # indices)
-    return rule
+    return _takes_transposed(rule)
+
+
+def _reduce_transposed(node, geom, dims, keepdim):
+    """A reduction (or a statistic) of a transposed map: over its channels (dim -1, keepdim=True) per position,
+    as the recorded call on the dense values; over positions of the patch refused."""
+    if [d % 4 for d in dims] != [3]:
+        raise node.fail(f"it reduces {geom.describe()} over dims {dims}, which mixes positions of the patch; only "
+                        f"the channel axis (dim -1 of a transposed map) can be made dense")
+    if not keepdim:
+        raise node.fail(f"it reduces the channels of {geom.describe()} without keepdim=True; CI keeps a transposed "
+                        f"map's channel axis: pass keepdim=True (or transpose back first)")
+    return _CallStep(node), [geom.with_(channels=1)] * len(node.out_slots)
 
 
 _REDUCE_LABEL = "reductions over channels (per pixel) or over the whole map (mean, sum, amax, amin: global pooling)"
@@ -3201,6 +3261,8 @@ def _rule_statistic(node, geoms):
     p = node.bind(["input", "dim", "unbiased", "keepdim"], {"dim": None})
     dim = p.pop("dim")
     dims = None if dim is None else ([dim] if isinstance(dim, numbers.Integral) else list(dim))
+    if geom.kind == TRANSPOSED and dims is not None:
+        return _reduce_transposed(node, geom, dims, bool(p.get("keepdim", False)))
     by_channel = geom.kind == MAP or geom.is_pixel_vector or _view_by_channel(geom, shape)
     if dims is not None and by_channel and [d % len(shape) for d in dims] == [1]:  # over the channels: per pixel
         p.pop("keepdim", None)
@@ -3250,7 +3312,7 @@ def _make_channel_rule(dim_name, position, default):
             kwargs[dim_name] = dense_dim
         _check_same_shape(node)
         return _CallStep(node, args=tuple(args), kwargs=kwargs), [geom]
-    return rule
+    return _takes_transposed(rule)
 
 
 _CHANNEL_LABEL = "ops along the channel axis (normalize, softmax)"
@@ -3267,7 +3329,7 @@ def _rule_glu(node, geoms):
     p = node.bind(["input", "dim"], {"dim": -1})
     dense_dim = _channel_dim(geom, int(p["dim"]), node)
     return _CallStep(node, args=(_Ref(node.in_slots[0]),), kwargs={"dim": dense_dim}), \
-        [geom.with_(channels=node.out_shapes[0][1])]
+        [geom.with_(channels=_channels_of(geom, node.out_shapes[0]))]
 
 
 @_rule_for(["channel_shuffle", "native_channel_shuffle"], "channel shuffle (a permutation of the channels)",
@@ -3341,6 +3403,8 @@ def _rule_layer_norm(node, geoms):
     if geom.kind == VECTOR and geom.size == (1, 1) and shape == (geom.channels,):
         args = (_Ref(node.in_slots[0]), shape, p["weight"], p["bias"], p["eps"])
         return _CallStep(node, func=_layer_norm_channels, args=args, kwargs={}), [geom]
+    if geom.kind == TRANSPOSED and shape == (geom.channels,):  # over the channels of every position
+        return _CallStep(node), [geom]
     raise node.fail(f"it normalises {geom.describe()} over {shape}, with statistics of each patch; "
                     f"{_PER_PATCH_REASON}")
 
@@ -3461,7 +3525,7 @@ def _rule_cat(node, geoms):
     dense_dim = _channel_dim(geom, int(p["dim"]), node)
     out = node.out_shapes[0]
     step = _CallStep(node, args=(p["tensors"],), kwargs={"dim": dense_dim})
-    return _aligned(step, unwarps), [geom.with_(channels=out[1])]
+    return _aligned(step, unwarps), [geom.with_(channels=_channels_of(geom, out))]
 
 
 @_rule_for(["split", "chunk", "tensor_split"], "splits along the channel axis (chunk(2, dim=1), split): the "
@@ -3476,7 +3540,7 @@ def _rule_split(node, geoms):
     p = node.bind(names, {"dim": 0})
     dense = _channel_dim(geom, int(p[names[2]]), node)
     return (_CallStep(node, args=(p[names[0]], p[names[1]]), kwargs={"dim": dense}),
-            [geom.with_(channels=shape[1]) for shape in node.out_shapes])
+            [geom.with_(channels=_channels_of(geom, shape)) for shape in node.out_shapes])
 
 
 @_rule_for(["flip", "index_select"], "channel reordering: flip or index_select along the channel axis (RGB to "
@@ -3495,26 +3559,68 @@ def _rule_channel_order(node, geoms):
         raise node.fail(f"it reorders dims {dims}, which moves values between positions of the patch")
     dense = _channel_dim(geom, int(dims[0]), node)
     kwargs = {"dims": [dense]} if flip else {"dim": dense, "index": p["index"]}
-    return _CallStep(node, args=(p["input"],), kwargs=kwargs), [geom.with_(channels=node.out_shapes[0][1])]
+    return _CallStep(node, args=(p["input"],), kwargs=kwargs), \
+        [geom.with_(channels=_channels_of(geom, node.out_shapes[0]))]
 
 
-@_rule_for(["permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims"], "refused: transposes (but "
+class _PermuteStep(_Step):
+    """A map's channels moved to the last axis ((N, C, H, W) -> (N, H, W, C), order (0, 2, 3, 1)) or back (order
+    (0, 3, 1, 2)): the same permutation of the dense values, a view of them."""
+    aliases = True
+    per_pixel = True
+
+    def __init__(self, inputs, outputs, order):
+        super().__init__(inputs, outputs, f"permute{tuple(order)}")
+        self.order = tuple(order)
+
+    def run(self, values, net, overwrite=False):
+        return [values[0].permute(self.order)]
+
+
+_TO_TRANSPOSED, _FROM_TRANSPOSED = (0, 2, 3, 1), (0, 3, 1, 2)
+
+
+@_rule_for(["permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims"], "transposes of a map to "
+           "(N, h, w, C) and back (ConvNeXt's Linear and LayerNorm over the channels between); others refused (but "
            "those that keep the values' order)", (torch, torch.Tensor))
 def _rule_transpose(node, geoms):
-    """Transposes move the channels off dim 1, or swap positions of the patch: CI's dense values keep the channels
-    of every pixel on dim 1, so nothing after a transpose could be computed on them; one that keeps the values in
-    their order (the identity, or moving axes of size 1) is a reshape."""
+    """``x.permute(0, 2, 3, 1)`` of a map: a transposed map, its channels last, on which ops per position along
+    the channels (Linear, LayerNorm, element-wise ops, softmax(-1), ...) run as they are on the dense values,
+    transposed alike; ``permute(0, 3, 1, 2)`` (or any transpose that gives the same) brings it back to a map.
+    Other transposes swap positions of the patch or move the channels elsewhere: refused (one that keeps the
+    values in their order, the identity or moving axes of size 1, is a reshape)."""
     dims = [d for v in list(node.args[1:]) + list(node.kwargs.values())
             for d in (v if isinstance(v, (tuple, list)) else [v])]
-    shape = tuple(node.in_shapes[0])
+    geom, shape = geoms[0], tuple(node.in_shapes[0])
     index = torch.arange(_prod(shape)).reshape(shape)
-    if torch.equal(node.func(index, *node.args[1:], **node.kwargs).flatten(), index.flatten()):
+    moved = node.func(index, *node.args[1:], **node.kwargs)
+    if len(shape) == 4 and geom.kind in (MAP, TRANSPOSED):
+        order = _TO_TRANSPOSED if geom.kind == MAP else _FROM_TRANSPOSED
+        if torch.equal(moved, index.permute(order)):
+            return _PermuteStep(node.in_slots[:1], node.out_slots, order), \
+                [geom.with_(kind=TRANSPOSED if geom.kind == MAP else MAP)]
+    if geom.kind == TRANSPOSED:
+        if torch.equal(moved, index):
+            return _AliasStep(node), [geom]
+        error = node.fail(f"it transposes {geom.describe()} (dims {dims}); a transposed map can only be "
+                          f"transposed back to (N, C, h, w) (x.permute(0, 3, 1, 2))")
+        error.taints_outputs = True
+        raise error
+    if torch.equal(moved.flatten(), index.flatten()):
         return _rule_reshape(node, geoms)  # the values keep their order (an identity, axes of size 1): a reshape
-    error = node.fail(f"it transposes {geoms[0].describe()} (dims {dims}); CI keeps the channels of every pixel on "
-                    f"dim 1, and a transposed value cannot be made dense: write a Linear over the channels as a 1x1 "
-                    f"Conv2d (weight[:, :, None, None]), and a norm over them with mean/var over dim 1")
+    error = node.fail(f"it transposes {geom.describe()} (dims {dims}); CI keeps the channels of every pixel on dim 1 "
+                      f"(or, after x.permute(0, 2, 3, 1) of a map, on dim -1), and a value transposed otherwise "
+                      f"cannot be made dense: write a Linear over the channels as a 1x1 Conv2d (weight[:, :, None, "
+                      f"None]) or between x.permute(0, 2, 3, 1) and x.permute(0, 3, 1, 2), and a norm over them with "
+                      f"mean/var over dim 1")
     error.taints_outputs = True  # (what follows a transpose is not judged again: its geometry would be a guess)
     raise error
+
+
+for _rule in (_rule_transpose, _rule_elementwise, _rule_identity, _rule_rrelu, _rule_dropout, _rule_reshape,
+              _rule_linear, _rule_layer_norm, _rule_statistic, _rule_max_min, _rule_reduce, _rule_glu, _rule_cat,
+              _rule_split, _rule_channel_order):
+    _takes_transposed(_rule)
 
 
 class _RepeatChannelsStep(_Step):
@@ -4155,6 +4261,12 @@ def _apply_rules(nodes, geoms):
         try:
             if rule is None:
                 raise ConversionError(_unsupported_message(f"{node.where}: {node.name}", "op"))
+            transposed = next((g for g in in_geoms if g.kind == TRANSPOSED), None)
+            if transposed is not None and rule not in _TRANSPOSED_RULES:
+                raise node.fail(f"it is applied to {transposed.describe()}, the channels moved to dim -1 by a "
+                                f"transpose; only ops per position along the channels (element-wise ops, Linear, "
+                                f"LayerNorm, softmax or reductions over dim -1) can follow one: transpose it back "
+                                f"first (x.permute(0, 3, 1, 2))")
             step, out_geoms = rule(node, in_geoms)
         except ConversionError as exc:
             # a problem of its own, unless it only follows from a refused op before it (a statistic of
@@ -4282,6 +4394,10 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
                               f"changes through views: compute it out of place")
     out_slot = tracer.slot_of[id(out)]
     geom = geoms[out_slot]
+    if geom.kind == TRANSPOSED:  # (N, 1, 1, 1) (_output_vectors): CI's output is the map, transposed back
+        steps.append(_PermuteStep([out_slot], [max(geoms) + 1], _FROM_TRANSPOSED))
+        out_slot, geom = max(geoms) + 1, geom.with_(kind=MAP)
+        geoms[out_slot] = geom
     out_channels = out.reshape(batch, -1).shape[1]
     channels = {slot: g.channels for slot, g in geoms.items()}
     if geom.size != (1, 1):

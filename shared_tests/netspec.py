@@ -8,6 +8,9 @@ A spec is a list of layer dicts:
     {"type": "bn"}            batch normalisation with random statistics (inference)
     {"type": "lrn", "size": 3}
     {"type": "l2norm"}        unit length over channels
+    {"type": "channel_ln"}    layer normalisation over the channels of every position, written with transposes
+                              (PyTorch: permute to (N, h, w, C), LayerNorm, permute back; Keras: transpose to
+                              (N, C, h, w), LayerNormalization(axis=1), transpose back)
     {"type": "dropout"}
     {"type": "crop", "crop": [top, bottom, left, right]}   a constant crop of the map
     {"type": "flatten"}       then "linear" layers
@@ -69,6 +72,9 @@ def make_weights(spec, in_channels, patch, seed=0):
         elif t == "linear":
             weights[f"{i}.weight"] = rng.uniform(-1, 1, (layer["out"], c)) * math.sqrt(3 / c)
             weights[f"{i}.bias"] = rng.uniform(-0.5, 0.5, layer["out"])
+        elif t == "channel_ln":
+            weights[f"{i}.weight"] = rng.uniform(0.5, 1.5, c)
+            weights[f"{i}.bias"] = rng.uniform(-0.5, 0.5, c)
         elif t == "bn":
             weights[f"{i}.weight"] = rng.uniform(0.5, 1.5, c)
             weights[f"{i}.bias"] = rng.uniform(-0.5, 0.5, c)
@@ -94,6 +100,10 @@ def build_torch(spec, in_channels, patch, weights, dtype="float64"):
     class L2Norm(nn.Module):
         def forward(self, x):
             return F.normalize(x, dim=1)
+
+    class LayerNorm2d(nn.LayerNorm):  # over the channels of every position, as timm's
+        def forward(self, x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     class Crop(nn.Module):
         def __init__(self, top, bottom, left, right):
@@ -125,6 +135,8 @@ def build_torch(spec, in_channels, patch, weights, dtype="float64"):
             m = nn.LocalResponseNorm(layer["size"])
         elif t == "l2norm":
             m = L2Norm()
+        elif t == "channel_ln":
+            m = LayerNorm2d(c)
         elif t == "dropout":
             m = nn.Dropout(0.3)
         elif t == "crop":
@@ -154,6 +166,13 @@ def build_keras(spec, in_channels, patch, weights, fdfe, dtype="float64"):
     L = keras.layers
     acts = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "elu": "elu", "gelu": "gelu", "silu": "silu",
             "softplus": "softplus"}
+    class ChannelLayerNorm(keras.layers.Layer):  # over the channels of every position, through (N, C, h, w)
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.norm = L.LayerNormalization(axis=1, epsilon=1e-5, dtype=kwargs.get("dtype"))
+
+        def call(self, x):
+            return keras.ops.transpose(self.norm(keras.ops.transpose(x, (0, 3, 1, 2))), (0, 2, 3, 1))
     layers, assign = [], []
     ph, pw = _pair(patch)
     for i, (layer, (c, h, w)) in enumerate(zip(spec, shapes(spec, in_channels, patch))):
@@ -176,6 +195,9 @@ def build_keras(spec, in_channels, patch, weights, fdfe, dtype="float64"):
             m = fdfe.LocalResponseNormalization(layer["size"], dtype=dtype)
         elif t == "l2norm":
             m = L.UnitNormalization(axis=-1, dtype=dtype)
+        elif t == "channel_ln":
+            m = ChannelLayerNorm(dtype=dtype)
+            assign.append((m, [weights[f"{i}.weight"], weights[f"{i}.bias"]]))
         elif t == "dropout":
             m = L.Dropout(0.3, dtype=dtype)
         elif t == "crop":

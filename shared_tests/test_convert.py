@@ -40,7 +40,7 @@ def patch_networks(draw):
             spec.append({"type": "pool", "kind": kind, "k": k, "stride": s, "p": 2.0})
             if kind == "lp":  # LP pooling of negative sums is undefined: keep its inputs positive
                 spec.insert(len(spec) - 1, {"type": "act", "fn": "sigmoid"})
-        extra = draw(st.sampled_from([None, None, "lrn", "dropout", "crop"]))
+        extra = draw(st.sampled_from([None, None, "lrn", "dropout", "crop", "channel_ln"]))
         if extra == "lrn":
             spec.append({"type": "lrn", "size": draw(st.integers(1, 4))})
         elif extra == "crop":
@@ -1625,3 +1625,109 @@ def test_transposes_that_keep_the_order_of_values_pass(tb, kb):
     x = L.Lambda(lambda t: keras.ops.transpose(t, (0, 1, 2, 3)))(L.Permute((1, 2, 3))(L.Conv2D(4, 3)(inp)))
     x = L.Permute((3, 1, 2))(L.Conv2D(5, 3, activation="tanh")(x))  # (N, 1, 1, 5) -> (N, 5, 1, 1)
     _keras_check(kb, keras.Model(inp, L.Dense(3)(L.Flatten()(x))), (5, 5), 2, size=(9, 8))
+
+
+def test_transposed_maps_carry_ops_per_position_along_their_channels(tb, kb, tmp_path):
+    """A map's channels moved to the other end (PyTorch: x.permute(0, 2, 3, 1) to (N, h, w, C), as ConvNeXt blocks
+    and LayerNorm2d do; Keras: Permute((3, 1, 2)) or a transpose to (N, C, h, w)) carry Linear, LayerNorm, softmax,
+    reductions with keepdim and element-wise ops along the channels, per position, until the transpose back: CI
+    equals Cp on every patch (odd and even patches, images not multiples of the stride, batches of 2, tiles, a
+    step, reflected borders, gradients in float64); those transposes were all refused."""
+    import keras
+    import tensorflow as tf
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    torch.manual_seed(5)
+
+    class LayerNorm2d(nn.LayerNorm):  # timm's: permute, layer_norm, permute back
+        def forward(self, x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    class Block(nn.Module):  # a ConvNeXt block with a valid depthwise convolution, then a layer norm by hand
+        def __init__(self, c):
+            super().__init__()
+            self.dw, self.norm = nn.Conv2d(c, c, 3, groups=c), nn.LayerNorm(c, eps=1e-6)
+            self.pw1, self.pw2 = nn.Linear(c, 3 * c), nn.Linear(3 * c, c)
+            self.gamma = nn.Parameter(torch.randn(c))
+
+        def forward(self, x):
+            y = self.pw2(F.gelu(self.pw1(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
+            y = self.gamma * y
+            u = y.mean(-1, keepdim=True)
+            y = (y - u) / torch.sqrt(y.var(-1, keepdim=True, unbiased=False) + 1e-6)
+            y = torch.softmax(y, -1) * y.amax(-1, keepdim=True)
+            return x[:, :, 1:-1, 1:-1] + y.movedim(3, 1)
+
+    class One(nn.Module):  # a 1x1 map transposed, then flattened; a one-channel transposed output
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(2, 4, 5), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return torch.tanh(self.fc(self.conv(x).permute(0, 2, 3, 1)))  # (N, 1, 1, 1)
+
+    class Channels(nn.Module):  # splits, gates, flips, norms and maxima over dim -1 of a transposed map
+        def __init__(self):
+            super().__init__()
+            self.conv, self.last = nn.Conv2d(2, 6, 3), nn.Conv2d(6, 3, 3)
+
+        def forward(self, x):
+            y = self.conv(x).permute(0, 2, 3, 1)
+            a, b = y.chunk(2, -1)
+            y = torch.cat([F.glu(y, -1), a.flip(-1), F.normalize(b, dim=-1)], -1)
+            y = torch.max(y, dim=-1, keepdim=True)[0] * y + y.logsumexp(-1, keepdim=True)
+            return self.last(F.max_pool2d(y.permute(0, 3, 1, 2)[:, :6], 2)).flatten(1)
+
+    _torch_check(tb, Channels(), (8, 8), 2, size=(13, 11))
+    net = nn.Sequential(nn.Conv2d(2, 6, 3), LayerNorm2d(6), nn.MaxPool2d(2), Block(6), nn.Conv2d(6, 4, 3),
+                        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+    for patch in ((20, 20), (21, 20)):
+        _torch_check(tb, net, patch, 2, size=(13, 11))
+    _torch_check(tb, One(), (5, 5), 2, size=(9, 8))
+    images = torch.from_numpy(netspec.random_images(2, 2, 15, 13, seed=3).transpose(0, 3, 1, 2)).requires_grad_()
+    for options in ({"tile": (8, 8)}, {"output_stride": 2}, {"border": "reflect"}):
+        ci = tb.FDFE.convert(net, (21, 20), in_channels=2, **options)
+        reference = {k: v for k, v in options.items() if k != "tile"}
+        with torch.no_grad():
+            assert max_rel_error(ci(images), tb.FDFE.dense_reference(net, images, (21, 20), **reference)) \
+                <= TOL["float64"]
+    ci = tb.FDFE.convert(net, (21, 20), in_channels=2)
+    grad, = torch.autograd.grad(ci(images).square().sum(), images)
+    expected, = torch.autograd.grad(tb.FDFE.dense_reference(net, images, (21, 20), differentiable=True).square().sum(),
+                                    images)
+    assert max_rel_error(grad, expected) <= TOL["float64"]
+
+    L = keras.layers
+    keras.utils.set_random_seed(5)
+
+    def keras_net(patch, ops=True):
+        inp = keras.Input(patch + (2,))
+        x = L.MaxPooling2D(2)(L.Conv2D(6, 3)(inp))
+        y = L.Permute((3, 1, 2))(L.DepthwiseConv2D(3)(x))  # (N, C, h, w)
+        y = L.Activation("gelu")(L.LayerNormalization(axis=1, epsilon=1e-6)(y))
+        if ops:
+            y = L.Lambda(lambda t: t * keras.ops.reshape(keras.ops.arange(6, dtype="float32") * 0.2 + 0.5, (6, 1, 1)))(y)
+            y = L.Lambda(lambda t: t - keras.ops.mean(t, axis=1, keepdims=True))(y)
+        y = L.ReLU()(L.Softmax(axis=1)(y))
+        y = L.Lambda(lambda t: keras.ops.transpose(t, (0, 2, 3, 1)))(y) if ops else L.Permute((2, 3, 1))(y)
+        x = L.AveragePooling2D(2)(L.Conv2D(4, 3)(L.Add()([L.Cropping2D(1)(x), y])))
+        return keras.Model(inp, L.Dense(3)(L.Flatten()(x)))
+    for patch in ((20, 20), (21, 20)):
+        _keras_check(kb, keras_net(patch), patch, 2, size=(13, 11))
+    net = keras_net((21, 20), ops=False)
+    images = tf.constant(netspec.random_images(2, 2, 15, 13, seed=3), tf.float32)
+    for options in ({"tile": (8, 8)}, {"output_stride": 2}, {"border": "reflect"}):
+        ci = kb.FDFE.convert(net, (21, 20), in_channels=2, **options)
+        reference = {k: v for k, v in options.items() if k != "tile"}
+        assert max_rel_error(ci(images), kb.FDFE.dense_reference(net, images, (21, 20), **reference)) <= TOL["float32"]
+    path = str(tmp_path / "ci.keras")
+    ci.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path)(images).numpy(), ci(images).numpy(), rtol=0, atol=1e-6)
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        out = tf.reduce_sum(tf.square(kb.FDFE.convert(net, (21, 20), in_channels=2)(images)))
+    with tf.GradientTape() as tape_ref:
+        tape_ref.watch(images)
+        ref = tf.reduce_sum(tf.square(kb.FDFE.dense_reference(net, images, (21, 20), differentiable=True)))
+    assert max_rel_error(tape.gradient(out, images), tape_ref.gradient(ref, images)) <= 10 * TOL["float32"]

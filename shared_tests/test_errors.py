@@ -110,10 +110,10 @@ def test_torch_refuses_ops_that_mix_positions(tb):
                    r"layers\.1 \(GLU\).*F\.glu .*along dim 2 of a 4x4x4 map.*only the channel axis")
     _torch_refusal(tb, [nn.Conv2d(1, 2, 3), nn.Flatten(), nn.GLU()], 5,
                    r"layers\.2 \(GLU\).*F\.glu .*along dim -1 of a flattened 2x3x3 map, which mixes positions")
-    _torch_refusal(tb, [nn.Conv2d(1, 4, 3), nn.Linear(4, 2)], 5,  # (the Linear after it is not judged again)
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3), nn.Linear(3, 2)], 5,  # (the Linear after it is not judged again)
                    r"^[^\n]*Tensor\.permute cannot be made dense exactly: it transposes a 4x3x3 map "
-                   r"\(dims \[0, 2, 3, 1\]\); CI keeps the channels of every pixel on dim 1.*1x1 Conv2d[^\n]*$",
-                   forward=lambda self, x: self.layers[1](self.layers[0](x).permute(0, 2, 3, 1)).flatten(1))
+                   r"\(dims \[0, 1, 3, 2\]\); CI keeps the channels of every pixel on dim 1.*1x1 Conv2d[^\n]*$",
+                   forward=lambda self, x: self.layers[1](self.layers[0](x).permute(0, 1, 3, 2)).flatten(1))
     _torch_refusal(tb, [nn.Conv2d(1, 2, 3, stride=2), nn.Conv2d(1, 2, 5)], 7,  # 3x3 maps at strides 2 and 1
                    r"torch\.cat .*combines a 2x3x3 map with a 2x3x3 map \(strides \[\(2, 2\)\] vs \[\]\); maps that "
                    r"went through different strides lie on different grids.*merge exactly only as one vector per "
@@ -190,8 +190,8 @@ def test_keras_refusals(kb):
                    r"\(Softmax\).*a flattened 3x3x2 map.*which mixes positions of the patch")
     _keras_refusal(kb, [L.Conv2D(2, 3), L.Flatten(), L.Activation("glu")], 5,
                    r"\(Activation\).*its gated linear unit.*a flattened 3x3x2 map.*which mixes positions")
-    _keras_refusal(kb, [L.Conv2D(2, 3), L.Permute((3, 1, 2)), L.Flatten(), L.Dense(3)], 5,
-                   r"\(Permute\).*it transposes a 3x3x2 map \(dims \(3, 1, 2\)\); CI keeps the channels of every "
+    _keras_refusal(kb, [L.Conv2D(2, 3), L.Permute((1, 3, 2)), L.Flatten(), L.Dense(3)], 5,
+                   r"\(Permute\).*it transposes a 3x3x2 map \(perm \[0, 1, 3, 2\]\); CI keeps the channels of every "
                    r"pixel on the last axis")
     _keras_refusal(kb, [L.Conv2D(2, 3), L.Lambda(lambda x: keras.ops.transpose(x, (0, 2, 1, 3))), L.Flatten()], 5,
                    r"\(Transpose, created at .*it transposes a 3x3x2 map \(perm \[0, 2, 1, 3\]\)")
@@ -472,3 +472,62 @@ def test_mismatched_weights_file(basenet_module, tmp_path):
     np.savez(path, **missing)
     with pytest.raises(ValueError, match=r"missing \['conv4\.bias'\]"):
         basenet_module.BaseNet(weights=str(path))
+
+
+def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb, kb):
+    """After a map's channels are moved to the other end (PyTorch dim -1, Keras axis 1), only ops per position along
+    the channels and the transpose back convert; the rest is refused by name, and the transpose back after a refused
+    op is no second problem."""
+    import keras
+    import torch
+    import torch.nn as nn
+    after = r"[^\n]*cannot be made dense exactly: "
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3), nn.BatchNorm2d(3)], 5,
+                   r"^[^\n]*layers\.1 \(BatchNorm2d\)" + after + r"it is applied to a transposed map \(3x3x4\), the "
+                   r"channels moved to dim -1 by a transpose;.*transpose it back first \(x\.permute\(0, 3, 1, 2\)\)$",
+                   forward=lambda self, x: self.layers[1](self.layers[0](x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                   .mean((2, 3)))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.flatten" + after + r"it reshapes a transposed map "
+                   r"\(3x3x4\) \(2, 3, 3, 4\) to \(2, 36\): the values of a transposed map are not in \(C, h, w\) order",
+                   forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1).flatten(1))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.mean" + after + r"it reduces the channels of a transposed "
+                   r"map \(3x3x4\) without keepdim=True",
+                   forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1).mean(-1).flatten(1))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.mean" + after + r"it reduces a transposed map \(3x3x4\) "
+                   r"over dims \[1, 2\], which mixes positions of the patch",
+                   forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1).mean((1, 2), keepdim=True).flatten(1))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"^[^\n]*Tensor\.softmax" + after + r"it works along dim 1 of a "
+                   r"transposed map \(3x3x4\), which mixes positions of the patch[^\n]*$",
+                   forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1).softmax(1).permute(0, 3, 1, 2)
+                   .mean((2, 3)))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.mul" + after + r"a constant of shape \(3, 3, 4\) differs "
+                   r"across positions of the patch \(a transposed map \(3x3x4\)\)",
+                   forward=lambda self, x: (self.layers[0](x).permute(0, 2, 3, 1) * torch.rand(3, 3, 4))
+                   .permute(0, 3, 1, 2).mean((2, 3)))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"^[^\n]*Tensor\.transpose" + after + r"it transposes a transposed "
+                   r"map \(3x3x4\) \(dims \[1, 2\]\); a transposed map can only be transposed back[^\n]*$",
+                   forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1).transpose(1, 2).permute(0, 3, 1, 2)
+                   .mean((2, 3)))
+    L = keras.layers
+    back, pool = L.Permute((2, 3, 1)), L.GlobalAveragePooling2D()
+    _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.BatchNormalization(axis=1), back, pool], 5,
+                   r"^[^\n]*\(BatchNormalization\)" + after + r"it is applied to a transposed map \(4x3x3\), the "
+                   r"channels moved to axis 1 by a transpose;.*transpose it back first \(perm \(0, 2, 3, 1\)\)$")
+    _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.Dense(3), L.Permute((2, 3, 1)), pool], 5,
+                   r"^[^\n]*\(Dense\)" + after + r"it is applied to a transposed map \(4x3x3\)[^\n]*$")
+    _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.LayerNormalization(), L.Permute((2, 3, 1)), pool], 5,
+                   r"^[^\n]*\(LayerNormalization\)" + after + r"it works along axis \[-1\] of a transposed map \(4x3x3\), "
+                   r"which mixes positions of the patch[^\n]*$")
+    _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.Rescaling([1.0, 2.0, 3.0]), L.Permute((2, 3, 1)),
+                        pool], 5, r"\(Rescaling\)" + after + r"its scale or offset has one entry per channel of the "
+                   r"last axis, which is not the channel axis of a transposed map")
+    _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.Lambda(lambda t: t * keras.ops.ones((3,))),
+                        L.Permute((2, 3, 1)), pool], 5,
+                   r"^[^\n]*\(Mul, created at[^\n]*" + after + r"it combines a transposed map \(4x3x3\) with a value of "
+                   r"shape \[3\], which differs per position of the patch[^\n]*$")
+    _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.Lambda(lambda t: keras.ops.mean(t, axis=1)),
+                        L.Flatten()], 5, r"\(Mean, created at.*it reduces the channels of a transposed map \(4x3x3\) "
+                   r"without keepdims=True")
+    _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.Permute((1, 3, 2)), L.Permute((2, 3, 1)), pool], 5,
+                   r"^[^\n]*\(Permute\)" + after + r"it transposes a transposed map \(4x3x3\) \(perm \[0, 1, 3, 2\]\); "
+                   r"a transposed map can only be transposed back[^\n]*$")

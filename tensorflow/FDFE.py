@@ -254,8 +254,11 @@ _MIXED_STRIDES_REASON = ("maps that went through different strides lie on differ
 #: Geometry kinds.  MAP: Cp sees a (channels, h, w) map (Keras: (h, w, channels)); the dense
 #: tensor holds it for every pixel, shift-stacked on the batch axis.  VECTOR: Cp sees the
 #: flattening of such a map (torch's C, H, W order; Keras' H, W, C order); the dense tensor is
-#: still the map's.  VIEW: any other reshape of that map, usable by element-wise ops only.
-MAP, VECTOR, VIEW = "map", "vector", "view"
+#: still the map's.  VIEW: any other reshape of that map, usable by element-wise ops only.  TRANSPOSED:
+#: the map with its channels moved to the other end (torch: (h, w, channels), Keras: (channels, h, w)); the
+#: dense tensor is transposed the same way, and only ops per position along the channel axis and the
+#: transpose back may use it.
+MAP, VECTOR, VIEW, TRANSPOSED = "map", "vector", "view", "transposed"
 
 
 class _Geom:
@@ -264,7 +267,7 @@ class _Geom:
     __slots__ = ("kind", "channels", "size", "strides", "guessed")
 
     def __init__(self, kind, channels, size, strides=(), guessed=False):
-        if kind not in (MAP, VECTOR, VIEW):
+        if kind not in (MAP, VECTOR, VIEW, TRANSPOSED):
             raise ValueError(f"unknown geometry kind {kind!r}")
         self.kind, self.channels, self.size = kind, int(channels), (int(size[0]), int(size[1]))
         self.strides = tuple((int(s[0]), int(s[1])) for s in strides)
@@ -288,6 +291,8 @@ class _Geom:
         """E.g. "a 16x5x5 map" (sizes in the backend's layout, _MAP_LAYOUT)."""
         (h, w), c = self.size, self.channels
         what = f"{c}x{h}x{w} map" if _MAP_LAYOUT == "CHW" else f"{h}x{w}x{c} map"
+        if self.kind == TRANSPOSED:
+            return f"a transposed map ({h}x{w}x{c})" if _MAP_LAYOUT == "CHW" else f"a transposed map ({c}x{h}x{w})"
         return {MAP: f"a {what}", VECTOR: f"a flattened {what}"}.get(self.kind, f"a reshaped {what}")
 
     def __repr__(self):
@@ -429,6 +434,9 @@ def _guessed_geom(shape, geoms, layout):
     ops after it can still report their own problems (a reshape of a stand-in to 4 dims guesses a map
     again, rather than reporting a reshaped vector as a second problem)."""
     strides = geoms[0].strides if geoms else ()
+    if len(shape) == 4 and any(g.kind == TRANSPOSED for g in geoms):  # (still a transposed map: its transpose back
+        channels, size = (shape[3], shape[1:3]) if layout == "CHW" else (shape[1], shape[2:])  # is no problem)
+        return _Geom(TRANSPOSED, channels, size, strides, guessed=True)
     if len(shape) == 4:
         channels, size = (shape[1], shape[2:]) if layout == "CHW" else (shape[3], shape[1:3])
         return _Geom(MAP, channels, size, strides, guessed=True)
@@ -2832,6 +2840,15 @@ def _rule_for(*classes, label):
     return register
 
 
+_TRANSPOSED_RULES = set()  # the rules that handle transposed maps (TRANSPOSED); the others never see one
+
+
+def _takes_transposed(rule):
+    """Mark ``rule`` as one that handles transposed maps (ops per position along their channels, axis 1)."""
+    _TRANSPOSED_RULES.add(rule)
+    return rule
+
+
 def _lookup_rule(layer):
     """The rule of the layer's class, or of the nearest base class whose call() it does not override."""
     cls = type(layer)
@@ -2956,6 +2973,16 @@ def _activation_ok(call, geom, layer):
         _per_pixel_ok(call, geom, "its gated linear unit (glu, over the last axis)", call.in_shapes[0])
 
 
+def _along_transposed_channels(call, geom, axis, run, channels=None):
+    """A layer or op along ``axis`` of a transposed map (N, C, h, w): per position, ``run`` on the dense values
+    (transposed alike), where the axis is the channels (1); else refused."""
+    axes = [axis] if isinstance(axis, numbers.Integral) else list(np.ravel(axis))
+    if [int(a) % 4 for a in axes] != [1]:
+        raise call.fail(f"it works along axis {axis} of {geom.describe()}, which mixes positions of the patch; only "
+                        f"the channel axis (axis 1 of a transposed map) can be made dense")
+    return run, [geom if channels is None else geom.with_(channels=channels)]
+
+
 def _map_geom(call, geom, stride=(1, 1)):
     """The geometry of a layer's output map (its traced shape), after a layer of ``stride``."""
     out = call.out_shape
@@ -2985,18 +3012,26 @@ def _cast_as_layer_input(layer, x):
 
 # --- the rules ----------------------------------------------------------------
 
+@_takes_transposed
 @_rule_for(keras.layers.Rescaling, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU,
            label="element-wise layers (applied per pixel)")
 def _rule_reuse(call, geoms):
     """Layers that act per pixel (activations, rescaling): reused unchanged."""
     if call.out_shape != call.in_shapes[0]:
         raise call.fail(f"its output {call.out_shape} does not have the shape of its input {call.in_shapes[0]}")
+    if geoms[0].kind == TRANSPOSED and isinstance(call.layer, keras.layers.Rescaling) and (
+            np.ndim(call.layer.scale) or np.ndim(call.layer.offset)):
+        raise call.fail(f"its scale or offset has one entry per channel of the last axis, which is not the channel "
+                        f"axis of {geoms[0].describe()}")
     return _reuse(call.layer), [geoms[0]]
 
 
+@_takes_transposed
 @_rule_for(keras.layers.Activation, keras.layers.Softmax, label="element-wise layers (applied per pixel)")
 def _rule_activation(call, geoms):
     """Element-wise activations (and softmax over channels): reused unchanged."""
+    if geoms[0].kind == TRANSPOSED and isinstance(call.layer, keras.layers.Softmax):
+        return _along_transposed_channels(call, geoms[0], call.layer.axis, _reuse(call.layer))
     _activation_ok(call, geoms[0], call.layer)
     if isinstance(call.layer, keras.layers.Softmax):
         return _rule_channelwise(call, geoms)
@@ -3008,6 +3043,7 @@ def _rule_activation(call, geoms):
     return _rule_reuse(call, geoms)
 
 
+@_takes_transposed
 @_rule_for(keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.GaussianNoise,
            keras.layers.GaussianDropout, keras.layers.AlphaDropout, keras.layers.ActivityRegularization,
            keras.layers.Identity, label="identity at inference (dropout, noise, regularisation)")
@@ -3062,10 +3098,13 @@ def _rule_channelwise(call, geoms):
     return _reuse(layer), [geom]
 
 
+@_takes_transposed
 @_rule_for(keras.layers.LayerNormalization, label="layer normalisation over the channel axis")
 def _rule_layer_norm(call, geoms):
     """LayerNormalization: per pixel when it normalises over the channel axis only."""
     axis = call.layer.axis
+    if geoms[0].kind == TRANSPOSED:
+        return _along_transposed_channels(call, geoms[0], axis, _reuse(call.layer))
     axes = [axis] if isinstance(axis, numbers.Integral) else list(axis)
     rank = len(call.in_shapes[0])
     if [a % rank for a in axes] != [rank - 1] or not _per_channel(geoms[0], call.in_shapes[0]):
@@ -3539,6 +3578,7 @@ _ELEMENTWISE_OPS = (
     "Bitcast", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "Invert", "LeftShift", "RightShift")
 
 
+@_takes_transposed
 @_op_rule_for(*_ELEMENTWISE_OPS, label="TensorFlow element-wise ops in call() (keras.ops, tf.math, tf.nn, "
                                        "arithmetic on tensors, casts, tf.where): applied per pixel")
 def _rule_elementwise_op(call, geoms):
@@ -3550,6 +3590,8 @@ def _rule_elementwise_op(call, geoms):
     out = tuple(call.out_shapes[0])
     data = [spec for spec in _flat_specs(call.args) if "input" in spec]
     shapes = [tuple(spec["shape"]) for spec in data]
+    if any(g.kind == TRANSPOSED for g in geoms):
+        return _elementwise_transposed(call, geoms, shapes, out)
     for shape, geom in zip(shapes, geoms):
         if len(shape) != len(out) or shape[0] != out[0]:
             raise call.fail(f"it broadcasts a value of shape {shape} to {out}, which moves values between "
@@ -3581,32 +3623,76 @@ def _rule_elementwise_op(call, geoms):
     return _op_runner(call, args, unwarps), [first.with_(channels=out[-1] if _per_channel(first, out) else None)]
 
 
-_TRANSPOSE_HINT = ("CI keeps the channels of every pixel on the last axis, and a transposed value cannot be made dense "
-                   "(Dense acts on the channels of every pixel as it is; for PyTorch's C, H, W flattening order, "
-                   "reorder the rows of the next Dense's kernel to H, W, C instead)")
+def _elementwise_transposed(call, geoms, shapes, out):
+    """Element-wise ops of transposed maps (N, C, h, w) on one grid (a one-channel one may stand against C) and of
+    constants that are scalars or one value per channel ((C, 1, 1), (1, C, 1, 1)): the op on the dense values."""
+    first, unwarps = _merge_grids(call, geoms)  # (refuses a transposed map combined with anything else)
+    for shape, geom in zip(shapes, geoms):
+        if len(shape) != 4 or shape[:1] + shape[2:] != out[:1] + out[2:] or shape[1] not in (1, out[1]):
+            raise call.fail(f"it broadcasts {geom.describe()} ({shape}) to {out}, which mixes positions of the patch")
+    for spec in _flat_specs(call.args):
+        shape = tuple(spec.get("shape") or ())
+        if "input" in spec or len(shape) <= 4 and all(n == 1 for n in ((1,) * (4 - len(shape)) + shape)[2:]) and (
+                len(shape) < 3 or shape[-3] in (1, out[1])) and (len(shape) < 4 or shape[0] == 1):
+            continue
+        raise call.fail(f"it combines {first.describe()} with a value of shape {list(shape)}, which differs per "
+                        f"position of the patch; only scalars and per-channel values ((C, 1, 1)) can be made dense")
+    return _op_runner(call, None, unwarps), [first.with_(channels=out[1])]
 
 
-@_rule_for(keras.layers.Permute, label="refused: transposes (but those that keep the values' order)")
-def _rule_permute(call, geoms):
-    """Permute: moves the channels off the last axis, or swaps positions of the patch (refused); one that keeps the
-    values in their order (the identity, or moving axes of size 1) is a reshape."""
-    dims, src = list(call.layer.dims), tuple(call.in_shapes[0])
+_TRANSPOSE_HINT = ("CI keeps the channels of every pixel on the last axis (or, after a transpose (0, 3, 1, 2) of a map, "
+                   "on axis 1), and a value transposed otherwise cannot be made dense (Dense acts on the channels of "
+                   "every pixel as it is; for PyTorch's C, H, W flattening order, reorder the rows of the next Dense's "
+                   "kernel to H, W, C instead)")
+_TO_TRANSPOSED, _FROM_TRANSPOSED = [0, 3, 1, 2], [0, 2, 3, 1]
+
+
+def _transposed_geom(call, geom, perm, src):
+    """The geometry after a transpose ``perm`` of a value with ``geom``: a map's channels moved to axis 1 (a
+    transposed map) or back, or its ConversionError (None where the transpose keeps the values' order, a
+    reshape)."""
     index = np.arange(_prod(src)).reshape(src)
-    if np.array_equal(np.transpose(index, [0] + dims).ravel(), index.ravel()):  # the values keep their order
+    moved = None if perm is None else np.transpose(index, perm)
+    if moved is not None and geom.kind == TRANSPOSED and np.array_equal(moved, index):
+        return geom
+    if moved is not None and geom.kind != TRANSPOSED and np.array_equal(moved.ravel(), index.ravel()):
+        return None  # the values keep their order (the identity, axes of size 1)
+    if moved is not None and len(src) == 4 and geom.kind in (MAP, TRANSPOSED):
+        if perm == (_TO_TRANSPOSED if geom.kind == MAP else _FROM_TRANSPOSED):
+            return geom.with_(kind=TRANSPOSED if geom.kind == MAP else MAP)
+    if geom.kind == TRANSPOSED:
+        raise call.fail(f"it transposes {geom.describe()} (perm {perm}); a transposed map can only be transposed "
+                        f"back to (N, h, w, C) (perm (0, 2, 3, 1))")
+    raise call.fail(f"it transposes {geom.describe()} (perm {perm}); {_TRANSPOSE_HINT}")
+
+
+@_takes_transposed
+@_rule_for(keras.layers.Permute, label="transposes of a map to (N, C, h, w) and back (LayerNormalization, Softmax, "
+           "element-wise ops along axis 1 between); others refused (but those that keep the values' order)")
+def _rule_permute(call, geoms):
+    """Permute((3, 1, 2)) of a map: a transposed map, its channels on axis 1, on which ops per position along the
+    channels run as they are on the dense values, transposed alike; Permute((2, 3, 1)) brings it back.  Other
+    transposes swap positions of the patch or move the channels elsewhere: refused (one that keeps the values in
+    their order, the identity or moving axes of size 1, is a reshape)."""
+    dims, src = list(call.layer.dims), tuple(call.in_shapes[0])
+    geom = _transposed_geom(call, geoms[0], [0] + dims, src)
+    if geom is None:  # the values keep their order
         return _pass_through, [_reshaped_geom(call, geoms[0], src, call.out_shape)]
-    raise call.fail(f"it transposes {geoms[0].describe()} (dims {tuple(dims)}); {_TRANSPOSE_HINT}")
+    return _reuse(call.layer), [geom]
 
 
+@_takes_transposed
 @_op_rule_for("Transpose", "ConjugateTranspose",
-              label="refused: TensorFlow transposes in call() (but those that keep the values' order)")
+              label="TensorFlow transposes in call() of a map to (N, C, h, w) and back; others refused (but those "
+                    "that keep the values' order)")
 def _rule_transpose_op(call, geoms):
-    """tf.transpose / keras.ops.transpose: refused as Permute is; the identity passes."""
+    """tf.transpose / keras.ops.transpose: as Permute (perm (0, 3, 1, 2) and back (0, 2, 3, 1))."""
     perm, src = call.constant("perm"), tuple(call.in_shapes[0])
     perm = None if perm is None else [int(d) for d in np.ravel(perm)]
-    index = np.arange(_prod(src)).reshape(src)
-    if perm is not None and np.array_equal(np.transpose(index, perm).ravel(), index.ravel()):  # (order kept)
+    geom = _transposed_geom(call, geoms[0], perm, src)
+    if geom is None:  # (order kept)
         return _pass_through, [_reshaped_geom(call, geoms[0], src, call.out_shapes[0])]
-    raise call.fail(f"it transposes {geoms[0].describe()} (perm {perm}); {_TRANSPOSE_HINT}")
+    return _op_runner(call), [geom]
 
 
 @_op_rule_for("ArgMax", "ArgMin", label="TensorFlow arg max / min over the channel axis in call() (keras.ops.argmax(x, "
@@ -3846,6 +3932,7 @@ _REDUCTIONS = {"Mean": "avg", "Max": "max", "Min": "min", "Sum": "sum", "Prod": 
                "EuclideanNorm": None}
 
 
+@_takes_transposed
 @_op_rule_for(*_REDUCTIONS, label="TensorFlow reductions in call(): over channels (per pixel), over positions of "
                                   "the map (global pooling: mean, max, min, sum)")
 def _rule_reduce_op(call, geoms):
@@ -3863,6 +3950,11 @@ def _rule_reduce_op(call, geoms):
         raise call.fail("it reduces over the batch of patches")
     if not axes:
         return _pass_through, [geom]
+    if geom.kind == TRANSPOSED:
+        if not call.attrs.get("keep_dims", ["bool", False])[1] and axes == [1]:
+            raise call.fail(f"it reduces the channels of {geom.describe()} without keepdims=True; CI keeps a "
+                            f"transposed map's channel axis: pass keepdims=True (or transpose back first)")
+        return _along_transposed_channels(call, geom, axes, _op_runner(call), channels=1)
 
     def per_pixel():  # the op itself over the channel axis, keeping it (dense values stay 4-D)
         return _TFOp(call.type, dict(call.args, axis={"const": [-1], "dtype": call.args["axis"]["dtype"]}),
@@ -4497,6 +4589,12 @@ def _apply_rules(calls, geoms, values):
                 raise call.problem
             if rule is None:
                 raise ConversionError(_unsupported_message(call.where, "op" if call.is_op else "layer kind"))
+            transposed = next((g for g in in_geoms if g.kind == TRANSPOSED), None)
+            if transposed is not None and rule not in _TRANSPOSED_RULES:
+                raise call.fail(f"it is applied to {transposed.describe()}, the channels moved to axis 1 by a "
+                                f"transpose; only ops per position along the channels (element-wise ops and "
+                                f"activations, LayerNormalization, Softmax or reductions over axis 1) can follow one: "
+                                f"transpose it back first (perm (0, 2, 3, 1))")
             if not call.is_op:
                 _check_activation_per_pixel(call, in_geoms)
             run, out_geoms = rule(call, in_geoms)
