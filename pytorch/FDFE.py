@@ -2951,9 +2951,9 @@ def _rule_elementwise(node, geoms):
     args = _map_structure(node.args, lambda v: _constant_for(geom, v, node))
     kwargs = _map_structure(node.kwargs, lambda v: _constant_for(geom, v, node))
     transposed = geom.kind == TRANSPOSED  # (then all are: _merge_grids)
-    _check_same_shape(node, channels_may_broadcast=all(g.kind in (MAP, TRANSPOSED) or g.is_pixel_vector
-                                                       or _view_by_channel(g, s) for g, s in zip(geoms, node.in_shapes)),
-                      channel_dim=-1 if transposed else 1)
+    per_channel = all(g.kind in (MAP, TRANSPOSED) or g.is_pixel_vector or _view_by_channel(g, s)
+                      for g, s in zip(geoms, node.in_shapes))
+    _check_same_shape(node, channels_may_broadcast=per_channel, channel_dim=-1 if transposed else 1)
     if node.in_shapes[0] != node.out_shapes[0]:  # a one-channel value first (g * x): C channels out
         geom = geom.with_(channels=_channels_of(geom, node.out_shapes[0]))
     return _aligned(_CallStep(node, args=args, kwargs=kwargs), unwarps), [geom] * len(node.out_slots)
@@ -3925,7 +3925,11 @@ class DenseFeatureNet(nn.Module):
                 outs = step.run([values[s] for s in step.inputs], self, overwrite and in_place_ok)
             for s, v in zip(step.outputs, outs):
                 if torch.compiler.is_compiling() and layout == torch.channels_last and v.dim() == 4:
-                    v = v.contiguous(memory_format=layout)
+                    # one channel: NCHW strides (a view of a dense map, else a copy).  Channels-last ones, (h*w, 1, w,
+                    # 1), tie the channel axis with the column axis, and ordering them for an element-wise op adds the
+                    # guard "1 % w != 0" on the image size, which torch.export fails to prove for some Dim ranges
+                    v = v.contiguous(memory_format=layout) if v.shape[1] != 1 else \
+                        v.contiguous().squeeze(1).unsqueeze(1)
                 elif layout == torch.channels_last and v.dim() == 4 and not _is_channels_last(v) and v.shape[1] > 1:
                     v = v.contiguous(memory_format=layout)  # a 1-channel input leaves convs in NCHW
                 values[s] = v

@@ -174,6 +174,39 @@ def test_torch_export_with_an_output_stride(tb, tmp_path, step):
         assert max_rel_error(session.run(None, {"images": images.numpy()})[0], ref.numpy()) <= TOL["float32"]
 
 
+@pytest.mark.parametrize("step", [1, 2])
+def test_torch_export_of_one_channel_maps_at_every_lower_bound(tb, step):
+    """torch.export of a CI whose element-wise ops read one-channel maps (a grey image, a one-channel output
+    through tanh): every Dim lower bound from the README's (1, or sy + 1 with a step) exports, and the program is
+    exact.  Such maps were channels-last while exporting, whose strides tie the channel axis with the columns;
+    ordering them added a guard on the width that torch.export could not prove for some bounds ("Constraints
+    violated" at min=3 and 5, not at 4 and 6)."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torch.export import Dim
+    torch.manual_seed(3)
+
+    class OneChannel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.last = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 1, 3)
+
+        def forward(self, x):
+            return torch.tanh(self.last(F.max_pool2d(torch.relu(self.conv(torch.sigmoid(x))), 2))).flatten(1)
+    net = OneChannel().eval()
+    ci = tb.FDFE.convert(net, 8, in_channels=1, output_stride=step)
+    for low in range(step + 1, step + 5):
+        dims = {0: Dim("N", min=1, max=64), 2: Dim("H", min=low, max=4096), 3: Dim("W", min=low, max=4096)}
+        images = torch.from_numpy(netspec.random_images(2, 1, 17, 19, seed=low).transpose(0, 3, 1, 2)).float()
+        program = torch.export.export(ci, (images,), dynamic_shapes={"images": dims})
+        for n, h, w in [(1, low, low), (2, low + 1, low + 2), (1, 23, 30)]:
+            images = torch.from_numpy(netspec.random_images(n, 1, h, w, seed=h * w).transpose(0, 3, 1, 2)).float()
+            with torch.no_grad():
+                got = program.module()(images)
+            assert max_rel_error(got, tb.FDFE.dense_reference(net, images, 8, output_stride=step)) <= TOL["float32"]
+
+
 def test_torch_exports_of_streams_that_pool_differently(tb, tmp_path):
     """Two streams with other strides merged per pixel (siam2stream-like): torch.export over the whole size range
     and both ONNX exporters are exact at sizes not seen at export (the streams' unwarping was once recorded as

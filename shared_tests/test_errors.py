@@ -488,7 +488,8 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
                    forward=lambda self, x: self.layers[1](self.layers[0](x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
                    .mean((2, 3)))
     _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.flatten" + after + r"it reshapes a transposed map "
-                   r"\(3x3x4\) \(2, 3, 3, 4\) to \(2, 36\): the values of a transposed map are not in \(C, h, w\) order",
+                   r"\(3x3x4\) \(2, 3, 3, 4\) to \(2, 36\): the values of a transposed map are not in "
+                   r"\(C, h, w\) order",
                    forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1).flatten(1))
     _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.mean" + after + r"it reduces the channels of a transposed "
                    r"map \(3x3x4\) without keepdim=True",
@@ -516,14 +517,16 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
     _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.Dense(3), L.Permute((2, 3, 1)), pool], 5,
                    r"^[^\n]*\(Dense\)" + after + r"it is applied to a transposed map \(4x3x3\)[^\n]*$")
     _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.LayerNormalization(), L.Permute((2, 3, 1)), pool], 5,
-                   r"^[^\n]*\(LayerNormalization\)" + after + r"it works along axis \[-1\] of a transposed map \(4x3x3\), "
+                   r"^[^\n]*\(LayerNormalization\)" + after + r"it works along axis \[-1\] of a transposed map "
+                   r"\(4x3x3\), "
                    r"which mixes positions of the patch[^\n]*$")
     _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.Rescaling([1.0, 2.0, 3.0]), L.Permute((2, 3, 1)),
                         pool], 5, r"\(Rescaling\)" + after + r"its scale or offset has one entry per channel of the "
                    r"last axis, which is not the channel axis of a transposed map")
     _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.Lambda(lambda t: t * keras.ops.ones((3,))),
                         L.Permute((2, 3, 1)), pool], 5,
-                   r"^[^\n]*\(Mul, created at[^\n]*" + after + r"it combines a transposed map \(4x3x3\) with a value of "
+                   r"^[^\n]*\(Mul, created at[^\n]*" + after + r"it combines a transposed map \(4x3x3\) with a "
+                   r"value of "
                    r"shape \[3\], which differs per position of the patch[^\n]*$")
     _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.Lambda(lambda t: keras.ops.mean(t, axis=1)),
                         L.Flatten()], 5, r"\(Mean, created at.*it reduces the channels of a transposed map \(4x3x3\) "

@@ -3640,10 +3640,10 @@ def _elementwise_transposed(call, geoms, shapes, out):
     return _op_runner(call, None, unwarps), [first.with_(channels=out[1])]
 
 
-_TRANSPOSE_HINT = ("CI keeps the channels of every pixel on the last axis (or, after a transpose (0, 3, 1, 2) of a map, "
-                   "on axis 1), and a value transposed otherwise cannot be made dense (Dense acts on the channels of "
-                   "every pixel as it is; for PyTorch's C, H, W flattening order, reorder the rows of the next Dense's "
-                   "kernel to H, W, C instead)")
+_TRANSPOSE_HINT = ("CI keeps the channels of every pixel on the last axis (or, after a transpose (0, 3, 1, 2) of a "
+                   "map, on axis 1), and a value transposed otherwise cannot be made dense (Dense acts on the channels "
+                   "of every pixel as it is; for PyTorch's C, H, W flattening order, reorder the rows of the next "
+                   "Dense's kernel to H, W, C instead)")
 _TO_TRANSPOSED, _FROM_TRANSPOSED = [0, 3, 1, 2], [0, 2, 3, 1]
 
 
