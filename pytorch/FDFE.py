@@ -3830,6 +3830,7 @@ class DenseFeatureNet(nn.Module):
         self.steps = steps
         self.output_slot = output_slot
         self.plan = plan
+        self.transposed_slots = frozenset()  # values of transposed maps, (N, H, W, C): convert sets them
         for i, c in enumerate(constants):
             self.register_buffer(f"constant_{i}", c)
         self.n_constants = len(constants)
@@ -3924,7 +3925,9 @@ class DenseFeatureNet(nn.Module):
             else:
                 outs = step.run([values[s] for s in step.inputs], self, overwrite and in_place_ok)
             for s, v in zip(step.outputs, outs):
-                if torch.compiler.is_compiling() and layout == torch.channels_last and v.dim() == 4:
+                if s in self.transposed_slots:  # (N, H, W, C), contiguous from a channels-last map: as it is
+                    pass
+                elif torch.compiler.is_compiling() and layout == torch.channels_last and v.dim() == 4:
                     # one channel: NCHW strides (a view of a dense map, else a copy).  Channels-last ones, (h*w, 1, w,
                     # 1), tie the channel axis with the column axis, and ordering them for an element-wise op adds the
                     # guard "1 % w != 0" on the image size, which torch.export fails to prove for some Dim ranges
@@ -4425,6 +4428,7 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
                           grid_multiple=_grid_multiple(geoms.values()), border=border, output_stride=output_stride,
                           expressions=tracer.expressions, settings=_compared_settings(base_net, tracer.snapshots),
                           captured=_captured_attributes(base_net, tracer, tracer.snapshots))
+    net.transposed_slots = frozenset(slot for slot, g in geoms.items() if g.kind == TRANSPOSED)
     if check and _example_kind(base_net)[1].type != "meta":  # a meta Cp has no values to compare
         _self_check(net, base_net)  # (runs Cp again: what it changes is state too)
         snapshots = tracer.snapshots + [_attribute_values(base_net)]

@@ -1,6 +1,6 @@
 """FDFE's building blocks wired by hand (as in SlimNet) for nets other than BaseNet: max, average and
 power-average pooling, kernel != stride, strides 2 and 3, non-square strides, a strided convolution
-instead of a pool; 1 and 3 channels, batches of 1 and 3.  Checked against Cp run on every patch in
+instead of a pool, a layer norm over the channels written with transposes (reused as it is); 1 and 3 channels, batches of 1 and 3.  Checked against Cp run on every patch in
 each backend, and across backends."""
 
 import numpy as np
@@ -20,7 +20,7 @@ SPECS = {
               {"type": "conv", "out": 4, "k": 2}, {"type": "pool", "kind": "max", "k": 3, "stride": 3},
               {"type": "conv", "out": 3, "k": 2}],
     "nonsquare_stride": [{"type": "conv", "out": 4, "k": [3, 2]}, {"type": "act", "fn": "elu"},
-                         {"type": "pool", "kind": "max", "k": [2, 3], "stride": [2, 3]},
+                         {"type": "pool", "kind": "max", "k": [2, 3], "stride": [2, 3]}, {"type": "channel_ln"},
                          {"type": "conv", "out": 3, "k": [2, 2]}],
 }
 
