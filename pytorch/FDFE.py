@@ -3077,6 +3077,27 @@ def _rule_linear(node, geoms):
     return step, [geom.with_(channels=out, size=(1, 1))]
 
 
+@_rule_for(["matmul", "__matmul__"], "matrix products with a weight over the channels of a transposed map "
+           "(x.permute(0, 2, 3, 1) @ w)", (torch, torch.Tensor))
+def _rule_matmul(node, geoms):
+    """``y @ w`` / ``torch.matmul(y, w)`` of a transposed map (N, h, w, C) and a (C, K) parameter, buffer or
+    constant: the same product at every position, as the recorded call on the dense values (transposed alike).
+    Of anything else (a map, whose last axis is its width; two activations) refused."""
+    geom = geoms[0]
+    p = node.bind(["input", "other"])
+    weight = p["other"]
+    if geom.kind != TRANSPOSED or not isinstance(node.args[0], _Ref) or isinstance(weight, _Ref) or \
+            len(getattr(weight, "shape", ())) != 2:
+        other = "an activation" if isinstance(weight, _Ref) else "a matrix"
+        raise node.fail(f"it multiplies {geom.describe()} by {other}; only a transposed map (x.permute(0, 2, 3, 1)) "
+                        f"times a (C, K) weight is a product over the channels of every position (or write a Linear, "
+                        f"a 1x1 Conv2d)")
+    return _CallStep(node), [geom.with_(channels=node.out_shapes[0][-1])]
+
+
+_takes_transposed(_rule_matmul)
+
+
 def _pool_params(node, kind):
     if kind == "max":
         return node.bind(["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],

@@ -1629,8 +1629,8 @@ def test_transposes_that_keep_the_order_of_values_pass(tb, kb):
 
 def test_transposed_maps_carry_ops_per_position_along_their_channels(tb, kb, tmp_path):
     """A map's channels moved to the other end (PyTorch: x.permute(0, 2, 3, 1) to (N, h, w, C), as ConvNeXt blocks
-    and LayerNorm2d do; Keras: Permute((3, 1, 2)) or a transpose to (N, C, h, w)) carry Linear, LayerNorm, softmax,
-    reductions with keepdim and element-wise ops along the channels, per position, until the transpose back: CI
+    and LayerNorm2d do; Keras: Permute((3, 1, 2)) or a transpose to (N, C, h, w)) carry Linear, x @ w, LayerNorm,
+    softmax, reductions with keepdim and element-wise ops along the channels, per position, until the transpose back: CI
     equals Cp on every patch (odd and even patches, images not multiples of the stride, batches of 2, tiles, a
     step, reflected borders, gradients in float64); those transposes were all refused."""
     import keras
@@ -1679,7 +1679,18 @@ def test_transposed_maps_carry_ops_per_position_along_their_channels(tb, kb, tmp
             y = torch.max(y, dim=-1, keepdim=True)[0] * y + y.logsumexp(-1, keepdim=True)
             return self.last(F.max_pool2d(y.permute(0, 3, 1, 2)[:, :6], 2)).flatten(1)
 
+    class Products(nn.Module):  # matrix products with a weight and a buffer over the channels
+        def __init__(self):
+            super().__init__()
+            self.conv, self.w = nn.Conv2d(2, 4, 3), nn.Parameter(torch.randn(4, 6))
+            self.register_buffer("b", torch.randn(6, 3))
+
+        def forward(self, x):
+            y = torch.matmul(torch.relu(self.conv(x).permute(0, 2, 3, 1) @ self.w), self.b)
+            return y.permute(0, 3, 1, 2).amax((2, 3))
+
     _torch_check(tb, Channels(), (8, 8), 2, size=(13, 11))
+    _torch_check(tb, Products(), (5, 5), 2, size=(9, 8))
     net = nn.Sequential(nn.Conv2d(2, 6, 3), LayerNorm2d(6), nn.MaxPool2d(2), Block(6), nn.Conv2d(6, 4, 3),
                         nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
     for patch in ((20, 20), (21, 20)):

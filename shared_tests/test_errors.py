@@ -509,6 +509,9 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
                    r"map \(3x3x4\) \(dims \[1, 2\]\); a transposed map can only be transposed back[^\n]*$",
                    forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1).transpose(1, 2).permute(0, 3, 1, 2)
                    .mean((2, 3)))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.matmul" + after + r"it multiplies a 4x3x3 map by a "
+                   r"matrix; only a transposed map \(x\.permute\(0, 2, 3, 1\)\) times a \(C, K\) weight",
+                   forward=lambda self, x: (self.layers[0](x) @ torch.ones(3, 3)).flatten(1))
     L = keras.layers
     back, pool = L.Permute((2, 3, 1)), L.GlobalAveragePooling2D()
     _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.BatchNormalization(axis=1), back, pool], 5,
