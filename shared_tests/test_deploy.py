@@ -175,12 +175,14 @@ def test_torch_export_with_an_output_stride(tb, tmp_path, step):
 
 
 @pytest.mark.parametrize("step", [1, 2])
-def test_torch_export_of_one_channel_maps_at_every_lower_bound(tb, step):
-    """torch.export of a CI whose element-wise ops read one-channel maps (a grey image, a one-channel output
-    through tanh): every Dim lower bound from the README's (1, or sy + 1 with a step) exports, and the program is
-    exact.  Such maps were channels-last while exporting, whose strides tie the channel axis with the columns;
-    ordering them added a guard on the width that torch.export could not prove for some bounds ("Constraints
-    violated" at min=3 and 5, not at 4 and 6)."""
+@pytest.mark.parametrize("net_name", ["one_channel", "layer_scale"])
+def test_torch_export_at_every_lower_bound(tb, step, net_name):
+    """torch.export of CIs whose element-wise ops read one-channel maps (a grey image, a one-channel output through
+    tanh) or a transposed 1x1 map (ConvNeXt's layer scale gamma * x.permute(0, 2, 3, 1) after strides 2 and 2):
+    every Dim lower bound from the README's (1, or sy + 1 with a step) exports, and the program is exact.  Such
+    maps were channels-last while exporting, whose strides tie an axis of size 1 with another; ordering them
+    added a guard on the image size that torch.export could not prove for some bounds ("Constraints violated" at
+    min=3 and 5, not at 4 and 6)."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -194,8 +196,20 @@ def test_torch_export_of_one_channel_maps_at_every_lower_bound(tb, step):
 
         def forward(self, x):
             return torch.tanh(self.last(F.max_pool2d(torch.relu(self.conv(torch.sigmoid(x))), 2))).flatten(1)
-    net = OneChannel().eval()
-    ci = tb.FDFE.convert(net, 8, in_channels=1, output_stride=step)
+
+    class LayerScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.down = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 2, stride=2)
+            self.depthwise, self.head = nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 3, 1)
+            self.gamma = nn.Parameter(torch.rand(4))
+
+        def forward(self, x):  # a 1x1 transposed map times gamma
+            y = self.depthwise(self.down(F.max_pool2d(self.conv(x), 2))).permute(0, 2, 3, 1)
+            return self.head((self.gamma * y).permute(0, 3, 1, 2)).flatten(1)
+    net, patch = (OneChannel(), 8) if net_name == "one_channel" else (LayerScale(), 16)
+    net = net.eval()
+    ci = tb.FDFE.convert(net, patch, in_channels=1, output_stride=step)
     for low in range(step + 1, step + 5):
         dims = {0: Dim("N", min=1, max=64), 2: Dim("H", min=low, max=4096), 3: Dim("W", min=low, max=4096)}
         images = torch.from_numpy(netspec.random_images(2, 1, 17, 19, seed=low).transpose(0, 3, 1, 2)).float()
@@ -204,7 +218,8 @@ def test_torch_export_of_one_channel_maps_at_every_lower_bound(tb, step):
             images = torch.from_numpy(netspec.random_images(n, 1, h, w, seed=h * w).transpose(0, 3, 1, 2)).float()
             with torch.no_grad():
                 got = program.module()(images)
-            assert max_rel_error(got, tb.FDFE.dense_reference(net, images, 8, output_stride=step)) <= TOL["float32"]
+            expected = tb.FDFE.dense_reference(net, images, patch, output_stride=step)
+            assert max_rel_error(got, expected) <= TOL["float32"], (low, n, h, w)
 
 
 def test_torch_exports_of_streams_that_pool_differently(tb, tmp_path):
