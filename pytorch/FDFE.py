@@ -234,6 +234,8 @@ _MIXED_STRIDES_REASON = ("maps that went through different strides lie on differ
                          "that pool or stride differently merge exactly only as one vector per position each (1x1 "
                          "maps: pool, crop or flatten each stream to one position first), or give the streams the "
                          "same strides")
+_MIXED_LAYOUT_REASON = ("one holds the channels of every position where a transpose moved them and the other does "
+                        "not; transpose one of them first, so that both hold them on the same axis")
 
 
 # --- geometry: what a dense value holds, in patch terms ---------------------------------------
@@ -294,6 +296,8 @@ def _same_grid(op, geoms):
             reason = _MIXED_GRID_REASON
             if first.strides != g.strides and not (first.is_pixel_vector or g.is_pixel_vector):
                 reason = _MIXED_STRIDES_REASON
+            elif TRANSPOSED in (first.kind, g.kind) and first.kind != g.kind:
+                reason = _MIXED_LAYOUT_REASON
             raise op.fail(f"it combines {first.describe()} with {g.describe()} (strides {list(first.strides)} "
                           f"vs {list(g.strides)}); {reason}")
     return first
@@ -3029,7 +3033,8 @@ def _rule_reshape(node, geoms):
     if dst == src:
         return _AliasStep(node), [geom]
     if geom.kind == TRANSPOSED:
-        if geom.size == (1, 1) and dst[:1] == src[:1]:  # one position: (N, 1, 1, C) holds (N, C, 1, 1)'s order
+        if (geom.size == (1, 1) or geom.channels == 1) and dst[:1] == src[:1]:  # (N, 1, 1, C) holds (N, C, 1, 1)'s
+            # order, (N, h, w, 1) (N, 1, h, w)'s: the map's values, transposed back
             return _PermuteStep(node.in_slots[:1], node.out_slots, (0, 3, 1, 2)), \
                 [_geom_of_shape(geom.with_(kind=MAP), dst)]
         raise node.fail(f"it reshapes {geom.describe()} {src} to {dst}: the values of a transposed map are not in "
@@ -3260,9 +3265,13 @@ def _make_reduce_rule(kind):
 def _reduce_transposed(node, geom, dims, keepdim):
     """A reduction (or a statistic) of a transposed map: over its channels (dim -1, keepdim=True) per position,
     as the recorded call on the dense values; over positions of the patch refused."""
+    if any(d % 4 == 0 for d in dims):
+        raise node.fail("it reduces over the batch of patches")
     if [d % 4 for d in dims] != [3]:
+        pooling = " (a global pooling: transpose back first and reduce over dims (2, 3))" \
+            if sorted(d % 4 for d in dims) == [1, 2] else ""
         raise node.fail(f"it reduces {geom.describe()} over dims {dims}, which mixes positions of the patch; only "
-                        f"the channel axis (dim -1 of a transposed map) can be made dense")
+                        f"the channel axis (dim -1 of a transposed map) can be made dense{pooling}")
     if not keepdim:
         raise node.fail(f"it reduces the channels of {geom.describe()} without keepdim=True; CI keeps a transposed "
                         f"map's channel axis: pass keepdim=True (or transpose back first)")
@@ -3435,11 +3444,13 @@ class _CropStep(_Step):
     same channels and the crop's start (rows a.. of every patch are rows a.. of the dense map)."""
     aliases = True
 
-    def __init__(self, node, channels, top, bottom, left, right):
-        """``channels``: (start, stop) or (start, stop, step) of the channel axis."""
+    def __init__(self, node, channels, top, bottom, left, right, transposed=False):
+        """``channels``: (start, stop) or (start, stop, step) of the channel axis; ``transposed``: of a transposed
+        map ((N, H, W, C) dense values)."""
         super().__init__(node.in_slots[:1], node.out_slots,
                          f"crop(channels={channels}, rows +{top}/-{bottom}, cols +{left}/-{right})")
         self.channels, self.top, self.bottom, self.left, self.right = channels, top, bottom, left, right
+        self.transposed = transposed
 
     @property
     def per_pixel(self):  # a slice of the channels alone
@@ -3450,12 +3461,14 @@ class _CropStep(_Step):
         channels = slice(*self.channels)
         if x.dim() == 2:
             return [x[:, channels]]
+        if self.transposed:
+            return [x[:, self.top:x.shape[1] - self.bottom, self.left:x.shape[2] - self.right, channels]]
         return [x[:, channels, self.top:x.shape[2] - self.bottom, self.left:x.shape[3] - self.right]]
 
 
-def _slices_of(node, rank):
+def _slices_of(node, rank, channel_dim=1):
     """The (start, stop) per axis of a constant slice or narrow, or the op's ConversionError; the channel axis
-    (dim 1), which may be sliced with a step, gets (start, stop, step)."""
+    (``channel_dim``), which may be sliced with a step, gets (start, stop, step)."""
     shape = node.in_shapes[0]
     bounds = [(0, n) for n in shape]
     if node.name.endswith("narrow"):
@@ -3464,7 +3477,7 @@ def _slices_of(node, rank):
             raise node.fail("it narrows by an amount computed from the data")
         dim, start = int(p["dim"]) % rank, int(p["start"]) % shape[int(p["dim"]) % rank]
         bounds[dim] = (start, start + int(p["length"]))
-        bounds[1] += (1,)
+        bounds[channel_dim] += (1,)
         return bounds
     index = node.args[1] if len(node.args) > 1 else None
     index = index if isinstance(index, tuple) else (index,)
@@ -3487,13 +3500,13 @@ def _slices_of(node, rank):
             raise node.fail("it slices by amounts computed from the data")
         start, stop, step = sl.indices(shape[d])
         taken = len(range(start, stop, step))
-        if d == 1 and taken > 1:  # channels: a step keeps the same channels of every pixel
+        if d == channel_dim and taken > 1:  # channels: a step keeps the same channels of every pixel
             bounds[d] = (start, start + (taken - 1) * step + 1, step)
             continue
         if step != 1 and taken > 1:  # (a step that keeps one element is a crop to it, as in Keras)
             raise node.fail(f"it slices axis {d} with step {step}; only contiguous slices of positions can be "
                             f"made dense")
-        bounds[d] = (start, start + taken) + ((1,) if d == 1 else ())
+        bounds[d] = (start, start + taken) + ((1,) if d == channel_dim else ())
     return bounds
 
 
@@ -3509,6 +3522,8 @@ def _rule_crop(node, geoms):
     if None in index and all(i is None or i is Ellipsis or i == slice(None) for i in index):  # x[:, None]: a reshape
         return _rule_reshape(node, geoms)
     shape = tuple(node.in_shapes[0])
+    if geom.kind == TRANSPOSED:
+        return _crop_transposed(node, geom, shape)
     by_channel = _view_by_channel(geom, shape)  # (N, C, h*w), the (N, C, 1) of a 1x1 map: its channels may be sliced
     if not (geom.kind == MAP or geom.is_pixel_vector or by_channel):
         raise node.fail(f"it slices {geom.describe()}; flatten after cropping, not before")
@@ -3534,6 +3549,24 @@ def _rule_crop(node, geoms):
     step = _CropStep(node, bounds[1], a, h - b, c, w - d)
     # (integer indices, x[:, :, i, j], drop axes: the same values, reshaped)
     return step, [_geom_of_shape(geom.with_(channels=taken, size=(b - a, d - c)), node.out_shapes[0])]
+
+
+def _crop_transposed(node, geom, shape):
+    """A constant slice of a transposed map, y[:, a:b, c:d, c0:c1] (or narrow): the crop of the map and the same
+    channels, on the dense values transposed alike; indices that drop an axis are refused (slice i:i+1, or
+    transpose back first)."""
+    if len(node.out_shapes[0]) != 4:
+        raise node.fail(f"it indexes {geom.describe()} with integers, which drop axes of a transposed map; slice "
+                        f"them (i:i+1) or transpose it back first")
+    bounds = _slices_of(node, 4, channel_dim=3)
+    if bounds[0] != (0, shape[0]):
+        raise node.fail("it slices the batch of patches")
+    (a, b), (c, d), (h, w) = bounds[1], bounds[2], geom.size
+    taken = len(range(*bounds[3]))
+    if b - a < 1 or d - c < 1 or taken < 1:
+        raise node.fail("the slice is empty")
+    step = _CropStep(node, bounds[3], a, h - b, c, w - d, transposed=True)
+    return step, [geom.with_(channels=taken, size=(b - a, d - c))]
 
 
 @_rule_for(["cat", "concat", "concatenate"], "concatenation along the channel axis", (torch,))
@@ -3640,7 +3673,7 @@ def _rule_transpose(node, geoms):
 
 for _rule in (_rule_transpose, _rule_elementwise, _rule_identity, _rule_rrelu, _rule_dropout, _rule_reshape,
               _rule_linear, _rule_layer_norm, _rule_statistic, _rule_max_min, _rule_reduce, _rule_glu, _rule_cat,
-              _rule_split, _rule_channel_order):
+              _rule_split, _rule_channel_order, _rule_crop):
     _takes_transposed(_rule)
 
 
@@ -4304,7 +4337,9 @@ def _apply_rules(nodes, geoms):
             for s, shape in zip(node.out_slots, node.out_shapes):
                 geoms[s] = _guessed_geom(shape, in_geoms, _MAP_LAYOUT)
                 if all(i in tainted for i in node.in_slots) or len(shape) != 4 or \
-                        getattr(exc, "taints_outputs", False):  # a statistic, not a map; a transposed map
+                        getattr(exc, "taints_outputs", False) or \
+                        len({g.kind == TRANSPOSED for g in in_geoms}) > 1:  # a statistic, not a map; a transposed
+                    # map; a map and a transposed map combined
                     tainted.add(s)
             continue
         if tainted.intersection(node.in_slots) and all(s in tainted for s in node.in_slots):

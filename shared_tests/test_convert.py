@@ -1689,8 +1689,19 @@ def test_transposed_maps_carry_ops_per_position_along_their_channels(tb, kb, tmp
             y = torch.matmul(torch.relu(self.conv(x).permute(0, 2, 3, 1) @ self.w), self.b)
             return y.permute(0, 3, 1, 2).amax((2, 3))
 
+    class Crops(nn.Module):  # slices of the channels (with a step) and crops of a transposed map
+        def __init__(self):
+            super().__init__()
+            self.conv, self.last = nn.Conv2d(2, 7, 3), nn.Conv2d(4, 3, 2)
+
+        def forward(self, x):
+            y = self.conv(x).permute(0, 2, 3, 1)
+            y = torch.cat([y[..., 1:3], y.narrow(-1, 4, 3)[..., ::2]], -1)[:, 1:, :-1]
+            return self.last(y.permute(0, 3, 1, 2)).flatten(1)
+
     _torch_check(tb, Channels(), (8, 8), 2, size=(13, 11))
     _torch_check(tb, Products(), (5, 5), 2, size=(9, 8))
+    _torch_check(tb, Crops(), (6, 6), 2, size=(9, 8))
     net = nn.Sequential(nn.Conv2d(2, 6, 3), LayerNorm2d(6), nn.MaxPool2d(2), Block(6), nn.Conv2d(6, 4, 3),
                         nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
     for patch in ((20, 20), (21, 20)):
@@ -1727,6 +1738,12 @@ def test_transposed_maps_carry_ops_per_position_along_their_channels(tb, kb, tmp
         return keras.Model(inp, L.Dense(3)(L.Flatten()(x)))
     for patch in ((20, 20), (21, 20)):
         _keras_check(kb, keras_net(patch), patch, 2, size=(13, 11))
+    inp = keras.Input((7, 7, 2))  # a transposed 1x1 map; merges of transposed maps
+    y = L.Permute((3, 1, 2))(L.Conv2D(6, 3)(inp))
+    y = L.Permute((2, 3, 1))(L.Add()([y, L.Multiply()([y, L.Activation("sigmoid")(y)])]))
+    y = L.Permute((3, 1, 2))(L.Conv2D(5, 3)(L.Conv2D(6, 3)(y)))  # (N, 5, 1, 1)
+    y = L.Lambda(lambda t: t - keras.ops.mean(t, axis=1, keepdims=True))(L.LayerNormalization(axis=1)(y))
+    _keras_check(kb, keras.Model(inp, L.Dense(3)(L.Flatten()(L.Softmax(axis=1)(y)))), (7, 7), 2, size=(11, 10))
     net = keras_net((21, 20), ops=False)
     images = tf.constant(netspec.random_images(2, 2, 15, 13, seed=3), tf.float32)
     for options in ({"tile": (8, 8)}, {"output_stride": 2}, {"border": "reflect"}):

@@ -509,6 +509,19 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
                    r"map \(3x3x4\) \(dims \[1, 2\]\); a transposed map can only be transposed back[^\n]*$",
                    forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1).transpose(1, 2).permute(0, 3, 1, 2)
                    .mean((2, 3)))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.__getitem__" + after + r"it indexes a transposed map "
+                   r"\(3x3x4\) with integers, which drop axes of a transposed map",
+                   forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1)[:, 0].flatten(1))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.mean" + after + r"it reduces over the batch of patches",
+                   forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1).mean(0, keepdim=True).flatten(1))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.amax" + after + r"it reduces a transposed map \(3x3x4\) "
+                   r"over dims \[1, 2\], which mixes positions of the patch;.*\(a global pooling: transpose back first "
+                   r"and reduce over dims \(2, 3\)\)", forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1)
+                   .amax((1, 2)))
+    _torch_refusal(tb, [nn.Conv2d(1, 3, 3)], 5, r"^[^\n]*Tensor\.add" + after + r"it combines a 3x3x3 map with a "
+                   r"transposed map \(3x3x3\) \(strides \[\] vs \[\]\); one holds the channels of every position "
+                   r"where a transpose moved them and the other does not[^\n]*$",
+                   forward=lambda self, x: (lambda m: m + m.permute(0, 2, 3, 1))(self.layers[0](x)).flatten(1))
     _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.matmul" + after + r"it multiplies a 4x3x3 map by a "
                    r"matrix; only a transposed map \(x\.permute\(0, 2, 3, 1\)\) times a \(C, K\) weight",
                    forward=lambda self, x: (self.layers[0](x) @ torch.ones(3, 3)).flatten(1))
@@ -531,6 +544,10 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
                    r"^[^\n]*\(Mul, created at[^\n]*" + after + r"it combines a transposed map \(4x3x3\) with a "
                    r"value of "
                    r"shape \[3\], which differs per position of the patch[^\n]*$")
+    _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)),
+                        L.Lambda(lambda t: keras.ops.mean(t, axis=(2, 3), keepdims=True)), L.Flatten()], 5,
+                   r"\(Mean, created at.*it reduces a transposed map \(4x3x3\) over axes \[2, 3\], which mixes "
+                   r"positions of the patch \(a global pooling: transpose back first")
     _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.Lambda(lambda t: keras.ops.mean(t, axis=1)),
                         L.Flatten()], 5, r"\(Mean, created at.*it reduces the channels of a transposed map \(4x3x3\) "
                    r"without keepdims=True")

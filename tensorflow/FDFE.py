@@ -247,6 +247,8 @@ _MIXED_STRIDES_REASON = ("maps that went through different strides lie on differ
                          "that pool or stride differently merge exactly only as one vector per position each (1x1 "
                          "maps: pool, crop or flatten each stream to one position first), or give the streams the "
                          "same strides")
+_MIXED_LAYOUT_REASON = ("one holds the channels of every position where a transpose moved them and the other does "
+                        "not; transpose one of them first, so that both hold them on the same axis")
 
 
 # --- geometry: what a dense value holds, in patch terms ---------------------------------------
@@ -307,6 +309,8 @@ def _same_grid(op, geoms):
             reason = _MIXED_GRID_REASON
             if first.strides != g.strides and not (first.is_pixel_vector or g.is_pixel_vector):
                 reason = _MIXED_STRIDES_REASON
+            elif TRANSPOSED in (first.kind, g.kind) and first.kind != g.kind:
+                reason = _MIXED_LAYOUT_REASON
             raise op.fail(f"it combines {first.describe()} with {g.describe()} (strides {list(first.strides)} "
                           f"vs {list(g.strides)}); {reason}")
     return first
@@ -3364,6 +3368,7 @@ def _rule_dense(call, geoms):
     return (lambda xs: [DenseAsConv(layer, geom.size)(xs[0])]), [geom.with_(channels=units, size=(1, 1))]
 
 
+@_takes_transposed
 @_rule_for(keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, keras.layers.Average,
            keras.layers.Maximum, keras.layers.Minimum, keras.layers.Concatenate,
            label="merges of values on one grid (Add, Multiply, Concatenate on channels, ...)")
@@ -3373,6 +3378,14 @@ def _rule_merge(call, geoms):
     first, unwarps = _merge_grids(call, geoms)
     layer = call.layer
     channels = first.channels
+    if first.kind == TRANSPOSED:  # (all are: _merge_grids) their channels on axis 1
+        out = tuple(call.out_shape)
+        for shape in call.in_shapes:
+            if tuple(shape)[:1] + tuple(shape)[2:] != out[:1] + out[2:]:
+                raise call.fail(f"it merges {first.describe()} with a value of shape {tuple(shape)}, which mixes "
+                                f"positions of the patch")
+        axis = layer.axis if isinstance(layer, keras.layers.Concatenate) else 1
+        return _along_transposed_channels(call, first, axis, lambda xs: [layer(list(xs))], channels=out[1])
     if isinstance(layer, keras.layers.Concatenate):
         _check_channel_axis(call, layer.axis, len(call.in_shapes[0]))
         _per_pixel_ok(call, first, shape=call.in_shapes[0])
@@ -3655,11 +3668,11 @@ def _transposed_geom(call, geom, perm, src):
     moved = None if perm is None else np.transpose(index, perm)
     if moved is not None and geom.kind == TRANSPOSED and np.array_equal(moved, index):
         return geom
-    if moved is not None and geom.kind != TRANSPOSED and np.array_equal(moved.ravel(), index.ravel()):
-        return None  # the values keep their order (the identity, axes of size 1)
-    if moved is not None and len(src) == 4 and geom.kind in (MAP, TRANSPOSED):
+    if moved is not None and len(src) == 4 and geom.kind in (MAP, TRANSPOSED):  # (also of a 1x1 map)
         if perm == (_TO_TRANSPOSED if geom.kind == MAP else _FROM_TRANSPOSED):
             return geom.with_(kind=TRANSPOSED if geom.kind == MAP else MAP)
+    if moved is not None and geom.kind != TRANSPOSED and np.array_equal(moved.ravel(), index.ravel()):
+        return None  # the values keep their order (the identity, axes of size 1)
     if geom.kind == TRANSPOSED:
         raise call.fail(f"it transposes {geom.describe()} (perm {perm}); a transposed map can only be transposed "
                         f"back to (N, h, w, C) (perm (0, 2, 3, 1))")
@@ -3954,6 +3967,9 @@ def _rule_reduce_op(call, geoms):
         if not call.attrs.get("keep_dims", ["bool", False])[1] and axes == [1]:
             raise call.fail(f"it reduces the channels of {geom.describe()} without keepdims=True; CI keeps a "
                             f"transposed map's channel axis: pass keepdims=True (or transpose back first)")
+        if axes == [2, 3]:
+            raise call.fail(f"it reduces {geom.describe()} over axes {axes}, which mixes positions of the patch (a "
+                            f"global pooling: transpose back first and reduce over axes (1, 2))")
         return _along_transposed_channels(call, geom, axes, _op_runner(call), channels=1)
 
     def per_pixel():  # the op itself over the channel axis, keeping it (dense values stay 4-D)
@@ -4590,6 +4606,15 @@ def _apply_rules(calls, geoms, values):
             if rule is None:
                 raise ConversionError(_unsupported_message(call.where, "op" if call.is_op else "layer kind"))
             transposed = next((g for g in in_geoms if g.kind == TRANSPOSED), None)
+            back = []  # inputs that are transposed 1x1 maps, given to a rule of other values
+            if transposed is not None and rule not in _TRANSPOSED_RULES and all(
+                    g.kind != TRANSPOSED or g.size == (1, 1) or g.channels == 1 for g in in_geoms):
+                # (N, C, 1, 1) (or (N, 1, h, w)) holds the values of (N, 1, 1, C) (of (N, h, w, 1)) in their order:
+                # a reshape of the map, on whose dense values (transposed back) the rule runs
+                back = [i for i, g in enumerate(in_geoms) if g.kind == TRANSPOSED]
+                in_geoms = [_reshaped_geom(call, g.with_(kind=MAP), (s[0],) + tuple(s[2:]) + (s[1],), s)
+                            if i in back else g for i, (g, s) in enumerate(zip(in_geoms, call.in_shapes))]
+                transposed = None
             if transposed is not None and rule not in _TRANSPOSED_RULES:
                 raise call.fail(f"it is applied to {transposed.describe()}, the channels moved to axis 1 by a "
                                 f"transpose; only ops per position along the channels (element-wise ops and "
@@ -4606,7 +4631,8 @@ def _apply_rules(calls, geoms, values):
         if problems:  # CI will not be built: later layers only report their own problems
             geoms.update(zip(call.out_slots, out_geoms))
             continue
-        inputs = [values[s] for s in call.in_slots]
+        inputs = [keras.layers.Permute((2, 3, 1))(values[s]) if i in back else values[s]
+                  for i, s in enumerate(call.in_slots)]
         outs = run(inputs if call.is_op else [_cast_as_layer_input(call.layer, x) for x in inputs])
         if len(out_geoms) != len(call.out_slots) or len(outs) != len(call.out_slots):
             raise AssertionError(f"rule for {call.where} returned {len(out_geoms)} geometries and {len(outs)} "
