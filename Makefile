@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/parity.py --keep-freed-memory --out bench/RESULTS_parity_keep.md
 	$(PY) bench/efficiency.py --out bench/RESULTS_efficiency.md
 	$(PY) bench/shifts_in_place.py --out bench/RESULTS_shifts_in_place.md
+	$(PY) bench/transposed.py --out bench/RESULTS_transposed.md
 	$(PY) bench/train_step.py --out bench/RESULTS_train.md
 	$(PY) bench/output_stride.py --out bench/RESULTS_output_stride.md
 	$(PY) bench/deploy.py --out bench/RESULTS_deploy.md
