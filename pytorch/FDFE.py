@@ -338,6 +338,27 @@ def _output_grid(strides, output_stride):
 def _lcm_pair(a, b):
     return a[0] * b[0] // _gcd(a[0], b[0]), a[1] * b[1] // _gcd(a[1], b[1])
 
+def _einsum_over_channels(equation, activation, channel_axis):
+    """Why an einsum of two operands, ``activation`` (0 or 1) the index of a map (rank 4, its channels on
+    ``channel_axis``) and the other a matrix, is not a product over the channels of every position that keeps
+    the other axes in their order ("nchw,kc->nkhw"), or None where it is."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return "its equation has no explicit output, or an ellipsis"
+    inputs, out = eq.split("->")
+    operands = inputs.split(",")
+    if len(operands) != 2:
+        return f"it has {len(operands)} operands"
+    act, weight = operands[activation], operands[1 - activation]
+    if len(act) != 4 or len(set(act)) != 4 or len(weight) != 2 or len(set(weight)) != 2:
+        return "its operands are not a map and a matrix"
+    channel, others = act[channel_axis], [a for a in weight if a != act[channel_axis]]
+    if channel not in weight or len(others) != 1 or others[0] in act:
+        return "it does not contract the channels of the map with one axis of the matrix"
+    if out != act[:channel_axis] + others[0] + act[channel_axis + 1:]:
+        return "it moves or contracts other axes of the map"
+    return None
+
 
 def _merge_grids(op, geoms):
     """Values combined by one op (addition, concatenation, ...): their common geometry, and for each
@@ -3101,6 +3122,30 @@ def _rule_matmul(node, geoms):
 
 
 _takes_transposed(_rule_matmul)
+
+
+@_rule_for(["einsum"], "einsum of a map (or a transposed map) and a (C, K) weight over the channels of every "
+           "position (torch.einsum('nchw,ck->nkhw', x, w))", (torch,))
+def _rule_einsum(node, geoms):
+    """``torch.einsum("nchw,ck->nkhw", x, w)`` (any letters, either order of the operands and of the weight's axes):
+    a product over the channels of every position of a map (or of a transposed map, "nhwc,ck->nhwk") with a
+    parameter, buffer or constant matrix, as the recorded call on the dense values; other equations refused."""
+    geom = geoms[0]
+    operands = list(node.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    refs = [i for i, v in enumerate(operands) if isinstance(v, _Ref)]
+    axis = 3 if geom.kind == TRANSPOSED else 1
+    reason = "it multiplies two activations" if len(refs) != 1 else \
+        f"it is applied to {geom.describe()}" if geom.kind not in (MAP, TRANSPOSED) else \
+        _einsum_over_channels(str(node.args[0]), refs[0], axis) if len(operands) == 2 else "it has other operands"
+    if reason is not None:
+        raise node.fail(f"{reason}; only an einsum of a map and a (C, K) weight over the channels of every position "
+                        f"('nchw,ck->nkhw') can be made dense")
+    return _CallStep(node), [geom.with_(channels=node.out_shapes[0][axis])]
+
+
+_takes_transposed(_rule_einsum)
 
 
 def _pool_params(node, kind):

@@ -1760,3 +1760,34 @@ def test_transposed_maps_carry_ops_per_position_along_their_channels(tb, kb, tmp
         tape_ref.watch(images)
         ref = tf.reduce_sum(tf.square(kb.FDFE.dense_reference(net, images, (21, 20), differentiable=True)))
     assert max_rel_error(tape.gradient(out, images), tape_ref.gradient(ref, images)) <= 10 * TOL["float32"]
+
+
+def test_einsum_over_the_channels_of_every_position(tb, kb):
+    """An einsum of a map and a (C, K) weight that contracts the channels and keeps the other axes in their order
+    ("nchw,ck->nkhw", any letters, either operand first, the weight either way round; of a transposed map
+    "nhwc,ck->nhwk"; Keras "nhwc,ck->nhwk", of a transposed map "nchw,ck->nkhw") is a product over the channels of
+    every position: CI equals Cp on every patch; einsums were unknown ops."""
+    import keras
+    import torch
+    import torch.nn as nn
+    torch.manual_seed(8)
+
+    class Einsums(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.last = nn.Conv2d(2, 4, 3), nn.Conv2d(3, 2, 3)
+            self.w, self.v = nn.Parameter(torch.randn(4, 5)), nn.Parameter(torch.randn(6, 5))
+            self.register_buffer("u", torch.randn(3, 6))
+
+        def forward(self, x):
+            y = torch.relu(torch.einsum("bihw,io->bohw", self.conv(x), self.w))
+            y = torch.einsum("kc,nchw->nkhw", self.v, y).permute(0, 2, 3, 1)
+            return self.last(torch.einsum("nhwc,kc->nhwk", y, self.u).permute(0, 3, 1, 2)).flatten(1)
+    _torch_check(tb, Einsums(), (5, 5), 2, size=(11, 9))
+    L = keras.layers
+    keras.utils.set_random_seed(8)
+    w, u = (np.random.default_rng(8).standard_normal(s).astype("float32") for s in ((4, 5), (3, 5)))
+    inp = keras.Input((5, 5, 2))
+    y = L.Lambda(lambda t: keras.ops.einsum("bhwi,io->bhwo", t, w))(L.Conv2D(4, 3)(inp))
+    y = L.Lambda(lambda t: keras.ops.einsum("kc,nchw->nkhw", u, t))(L.Permute((3, 1, 2))(L.ReLU()(y)))
+    _keras_check(kb, keras.Model(inp, L.Flatten()(L.Conv2D(2, 3)(L.Permute((2, 3, 1))(y)))), (5, 5), 2, size=(11, 9))

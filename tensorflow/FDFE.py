@@ -351,6 +351,27 @@ def _output_grid(strides, output_stride):
 def _lcm_pair(a, b):
     return a[0] * b[0] // _gcd(a[0], b[0]), a[1] * b[1] // _gcd(a[1], b[1])
 
+def _einsum_over_channels(equation, activation, channel_axis):
+    """Why an einsum of two operands, ``activation`` (0 or 1) the index of a map (rank 4, its channels on
+    ``channel_axis``) and the other a matrix, is not a product over the channels of every position that keeps
+    the other axes in their order ("nchw,kc->nkhw"), or None where it is."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return "its equation has no explicit output, or an ellipsis"
+    inputs, out = eq.split("->")
+    operands = inputs.split(",")
+    if len(operands) != 2:
+        return f"it has {len(operands)} operands"
+    act, weight = operands[activation], operands[1 - activation]
+    if len(act) != 4 or len(set(act)) != 4 or len(weight) != 2 or len(set(weight)) != 2:
+        return "its operands are not a map and a matrix"
+    channel, others = act[channel_axis], [a for a in weight if a != act[channel_axis]]
+    if channel not in weight or len(others) != 1 or others[0] in act:
+        return "it does not contract the channels of the map with one axis of the matrix"
+    if out != act[:channel_axis] + others[0] + act[channel_axis + 1:]:
+        return "it moves or contracts other axes of the map"
+    return None
+
 
 def _merge_grids(op, geoms):
     """Values combined by one op (addition, concatenation, ...): their common geometry, and for each
@@ -3785,6 +3806,27 @@ def _rule_batch_matmul_op(call, geoms):
                         f"(C, K) can be made dense (a product over the channels of every pixel)")
     layer = _TFOp(call.type, call.args, call.attrs, call.variables, name=_op_layer_name(call))
     return (lambda xs: [layer(xs[0])]), [geom.with_(channels=call.out_shapes[0][-1])]
+
+
+@_takes_transposed
+@_op_rule_for("Einsum", label="TensorFlow einsum in call() of a map (or a transposed map) and a (C, K) constant or "
+                              "weight over the channels of every position (keras.ops.einsum('nhwc,ck->nhwk', x, w))")
+def _rule_einsum_op(call, geoms):
+    """``keras.ops.einsum("nhwc,ck->nhwk", x, w)`` (tf.einsum; any letters, either order of the operands and of the
+    weight's axes): a product over the channels of every position of a map (or of a transposed map,
+    "nchw,ck->nkhw") with a constant or weight of Cp, the same op on the dense values; other equations refused."""
+    geom = geoms[0]
+    operands = call.args.get("inputs", [])
+    refs = [i for i, spec in enumerate(operands) if "input" in spec]
+    axis = 1 if geom.kind == TRANSPOSED else 3
+    reason = "it multiplies two activations" if len(refs) != 1 else \
+        f"it is applied to {geom.describe()}" if geom.kind not in (MAP, TRANSPOSED) else \
+        _einsum_over_channels(call.attrs["equation"][1], refs[0], axis) if len(operands) == 2 else \
+        "it has other operands"
+    if reason is not None:
+        raise call.fail(f"{reason}; only an einsum of a map and a (C, K) weight over the channels of every position "
+                        f"('nhwc,ck->nhwk') can be made dense")
+    return _op_runner(call), [geom.with_(channels=call.out_shapes[0][axis])]
 
 
 @_op_rule_for("Reshape", "Squeeze", "ExpandDims", label="TensorFlow reshapes in call() that keep the batch axis "
