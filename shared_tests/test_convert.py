@@ -1743,6 +1743,7 @@ def test_transposed_maps_carry_ops_per_position_along_their_channels(tb, kb, tmp
     y = L.Permute((2, 3, 1))(L.Add()([y, L.Multiply()([y, L.Activation("sigmoid")(y)])]))
     y = L.Permute((3, 1, 2))(L.Conv2D(5, 3)(L.Conv2D(6, 3)(y)))  # (N, 5, 1, 1)
     y = L.Lambda(lambda t: t - keras.ops.mean(t, axis=1, keepdims=True))(L.LayerNormalization(axis=1)(y))
+    y = L.UnitNormalization(axis=1)(y)
     _keras_check(kb, keras.Model(inp, L.Dense(3)(L.Flatten()(L.Softmax(axis=1)(y)))), (7, 7), 2, size=(11, 10))
     net = keras_net((21, 20), ops=False)
     images = tf.constant(netspec.random_images(2, 2, 15, 13, seed=3), tf.float32)

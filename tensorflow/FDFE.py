@@ -2998,6 +2998,14 @@ def _activation_ok(call, geom, layer):
         _per_pixel_ok(call, geom, "its gated linear unit (glu, over the last axis)", call.in_shapes[0])
 
 
+def _on_transposed(call, geom):
+    """The error for a layer or op that cannot follow a transposed map."""
+    return call.fail(f"it is applied to {geom.describe()}, the channels moved to axis 1 by a transpose; only ops per "
+                     f"position along the channels (element-wise ops and activations, LayerNormalization, Softmax, "
+                     f"UnitNormalization or reductions over axis 1) can follow one: transpose it back first (perm "
+                     f"(0, 2, 3, 1))")
+
+
 def _along_transposed_channels(call, geom, axis, run, channels=None):
     """A layer or op along ``axis`` of a transposed map (N, C, h, w): per position, ``run`` on the dense values
     (transposed alike), where the axis is the channels (1); else refused."""
@@ -3096,6 +3104,7 @@ def _rule_augmentation(call, geoms):
     return _pass_through, [geoms[0]]
 
 
+@_takes_transposed
 @_rule_for(keras.layers.BatchNormalization, keras.layers.UnitNormalization, keras.layers.Normalization,
            LocalResponseNormalization, keras.layers.PReLU,
            label="per-channel layers on the channel axis (batch norm, normalisation, PReLU)")
@@ -3106,6 +3115,10 @@ def _rule_channelwise(call, geoms):
     geom = geoms[0]
     layer = call.layer
     rank = len(call.in_shapes[0])
+    if geom.kind == TRANSPOSED:  # UnitNormalization(axis=1) only: the others' parameters follow the last axis
+        if not isinstance(layer, keras.layers.UnitNormalization):
+            raise _on_transposed(call, geom)
+        return _along_transposed_channels(call, geom, layer.axis, _reuse(layer))
     if isinstance(layer, keras.layers.PReLU):
         shared = sorted(layer.shared_axes or [])
         if (geom.kind == MAP or rank == 3 and not geom.is_pixel_vector) and not set(range(1, rank - 1)) <= set(shared):
@@ -4658,10 +4671,7 @@ def _apply_rules(calls, geoms, values):
                             if i in back else g for i, (g, s) in enumerate(zip(in_geoms, call.in_shapes))]
                 transposed = None
             if transposed is not None and rule not in _TRANSPOSED_RULES:
-                raise call.fail(f"it is applied to {transposed.describe()}, the channels moved to axis 1 by a "
-                                f"transpose; only ops per position along the channels (element-wise ops and "
-                                f"activations, LayerNormalization, Softmax or reductions over axis 1) can follow one: "
-                                f"transpose it back first (perm (0, 2, 3, 1))")
+                raise _on_transposed(call, transposed)
             if not call.is_op:
                 _check_activation_per_pixel(call, in_geoms)
             run, out_geoms = rule(call, in_geoms)
