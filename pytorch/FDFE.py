@@ -229,7 +229,9 @@ _PER_PATCH_REASON = ("every patch is normalised with its own statistics, so the 
                      "patches: CI cannot be exact (normalise the whole image instead, or use dense_reference)")
 _INDICES_REASON = "it returns pooling indices, which refer to positions inside one patch"
 _MIXED_GRID_REASON = ("values that cover different parts of the patch, such as a statistic of the whole "
-                      "patch, differ for every patch and cannot be shared")
+                      "patch, differ for every patch and cannot be shared (a squeeze-and-excitation gate is one; where "
+                      "the gated map is pooled over the patch next, pool first: the gate times the map's mean is the "
+                      "mean of the gated map)")
 _MIXED_STRIDES_REASON = ("maps that went through different strides lie on different grids of the image; streams "
                          "that pool or stride differently merge exactly only as one vector per position each (1x1 "
                          "maps: pool, crop or flatten each stream to one position first), or give the streams the "

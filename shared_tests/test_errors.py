@@ -532,6 +532,10 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
     _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"einsum" + after + r"it multiplies two activations",
                    forward=lambda self, x: (lambda m: torch.einsum("nchw,nkhw->nck", m, m))(self.layers[0](x))
                    .flatten(1))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3), nn.Linear(4, 4)], 5, r"Tensor\.mul" + after + r"it combines a 4x3x3 map "
+                   r"with a 4x1x1 map.*a squeeze-and-excitation gate is one; where the gated map is pooled over the "
+                   r"patch next, pool first", forward=lambda self, x: (lambda y: y * torch.sigmoid(self.layers[1](
+                       y.mean((2, 3))))[:, :, None, None])(self.layers[0](x)).mean((2, 3)))
     L = keras.layers
     swap = np.ones((4, 2), "float32")
     _keras_refusal(kb, [L.Conv2D(4, 3), L.Lambda(lambda t: keras.ops.einsum("nhwc,ck->nwhk", t, swap)), L.Flatten()],

@@ -242,7 +242,9 @@ _PER_PATCH_REASON = ("every patch is normalised with its own statistics, so the 
                      "patches: CI cannot be exact (normalise the whole image instead, or use dense_reference)")
 _INDICES_REASON = "it returns pooling indices, which refer to positions inside one patch"
 _MIXED_GRID_REASON = ("values that cover different parts of the patch, such as a statistic of the whole "
-                      "patch, differ for every patch and cannot be shared")
+                      "patch, differ for every patch and cannot be shared (a squeeze-and-excitation gate is one; where "
+                      "the gated map is pooled over the patch next, pool first: the gate times the map's mean is the "
+                      "mean of the gated map)")
 _MIXED_STRIDES_REASON = ("maps that went through different strides lie on different grids of the image; streams "
                          "that pool or stride differently merge exactly only as one vector per position each (1x1 "
                          "maps: pool, crop or flatten each stream to one position first), or give the streams the "
@@ -3646,8 +3648,8 @@ def _rule_elementwise_op(call, geoms):
         if shape[1:-1] != out[1:-1]:
             big = next((g.describe() for s, g in zip(shapes, geoms) if s[1:-1] == out[1:-1]), f"a {out} value")
             raise call.fail(f"it combines {big} with {geom.describe()}, a value of the whole patch (such as its "
-                            f"mean or standard deviation) used at every position, as per-patch normalisation "
-                            f"does; {_PER_PATCH_REASON}")
+                            f"mean or standard deviation, or a squeeze-and-excitation gate computed from them) used "
+                            f"at every position, as per-patch normalisation does; {_PER_PATCH_REASON}")
         if shape[-1] != out[-1] and not (shape[-1] == 1 and _per_channel(geom, shape)):
             raise call.fail(f"it broadcasts {geom.describe()} along the last axis of a {out} value, which mixes "
                             f"positions of the patch")
