@@ -15,6 +15,31 @@ def median_time(fn, repeats):
     return statistics.median(times)
 
 
+def pair_rows(makers, threads, sizes, repeats):
+    """Time two CIs of each maker in turns (the one that goes first alternates) on one grey image per size.
+
+    ``makers``: functions of the thread count returning (label, first CI, second CI, image maker, run), where
+    ``run(ci, image)`` returns a numpy array and ``image maker`` turns a (1, H, W, 1) float32 array into an input;
+    ``sizes``: "HxW,HxW,...".  Yields one Markdown row per maker and size: label, W×H, the two medians, their
+    ratio and the largest difference of the outputs (the first call of each, which is also the warm-up)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for make in makers:
+        label, first, second, image_of, run = make(threads)
+        for size in sizes.split(","):
+            h, w = (int(v) for v in size.split("x"))
+            image = image_of(rng.standard_normal((1, h, w, 1)).astype(np.float32))
+            diff = float(np.abs(run(first, image) - run(second, image)).max())
+            times = {0: [], 1: []}
+            for i in range(repeats):
+                for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+                    start = time.perf_counter()
+                    run((first, second)[which], image)
+                    times[which].append(time.perf_counter() - start)
+            a, b = statistics.median(times[0]), statistics.median(times[1])
+            yield f"| {label} | {w}×{h} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | {a / b:.3f} | {diff:.1e} |"
+
+
 def report(lines, out=None):
     """Print the Markdown lines and write them to ``out`` (if given)."""
     text = "\n".join(lines)

@@ -19,15 +19,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
-import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(os.path.join(HERE, "..", "shared_tests"))  # appended: never ahead of site-packages
 
 from backends import load_backend  # noqa: E402
-from timing import report  # noqa: E402
+from timing import pair_rows, report  # noqa: E402
 
 CHANNELS, PATCH = 48, 16  # conv 3x3, max pool 2, two blocks, conv 3x3: a 16x16 patch to one vector
 
@@ -126,23 +124,9 @@ def main(argv=None):
              f"{args.threads} CPU threads, one grey image. Command: `{command.strip()}`", "",
              "| backend | image (W×H) | with transposes | on the map | ratio | outputs differ by (max abs) |",
              "|---|---|---|---|---|---|"]
-    rng = np.random.default_rng(0)
-    for make in (torch_pair, keras_pair):
-        label, transposed, convolutions, image_of, run = make(args.threads)
-        for size in args.sizes.split(","):
-            h, w = (int(v) for v in size.split("x"))
-            image = image_of(rng.standard_normal((1, h, w, 1)).astype(np.float32))
-            diff = float(np.abs(run(transposed, image) - run(convolutions, image)).max())  # also the warm-up
-            times = {0: [], 1: []}
-            for i in range(args.repeats):
-                for which in ((0, 1) if i % 2 == 0 else (1, 0)):
-                    start = time.perf_counter()
-                    run((transposed, convolutions)[which], image)
-                    times[which].append(time.perf_counter() - start)
-            a, b = np.median(times[0]), np.median(times[1])
-            line = f"| {label} | {w}×{h} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | {a / b:.3f} | {diff:.1e} |"
-            lines.append(line)
-            print(line, flush=True)
+    for line in pair_rows((torch_pair, keras_pair), args.threads, args.sizes, args.repeats):
+        lines.append(line)
+        print(line, flush=True)
     report(lines, args.out)
 
 
