@@ -3648,8 +3648,8 @@ def _rule_elementwise_op(call, geoms):
         if shape[1:-1] != out[1:-1]:
             big = next((g.describe() for s, g in zip(shapes, geoms) if s[1:-1] == out[1:-1]), f"a {out} value")
             raise call.fail(f"it combines {big} with {geom.describe()}, a value of the whole patch (such as its "
-                            f"mean or standard deviation, or a squeeze-and-excitation gate computed from them) used "
-                            f"at every position, as per-patch normalisation does; {_PER_PATCH_REASON}")
+                            f"mean or standard deviation) used at every position, as per-patch normalisation "
+                            f"does; {_PER_PATCH_REASON}")
         if shape[-1] != out[-1] and not (shape[-1] == 1 and _per_channel(geom, shape)):
             raise call.fail(f"it broadcasts {geom.describe()} along the last axis of a {out} value, which mixes "
                             f"positions of the patch")
