@@ -537,6 +537,11 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
                    r"patch next, pool first", forward=lambda self, x: (lambda y: y * torch.sigmoid(self.layers[1](
                        y.mean((2, 3))))[:, :, None, None])(self.layers[0](x)).mean((2, 3)))
     L = keras.layers
+    _keras_refusal(kb, [L.Conv2D(4, 3), L.Lambda(lambda t: t * keras.ops.sigmoid(keras.ops.mean(t, axis=(1, 2),
+                                                                                                 keepdims=True))),
+                        L.GlobalAveragePooling2D()], 5, r"\(Mul, created at.*a value of the whole patch.*a "
+                   r"squeeze-and-excitation gate is such a value; where the gated map is pooled over the patch next, "
+                   r"pool first")
     swap = np.ones((4, 2), "float32")
     _keras_refusal(kb, [L.Conv2D(4, 3), L.Lambda(lambda t: keras.ops.einsum("nhwc,ck->nwhk", t, swap)), L.Flatten()],
                    5, r"\(Einsum, created at" + after + r"it moves or contracts other axes of the map")

@@ -3647,9 +3647,12 @@ def _rule_elementwise_op(call, geoms):
                             f"patches or between their axes")
         if shape[1:-1] != out[1:-1]:
             big = next((g.describe() for s, g in zip(shapes, geoms) if s[1:-1] == out[1:-1]), f"a {out} value")
+            gate = " (a squeeze-and-excitation gate is such a value; where the gated map is pooled over the patch " \
+                "next, pool first: the gate times the map's mean is the mean of the gated map)" if call.type == "Mul" \
+                else ""
             raise call.fail(f"it combines {big} with {geom.describe()}, a value of the whole patch (such as its "
                             f"mean or standard deviation) used at every position, as per-patch normalisation "
-                            f"does; {_PER_PATCH_REASON}")
+                            f"does; {_PER_PATCH_REASON}{gate}")
         if shape[-1] != out[-1] and not (shape[-1] == 1 and _per_channel(geom, shape)):
             raise call.fail(f"it broadcasts {geom.describe()} along the last axis of a {out} value, which mixes "
                             f"positions of the patch")
