@@ -1730,7 +1730,7 @@ def test_transposed_maps_carry_ops_per_position_along_their_channels(tb, kb, tmp
         y = L.Activation("gelu")(L.LayerNormalization(axis=1, epsilon=1e-6)(y))
         if ops:
             scale = keras.ops.reshape(keras.ops.arange(6, dtype="float32") * 0.2 + 0.5, (6, 1, 1))  # (C, 1, 1)
-            y = L.Lambda(lambda t: t * scale)(y)
+            y = L.Lambda(lambda t: t * scale + (keras.ops.zeros_like(t) + 0.5))(y)  # (a constant per channel)
             y = L.Lambda(lambda t: t - keras.ops.mean(t, axis=1, keepdims=True))(y)
         y = L.ReLU()(L.Softmax(axis=1)(y))
         y = L.Lambda(lambda t: keras.ops.transpose(t, (0, 2, 3, 1)))(y) if ops else L.Permute((2, 3, 1))(y)

@@ -3587,17 +3587,20 @@ def _same_at_every_position(spec, geom, shape=None):
     same at every position of the patch and for every patch of the example batch: the one value per channel
     it holds, of shape [1, ..., 1, C], which broadcasts to the same values.  Exact, since such a constant does
     not depend on the input; values computed from Cp's variables (which training may make differ) are never
-    replaced.  ``spec`` otherwise.  (``shape``: the traced shape of the value it is combined with.)"""
-    if not isinstance(spec, dict) or not _per_channel(geom, shape) or not _constant_only(spec):
+    replaced.  ``spec`` otherwise.  (``shape``: the traced shape of the value it is combined with; of a transposed
+    map, (N, C, h, w), the value per channel has shape [1, C, 1, 1].)"""
+    transposed = geom.kind == TRANSPOSED and shape is not None and len(shape) == 4
+    if not isinstance(spec, dict) or not (_per_channel(geom, shape) or transposed) or not _constant_only(spec):
         return spec
     if "const" in spec:
         value, dtype = np.asarray(spec["const"]), spec["dtype"]
     else:  # an op of constants only (tf.ones_like(x) * 0.5): its value, computed once
         value = _operand_value(spec, [], [])
         value, dtype = np.asarray(value.numpy()), value.dtype.name
-    if value.ndim < 2:
+    if value.ndim < 2 or transposed and value.ndim != 4:
         return spec
-    first = value.reshape(-1, value.shape[-1])[:1].reshape((1,) * (value.ndim - 1) + value.shape[-1:])
+    first = value[:1, :, :1, :1] if transposed else \
+        value.reshape(-1, value.shape[-1])[:1].reshape((1,) * (value.ndim - 1) + value.shape[-1:])
     if first.shape == value.shape or not np.array_equal(value, np.broadcast_to(first, value.shape), equal_nan=True):
         return spec
     return {"const": first.tolist(), "dtype": dtype, "shape": list(first.shape)}
@@ -3682,14 +3685,16 @@ def _elementwise_transposed(call, geoms, shapes, out):
     for shape, geom in zip(shapes, geoms):
         if len(shape) != 4 or shape[:1] + shape[2:] != out[:1] + out[2:] or shape[1] not in (1, out[1]):
             raise call.fail(f"it broadcasts {geom.describe()} ({shape}) to {out}, which mixes positions of the patch")
-    for spec in _flat_specs(call.args):
+    args = {name: [_same_at_every_position(s, first, out) for s in spec] if isinstance(spec, list)
+            else _same_at_every_position(spec, first, out) for name, spec in call.args.items()}
+    for spec in _flat_specs(args):
         shape = tuple(spec.get("shape") or ())
         if "input" in spec or len(shape) <= 4 and all(n == 1 for n in ((1,) * (4 - len(shape)) + shape)[2:]) and (
                 len(shape) < 3 or shape[-3] in (1, out[1])) and (len(shape) < 4 or shape[0] == 1):
             continue
         raise call.fail(f"it combines {first.describe()} with a value of shape {list(shape)}, which differs per "
                         f"position of the patch; only scalars and per-channel values ((C, 1, 1)) can be made dense")
-    return _op_runner(call, None, unwarps), [first.with_(channels=out[1])]
+    return _op_runner(call, args, unwarps), [first.with_(channels=out[1])]
 
 
 _TRANSPOSE_HINT = ("CI keeps the channels of every pixel on the last axis (or, after a transpose (0, 3, 1, 2) of a "
