@@ -3640,8 +3640,9 @@ def _rule_split(node, geoms):
              "tensor_split": ["input", "indices_or_sections", "dim"]}[node.name.split(".")[-1]]
     p = node.bind(names, {"dim": 0})
     dense = _channel_dim(geom, int(p[names[2]]), node)
-    return (_CallStep(node, args=(p[names[0]], p[names[1]]), kwargs={"dim": dense}),
-            [geom.with_(channels=_channels_of(geom, shape)) for shape in node.out_shapes])
+    step = _CallStep(node, args=(p[names[0]], p[names[1]]), kwargs={"dim": dense})
+    step.aliases = True  # the parts are views of the input: no in-place op may change one while the input is read
+    return step, [geom.with_(channels=_channels_of(geom, shape)) for shape in node.out_shapes]
 
 
 @_rule_for(["flip", "index_select"], "channel reordering: flip or index_select along the channel axis (RGB to "
