@@ -1745,6 +1745,9 @@ def test_transposed_maps_carry_ops_per_position_along_their_channels(tb, kb, tmp
     y = L.Lambda(lambda t: t - keras.ops.mean(t, axis=1, keepdims=True))(L.LayerNormalization(axis=1)(y))
     y = L.UnitNormalization(axis=1)(y)
     _keras_check(kb, keras.Model(inp, L.Dense(3)(L.Flatten()(L.Softmax(axis=1)(y)))), (7, 7), 2, size=(11, 10))
+    inp = keras.Input((5, 5, 2))  # one channel of a 1x1 map transposed back: a map again (it stayed transposed)
+    y = L.Lambda(lambda t: keras.ops.mean(t, axis=1, keepdims=True))(L.Permute((3, 1, 2))(L.Conv2D(3, 5)(inp)))
+    _keras_check(kb, keras.Model(inp, L.Dense(2)(L.Flatten()(L.Permute((2, 3, 1))(y)))), (5, 5), 2, size=(9, 8))
     net = keras_net((21, 20), ops=False)
     images = tf.constant(netspec.random_images(2, 2, 15, 13, seed=3), tf.float32)
     for options in ({"tile": (8, 8)}, {"output_stride": 2}, {"border": "reflect"}):

@@ -3710,11 +3710,11 @@ def _transposed_geom(call, geom, perm, src):
     reshape)."""
     index = np.arange(_prod(src)).reshape(src)
     moved = None if perm is None else np.transpose(index, perm)
+    if moved is not None and len(src) == 4 and geom.kind in (MAP, TRANSPOSED):  # (also of a 1x1 map: the runner
+        if perm == (_TO_TRANSPOSED if geom.kind == MAP else _FROM_TRANSPOSED):  # transposes the dense values)
+            return geom.with_(kind=TRANSPOSED if geom.kind == MAP else MAP)
     if moved is not None and geom.kind == TRANSPOSED and np.array_equal(moved, index):
         return geom
-    if moved is not None and len(src) == 4 and geom.kind in (MAP, TRANSPOSED):  # (also of a 1x1 map)
-        if perm == (_TO_TRANSPOSED if geom.kind == MAP else _FROM_TRANSPOSED):
-            return geom.with_(kind=TRANSPOSED if geom.kind == MAP else MAP)
     if moved is not None and geom.kind != TRANSPOSED and np.array_equal(moved.ravel(), index.ravel()):
         return None  # the values keep their order (the identity, axes of size 1)
     if geom.kind == TRANSPOSED:
