@@ -2955,6 +2955,7 @@ def _padding_of(p, kernel=None):
 
 # --- the rules ----------------------------------------------------------------
 
+@_takes_transposed
 @_rule_for(["relu", "relu_", "relu6", "elu", "elu_", "selu", "selu_", "celu", "celu_", "leaky_relu",
             "leaky_relu_", "gelu", "silu", "mish", "hardswish", "hardsigmoid", "hardtanh", "hardtanh_",
             "softplus", "softsign", "softshrink", "hardshrink", "tanhshrink", "logsigmoid", "threshold",
@@ -3009,12 +3010,14 @@ def _aligned(step, unwarps):
     return step if not any(unwarps) else _AlignedStep(step, unwarps)
 
 
+@_takes_transposed
 @_rule_for(["contiguous", "clone", "detach"], "identity (the value passes through)", (torch, torch.Tensor))
 def _rule_identity(node, geoms):
     """Contiguous, clone, detach: the value passes through."""
     return _AliasStep(node), [geoms[0]]
 
 
+@_takes_transposed
 @_rule_for(["rrelu", "rrelu_"], "randomized leaky ReLU (leaky at inference: the mean slope)", (torch, F))
 def _rule_rrelu(node, geoms):
     """F.rrelu: at inference a leaky ReLU with the mean slope, per pixel; with training=True whatever Cp's mode
@@ -3026,6 +3029,7 @@ def _rule_rrelu(node, geoms):
     return _rule_elementwise(node, geoms)
 
 
+@_takes_transposed
 @_rule_for(["dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
             "feature_dropout"], "dropout (the value passes through at inference)", (torch, F))
 def _rule_dropout(node, geoms):
@@ -3043,6 +3047,7 @@ def _rule_dropout(node, geoms):
     return _AliasStep(node), [geoms[0]]
 
 
+@_takes_transposed
 @_rule_for(["view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten", "view_as", "reshape_as"],
            "reshapes that keep the batch axis (the same values, reinterpreted)", (torch, torch.Tensor))
 def _rule_reshape(node, geoms):
@@ -3086,6 +3091,7 @@ def _rule_conv2d(node, geoms):
             [geom.with_(channels=out[1], size=out[2:], stride=stride)])
 
 
+@_takes_transposed
 @_rule_for(["linear"], "linear layer on a flattened map (an h x w convolution)", (torch, F))
 def _rule_linear(node, geoms):
     """Linear layer on a flattened map: a convolution with the map's size (C, h, w order)."""
@@ -3105,6 +3111,7 @@ def _rule_linear(node, geoms):
     return step, [geom.with_(channels=out, size=(1, 1))]
 
 
+@_takes_transposed
 @_rule_for(["matmul", "__matmul__"], "matrix products with a weight over the channels of a transposed map "
            "(x.permute(0, 2, 3, 1) @ w)", (torch, torch.Tensor))
 def _rule_matmul(node, geoms):
@@ -3123,9 +3130,7 @@ def _rule_matmul(node, geoms):
     return _CallStep(node), [geom.with_(channels=node.out_shapes[0][-1])]
 
 
-_takes_transposed(_rule_matmul)
-
-
+@_takes_transposed
 @_rule_for(["einsum"], "einsum of a map (or a transposed map) and a (C, K) weight over the channels of every "
            "position (torch.einsum('nchw,ck->nkhw', x, w))", (torch,))
 def _rule_einsum(node, geoms):
@@ -3145,9 +3150,6 @@ def _rule_einsum(node, geoms):
         raise node.fail(f"{reason}; only an einsum of a map and a (C, K) weight over the channels of every position "
                         f"('nchw,ck->nkhw') can be made dense")
     return _CallStep(node), [geom.with_(channels=node.out_shapes[0][axis])]
-
-
-_takes_transposed(_rule_einsum)
 
 
 def _pool_params(node, kind):
@@ -3328,6 +3330,7 @@ def _reduce_transposed(node, geom, dims, keepdim):
 _REDUCE_LABEL = "reductions over channels (per pixel) or over the whole map (mean, sum, amax, amin: global pooling)"
 
 
+@_takes_transposed
 @_rule_for(["std", "var", "std_mean", "var_mean"], "standard deviation and variance over channels (per pixel; over "
            "positions of the patch: refused)", (torch, torch.Tensor))
 def _rule_statistic(node, geoms):
@@ -3358,6 +3361,7 @@ _rule_reduce = _rule_for(["norm", "logsumexp"], _CHANNEL_REDUCE_LABEL, (torch, t
 _register_rule(_rule_reduce, [torch.linalg.vector_norm], ["linalg.vector_norm"], _CHANNEL_REDUCE_LABEL)
 
 
+@_takes_transposed
 @_rule_for(["max", "min", "argmax", "argmin"], "maxima and minima: of two values (element-wise), over channels "
            "(values and indices, per pixel)", (torch, torch.Tensor))
 def _rule_max_min(node, geoms):
@@ -3398,6 +3402,7 @@ _rule_for(["softmax", "log_softmax", "softmin"], _CHANNEL_LABEL, (torch, F, torc
     _make_channel_rule("dim", 1, None))
 
 
+@_takes_transposed
 @_rule_for(["glu"], "gated linear units over the channel axis (per pixel)", (F,))
 def _rule_glu(node, geoms):
     """``F.glu`` / ``nn.GLU``: one half of the channels gates the other at each pixel; dim must be the channel
@@ -3469,6 +3474,7 @@ def _layer_norm_channels(x, shape, weight, bias, eps):
     return F.layer_norm(x.permute(0, 2, 3, 1), shape, weight, bias, eps).permute(0, 3, 1, 2)
 
 
+@_takes_transposed
 @_rule_for(["layer_norm"], "layer normalisation over the channels of one position", (torch, F))
 def _rule_layer_norm(node, geoms):
     """Layer normalisation: per pixel only when it normalises a vector of channels."""
@@ -3557,6 +3563,7 @@ def _slices_of(node, rank, channel_dim=1):
     return bounds
 
 
+@_takes_transposed
 @_rule_for(["__getitem__", "narrow"], "crops: constant slices of the channel or spatial axes", (torch.Tensor,))
 @_rule_for(["narrow"], "crops: constant slices of the channel or spatial axes", (torch,))
 def _rule_crop(node, geoms):
@@ -3616,6 +3623,7 @@ def _crop_transposed(node, geom, shape):
     return step, [geom.with_(channels=taken, size=(b - a, d - c))]
 
 
+@_takes_transposed
 @_rule_for(["cat", "concat", "concatenate"], "concatenation along the channel axis", (torch,))
 def _rule_cat(node, geoms):
     """Concatenation along the channel axis of values on the same grid."""
@@ -3629,6 +3637,7 @@ def _rule_cat(node, geoms):
     return _aligned(step, unwarps), [geom.with_(channels=_channels_of(geom, out))]
 
 
+@_takes_transposed
 @_rule_for(["split", "chunk", "tensor_split"], "splits along the channel axis (chunk(2, dim=1), split): the "
            "channels of every pixel", (torch, torch.Tensor))
 def _rule_split(node, geoms):
@@ -3645,6 +3654,7 @@ def _rule_split(node, geoms):
     return step, [geom.with_(channels=_channels_of(geom, shape)) for shape in node.out_shapes]
 
 
+@_takes_transposed
 @_rule_for(["flip", "index_select"], "channel reordering: flip or index_select along the channel axis (RGB to "
            "BGR)", (torch, torch.Tensor))
 def _rule_channel_order(node, geoms):
@@ -3682,6 +3692,7 @@ class _PermuteStep(_Step):
 _TO_TRANSPOSED, _FROM_TRANSPOSED = (0, 2, 3, 1), (0, 3, 1, 2)
 
 
+@_takes_transposed
 @_rule_for(["permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims"], "transposes of a map to "
            "(N, h, w, C) and back (ConvNeXt's Linear and LayerNorm over the channels between); others refused (but "
            "those that keep the values' order)", (torch, torch.Tensor))
@@ -3717,12 +3728,6 @@ def _rule_transpose(node, geoms):
                       f"mean/var over dim 1")
     error.taints_outputs = True  # (what follows a transpose is not judged again: its geometry would be a guess)
     raise error
-
-
-for _rule in (_rule_transpose, _rule_elementwise, _rule_identity, _rule_rrelu, _rule_dropout, _rule_reshape,
-              _rule_linear, _rule_layer_norm, _rule_statistic, _rule_max_min, _rule_reduce, _rule_glu, _rule_cat,
-              _rule_split, _rule_channel_order, _rule_crop):
-    _takes_transposed(_rule)
 
 
 class _RepeatChannelsStep(_Step):
