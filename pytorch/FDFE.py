@@ -345,12 +345,22 @@ def _einsum_over_channels(equation, activation, channel_axis):
     ``channel_axis``) and the other a matrix, is not a product over the channels of every position that keeps
     the other axes in their order ("nchw,kc->nkhw"), or None where it is."""
     eq = equation.replace(" ", "")
-    if "->" not in eq or "." in eq:
-        return "its equation has no explicit output, or an ellipsis"
+    if "->" not in eq:
+        return "its equation has no explicit output"
     inputs, out = eq.split("->")
     operands = inputs.split(",")
     if len(operands) != 2:
         return f"it has {len(operands)} operands"
+    if "." in eq:  # an ellipsis: the axes it stands for, named (right-aligned, as they broadcast)
+        spare = [chr(c) for c in range(ord("A"), ord("Z") + 1) if chr(c) not in eq]
+        ranks = [4, 2] if activation == 0 else [2, 4]
+        covered = [rank - len(term.replace("...", "")) for term, rank in zip(operands, ranks)]
+        if any(term.count("...") != 1 and "." in term or term.count(".") not in (0, 3) for term in operands + [out]) \
+                or min(covered) < 0 or max(covered) > len(spare):
+            return "its ellipsis does not fit its operands"
+        names = spare[:max(covered)]
+        operands = [term.replace("...", "".join(names[len(names) - n:])) for term, n in zip(operands, covered)]
+        out = out.replace("...", "".join(names))
     act, weight = operands[activation], operands[1 - activation]
     if len(act) != 4 or len(set(act)) != 4 or len(weight) != 2 or len(set(weight)) != 2:
         return "its operands are not a map and a matrix"

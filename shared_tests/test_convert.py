@@ -1769,8 +1769,9 @@ def test_transposed_maps_carry_ops_per_position_along_their_channels(tb, kb, tmp
 def test_einsum_over_the_channels_of_every_position(tb, kb):
     """An einsum of a map and a (C, K) weight that contracts the channels and keeps the other axes in their order
     ("nchw,ck->nkhw", any letters, either operand first, the weight either way round; of a transposed map
-    "nhwc,ck->nhwk"; Keras "nhwc,ck->nhwk", of a transposed map "nchw,ck->nkhw") is a product over the channels of
-    every position: CI equals Cp on every patch; einsums were unknown ops."""
+    "nhwc,ck->nhwk"; Keras "nhwc,ck->nhwk", of a transposed map "nchw,ck->nkhw"; with an ellipsis for some axes,
+    "...c,kc->...k") is a product over the channels of every position: CI equals Cp on every patch; einsums were
+    unknown ops, and equations with an ellipsis were refused."""
     import keras
     import torch
     import torch.nn as nn
@@ -1782,18 +1783,21 @@ def test_einsum_over_the_channels_of_every_position(tb, kb):
             self.conv, self.last = nn.Conv2d(2, 4, 3), nn.Conv2d(3, 2, 3)
             self.w, self.v = nn.Parameter(torch.randn(4, 5)), nn.Parameter(torch.randn(6, 5))
             self.register_buffer("u", torch.randn(3, 6))
+            self.s = nn.Parameter(torch.randn(3, 3))
 
         def forward(self, x):
             y = torch.relu(torch.einsum("bihw,io->bohw", self.conv(x), self.w))
             y = torch.einsum("kc,nchw->nkhw", self.v, y).permute(0, 2, 3, 1)
-            return self.last(torch.einsum("nhwc,kc->nhwk", y, self.u).permute(0, 3, 1, 2)).flatten(1)
+            y = torch.einsum("...c,kc->...k", y, self.u).permute(0, 3, 1, 2)  # (a Linear, written with an ellipsis)
+            return self.last(torch.einsum("nc...,ck->nk...", y, self.s)).flatten(1)
     _torch_check(tb, Einsums(), (5, 5), 2, size=(11, 9))
     L = keras.layers
     keras.utils.set_random_seed(8)
-    w, u = (np.random.default_rng(8).standard_normal(s).astype("float32") for s in ((4, 5), (3, 5)))
+    w, u, v = (np.random.default_rng(8).standard_normal(s).astype("float32") for s in ((4, 5), (3, 5), (3, 3)))
     inp = keras.Input((5, 5, 2))
     y = L.Lambda(lambda t: keras.ops.einsum("bhwi,io->bhwo", t, w))(L.Conv2D(4, 3)(inp))
     y = L.Lambda(lambda t: keras.ops.einsum("kc,nchw->nkhw", u, t))(L.Permute((3, 1, 2))(L.ReLU()(y)))
+    y = L.Lambda(lambda t: keras.ops.einsum("...chw,ck->...khw", t, v))(y)
     _keras_check(kb, keras.Model(inp, L.Flatten()(L.Conv2D(2, 3)(L.Permute((2, 3, 1))(y)))), (5, 5), 2, size=(11, 9))
 
 

@@ -529,6 +529,9 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
                    r"only an einsum of a map and a \(C, K\) weight over the channels of every position",
                    forward=lambda self, x: torch.einsum("nchw,ck->nkwh", self.layers[0](x), torch.ones(4, 2))
                    .flatten(1))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"einsum" + after + r"it moves or contracts other axes of the map",
+                   forward=lambda self, x: torch.einsum("...chw,ck->...hwk", self.layers[0](x), torch.ones(4, 2))
+                   .flatten(1))
     _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"einsum" + after + r"it multiplies two activations",
                    forward=lambda self, x: (lambda m: torch.einsum("nchw,nkhw->nck", m, m))(self.layers[0](x))
                    .flatten(1))
@@ -545,6 +548,8 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
     swap = np.ones((4, 2), "float32")
     _keras_refusal(kb, [L.Conv2D(4, 3), L.Lambda(lambda t: keras.ops.einsum("nhwc,ck->nwhk", t, swap)), L.Flatten()],
                    5, r"\(Einsum, created at" + after + r"it moves or contracts other axes of the map")
+    _keras_refusal(kb, [L.Conv2D(4, 3), L.Lambda(lambda t: keras.ops.einsum("...hwc,ck->...whk", t, swap)),
+                        L.Flatten()], 5, r"\(Einsum, created at" + after + r"it moves or contracts other axes of the map")
     back, pool = L.Permute((2, 3, 1)), L.GlobalAveragePooling2D()
     _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.BatchNormalization(axis=1), back, pool], 5,
                    r"^[^\n]*\(BatchNormalization\)" + after + r"it is applied to a transposed map \(4x3x3\), the "
