@@ -3079,6 +3079,10 @@ def _rule_reshape(node, geoms):
                         f"(C, h, w) order; transpose it back first (x.permute(0, 3, 1, 2))")
     if geom.guessed and len(dst) == 4:  # after a refused op: the rules that follow judge a map of that shape
         return _AliasStep(node), [_guessed_geom(dst, [geom], _MAP_LAYOUT)]
+    if (c == 1 or (h, w) == (1, 1)) and tuple(dst) == (src[0], h, w, c) != (src[0], c, h, w):
+        # (N, h, w, 1) holds (N, 1, h, w)'s order, (N, 1, 1, C) (N, C, 1, 1)'s: a transposed map, its dense values
+        # transposed alike (y[..., 2][..., None] of a transposed map y, keeping one channel)
+        return _PermuteStep(node.in_slots[:1], node.out_slots, _TO_TRANSPOSED), [geom.with_(kind=TRANSPOSED)]
     if len(dst) >= 1 and dst[0] == src[0] and _prod(dst[1:]) == c * h * w:
         return _AliasStep(node), [_geom_of_shape(geom, dst)]
     raise node.fail(f"it reshapes {src} to {dst}, which moves values between patches (the batch axis)")
@@ -3507,13 +3511,14 @@ class _CropStep(_Step):
     same channels and the crop's start (rows a.. of every patch are rows a.. of the dense map)."""
     aliases = True
 
-    def __init__(self, node, channels, top, bottom, left, right, transposed=False):
+    def __init__(self, node, channels, top, bottom, left, right, transposed=False, back=False):
         """``channels``: (start, stop) or (start, stop, step) of the channel axis; ``transposed``: of a transposed
-        map ((N, H, W, C) dense values)."""
+        map ((N, H, W, C) dense values); ``back``: the crop (one channel, or one position) transposed back to a
+        map's (N, C, H, W) (a view)."""
         super().__init__(node.in_slots[:1], node.out_slots,
                          f"crop(channels={channels}, rows +{top}/-{bottom}, cols +{left}/-{right})")
         self.channels, self.top, self.bottom, self.left, self.right = channels, top, bottom, left, right
-        self.transposed = transposed
+        self.transposed, self.back = transposed, back
 
     @property
     def per_pixel(self):  # a slice of the channels alone
@@ -3525,7 +3530,8 @@ class _CropStep(_Step):
         if x.dim() == 2:
             return [x[:, channels]]
         if self.transposed:
-            return [x[:, self.top:x.shape[1] - self.bottom, self.left:x.shape[2] - self.right, channels]]
+            y = x[:, self.top:x.shape[1] - self.bottom, self.left:x.shape[2] - self.right, channels]
+            return [y.permute(_FROM_TRANSPOSED) if self.back else y]
         return [x[:, channels, self.top:x.shape[2] - self.bottom, self.left:x.shape[3] - self.right]]
 
 
@@ -3617,11 +3623,9 @@ def _rule_crop(node, geoms):
 
 def _crop_transposed(node, geom, shape):
     """A constant slice of a transposed map, y[:, a:b, c:d, c0:c1] (or narrow): the crop of the map and the same
-    channels, on the dense values transposed alike; indices that drop an axis are refused (slice i:i+1, or
-    transpose back first)."""
-    if len(node.out_shapes[0]) != 4:
-        raise node.fail(f"it indexes {geom.describe()} with integers, which drop axes of a transposed map; slice "
-                        f"them (i:i+1) or transpose it back first")
+    channels, on the dense values transposed alike.  Integer indices that drop axes (y[..., c], y[:, i, j]) are
+    that crop reshaped, which gives the map's values in their order where it keeps one channel or one position (the
+    dense values transposed back); other such indices are refused (slice i:i+1, or transpose back first)."""
     bounds = _slices_of(node, 4, channel_dim=3)
     if bounds[0] != (0, shape[0]):
         raise node.fail("it slices the batch of patches")
@@ -3629,8 +3633,14 @@ def _crop_transposed(node, geom, shape):
     taken = len(range(*bounds[3]))
     if b - a < 1 or d - c < 1 or taken < 1:
         raise node.fail("the slice is empty")
-    step = _CropStep(node, bounds[3], a, h - b, c, w - d, transposed=True)
-    return step, [geom.with_(channels=taken, size=(b - a, d - c))]
+    cropped = geom.with_(channels=taken, size=(b - a, d - c))
+    if len(node.out_shapes[0]) == 4:
+        return _CropStep(node, bounds[3], a, h - b, c, w - d, transposed=True), [cropped]
+    if taken != 1 and cropped.size != (1, 1):
+        raise node.fail(f"it indexes {geom.describe()} with integers, which drop axes of a transposed map and leave "
+                        f"its values out of (C, h, w) order; slice them (i:i+1) or transpose it back first")
+    step = _CropStep(node, bounds[3], a, h - b, c, w - d, transposed=True, back=True)
+    return step, [_geom_of_shape(cropped.with_(kind=MAP), node.out_shapes[0])]
 
 
 @_takes_transposed
@@ -4389,8 +4399,8 @@ def _apply_rules(nodes, geoms):
             if transposed is not None and rule not in _TRANSPOSED_RULES:
                 raise node.fail(f"it is applied to {transposed.describe()}, the channels moved to dim -1 by a "
                                 f"transpose; only ops per position along the channels (element-wise ops, Linear, "
-                                f"LayerNorm, softmax or reductions over dim -1) can follow one: transpose it back "
-                                f"first (x.permute(0, 3, 1, 2))")
+                                f"LayerNorm, softmax, reductions, slices, splits or concatenations over dim -1) can "
+                                f"follow one: transpose it back first (x.permute(0, 3, 1, 2))")
             step, out_geoms = rule(node, in_geoms)
         except ConversionError as exc:
             # a problem of its own, unless it only follows from a refused op before it (a statistic of

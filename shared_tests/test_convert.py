@@ -1766,6 +1766,70 @@ def test_transposed_maps_carry_ops_per_position_along_their_channels(tb, kb, tmp
     assert max_rel_error(tape.gradient(out, images), tape_ref.gradient(ref, images)) <= 10 * TOL["float32"]
 
 
+def test_slices_splits_and_indices_of_transposed_maps(tb, kb, tmp_path):
+    """Ops that pick channels of a transposed map along its channel axis (Keras, axis 1: slices, crops, splits, glu,
+    flips, gathers, concatenations, arg max; PyTorch, dim -1: integer indices, which were refused) and integer
+    indices that give the values of the map transposed back in their order (one channel, or one position) are the
+    same ops on the dense values: CI equals Cp on every patch, on larger maps, on 1x1 maps and on one-channel maps
+    (Keras refused all these), with tiles, a step and reflected borders, and after a .keras round trip."""
+    import keras
+    import tensorflow as tf
+    import torch
+    import torch.nn as nn
+    torch.manual_seed(6)
+
+    class Indices(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.one, self.fc = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 5, 3), nn.Linear(5 + 2, 3)
+
+        def forward(self, x):
+            y = self.conv(x).permute(0, 2, 3, 1)  # (N, 5, 5, 4)
+            g = torch.sigmoid(y[..., 2])  # (N, 5, 5): one channel, the map's order
+            y = y * g.unsqueeze(-1)  # (N, 5, 5, 1): one channel, transposed
+            m = self.one(y.permute(0, 3, 1, 2) * g[:, None])[..., 1:2, 1:2].permute(0, 2, 3, 1)  # (N, 1, 1, 5)
+            return self.fc(torch.cat([m[:, 0, 0], m[:, :, 0, 1:3].flatten(1)], 1))  # one position: (N, 5) and (N, 2)
+    _torch_check(tb, Indices(), (7, 7), 2, size=(12, 9))
+
+    L = keras.layers
+    keras.utils.set_random_seed(6)
+
+    def ops(t):  # (N, 6, h, w)
+        a, b = keras.ops.split(t, 2, axis=1)
+        arg = keras.ops.cast(keras.ops.argmax(t, axis=1), "float32")[:, None]  # (N, 1, h, w): transposed again
+        t = keras.ops.concatenate([keras.ops.glu(t, axis=1), keras.ops.flip(b, 1), keras.ops.take(a, [2, 0], axis=1),
+                                   t[:, ::2], t[:, 1:2] * arg], axis=1)  # 12 channels
+        return t[:, 1:, :, :-1]
+
+    def net(patch):
+        inp = keras.Input(patch + (2,))
+        x = L.MaxPooling2D(2)(L.Conv2D(6, 3)(inp))
+        y = L.Permute((2, 3, 1))(L.Lambda(ops)(L.Permute((3, 1, 2))(x)))
+        return keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(L.Conv2D(4, 2)(y))))
+    for patch in ((12, 12), (13, 12)):
+        _keras_check(kb, net(patch), patch, 2, size=(13, 11))
+    inp = keras.Input((7, 7, 2))  # a transposed 1x1 map
+    t = L.Permute((3, 1, 2))(L.Conv2D(6, 3)(L.Conv2D(6, 5)(inp)))  # (N, 6, 1, 1)
+    y = L.Lambda(lambda t: keras.ops.concatenate([t[:, :, 0, 0], t[:, 2:4, 0, 0], keras.ops.squeeze(
+        keras.ops.glu(t, axis=1), (2, 3))], axis=1))(t)
+    _keras_check(kb, keras.Model(inp, L.Dense(3)(y)), (7, 7), 2, size=(11, 10))
+    inp = keras.Input((6, 6, 2))  # a transposed one-channel map
+    t = L.Permute((3, 1, 2))(L.Conv2D(1, 3)(inp))  # (N, 1, 4, 4)
+    y = L.Lambda(lambda t: keras.ops.concatenate([t[:, :, 1:, 1:], -t[:, :, :-1, :-1]], axis=1))(t)
+    y = L.Lambda(lambda t: t[:, 0][..., None] * t[:, 1][..., None])(y)  # (N, 3, 3, 1): the map's order
+    model = keras.Model(inp, L.Dense(2)(L.Flatten()(y)))
+    _keras_check(kb, model, (6, 6), 2, size=(11, 10))
+    cp = net((13, 12))
+    images = tf.constant(netspec.random_images(2, 2, 15, 13, seed=4), tf.float32)
+    for options in ({"tile": (8, 8)}, {"output_stride": 2}, {"border": "reflect"}):
+        ci = kb.FDFE.convert(cp, (13, 12), in_channels=2, **options)
+        reference = {k: v for k, v in options.items() if k != "tile"}
+        assert max_rel_error(ci(images), kb.FDFE.dense_reference(cp, images, (13, 12), **reference)) <= TOL["float32"]
+    path = str(tmp_path / "ci.keras")
+    ci.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path)(images).numpy(), ci(images).numpy(), rtol=0, atol=1e-6)
+
+
 def test_einsum_over_the_channels_of_every_position(tb, kb):
     """An einsum of a map and a (C, K) weight that contracts the channels and keeps the other axes in their order
     ("nchw,ck->nkhw", any letters, either operand first, the weight either way round; of a transposed map

@@ -3014,8 +3014,8 @@ def _on_transposed(call, geom):
     """The error for a layer or op that cannot follow a transposed map."""
     return call.fail(f"it is applied to {geom.describe()}, the channels moved to axis 1 by a transpose; only ops per "
                      f"position along the channels (element-wise ops and activations, LayerNormalization, Softmax, "
-                     f"UnitNormalization or reductions over axis 1) can follow one: transpose it back first (perm "
-                     f"(0, 2, 3, 1))")
+                     f"UnitNormalization, reductions, slices, splits or concatenations over axis 1) can follow one: "
+                     f"transpose it back first (perm (0, 2, 3, 1))")
 
 
 def _along_transposed_channels(call, geom, axis, run, channels=None):
@@ -3026,6 +3026,13 @@ def _along_transposed_channels(call, geom, axis, run, channels=None):
         raise call.fail(f"it works along axis {axis} of {geom.describe()}, which mixes positions of the patch; only "
                         f"the channel axis (axis 1 of a transposed map) can be made dense")
     return run, [geom if channels is None else geom.with_(channels=channels)]
+
+
+def _constant_axis(call, axis):
+    """The axis (or axes) of an op, which must be a constant of Cp's call()."""
+    if axis is None:
+        raise call.fail("its axis is computed from the patch")
+    return axis
 
 
 def _map_geom(call, geom, stride=(1, 1)):
@@ -3376,7 +3383,21 @@ def _rule_flatten(call, geoms):
         raise call.fail(f"Flatten(data_format='channels_first') moves axis 1 of {src} to the end before flattening, "
                         f"which reorders the values of {geom.describe()}; only channels-last flattening (H, W, C "
                         f"order) can be made dense (reorder the rows of the next Dense's kernel instead)")
-    return _pass_through, [_reshaped_geom(call, geom, src, call.out_shape)]
+    return _reshaped(call, geom, src, call.out_shape)
+
+
+def _reshaped(call, geom, src, dst):
+    """What CI runs for a reshape of ``geom`` (traced shape ``src``) to ``dst``, and the geometry it gives: the
+    same values, reinterpreted (see _reshaped_geom).  A one-channel or 1x1 map (or a reshape of one) reshaped to
+    the transposed map's shape (N, C, h, w) holds the transposed map's values in their order: a transposed map,
+    its dense values transposed alike (x[:, None] of keras.ops.argmax(t, axis=1) of a transposed map t)."""
+    src, dst = tuple(src), tuple(dst)
+    (h, w), c = geom.size, geom.channels
+    if dst != src and geom.kind != TRANSPOSED and not geom.guessed and (c == 1 or (h, w) == (1, 1)) and \
+            dst == (src[0], c, h, w) != (src[0], h, w, c):
+        transpose = keras.layers.Permute((3, 1, 2))
+        return (lambda xs: [transpose(xs[0])]), [geom.with_(kind=TRANSPOSED)]
+    return _pass_through, [_reshaped_geom(call, geom, src, dst)]
 
 
 def _reshaped_geom(call, geom, src, dst):
@@ -3569,12 +3590,17 @@ def _op_layer_name(call):
     return call.op.name.replace("/", ".")
 
 
-def _crop_runner(top, bottom, left, right, c0, c1, channels):
+def _crop_runner(top, bottom, left, right, c0, c1, channels, transposed=False):
     """CI's crop of dense maps: rows and columns trimmed as in the patch-level map (a translation of the
-    dense map, see _rule_crop), channels c0:c1 of ``channels``."""
-    end_mask = 1 | (2 if bottom == 0 else 0) | (4 if right == 0 else 0) | (8 if c1 == channels else 0)
-    args = {"input": {"input": 0}, "begin": {"const": [0, top, left, c0], "dtype": "int32"},
-            "end": {"const": [0, -bottom, -right, c1], "dtype": "int32"},
+    dense map, see _rule_crop), channels c0:c1 of ``channels``; of transposed dense values (N, C, H, W) where
+    ``transposed``."""
+    begin, end = [0, top, left, c0], [0, -bottom, -right, c1]
+    masks = [1, 2 if bottom == 0 else 0, 4 if right == 0 else 0, 8 if c1 == channels else 0]
+    if transposed:  # the channel axis second
+        begin, end, masks = ([v[0], v[3], v[1], v[2]] for v in (begin, end, masks))
+    end_mask = sum(bool(m) << i for i, m in enumerate(masks))
+    args = {"input": {"input": 0}, "begin": {"const": begin, "dtype": "int32"},
+            "end": {"const": end, "dtype": "int32"},
             "strides": {"const": [1, 1, 1, 1], "dtype": "int32"}}
     attrs = {"begin_mask": ["int", 1], "end_mask": ["int", end_mask], "ellipsis_mask": ["int", 0],
              "new_axis_mask": ["int", 0], "shrink_axis_mask": ["int", 0]}
@@ -3762,17 +3788,24 @@ def _rule_transpose_op(call, geoms):
     return _op_runner(call), [geom]
 
 
+@_takes_transposed
 @_op_rule_for("ArgMax", "ArgMin", label="TensorFlow arg max / min over the channel axis in call() (keras.ops.argmax(x, "
-                                        "-1)): per pixel")
+                                        "-1); axis 1 of a transposed map): per pixel")
 def _rule_arg_op(call, geoms):
     """``keras.ops.argmax`` / ``argmin`` (``tf.argmax``) over the channels of a map, a vector of one position or
-    (N, h*w, C) rows: the index of a channel at every pixel (the dense values keep a one-channel last axis)."""
+    (N, h*w, C) rows, or over axis 1 of a transposed map: the index of a channel at every pixel (the dense values
+    keep a one-channel last axis, a map's)."""
     geom, src = geoms[0], tuple(call.in_shapes[0])
     axis = call.constant("dimension")
-    if axis is None or np.ndim(axis) != 0 or int(axis) % len(src) != len(src) - 1 or not _per_channel(geom, src):
+    if geom.kind == TRANSPOSED:  # its (N, h, w) of indices is the map's
+        _along_transposed_channels(call, geom, _constant_axis(call, axis), None)
+        axis, geom, src = 1, geom.with_(kind=MAP), (src[0],) + src[2:] + src[1:2]
+    elif axis is None or np.ndim(axis) != 0 or int(axis) % len(src) != len(src) - 1 or not _per_channel(geom, src):
         raise call.fail(f"it takes the arg {call.type[3:].lower()} of {geom.describe()} along axis {axis}; only the "
                         f"channel axis (-1) can be made dense")
-    arg = _TFOp(call.type, dict(call.args, dimension={"const": -1, "dtype": call.args["dimension"]["dtype"]}),
+    else:
+        axis = -1
+    arg = _TFOp(call.type, dict(call.args, dimension={"const": axis, "dtype": call.args["dimension"]["dtype"]}),
                 call.attrs, name=_op_layer_name(call))
     keep = _TFOp("ExpandDims", {"input": {"input": 0}, "axis": {"const": -1, "dtype": "int32"}}, {})
     return (lambda xs: [keep(arg(xs[0]))]), [_reshaped_geom(call, geom.with_(channels=1), src[:-1] + (1,),
@@ -3865,8 +3898,8 @@ def _rule_einsum_op(call, geoms):
 @_op_rule_for("Reshape", "Squeeze", "ExpandDims", label="TensorFlow reshapes in call() that keep the batch axis "
                                                         "(the same values, reinterpreted)")
 def _rule_reshape_op(call, geoms):
-    """Reshapes that keep the batch axis (keras.ops.reshape, tf.squeeze, x[:, None]): see _reshaped_geom."""
-    return _pass_through, [_reshaped_geom(call, geoms[0], call.in_shapes[0], call.out_shapes[0])]
+    """Reshapes that keep the batch axis (keras.ops.reshape, tf.squeeze, x[:, None]): see _reshaped."""
+    return _reshaped(call, geoms[0], call.in_shapes[0], call.out_shapes[0])
 
 
 @_op_rule_for("Softmax", "LogSoftmax", label="TensorFlow ops along the channel axis in call() (softmax): per pixel")
@@ -3878,7 +3911,9 @@ def _rule_channel_op(call, geoms):
     return _op_runner(call), [geom]
 
 
-@_op_rule_for("ConcatV2", label="TensorFlow concatenation on channels in call() (keras.ops.concatenate, tf.concat)")
+@_takes_transposed
+@_op_rule_for("ConcatV2", label="TensorFlow concatenation on channels in call() (keras.ops.concatenate, tf.concat; "
+                                 "axis 1 of transposed maps)")
 def _rule_concat_op(call, geoms):
     """Concatenation of values on one grid (or per-position vectors of streams that pool differently,
     unwarped first) along the channel axis."""
@@ -3888,6 +3923,8 @@ def _rule_concat_op(call, geoms):
                         "computed from the patch")
     rank = len(call.out_shapes[0])
     first, unwarps = _merge_grids(call, geoms)
+    if first.kind == TRANSPOSED:  # (all are, on one grid: _merge_grids)
+        return _along_transposed_channels(call, first, int(axis), _op_runner(call), channels=call.out_shapes[0][1])
     if int(axis) % rank != rank - 1 or not _per_channel(first, call.in_shapes[0]):
         raise call.fail(f"it concatenates {first.describe()} along axis {int(axis)}; only the channel axis (-1) of "
                         f"maps and of vectors of one position can be made dense")
@@ -3895,15 +3932,25 @@ def _rule_concat_op(call, geoms):
     return _op_runner(call, args, unwarps), [first.with_(channels=call.out_shapes[0][-1])]
 
 
+@_takes_transposed
 @_op_rule_for("StridedSlice", "Slice", label="TensorFlow slices in call(): crops of the map (a translation of the "
-                                             "dense map) and slices of channels")
+                                             "dense map) and slices of channels (also of a transposed map)")
 def _rule_slice_op(call, geoms):
     """Slices: applied to the indices of the patch-level value, the op shows which entries it takes.  A
     contiguous box of every patch is a crop of the map (the same start in every shift branch, the end
-    trimmed by as much: see _rule_crop) and a slice of its channels; anything else is refused."""
+    trimmed by as much: see _rule_crop) and a slice of its channels; anything else is refused.  Of a transposed
+    map (N, C, h, w) the indices are those of the map it transposes, so the same analysis applies: a slice that
+    keeps the four axes is the same crop of the transposed dense values; one that drops axes takes the values of
+    the map transposed back."""
     geom = geoms[0]
     src, dst = tuple(call.in_shapes[0]), tuple(call.out_shapes[0])
-    index = np.arange(_prod(src), dtype=np.int64).reshape(src)
+    transposed = geom.kind == TRANSPOSED
+    if transposed:  # the indices of the map (N, h, w, C), transposed as the value is
+        src = (src[0],) + src[2:] + src[1:2]
+        index = np.arange(_prod(src), dtype=np.int64).reshape(src).transpose(_TO_TRANSPOSED)
+        geom = geom.with_(kind=MAP)
+    else:
+        index = np.arange(_prod(src), dtype=np.int64).reshape(src)
     probe = {name: {"const": index, "dtype": "int64"} if isinstance(spec, dict) and "input" in spec else spec
              for name, spec in call.args.items()}
     if any("input" in spec for spec in _flat_specs(probe)):
@@ -3911,19 +3958,41 @@ def _rule_slice_op(call, geoms):
     picked = np.asarray(_run_op(call.type, probe, call.attrs, [], call.variables))
     if picked.size == 0:
         raise call.fail("it takes an empty slice")
+    if transposed and len(dst) == 4:  # still a transposed map: the same crop and channels of the transposed values
+        run, (out,) = _slice_of(call, geom, src, (dst[0],) + dst[2:] + dst[1:2], picked.transpose(_FROM_TRANSPOSED),
+                                transposed=True)
+        if out.kind != MAP:
+            raise AssertionError(f"a slice of a transposed map gave {out.describe()}")
+        return run, [out.with_(kind=TRANSPOSED)]
+    run, outs = _slice_of(call, geom, src, dst, picked)
+    if not transposed:
+        return run, outs
+    back = keras.layers.Permute((2, 3, 1))
+    return (lambda xs: run([back(xs[0])])), outs
+
+
+def _slice_of(call, geom, src, dst, picked, transposed=False):
+    """What CI runs for a slice that takes the entries ``picked`` (their indices, in the output's shape ``dst``) of a
+    value of ``geom`` and traced shape ``src``, and the geometry of the result (see _rule_slice_op).  ``transposed``:
+    a slice of a transposed map that keeps it one; ``picked`` and ``dst`` are then those of the map, the runner
+    slices transposed dense values."""
+    index = np.arange(_prod(src), dtype=np.int64).reshape(src)
     lo, hi = np.unravel_index(picked.min(), src), np.unravel_index(picked.max(), src)
     box = index[tuple(slice(a, b + 1) for a, b in zip(lo, hi))]
     if box.size != picked.size or not np.array_equal(box.ravel(), picked.ravel()):
         channels = _channel_selection(picked, src, geom)
         if channels is None:
             raise call.fail("it takes a strided, reversed or reordered slice of positions; only contiguous crops "
-                            "(x[:, a:b, c:d, :]) and slices, steps or reversals of channels can be made dense")
+                            "(x[:, a:b, c:d, :]) and slices, steps or reversals of channels can be made dense"
+                            + ("; of a transposed map, only those that keep it one or give the values of the map "
+                               "transposed back in their order" if geom.kind == MAP and len(src) != len(dst) else ""))
         (y0, x0), (bh, bw) = channels[1:]
         gather = _TFOp("GatherV2", {"params": {"input": 0}, "indices": {"const": channels[0], "dtype": "int32"},
-                                    "axis": {"const": -1, "dtype": "int32"}}, {"batch_dims": ["int", 0]})
+                                    "axis": {"const": 1 if transposed else -1, "dtype": "int32"}},
+                       {"batch_dims": ["int", 0]})
         if geom.kind == MAP:
             crop = _crop_runner(y0, geom.size[0] - y0 - bh, x0, geom.size[1] - x0 - bw, 0, geom.channels,
-                                geom.channels)
+                                geom.channels, transposed)
             picked_geom = geom.with_(size=(bh, bw), channels=len(channels[0]))
         else:
             crop, picked_geom = _pass_through, geom.with_(channels=len(channels[0]))
@@ -3931,11 +4000,11 @@ def _rule_slice_op(call, geoms):
     if (lo[0], hi[0]) != (0, src[0] - 1):
         raise call.fail("it slices the batch of patches")
     if box.shape == src:  # every entry, reshaped (x[:, None], x[..., 0] of one channel)
-        return _pass_through, [_reshaped_geom(call, geom, src, dst)]
+        return _reshaped(call, geom, src, dst)
     if geom.kind == MAP and len(src) == 4:
         (h, w), c = geom.size, geom.channels
         cropped = geom.with_(size=box.shape[1:3], channels=box.shape[3])
-        run = _crop_runner(lo[1], h - 1 - hi[1], lo[2], w - 1 - hi[2], lo[3], hi[3] + 1, c)
+        run = _crop_runner(lo[1], h - 1 - hi[1], lo[2], w - 1 - hi[2], lo[3], hi[3] + 1, c, transposed)
         return run, [_reshaped_geom(call, cropped, box.shape, dst)]
     if geom.is_pixel_vector and len(src) == 2 or geom.kind == VIEW and _per_channel(geom, src) and \
             box.shape[:-1] == src[:-1]:  # channels of a vector of one position, or of (N, h*w, C) rows of positions
@@ -3945,13 +4014,18 @@ def _rule_slice_op(call, geoms):
                     f"made dense")
 
 
-@_op_rule_for("Split", "SplitV", label="TensorFlow splits along the channel axis in call() (tf.split(x, 2, axis=-1)): "
-                                        "the channels of every pixel")
+@_takes_transposed
+@_op_rule_for("Split", "SplitV", label="TensorFlow splits along the channel axis in call() (tf.split(x, 2, axis=-1), "
+                                        "keras.ops.glu; axis 1 of a transposed map): the channels of every pixel")
 def _rule_split_op(call, geoms):
-    """``tf.split`` / ``keras.ops.split`` along the channel axis (max-feature-map: maximum of the two halves): each
-    part holds some channels of every pixel, the same parts of the dense values."""
+    """``tf.split`` / ``keras.ops.split`` along the channel axis (max-feature-map: maximum of the two halves; the
+    halves of ``keras.ops.glu``): each part holds some channels of every pixel, the same parts of the dense
+    values."""
     geom, rank = geoms[0], len(call.in_shapes[0])
     axis = call.constant("axis")
+    if geom.kind == TRANSPOSED:
+        run, _ = _along_transposed_channels(call, geom, _constant_axis(call, axis), _op_runner(call))
+        return run, [geom.with_(channels=shape[1]) for shape in call.out_shapes]
     if axis is None or int(axis) % rank != rank - 1 or not _per_channel(geom, call.in_shapes[0]):
         raise call.fail(f"it splits {geom.describe()} along axis {axis}; only the channel axis (-1) of a map or of a "
                         f"vector of one position can be made dense")
@@ -3959,12 +4033,15 @@ def _rule_split_op(call, geoms):
     return _op_runner(call, args), [geom.with_(channels=shape[-1]) for shape in call.out_shapes]
 
 
+@_takes_transposed
 @_op_rule_for("ReverseV2", label="TensorFlow reversals of the channel axis in call() (keras.ops.flip(x, -1), "
-                                  "tf.reverse): per pixel")
+                                  "tf.reverse; axis 1 of a transposed map): per pixel")
 def _rule_reverse_op(call, geoms):
     """``tf.reverse(x, [-1])`` / ``keras.ops.flip(x, -1)``: the channels of every pixel in reverse order."""
     geom, rank = geoms[0], len(call.in_shapes[0])
     axes = call.constant("axis")
+    if geom.kind == TRANSPOSED:
+        return _along_transposed_channels(call, geom, _constant_axis(call, axes), _op_runner(call))
     if axes is None or [int(a) % rank for a in np.ravel(axes)] != [rank - 1] or \
             not _per_channel(geom, call.in_shapes[0]):
         raise call.fail(f"it reverses {geom.describe()} along axes {axes}, which reorders positions of the patch; "
@@ -3973,12 +4050,22 @@ def _rule_reverse_op(call, geoms):
     return _op_runner(call, args), [geom]
 
 
-@_op_rule_for("GatherV2", label="TensorFlow gathers of channels in call() (tf.gather(x, indices, axis=-1)): per pixel")
+@_takes_transposed
+@_op_rule_for("GatherV2", label="TensorFlow gathers of channels in call() (tf.gather(x, indices, axis=-1); axis 1 of a "
+                                 "transposed map): per pixel")
 def _rule_gather_op(call, geoms):
     """``tf.gather(x, indices, axis=-1)`` with constant indices: the same channels of every pixel."""
     geom, rank = geoms[0], len(call.in_shapes[0])
     axis, indices = call.constant("axis"), call.args["indices"]
     indices = None if not isinstance(indices, dict) or not _constant_only(indices) else indices
+    if geom.kind == TRANSPOSED:
+        if "input" not in call.args["params"] or indices is None or call.attrs.get("batch_dims", ["int", 0])[1] != 0 \
+                or len(call.out_shapes[0]) != 4:
+            raise call.fail(f"it gathers from {geom.describe()} with indices computed from the patch, batch_dims or "
+                            f"indices that are not one list; only constant indices into the channel axis can be made "
+                            f"dense")
+        return _along_transposed_channels(call, geom, _constant_axis(call, axis), _op_runner(call),
+                                          channels=call.out_shapes[0][1])
     if "input" not in call.args["params"] or indices is None or axis is None or int(axis) % rank != rank - 1 \
             or call.attrs.get("batch_dims", ["int", 0])[1] != 0 or not _per_channel(geom, call.in_shapes[0]):
         raise call.fail(f"it gathers from {geom.describe()} along axis {axis}; only constant indices into the channel "
