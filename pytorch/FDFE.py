@@ -84,6 +84,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
@@ -1098,7 +1099,7 @@ def _module_structure(base_net: nn.Module, captured=(), settings=None) -> Dict:
     or removed, a setting changed, a parameter gone (pruning, fusing), hooks added or removed):
     :meth:`DenseFeatureNet.forward` refuses them.  (Called at every call of CI: kept to plain loops.)"""
     settings = settings or {}
-    entries = {}
+    entries, owners = {}, {}  # owners: id of a tensor -> the names it has
     for name, module in base_net.named_modules():
         if "parametrizations" in name and "parametrizations" in name.split("."):
             continue  # a parametrization's own modules: CI reads the tensor they compute
@@ -1108,7 +1109,12 @@ def _module_structure(base_net: nn.Module, captured=(), settings=None) -> Dict:
         kind = nn.utils.parametrize.type_before_parametrizations(module) if parametrized else type(module)
         attributes = module.__dict__
         values = {k: _shown_setting(attributes[k]) if k in attributes else "unset" for k in settings.get(name, ())}
-        tensors = frozenset(module._parameters).union(module._buffers, parametrized.keys() if parametrized else ())
+        tensors = {}  # name -> shape; "unset" for a slot that holds None (a conv's bias=False); parametrized ones
+        for key, t in list(module._parameters.items()) + list(module._buffers.items()):
+            tensors[key] = "unset" if t is None else tuple(t.shape)
+            if t is not None:
+                owners.setdefault(id(t), []).append(f"{name}.{key}" if name else key)
+        tensors.update((key, "parametrized") for key in (parametrized.keys() if parametrized else ()))
         hooks = (tuple(module._forward_pre_hooks), tuple(module._forward_hooks), tuple(module._backward_hooks),
                  tuple(getattr(module, "_backward_pre_hooks", ())))
         entries[name] = (kind, values, tensors, hooks)
@@ -1117,8 +1123,18 @@ def _module_structure(base_net: nn.Module, captured=(), settings=None) -> Dict:
             value = getattr(base_net.get_submodule(name) if name else base_net, key)
         except AttributeError:
             value = None
-        entries[f"{name}:{key}"] = (_TensorAttribute, {"value": _TensorAttribute(value)}, frozenset(), ())
+        entries[f"{name}:{key}"] = (_TensorAttribute, {"value": _TensorAttribute(value)}, {}, ())
+    tied = frozenset(frozenset(names) for names in owners.values() if len(names) > 1)
+    entries[_TIED] = (_TiedTensors, {"groups": tied}, {}, ())
     return entries
+
+
+class _TiedTensors:
+    """Marks the entry of :func:`_module_structure` that holds the groups of names of Cp's parameters and buffers
+    that are one tensor (tied weights): CI reads one of the names for all their uses."""
+
+
+_TIED = "\0tied"  # (no module has this name)
 
 
 def _captured_attributes(base_net: nn.Module, tracer, snapshots=()) -> List[Tuple[str, str]]:
@@ -1141,6 +1157,13 @@ def _structure_change(before: Dict, now: Dict) -> Optional[str]:
     def label(name, kind):
         return f"module '{name}' ({kind.__name__})" if name else f"Cp ({kind.__name__})"
     for name, (kind, settings, tensors, hooks) in before.items():
+        if kind is _TiedTensors:
+            together = now.get(name, (kind, {"groups": frozenset()}, {}, ()))[1]["groups"]
+            untied = [sorted(group) for group in settings["groups"] if not any(group <= g for g in together)]
+            if untied:
+                return (f"the parameters or buffers {', '.join(repr(n) for n in untied[0])} were one tensor at convert "
+                        f"(tied) and no longer are (CI reads one of them for all their uses)")
+            continue
         if kind is _TensorAttribute and now.get(name) != (kind, settings, tensors, hooks):
             module, _, key = name.partition(":")
             return (f"the tensor {key!r} of {f'module {module!r}' if module else 'Cp'}, whose values CI captured at "
@@ -1153,9 +1176,18 @@ def _structure_change(before: Dict, now: Dict) -> Optional[str]:
                 return (f"module '{name}' ({kind.__module__}.{kind.__qualname__}) was replaced by "
                         f"{kind2.__module__}.{kind2.__qualname__}")
             return f"{label(name, kind)} was replaced by {kind2.__name__}"
-        if tensors - tensors2:  # (tensors added, a buffer registered later, are not read by the traced ops)
-            return (f"{label(name, kind)} no longer holds the tensors {', '.join(sorted(tensors - tensors2))} "
-                    f"(pruned, fused, or deleted?)")
+        gone = sorted(k for k, v in tensors.items() if v != "unset" and tensors2.get(k, "unset") == "unset")
+        if gone:  # (tensors added, a buffer registered later, are not read by the traced ops)
+            return f"{label(name, kind)} no longer holds the tensors {', '.join(gone)} (pruned, fused, or deleted?)"
+        filled = sorted(k for k, v in tensors.items() if v == "unset" and tensors2.get(k, "unset") != "unset")
+        if filled:  # a slot that held None (bias=False) now holds a tensor, which its forward reads
+            return (f"{label(name, kind)} holds a tensor {filled[0]!r} that was None at convert (a bias added?), "
+                    f"which its forward reads and the traced ops do not")
+        reshaped = sorted(k for k, v in tensors.items() if isinstance(v, tuple) and isinstance(tensors2.get(k), tuple)
+                          and tensors2[k] != v)
+        if reshaped:
+            return (f"{label(name, kind)} changed the shape of its tensor {reshaped[0]!r} from {tensors[reshaped[0]]} "
+                    f"to {tensors2[reshaped[0]]} (another kernel size or channel count changes the ops)")
         if settings2 != settings:
             unset = "unset"
             key = sorted(k for k in set(settings) | set(settings2)
@@ -2284,6 +2316,9 @@ class _Param:
     """Placeholder for a parameter or buffer of Cp, looked up by name at run time."""
     __slots__ = ("name", "shape", "view")
 
+    def __repr__(self):  # as messages show an op's arguments
+        return f"<Cp's tensor {self.name!r}>"
+
     def __init__(self, name, shape, view=None):
         self.name, self.shape, self.view = name, tuple(shape), view
 
@@ -2298,6 +2333,9 @@ class _Const:
     def __init__(self, index, shape, view=None):
         self.index, self.shape, self.view = index, tuple(shape), view
 
+    def __repr__(self):  # as messages show an op's arguments
+        return f"<a constant tensor of shape {self.shape}>"
+
     def with_view(self, view):
         return _Const(self.index, self.shape, view)
 
@@ -2307,6 +2345,9 @@ class _Derived:
     ``self.gamma.view(1, -1, 1, 1)``, a parametrized weight): the ``leaf``-th tensor of expression ``index``,
     computed again from the current parameters at run time (so training and ``load_state_dict`` reach it)."""
     __slots__ = ("index", "leaf", "shape", "view")
+
+    def __repr__(self):  # as messages show an op's arguments
+        return f"<a tensor of shape {self.shape} computed from Cp's parameters>"
 
     def __init__(self, index, leaf, shape, view=None):
         self.index, self.leaf, self.shape, self.view = index, leaf, tuple(shape), view
@@ -2341,12 +2382,14 @@ def _leaves(obj):
 class _Node:
     """One recorded call of Cp's forward that touched an activation."""
 
-    def __init__(self, func, args, kwargs, in_slots, in_shapes, out_slots, out_shapes, where, constants=None):
+    def __init__(self, func, args, kwargs, in_slots, in_shapes, out_slots, out_shapes, where, constants=None,
+                 no_grad=False):
         self.func, self.args, self.kwargs = func, args, kwargs
         self.in_slots, self.in_shapes = in_slots, in_shapes
         self.out_slots, self.out_shapes = out_slots, out_shapes
         self.where = where
         self.constants = [] if constants is None else constants  # the tracer's: what _Const placeholders index
+        self.no_grad = no_grad  # Cp ran it with gradients off (torch.no_grad() in its forward)
 
     @property
     def name(self):
@@ -2381,7 +2424,7 @@ def _func_name(func) -> str:
     return f"torch.{name}"
 
 
-_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_leaf",
+_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "grad_fn", "layout", "is_leaf",
                    "is_sparse", "is_quantized", "is_meta", "is_mps", "is_xpu", "names", "itemsize", "nbytes"}
 _METADATA_METHODS = {getattr(torch.Tensor, n) for n in (
     "size", "dim", "ndimension", "numel", "nelement", "is_contiguous", "is_floating_point", "is_complex",
@@ -2430,6 +2473,24 @@ def _memory_of(t: torch.Tensor):
         return None
 
 
+_FUNCTION_APPLY = torch.autograd.function.Function.apply.__func__.__code__
+#: autograd Functions whose forward CI may compute from the ops inside it: torch.utils.checkpoint's reentrant one,
+#: whose backward differentiates those ops, and the one that module backward hooks wrap values in (the hooks
+#: themselves are noted as such: _backward_hooks_of)
+_GRADIENT_TRANSPARENT_FUNCTIONS = tuple(getattr(sys.modules.get(module), name, None) for module, name in (
+    ("torch.utils.checkpoint", "CheckpointFunction"), ("torch.nn.modules._functions", "BackwardHookFunction")))
+
+
+def _running_function():
+    """The outermost custom ``torch.autograd.Function`` whose forward is running (its class), or None."""
+    found, frame = None, sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _FUNCTION_APPLY:
+            found = frame.f_locals.get("cls", found)
+        frame = frame.f_back
+    return found
+
+
 class _Tracer(TorchFunctionMode):
     """Records every call of Cp's forward that touches a value derived from the input."""
 
@@ -2451,6 +2512,9 @@ class _Tracer(TorchFunctionMode):
         self.sharing = {_memory_of(example): [example]}  # memory -> the activations that view it
         self.changed = {}                       # id of an activation an in-place op changed through another -> why
         self.nodes: List[_Node] = []
+        self.expression_no_grad = []            # per expression: Cp computed it with gradients off
+        self.hazards = []                       # what changes Cp's gradients that CI cannot follow (note_hazard)
+        self.watches_gradients = False          # gradients on, flowing from the example (_trace_once)
         self.stack = [type(base_net).__name__ + ".forward"]
         self.hooks = []
         for name, module in base_net.named_modules():
@@ -2482,6 +2546,10 @@ class _Tracer(TorchFunctionMode):
             raise ConversionError(self.stale[id(value)])
         if id(value) in self.derived:
             return self.derived[id(value)]
+        if value.grad_fn is not None:  # computed from the input (the example requires grad; parameters do not)
+            raise ConversionError(f"{self.stack[-1]}: a value computed from the input reaches an op by a way convert "
+                                  f"does not see (its grad_fn is {type(value.grad_fn).__name__}); CI cannot "
+                                  f"compute it")
         self.constants.append(value.detach().clone())
         self.constant_sources.update((id(value), id(value._base)))  # (a view's source: the attribute it views)
         return _Const(len(self.constants) - 1, value.shape)
@@ -2523,6 +2591,7 @@ class _Tracer(TorchFunctionMode):
         if in_place is not None:
             target = next(t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor))
             self.expressions.append((func, *in_place, True))
+            self.expression_no_grad.append(self._gradients_off(self.stack[-1]))
             self.derived[id(target)] = _Derived(len(self.expressions) - 1, 0, target.shape)
             self.alive.append(target)
             return
@@ -2545,6 +2614,7 @@ class _Tracer(TorchFunctionMode):
             return  # it returned its input (.to() of the same dtype and device, .contiguous(), ...): nothing new
         self.expressions.append((func, _map_structure(args, self._template), _map_structure(kwargs, self._template),
                                  False))
+        self.expression_no_grad.append(self._gradients_off(self.stack[-1]))
         for leaf, t in enumerate(outputs):
             self.derived[id(t)] = _Derived(len(self.expressions) - 1, leaf, t.shape)
             self.alive.append(t)
@@ -2580,7 +2650,16 @@ class _Tracer(TorchFunctionMode):
         # tensor it views, or another view of that memory): its recorded expression no longer gives its values
         stale = [t for t in activations if id(t) in self.changed]
         in_place = None if in_slots else self._before_in_place(func, args, kwargs)
-        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if in_slots and name in ("register_hook", "register_post_accumulate_grad_hook"):
+            self.note_hazard(f"a hook on the gradient of an activation (Tensor.{name}, in {self.stack[-1]})")
+            return func(*args, **kwargs)
+        if in_slots and name in _VALUE_READS:  # (before it runs: numpy() refuses values that require grad)
+            raise ConversionError(
+                f"{self.stack[-1]}: {_func_name(func)} reads the values of an activation (data-dependent "
+                f"control flow or a Python number computed from the patch); CI cannot reproduce that")
+        with torch.no_grad() if in_slots and kwargs.get("out") is not None else contextlib.nullcontext():
+            out = func(*args, **kwargs)  # (out= refuses values that require grad)
         if not in_slots:
             self._record_derived(func, args, kwargs, out, in_place)
             return out
@@ -2625,8 +2704,29 @@ class _Tracer(TorchFunctionMode):
             out_slots.append(self.n_slots)
             self.n_slots += 1
         self.nodes.append(_Node(func, args_t, kwargs_t, in_slots, in_shapes, out_slots,
-                                [tuple(t.shape) for t in out_tensors], where, self.constants))
+                                [tuple(t.shape) for t in out_tensors], where, self.constants,
+                                no_grad=self._gradients_off(where)))
         return out
+
+    def _gradients_off(self, where):
+        """Whether Cp computes the op being recorded with gradients off (torch.no_grad() in its forward: CI does too).
+        Inside the forward of a custom autograd.Function gradients are off too, but Cp's gradient is that Function's
+        backward, which CI cannot call: noted as a gradient CI cannot give (torch.utils.checkpoint's reentrant
+        Function, whose backward differentiates the same ops, excepted)."""
+        if torch.is_grad_enabled() or not self.watches_gradients:
+            return False
+        function = _running_function()
+        if function is None:
+            return True
+        if function not in _GRADIENT_TRANSPARENT_FUNCTIONS:
+            self.note_hazard(f"the custom autograd.Function {function.__name__} (in {where}; CI computes its "
+                             f"forward from the ops inside it, and cannot call its backward)")
+        return False
+
+    def note_hazard(self, what):
+        """Record something of Cp's that changes its gradients in a way CI cannot follow (see DenseFeatureNet)."""
+        if what not in self.hazards:
+            self.hazards.append(what)
 
 
 # ---------------------------------------------------------------------------
@@ -2644,6 +2744,7 @@ class _Step:
     """
     aliases = False
     per_pixel = False
+    no_grad = False  # Cp computed it with gradients off (torch.no_grad() in its forward): CI does too
 
     def __init__(self, inputs, outputs, label):
         self.inputs, self.outputs, self.label = list(inputs), list(outputs), label
@@ -2867,6 +2968,9 @@ def _channel_dim(geom, dim, node):
                         f"the channel axis (dim -1 of a transposed map) can be made dense")
     if d == 1 and (geom.kind == MAP or geom.is_pixel_vector or view_by_channel):
         return 1
+    if d == 0:
+        raise node.fail(f"it works along dim {dim}, the batch of patches; only the channel axis (dim 1) can be made "
+                        f"dense")
     raise node.fail(f"it works along dim {dim} of {geom.describe()}, which mixes positions of the patch; "
                     f"only the channel axis (dim 1) can be made dense")
 
@@ -3021,10 +3125,18 @@ def _aligned(step, unwarps):
 
 
 @_takes_transposed
-@_rule_for(["contiguous", "clone", "detach"], "identity (the value passes through)", (torch, torch.Tensor))
+@_rule_for(["contiguous", "clone", "detach"], "identity (the value passes through; detach also stops gradients)",
+           (torch, torch.Tensor))
 def _rule_identity(node, geoms):
-    """Contiguous, clone, detach: the value passes through."""
-    return _AliasStep(node), [geoms[0]]
+    """Contiguous, clone: the value passes through; detach: too, without its gradient, as in Cp."""
+    return (_DetachStep(node) if node.name.endswith("detach") else _AliasStep(node)), [geoms[0]]
+
+
+class _DetachStep(_AliasStep):
+    """``x.detach()``: the value, out of autograd's graph (no gradient flows back through it, as in Cp)."""
+
+    def run(self, values, net, overwrite=False):
+        return [values[0].detach()]
 
 
 @_takes_transposed
@@ -3363,6 +3475,8 @@ def _rule_statistic(node, geoms):
         # (N, h, w) without keepdim: a view of the one-channel map the dense values keep (N, 1, H, W)
         return (_CallStep(node, args=(p.pop("input"),), kwargs=dict(p, dim=1, keepdim=True)),
                 [_geom_of_shape(geom.with_(channels=1), out) for out in node.out_shapes])  # ((std, mean) of std_mean)
+    if dims is not None and any(d % len(shape) == 0 for d in dims):
+        raise node.fail("it computes a statistic over the batch of patches")
     raise node.fail(f"it computes a statistic over positions of each patch ({node.name.split('.')[-1]} over "
                     f"{'all dims' if dims is None else f'dims {dims}'} of {geom.describe()}), as per-patch "
                     f"normalisation does; {_PER_PATCH_REASON}")
@@ -3946,7 +4060,7 @@ class DenseFeatureNet(nn.Module):
     def __init__(self, base_net, patch_size, in_channels, out_channels, steps, output_slot, strides,
                  constants, plan, naive=False, tile="auto", memory_format=torch.channels_last, progress=None,
                  max_memory=None, memory_guard=True, grid_multiple=None, border="zeros", output_stride=1,
-                 expressions=(), captured=(), settings=None):
+                 expressions=(), captured=(), settings=None, expression_no_grad=(), gradient_hazards=()):
         super().__init__()
         self.base_net = base_net
         self.patch_size = _pair(patch_size, "patch_size")
@@ -3958,12 +4072,14 @@ class DenseFeatureNet(nn.Module):
         self.output_slot = output_slot
         self.plan = plan
         self.transposed_slots = frozenset()  # values of transposed maps, (N, H, W, C): convert sets them
-        for i, c in enumerate(constants):
-            self.register_buffer(f"constant_{i}", c)
+        for i, c in enumerate(constants):  # (not in CI's state_dict: values of Cp's forward, not of a checkpoint)
+            self.register_buffer(f"constant_{i}", c, persistent=False)
         self.n_constants = len(constants)
         made_in = _compute_dtype(base_net)  # Cp's dtype when its forward made the constants
         self._constants_follow_cp = [c.is_floating_point() and c.dtype == made_in for c in constants]
         self.expressions = list(expressions)  # what _Derived placeholders compute from Cp's parameters
+        self._expression_no_grad = list(expression_no_grad)  # ... those Cp computed with gradients off
+        self._gradient_hazards = list(gradient_hazards)  # what changes Cp's gradients that CI cannot follow
         self.naive = naive
         self.tile = tile
         self.memory_format = memory_format
@@ -4005,13 +4121,15 @@ class DenseFeatureNet(nn.Module):
             def sub(v):
                 return self._resolve(v) if isinstance(v, _OPERANDS) else v
             args, kwargs = _map_structure(args, sub), _map_structure(kwargs, sub)
-            if in_place:  # on a copy of the tensor it changes (never on a parameter or constant of CI), which it gives
-                args = (args[0].clone(),) + tuple(args[1:])
-                func(*args, **kwargs)
-                t = args[0]
-            else:
-                out = func(*args, **kwargs)
-                t = [leaf for leaf in _leaves(out) if isinstance(leaf, torch.Tensor)][ref.leaf]
+            no_grad = getattr(self, "_expression_no_grad", ())
+            with torch.no_grad() if ref.index < len(no_grad) and no_grad[ref.index] else contextlib.nullcontext():
+                if in_place:  # on a copy of the tensor it changes (never on a parameter or constant of CI)
+                    args = (args[0].clone(),) + tuple(args[1:])
+                    func(*args, **kwargs)
+                    t = args[0]
+                else:
+                    out = func(*args, **kwargs)
+                    t = [leaf for leaf in _leaves(out) if isinstance(leaf, torch.Tensor)][ref.leaf]
         else:
             t = getattr(self, f"constant_{ref.index}")
             if ref.index < len(getattr(self, "_constants_follow_cp", ())) and self._constants_follow_cp[ref.index]:
@@ -4049,6 +4167,9 @@ class DenseFeatureNet(nn.Module):
                 outs = [_conv_tanh(values[step.inputs[0]], self, step)]
             elif i in fused.values():  # that tanh: already applied
                 outs = [values[step.inputs[0]]]
+            elif step.no_grad and torch.is_grad_enabled():  # as Cp computed it: inside torch.no_grad()
+                with torch.no_grad():
+                    outs = step.run([values[s] for s in step.inputs], self, overwrite and in_place_ok)
             else:
                 outs = step.run([values[s] for s in step.inputs], self, overwrite and in_place_ok)
             for s, v in zip(step.outputs, outs):
@@ -4086,6 +4207,25 @@ class DenseFeatureNet(nn.Module):
         """
         if not _recording_graph():
             self._check_structure()
+        hazards = getattr(self, "_gradient_hazards", ())
+        if hazards and not _recording_graph() and (_forward_ad_active() or torch._C._are_functorch_transforms_active()):
+            raise RuntimeError(self._hazard_message())
+        out = self._forward(images)
+        if hazards and not _recording_graph() and out.requires_grad:  # a backward through CI is refused when it runs
+            out.register_hook(self._refuse_gradient)
+        return out
+
+    def _hazard_message(self):
+        return (f"CI cannot give Cp's gradients: Cp uses {'; and '.join(self._gradient_hazards)}, which set its "
+                f"gradients in a way CI's dense ops do not follow. CI's values are exact (call it under "
+                f"torch.no_grad() for inference); to train through CI, write those parts with plain ops "
+                f"(torch.no_grad() and detach() are followed)")
+
+    def _refuse_gradient(self, grad):
+        raise RuntimeError(self._hazard_message())
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without the checks of Cp's structure and gradients."""
         if not _recording_graph() and isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:
             # an empty batch, as Cp: Cp's own result on no patches (its dtype, and its gradient path), per pixel
             if min(images.shape[1:]) < 1:
@@ -4350,28 +4490,49 @@ def _infer_in_channels(base_net, patch_size):
     return candidates[0]
 
 
+def _trace_once(base_net, batch, in_channels, patch_size, gradients):
+    """Run Cp on a batch of random patches under a _Tracer; returns (tracer, out, example).
+
+    With ``gradients``, gradients are on and flow from the example alone: the ops Cp runs with them off
+    (torch.no_grad(), a custom autograd.Function) show, and every value computed from the input carries a grad_fn;
+    parameters do not require grad meanwhile (values computed from them alone are no activations).  Without (a
+    Cp of inference tensors, or one that autograd's watch makes fail), gradients are off throughout and CI runs
+    every op with gradients on."""
+    dtype, device = _example_kind(base_net)
+    gradients = gradients and not any(t.is_inference() for t in list(base_net.parameters()) + list(base_net.buffers()))
+    with torch.inference_mode(False), torch.set_grad_enabled(gradients):
+        example = torch.randn(batch, in_channels, *patch_size, dtype=dtype, device=device)
+        if gradients and example.is_floating_point():  # (a copy, not a leaf: Cp may change its input in place)
+            example = example.requires_grad_().clone()
+    tracer = _Tracer(base_net, example)
+    tracer.watches_gradients = gradients and example.requires_grad
+    frozen = [q for q in base_net.parameters() if q.requires_grad] if gradients else []
+    try:
+        for q in frozen:
+            q.requires_grad_(False)
+        with torch.inference_mode(False), torch.set_grad_enabled(gradients), _EvalMode(base_net), tracer:
+            out = base_net(example)  # (not in inference mode: its tensors have the version counters _Tracer reads)
+        tracer.snapshots.append(_attribute_values(base_net))
+    finally:
+        for q in frozen:
+            q.requires_grad_(True)
+        tracer.remove_hooks()
+    return tracer, out, example.detach()
+
+
 def _trace(base_net, patch_size, in_channels, guessed=False):
     """Run Cp once on random patches and record its ops.  Tries a batch of 2, then of 1.  ``guessed``: the
     caller inferred ``in_channels`` (the error then says so)."""
     ph, pw = patch_size
-    dtype, device = _example_kind(base_net)
     last_error = None
     for batch in (2, 1):
-        with torch.inference_mode(False):
-            example = torch.randn(batch, in_channels, ph, pw, dtype=dtype, device=device)
-        tracer = _Tracer(base_net, example)
-        try:
-            with torch.inference_mode(False), torch.no_grad(), _EvalMode(base_net), tracer:
-                out = base_net(example)  # (not in inference mode: its tensors have the version counters _Tracer reads)
-            tracer.snapshots.append(_attribute_values(base_net))
-        except ConversionError:
-            raise
-        except Exception as exc:  # the net rejected this example; report it below
-            last_error = exc
-            continue
-        finally:
-            tracer.remove_hooks()
-        return tracer, out, example
+        for gradients in (True, False):
+            try:
+                return _trace_once(base_net, batch, in_channels, (ph, pw), gradients)
+            except ConversionError:
+                raise
+            except Exception as exc:  # the net rejected this example (or autograd's watch); report it below
+                last_error = exc
     msg = str(last_error)
     hint = ""
     if any(s in msg for s in ("too small", "can't be greater", "larger than", "smaller than", "must be",
@@ -4381,6 +4542,11 @@ def _trace(base_net, patch_size, in_channels, guessed=False):
     if guessed and "channel" in msg:
         hint += f" -- in_channels={in_channels} was inferred from Cp's modules; pass in_channels= if Cp's input " \
                 f"has another number of channels"
+    dtype = _example_kind(base_net)[0]
+    if "type" in msg and any(name in msg for name in ("Double", "double", "Float", "float", "Half", "BFloat")):
+        hint += (f" -- convert ran Cp on {str(dtype).replace('torch.', '')} patches, the dtype of its first floating "
+                 f"parameter; CI gives images that dtype too (cast Cp to one dtype, or make its first parameter the "
+                 f"one its input meets)")
     raise ConversionError(f"running Cp on a batch of {in_channels}x{ph}x{pw} patches failed: "
                           f"{type(last_error).__name__}: {msg}{hint}") from last_error
 
@@ -4421,6 +4587,8 @@ def _apply_rules(nodes, geoms):
             raise AssertionError(f"rule for {node.name} returned {len(out_geoms)} geometries for "
                                  f"{len(node.out_slots)} outputs")
         geoms.update(zip(node.out_slots, out_geoms))
+        if node.no_grad:
+            step.no_grad = True
         steps.append(step)
     if problems:
         raise _all_problems(problems)
@@ -4556,7 +4724,9 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
                           progress=progress, max_memory=max_memory, memory_guard=memory_guard,
                           grid_multiple=_grid_multiple(geoms.values()), border=border, output_stride=output_stride,
                           expressions=tracer.expressions, settings=_compared_settings(base_net, tracer.snapshots),
-                          captured=_captured_attributes(base_net, tracer, tracer.snapshots))
+                          captured=_captured_attributes(base_net, tracer, tracer.snapshots),
+                          expression_no_grad=tracer.expression_no_grad,
+                          gradient_hazards=tracer.hazards + _backward_hooks_of(base_net))
     net.transposed_slots = frozenset(slot for slot, g in geoms.items() if g.kind == TRANSPOSED)
     if check and _example_kind(base_net)[1].type != "meta":  # a meta Cp has no values to compare
         _self_check(net, base_net)  # (runs Cp again: what it changes is state too)
@@ -4565,6 +4735,18 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
         net._captured_attributes = _captured_attributes(base_net, tracer, snapshots)
         net._structure = _module_structure(base_net, net._captured_attributes, net._settings_read)
     return net
+
+
+def _backward_hooks_of(base_net: nn.Module) -> List[str]:
+    """Module backward hooks that change or read Cp's gradients (register_full_backward_hook, ..._pre_hook, and
+    the global ones of torch.nn.modules.module): CI does not call Cp's modules, so they would not run."""
+    found = [f"backward hooks of its module '{name or type(base_net).__name__}' (register_full_backward_hook)"
+             for name, module in base_net.named_modules()
+             if getattr(module, "_backward_hooks", None) or getattr(module, "_backward_pre_hooks", None)]
+    globals_ = nn.modules.module
+    if getattr(globals_, "_global_backward_hooks", None) or getattr(globals_, "_global_backward_pre_hooks", None):
+        found.append("global module backward hooks (register_module_full_backward_hook)")
+    return found
 
 
 def _self_check(net: DenseFeatureNet, base_net: nn.Module) -> None:

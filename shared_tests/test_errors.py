@@ -118,6 +118,16 @@ def test_torch_refuses_ops_that_mix_positions(tb):
                    r"torch\.cat .*combines a 2x3x3 map with a 2x3x3 map \(strides \[\(2, 2\)\] vs \[\]\); maps that "
                    r"went through different strides lie on different grids.*merge exactly only as one vector per "
                    r"position each", forward=lambda self, x: torch.cat([self.layers[0](x), self.layers[1](x)], 1))
+    # ops over the batch of patches say so (they were "positions of the patch"), and index tensors are named
+    _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"F\.softmax .*it works along dim 0, the batch of patches",
+                   forward=lambda self, x: F.softmax(self.layers[0](x).flatten(1), 0))
+    _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"Tensor\.std .*it computes a statistic over the batch of patches",
+                   forward=lambda self, x: (self.layers[0](x) - self.layers[0](x).std(0, keepdim=True)).flatten(1))
+    _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"it indexes with \(<a constant tensor of shape \(2,\)>,\)",
+                   forward=lambda self, x: self.layers[0](x).flatten(1)[torch.arange(x.shape[0]).flip(0)])
+    _torch_refusal(tb, [nn.Linear(2, 3).double(), nn.Conv2d(1, 2, 5)], 5,  # (a float64 head declared first)
+                   r"should be the same -- convert ran Cp on float64 patches, the dtype of its first floating",
+                   forward=lambda self, x: self.layers[0](self.layers[1](x).flatten(1).double()).float())
 
 
 def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):

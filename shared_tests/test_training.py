@@ -396,6 +396,141 @@ def test_torch_parameters_transformed_in_forward_follow_their_parameters(tb):
         assert max_rel_error(g.reshape(e.shape), e) <= TOL["float64"]
 
 
+def test_torch_gradients_stopped_in_forward_stay_stopped(tb):
+    """What Cp's forward computes inside torch.no_grad() or detaches (a frozen backbone under a trained head, a
+    stop-gradient normaliser computed from a parameter) gets no gradient through CI either, and
+    torch.utils.checkpoint (reentrant or not) passes it on: every parameter's gradient and the image's equal Cp's on
+    every patch (float64).  CI ignored both (the frozen backbone got gradients up to 12.7, one SGD step moved it)."""
+    import torch
+    import torch.nn as nn
+    import torch.utils.checkpoint as checkpoint
+
+    class Cp(nn.Module):
+        def __init__(self, freeze):
+            super().__init__()
+            self.backbone, self.mid, self.head = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 3, 2, stride=2)
+            self.freeze = freeze
+
+        def forward(self, x):
+            if self.freeze == "no_grad":
+                with torch.no_grad():
+                    y = torch.relu(self.backbone(x))
+                    norm = self.head.weight.norm()  # from a parameter alone
+                return self.head(torch.tanh(self.mid(y))) / norm
+            if self.freeze == "detach":
+                return self.head(self.mid(torch.relu(self.backbone(x)).detach()))
+            block = lambda t: torch.relu(self.mid(torch.relu(self.backbone(t))))  # noqa: E731
+            return self.head(checkpoint.checkpoint(block, x, use_reentrant=self.freeze == "reentrant"))
+
+    images = torch.from_numpy(netspec.random_images(2, 2, 9, 11, seed=4).transpose(0, 3, 1, 2))
+    for freeze in ("no_grad", "detach", "reentrant", "non-reentrant"):
+        torch.manual_seed(3)
+        cp = Cp(freeze).double()
+        ci = tb.FDFE.convert(cp, 4)
+        weights = torch.from_numpy(np.random.default_rng(5).standard_normal((2, 3, 9, 11)))
+        values, grads = [], []
+        for run in (ci, lambda x: tb.FDFE.dense_reference(cp, x, 4, differentiable=True)):
+            x = images.clone().requires_grad_()
+            cp.zero_grad(set_to_none=True)
+            values.append(run(x))
+            (values[-1] * weights).sum().backward()  # (not autograd.grad: reentrant checkpoints refuse it)
+            grads.append([x.grad] + [q.grad for q in cp.parameters()])
+        assert max_rel_error(values[0].detach(), values[1].detach()) <= TOL["float64"], freeze
+        got, expected = grads
+        for g, e in zip(got, expected):
+            assert (g is None) == (e is None), freeze
+            if e is not None:
+                assert max_rel_error(g.reshape(e.shape), e) <= TOL["float64"], freeze
+        assert (expected[1] is None) == (freeze in ("no_grad", "detach"))  # (the backbone: frozen, or not)
+
+
+def test_keras_stop_gradient_stays_stopped(kb):
+    """Keras' twin of the frozen backbone: keras.ops.stop_gradient (tf.stop_gradient) in call() is an op CI runs as
+    it is, so the gradients of the first convolution are None, as on every patch, and the others equal Cp's."""
+    import keras
+    import tensorflow as tf
+    keras.utils.set_random_seed(3)
+    L = keras.layers
+    inp = keras.Input((4, 4, 2), dtype="float64")
+    backbone, head = L.Conv2D(4, 3, dtype="float64"), L.Conv2D(3, 2, dtype="float64")
+    y = L.Lambda(lambda t: keras.ops.stop_gradient(keras.ops.relu(t)), dtype="float64")(backbone(inp))
+    cp = keras.Model(inp, L.Flatten(dtype="float64")(head(y)))
+    ci = kb.FDFE.convert(cp, 4)
+    images = tf.constant(netspec.random_images(2, 2, 9, 11, seed=4), tf.float64)
+    weights = tf.constant(np.random.default_rng(5).standard_normal((2, 9, 11, 3)))
+    grads = []
+    for run in (ci, lambda x: kb.FDFE.dense_reference(cp, x, 4, differentiable=True)):
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            loss = tf.reduce_sum(run(images) * weights)
+        grads.append(tape.gradient(loss, [images] + backbone.trainable_weights + head.trainable_weights))
+    for got, expected in zip(*grads):
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            assert max_rel_error(got, expected) <= TOL["float64"]
+    assert grads[1][0] is None and grads[1][1] is None and grads[1][3] is not None
+
+
+def test_torch_gradients_that_ci_cannot_give_are_refused_when_asked_for(tb):
+    """A custom autograd.Function (a straight-through rounding, a gradient reversal), a hook on an activation's
+    gradient and a module backward hook set Cp's gradients in ways CI's dense ops cannot follow: CI's values stay
+    exact, and a backward through CI, or forward-mode AD, raises naming what (CI gave other gradients silently)."""
+    import torch
+    import torch.nn as nn
+
+    class Round(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return torch.round(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    class Reverse(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return -grad
+
+    class Cp(nn.Module):
+        def __init__(self, kind):
+            super().__init__()
+            self.a, self.b, self.kind = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 3, 2, stride=2), kind
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            if self.kind == "round":
+                y = Round.apply(3 * y)
+            elif self.kind == "reverse":
+                y = Reverse.apply(y)
+            elif self.kind == "hook" and y.requires_grad:
+                y.register_hook(lambda g: 10 * g)
+            return self.b(y)
+
+    images = torch.from_numpy(netspec.random_images(1, 2, 9, 11, seed=4).transpose(0, 3, 1, 2))
+    cases = {"round": r"the custom autograd\.Function Round \(in Cp\.forward",
+             "reverse": r"the custom autograd\.Function Reverse",
+             "hook": r"a hook on the gradient of an activation \(Tensor\.register_hook",
+             "module hook": r"backward hooks of its module 'b'"}
+    for kind, what in cases.items():
+        torch.manual_seed(3)
+        cp = Cp(kind).double()
+        if kind == "module hook":
+            cp.b.register_full_backward_hook(lambda module, grad_in, grad_out: (0 * grad_in[0],))
+        ci = tb.FDFE.convert(cp, 4)
+        with torch.no_grad():
+            assert max_rel_error(ci(images), tb.FDFE.dense_reference(cp, images, 4)) <= TOL["float64"], kind
+        out = ci(images)  # (gradients on: values as well)
+        with pytest.raises(RuntimeError, match=r"CI cannot give Cp's gradients: Cp uses " + what):
+            out.sum().backward()
+        with pytest.raises(RuntimeError, match=r"CI cannot give Cp's gradients"):
+            torch.func.jvp(ci, (images,), (torch.ones_like(images),))
+
+
 def test_keras_parameters_transformed_in_call_follow_their_parameters(kb):
     """The Keras twin: a layer whose call scales by exp(its weight); assigning the weight reaches CI, and the
     gradients reach the weight (float64, against Cp on every patch)."""
