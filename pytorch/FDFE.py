@@ -1641,6 +1641,25 @@ def _pool(x, kind, kernel, stride, dilation, norm_type, divisor_override, reuse_
     return F.lp_pool2d(x, norm_type, kernel, stride)
 
 
+def _pool_split_ties(x, kind, kernel):
+    """Stride-1 max (``kind`` "min": min) pooling whose gradient, like that of ``torch.amax`` over the window, is
+    shared equally among the window's tied extrema (``F.max_pool2d`` gives it to one of them): the pooled values
+    plus a term that is zero but carries that gradient, the mean of each window's tied entries (one pass per
+    position of the window; used only where autograd or forward-mode AD watches)."""
+    kernel = _pair(kernel, "kernel")
+    pooled = _pool(x.detach(), kind, kernel, (1, 1), (1, 1), 2.0, None)
+    h, w = pooled.shape[-2:]
+    total = count = None
+    for dy in range(kernel[0]):
+        for dx in range(kernel[1]):
+            part = x[..., dy:dy + h, dx:dx + w]
+            tied = part.detach() == pooled
+            term = torch.where(tied, part, torch.zeros_like(part))
+            total, count = (term, tied.to(x.dtype)) if total is None else (total + term, count + tied)
+    mean = total / count
+    return pooled + (mean - mean.detach()).nan_to_num(0.0)  # (0, and NaN where the extremum is infinite or NaN)
+
+
 def _separable_max_applies(x, kernel, stride, dilation) -> bool:
     """Whether :func:`_separable_max_pool` replaces ``F.max_pool2d``: stride-1, undilated max pooling
     on the CPU, with autograd not recording through ``x`` (its backward would split the gradient
@@ -2822,6 +2841,7 @@ def _inplace_variants(func):
 
 class _PoolStep(_Step):
     """Multipooling (stride 1 when the pooling is global over the patch-level map)."""
+    split_ties = False  # amax / amin over positions: the gradient is shared among tied extrema (max_pool2d's is not)
 
     def __init__(self, node, kind, kernel, stride, dilation=(1, 1), norm_type=2.0, divisor_override=None):
         super().__init__(node.in_slots[:1], node.out_slots, f"multi_pool({kind}, kernel={kernel}, stride={stride})")
@@ -2833,6 +2853,8 @@ class _PoolStep(_Step):
         return self.kernel == (1, 1) and self.stride == (1, 1)
 
     def run(self, values, net, overwrite=False):
+        if self.split_ties and _autodiff_watches(values[0]):  # (stride 1: a pooling over positions of the patch)
+            return [_pool_split_ties(values[0], self.kind, self.kernel)]
         # no shifts to compute: none that an output uses (output_stride), or stride 1 in naive mode (the global
         # kinds "sum" and "min" among them, which multi_pool does not take)
         if net._without_shifts(self) or (net.naive and self.stride == (1, 1)):
@@ -3409,7 +3431,9 @@ def _make_reduce_rule(kind):
                                 f"dense (as a pooling of {'h x 1' if spatial == [2] else '1 x w'} windows)")
             window = (h, 1) if spatial == [2] else (1, w)
             pooled = geom.with_(size=(1, w) if spatial == [2] else (h, 1), kind=MAP if keepdim else VIEW)
-            return _PoolStep(node, kind, window, (1, 1)), [pooled]  # (N, C, w) without keepdim: a view of it
+            step = _PoolStep(node, kind, window, (1, 1))
+            step.split_ties = kind in ("max", "min")  # (amax, amin)
+            return step, [pooled]  # (N, C, w) without keepdim: a view of it
         if (geom.kind == MAP and spatial == [2, 3]) or flattened:  # x.view(N, C, -1).mean(-1)
             if p.get("dtype") is not None:
                 raise node.fail(f"a global pooling with dtype={p['dtype']} (cast before it instead: "
@@ -3420,6 +3444,7 @@ def _make_reduce_rule(kind):
                 raise node.fail(f"only mean, sum, amax and amin over the spatial axes are supported (as global "
                                 f"pooling){hint}")
             step, (pooled,) = _global_pool_step(node, geom.with_(kind=MAP), kind, keep_map=True)
+            step.split_ties = kind in ("max", "min")  # (amax, amin)
             return step, [_geom_of_shape(pooled, node.out_shapes[0])]  # (a 1x1 map, its (N, C, 1) or (N, C) views)
         rank = 4 if geom.kind == MAP else len(shape)
         if any(d % rank == 0 for d in dims):

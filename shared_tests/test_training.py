@@ -444,6 +444,39 @@ def test_torch_gradients_stopped_in_forward_stay_stopped(tb):
         assert (expected[1] is None) == (freeze in ("no_grad", "detach"))  # (the backbone: frozen, or not)
 
 
+def test_torch_amax_over_positions_shares_its_gradient_among_ties(tb):
+    """x.amax((2, 3)) (and amin, and amax over one axis) of a patch where several positions tie for the extremum (a
+    saturated region of an 8-bit image) shares its gradient equally among them, as torch.amax does; CI's max pooling
+    gave it all to one position (0.34 off on the image's gradient, 1.56 on a jvp, silently).  Gradients and jvp
+    equal Cp's on every patch (float64); forward values are unchanged."""
+    import torch
+    import torch.nn as nn
+
+    class Cp(nn.Module):
+        def __init__(self, reduce):
+            super().__init__()
+            self.conv, self.mix, self.reduce = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 1), reduce
+
+        def forward(self, x):
+            return self.reduce(self.mix(torch.relu(self.conv(x))) + x[:, :, 1:-1, 1:-1])
+
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 1, 12, 14)).astype(np.float64))
+    image[..., 3:9, 4:11] = 255.0
+    image = image / 255.0
+    tangent = torch.from_numpy(np.random.default_rng(1).standard_normal(tuple(image.shape)))
+    for reduce in (lambda y: y.amax((2, 3)), lambda y: y.amin((2, 3)), lambda y: y.amax(2).amax(-1)):
+        torch.manual_seed(0)
+        cp = Cp(reduce).double()
+        ci = tb.FDFE.convert(cp, 8)
+        weights = torch.from_numpy(np.random.default_rng(5).standard_normal((1, 4, 12, 14)))
+        _compare(torch_gradients(tb, cp, image, 8, weights, ci=ci), torch_gradients(tb, cp, image, 8, weights),
+                 "amax")
+        _, jvp_ci = torch.func.jvp(ci, (image,), (tangent,))
+        _, jvp_cp = torch.func.jvp(lambda z: tb.FDFE.dense_reference(cp, z, 8, differentiable=True), (image,),
+                                   (tangent,))
+        assert max_rel_error(jvp_ci.detach(), jvp_cp.detach()) <= TOL["float64"]
+
+
 def test_keras_stop_gradient_stays_stopped(kb):
     """Keras' twin of the frozen backbone: keras.ops.stop_gradient (tf.stop_gradient) in call() is an op CI runs as
     it is, so the gradients of the first convolution are None, as on every patch, and the others equal Cp's."""
