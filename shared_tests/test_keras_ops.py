@@ -596,3 +596,29 @@ def test_keras_arg_max_and_min_over_the_channels(kb):
     with pytest.raises(kb.FDFE.ConversionError, match=r"takes the arg max of a 3x3x4 map along axis 1; only the "
                                                       r"channel axis \(-1\)"):
         kb.FDFE.convert(keras.Model(inp, L.Flatten()(x)), 5)
+
+
+# --- settings of Cp changed after convert ---------------------------------------------------------------
+
+def test_keras_lambda_arguments_changed_after_convert_are_refused(kb):
+    """A Lambda's ``arguments`` were not among the settings compared where CI runs: reassigned, or changed in
+    place, after convert, Cp used the new value and CI the old one (3.0 off), silently.  They are compared by value
+    now (arrays too; other objects by identity), and CI refuses to run, naming the layer and the setting."""
+    import keras
+    L = keras.layers
+    images = _images(1)[:, :9, :11]
+    changes = [(lambda lam: setattr(lam, "arguments", {"t": 5.0, "v": lam.arguments["v"]}), r"'t': 5.0"),
+               (lambda lam: lam.arguments.__setitem__("t", -1.0), r"'t': -1.0"),
+               (lambda lam: lam.arguments["v"].__setitem__(1, 7.0), r"'v': array\(\[1\., 7\., 3\.\]")]
+    for change, now in changes:
+        keras.utils.set_random_seed(0)
+        lam = L.Lambda(lambda x, t, v: x * t + v, arguments={"t": 2.0, "v": np.array([1.0, 2.0, 3.0], "float32")})
+        cp = keras.Sequential([keras.Input((6, 6, 1)), L.Conv2D(3, 3), lam, L.Flatten(), L.Dense(2)])
+        ci = kb.FDFE.convert(cp, 6)
+        lam.arguments = dict(lam.arguments)  # the same values: followed
+        assert max_rel_error(ci(images), kb.FDFE.dense_reference(cp, images, 6)) <= TOL["float32"]
+        change(lam)
+        with pytest.raises(ValueError, match=r"Cp changed after convert: layer 'lambda.*' changed its arguments from "
+                                             r"\{'t': 2.0, 'v': array\(\[1\., 2\., 3\.\].*to \{.*" + now +
+                                             r".*convert Cp again"):
+            ci(images)

@@ -1940,8 +1940,8 @@ _LAYER_SETTINGS = ("filters", "kernel_size", "strides", "dilation_rate", "paddin
                    "pool_size", "depth_multiplier", "units", "use_bias", "axis", "epsilon", "center", "scale", "offset",
                    "cropping", "size", "target_shape", "dims", "negative_slope", "max_value", "threshold", "alpha",
                    "shared_axes", "invert", "keepdims", "output_size", "approximate", "height", "width",
-                   "rms_scaling", "function", "interpolation", "crop_to_aspect_ratio")  # (Normalization's statistics:
-#: variables, which CI reads at every call)
+                   "rms_scaling", "function", "arguments", "interpolation", "crop_to_aspect_ratio")  # (Normalization's
+#: statistics: variables, which CI reads at every call)
 #: public attributes of Keras' layers and models that are not settings of what they compute (training state,
 #: bookkeeping, inference-mode no-ops), for layers of the user's own, which are compared by all their settings
 _KERAS_BOOKKEEPING = frozenset({"name", "built", "trainable", "autocast", "supports_jit", "supports_masking",
@@ -1958,17 +1958,84 @@ def _is_plain(value) -> bool:
     return isinstance(value, _PLAIN_TYPES) or (isinstance(value, (tuple, list)) and all(map(_is_plain, value)))
 
 
-def _snapshot(value):
-    """A setting as recorded and compared: lists as tuples (a list changed in place differs from its record)."""
-    return tuple(_snapshot(v) for v in value) if isinstance(value, list) else value
+class _Same:
+    """A recorded setting that is compared by identity (a function, a layer, a tensor): equal to the record of the
+    same object only."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.value is self.value
+
+    def __hash__(self):
+        return id(self.value)
+
+    def __repr__(self):
+        return repr(getattr(self.value, "__name__", self.value))
+
+
+class _ArrayRecord:
+    """A numpy array or number recorded by value: a copy taken when recorded (a change of the array in place
+    differs from it), equal to another record of the same dtype, shape and bytes."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, value):
+        self.array = np.array(value, copy=True)
+
+    def __eq__(self, other):
+        return (isinstance(other, _ArrayRecord) and self.array.dtype == other.array.dtype
+                and self.array.shape == other.array.shape and self.array.tobytes() == other.array.tobytes())
+
+    def __hash__(self):
+        return hash((self.array.dtype.str, self.array.shape))
+
+    def __repr__(self):
+        with np.printoptions(threshold=8, edgeitems=2):
+            return repr(self.array)
+
+
+class _DictRecord:
+    """A dict recorded by the records of its values (:func:`_snapshot`): a change in place, or another dict with
+    other values, differs from it."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, value, depth):
+        self.items = tuple((k, _snapshot(v, depth)) for k, v in value.items())
+
+    def __eq__(self, other):
+        return isinstance(other, _DictRecord) and dict(self.items) == dict(other.items)
+
+    def __hash__(self):
+        return hash(frozenset(k for k, _ in self.items))
+
+    def __repr__(self):
+        return "{" + ", ".join(f"{k!r}: {v!r}" for k, v in self.items) + "}"
+
+
+def _snapshot(value, depth=0):
+    """A setting as recorded and compared (:func:`_same_setting`): numbers, strings and None as they are, tuples and
+    lists as tuples of their records (a list changed in place differs from its record), dicts by the records of
+    their values (_DictRecord), numpy arrays and numbers by value (a copy: _ArrayRecord), anything else (and
+    what is nested deeper than 8 levels) by identity (_Same)."""
+    if isinstance(value, _PLAIN_TYPES):
+        return value
+    if depth < 8 and isinstance(value, (tuple, list)):
+        return tuple(_snapshot(v, depth + 1) for v in value)
+    if depth < 8 and isinstance(value, dict):
+        return _DictRecord(value, depth + 1)
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.dtype != object):
+        return _ArrayRecord(value)
+    return _Same(value)
 
 
 def _same_setting(a, b) -> bool:
-    """Plain settings by value (NaN equal to NaN), others by identity."""
-    if a is b:
-        return True
-    if not (_is_plain(a) and _is_plain(b)):
-        return False
+    """Whether two records of a setting (:func:`_snapshot`) are equal: plain values and arrays by value (NaN equal to
+    NaN), others by identity."""
     return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
 
 
@@ -4487,7 +4554,8 @@ class DenseFeatureModel(keras.Model):
             changed = [(k, a, b) for k, a, b in zip(names, values, now) if not _same_setting(a, b)]
             if changed:
                 key, was, is_ = changed[0]
-            was, is_ = getattr(was, "__name__", was), getattr(is_, "__name__", is_)
+            if key == "activation":
+                was, is_ = getattr(was, "__name__", was), getattr(is_, "__name__", is_)
             raise ValueError(f"Cp changed after convert: layer '{layer.name}' changed its {key} from {was!r} to "
                              f"{is_!r}. CI runs the ops convert built, which no longer are Cp's: convert Cp again "
                              f"(new weights, LoRA and load_weights are followed without converting again)")
