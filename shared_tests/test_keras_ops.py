@@ -622,3 +622,42 @@ def test_keras_lambda_arguments_changed_after_convert_are_refused(kb):
                                              r"\{'t': 2.0, 'v': array\(\[1\., 2\., 3\.\].*to \{.*" + now +
                                              r".*convert Cp again"):
             ci(images)
+
+
+def test_keras_dicts_and_arrays_of_ones_own_layers_changed_after_convert_are_refused(kb, tmp_path):
+    """Attributes of one's own layers held in a dict or a numpy array (``self.cfg = {"t": 2.0}``, ``self.w =
+    np.array(...)``) were not compared: changed in place or reassigned after convert, CI kept the old values (1.9
+    off), silently.  They are compared by value now, as numbers are; a dict that call() fills as it runs (state)
+    is not compared, and neither training CI nor saving it is refused."""
+    import keras
+    L = keras.layers
+
+    class Scale(L.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.cfg, self.w, self.seen = {"t": 2.0}, np.array([1.0, 2.0, 3.0], "float32"), {}
+
+        def call(self, x):
+            self.seen[len(self.seen)] = tuple(x.shape)  # state: changes at every call
+            return x * self.cfg["t"] * self.w + 0.5
+    images = _images(1)[:, :9, :11]
+    changes = [(lambda s: s.cfg.__setitem__("t", 5.0), r"cfg from \{'t': 2.0\} to \{'t': 5.0\}"),
+               (lambda s: setattr(s, "cfg", {"t": 5.0}), r"cfg from \{'t': 2.0\} to \{'t': 5.0\}"),
+               (lambda s: s.w.__setitem__(slice(None), [3.0, -1.0, 0.5]), r"w from array\(\[1\., 2\., 3\.\]"),
+               (lambda s: setattr(s, "w", np.array([3.0, -1.0, 0.5], "float32")), r"w from array\(\[1\., 2\., 3\.\]")]
+    for change, message in changes:
+        keras.utils.set_random_seed(0)
+        scale = Scale()
+        cp = keras.Sequential([keras.Input((6, 6, 1)), L.Conv2D(3, 3), scale, L.Flatten(), L.Dense(2)])
+        ci = kb.FDFE.convert(cp, 6)
+        scale.cfg, scale.w = dict(scale.cfg), scale.w.copy()  # the same values: followed
+        assert max_rel_error(ci(images), kb.FDFE.dense_reference(cp, images, 6)) <= TOL["float32"]
+        change(scale)
+        with pytest.raises(ValueError, match=r"Cp changed after convert: layer 'scale.*' changed its " + message +
+                                             r".*convert Cp again"):
+            ci(images)
+    ci = kb.FDFE.convert(cp, 6)  # (the changed values, converted again)
+    ci.compile(optimizer="sgd", loss="mse")
+    ci.fit(images, np.zeros((N, 9, 11, 2), "float32"), epochs=1, verbose=0)
+    ci.save(str(tmp_path / "ci.keras"))
+    assert max_rel_error(ci(images), kb.FDFE.dense_reference(cp, images, 6)) <= TOL["float32"]

@@ -1953,9 +1953,18 @@ _KERAS_BOOKKEEPING = frozenset({"name", "built", "trainable", "autocast", "suppo
 _PLAIN_TYPES = (bool, int, float, str, type(None))
 
 
-def _is_plain(value) -> bool:
-    """Numbers, strings, None, and tuples and lists of them: settings compared by value (others by identity)."""
-    return isinstance(value, _PLAIN_TYPES) or (isinstance(value, (tuple, list)) and all(map(_is_plain, value)))
+def _is_plain(value, depth=0) -> bool:
+    """Numbers, strings, None, numpy arrays (not of objects) and numbers, and tuples, lists and dicts of them:
+    settings compared by value (others by identity; :func:`_snapshot`)."""
+    if isinstance(value, _PLAIN_TYPES + (np.generic,)):
+        return True
+    if isinstance(value, np.ndarray):
+        return value.dtype != object
+    if depth < 8 and isinstance(value, (tuple, list)):
+        return all(_is_plain(v, depth + 1) for v in value)
+    if depth < 8 and isinstance(value, dict):
+        return all(_is_plain(k, depth + 1) and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
 
 
 class _Same:
