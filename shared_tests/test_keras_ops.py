@@ -661,3 +661,34 @@ def test_keras_dicts_and_arrays_of_ones_own_layers_changed_after_convert_are_ref
     ci.fit(images, np.zeros((N, 9, 11, 2), "float32"), epochs=1, verbose=0)
     ci.save(str(tmp_path / "ci.keras"))
     assert max_rel_error(ci(images), kb.FDFE.dense_reference(cp, images, 6)) <= TOL["float32"]
+
+
+def test_keras_ops_that_do_not_broadcast_with_constants_of_the_maps_shape(kb, tmp_path):
+    """TensorFlow's Select (tf.compat.v1.where, and inside tf.clip_by_norm), ClipByValue with tensor bounds and
+    AddN (tf.add_n) take operands of one shape.  A constant of the map's shape (``tf.zeros_like(h)``) becomes its
+    value per channel in CI, [1, 1, 1, C], which these ops did not accept: convert failed inside TensorFlow
+    ("must have the same size and shape").  CI broadcasts such constants to the dense map's shape now: exact."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+
+    def body(h):
+        h = tf.clip_by_norm(h, 1.0, axes=[-1])  # (per pixel: the L2 norm over the channels)
+        h = tf.compat.v1.where(h > 0.1, h, tf.zeros_like(h) - 0.5)
+        h = tf.raw_ops.ClipByValue(t=h, clip_value_min=tf.zeros_like(h) - 0.3, clip_value_max=tf.ones_like(h))
+        return tf.add_n([h, tf.ones_like(h), h * h])
+
+    def transposed(h):  # a map with its channels moved to axis 1 and back
+        t = tf.clip_by_norm(tf.transpose(h, (0, 3, 1, 2)), 0.5, axes=[1])
+        return tf.transpose(tf.add_n([t, tf.ones_like(t)]), (0, 2, 3, 1))
+    keras.utils.set_random_seed(11)
+    inp = keras.Input((8, 7, 2))
+    x = L.Lambda(body)(L.Conv2D(4, 3)(inp) * 3.0)
+    x = L.Lambda(transposed)(L.Conv2D(5, 2)(L.MaxPooling2D(2)(x)))
+    cp = keras.Model(inp, L.Flatten()(x))
+    ci = _assert_exact(kb, cp, (8, 7), 2)
+    _assert_exact(kb, cp, (8, 7), 2, naive=True, tile=(6, 7))
+    images = _images(2)
+    ci.save(str(tmp_path / "clip.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "clip.keras"))
+    assert max_rel_error(loaded(images), kb.FDFE.dense_reference(cp, images, (8, 7))) <= TOL["float32"]

@@ -3742,6 +3742,29 @@ _ELEMENTWISE_OPS = (
     "Bitcast", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "Invert", "LeftShift", "RightShift")
 
 
+#: element-wise ops that TensorFlow does not broadcast (tf.compat.v1.where and tf.clip_by_norm: Select;
+#: tf.raw_ops.ClipByValue with tensor bounds; tf.add_n: AddN): their operands have one shape in Cp
+_SAME_SHAPE_OPS = ("Select", "ClipByValue", "AddN")
+
+
+def _broadcast_replaced(call, recorded, args):
+    """For the ops that TensorFlow does not broadcast (_SAME_SHAPE_OPS): the constants of the map's shape that
+    _same_at_every_position replaced by their values per channel ([1, ..., 1, C]) are broadcast back, where CI
+    runs, to the shape of the op's first dense operand, whose shape they had in Cp (the same values at every
+    position).  ``args`` (the operands after replacing) as they are for other ops; ``recorded``: the op's
+    operands before."""
+    dense = next((spec for spec in _flat_specs(args) if "input" in spec), None)
+    if call.type not in _SAME_SHAPE_OPS or dense is None:
+        return args
+    shape = {"op": "Shape", "args": {"input": dense}, "attrs": {"out_type": ["type", "int32"]}}
+
+    def widen(before, after):
+        return after if after is before else {"op": "BroadcastTo", "args": {"input": after, "shape": shape},
+                                              "attrs": {}}
+    return {name: [widen(b, a) for b, a in zip(recorded[name], spec)] if isinstance(spec, list)
+            else widen(recorded[name], spec) for name, spec in args.items()}
+
+
 @_takes_transposed
 @_op_rule_for(*_ELEMENTWISE_OPS, label="TensorFlow element-wise ops in call() (keras.ops, tf.math, tf.nn, "
                                        "arithmetic on tensors, casts, tf.where): applied per pixel")
@@ -3787,6 +3810,7 @@ def _rule_elementwise_op(call, geoms):
                                 f"changes them); only scalars and per-channel values can be made dense")
             raise call.fail(f"it combines {first.describe()} with a constant of shape {list(shape)}, which differs "
                             f"per position of the patch; only scalars and per-channel constants can be made dense")
+    args = _broadcast_replaced(call, call.args, args)
     return _op_runner(call, args, unwarps), [first.with_(channels=out[-1] if _per_channel(first, out) else None)]
 
 
@@ -3806,7 +3830,7 @@ def _elementwise_transposed(call, geoms, shapes, out):
             continue
         raise call.fail(f"it combines {first.describe()} with a value of shape {list(shape)}, which differs per "
                         f"position of the patch; only scalars and per-channel values ((C, 1, 1)) can be made dense")
-    return _op_runner(call, args, unwarps), [first.with_(channels=out[1])]
+    return _op_runner(call, _broadcast_replaced(call, call.args, args), unwarps), [first.with_(channels=out[1])]
 
 
 _TRANSPOSE_HINT = ("CI keeps the channels of every pixel on the last axis (or, after a transpose (0, 3, 1, 2) of a "
