@@ -692,3 +692,35 @@ def test_keras_ops_that_do_not_broadcast_with_constants_of_the_maps_shape(kb, tm
     ci.save(str(tmp_path / "clip.keras"))
     loaded = keras.models.load_model(str(tmp_path / "clip.keras"))
     assert max_rel_error(loaded(images), kb.FDFE.dense_reference(cp, images, (8, 7))) <= TOL["float32"]
+
+
+def test_keras_rescaling_by_arrays_of_the_patchs_positions(kb, tmp_path):
+    """A Rescaling whose scale is an array of the patch's shape, (h, w, 1), was reused on the dense map: convert's
+    self-check failed inside TensorFlow ("Incompatible shapes"), and with check=False images whose dense map
+    broadcast against it gave wrong values, silently.  A scale or offset that differs per position of the patch
+    is refused now, naming the layer; one that holds one value per channel at every position (of a map or of a
+    flattened map) gives those values, exact."""
+    import keras
+    L = keras.layers
+    per_position = np.arange(16, dtype="float32").reshape(4, 4, 1) / 10 + 1
+    for layers, shape in (([L.Conv2D(3, 3), L.Rescaling(scale=per_position)], r"\(4, 4, 1\)"),
+                          ([L.Conv2D(3, 3), L.Flatten(), L.Rescaling(scale=per_position.ravel().repeat(3))],
+                           r"\(48,\)")):
+        net = keras.Sequential([keras.Input((6, 6, 2))] + layers + [L.Flatten()])
+        for check in (True, False):
+            with pytest.raises(kb.FDFE.ConversionError, match=r"layer 'rescaling.*' \(Rescaling\) cannot be made "
+                                                              r"dense exactly: its scale \(shape " + shape +
+                                                              r"\) differs per position of the patch"):
+                kb.FDFE.convert(net, 6, check=check)
+    keras.utils.set_random_seed(12)
+    uniform = L.Rescaling(scale=np.full((3, 3, 1), 2.0, "float32"), offset=np.tile([0.5, -1.0, 2.0], (3, 3, 1)))
+    net = keras.Sequential([keras.Input((8, 9, 2)), L.Conv2D(3, 3), L.MaxPooling2D(2), uniform, L.Conv2D(4, 2),
+                            L.Flatten(), L.Rescaling(scale=np.tile([1.0, -2.0, 3.0, 0.5], 4)), L.Dense(3)])
+    ci = _assert_exact(kb, net, (8, 9), 2)
+    images = _images(2)
+    ci.save(str(tmp_path / "rescaling.keras"))
+    np.testing.assert_array_equal(keras.models.load_model(str(tmp_path / "rescaling.keras"))(images).numpy(),
+                                  ci(images).numpy())
+    uniform.offset[0, 0, 0] = 1.5  # (compared by value where CI runs)
+    with pytest.raises(ValueError, match=r"layer 'rescaling.*' changed its offset"):
+        ci(images)

@@ -3144,14 +3144,42 @@ def _cast_as_layer_input(layer, x):
 @_rule_for(keras.layers.Rescaling, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU,
            label="element-wise layers (applied per pixel)")
 def _rule_reuse(call, geoms):
-    """Layers that act per pixel (activations, rescaling): reused unchanged."""
+    """Layers that act per pixel (activations, rescaling): reused unchanged (a Rescaling whose scale or offset is
+    an array of the patch's positions that holds one value per channel: see :func:`_rescaling_per_channel`)."""
     if call.out_shape != call.in_shapes[0]:
         raise call.fail(f"its output {call.out_shape} does not have the shape of its input {call.in_shapes[0]}")
     if geoms[0].kind == TRANSPOSED and isinstance(call.layer, keras.layers.Rescaling) and (
             np.ndim(call.layer.scale) or np.ndim(call.layer.offset)):
         raise call.fail(f"its scale or offset has one entry per channel of the last axis, which is not the channel "
                         f"axis of {geoms[0].describe()}")
+    if isinstance(call.layer, keras.layers.Rescaling):
+        values = [_rescaling_per_channel(call, geoms[0], k) for k in ("scale", "offset")]
+        if any(v is not None for v in values):  # CI computes with the values per channel (a Rescaling of its own)
+            scale, offset = (getattr(call.layer, k) if v is None else v for k, v in zip(("scale", "offset"), values))
+            layer = keras.layers.Rescaling(scale=scale, offset=offset, dtype=call.layer.dtype_policy)
+            return _reuse(layer), [geoms[0]]
     return _reuse(call.layer), [geoms[0]]
+
+
+def _rescaling_per_channel(call, geom, key):
+    """A Rescaling layer's ``key`` ("scale" or "offset"): None where it is a scalar, or one value per channel of
+    the map's positions; else, where it is an array (of the patch's shape, or of a flattened map) that holds the
+    same value per channel at every position of the patch, those values (a list, one per channel); otherwise
+    refused: it differs per position of the patch (or per patch of the batch), which no dense computation gives."""
+    value, channels, shape = getattr(call.layer, key), geom.channels, tuple(call.in_shapes[0])
+    if np.ndim(value) == 0 or (np.ndim(value) == 1 and len(value) in (1, channels) and shape[-1] == channels):
+        return None
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise call.fail(f"its {key} is a {type(value).__name__} of shape {tuple(np.shape(value))}; only a scalar, "
+                        f"one value per channel, or an array that holds one value per channel at every position of "
+                        f"the patch can be made dense")
+    array = np.asarray(value)
+    rows = np.broadcast_to(array, shape).reshape(-1, channels)  # (a flattened map's entries: H, W, C order)
+    if not np.array_equal(rows, np.broadcast_to(rows[:1], rows.shape), equal_nan=array.dtype.kind in "fc"):
+        raise call.fail(f"its {key} (shape {tuple(array.shape)}) differs per position of the patch (or per patch "
+                        f"of the batch); only scalars and per-channel values (the same at every position) can be "
+                        f"made dense")
+    return rows[0].tolist()
 
 
 @_takes_transposed
