@@ -724,3 +724,30 @@ def test_keras_rescaling_by_arrays_of_the_patchs_positions(kb, tmp_path):
     uniform.offset[0, 0, 0] = 1.5  # (compared by value where CI runs)
     with pytest.raises(ValueError, match=r"layer 'rescaling.*' changed its offset"):
         ci(images)
+
+
+@pytest.mark.filterwarnings("ignore:`build\\(\\)` was called on layer")  # Net.d unused in the refused nets
+def test_keras_ops_that_compute_with_the_batch_size_are_refused(kb):
+    """``x * tf.cast(tf.shape(x)[0], ...)`` computes with the number of patches in Cp's batch, which the traced
+    graph holds as a constant: convert's self-check said "internal check failed ... Please report it", and with
+    check=False CI was 0.98 off, silently.  Such ops are refused now, naming the op and the batch size; sizes of
+    the patch's maps and the channel count, reshapes to (tf.shape(x)[0], -1) and constants of the map's shape are
+    the same for any batch, and convert."""
+    import keras
+    import tensorflow as tf
+
+    def legit(s, x):
+        h = s.a(x)
+        size = tf.cast(tf.shape(h)[1] * tf.shape(h)[2], h.dtype) / tf.cast(tf.shape(h)[-1], h.dtype)
+        h = h * size + tf.fill(tf.shape(h), 0.5) * h.shape[-1] - tf.ones_like(h)
+        return s.d(tf.reshape(s.b(h), [tf.shape(h)[0], -1]))
+    keras.utils.set_random_seed(13)
+    _assert_exact(kb, _net_with(legit), 7, 1)
+    for body in (lambda s, x: s.b(s.a(x) * tf.cast(tf.shape(x)[0], tf.float32)),
+                 lambda s, x: s.b(s.a(x) / x.shape[0]),
+                 lambda s, x: s.b(s.a(x) + tf.fill(tf.shape(s.a(x)), tf.cast(tf.shape(x)[0], tf.float32)))):
+        for check in (True, False):
+            with pytest.raises(kb.FDFE.ConversionError, match=r"TensorFlow op '.*' \((Mul|RealDiv|AddV2), created at "
+                                                              r"test_keras_ops.py:\d+\) cannot be made dense exactly: "
+                                                              r"its operand '.' is computed from the batch size"):
+                kb.FDFE.convert(_net_with(body), 7, in_channels=1, check=check)

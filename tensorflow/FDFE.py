@@ -2553,6 +2553,28 @@ _RANDOM_IN_TRAINING = (keras.layers.Dropout, keras.layers.SpatialDropout1D, kera
                        keras.layers.AlphaDropout)
 
 
+#: the raw arguments of ops that take a shape, sizes or bounds (a reshape's target, a slice's bounds, a fill's
+#: dims): computed from an activation's shape, they may hold the batch size, which their rules read from the
+#: traced shapes instead (_Tracer.refuse_batch_reads compares the other constant operands)
+_SHAPE_ARGUMENTS = frozenset({"shape", "dims", "begin", "end", "strides", "size", "multiples", "paddings",
+                              "size_splits", "block_shape", "crops", "output_shape"})
+
+
+def _differ_by_batch(was, now) -> bool:
+    """Whether an operand computed from shapes differs between traces of Cp on two batch sizes: by value where
+    it has one shape in both; else by the values it holds (a constant of the batch's shape, such as
+    ``tf.zeros_like(x)``, holds the same values for any batch)."""
+    if was.shape == now.shape:
+        return not np.array_equal(was, now, equal_nan=was.dtype.kind in "fc")
+    return not np.array_equal(np.unique(was), np.unique(now), equal_nan=was.dtype.kind in "fc")
+
+
+def _short_value(value):
+    """A value for messages: its entries where few, else its shape."""
+    value = np.asarray(value)
+    return repr(value.tolist()) if value.size <= 4 else f"an array of shape {list(value.shape)}"
+
+
 class _Tracer:
     """Traces Cp's call() into a TensorFlow graph; records its leaf Keras layers as they are called and the
     TensorFlow ops between them (read from the graph), linked through the graph's tensors.
@@ -2574,6 +2596,7 @@ class _Tracer:
         self.out_slot = None
         self._depends_on_input: Dict[str, bool] = {}
         self._variables = {id(h): v for v in base_net.weights for h in [_handle_of(v)] if h is not None}
+        self.constant_reads: list = []  # (op call, [(input index, raw argument name)]): see refuse_batch_reads
 
     def __enter__(self):
         _install_recording_call()
@@ -2662,24 +2685,90 @@ class _Tracer:
             self.slot_of[tensor.name] = self._resolve(_identity_source(tensor))
             return self.slot_of[tensor.name]
         args, attrs, variables, in_slots, problem = {}, {}, [], [], None
+        reads = []  # its constant operands, which may hold the batch size (tf.shape(x)[0]: see refuse_batch_reads)
         try:
             input_names, attr_names = _raw_op_names(op)
             for name, tensors, is_list in _grouped_inputs(op, input_names):
                 specs = [self._operand(t, in_slots, variables) for t in tensors]
                 args[name] = specs if is_list else specs[0]
+                reads += [name] * len(tensors)
             kinds = {a.name: a.type for a in op.op_def.attr}
             attrs = {raw: _attr_config(op, name, kinds[name]) for name, raw in attr_names.items()}
         except ValueError as exc:
             problem = str(exc)
+        reads = [(k, name) for k, (name, spec) in enumerate(zip(reads, _flat_specs(args)))
+                 if name not in _SHAPE_ARGUMENTS and "input" not in spec and "variable" not in spec]
         out_slots = [self._new_slot(t) for t in op.outputs]
         call = _OpCall(op, args, attrs, variables, in_slots, [self.shapes[s] for s in in_slots], out_slots,
                        [self.shapes[s] for s in out_slots])
+        if reads:
+            self.constant_reads.append((call, reads))
         unknown = [s for s in call.in_shapes + call.out_shapes if None in s]
         if problem is None and unknown:
             problem = f"its traced shapes {unknown} are not fully known"
         call.problem = None if problem is None else call.fail(problem)
         self.calls.append(call)
         return self.slot_of[tensor.name]
+
+    def refuse_batch_reads(self, example):
+        """Refuse the ops that compute with the batch size of an activation (``x * tf.cast(tf.shape(x)[0], ...)``,
+        ``x * x.shape[0]``): the traced graph holds it as a constant (that of the example batch), so CI would
+        compute with it, while Cp's value for a patch depends on how many patches are batched with it.  The
+        constant operands of the recorded ops (``constant_reads``; shape arguments of reshapes, slices and fills,
+        which their rules read from the traced shapes, aside) are compared with those of a trace of Cp on a batch
+        of another size; those that differ make their op's problem.  (Nothing to compare where Cp cannot be traced
+        on that batch, or its graph names the op otherwise.)"""
+        if not self.constant_reads:
+            return
+        batch = int(example.shape[0])
+        spec = tf.TensorSpec([batch + 1] + list(example.shape[1:]), example.dtype)
+        try:
+            graph = tf.function(_GraphBody(lambda patches: self.base_net(patches, training=False)),
+                                autograph=False).get_concrete_function(spec).graph
+        except Exception:  # (Cp rejects the batch size: it is not Cp's concern here)
+            return
+        for call, reads in self.constant_reads:
+            try:
+                other = graph.get_operation_by_name(call.op.name)
+            except (KeyError, ValueError):
+                continue
+            if other.type != call.type or len(other.inputs) != len(call.op.inputs) or call.problem is not None:
+                continue
+            specs = list(_flat_specs(call.args))
+            for k, name in reads:
+                was, now = self._constant_value(specs[k], call.variables), self._value_in(graph, other.inputs[k])
+                if was is not None and now is not None and _differ_by_batch(was, now):
+                    call.problem = call.fail(
+                        f"its operand '{name}' is computed from the batch size of an activation (such as "
+                        f"tf.shape(x)[0] or x.shape[0]): {_short_value(was)} for a batch of {batch} patches, "
+                        f"{_short_value(now)} for {batch + 1}; Cp's result for a patch then depends on how many "
+                        f"patches are batched with it, which CI (one pass over whole images) cannot reproduce: "
+                        f"compute without the batch size")
+                    break
+
+    def _constant_value(self, spec, variables):
+        """The value (a numpy array) of a constant operand's spec (``variables``: those it reads); None where it
+        cannot be computed."""
+        try:
+            if "const" in spec:
+                return np.asarray(spec["const"], dtype=spec["dtype"])
+            return np.asarray(_operand_value(spec, [], variables))
+        except (ValueError, TypeError, tf.errors.OpError):
+            return None
+
+    def _value_in(self, graph, tensor):
+        """The value (a numpy array) of a constant ``tensor`` of ``graph``, another trace of Cp, read as this
+        tracer reads its own graph's constants (:meth:`_constant`); None where it cannot be read (a random op
+        among its constants)."""
+        own, self.graph = self.graph, graph
+        try:
+            variables = []
+            spec = self._constant(tensor, variables)
+        except ValueError:
+            return None
+        finally:
+            self.graph = own
+        return self._constant_value(spec, variables)
 
     def _operand(self, tensor, in_slots, variables):
         """The operand spec of one input of a recorded op (a value computed from the input, or a constant)."""
@@ -4863,6 +4952,7 @@ def _trace(base_net, patch_size, in_channels, guessed=False):
             snapshots.append(_attribute_values(layers))
             with tracer:
                 tracer.trace(example)
+            tracer.refuse_batch_reads(example)
             tracer.snapshots = snapshots + [_attribute_values(layers)]
         except ConversionError:
             raise
