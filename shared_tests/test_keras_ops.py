@@ -751,3 +751,27 @@ def test_keras_ops_that_compute_with_the_batch_size_are_refused(kb):
                                                               r"test_keras_ops.py:\d+\) cannot be made dense exactly: "
                                                               r"its operand '.' is computed from the batch size"):
                 kb.FDFE.convert(_net_with(body), 7, in_channels=1, check=check)
+
+
+def test_keras_two_cis_of_one_cp_in_one_model(kb, tmp_path):
+    """Every CI of a Cp was named "<cp>_dense", so a model using two of them (full resolution and a step) failed:
+    'The name "..._dense" is used 2 times in the model'.  CIs are named uniquely now, as Keras names its layers
+    (the first "<cp>_dense", then "<cp>_dense_1", ...); the model computes both, and each saves and loads."""
+    import keras
+    L = keras.layers
+    keras.utils.set_random_seed(14)
+    cp = keras.Sequential([keras.Input((9, 9, 2)), L.Conv2D(6, 3, activation="relu"), L.MaxPooling2D(2),
+                           L.Conv2D(4, 3), L.Flatten()])
+    ci, stepped = kb.FDFE.convert(cp, 9), kb.FDFE.convert(cp, 9, output_stride=3)
+    assert ci.name.startswith(f"{cp.name}_dense") and stepped.name.startswith(f"{cp.name}_dense")
+    assert ci.name != stepped.name
+    inp = keras.Input((None, None, 2))
+    model = keras.Model(inp, [ci(inp), stepped(inp)])
+    images = _images(2)
+    ref = np.asarray(kb.FDFE.dense_reference(cp, images, 9))
+    full, coarse = model(images)
+    assert max_rel_error(full, ref) <= TOL["float32"] and max_rel_error(coarse, ref[:, ::3, ::3]) <= TOL["float32"]
+    for net, want in ((ci, full), (stepped, coarse)):  # (each alone: two CIs share Cp's layers, saved once)
+        net.save(str(tmp_path / f"{net.name}.keras"))
+        np.testing.assert_array_equal(keras.models.load_model(str(tmp_path / f"{net.name}.keras"))(images).numpy(),
+                                      want.numpy())

@@ -5141,7 +5141,8 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
                 f"single vector; end Cp with layers that reduce it to 1x1 (or flatten it)")
         stacked = _FlattenOutput(geom.size)(stacked)
         channels[out_slot] = max(channels[out_slot], out_channels)
-    core = keras.Model(images, stacked, name=f"{base_net.name}_dense_core")
+    name = _unique_name(f"{base_net.name}_dense")  # (two CIs of one Cp can be used in one model)
+    core = keras.Model(images, stacked, name=f"{name}_core")
     chain = all(g.strides == geom.strides[:len(g.strides)] for g in geoms.values())
     # the output's unfolding (_FlattenOutput) reads neighbouring positions: no shifts may stay in place before it
     tail = _dense_tail(tracer.calls, geoms) if chain and geom.size == (1, 1) else None
@@ -5156,7 +5157,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
                             border=border, output_stride=output_stride,
                             skip_shifts=chain, shifts_in_place=tail,
                             strided_depths=[depth_of[id(layer)] for layer in _strided_layers(core)],
-                            name=f"{base_net.name}_dense")
+                            name=name)
     net.build((None, None, None, in_channels))
     # Cp's layers that CI replaced by its own (poolings, flattening heads) are not in the core: their settings are
     # checked as well (by this CI; a copy made from its config has no Cp), and so are the settings of the user's own
@@ -5172,6 +5173,13 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     object.__setattr__(net, "_settings", _layer_settings(net._cp_layers, state))
     object.__setattr__(net, "_containers", _container_records(replaced))
     return net
+
+
+def _unique_name(stem):
+    """``stem`` the first time, then ``stem_1``, ``stem_2``, ...: names unique as those Keras gives its layers
+    (the same counter, keras.backend.get_uid), so that several CIs of one Cp can be layers of one model."""
+    uid = keras.backend.get_uid(stem)
+    return stem if uid == 1 else f"{stem}_{uid - 1}"
 
 
 def _self_check(net, base_net, dtype):
