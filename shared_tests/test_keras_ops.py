@@ -775,3 +775,28 @@ def test_keras_two_cis_of_one_cp_in_one_model(kb, tmp_path):
         net.save(str(tmp_path / f"{net.name}.keras"))
         np.testing.assert_array_equal(keras.models.load_model(str(tmp_path / f"{net.name}.keras"))(images).numpy(),
                                       want.numpy())
+
+
+def test_keras_same_padding_of_1x1_convolutions_and_poolings_in_call(kb):
+    """keras.ops.conv / tf.nn.conv2d with a 1x1 kernel and padding="same" in call() was refused as padding, though
+    it pads nothing (the Conv2D layer with padding="same" and a 1x1 kernel converts); so were depthwise_conv2d and
+    max_pool2d of 1x1 windows.  They convert now, exact; "same" on a larger kernel stays refused."""
+    import keras
+    import tensorflow as tf
+
+    class Net(keras.Model):
+        def __init__(self, size=1):
+            super().__init__()
+            self.size, self.conv = size, keras.layers.Conv2D(4, 3)
+            self.k = self.add_weight(shape=(size, size, 4, 3), initializer="glorot_uniform")
+            self.d = self.add_weight(shape=(1, 1, 3, 2), initializer="glorot_uniform")
+
+        def call(self, x):
+            y = keras.ops.relu(keras.ops.conv(self.conv(x), self.k, 1, "same"))
+            y = tf.nn.depthwise_conv2d(y, self.d, [1, 1, 1, 1], "SAME")
+            return keras.ops.reshape(tf.nn.max_pool2d(y, 1, 1, "SAME") + tf.nn.avg_pool2d(y, 1, 1, "SAME"), (-1, 54))
+    keras.utils.set_random_seed(15)
+    _assert_exact(kb, _built(Net(), (5, 5), 2), (5, 5), 2)
+    with pytest.raises(kb.FDFE.ConversionError, match=r"\(Conv2D, created at test_keras_ops.py:\d+\).*it pads its "
+                                                      r"input \(padding='SAME'\)"):
+        kb.FDFE.convert(_built(Net(size=3), (5, 5), 2), 5)

@@ -4391,15 +4391,25 @@ def _rule_reduce_op(call, geoms):
                     f"vector of one position over its channels, can be made dense")
 
 
+def _window_size(call):
+    """(height, width) of the kernel of a recorded convolution op (its filter's traced shape) or of the window of a
+    pooling op (its ksize); None where unknown."""
+    if call.type in ("MaxPool", "AvgPool"):
+        return tuple(call.attrs["ksize"][1][1:3])
+    shape = call.args["filter"].get("shape") if isinstance(call.args.get("filter"), dict) else None
+    return tuple(shape[:2]) if shape else None
+
+
 @_op_rule_for("Conv2D", "DepthwiseConv2dNative", "MaxPool", "AvgPool",
               label="TensorFlow convolutions and poolings in call(), unpadded and at stride 1 (the same op)")
 def _rule_window_op(call, geoms):
-    """tf.nn.conv2d, depthwise_conv2d, max_pool2d, avg_pool2d in call() without padding and at stride 1:
-    the same op on the dense map (strided ones: use the Keras layers, which convert() makes dense)."""
+    """tf.nn.conv2d, depthwise_conv2d, max_pool2d, avg_pool2d in call() without padding (padding="SAME" of a 1x1
+    kernel or window pads nothing, as for the layers: _pads) and at stride 1: the same op on the dense map (strided
+    ones: use the Keras layers, which convert() makes dense)."""
     geom = geoms[0]
     _require_map(call, geom)
     padding = call.attrs["padding"][1]
-    if padding != "VALID":
+    if padding != "VALID" and not (padding == "SAME" and _window_size(call) == (1, 1)):
         raise call.fail(f"it pads its input (padding={padding!r}); {_PADDING_REASON}")
     if call.attrs.get("data_format", ["string", "NHWC"])[1] != "NHWC":
         raise call.fail("only data_format='NHWC' (channels last) is supported")
