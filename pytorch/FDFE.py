@@ -1085,12 +1085,14 @@ def _compared_settings(base_net: nn.Module, snapshots) -> Dict[str, Tuple[str, .
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-def _module_structure(base_net: nn.Module, captured=(), settings=None) -> Dict:
+def _module_structure(base_net: nn.Module, captured=(), settings=None, read=None) -> Dict:
     """What the ops that :func:`convert` traced depend on, module by module (name -> entry): its class, the
     settings (``settings``: module name -> attribute names, :func:`_compared_settings`: a layer's stride, a
     temperature, a flag that picks a branch, an activation function; not the state forward changes as it runs),
-    the names of its parameters and buffers, and its hooks; and the tensor attributes whose values CI
-    captured (``captured``: (module name, attribute) pairs, :func:`_captured_attributes`).
+    the names of its parameters and buffers (with the shapes of those CI reads, ``read``: their full names; and
+    the parameters that are None, such as a bias left out), and its hooks; the names of tensors that are one
+    (tied weights); and the tensor attributes whose values CI captured (``captured``: (module name, attribute)
+    pairs, :func:`_captured_attributes`).
 
     CI reads Cp's parameters and buffers by name at every call, so their new values are followed (training,
     ``load_state_dict``, ``torch.func.functional_call``, a module replaced by one of the same class and settings,
@@ -1109,11 +1111,15 @@ def _module_structure(base_net: nn.Module, captured=(), settings=None) -> Dict:
         kind = nn.utils.parametrize.type_before_parametrizations(module) if parametrized else type(module)
         attributes = module.__dict__
         values = {k: _shown_setting(attributes[k]) if k in attributes else "unset" for k in settings.get(name, ())}
-        tensors = {}  # name -> shape; "unset" for a slot that holds None (a conv's bias=False); parametrized ones
-        for key, t in list(module._parameters.items()) + list(module._buffers.items()):
-            tensors[key] = "unset" if t is None else tuple(t.shape)
-            if t is not None:
-                owners.setdefault(id(t), []).append(f"{name}.{key}" if name else key)
+        tensors = {}  # name -> the shape of a tensor CI reads, "held" for the others, "unset" for a parameter that
+        for key, t in list(module._parameters.items()) + list(module._buffers.items()):  # is None (bias=False)
+            full = f"{name}.{key}" if name else key
+            if t is None:
+                if key in module._parameters:
+                    tensors[key] = "unset"
+                continue
+            tensors[key] = tuple(t.shape) if read is None or full in read else "held"
+            owners.setdefault(id(t), []).append(full)
         tensors.update((key, "parametrized") for key in (parametrized.keys() if parametrized else ()))
         hooks = (tuple(module._forward_pre_hooks), tuple(module._forward_hooks), tuple(module._backward_hooks),
                  tuple(getattr(module, "_backward_pre_hooks", ())))
@@ -2400,6 +2406,7 @@ def _leaves(obj):
 
 class _Node:
     """One recorded call of Cp's forward that touched an activation."""
+    straight_through = False  # an in-place op with gradients off on an activation that keeps its gradient path
 
     def __init__(self, func, args, kwargs, in_slots, in_shapes, out_slots, out_shapes, where, constants=None,
                  no_grad=False):
@@ -2463,6 +2470,12 @@ _NEW_TENSOR_METHODS = {getattr(torch.Tensor, n) for n in ("new_zeros", "new_ones
 _VALUE_READS = {"item", "tolist", "numpy", "__float__", "__int__", "__index__", "__bool__", "__complex__"}
 
 
+def _in_place(func) -> bool:
+    """Whether ``func`` changes its first argument in place (``x.add_``, ``x += y``)."""
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS
+
+
 def _version(t: torch.Tensor):
     """The version counter of ``t``'s memory (shared by its views; in-place ops advance it); None for inference
     tensors, which have none."""
@@ -2500,6 +2513,12 @@ _GRADIENT_TRANSPARENT_FUNCTIONS = tuple(getattr(sys.modules.get(module), name, N
     ("torch.utils.checkpoint", "CheckpointFunction"), ("torch.nn.modules._functions", "BackwardHookFunction")))
 
 
+def _called_by_torch_hooks() -> bool:
+    """Whether the op being traced is called from torch.utils.hooks (module backward hooks wrap values there)."""
+    frame = sys._getframe(2)
+    return frame is not None and frame.f_code.co_filename.replace("\\", "/").endswith("torch/utils/hooks.py")
+
+
 def _running_function():
     """The outermost custom ``torch.autograd.Function`` whose forward is running (its class), or None."""
     found, frame = None, sys._getframe(1)
@@ -2520,8 +2539,10 @@ class _Tracer(TorchFunctionMode):
         self.alive = [example]                  # keep traced tensors alive so ids stay unique
         self.shapes = {0: tuple(example.shape)}
         self.n_slots = 1
-        self.names = {id(t): n for n, t in base_net.named_parameters(remove_duplicate=False)}
-        self.names.update({id(t): n for n, t in base_net.named_buffers(remove_duplicate=False)})
+        named = list(base_net.named_parameters(remove_duplicate=False)) + \
+            list(base_net.named_buffers(remove_duplicate=False))
+        self.names = {id(t): n for n, t in named}
+        self.alive += [t for _, t in named]  # (a buffer forward replaces is freed: its id must not name a new tensor)
         self.constants: List[torch.Tensor] = []
         self.constant_sources = set()           # ids of the tensors the constants copy (module attributes among them)
         self.derived = {}                       # id of a tensor computed from parameters alone -> _Derived
@@ -2532,8 +2553,9 @@ class _Tracer(TorchFunctionMode):
         self.changed = {}                       # id of an activation an in-place op changed through another -> why
         self.nodes: List[_Node] = []
         self.expression_no_grad = []            # per expression: Cp computed it with gradients off
-        self.hazards = []                       # what changes Cp's gradients that CI cannot follow (note_hazard)
-        self.watches_gradients = False          # gradients on, flowing from the example (_trace_once)
+        self.hazards, self.hazard_keys = [], set()  # what changes Cp's gradients that CI cannot follow (note_hazard)
+        self.watches_gradients = False          # gradients on, the example requiring them (_trace_once)
+        self.input_leaf = None                  # the leaf tensor the example is a copy of (_from_input)
         self.stack = [type(base_net).__name__ + ".forward"]
         self.hooks = []
         for name, module in base_net.named_modules():
@@ -2565,7 +2587,7 @@ class _Tracer(TorchFunctionMode):
             raise ConversionError(self.stale[id(value)])
         if id(value) in self.derived:
             return self.derived[id(value)]
-        if value.grad_fn is not None:  # computed from the input (the example requires grad; parameters do not)
+        if value.grad_fn is not None and self.input_leaf is not None and self._from_input(value):
             raise ConversionError(f"{self.stack[-1]}: a value computed from the input reaches an op by a way convert "
                                   f"does not see (its grad_fn is {type(value.grad_fn).__name__}); CI cannot "
                                   f"compute it")
@@ -2580,9 +2602,7 @@ class _Tracer(TorchFunctionMode):
         """For an in-place op (``w.add_(...)``, ``w[0] = ...``) that involves Cp's parameters or values computed
         from them and no activation: the templates of its arguments taken before it runs (a constant it
         changes is kept as it was), after refusing what CI could not repeat.  None for other ops."""
-        name = getattr(func, "__name__", "")
-        if not ((name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS
-                or func is torch.Tensor.__setitem__):
+        if not (_in_place(func) or func is torch.Tensor.__setitem__):
             return None
         tensors = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if not tensors or not any(self._tracked(t) for t in tensors):
@@ -2621,13 +2641,7 @@ class _Tracer(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if not outputs:  # metadata (.shape, .size()), or a value read as a Python number: frozen into CI
             if name in _VALUE_READS:
-                source = next(t for t in inputs if self._tracked(t))
-                what = f"the parameter or buffer {self.names[id(source)]!r}" if id(source) in self.names \
-                    else "a value computed from Cp's parameters"
-                raise ConversionError(
-                    f"{self.stack[-1]}: {_func_name(func)} reads {what} as a Python value; CI would keep its "
-                    f"value of conversion time through training and load_state_dict (keep it a tensor: "
-                    f"x * self.scale, not x * self.scale.item())")
+                self._refuse_value_read(func, inputs)
             return
         if all(self._tracked(t) for t in outputs):
             return  # it returned its input (.to() of the same dtype and device, .contiguous(), ...): nothing new
@@ -2637,6 +2651,19 @@ class _Tracer(TorchFunctionMode):
         for leaf, t in enumerate(outputs):
             self.derived[id(t)] = _Derived(len(self.expressions) - 1, leaf, t.shape)
             self.alive.append(t)
+
+    def _refuse_value_read(self, func, inputs):
+        """Refuse a read of Cp's parameters, or of a value computed from them, as a Python value (among ``inputs``;
+        nothing for others)."""
+        source = next((t for t in inputs if self._tracked(t)), None)
+        if source is None:
+            return
+        what = f"the parameter or buffer {self.names[id(source)]!r}" if id(source) in self.names \
+            else "a value computed from Cp's parameters"
+        raise ConversionError(
+            f"{self.stack[-1]}: {_func_name(func)} reads {what} as a Python value; CI would keep its "
+            f"value of conversion time through training and load_state_dict (keep it a tensor: "
+            f"x * self.scale, not x * self.scale.item())")
 
     def _note_writes(self, func, kwargs, activations, out_tensors, where):
         """After an op that changed activations in place (their memory's version moved): every other activation
@@ -2671,12 +2698,19 @@ class _Tracer(TorchFunctionMode):
         in_place = None if in_slots else self._before_in_place(func, args, kwargs)
         name = getattr(func, "__name__", "")
         if in_slots and name in ("register_hook", "register_post_accumulate_grad_hook"):
-            self.note_hazard(f"a hook on the gradient of an activation (Tensor.{name}, in {self.stack[-1]})")
+            self.note_hazard("tensor hook", f"a hook on the gradient of an activation (Tensor.{name}, in "
+                                            f"{self.stack[-1]})")
             return func(*args, **kwargs)
-        if in_slots and name in _VALUE_READS:  # (before it runs: numpy() refuses values that require grad)
-            raise ConversionError(
-                f"{self.stack[-1]}: {_func_name(func)} reads the values of an activation (data-dependent "
-                f"control flow or a Python number computed from the patch); CI cannot reproduce that")
+        if name in _VALUE_READS:  # (before it runs: numpy() refuses values that require grad)
+            if in_slots:
+                raise ConversionError(
+                    f"{self.stack[-1]}: {_func_name(func)} reads the values of an activation (data-dependent "
+                    f"control flow or a Python number computed from the patch); CI cannot reproduce that")
+            self._refuse_value_read(func, [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)])
+        if in_slots and name == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") == "grad_fn" \
+                and not _called_by_torch_hooks():  # (module backward hooks read it: noted as such)
+            self.note_hazard("grad_fn", f"an activation's autograd node (Tensor.grad_fn, in {self.stack[-1]}; hooks "
+                                        f"registered on it)")
         with torch.no_grad() if in_slots and kwargs.get("out") is not None else contextlib.nullcontext():
             out = func(*args, **kwargs)  # (out= refuses values that require grad)
         if not in_slots:
@@ -2722,30 +2756,64 @@ class _Tracer(TorchFunctionMode):
             self.alive.append(t)
             out_slots.append(self.n_slots)
             self.n_slots += 1
-        self.nodes.append(_Node(func, args_t, kwargs_t, in_slots, in_shapes, out_slots,
-                                [tuple(t.shape) for t in out_tensors], where, self.constants,
-                                no_grad=self._gradients_off(where)))
+        node = _Node(func, args_t, kwargs_t, in_slots, in_shapes, out_slots, [tuple(t.shape) for t in out_tensors],
+                     where, self.constants, no_grad=self._gradients_off(where))
+        # an in-place op with gradients off changes the values of an activation that keeps its gradient path (a
+        # straight-through clamp: with torch.no_grad(): y.clamp_(...)): CI's value passes gradients on unchanged
+        node.straight_through = node.no_grad and _in_place(func) and activations[0].requires_grad and \
+            any(t is activations[0] for t in out_tensors)
+        self.nodes.append(node)
         return out
 
     def _gradients_off(self, where):
         """Whether Cp computes the op being recorded with gradients off (torch.no_grad() in its forward: CI does too).
-        Inside the forward of a custom autograd.Function gradients are off too, but Cp's gradient is that Function's
-        backward, which CI cannot call: noted as a gradient CI cannot give (torch.utils.checkpoint's reentrant
-        Function, whose backward differentiates the same ops, excepted)."""
-        if torch.is_grad_enabled() or not self.watches_gradients:
+        Inside the forward of a custom autograd.Function gradients are off too; where that Function's backward is
+        in the graph of Cp's output, :meth:`finish` notes it as a gradient CI cannot give (a frozen part, under
+        torch.no_grad(), is not); torch.utils.checkpoint's reentrant Function, whose backward differentiates the
+        same ops, is transparent: CI computes them with gradients on."""
+        if not self.watches_gradients:
             return False
-        function = _running_function()
-        if function is None:
-            return True
-        if function not in _GRADIENT_TRANSPARENT_FUNCTIONS:
-            self.note_hazard(f"the custom autograd.Function {function.__name__} (in {where}; CI computes its "
-                             f"forward from the ops inside it, and cannot call its backward)")
-        return False
+        hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda _: None)(False)
+        if hooks and getattr(hooks[0], "__module__", "") not in ("torch.utils.checkpoint", "torch.autograd.graph"):
+            self.note_hazard("saved_tensors_hooks", f"hooks on the tensors autograd saves "
+                                                    f"(torch.autograd.graph.saved_tensors_hooks, in {where})")
+        return not torch.is_grad_enabled() and _running_function() not in _GRADIENT_TRANSPARENT_FUNCTIONS
 
-    def note_hazard(self, what):
-        """Record something of Cp's that changes its gradients in a way CI cannot follow (see DenseFeatureNet)."""
-        if what not in self.hazards:
+    def note_hazard(self, key, what):
+        """Record something of Cp's that changes its gradients in a way CI cannot follow (see DenseFeatureNet), once
+        per ``key``."""
+        if key not in self.hazard_keys:
+            self.hazard_keys.add(key)
             self.hazards.append(what)
+
+    def finish(self, out):
+        """After the trace: the custom autograd.Functions whose backward the gradient of Cp's output passes through
+        (its autograd graph), which CI cannot call, noted as gradients CI cannot give."""
+        seen, stack = set(), [getattr(out, "grad_fn", None)]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            function = getattr(node, "_forward_cls", None)
+            if function is not None and function not in _GRADIENT_TRANSPARENT_FUNCTIONS:
+                self.note_hazard(function, f"the custom autograd.Function {function.__name__} (CI computes its "
+                                           f"forward from the ops inside it, and cannot call its backward)")
+            stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
+
+    def _from_input(self, value):
+        """Whether ``value`` (a tensor the trace has not recorded) is computed from the example (its autograd graph
+        reaches the example's)."""
+        seen, stack = set(), [value.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if getattr(node, "variable", None) is self.input_leaf:
+                return True
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -2764,6 +2832,7 @@ class _Step:
     aliases = False
     per_pixel = False
     no_grad = False  # Cp computed it with gradients off (torch.no_grad() in its forward): CI does too
+    straight_through = False  # ... in place, on a value whose gradient path it kept: CI's passes gradients on
 
     def __init__(self, inputs, outputs, label):
         self.inputs, self.outputs, self.label = list(inputs), list(outputs), label
@@ -4085,7 +4154,7 @@ class DenseFeatureNet(nn.Module):
     def __init__(self, base_net, patch_size, in_channels, out_channels, steps, output_slot, strides,
                  constants, plan, naive=False, tile="auto", memory_format=torch.channels_last, progress=None,
                  max_memory=None, memory_guard=True, grid_multiple=None, border="zeros", output_stride=1,
-                 expressions=(), captured=(), settings=None, expression_no_grad=(), gradient_hazards=()):
+                 expressions=(), captured=(), settings=None, expression_no_grad=(), gradient_hazards=(), read=()):
         super().__init__()
         self.base_net = base_net
         self.patch_size = _pair(patch_size, "patch_size")
@@ -4115,18 +4184,29 @@ class DenseFeatureNet(nn.Module):
         self.output_stride = output_stride
         self._captured_attributes = list(captured)
         self._settings_read = dict(settings or {})  # module name -> the attributes compared (_compared_settings)
-        self._structure = _module_structure(base_net, captured, self._settings_read)  # (see _check_structure)
+        self._read = frozenset(read)  # the names of Cp's parameters and buffers CI reads
+        self._structure = _module_structure(base_net, captured, self._settings_read, self._read)  # (_check_structure)
 
     def _check_structure(self):
         """Refuses to run where Cp's modules changed after convert in a way the traced ops do not follow
         (:func:`_module_structure`)."""
         recorded = getattr(self, "_structure", None)
         change = None if recorded is None else _structure_change(recorded, _module_structure(
-            self.base_net, getattr(self, "_captured_attributes", ()), getattr(self, "_settings_read", None)))
+            self.base_net, getattr(self, "_captured_attributes", ()), getattr(self, "_settings_read", None),
+            getattr(self, "_read", None)))
         if change is not None:
             raise ConversionError(f"Cp changed after convert: {change}. CI runs the ops convert traced, which no "
                                   f"longer are Cp's: convert Cp again (new weights, load_state_dict and "
                                   f"parametrizations such as weight_norm are followed without converting again)")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """As nn.Module's; checkpoints of CI saved before its constants left its state_dict (keys constant_0, ...)
+        load too: those values are Cp's forward's, kept by CI as they are."""
+        for key in [k for k in state_dict if k.startswith(prefix + "constant_") and k[len(prefix) + 9:].isdigit()]:
+            del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _resolve(self, ref):
         """The tensor of a placeholder: Cp's parameter or buffer, a constant of Cp's forward, or a value computed
@@ -4147,14 +4227,16 @@ class DenseFeatureNet(nn.Module):
                 return self._resolve(v) if isinstance(v, _OPERANDS) else v
             args, kwargs = _map_structure(args, sub), _map_structure(kwargs, sub)
             no_grad = getattr(self, "_expression_no_grad", ())
-            with torch.no_grad() if ref.index < len(no_grad) and no_grad[ref.index] else contextlib.nullcontext():
-                if in_place:  # on a copy of the tensor it changes (never on a parameter or constant of CI)
-                    args = (args[0].clone(),) + tuple(args[1:])
+            off = torch.no_grad() if ref.index < len(no_grad) and no_grad[ref.index] else contextlib.nullcontext()
+            if in_place:  # on a copy of the tensor it changes (never on a parameter or constant of CI), which keeps
+                args = (args[0].clone(),) + tuple(args[1:])  # its gradient path, as in Cp, with gradients off
+                with off:
                     func(*args, **kwargs)
-                    t = args[0]
-                else:
+                t = args[0]
+            else:
+                with off:
                     out = func(*args, **kwargs)
-                    t = [leaf for leaf in _leaves(out) if isinstance(leaf, torch.Tensor)][ref.leaf]
+                t = [leaf for leaf in _leaves(out) if isinstance(leaf, torch.Tensor)][ref.leaf]
         else:
             t = getattr(self, f"constant_{ref.index}")
             if ref.index < len(getattr(self, "_constants_follow_cp", ())) and self._constants_follow_cp[ref.index]:
@@ -4195,6 +4277,9 @@ class DenseFeatureNet(nn.Module):
             elif step.no_grad and torch.is_grad_enabled():  # as Cp computed it: inside torch.no_grad()
                 with torch.no_grad():
                     outs = step.run([values[s] for s in step.inputs], self, overwrite and in_place_ok)
+                if step.straight_through:  # its new values, and the gradient path of the value it changed
+                    x = values[step.inputs[0]]
+                    outs = [outs[0] + torch.where(torch.isfinite(x), x - x.detach(), 0)] + list(outs[1:])
             else:
                 outs = step.run([values[s] for s in step.inputs], self, overwrite and in_place_ok)
             for s, v in zip(step.outputs, outs):
@@ -4518,11 +4603,10 @@ def _infer_in_channels(base_net, patch_size):
 def _trace_once(base_net, batch, in_channels, patch_size, gradients):
     """Run Cp on a batch of random patches under a _Tracer; returns (tracer, out, example).
 
-    With ``gradients``, gradients are on and flow from the example alone: the ops Cp runs with them off
-    (torch.no_grad(), a custom autograd.Function) show, and every value computed from the input carries a grad_fn;
-    parameters do not require grad meanwhile (values computed from them alone are no activations).  Without (a
-    Cp of inference tensors, or one that autograd's watch makes fail), gradients are off throughout and CI runs
-    every op with gradients on."""
+    With ``gradients``, gradients are on and the example requires grad: the ops Cp runs with them off
+    (torch.no_grad()) show, and the autograd graph of Cp's output shows what sets its gradients otherwise (custom
+    autograd.Functions: :meth:`_Tracer.finish`).  Without (a Cp of inference tensors, or one that autograd's watch
+    makes fail), gradients are off throughout and CI runs every op with gradients on."""
     dtype, device = _example_kind(base_net)
     gradients = gradients and not any(t.is_inference() for t in list(base_net.parameters()) + list(base_net.buffers()))
     with torch.inference_mode(False), torch.set_grad_enabled(gradients):
@@ -4531,29 +4615,28 @@ def _trace_once(base_net, batch, in_channels, patch_size, gradients):
             example = example.requires_grad_().clone()
     tracer = _Tracer(base_net, example)
     tracer.watches_gradients = gradients and example.requires_grad
-    frozen = [q for q in base_net.parameters() if q.requires_grad] if gradients else []
+    if tracer.watches_gradients:
+        tracer.input_leaf = example.grad_fn.next_functions[0][0].variable  # (the example is a copy of it)
     try:
-        for q in frozen:
-            q.requires_grad_(False)
         with torch.inference_mode(False), torch.set_grad_enabled(gradients), _EvalMode(base_net), tracer:
             out = base_net(example)  # (not in inference mode: its tensors have the version counters _Tracer reads)
         tracer.snapshots.append(_attribute_values(base_net))
     finally:
-        for q in frozen:
-            q.requires_grad_(True)
         tracer.remove_hooks()
+    tracer.finish(out)
     return tracer, out, example.detach()
 
 
-def _trace(base_net, patch_size, in_channels, guessed=False):
-    """Run Cp once on random patches and record its ops.  Tries a batch of 2, then of 1.  ``guessed``: the
-    caller inferred ``in_channels`` (the error then says so)."""
+def _trace(base_net, patch_size, in_channels, guessed=False, gradients=True):
+    """Run Cp once on random patches and record its ops.  Tries a batch of 2, then of 1, each with gradients
+    watched, then without (see :func:`_trace_once`).  ``guessed``: the caller inferred ``in_channels`` (the error
+    then says so)."""
     ph, pw = patch_size
     last_error = None
     for batch in (2, 1):
-        for gradients in (True, False):
+        for watch in (True, False) if gradients else (False,):
             try:
-                return _trace_once(base_net, batch, in_channels, (ph, pw), gradients)
+                return _trace_once(base_net, batch, in_channels, (ph, pw), watch)
             except ConversionError:
                 raise
             except Exception as exc:  # the net rejected this example (or autograd's watch); report it below
@@ -4613,7 +4696,7 @@ def _apply_rules(nodes, geoms):
                                  f"{len(node.out_slots)} outputs")
         geoms.update(zip(node.out_slots, out_geoms))
         if node.no_grad:
-            step.no_grad = True
+            step.no_grad, step.straight_through = True, node.straight_through
         steps.append(step)
     if problems:
         raise _all_problems(problems)
@@ -4710,7 +4793,29 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
                              "pass in_channels=")
     elif not isinstance(in_channels, numbers.Integral) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-    tracer, out, example = _trace(base_net, (ph, pw), int(in_channels), guessed)
+    options = dict(naive=naive, tile=tile, memory_format=memory_format, progress=progress, max_memory=max_memory,
+                   memory_guard=memory_guard, border=border, output_stride=output_stride, check=check)
+    traced = _trace(base_net, (ph, pw), int(in_channels), guessed)
+    try:
+        return _build(base_net, (ph, pw), int(in_channels), *traced, **options)
+    except ConversionError as exc:
+        if not traced[0].watches_gradients or not str(exc).startswith("internal check failed"):
+            raise
+        first = exc  # Cp may give other values with gradients on (a branch on torch.is_grad_enabled()): CI follows
+    try:  # its inference, and refuses gradients
+        traced = _trace(base_net, (ph, pw), int(in_channels), guessed, gradients=False)
+        net = _build(base_net, (ph, pw), int(in_channels), *traced, **options)
+    except ConversionError:
+        raise first from None
+    net._gradient_hazards.append("a forward that computes other values while gradients are recorded (CI, made "
+                                 "from Cp's ops at inference, gives those of inference)")
+    return net
+
+
+def _build(base_net, patch_size, in_channels, tracer, out, example, *, naive, tile, memory_format, progress,
+           max_memory, memory_guard, border, output_stride, check):
+    """CI from a trace of Cp (:func:`_trace`): the rules, the plan, the DenseFeatureNet, and its self-check."""
+    ph, pw = patch_size
     batch = example.shape[0]
     geoms = {0: _Geom(MAP, in_channels, (ph, pw))}
     steps = _apply_rules(tracer.nodes, geoms)
@@ -4751,6 +4856,7 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
                           expressions=tracer.expressions, settings=_compared_settings(base_net, tracer.snapshots),
                           captured=_captured_attributes(base_net, tracer, tracer.snapshots),
                           expression_no_grad=tracer.expression_no_grad,
+                          read=_names_read(tracer.nodes, tracer.expressions),
                           gradient_hazards=tracer.hazards + _backward_hooks_of(base_net))
     net.transposed_slots = frozenset(slot for slot, g in geoms.items() if g.kind == TRANSPOSED)
     if check and _example_kind(base_net)[1].type != "meta":  # a meta Cp has no values to compare
@@ -4758,20 +4864,31 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
         snapshots = tracer.snapshots + [_attribute_values(base_net)]
         net._settings_read = _compared_settings(base_net, snapshots)
         net._captured_attributes = _captured_attributes(base_net, tracer, snapshots)
-        net._structure = _module_structure(base_net, net._captured_attributes, net._settings_read)
+        net._structure = _module_structure(base_net, net._captured_attributes, net._settings_read, net._read)
     return net
 
 
+def _names_read(nodes, expressions):
+    """The names of Cp's parameters and buffers that CI's ops read, directly or through the values computed from them
+    that they read (not those only forward's own state reads: a buffer it re-assigns)."""
+    names, seen, todo = set(), set(), [(node.args, node.kwargs) for node in nodes]
+    while todo:
+        for leaf in _leaves(todo.pop()):
+            if isinstance(leaf, _Param):
+                names.add(leaf.name)
+            elif isinstance(leaf, _Derived) and leaf.index not in seen:
+                seen.add(leaf.index)
+                todo.append(tuple(expressions[leaf.index][1:3]))
+    return names
+
+
 def _backward_hooks_of(base_net: nn.Module) -> List[str]:
-    """Module backward hooks that change or read Cp's gradients (register_full_backward_hook, ..._pre_hook, and
-    the global ones of torch.nn.modules.module): CI does not call Cp's modules, so they would not run."""
-    found = [f"backward hooks of its module '{name or type(base_net).__name__}' (register_full_backward_hook)"
-             for name, module in base_net.named_modules()
-             if getattr(module, "_backward_hooks", None) or getattr(module, "_backward_pre_hooks", None)]
-    globals_ = nn.modules.module
-    if getattr(globals_, "_global_backward_hooks", None) or getattr(globals_, "_global_backward_pre_hooks", None):
-        found.append("global module backward hooks (register_module_full_backward_hook)")
-    return found
+    """Module backward hooks that change or read Cp's gradients (register_full_backward_hook, ..._pre_hook): CI
+    does not call Cp's modules, so they would not run.  (The global ones, register_module_full_backward_hook, are
+    the process's instruments, such as profilers, not Cp's: not counted.)"""
+    return [f"backward hooks of its module '{name or type(base_net).__name__}' (register_full_backward_hook)"
+            for name, module in base_net.named_modules()
+            if getattr(module, "_backward_hooks", None) or getattr(module, "_backward_pre_hooks", None)]
 
 
 def _self_check(net: DenseFeatureNet, base_net: nn.Module) -> None:

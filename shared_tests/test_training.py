@@ -398,12 +398,23 @@ def test_torch_parameters_transformed_in_forward_follow_their_parameters(tb):
 
 def test_torch_gradients_stopped_in_forward_stay_stopped(tb):
     """What Cp's forward computes inside torch.no_grad() or detaches (a frozen backbone under a trained head, a
-    stop-gradient normaliser computed from a parameter) gets no gradient through CI either, and
-    torch.utils.checkpoint (reentrant or not) passes it on: every parameter's gradient and the image's equal Cp's on
-    every patch (float64).  CI ignored both (the frozen backbone got gradients up to 12.7, one SGD step moved it)."""
+    stop-gradient normaliser computed from a parameter, a custom Function in the frozen part) gets no gradient
+    through CI either, an in-place op inside torch.no_grad() changes values but keeps the gradient path (a
+    straight-through clamp), and torch.utils.checkpoint (reentrant or not) passes gradients on: every parameter's
+    gradient and the image's equal Cp's on every patch (float64).  CI ignored no_grad and detach (the frozen
+    backbone got gradients up to 12.7, one SGD step moved it) and cut the clamp's path."""
     import torch
     import torch.nn as nn
     import torch.utils.checkpoint as checkpoint
+
+    class Round(torch.autograd.Function):  # (straight-through)
+        @staticmethod
+        def forward(ctx, x):
+            return torch.round(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
 
     class Cp(nn.Module):
         def __init__(self, freeze):
@@ -419,11 +430,20 @@ def test_torch_gradients_stopped_in_forward_stay_stopped(tb):
                 return self.head(torch.tanh(self.mid(y))) / norm
             if self.freeze == "detach":
                 return self.head(self.mid(torch.relu(self.backbone(x)).detach()))
+            if self.freeze == "clamp":  # a straight-through clamp: new values, the gradient path kept
+                y = self.backbone(x)
+                with torch.no_grad():
+                    y.clamp_(-0.2, 0.2)
+                return self.head(self.mid(y))
+            if self.freeze == "function":  # a custom Function inside a frozen part: its backward never runs
+                with torch.no_grad():
+                    y = Round.apply(4 * self.backbone(x)) / 4
+                return self.head(self.mid(y))
             block = lambda t: torch.relu(self.mid(torch.relu(self.backbone(t))))  # noqa: E731
             return self.head(checkpoint.checkpoint(block, x, use_reentrant=self.freeze == "reentrant"))
 
     images = torch.from_numpy(netspec.random_images(2, 2, 9, 11, seed=4).transpose(0, 3, 1, 2))
-    for freeze in ("no_grad", "detach", "reentrant", "non-reentrant"):
+    for freeze in ("no_grad", "detach", "reentrant", "non-reentrant", "clamp", "function"):
         torch.manual_seed(3)
         cp = Cp(freeze).double()
         ci = tb.FDFE.convert(cp, 4)
@@ -441,7 +461,7 @@ def test_torch_gradients_stopped_in_forward_stay_stopped(tb):
             assert (g is None) == (e is None), freeze
             if e is not None:
                 assert max_rel_error(g.reshape(e.shape), e) <= TOL["float64"], freeze
-        assert (expected[1] is None) == (freeze in ("no_grad", "detach"))  # (the backbone: frozen, or not)
+        assert (expected[1] is None) == (freeze in ("no_grad", "detach", "function"))  # (the backbone: frozen?)
 
 
 def test_torch_amax_over_positions_shares_its_gradient_among_ties(tb):
@@ -505,9 +525,11 @@ def test_keras_stop_gradient_stays_stopped(kb):
 
 
 def test_torch_gradients_that_ci_cannot_give_are_refused_when_asked_for(tb):
-    """A custom autograd.Function (a straight-through rounding, a gradient reversal), a hook on an activation's
-    gradient and a module backward hook set Cp's gradients in ways CI's dense ops cannot follow: CI's values stay
-    exact, and a backward through CI, or forward-mode AD, raises naming what (CI gave other gradients silently)."""
+    """A custom autograd.Function (a straight-through rounding, a gradient reversal, one whose forward runs autograd
+    itself), a hook on an activation's gradient or on its autograd node, a module backward hook, hooks on the tensors
+    autograd saves, and a forward that computes other values while gradients are recorded set Cp's gradients in ways
+    CI's dense ops cannot follow: CI's values stay exact (those of inference), and a backward through CI, or
+    forward-mode AD, raises naming what (CI gave other gradients silently)."""
     import torch
     import torch.nn as nn
 
@@ -519,6 +541,16 @@ def test_torch_gradients_that_ci_cannot_give_are_refused_when_asked_for(tb):
         @staticmethod
         def backward(ctx, grad):
             return grad
+
+    class Scaled(torch.autograd.Function):  # its forward runs autograd itself
+        @staticmethod
+        def forward(ctx, x):
+            with torch.enable_grad():
+                return torch.tanh(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return 10 * grad
 
     class Reverse(torch.autograd.Function):
         @staticmethod
@@ -542,13 +574,26 @@ def test_torch_gradients_that_ci_cannot_give_are_refused_when_asked_for(tb):
                 y = Reverse.apply(y)
             elif self.kind == "hook" and y.requires_grad:
                 y.register_hook(lambda g: 10 * g)
+            elif self.kind == "node hook" and y.grad_fn is not None:
+                y.grad_fn.register_prehook(lambda g: (10 * g[0],))
+            elif self.kind == "scaled":
+                y = Scaled.apply(y)
+            elif self.kind == "saved":
+                with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: 2 * t):
+                    y = y * y
+            elif self.kind == "branch" and torch.is_grad_enabled():  # (other values when gradients are recorded)
+                y = 2 * y
             return self.b(y)
 
     images = torch.from_numpy(netspec.random_images(1, 2, 9, 11, seed=4).transpose(0, 3, 1, 2))
-    cases = {"round": r"the custom autograd\.Function Round \(in Cp\.forward",
+    cases = {"round": r"the custom autograd\.Function Round \(CI computes its forward",
              "reverse": r"the custom autograd\.Function Reverse",
              "hook": r"a hook on the gradient of an activation \(Tensor\.register_hook",
-             "module hook": r"backward hooks of its module 'b'"}
+             "module hook": r"backward hooks of its module 'b'",
+             "node hook": r"an activation's autograd node \(Tensor\.grad_fn",
+             "scaled": r"the custom autograd\.Function Scaled",
+             "saved": r"hooks on the tensors autograd saves \(torch\.autograd\.graph\.saved_tensors_hooks",
+             "branch": r"a forward that computes other values while gradients are recorded"}
     for kind, what in cases.items():
         torch.manual_seed(3)
         cp = Cp(kind).double()
