@@ -524,6 +524,50 @@ def test_keras_stop_gradient_stays_stopped(kb):
     assert grads[1][0] is None and grads[1][1] is None and grads[1][3] is not None
 
 
+def test_keras_custom_gradients_are_refused_and_ties_share_their_gradient(kb, tmp_path):
+    """Keras: a tf.custom_gradient in call() (a gradient reversal) sets Cp's gradients in a way CI cannot follow (CI
+    gave other gradients silently): CI's values stay exact, also exported, and its gradient fails naming it, also
+    after a .keras round trip.  keras.ops.max / min over positions of a patch whose extremum is tied (a saturated
+    region) share their gradient among the ties, as tf.reduce_max does (0.54 off on the image's gradient)."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+
+    @tf.custom_gradient
+    def reverse(x):
+        return tf.identity(x), lambda g: -g
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4, 4, 2))
+    y = L.Flatten()(L.Conv2D(3, 2)(L.Lambda(lambda t: reverse(t))(L.Conv2D(4, 3)(inp))))
+    cp = keras.Model(inp, y)
+    ci = kb.FDFE.convert(cp, 4)
+    images = tf.constant(netspec.random_images(1, 2, 9, 8, seed=1), tf.float32)
+    assert max_rel_error(ci(images), kb.FDFE.dense_reference(cp, images, 4)) <= TOL["float32"]
+    path = str(tmp_path / "ci.keras")
+    ci.save(path)
+    for model in (ci, keras.models.load_model(path)):
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            loss = tf.reduce_sum(model(images))
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"CI cannot give Cp's gradients: Cp uses a custom "
+                                                                  r"gradient \(tf\.custom_gradient"):
+            tape.gradient(loss, images)
+
+    image = np.random.default_rng(0).integers(0, 256, (1, 12, 14, 1)).astype(np.float64)
+    image[:, 3:9, 4:11] = 255.0
+    image = tf.constant(image / 255.0)
+    weights = tf.constant(np.random.default_rng(5).standard_normal((1, 12, 14, 4)))
+    for reduce in (keras.ops.max, keras.ops.min):
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((8, 8, 1), dtype="float64")
+        y = L.Conv2D(4, 1, dtype="float64")(L.Conv2D(4, 3, dtype="float64", activation="relu")(inp))
+        y = L.Lambda(lambda t: t[0] + t[1][:, 1:-1, 1:-1], dtype="float64")([y, inp])
+        cp = keras.Model(inp, L.Lambda(lambda t: reduce(t, axis=(1, 2)), dtype="float64")(y))
+        got, expected = (keras_gradients(kb, cp, image, 8, weights, ci=run) for run in (kb.FDFE.convert(cp, 8), None))
+        _compare(got, expected, reduce.__name__)
+
+
 def test_torch_gradients_that_ci_cannot_give_are_refused_when_asked_for(tb):
     """A custom autograd.Function (a straight-through rounding, a gradient reversal, one whose forward runs autograd
     itself), a hook on an activation's gradient or on its autograd node, a module backward hook, hooks on the tensors

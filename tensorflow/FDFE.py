@@ -2597,6 +2597,7 @@ class _Tracer:
         self._depends_on_input: Dict[str, bool] = {}
         self._variables = {id(h): v for v in base_net.weights for h in [_handle_of(v)] if h is not None}
         self.constant_reads: list = []  # (op call, [(input index, raw argument name)]): see refuse_batch_reads
+        self.gradient_hazards: list = []  # what sets Cp's gradients in a way CI cannot follow (tf.custom_gradient)
 
     def __enter__(self):
         _install_recording_call()
@@ -2682,6 +2683,10 @@ class _Tracer:
             return self.slot_of[tensor.name]
         op = tensor.op
         if op.type in _IDENTITIES:  # the same value (tf.identity, the outputs of a custom gradient)
+            if op.type == "IdentityN" and "_gradient_op_type" in op.node_def.attr:
+                what = f"a custom gradient (tf.custom_gradient, keras.ops.custom_gradient{_created_at(op)})"
+                if what not in self.gradient_hazards:
+                    self.gradient_hazards.append(what)
             self.slot_of[tensor.name] = self._resolve(_identity_source(tensor))
             return self.slot_of[tensor.name]
         args, attrs, variables, in_slots, problem = {}, {}, [], [], None
@@ -2989,6 +2994,27 @@ def _window_combine(x, axis, k, combine):
     return x
 
 
+def _window_extremum(x, window, combine):
+    """The max (``combine`` tf.maximum) or min (tf.minimum) of every kh x kw window of ``x`` at stride 1
+    (:func:`_window_combine`), whose gradient, like tf.reduce_max's (GlobalMaxPooling2D), is shared equally among
+    each window's tied extrema: tf.maximum's gives it to one of them.  The gradient takes one pass per position of
+    the window."""
+    kh, kw = window
+
+    @tf.custom_gradient
+    def extremum(v):
+        y = _window_combine(_window_combine(v, 1, kh, combine), 2, kw, combine)
+
+        def grad(upstream):
+            h, w = tf.shape(y)[1], tf.shape(y)[2]
+            tied = [(dy, dx, tf.equal(v[:, dy:dy + h, dx:dx + w], y)) for dy in range(kh) for dx in range(kw)]
+            share = upstream / tf.add_n([tf.cast(t, upstream.dtype) for _, _, t in tied])
+            return tf.add_n([tf.pad(tf.where(t, share, tf.zeros_like(share)),
+                                    [[0, 0], [dy, kh - 1 - dy], [dx, kw - 1 - dx], [0, 0]]) for dy, dx, t in tied])
+        return y, grad
+    return extremum(x)
+
+
 @_register
 class _WindowReduce(_Layer):
     """A reduction of Cp over positions of its patch-level map (global pooling, ``keras.ops.max(x, axis=(1,
@@ -2996,7 +3022,8 @@ class _WindowReduce(_Layer):
 
     ``"max"`` and ``"min"`` combine shifted slices with tf.maximum / tf.minimum, which, like
     tf.reduce_max (GlobalMaxPooling2D), propagate NaN and keep -inf; tf.nn.max_pool2d (a multipooling)
-    would skip NaN and give the lowest float for a window of -inf.  ``"avg"`` is an average pooling,
+    would skip NaN and give the lowest float for a window of -inf.  Their gradient is shared among tied
+    extrema, as tf.reduce_max's (:func:`_window_extremum`).  ``"avg"`` is an average pooling,
     ``"sum"`` that times the window's size.
 
     Args:
@@ -3019,8 +3046,7 @@ class _WindowReduce(_Layer):
         if self.kind in ("avg", "sum"):
             y = tf.nn.avg_pool2d(x, (kh, kw), 1, "VALID")
             return y if self.kind == "avg" else y * tf.cast(kh * kw, y.dtype)
-        combine = tf.maximum if self.kind == "max" else tf.minimum
-        return _window_combine(_window_combine(x, 1, kh, combine), 2, kw, combine)
+        return _window_extremum(x, (kh, kw), tf.maximum if self.kind == "max" else tf.minimum)
 
     def compute_output_spec(self, x):
         return keras.KerasTensor((x.shape[0], None, None, x.shape[-1]), dtype=x.dtype)
@@ -4474,11 +4500,12 @@ class DenseFeatureModel(keras.Model):
     def __init__(self, core, patch_size, strides, in_channels, out_channels, naive=False, tile=None,
                  progress=None, peak_channels=None, max_memory=None, memory_guard=True, grid_multiple=None,
                  border="zeros", output_stride=1, skip_shifts=True, shifts_in_place=False, strided_depths=None,
-                 read_variable_specs=None, **kwargs):
+                 read_variable_specs=None, gradient_hazards=(), **kwargs):
         kwargs.setdefault("autocast", False)  # images are cast to the core's dtype in call()
         super().__init__(**kwargs)
         self.core = core
         self._hold_read_variables(read_variable_specs)
+        self.gradient_hazards = [str(h) for h in gradient_hazards]  # (see _refusing_gradients)
         self.patch_size = _pair(patch_size, "patch_size")
         self.strides = [_pair(s, "stride") for s in strides]
         product = (_prod(s[0] for s in self.strides), _prod(s[1] for s in self.strides))
@@ -4767,6 +4794,12 @@ class DenseFeatureModel(keras.Model):
                             cache="_graph_fn")
 
     def call(self, images, training=None, mask=None):
+        out = self._call(images, training, mask)
+        hazards = getattr(self, "gradient_hazards", ())
+        return _refusing_gradients(out, _hazard_message(hazards)) if hazards else out
+
+    def _call(self, images, training, mask):
+        """:meth:`call`, but for the gradients Cp sets in ways CI cannot follow."""
         if mask is not None:
             raise ValueError("CI takes no mask: Cp's output for every pixel depends on its whole patch (a Keras mask "
                              "marks time steps of sequences); pass mask=None")
@@ -4862,13 +4895,32 @@ class DenseFeatureModel(keras.Model):
                 "shifts_in_place": self.shifts_in_place, "strided_depths": list(self.strided_depths),
                 "read_variable_specs": [{"shape": [int(d) for d in v.shape], "dtype": tf.as_dtype(v.dtype).name,
                                          "trainable": bool(v.trainable)} for v in self.read_variables],
-                "name": self.name}
+                "gradient_hazards": list(self.gradient_hazards), "name": self.name}
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
         core = keras.saving.deserialize_keras_object(config.pop("core"))
         return cls(core, **config)
+
+
+def _hazard_message(hazards):
+    return (f"CI cannot give Cp's gradients: Cp uses {'; and '.join(hazards)}, which sets its gradients in a way "
+            f"CI's dense ops do not follow. CI's values are exact; to train through CI, write those parts with plain "
+            f"ops (tf.stop_gradient is followed)")
+
+
+def _refusing_gradients(x, message):
+    """``x``, whose gradient fails with ``message`` where it is computed (a tf.debugging.Assert, so that
+    exporters, which trace gradient functions, still can)."""
+    @tf.custom_gradient
+    def identity(value):
+        def grad(upstream):
+            check = tf.debugging.Assert(tf.constant(False), [message])
+            with tf.control_dependencies([check]):
+                return tf.identity(upstream)
+        return tf.identity(value), grad
+    return identity(x)
 
 
 def _recording_gradients():
@@ -5167,7 +5219,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
                             border=border, output_stride=output_stride,
                             skip_shifts=chain, shifts_in_place=tail,
                             strided_depths=[depth_of[id(layer)] for layer in _strided_layers(core)],
-                            name=name)
+                            gradient_hazards=tracer.gradient_hazards, name=name)
     net.build((None, None, None, in_channels))
     # Cp's layers that CI replaced by its own (poolings, flattening heads) are not in the core: their settings are
     # checked as well (by this CI; a copy made from its config has no Cp), and so are the settings of the user's own
