@@ -396,6 +396,21 @@ def test_torch_parameters_transformed_in_forward_follow_their_parameters(tb):
         assert max_rel_error(g.reshape(e.shape), e) <= TOL["float64"]
 
 
+def _straight_through_round():
+    """A custom autograd.Function: rounding, with the gradient of the identity (straight-through)."""
+    import torch
+
+    class Round(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return torch.round(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+    return Round
+
+
 def test_torch_gradients_stopped_in_forward_stay_stopped(tb):
     """What Cp's forward computes inside torch.no_grad() or detaches (a frozen backbone under a trained head, a
     stop-gradient normaliser computed from a parameter, a custom Function in the frozen part) gets no gradient
@@ -407,14 +422,7 @@ def test_torch_gradients_stopped_in_forward_stay_stopped(tb):
     import torch.nn as nn
     import torch.utils.checkpoint as checkpoint
 
-    class Round(torch.autograd.Function):  # (straight-through)
-        @staticmethod
-        def forward(ctx, x):
-            return torch.round(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad
+    Round = _straight_through_round()
 
     class Cp(nn.Module):
         def __init__(self, freeze):
@@ -577,14 +585,7 @@ def test_torch_gradients_that_ci_cannot_give_are_refused_when_asked_for(tb):
     import torch
     import torch.nn as nn
 
-    class Round(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return torch.round(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad
+    Round = _straight_through_round()
 
     class Scaled(torch.autograd.Function):  # its forward runs autograd itself
         @staticmethod
