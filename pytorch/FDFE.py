@@ -2509,8 +2509,9 @@ _FUNCTION_APPLY = torch.autograd.function.Function.apply.__func__.__code__
 #: autograd Functions whose forward CI may compute from the ops inside it: torch.utils.checkpoint's reentrant one,
 #: whose backward differentiates those ops, and the one that module backward hooks wrap values in (the hooks
 #: themselves are noted as such: _backward_hooks_of)
-_GRADIENT_TRANSPARENT_FUNCTIONS = tuple(getattr(sys.modules.get(module), name, None) for module, name in (
+_GRADIENT_TRANSPARENT_FUNCTIONS = tuple(f for f in (getattr(sys.modules.get(module), name, None) for module, name in (
     ("torch.utils.checkpoint", "CheckpointFunction"), ("torch.nn.modules._functions", "BackwardHookFunction")))
+    if f is not None)
 
 
 def _called_by_torch_hooks() -> bool:
