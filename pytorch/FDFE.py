@@ -816,7 +816,10 @@ def _self_check_compare(got, expected, dtype_name, tolerance=None):
     if not err <= tol * scale:
         raise ConversionError(f"internal check failed: CI differs from Cp by {err:.3g} (scale {scale:.3g}) on a "
                               f"test image; this net uses an op or layer whose dense form is not exact here. "
-                              f"Please report it with the net's definition")
+                              f"First check that Cp gives each patch the same output whatever else is in its batch "
+                              f"(a forward that computes with the batch size, x.shape[0] or len(x), or with other "
+                              f"patches does not; CI computes them in one pass over whole images); else please report "
+                              f"it with the net's definition")
 
 
 # --- checks of hand-wired CIs (the blocks' wiring checks and check_ci) ------------------------------
@@ -4887,7 +4890,8 @@ def _backward_hooks_of(base_net: nn.Module) -> List[str]:
     """Module backward hooks that change or read Cp's gradients (register_full_backward_hook, ..._pre_hook): CI
     does not call Cp's modules, so they would not run.  (The global ones, register_module_full_backward_hook, are
     the process's instruments, such as profilers, not Cp's: not counted.)"""
-    return [f"backward hooks of its module '{name or type(base_net).__name__}' (register_full_backward_hook)"
+    return [f"backward hooks of its module '{name or type(base_net).__name__}' (register_full_backward_hook or "
+            f"register_full_backward_pre_hook)"
             for name, module in base_net.named_modules()
             if getattr(module, "_backward_hooks", None) or getattr(module, "_backward_pre_hooks", None)]
 

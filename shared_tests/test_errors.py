@@ -139,6 +139,9 @@ def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):
     _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"Tensor\.__float__ reads the values of an activation",
                    forward=branchy)
     _torch_refusal(tb, [nn.Conv2d(1, 2, 3)], 5, r"not a single vector.*\(2, 2, 3, 3\)")
+    _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"internal check failed.*First check that Cp gives each patch the "
+                   r"same output whatever else is in its batch \(a forward that computes with the batch size",
+                   forward=lambda self, x: (self.layers[0](x) / x.shape[0]).flatten(1))
 
     def writes_a_slice(self, x):
         y = self.layers[0](x)

@@ -828,7 +828,10 @@ def _self_check_compare(got, expected, dtype_name, tolerance=None):
     if not err <= tol * scale:
         raise ConversionError(f"internal check failed: CI differs from Cp by {err:.3g} (scale {scale:.3g}) on a "
                               f"test image; this net uses an op or layer whose dense form is not exact here. "
-                              f"Please report it with the net's definition")
+                              f"First check that Cp gives each patch the same output whatever else is in its batch "
+                              f"(a forward that computes with the batch size, x.shape[0] or len(x), or with other "
+                              f"patches does not; CI computes them in one pass over whole images); else please report "
+                              f"it with the net's definition")
 
 
 # --- checks of hand-wired CIs (the blocks' wiring checks and check_ci) ------------------------------
