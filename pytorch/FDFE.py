@@ -1653,19 +1653,20 @@ def _pool(x, kind, kernel, stride, dilation, norm_type, divisor_override, reuse_
 def _pool_split_ties(x, kind, kernel):
     """Stride-1 max (``kind`` "min": min) pooling whose gradient, like that of ``torch.amax`` over the window, is
     shared equally among the window's tied extrema (``F.max_pool2d`` gives it to one of them): the pooled values
-    plus a term that is zero but carries that gradient, the mean of each window's tied entries (one pass per
-    position of the window; used only where autograd or forward-mode AD watches)."""
-    kernel = _pair(kernel, "kernel")
-    pooled = _pool(x.detach(), kind, kernel, (1, 1), (1, 1), 2.0, None)
-    h, w = pooled.shape[-2:]
-    total = count = None
-    for dy in range(kernel[0]):
-        for dx in range(kernel[1]):
-            part = x[..., dy:dy + h, dx:dx + w]
-            tied = part.detach() == pooled
-            term = torch.where(tied, part, torch.zeros_like(part))
-            total, count = (term, tied.to(x.dtype)) if total is None else (total + term, count + tied)
-    mean = total / count
+    plus a term that is zero but carries that gradient.  The term is the mean of each window's tied entries, taken
+    in two stages: the mean of the tied entries of each row's kw entries, then those means of the rows that tie the
+    window's extremum, weighted by their counts (kh + kw passes, not kh * kw; used only where autograd or
+    forward-mode AD watches)."""
+    (kh, kw), values = _pair(kernel, "kernel"), x.detach()
+    rows = _pool(values, kind, (1, kw), (1, 1), (1, 1), 2.0, None)  # (N, C, H, W - kw + 1)
+    pooled = _pool(rows, kind, (kh, 1), (1, 1), (1, 1), 2.0, None)
+    (h, _), w = pooled.shape[-2:], rows.shape[-1]
+    tied = [values[..., dx:dx + w] == rows for dx in range(kw)]
+    count = sum(t.to(x.dtype) for t in tied)  # ties in each row's kw entries
+    row_mean = sum(torch.where(t, x[..., dx:dx + w], torch.zeros_like(rows)) for dx, t in enumerate(tied)) / count
+    tied = [rows[..., dy:dy + h, :] == pooled for dy in range(kh)]
+    weights = [torch.where(t, count[..., dy:dy + h, :], torch.zeros_like(pooled)) for dy, t in enumerate(tied)]
+    mean = sum(wt * row_mean[..., dy:dy + h, :] for dy, wt in enumerate(weights)) / sum(weights)
     return pooled + (mean - mean.detach()).nan_to_num(0.0)  # (0, and NaN where the extremum is infinite or NaN)
 
 

@@ -724,6 +724,15 @@ def test_keras_rescaling_by_arrays_of_the_patchs_positions(kb, tmp_path):
     uniform.offset[0, 0, 0] = 1.5  # (compared by value where CI runs)
     with pytest.raises(ValueError, match=r"layer 'rescaling.*' changed its offset"):
         ci(images)
+    # one value per channel held by a tensor or a variable (an ImageNet-style input layer): reused as it is (the
+    # first version of the above refused them)
+    import tensorflow as tf
+    std = tf.Variable([[[0.5, 2.0]]])
+    net = keras.Sequential([keras.Input((6, 6, 2)), L.Rescaling(std, offset=tf.constant([[[[-1.0, 0.25]]]])),
+                            L.Conv2D(3, 3), L.Flatten(), L.Dense(2)])
+    ci = _assert_exact(kb, net, 6, 2)
+    std.assign([[[1.5, -1.0]]])  # (followed)
+    assert max_rel_error(ci(images), kb.FDFE.dense_reference(net, images, 6)) <= TOL["float32"]
 
 
 @pytest.mark.filterwarnings("ignore:`build\\(\\)` was called on layer")  # Net.d unused in the refused nets

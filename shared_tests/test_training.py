@@ -561,6 +561,14 @@ def test_keras_custom_gradients_are_refused_and_ties_share_their_gradient(kb, tm
         with pytest.raises(tf.errors.InvalidArgumentError, match=r"CI cannot give Cp's gradients: Cp uses a custom "
                                                                   r"gradient \(tf\.custom_gradient"):
             tape.gradient(loss, images)
+    # TensorFlow's own custom gradients (tf.nn.silu's, which keras.ops.silu calls) are the true gradient: followed
+    inp = keras.Input((4, 4, 2), dtype="float64")
+    y = L.Lambda(lambda t: keras.ops.silu(t) + tf.nn.silu(t), dtype="float64")(L.Conv2D(4, 3, dtype="float64")(inp))
+    cp = keras.Model(inp, L.Flatten(dtype="float64")(L.Conv2D(3, 2, dtype="float64")(y)))
+    images = tf.constant(netspec.random_images(1, 2, 9, 8, seed=1), tf.float64)
+    weights = tf.constant(np.random.default_rng(5).standard_normal((1, 9, 8, 3)))
+    _compare(keras_gradients(kb, cp, images, 4, weights, ci=kb.FDFE.convert(cp, 4)),
+             keras_gradients(kb, cp, images, 4, weights), "silu")
 
     image = np.random.default_rng(0).integers(0, 256, (1, 12, 14, 1)).astype(np.float64)
     image[:, 3:9, 4:11] = 255.0

@@ -2032,17 +2032,23 @@ class _DictRecord:
 def _snapshot(value, depth=0):
     """A setting as recorded and compared (:func:`_same_setting`): numbers, strings and None as they are, tuples and
     lists as tuples of their records (a list changed in place differs from its record), dicts by the records of
-    their values (_DictRecord), numpy arrays and numbers by value (a copy: _ArrayRecord), anything else (and
-    what is nested deeper than 8 levels) by identity (_Same)."""
+    their values (_DictRecord), numpy arrays (up to _ARRAY_BY_VALUE entries) and numbers by value (a copy:
+    _ArrayRecord), anything else (and what is nested deeper than 8 levels) by identity (_Same)."""
     if isinstance(value, _PLAIN_TYPES):
         return value
     if depth < 8 and isinstance(value, (tuple, list)):
         return tuple(_snapshot(v, depth + 1) for v in value)
     if depth < 8 and isinstance(value, dict):
         return _DictRecord(value, depth + 1)
-    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.dtype != object):
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.dtype != object
+                                         and value.size <= _ARRAY_BY_VALUE):
         return _ArrayRecord(value)
     return _Same(value)
+
+
+#: numpy arrays of one's own layers up to this many entries are compared by value at every call of CI (a copy is
+#: kept); larger ones (a lookup table) by identity, which costs nothing per call: replaced, not changed in place
+_ARRAY_BY_VALUE = 65536
 
 
 def _same_setting(a, b) -> bool:
@@ -2376,6 +2382,20 @@ def _created_at(op):
     return ""
 
 
+def _library_gradient(op):
+    """Whether the custom gradient an op of tf.custom_gradient carries is TensorFlow's or Keras' own (tf.nn.silu,
+    keras.ops.silu: the true gradient, computed to save memory), which CI follows as it runs the same ops: the code
+    that called into tf.custom_gradient lies in their folders."""
+    try:
+        frames = list(op.traceback)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    for outer, frame in zip(frames, frames[1:]):
+        if os.path.basename(frame.filename) == "custom_gradient.py":
+            return os.path.abspath(outer.filename).startswith(_LIBRARY_DIRS)
+    return False
+
+
 def _flat_specs(args):
     """The operand specs of an op's ``args`` (list arguments flattened), in argument order."""
     for spec in args.values():
@@ -2686,7 +2706,7 @@ class _Tracer:
             return self.slot_of[tensor.name]
         op = tensor.op
         if op.type in _IDENTITIES:  # the same value (tf.identity, the outputs of a custom gradient)
-            if op.type == "IdentityN" and "_gradient_op_type" in op.node_def.attr:
+            if op.type == "IdentityN" and "_gradient_op_type" in op.node_def.attr and not _library_gradient(op):
                 what = f"a custom gradient (tf.custom_gradient, keras.ops.custom_gradient{_created_at(op)})"
                 if what not in self.gradient_hazards:
                     self.gradient_hazards.append(what)
@@ -2999,21 +3019,30 @@ def _window_combine(x, axis, k, combine):
 
 def _window_extremum(x, window, combine):
     """The max (``combine`` tf.maximum) or min (tf.minimum) of every kh x kw window of ``x`` at stride 1
-    (:func:`_window_combine`), whose gradient, like tf.reduce_max's (GlobalMaxPooling2D), is shared equally among
-    each window's tied extrema: tf.maximum's gives it to one of them.  The gradient takes one pass per position of
-    the window."""
+    (:func:`_window_combine`, along the rows, then the columns), whose gradient, like tf.reduce_max's
+    (GlobalMaxPooling2D), is shared equally among each window's tied extrema: tf.maximum's gives it to one of them.
+    The gradient goes back through the two stages (an entry ties its window's extremum where it ties its column's
+    kh entries and that column's extremum ties the window's): kh + kw passes, not kh * kw."""
     kh, kw = window
 
     @tf.custom_gradient
     def extremum(v):
-        y = _window_combine(_window_combine(v, 1, kh, combine), 2, kw, combine)
+        columns = _window_combine(v, 1, kh, combine)  # (B, L_h - kh + 1, L_w, C): each column's kh entries
+        y = _window_combine(columns, 2, kw, combine)
 
         def grad(upstream):
-            h, w = tf.shape(y)[1], tf.shape(y)[2]
-            tied = [(dy, dx, tf.equal(v[:, dy:dy + h, dx:dx + w], y)) for dy in range(kh) for dx in range(kw)]
-            share = upstream / tf.add_n([tf.cast(t, upstream.dtype) for _, _, t in tied])
-            return tf.add_n([tf.pad(tf.where(t, share, tf.zeros_like(share)),
-                                    [[0, 0], [dy, kh - 1 - dy], [dx, kw - 1 - dx], [0, 0]]) for dy, dx, t in tied])
+            h, w = tf.shape(columns)[1], tf.shape(y)[2]
+            in_column = [tf.equal(v[:, dy:dy + h], columns) for dy in range(kh)]
+            count = tf.add_n([tf.cast(t, upstream.dtype) for t in in_column])  # ties in each column
+            in_window = [tf.equal(columns[:, :, dx:dx + w], y) for dx in range(kw)]
+            ties = tf.add_n([tf.where(t, count[:, :, dx:dx + w], tf.zeros_like(upstream))
+                             for dx, t in enumerate(in_window)])
+            share = upstream / ties
+            to_columns = tf.add_n([tf.pad(tf.where(t, share, tf.zeros_like(share)), [[0, 0], [0, 0], [dx, kw - 1 - dx],
+                                                                                     [0, 0]])
+                                   for dx, t in enumerate(in_window)])
+            return tf.add_n([tf.pad(tf.where(t, to_columns, tf.zeros_like(to_columns)),
+                                    [[0, 0], [dy, kh - 1 - dy], [0, 0], [0, 0]]) for dy, t in enumerate(in_column)])
         return y, grad
     return extremum(x)
 
@@ -3285,12 +3314,16 @@ def _rescaling_per_channel(call, geom, key):
     same value per channel at every position of the patch, those values (a list, one per channel); otherwise
     refused: it differs per position of the patch (or per patch of the batch), which no dense computation gives."""
     value, channels, shape = getattr(call.layer, key), geom.channels, tuple(call.in_shapes[0])
-    if np.ndim(value) == 0 or (np.ndim(value) == 1 and len(value) in (1, channels) and shape[-1] == channels):
-        return None
-    if not isinstance(value, (list, tuple, np.ndarray)):
-        raise call.fail(f"its {key} is a {type(value).__name__} of shape {tuple(np.shape(value))}; only a scalar, "
+    dims = tuple(int(d) for d in getattr(value, "shape", np.shape(value)))  # (also of a tensor or variable)
+    if not dims or (dims[-1] in (1, channels) and shape[-1] == channels and all(d == 1 for d in dims[:-1])):
+        return None  # a scalar, or one value per channel of the last axis (the layer is reused as it is)
+    if not isinstance(value, (list, tuple, np.ndarray)) and not tf.is_tensor(value):
+        raise call.fail(f"its {key} is a value of type {type(value).__name__} and shape {dims}; only a scalar, "
                         f"one value per channel, or an array that holds one value per channel at every position of "
                         f"the patch can be made dense")
+    if isinstance(value, tf.Variable):  # (its values, read now, would not follow later changes)
+        raise call.fail(f"its {key} is a variable of shape {dims}, more than one value per channel; only a scalar "
+                        f"or one value per channel can follow a variable")
     array = np.asarray(value)
     rows = np.broadcast_to(array, shape).reshape(-1, channels)  # (a flattened map's entries: H, W, C order)
     if not np.array_equal(rows, np.broadcast_to(rows[:1], rows.shape), equal_nan=array.dtype.kind in "fc"):
