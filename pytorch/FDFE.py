@@ -4822,6 +4822,7 @@ def _build(base_net, patch_size, in_channels, tracer, out, example, *, naive, ti
     """CI from a trace of Cp (:func:`_trace`): the rules, the plan, the DenseFeatureNet, and its self-check."""
     ph, pw = patch_size
     batch = example.shape[0]
+    _refuse_batch_reads(base_net, tracer, batch, in_channels, patch_size)
     geoms = {0: _Geom(MAP, in_channels, (ph, pw))}
     steps = _apply_rules(tracer.nodes, geoms)
     _output_vectors(out, batch)
@@ -4871,6 +4872,41 @@ def _build(base_net, patch_size, in_channels, tracer, out, example, *, naive, ti
         net._captured_attributes = _captured_attributes(base_net, tracer, snapshots)
         net._structure = _module_structure(base_net, net._captured_attributes, net._settings_read, net._read)
     return net
+
+
+#: arithmetic on activations whose number operands CI keeps as they were traced (see _refuse_batch_reads)
+_ARITHMETIC = frozenset(
+    "add sub mul div true_divide floor_divide remainder fmod pow rsub clamp clip clamp_min clamp_max where maximum "
+    "minimum fmax fmin addcmul addcdiv lerp hardtanh threshold leaky_relu masked_fill fill add_ sub_ mul_ div_ pow_ "
+    "clamp_ masked_fill_ fill_".split() + [f"__{r}{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv",
+                                                                      "mod", "pow") for r in ("", "r", "i")])
+
+
+def _refuse_batch_reads(base_net, tracer, batch, in_channels, patch_size):
+    """Refuse arithmetic whose number operands Cp's forward computes from the batch size (``x / x.shape[0]``,
+    ``x * len(x)``): the trace keeps them as numbers (those of the example batch), so CI would compute with them,
+    while Cp's value for a patch depends on how many patches are batched with it.  Cp is traced again on a batch
+    one larger, and the number operands of its arithmetic compared; nothing is compared where that trace fails or
+    records other ops."""
+    if not any(node.name.split(".")[-1] in _ARITHMETIC for node in tracer.nodes):
+        return
+    try:
+        other = _trace_once(base_net, batch + 1, in_channels, patch_size, False)[0]
+    except Exception:  # (Cp rejects that batch: not a concern here)
+        return
+    if [node.func for node in other.nodes] != [node.func for node in tracer.nodes]:
+        return
+    for node, again in zip(tracer.nodes, other.nodes):
+        if node.name.split(".")[-1] not in _ARITHMETIC:
+            continue
+        changed = [(a, b) for a, b in zip(_leaves((node.args, node.kwargs)), _leaves((again.args, again.kwargs)))
+                   if isinstance(a, numbers.Number) and not isinstance(a, bool) and a != b]
+        if changed:
+            a, b = changed[0]
+            raise node.fail(f"its operand {a!r} for a batch of {batch} patches is {b!r} for {batch + 1}: it is computed "
+                            f"from the batch size (x.shape[0], len(x)), or at random; Cp's output for a patch then "
+                            f"depends on how many patches are batched with it, which CI (one pass over whole images) "
+                            f"cannot reproduce: compute without the batch size")
 
 
 def _names_read(nodes, expressions):
