@@ -4903,10 +4903,10 @@ def _refuse_batch_reads(base_net, tracer, batch, in_channels, patch_size):
                    if isinstance(a, numbers.Number) and not isinstance(a, bool) and a != b]
         if changed:
             a, b = changed[0]
-            raise node.fail(f"its operand {a!r} for a batch of {batch} patches is {b!r} for {batch + 1}: it is computed "
-                            f"from the batch size (x.shape[0], len(x)), or at random; Cp's output for a patch then "
-                            f"depends on how many patches are batched with it, which CI (one pass over whole images) "
-                            f"cannot reproduce: compute without the batch size")
+            raise node.fail(f"its operand {a!r} for a batch of {batch} patches is {b!r} for {batch + 1}: it is "
+                            f"computed from the batch size (x.shape[0], len(x)), or at random; Cp's output for a patch "
+                            f"then depends on how many patches are batched with it, which CI (one pass over whole "
+                            f"images) cannot reproduce: compute without the batch size")
 
 
 def _names_read(nodes, expressions):

@@ -141,8 +141,8 @@ def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):
     _torch_refusal(tb, [nn.Conv2d(1, 2, 3)], 5, r"not a single vector.*\(2, 2, 3, 3\)")
     for forward in (lambda self, x: (self.layers[0](x) / x.shape[0]).flatten(1),  # (check=False gave a wrong CI)
                     lambda self, x: (self.layers[0](x) + float(len(x))).flatten(1)):
-        _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"Tensor\.(div|add) cannot be made dense exactly: its operand 2(\.0)? "
-                       r"for a batch of 2 patches is 3(\.0)? for 3: it is computed from the batch size",
+        _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"Tensor\.(div|add) cannot be made dense exactly: its operand "
+                       r"2(\.0)? for a batch of 2 patches is 3(\.0)? for 3: it is computed from the batch size",
                        forward=forward)
 
     def writes_a_slice(self, x):
