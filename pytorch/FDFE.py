@@ -2794,31 +2794,28 @@ class _Tracer(TorchFunctionMode):
     def finish(self, out):
         """After the trace: the custom autograd.Functions whose backward the gradient of Cp's output passes through
         (its autograd graph), which CI cannot call, noted as gradients CI cannot give."""
-        seen, stack = set(), [getattr(out, "grad_fn", None)]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
+        for node in _autograd_nodes(getattr(out, "grad_fn", None)):
             function = getattr(node, "_forward_cls", None)
             if function is not None and function not in _GRADIENT_TRANSPARENT_FUNCTIONS:
                 self.note_hazard(function, f"the custom autograd.Function {function.__name__} (CI computes its "
                                            f"forward from the ops inside it, and cannot call its backward)")
-            stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
 
     def _from_input(self, value):
         """Whether ``value`` (a tensor the trace has not recorded) is computed from the example (its autograd graph
         reaches the example's)."""
-        seen, stack = set(), [value.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            if getattr(node, "variable", None) is self.input_leaf:
-                return True
-            stack.extend(next_node for next_node, _ in node.next_functions)
-        return False
+        return any(getattr(node, "variable", None) is self.input_leaf for node in _autograd_nodes(value.grad_fn))
+
+
+def _autograd_nodes(grad_fn):
+    """The nodes of the autograd graph that ends in ``grad_fn`` (None: none), each once."""
+    seen, stack = set(), [grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
 
 
 # ---------------------------------------------------------------------------
