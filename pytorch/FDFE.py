@@ -249,8 +249,11 @@ _MIXED_LAYOUT_REASON = ("one holds the channels of every position where a transp
 #: still the map's.  VIEW: any other reshape of that map, usable by element-wise ops only.  TRANSPOSED:
 #: the map with its channels moved to the other end (torch: (h, w, channels), Keras: (channels, h, w)); the
 #: dense tensor is transposed the same way, and only ops per position along the channel axis and the
-#: transpose back may use it.
-MAP, VECTOR, VIEW, TRANSPOSED = "map", "vector", "view", "transposed"
+#: transpose back may use it.  SWAPPED: the map as (w, h, channels), its channels last and its positions
+#: transposed (PyTorch: ``x.transpose(1, 3)`` of a map; Keras: what a softmax along axis 1 makes of a transposed
+#: map inside); the dense tensor is transposed the same way, and only ops per position along the channels and the
+#: transposes back may use it.
+MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED = "map", "vector", "view", "transposed", "swapped"
 
 
 class _Geom:
@@ -259,7 +262,7 @@ class _Geom:
     __slots__ = ("kind", "channels", "size", "strides", "guessed")
 
     def __init__(self, kind, channels, size, strides=(), guessed=False):
-        if kind not in (MAP, VECTOR, VIEW, TRANSPOSED):
+        if kind not in (MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED):
             raise ValueError(f"unknown geometry kind {kind!r}")
         self.kind, self.channels, self.size = kind, int(channels), (int(size[0]), int(size[1]))
         self.strides = tuple((int(s[0]), int(s[1])) for s in strides)
@@ -285,6 +288,8 @@ class _Geom:
         what = f"{c}x{h}x{w} map" if _MAP_LAYOUT == "CHW" else f"{h}x{w}x{c} map"
         if self.kind == TRANSPOSED:
             return f"a transposed map ({h}x{w}x{c})" if _MAP_LAYOUT == "CHW" else f"a transposed map ({c}x{h}x{w})"
+        if self.kind == SWAPPED:
+            return f"a map with its positions transposed ({w}x{h}x{c})"
         return {MAP: f"a {what}", VECTOR: f"a flattened {what}"}.get(self.kind, f"a reshaped {what}")
 
     def __repr__(self):
@@ -299,7 +304,7 @@ def _same_grid(op, geoms):
             reason = _MIXED_GRID_REASON
             if first.strides != g.strides and not (first.is_pixel_vector or g.is_pixel_vector):
                 reason = _MIXED_STRIDES_REASON
-            elif TRANSPOSED in (first.kind, g.kind) and first.kind != g.kind:
+            elif {first.kind, g.kind} & {TRANSPOSED, SWAPPED} and first.kind != g.kind:
                 reason = _MIXED_LAYOUT_REASON
             raise op.fail(f"it combines {first.describe()} with {g.describe()} (strides {list(first.strides)} "
                           f"vs {list(g.strides)}); {reason}")
@@ -462,6 +467,8 @@ def _guessed_geom(shape, geoms, layout):
     if len(shape) == 4 and any(g.kind == TRANSPOSED for g in geoms):  # (still a transposed map: its transpose back
         channels, size = (shape[3], shape[1:3]) if layout == "CHW" else (shape[1], shape[2:])  # is no problem)
         return _Geom(TRANSPOSED, channels, size, strides, guessed=True)
+    if len(shape) == 4 and any(g.kind == SWAPPED for g in geoms):  # (N, w, h, C) in both layouts
+        return _Geom(SWAPPED, shape[3], (shape[2], shape[1]), strides, guessed=True)
     if len(shape) == 4:
         channels, size = (shape[1], shape[2:]) if layout == "CHW" else (shape[3], shape[1:3])
         return _Geom(MAP, channels, size, strides, guessed=True)
@@ -3013,6 +3020,30 @@ def _takes_transposed(rule):
     return rule
 
 
+def _on_swapped(node, rule, geoms):
+    """An op of maps with their positions transposed, (N, w, h, C) (``x.transpose(1, 3)`` of a map): a rule of
+    transposed maps (_TRANSPOSED_RULES) sees them as transposed maps of size (w, h) and must give such a map on the
+    same grid (the op ran per position: Linear, LayerNorm, softmax, element-wise ops); anything else is refused
+    (transpose back first)."""
+    def swap(geom, kind):
+        return _Geom(kind, geom.channels, geom.size[::-1], [s[::-1] for s in geom.strides], geom.guessed)
+    view = [swap(g, TRANSPOSED) if g.kind == SWAPPED else g for g in geoms]
+    out_geoms = None
+    if rule in _TRANSPOSED_RULES and all(g.kind == SWAPPED for g in geoms):
+        try:
+            step, out_geoms = rule(node, view)
+        except ConversionError:
+            out_geoms = None
+        if out_geoms is not None and all(g.kind == TRANSPOSED and g.size == view[0].size and
+                                         g.strides == view[0].strides for g in out_geoms):
+            return step, [swap(g, SWAPPED) for g in out_geoms]
+    geom = next(g for g in geoms if g.kind == SWAPPED)
+    raise node.fail(f"it is applied to {geom.describe()}, a map transposed to (N, w, h, C) (x.transpose(1, 3)); "
+                    f"only ops per position along its channels (element-wise ops, Linear, LayerNorm, softmax, "
+                    f"reductions over dim -1) of such maps alone can follow one: transpose it back first "
+                    f"(x.transpose(1, 3))")
+
+
 def _lookup_rule(func):
     """The rule registered for ``func`` (Tensor's Python-level wrappers found by their name)."""
     rule = _RULES.get(func)
@@ -3920,6 +3951,8 @@ class _PermuteStep(_Step):
 
 
 _TO_TRANSPOSED, _FROM_TRANSPOSED = (0, 2, 3, 1), (0, 3, 1, 2)
+#: where a map's axes (N, C, h, w) lie in the values of each kind: (N, C, h, w), (N, h, w, C), (N, w, h, C)
+_AXES_OF = {MAP: (0, 1, 2, 3), TRANSPOSED: (0, 2, 3, 1), SWAPPED: (0, 3, 2, 1)}
 
 
 @_takes_transposed
@@ -3930,6 +3963,8 @@ def _rule_transpose(node, geoms):
     """``x.permute(0, 2, 3, 1)`` of a map: a transposed map, its channels last, on which ops per position along
     the channels (Linear, LayerNorm, element-wise ops, softmax(-1), ...) run as they are on the dense values,
     transposed alike; ``permute(0, 3, 1, 2)`` (or any transpose that gives the same) brings it back to a map.
+    ``x.transpose(1, 3)`` of a map gives (N, w, h, C), its positions transposed too (SWAPPED), on which the same
+    ops run (see _on_swapped) until ``transpose(1, 3)`` brings it back.
     Other transposes swap positions of the patch or move the channels elsewhere: refused (one that keeps the
     values in their order, the identity or moving axes of size 1, is a reshape)."""
     dims = [d for v in list(node.args[1:]) + list(node.kwargs.values())
@@ -3937,16 +3972,18 @@ def _rule_transpose(node, geoms):
     geom, shape = geoms[0], tuple(node.in_shapes[0])
     index = torch.arange(_prod(shape)).reshape(shape)
     moved = node.func(index, *node.args[1:], **node.kwargs)
-    if len(shape) == 4 and geom.kind in (MAP, TRANSPOSED):
-        order = _TO_TRANSPOSED if geom.kind == MAP else _FROM_TRANSPOSED
-        if torch.equal(moved, index.permute(order)):
-            return _PermuteStep(node.in_slots[:1], node.out_slots, order), \
-                [geom.with_(kind=TRANSPOSED if geom.kind == MAP else MAP)]
-    if geom.kind == TRANSPOSED:
+    if len(shape) == 4 and geom.kind in _AXES_OF:
+        for kind, axes in _AXES_OF.items():  # (a 1x1 map too: the step transposes the dense values)
+            order = tuple(_AXES_OF[geom.kind].index(a) for a in axes)
+            if kind != geom.kind and torch.equal(moved, index.permute(order)) and not (
+                    geom.kind == MAP and kind == SWAPPED and torch.equal(moved.flatten(), index.flatten())):
+                return _PermuteStep(node.in_slots[:1], node.out_slots, order), [geom.with_(kind=kind)]
+    if geom.kind in (TRANSPOSED, SWAPPED):
         if torch.equal(moved, index):
             return _AliasStep(node), [geom]
         error = node.fail(f"it transposes {geom.describe()} (dims {dims}); a transposed map can only be "
-                          f"transposed back to (N, C, h, w) (x.permute(0, 3, 1, 2))")
+                          f"transposed back to (N, C, h, w) (x.permute(0, 3, 1, 2) of (N, h, w, C), "
+                          f"x.transpose(1, 3) of (N, w, h, C))")
         error.taints_outputs = True
         raise error
     if torch.equal(moved.flatten(), index.flatten()):
@@ -4677,7 +4714,10 @@ def _apply_rules(nodes, geoms):
                                 f"transpose; only ops per position along the channels (element-wise ops, Linear, "
                                 f"LayerNorm, softmax, reductions, slices, splits or concatenations over dim -1) can "
                                 f"follow one: transpose it back first (x.permute(0, 3, 1, 2))")
-            step, out_geoms = rule(node, in_geoms)
+            if any(g.kind == SWAPPED for g in in_geoms) and rule is not _rule_transpose:
+                step, out_geoms = _on_swapped(node, rule, in_geoms)
+            else:
+                step, out_geoms = rule(node, in_geoms)
         except ConversionError as exc:
             # a problem of its own, unless it only follows from a refused op before it (a statistic of
             # the patch reported once, not again where it is subtracted)
@@ -4687,7 +4727,7 @@ def _apply_rules(nodes, geoms):
                 geoms[s] = _guessed_geom(shape, in_geoms, _MAP_LAYOUT)
                 if all(i in tainted for i in node.in_slots) or len(shape) != 4 or \
                         getattr(exc, "taints_outputs", False) or \
-                        len({g.kind == TRANSPOSED for g in in_geoms}) > 1:  # a statistic, not a map; a transposed
+                        len({g.kind in (TRANSPOSED, SWAPPED) for g in in_geoms}) > 1:  # a statistic; a transposed
                     # map; a map and a transposed map combined
                     tainted.add(s)
             continue
@@ -4831,8 +4871,9 @@ def _build(base_net, patch_size, in_channels, tracer, out, example, *, naive, ti
                               f"changes through views: compute it out of place")
     out_slot = tracer.slot_of[id(out)]
     geom = geoms[out_slot]
-    if geom.kind == TRANSPOSED:  # (N, 1, 1, 1) (_output_vectors): CI's output is the map, transposed back
-        steps.append(_PermuteStep([out_slot], [max(geoms) + 1], _FROM_TRANSPOSED))
+    if geom.kind in (TRANSPOSED, SWAPPED):  # (N, 1, 1, 1) (_output_vectors): CI's output is the map, transposed back
+        steps.append(_PermuteStep([out_slot], [max(geoms) + 1], _FROM_TRANSPOSED if geom.kind == TRANSPOSED
+                                  else _AXES_OF[SWAPPED]))
         out_slot, geom = max(geoms) + 1, geom.with_(kind=MAP)
         geoms[out_slot] = geom
     out_channels = out.reshape(batch, -1).shape[1]
@@ -4861,7 +4902,7 @@ def _build(base_net, patch_size, in_channels, tracer, out, example, *, naive, ti
                           expression_no_grad=tracer.expression_no_grad,
                           read=_names_read(tracer.nodes, tracer.expressions),
                           gradient_hazards=tracer.hazards + _backward_hooks_of(base_net))
-    net.transposed_slots = frozenset(slot for slot, g in geoms.items() if g.kind == TRANSPOSED)
+    net.transposed_slots = frozenset(slot for slot, g in geoms.items() if g.kind in (TRANSPOSED, SWAPPED))
     if check and _example_kind(base_net)[1].type != "meta":  # a meta Cp has no values to compare
         _self_check(net, base_net)  # (runs Cp again: what it changes is state too)
         snapshots = tracer.snapshots + [_attribute_values(base_net)]

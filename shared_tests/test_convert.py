@@ -1888,6 +1888,94 @@ def test_slices_splits_and_indices_of_transposed_maps(tb, kb, tmp_path):
     np.testing.assert_allclose(keras.models.load_model(path)(images).numpy(), ci(images).numpy(), rtol=0, atol=1e-6)
 
 
+def test_maps_with_their_positions_transposed_carry_ops_per_position(tb, kb):
+    """A map transposed to (N, w, h, C), its channels last and its positions transposed (PyTorch: x.transpose(1, 3),
+    or transpose(1, 2) of a transposed map; Keras: perm (0, 2, 1, 3) of a map, and (0, 3, 2, 1) of a transposed map,
+    which tf.nn.softmax and keras.ops.softmax / log_softmax(t, axis=1) do inside) carries ops per position along
+    its channels until the transpose back: CI equals Cp on every patch (odd and even patches, images not multiples
+    of the stride, batches of 2, tiles, a step, reflected borders, gradients).  All were refused before (Keras'
+    softmax with a confusing "perm None").  Ops that move positions of such a map are refused by name."""
+    import keras
+    import tensorflow as tf
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    torch.manual_seed(3)
+
+    class Swapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.last = nn.Conv2d(2, 6, 3), nn.Conv2d(6, 4, 3)
+            self.linear, self.norm = nn.Linear(6, 6), nn.LayerNorm(6)
+
+        def forward(self, x):
+            y = F.max_pool2d(self.conv(x), 2)
+            z = self.norm(self.linear(y.transpose(1, 3)))  # (N, w, h, C)
+            z = torch.softmax(z, -1) * z.amax(-1, keepdim=True) + z[..., 1:].sum(-1, keepdim=True)
+            t = y.permute(0, 2, 3, 1).transpose(1, 2)  # the same from a transposed map
+            return self.last(y + z.transpose(1, 3) - t.transpose(1, 3).tanh()).flatten(1)
+
+    for patch in ((8, 8), (9, 8)):
+        _torch_check(tb, Swapped(), patch, 2, size=(13, 11))
+    net = Swapped().double().eval()
+    images = torch.from_numpy(netspec.random_images(2, 2, 15, 13, seed=3).transpose(0, 3, 1, 2)).requires_grad_()
+    for options in ({"tile": (8, 8)}, {"output_stride": 2}, {"border": "reflect"}):
+        ci = tb.FDFE.convert(net, (9, 8), in_channels=2, **options)
+        reference = {k: v for k, v in options.items() if k != "tile"}
+        with torch.no_grad():
+            assert max_rel_error(ci(images), tb.FDFE.dense_reference(net, images, (9, 8), **reference)) \
+                <= TOL["float64"]
+    grad, = torch.autograd.grad(tb.FDFE.convert(net, (9, 8), in_channels=2)(images).square().sum(), images)
+    expected, = torch.autograd.grad(tb.FDFE.dense_reference(net, images, (9, 8), differentiable=True).square().sum(),
+                                    images)
+    assert max_rel_error(grad, expected) <= TOL["float64"]
+
+    class Crop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.last = nn.Conv2d(2, 6, 3), nn.Conv2d(6, 4, 4)
+
+        def forward(self, x):
+            return self.last(self.conv(x).transpose(1, 3)[:, 1:].transpose(1, 3)).flatten(1)
+
+    with pytest.raises(tb.FDFE.ConversionError, match=r"Tensor\.__getitem__ cannot be made dense exactly: it is "
+                       r"applied to a map with its positions transposed \(5x5x6\), a map transposed to \(N, w, h, C\)"):
+        tb.FDFE.convert(Crop(), (7, 7), in_channels=2)
+
+    L = keras.layers
+    keras.utils.set_random_seed(3)
+
+    def keras_net(patch):
+        inp = keras.Input(patch + (2,))
+        x = L.MaxPooling2D(2)(L.Conv2D(6, 3)(inp))
+        s = L.Lambda(lambda t: keras.ops.transpose(t, (0, 2, 1, 3)))(x)  # (N, w, h, C)
+        s = L.LayerNormalization()(L.Dense(6)(s))
+        s = L.Lambda(lambda t: keras.ops.softmax(t, -1) * keras.ops.max(t, -1, keepdims=True) + t[..., ::-1])(s)
+        x = L.Add()([x, L.Permute((2, 1, 3))(s)])
+        t = L.Permute((3, 1, 2))(x)  # (N, C, h, w): softmax along axis 1 transposes to (N, w, h, C) and back
+        t = L.Lambda(lambda t: keras.ops.log_softmax(t, axis=1) + tf.nn.softmax(t, axis=1) * keras.ops.softmax(
+            t, axis=1))(t)
+        return keras.Model(inp, L.Flatten()(L.Conv2D(4, 3)(L.Permute((2, 3, 1))(t))))
+    for patch in ((8, 8), (9, 8)):
+        _keras_check(kb, keras_net(patch), patch, 2, size=(13, 11))
+    net = keras_net((9, 8))
+    images = tf.constant(netspec.random_images(2, 2, 15, 13, seed=3), tf.float32)
+    for options in ({"tile": (8, 8)}, {"output_stride": 2}, {"border": "reflect"}):
+        ci = kb.FDFE.convert(net, (9, 8), in_channels=2, **options)
+        reference = {k: v for k, v in options.items() if k != "tile"}
+        assert max_rel_error(ci(images), kb.FDFE.dense_reference(net, images, (9, 8), **reference)) <= TOL["float32"]
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(images)
+        out = tf.reduce_sum(tf.square(kb.FDFE.convert(net, (9, 8), in_channels=2)(images)))
+        ref = tf.reduce_sum(tf.square(kb.FDFE.dense_reference(net, images, (9, 8), differentiable=True)))
+    assert max_rel_error(tape.gradient(out, images), tape.gradient(ref, images)) <= 10 * TOL["float32"]
+    inp = keras.Input((7, 7, 2))
+    s = L.Lambda(lambda t: keras.ops.transpose(t, (0, 2, 1, 3))[:, 1:])(L.Conv2D(6, 3)(inp))
+    with pytest.raises(kb.FDFE.ConversionError, match=r"\(StridedSlice, created at [^)]*\) cannot be made dense "
+                       r"exactly: it is applied to a map with its positions transposed \(5x5x6\)"):
+        kb.FDFE.convert(keras.Model(inp, L.Flatten()(L.Conv2D(3, 4)(L.Permute((2, 1, 3))(s)))), (7, 7))
+
+
 def test_einsum_over_the_channels_of_every_position(tb, kb):
     """An einsum of a map and a (C, K) weight that contracts the channels and keeps the other axes in their order
     ("nchw,ck->nkhw", any letters, either operand first, the weight either way round; of a transposed map

@@ -209,7 +209,8 @@ def test_keras_refusals(kb):
                    r"\(Permute\).*it transposes a 3x3x2 map \(perm \[0, 1, 3, 2\]\); CI keeps the channels of every "
                    r"pixel on the last axis")
     _keras_refusal(kb, [L.Conv2D(2, 3), L.Lambda(lambda x: keras.ops.transpose(x, (0, 2, 1, 3))), L.Flatten()], 5,
-                   r"\(Transpose, created at .*it transposes a 3x3x2 map \(perm \[0, 2, 1, 3\]\)")
+                   r"\(Flatten\) cannot be made dense exactly: it is applied to a map with its positions transposed "
+                   r"\(3x3x2\), a map transposed to \(N, w, h, C\) \(perm \(0, 2, 1, 3\) of a map")
     _keras_refusal(kb, [L.Conv2D(2, 3), L.Flatten(data_format="channels_first"), L.Dense(3)], 5,
                    r"\(Flatten\).*Flatten\(data_format='channels_first'\) moves axis 1 of \(\d, 3, 3, 2\) to the end "
                    r"before flattening, which reorders the values of a 3x3x2 map")
@@ -520,8 +521,9 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
                    r"across positions of the patch \(a transposed map \(3x3x4\)\)",
                    forward=lambda self, x: (self.layers[0](x).permute(0, 2, 3, 1) * torch.rand(3, 3, 4))
                    .permute(0, 3, 1, 2).mean((2, 3)))
-    _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"^[^\n]*Tensor\.transpose" + after + r"it transposes a transposed "
-                   r"map \(3x3x4\) \(dims \[1, 2\]\); a transposed map can only be transposed back[^\n]*$",
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"^[^\n]*Tensor\.permute" + after + r"it transposes a map with its "
+                   r"positions transposed \(3x3x4\) \(dims \[0, 3, 1, 2\]\); a transposed map can only be transposed "
+                   r"back[^\n]*$",
                    forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1).transpose(1, 2).permute(0, 3, 1, 2)
                    .mean((2, 3)))
     _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.__getitem__" + after + r"it indexes a transposed map "

@@ -261,8 +261,11 @@ _MIXED_LAYOUT_REASON = ("one holds the channels of every position where a transp
 #: still the map's.  VIEW: any other reshape of that map, usable by element-wise ops only.  TRANSPOSED:
 #: the map with its channels moved to the other end (torch: (h, w, channels), Keras: (channels, h, w)); the
 #: dense tensor is transposed the same way, and only ops per position along the channel axis and the
-#: transpose back may use it.
-MAP, VECTOR, VIEW, TRANSPOSED = "map", "vector", "view", "transposed"
+#: transpose back may use it.  SWAPPED: the map as (w, h, channels), its channels last and its positions
+#: transposed (PyTorch: ``x.transpose(1, 3)`` of a map; Keras: what a softmax along axis 1 makes of a transposed
+#: map inside); the dense tensor is transposed the same way, and only ops per position along the channels and the
+#: transposes back may use it.
+MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED = "map", "vector", "view", "transposed", "swapped"
 
 
 class _Geom:
@@ -271,7 +274,7 @@ class _Geom:
     __slots__ = ("kind", "channels", "size", "strides", "guessed")
 
     def __init__(self, kind, channels, size, strides=(), guessed=False):
-        if kind not in (MAP, VECTOR, VIEW, TRANSPOSED):
+        if kind not in (MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED):
             raise ValueError(f"unknown geometry kind {kind!r}")
         self.kind, self.channels, self.size = kind, int(channels), (int(size[0]), int(size[1]))
         self.strides = tuple((int(s[0]), int(s[1])) for s in strides)
@@ -297,6 +300,8 @@ class _Geom:
         what = f"{c}x{h}x{w} map" if _MAP_LAYOUT == "CHW" else f"{h}x{w}x{c} map"
         if self.kind == TRANSPOSED:
             return f"a transposed map ({h}x{w}x{c})" if _MAP_LAYOUT == "CHW" else f"a transposed map ({c}x{h}x{w})"
+        if self.kind == SWAPPED:
+            return f"a map with its positions transposed ({w}x{h}x{c})"
         return {MAP: f"a {what}", VECTOR: f"a flattened {what}"}.get(self.kind, f"a reshaped {what}")
 
     def __repr__(self):
@@ -311,7 +316,7 @@ def _same_grid(op, geoms):
             reason = _MIXED_GRID_REASON
             if first.strides != g.strides and not (first.is_pixel_vector or g.is_pixel_vector):
                 reason = _MIXED_STRIDES_REASON
-            elif TRANSPOSED in (first.kind, g.kind) and first.kind != g.kind:
+            elif {first.kind, g.kind} & {TRANSPOSED, SWAPPED} and first.kind != g.kind:
                 reason = _MIXED_LAYOUT_REASON
             raise op.fail(f"it combines {first.describe()} with {g.describe()} (strides {list(first.strides)} "
                           f"vs {list(g.strides)}); {reason}")
@@ -474,6 +479,8 @@ def _guessed_geom(shape, geoms, layout):
     if len(shape) == 4 and any(g.kind == TRANSPOSED for g in geoms):  # (still a transposed map: its transpose back
         channels, size = (shape[3], shape[1:3]) if layout == "CHW" else (shape[1], shape[2:])  # is no problem)
         return _Geom(TRANSPOSED, channels, size, strides, guessed=True)
+    if len(shape) == 4 and any(g.kind == SWAPPED for g in geoms):  # (N, w, h, C) in both layouts
+        return _Geom(SWAPPED, shape[3], (shape[2], shape[1]), strides, guessed=True)
     if len(shape) == 4:
         channels, size = (shape[1], shape[2:]) if layout == "CHW" else (shape[3], shape[1:3])
         return _Geom(MAP, channels, size, strides, guessed=True)
@@ -2357,11 +2364,17 @@ class _OpCall:
         return ConversionError(f"{self.where} cannot be made dense exactly: {reason}")
 
     def constant(self, name):
-        """The value of the constant operand ``name`` (a numpy array), or None if it is not a constant."""
+        """The value of the constant operand ``name`` (a numpy array), or None if it is not a constant (also one
+        computed by ops from constants alone, such as the perm tf.nn.softmax(t, axis=1) builds with tf.range)."""
         spec = self.args.get(name)
-        if not isinstance(spec, dict) or "const" not in spec:
+        if not isinstance(spec, dict) or "input" in spec or not _constant_only(spec):
             return None
-        return np.asarray(spec["const"], dtype=spec["dtype"])
+        if "const" in spec:
+            return np.asarray(spec["const"], dtype=spec["dtype"])
+        try:
+            return np.asarray(_operand_value(spec, [], []))
+        except (ValueError, TypeError, IndexError, tf.errors.OpError):
+            return None
 
 
 #: folders whose frames are not the user's code, in the places messages give for traced ops
@@ -3241,6 +3254,40 @@ def _on_transposed(call, geom):
                      f"transpose it back first (perm (0, 2, 3, 1))")
 
 
+_SWAPPED_RULES = set()  # the rules that may run on maps with their positions transposed (SWAPPED): see _on_swapped
+
+
+def _takes_swapped(rule):
+    """Mark ``rule`` as one of ops per position along the channels of a map (its last axis), which run as they are
+    on a map with its positions transposed (SWAPPED)."""
+    _SWAPPED_RULES.add(rule)
+    return rule
+
+
+def _on_swapped(call, rule, geoms):
+    """A layer or op of maps with their positions transposed, (N, w, h, C): a rule of ops per position along the
+    channels (_SWAPPED_RULES) sees them as maps of size (w, h) and must give such a map on the same grid (the
+    op ran per position); anything else is refused (transpose back first)."""
+    def swap(geom, kind):
+        return _Geom(kind, geom.channels, geom.size[::-1], [s[::-1] for s in geom.strides], geom.guessed)
+    view = [swap(g, MAP) if g.kind == SWAPPED else g for g in geoms]
+    out_geoms = None
+    if rule in _SWAPPED_RULES and all(g.kind == SWAPPED for g in geoms):
+        try:
+            run, out_geoms = rule(call, view)
+        except ConversionError:
+            out_geoms = None
+        if out_geoms is not None and all(g.kind == MAP and g.size == view[0].size and g.strides == view[0].strides
+                                         for g in out_geoms):
+            return run, [swap(g, SWAPPED) for g in out_geoms]
+    geom = next(g for g in geoms if g.kind == SWAPPED)
+    raise call.fail(f"it is applied to {geom.describe()}, a map transposed to (N, w, h, C) (perm (0, 2, 1, 3) of a "
+                    f"map, or (0, 3, 2, 1) of a transposed map, as tf.nn.softmax(t, axis=1) does inside); only ops "
+                    f"per position along its channels (element-wise ops and activations, Dense, LayerNormalization, "
+                    f"softmax, reductions over the channels) of such maps alone can follow one: transpose it back "
+                    f"first (perm (0, 2, 1, 3))")
+
+
 def _along_transposed_channels(call, geom, axis, run, channels=None):
     """A layer or op along ``axis`` of a transposed map (N, C, h, w): per position, ``run`` on the dense values
     (transposed alike), where the axis is the channels (1); else refused."""
@@ -3287,6 +3334,7 @@ def _cast_as_layer_input(layer, x):
 
 # --- the rules ----------------------------------------------------------------
 
+@_takes_swapped
 @_takes_transposed
 @_rule_for(keras.layers.Rescaling, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU,
            label="element-wise layers (applied per pixel)")
@@ -3333,6 +3381,7 @@ def _rescaling_per_channel(call, geom, key):
     return rows[0].tolist()
 
 
+@_takes_swapped
 @_takes_transposed
 @_rule_for(keras.layers.Activation, keras.layers.Softmax, label="element-wise layers (applied per pixel)")
 def _rule_activation(call, geoms):
@@ -3350,6 +3399,7 @@ def _rule_activation(call, geoms):
     return _rule_reuse(call, geoms)
 
 
+@_takes_swapped
 @_takes_transposed
 @_rule_for(keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.GaussianNoise,
            keras.layers.GaussianDropout, keras.layers.AlphaDropout, keras.layers.ActivityRegularization,
@@ -3378,6 +3428,7 @@ def _rule_augmentation(call, geoms):
     return _pass_through, [geoms[0]]
 
 
+@_takes_swapped
 @_takes_transposed
 @_rule_for(keras.layers.BatchNormalization, keras.layers.UnitNormalization, keras.layers.Normalization,
            LocalResponseNormalization, keras.layers.PReLU,
@@ -3410,6 +3461,7 @@ def _rule_channelwise(call, geoms):
     return _reuse(layer), [geom]
 
 
+@_takes_swapped
 @_takes_transposed
 @_rule_for(keras.layers.LayerNormalization, label="layer normalisation over the channel axis")
 def _rule_layer_norm(call, geoms):
@@ -3675,6 +3727,7 @@ def _reshaped_geom(call, geom, src, dst):
     raise call.fail(f"it reshapes {src} to {dst}, which moves values between patches (the batch axis){hint}")
 
 
+@_takes_swapped
 @_rule_for(keras.layers.Dense, label="Dense on a flattened map (DenseAsConv, an h x w convolution) or on channels")
 def _rule_dense(call, geoms):
     """Dense on a flattened map: an h x w convolution (H, W, C order); on channels: reused."""
@@ -3690,6 +3743,7 @@ def _rule_dense(call, geoms):
     return (lambda xs: [DenseAsConv(layer, geom.size)(xs[0])]), [geom.with_(channels=units, size=(1, 1))]
 
 
+@_takes_swapped
 @_takes_transposed
 @_rule_for(keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, keras.layers.Average,
            keras.layers.Maximum, keras.layers.Minimum, keras.layers.Concatenate,
@@ -3944,6 +3998,7 @@ def _broadcast_replaced(call, recorded, args):
             else widen(recorded[name], spec) for name, spec in args.items()}
 
 
+@_takes_swapped
 @_takes_transposed
 @_op_rule_for(*_ELEMENTWISE_OPS, label="TensorFlow element-wise ops in call() (keras.ops, tf.math, tf.nn, "
                                        "arithmetic on tensors, casts, tf.where): applied per pixel")
@@ -4017,24 +4072,30 @@ _TRANSPOSE_HINT = ("CI keeps the channels of every pixel on the last axis (or, a
                    "of every pixel as it is; for PyTorch's C, H, W flattening order, reorder the rows of the next "
                    "Dense's kernel to H, W, C instead)")
 _TO_TRANSPOSED, _FROM_TRANSPOSED = [0, 3, 1, 2], [0, 2, 3, 1]
+#: where a map's axes (N, h, w, C) lie in the values of each kind: (N, h, w, C), (N, C, h, w), (N, w, h, C)
+_AXES_OF = {MAP: (0, 1, 2, 3), TRANSPOSED: (0, 3, 1, 2), SWAPPED: (0, 2, 1, 3)}
 
 
 def _transposed_geom(call, geom, perm, src):
     """The geometry after a transpose ``perm`` of a value with ``geom``: a map's channels moved to axis 1 (a
-    transposed map) or back, or its ConversionError (None where the transpose keeps the values' order, a
-    reshape)."""
+    transposed map) or back; a transposed map's channels moved to the end with its positions transposed (a
+    SWAPPED map, perm (0, 3, 2, 1), as tf.nn.softmax(t, axis=1) does) or back; or its ConversionError (None where
+    the transpose keeps the values' order, a reshape)."""
     index = np.arange(_prod(src)).reshape(src)
     moved = None if perm is None else np.transpose(index, perm)
-    if moved is not None and len(src) == 4 and geom.kind in (MAP, TRANSPOSED):  # (also of a 1x1 map: the runner
-        if perm == (_TO_TRANSPOSED if geom.kind == MAP else _FROM_TRANSPOSED):  # transposes the dense values)
-            return geom.with_(kind=TRANSPOSED if geom.kind == MAP else MAP)
-    if moved is not None and geom.kind == TRANSPOSED and np.array_equal(moved, index):
+    kept = moved is not None and np.array_equal(moved.ravel(), index.ravel())
+    if moved is not None and len(src) == 4 and geom.kind in _AXES_OF:  # (also of a 1x1 map: the runner transposes
+        axes = tuple(_AXES_OF[geom.kind][p] for p in perm)  # the dense values)
+        kind = next((k for k, a in _AXES_OF.items() if a == axes), None)
+        if kind not in (None, geom.kind) and not (geom.kind == MAP and kind == SWAPPED and kept):
+            return geom.with_(kind=kind)
+    if moved is not None and geom.kind in (TRANSPOSED, SWAPPED) and np.array_equal(moved, index):
         return geom
-    if moved is not None and geom.kind != TRANSPOSED and np.array_equal(moved.ravel(), index.ravel()):
+    if kept and geom.kind not in (TRANSPOSED, SWAPPED):
         return None  # the values keep their order (the identity, axes of size 1)
-    if geom.kind == TRANSPOSED:
+    if geom.kind in (TRANSPOSED, SWAPPED):
         raise call.fail(f"it transposes {geom.describe()} (perm {perm}); a transposed map can only be transposed "
-                        f"back to (N, h, w, C) (perm (0, 2, 3, 1))")
+                        f"back to (N, h, w, C) (perm (0, 2, 3, 1) of (N, C, h, w), (0, 2, 1, 3) of (N, w, h, C))")
     raise call.fail(f"it transposes {geom.describe()} (perm {perm}); {_TRANSPOSE_HINT}")
 
 
@@ -4106,6 +4167,7 @@ def _rule_broadcast_op(call, geoms):
     return (lambda xs: [tile(xs[0])]), [geom.with_(channels=dst[-1])]
 
 
+@_takes_swapped
 @_op_rule_for("MatMul", label="TensorFlow matrix products in call() with a constant or weight (x @ w): per pixel "
                              "on a vector of one position, an h x w convolution on a flattened map")
 def _rule_matmul_op(call, geoms):
@@ -4137,6 +4199,7 @@ def _rule_matmul_op(call, geoms):
     return (lambda xs: [layer(xs[0])]), [geom.with_(channels=units, size=(1, 1))]
 
 
+@_takes_swapped
 @_op_rule_for("BatchMatMulV2", "BatchMatMulV3", label="TensorFlow matrix products in call() of a map (or rows of "
                                                       "positions) with a matrix (x @ w): per pixel, over the channels")
 def _rule_batch_matmul_op(call, geoms):
@@ -4153,6 +4216,7 @@ def _rule_batch_matmul_op(call, geoms):
     return (lambda xs: [layer(xs[0])]), [geom.with_(channels=call.out_shapes[0][-1])]
 
 
+@_takes_swapped
 @_takes_transposed
 @_op_rule_for("Einsum", label="TensorFlow einsum in call() of a map (or a transposed map) and a (C, K) constant or "
                               "weight over the channels of every position (keras.ops.einsum('nhwc,ck->nhwk', x, w))")
@@ -4181,6 +4245,7 @@ def _rule_reshape_op(call, geoms):
     return _reshaped(call, geoms[0], call.in_shapes[0], call.out_shapes[0])
 
 
+@_takes_swapped
 @_op_rule_for("Softmax", "LogSoftmax", label="TensorFlow ops along the channel axis in call() (softmax): per pixel")
 def _rule_channel_op(call, geoms):
     """Softmax and log-softmax along the last axis: per pixel where that axis is the channels."""
@@ -4190,6 +4255,7 @@ def _rule_channel_op(call, geoms):
     return _op_runner(call), [geom]
 
 
+@_takes_swapped
 @_takes_transposed
 @_op_rule_for("ConcatV2", label="TensorFlow concatenation on channels in call() (keras.ops.concatenate, tf.concat; "
                                  "axis 1 of transposed maps)")
@@ -4211,6 +4277,7 @@ def _rule_concat_op(call, geoms):
     return _op_runner(call, args, unwarps), [first.with_(channels=call.out_shapes[0][-1])]
 
 
+@_takes_swapped
 @_takes_transposed
 @_op_rule_for("StridedSlice", "Slice", label="TensorFlow slices in call(): crops of the map (a translation of the "
                                              "dense map) and slices of channels (also of a transposed map)")
@@ -4293,6 +4360,7 @@ def _slice_of(call, geom, src, dst, picked, transposed=False):
                     f"made dense")
 
 
+@_takes_swapped
 @_takes_transposed
 @_op_rule_for("Split", "SplitV", label="TensorFlow splits along the channel axis in call() (tf.split(x, 2, axis=-1), "
                                         "keras.ops.glu; axis 1 of a transposed map): the channels of every pixel")
@@ -4312,6 +4380,7 @@ def _rule_split_op(call, geoms):
     return _op_runner(call, args), [geom.with_(channels=shape[-1]) for shape in call.out_shapes]
 
 
+@_takes_swapped
 @_takes_transposed
 @_op_rule_for("ReverseV2", label="TensorFlow reversals of the channel axis in call() (keras.ops.flip(x, -1), "
                                   "tf.reverse; axis 1 of a transposed map): per pixel")
@@ -4329,6 +4398,7 @@ def _rule_reverse_op(call, geoms):
     return _op_runner(call, args), [geom]
 
 
+@_takes_swapped
 @_takes_transposed
 @_op_rule_for("GatherV2", label="TensorFlow gathers of channels in call() (tf.gather(x, indices, axis=-1); axis 1 of a "
                                  "transposed map): per pixel")
@@ -4386,6 +4456,7 @@ _REDUCTIONS = {"Mean": "avg", "Max": "max", "Min": "min", "Sum": "sum", "Prod": 
                "EuclideanNorm": None}
 
 
+@_takes_swapped
 @_takes_transposed
 @_op_rule_for(*_REDUCTIONS, label="TensorFlow reductions in call(): over channels (per pixel), over positions of "
                                   "the map (global pooling: mean, max, min, sum)")
@@ -5098,7 +5169,10 @@ def _apply_rules(calls, geoms, values):
                 raise _on_transposed(call, transposed)
             if not call.is_op:
                 _check_activation_per_pixel(call, in_geoms)
-            run, out_geoms = rule(call, in_geoms)
+            if any(g.kind == SWAPPED for g in in_geoms) and rule not in (_rule_permute, _rule_transpose_op):
+                run, out_geoms = _on_swapped(call, rule, in_geoms)
+            else:
+                run, out_geoms = rule(call, in_geoms)
         except ConversionError as exc:
             problems.append(str(exc))
             geoms.update((s, _guessed_geom(shape, in_geoms, _MAP_LAYOUT))
