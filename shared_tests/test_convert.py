@@ -1009,7 +1009,8 @@ def test_keras_adapted_normalization_follows_adapt_and_load_weights(kb, tmp_path
 
 def test_keras_depthwise_and_separable_convolutions(kb, tmp_path):
     """DepthwiseConv2D and SeparableConv2D (valid padding; stride, dilation, depth multiplier) convert
-    exactly: reused at stride 1, all shifts when strided; naive, tiled, at an output stride, saved."""
+    exactly: reused at stride 1, all shifts when strided (also followed by a DepthwiseConv2D, MobileNet's pattern,
+    which once failed inside Keras: the dense layer gave no channel count); naive, tiled, at an output stride, saved."""
     import keras
     import tensorflow as tf
     L = keras.layers
@@ -1017,9 +1018,10 @@ def test_keras_depthwise_and_separable_convolutions(kb, tmp_path):
     d = "float64"
     net = keras.Sequential([keras.Input((20, 19, 2), dtype=d),
                             L.DepthwiseConv2D(3, depth_multiplier=2, dilation_rate=2, activation="tanh", dtype=d),
-                            L.DepthwiseConv2D(2, strides=2, dtype=d),
+                            L.DepthwiseConv2D(2, strides=2, dtype=d), L.DepthwiseConv2D(2, depth_multiplier=2, dtype=d),
                             L.SeparableConv2D(5, 3, strides=2, depth_multiplier=2, activation="relu", dtype=d),
-                            L.SeparableConv2D(4, 1, dtype=d), L.MaxPooling2D((1, 2), dtype=d),
+                            L.DepthwiseConv2D(1, dtype=d), L.SeparableConv2D(4, 1, dtype=d),
+                            L.MaxPooling2D((1, 2), dtype=d),
                             L.Conv2D(3, (3, 1), dtype=d)])
     assert net.output_shape[1:3] == (1, 1), net.output_shape
     images = tf.constant(np.random.default_rng(1).standard_normal((2, 13, 11, 2)))

@@ -3545,8 +3545,12 @@ class _MultiDepthwise(_ShiftOptions, _WrapperLayer):
         act = _activation_of(layer)
         return y if act is None else act(y)
 
-    def compute_output_shape(self, input_shape):
-        return (None, None, None, None)
+    def compute_output_shape(self, input_shape):  # (the channels: the next layers build their weights from them)
+        layer = self.layer
+        if isinstance(layer, keras.layers.SeparableConv2D):
+            return (None, None, None, layer.filters)
+        channels = input_shape[-1]
+        return (None, None, None, None if channels is None else channels * layer.depth_multiplier)
 
     def get_config(self):
         return {**super().get_config(), "naive": self.naive}
