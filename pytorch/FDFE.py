@@ -74,10 +74,14 @@ convert, DenseFeatureNet, ConversionError,
 supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
 """
 
+import argparse
+import collections.abc
 import contextlib
+import dataclasses
 import inspect
 import numbers
 import sys
+import types
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -132,6 +136,60 @@ _MAP_LAYOUT = "CHW"
 
 class ConversionError(ValueError):
     """Raised when a patch network cannot be turned into an exact CI."""
+
+
+def _config_fields(value):
+    """The fields of a configuration object (an argparse.Namespace, a types.SimpleNamespace, a dataclass instance,
+    a mapping that is not a dict such as OmegaConf's DictConfig) as (name, value) pairs, leaving out names with a
+    leading underscore; None for any other value.  A setting held in such an object (``self.cfg.temperature``) is
+    a setting of the module or layer that holds it, compared like its own attributes."""
+    if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):
+        return [(k, v) for k, v in vars(value).items() if not k.startswith("_")]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value) if not f.name.startswith("_")
+                and hasattr(value, f.name)]
+    if isinstance(value, collections.abc.Mapping) and not isinstance(value, dict):
+        try:
+            return [(k, value[k]) for k in list(value.keys()) if not (isinstance(k, str) and k.startswith("_"))]
+        except Exception:  # (a mapping whose entries cannot all be read, such as a missing interpolation)
+            return None
+    return None
+
+
+def _setting_paths(name, value):
+    """The names under which an attribute ``name`` holding ``value`` is compared as a setting: ``name``, or, for a
+    configuration object (:func:`_config_fields`), ``name.field`` for each of its fields, so that a field that
+    forward changes as it runs (a counter: state) leaves the others compared; with their values."""
+    fields = _config_fields(value)
+    return [(name, value)] if fields is None else [(f"{name}.{k}", v) for k, v in fields]
+
+
+def _read_setting(attributes, path, missing):
+    """The value of a setting named as by :func:`_setting_paths` in ``attributes`` (an object's ``vars()``), or
+    ``missing``."""
+    name, _, field = path.partition(".")
+    value = attributes.get(name, missing)
+    if not field or value is missing:
+        return value
+    return next((v for k, v in _config_fields(value) or () if k == field), missing)
+
+
+class _ConfigRecord:
+    """A configuration object (:func:`_config_fields`) as recorded: its class name and its fields' records, equal to
+    another record of the same class and fields (a field changed, set or removed after convert differs)."""
+    __slots__ = ("kind", "fields")
+
+    def __init__(self, kind, fields):
+        self.kind, self.fields = kind, tuple(fields)
+
+    def __eq__(self, other):
+        return isinstance(other, _ConfigRecord) and self.kind == other.kind and self.fields == other.fields
+
+    def __hash__(self):
+        return hash((self.kind, tuple(k for k, _ in self.fields)))
+
+    def __repr__(self):
+        return f"{self.kind}(" + ", ".join(f"{k}={v!r}" for k, v in self.fields) + ")"
 
 
 def _pair(value, name: str, minimum: int = 1) -> Tuple[int, int]:
@@ -1013,18 +1071,25 @@ _TORCH_SETTINGS_CI_IGNORES = frozenset({"momentum", "inplace"})
 _SETTING_TYPES = (bool, int, float, str, type(None), np.generic)
 
 
-def _setting(value):
+def _setting(value, depth=0):
     """A module attribute as :func:`_module_structure` compares it, or ``_NOT_A_SETTING``: numbers, strings and
-    None by value (NaN equal to NaN), tuples, lists and dicts of them by a copy of their values, functions and
-    other callables (not modules) by identity."""
+    None by value (NaN equal to NaN), tuples, lists and dicts of them by a copy of their values, configuration
+    objects (an argparse.Namespace, a dataclass: :func:`_config_fields`) by those of their fields that are settings,
+    functions and other callables (not modules) by identity; nothing nested deeper than 8 levels."""
     if isinstance(value, _SETTING_TYPES):
         return "NaN" if isinstance(value, (float, np.floating)) and value != value else value
+    if depth >= 8:
+        return _NOT_A_SETTING
     if isinstance(value, (tuple, list)):
-        items = tuple(_setting(v) for v in value)
+        items = tuple(_setting(v, depth + 1) for v in value)
         return _NOT_A_SETTING if any(v is _NOT_A_SETTING for v in items) else items
     if isinstance(value, dict):
-        items = tuple((k, _setting(v)) for k, v in value.items())
+        items = tuple((k, _setting(v, depth + 1)) for k, v in value.items())
         return _NOT_A_SETTING if any(v is _NOT_A_SETTING for _, v in items) else dict(items)
+    fields = _config_fields(value)
+    if fields is not None:
+        items = [(k, _setting(v, depth + 1)) for k, v in fields]
+        return _ConfigRecord(type(value).__qualname__, [(k, v) for k, v in items if v is not _NOT_A_SETTING])
     if callable(value) and not isinstance(value, (nn.Module, torch.Tensor)):
         return value
     return _NOT_A_SETTING
@@ -1067,8 +1132,9 @@ def _attribute_values(base_net: nn.Module) -> Dict[Tuple[str, str], object]:
     values = {}
     for name, module in base_net.named_modules():
         for k, v in vars(module).items():
-            if k[0] != "_":
-                values[(name, k)] = (id(v), _version(v)) if isinstance(v, torch.Tensor) else _shown_setting(v)
+            for path, value in _setting_paths(k, v) if k[0] != "_" else ():
+                values[(name, path)] = (id(value), _version(value)) if isinstance(value, torch.Tensor) \
+                    else _shown_setting(value)
     return values
 
 
@@ -1086,8 +1152,9 @@ def _compared_settings(base_net: nn.Module, snapshots) -> Dict[str, Tuple[str, .
             continue
         torch_layer = any(c.__module__.startswith("torch.nn.") for c in kind.__mro__[:-2])
         names[name] = tuple(sorted({"forward"} | {
-            k for k, v in vars(module).items() if k[0] != "_" and k != "training" and (name, k) not in state
-            and not (torch_layer and k in _TORCH_SETTINGS_CI_IGNORES) and _setting(v) is not _NOT_A_SETTING}))
+            path for k, v in vars(module).items() if k[0] != "_" and k != "training"
+            and not (torch_layer and k in _TORCH_SETTINGS_CI_IGNORES) for path, value in _setting_paths(k, v)
+            if (name, path) not in state and _setting(value) is not _NOT_A_SETTING}))
     return names
 
 
@@ -1120,7 +1187,8 @@ def _module_structure(base_net: nn.Module, captured=(), settings=None, read=None
             parametrized = None
         kind = nn.utils.parametrize.type_before_parametrizations(module) if parametrized else type(module)
         attributes = module.__dict__
-        values = {k: _shown_setting(attributes[k]) if k in attributes else "unset" for k in settings.get(name, ())}
+        values = {k: "unset" if (v := _read_setting(attributes, k, _NOT_A_SETTING)) is _NOT_A_SETTING
+                  else _shown_setting(v) for k in settings.get(name, ())}  # (k: an attribute, or "cfg.field")
         tensors = {}  # name -> the shape of a tensor CI reads, "held" for the others, "unset" for a parameter that
         for key, t in list(module._parameters.items()) + list(module._buffers.items()):  # is None (bias=False)
             full = f"{name}.{key}" if name else key

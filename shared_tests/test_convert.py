@@ -1331,6 +1331,72 @@ def test_keras_changed_layer_settings_after_convert_are_refused(kb):
     assert max_rel_error(ci(images), kb.FDFE.dense_reference(cp, images, 6)) <= TOL["float32"]
 
 
+def test_settings_held_in_configuration_objects_are_compared(tb, kb):
+    """A setting read from a configuration object that a module or layer holds (``self.cfg = args``: an
+    argparse.Namespace, a types.SimpleNamespace, a dataclass) and changed after convert is refused, naming it, in
+    both backends; before, CI silently kept the value convert traced (0.67 off a softmax).  Set back, CI runs
+    again; a field that forward itself changes as it runs (a counter) is state, not compared."""
+    import argparse
+    import copy
+    import dataclasses
+    import types
+    import keras
+    import torch
+    import torch.nn as nn
+
+    @dataclasses.dataclass
+    class Config:
+        temperature: float = 1.0
+        calls: int = 0
+
+    class Net(nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.cfg, self.conv, self.head = cfg, nn.Conv2d(2, 6, 3), nn.Conv2d(6, 4, 4)
+
+        def forward(self, x):
+            if hasattr(self.cfg, "calls"):
+                self.cfg.calls += 1  # state
+            return torch.softmax(self.head(torch.tanh(self.conv(x))).flatten(1) / self.cfg.temperature, 1)
+
+    images = torch.from_numpy(netspec.random_images(2, 2, 9, 8, seed=4).transpose(0, 3, 1, 2)).float()
+    for cfg in (argparse.Namespace(temperature=1.0), types.SimpleNamespace(temperature=1.0, calls=0), Config()):
+        net = Net(cfg).eval()
+        ci = tb.FDFE.convert(net, (6, 6), in_channels=2)
+        with torch.no_grad():
+            assert max_rel_error(ci(images), tb.FDFE.dense_reference(net, images, (6, 6))) <= TOL["float32"]
+            net.cfg.temperature = 0.1
+            with pytest.raises(tb.FDFE.ConversionError, match=r"Cp \(Net\) changed its cfg\.temperature from 1\.0 "
+                               r"to 0\.1\. CI runs"):
+                ci(images)
+            with pytest.raises(tb.FDFE.ConversionError, match=r"changed its cfg\.temperature"):
+                copy.deepcopy(ci)(images)
+            net.cfg.temperature = 1.0
+            assert max_rel_error(ci(images), tb.FDFE.dense_reference(net, images, (6, 6))) <= TOL["float32"]
+
+    class KerasNet(keras.Model):
+        def __init__(self, cfg):
+            super().__init__()
+            self.cfg = cfg
+            self.conv, self.head = keras.layers.Conv2D(6, 3, activation="tanh"), keras.layers.Conv2D(4, 4)
+
+        def call(self, x):
+            return keras.ops.softmax(keras.ops.reshape(self.head(self.conv(x)), (-1, 4)) / self.cfg.temperature)
+
+    keras_images = netspec.random_images(2, 2, 9, 8, seed=4).astype("float32")
+    for cfg in (argparse.Namespace(temperature=1.0), Config()):
+        net = KerasNet(cfg)
+        net(np.zeros((1, 6, 6, 2), "float32"))
+        ci = kb.FDFE.convert(net, (6, 6))
+        assert max_rel_error(ci(keras_images), kb.FDFE.dense_reference(net, keras_images, (6, 6))) <= TOL["float32"]
+        net.cfg.temperature = 0.1
+        with pytest.raises(ValueError, match=r"layer '[a-z_0-9]*' changed its cfg\.temperature from 1\.0 "
+                           r"to 0\.1\. CI runs"):
+            ci(keras_images)
+        net.cfg.temperature = 1.0
+        assert max_rel_error(ci(keras_images), kb.FDFE.dense_reference(net, keras_images, (6, 6))) <= TOL["float32"]
+
+
 def test_keras_predict_follows_settings_of_ci_changed_after_a_call(kb):
     """Keras' predict, evaluate and fit functions were traced with CI's border and output_stride of their first
     call: after ``ci.border = "reflect"`` predict kept the zero border (0.75 off) and after ``ci.output_stride = 2``

@@ -79,12 +79,16 @@ convert, DenseFeatureModel, ConversionError,
 supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
 """
 
+import argparse
+import collections.abc
+import dataclasses
 import inspect
 import numbers
 import os
 import re
 import sys
 import threading
+import types
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -144,6 +148,60 @@ _MAP_LAYOUT = "HWC"
 
 class ConversionError(ValueError):
     """Raised when a patch network cannot be turned into an exact CI."""
+
+
+def _config_fields(value):
+    """The fields of a configuration object (an argparse.Namespace, a types.SimpleNamespace, a dataclass instance,
+    a mapping that is not a dict such as OmegaConf's DictConfig) as (name, value) pairs, leaving out names with a
+    leading underscore; None for any other value.  A setting held in such an object (``self.cfg.temperature``) is
+    a setting of the module or layer that holds it, compared like its own attributes."""
+    if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):
+        return [(k, v) for k, v in vars(value).items() if not k.startswith("_")]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value) if not f.name.startswith("_")
+                and hasattr(value, f.name)]
+    if isinstance(value, collections.abc.Mapping) and not isinstance(value, dict):
+        try:
+            return [(k, value[k]) for k in list(value.keys()) if not (isinstance(k, str) and k.startswith("_"))]
+        except Exception:  # (a mapping whose entries cannot all be read, such as a missing interpolation)
+            return None
+    return None
+
+
+def _setting_paths(name, value):
+    """The names under which an attribute ``name`` holding ``value`` is compared as a setting: ``name``, or, for a
+    configuration object (:func:`_config_fields`), ``name.field`` for each of its fields, so that a field that
+    forward changes as it runs (a counter: state) leaves the others compared; with their values."""
+    fields = _config_fields(value)
+    return [(name, value)] if fields is None else [(f"{name}.{k}", v) for k, v in fields]
+
+
+def _read_setting(attributes, path, missing):
+    """The value of a setting named as by :func:`_setting_paths` in ``attributes`` (an object's ``vars()``), or
+    ``missing``."""
+    name, _, field = path.partition(".")
+    value = attributes.get(name, missing)
+    if not field or value is missing:
+        return value
+    return next((v for k, v in _config_fields(value) or () if k == field), missing)
+
+
+class _ConfigRecord:
+    """A configuration object (:func:`_config_fields`) as recorded: its class name and its fields' records, equal to
+    another record of the same class and fields (a field changed, set or removed after convert differs)."""
+    __slots__ = ("kind", "fields")
+
+    def __init__(self, kind, fields):
+        self.kind, self.fields = kind, tuple(fields)
+
+    def __eq__(self, other):
+        return isinstance(other, _ConfigRecord) and self.kind == other.kind and self.fields == other.fields
+
+    def __hash__(self):
+        return hash((self.kind, tuple(k for k, _ in self.fields)))
+
+    def __repr__(self):
+        return f"{self.kind}(" + ", ".join(f"{k}={v!r}" for k, v in self.fields) + ")"
 
 
 def _pair(value, name: str, minimum: int = 1) -> Tuple[int, int]:
@@ -1964,8 +2022,9 @@ _PLAIN_TYPES = (bool, int, float, str, type(None))
 
 
 def _is_plain(value, depth=0) -> bool:
-    """Numbers, strings, None, numpy arrays (not of objects) and numbers, and tuples, lists and dicts of them:
-    settings compared by value (others by identity; :func:`_snapshot`)."""
+    """Numbers, strings, None, numpy arrays (not of objects) and numbers, tuples, lists and dicts of them, and
+    configuration objects (an argparse.Namespace, a dataclass: :func:`_config_fields`): settings compared by value
+    (others by identity; :func:`_snapshot`)."""
     if isinstance(value, _PLAIN_TYPES + (np.generic,)):
         return True
     if isinstance(value, np.ndarray):
@@ -1974,7 +2033,7 @@ def _is_plain(value, depth=0) -> bool:
         return all(_is_plain(v, depth + 1) for v in value)
     if depth < 8 and isinstance(value, dict):
         return all(_is_plain(k, depth + 1) and _is_plain(v, depth + 1) for k, v in value.items())
-    return False
+    return depth < 8 and _config_fields(value) is not None  # (its fields: by value or by identity)
 
 
 class _Same:
@@ -2039,7 +2098,7 @@ class _DictRecord:
 def _snapshot(value, depth=0):
     """A setting as recorded and compared (:func:`_same_setting`): numbers, strings and None as they are, tuples and
     lists as tuples of their records (a list changed in place differs from its record), dicts by the records of
-    their values (_DictRecord), numpy arrays (up to _ARRAY_BY_VALUE entries) and numbers by value (a copy:
+    their values (_DictRecord), configuration objects by the records of their fields (_ConfigRecord), numpy arrays (up to _ARRAY_BY_VALUE entries) and numbers by value (a copy:
     _ArrayRecord), anything else (and what is nested deeper than 8 levels) by identity (_Same)."""
     if isinstance(value, _PLAIN_TYPES):
         return value
@@ -2047,6 +2106,9 @@ def _snapshot(value, depth=0):
         return tuple(_snapshot(v, depth + 1) for v in value)
     if depth < 8 and isinstance(value, dict):
         return _DictRecord(value, depth + 1)
+    fields = _config_fields(value) if depth < 8 else None
+    if fields is not None:
+        return _ConfigRecord(type(value).__qualname__, [(k, _snapshot(v, depth + 1)) for k, v in fields])
     if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.dtype != object
                                          and value.size <= _ARRAY_BY_VALUE):
         return _ArrayRecord(value)
@@ -2072,8 +2134,8 @@ def _attribute_values(layers) -> Dict[Tuple[int, str], object]:
     for layer in layers:
         if not type(layer).__module__.startswith("keras.") and type(layer).__module__ != __name__:
             for k, v in vars(layer).items():
-                if k[0] != "_":
-                    values[(id(layer), k)] = _snapshot(v) if _is_plain(v) else id(v)
+                for path, value in _setting_paths(k, v) if k[0] != "_" else ():
+                    values[(id(layer), path)] = _snapshot(value) if _is_plain(value) else id(value)
     return values
 
 
@@ -2093,10 +2155,18 @@ def _setting_names(layer, state=None) -> Tuple[str, ...]:
         return () if isinstance(layer, keras.Model) else tuple(k for k in _LAYER_SETTINGS if k in attributes)
     if state is None:
         return ()
-    return tuple(k for k, v in attributes.items() if (id(layer), k) not in state and k[0] != "_"
-                 and k not in _KERAS_BOOKKEEPING
+    return tuple(path for k, v in attributes.items() if k[0] != "_" and k not in _KERAS_BOOKKEEPING
                  and not k.startswith("is_") and "lora" not in k and "quantiz" not in k
-                 and not k.endswith(("_regularizer", "_constraint")) and (_is_plain(v) or k in _LAYER_SETTINGS))
+                 and not k.endswith(("_regularizer", "_constraint")) for path, value in _setting_paths(k, v)
+                 if (id(layer), path) not in state and (_is_plain(value) or k in _LAYER_SETTINGS))
+
+
+def _setting_of(layer, path):
+    """The value of a setting of ``layer`` named as by :func:`_setting_names` (an attribute, or a field of a
+    configuration object it holds, "cfg.temperature"); None where it is gone."""
+    if "." not in path:
+        return getattr(layer, path, None)
+    return _read_setting(vars(layer), path, None)
 
 
 def _layer_settings(layers, state=None) -> List[Tuple]:
@@ -2106,7 +2176,7 @@ def _layer_settings(layers, state=None) -> List[Tuple]:
     entries = []
     for layer in layers:
         names = _setting_names(layer, state)
-        entries.append((layer, names, tuple(_snapshot(getattr(layer, k)) for k in names),
+        entries.append((layer, names, tuple(_snapshot(_setting_of(layer, k)) for k in names),
                         getattr(layer, "activation", None)))
     return entries
 
@@ -4844,7 +4914,7 @@ class DenseFeatureModel(keras.Model):
                                  f"or replaced). CI runs the ops convert built, which no longer are Cp's: convert Cp "
                                  f"again")
         for layer, names, values, activation in getattr(self, "_settings", ()):
-            now = tuple(_snapshot(getattr(layer, k, None)) for k in names)
+            now = tuple(_snapshot(_setting_of(layer, k)) for k in names)
             activation_now = getattr(layer, "activation", None)
             if activation_now is activation and all(map(_same_setting, now, values)):
                 continue
