@@ -1295,13 +1295,16 @@ def _structure_change(before: Dict, now: Dict) -> Optional[str]:
 
 
 def _output_vectors(out: torch.Tensor, batch: int) -> torch.Tensor:
-    """Check that Cp returned one vector per patch and return it as (batch, K)."""
+    """Check that Cp returned one vector per patch and return it as (batch, K): (batch, K), (batch, K, 1, 1), or
+    one number per patch, (batch,) (K = 1; a matching cost squeezed, also () for one patch)."""
     if not isinstance(out, torch.Tensor):
         raise ConversionError(f"Cp must return one tensor, got {type(out).__name__}")
+    if out.dim() == 1 and out.shape[0] == batch or out.dim() == 0 and batch == 1:
+        return out.reshape(batch, 1)
     if out.dim() < 2 or out.shape[0] != batch or any(s != 1 for s in out.shape[2:]):
         raise ConversionError(
             f"Cp's output for one patch is not a single vector: a batch of {batch} patches gave shape "
-            f"{tuple(out.shape)}; expected ({batch}, K) or ({batch}, K, 1, 1)")
+            f"{tuple(out.shape)}; expected ({batch}, K), ({batch}, K, 1, 1) or ({batch},)")
     return out.reshape(batch, -1)
 
 
@@ -2545,6 +2548,11 @@ _IN_PLACE_OPERATORS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "
 _NEW_TENSOR_METHODS = {getattr(torch.Tensor, n) for n in ("new_zeros", "new_ones", "new_full", "new_tensor")
                        if hasattr(torch.Tensor, n)}
 
+#: functions and Tensor methods that draw random numbers (refused in Cp's forward: see _Tracer.__torch_function__)
+_RANDOM_FUNCTIONS = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "normal",
+                     "bernoulli", "multinomial", "poisson", "uniform_", "normal_", "bernoulli_", "random_",
+                     "exponential_", "geometric_", "log_normal_", "cauchy_", "binomial"}
+
 #: Tensor methods that turn values into Python numbers (on Cp's parameters: refused, see _Tracer._record_derived)
 _VALUE_READS = {"item", "tolist", "numpy", "__float__", "__int__", "__index__", "__bool__", "__complex__"}
 
@@ -2781,6 +2789,11 @@ class _Tracer(TorchFunctionMode):
             self.note_hazard("tensor hook", f"a hook on the gradient of an activation (Tensor.{name}, in "
                                             f"{self.stack[-1]})")
             return func(*args, **kwargs)
+        if name in _RANDOM_FUNCTIONS and getattr(func, "__module__", "") != "torch.nn.functional":
+            raise ConversionError(
+                f"{self.stack[-1]}: {_func_name(func)} draws random numbers as Cp runs, so Cp's output changes from "
+                f"call to call (also in eval mode), which CI, one pass over whole images, cannot reproduce; draw "
+                f"them once outside forward (a buffer), or drop them at inference")
         if name in _VALUE_READS:  # (before it runs: numpy() refuses values that require grad)
             if in_slots:
                 raise ConversionError(
@@ -3991,7 +4004,10 @@ def _rule_channel_order(node, geoms):
     the same channels of every pixel; along a spatial axis they reorder positions of the patch (refused)."""
     geom = geoms[0]
     flip = node.name.split(".")[-1] == "flip"
-    p = node.bind(["input", "dims"] if flip else ["input", "dim", "index"])
+    if flip and len(node.args) > 2 and not node.kwargs:  # x.flip(1, 2): the dims as separate arguments
+        p = {"input": node.args[0], "dims": list(node.args[1:])}
+    else:
+        p = node.bind(["input", "dims"] if flip else ["input", "dim", "index"])
     dims = p["dims"] if flip else [p["dim"]]
     dims = [dims] if isinstance(dims, numbers.Integral) else list(dims)
     if not flip and isinstance(p["index"], _Ref):
@@ -4893,6 +4909,12 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
         raise TypeError(f"base_net is a TorchScript module ({type(base_net).__name__}, from torch.jit.trace or "
                         f"torch.jit.script), whose forward convert() cannot follow op by op; pass the original "
                         f"nn.Module (its state_dict loads into it), and export CI itself afterwards")
+    scripted = next((name for name, m in base_net.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        raise ConversionError(f"module '{scripted}' of Cp is a TorchScript module "
+                              f"({type(base_net.get_submodule(scripted)).__name__}, from torch.jit.trace or "
+                              f"torch.jit.script), whose forward convert() cannot follow op by op; put the original "
+                              f"nn.Module in its place (its state_dict loads into it)")
     ph, pw = _pair(patch_size, "patch_size")
     _check_border(border, (None, None), (ph, pw))
     guessed = in_channels is None

@@ -476,6 +476,36 @@ def _keras_check(kb, net, patch, channels, size=(9, 10), batch=2):
     return out
 
 
+def test_cps_that_return_one_number_per_patch(tb, kb):
+    """A Cp that returns one number per patch as a (B,) tensor (a matching cost squeezed: y.squeeze(1), or
+    y.squeeze(), which gives () for one patch) converts, K = 1: CI gives (N, 1, H, W) (Keras (N, H, W, 1)), equal to
+    Cp on every patch; it was refused as "not a single vector"."""
+    import keras
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    torch.manual_seed(2)
+
+    class Cost(nn.Module):
+        def __init__(self, squeeze):
+            super().__init__()
+            self.conv, self.fc, self.squeeze = nn.Conv2d(2, 4, 3), nn.Linear(16, 1), squeeze
+
+        def forward(self, x):
+            y = self.fc(F.max_pool2d(self.conv(x), 2).flatten(1))
+            return y.squeeze(1) if self.squeeze == 1 else y.squeeze()
+
+    for squeeze in (1, None):
+        assert tb.FDFE.check_patch_size(Cost(squeeze), (6, 7), 2) == 1
+        out = _torch_check(tb, Cost(squeeze), (6, 7), 2, size=(9, 8))
+        assert tuple(out.shape) == (2, 1, 9, 8)
+    inp = keras.Input((6, 7, 2))
+    y = keras.layers.Flatten()(keras.layers.Conv2D(1, 2)(keras.layers.MaxPooling2D(2)(keras.layers.Conv2D(4, 3)(inp))))
+    net = keras.Model(inp, keras.layers.Lambda(lambda t: keras.ops.squeeze(t, -1))(y))
+    assert kb.FDFE.check_patch_size(net, (6, 7), 2) == 1
+    assert tuple(_keras_check(kb, net, (6, 7), 2, size=(9, 8)).shape) == (2, 9, 8, 1)
+
+
 def test_one_channel_values_against_many_on_either_side(tb, kb):
     """A one-channel value (a gate or a norm per pixel) combined with a C-channel map is per pixel whichever
     operand comes first (PyTorch once refused g * x while accepting x * g)."""

@@ -125,12 +125,16 @@ def test_torch_refuses_ops_that_mix_positions(tb):
                    forward=lambda self, x: (self.layers[0](x) - self.layers[0](x).std(0, keepdim=True)).flatten(1))
     _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"it indexes with \(<a constant tensor of shape \(2,\)>,\)",
                    forward=lambda self, x: self.layers[0](x).flatten(1)[torch.arange(x.shape[0]).flip(0)])
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 2)], 5, r"Tensor\.flip cannot be made dense exactly: it reorders dims "
+                   r"\[1, 2\], which moves values between positions",  # (was "unexpected arguments to Tensor.flip")
+                   forward=lambda self, x: self.layers[0](x).flip(1, 2).mean((2, 3)))
     _torch_refusal(tb, [nn.Linear(2, 3).double(), nn.Conv2d(1, 2, 5)], 5,  # (a float64 head declared first)
                    r"should be the same -- convert ran Cp on float64 patches, the dtype of its first floating",
                    forward=lambda self, x: self.layers[0](self.layers[1](x).flatten(1).double()).float())
 
 
 def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):
+    import torch
     import torch.nn as nn
 
     def branchy(self, x):
@@ -165,6 +169,15 @@ def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):
         return (self.layers[0](x) * scale.view(1, -1, 1, 1)).flatten(1)
     _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"Tensor\.zero_ changed a value computed from Cp's parameters in "
                    r"place, and this one shares its memory \(a view\)", forward=zeroes_through_a_view)
+
+    for draw in (lambda y: y * torch.rand(2, 1, 1), lambda y: y + 0.1 * torch.randn_like(y), lambda y: y.normal_()):
+        _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"(torch|Tensor)\.(rand|randn_like|normal_) draws random numbers "
+                       r"as Cp runs, so Cp's output changes from call to call",  # (was "internal check failed")
+                       forward=lambda self, x, draw=draw: draw(self.layers[0](x)).flatten(1))
+    for scripted in (torch.jit.script(nn.Conv2d(1, 2, 5)), torch.jit.trace(nn.Conv2d(1, 2, 5), torch.zeros(1, 1, 5, 5))):
+        with pytest.raises(tb.FDFE.ConversionError, match=r"module '0' of Cp is a TorchScript module \(\w+, from "
+                           r"torch\.jit\.trace or torch\.jit\.script\).*put the original nn\.Module in its place"):
+            tb.FDFE.convert(nn.Sequential(scripted, nn.Flatten()), 5)  # (was a message about hooks, or the next op)
 
     def grows_its_bias(self, x):  # a forward that changes its own parameter: CI would repeat it at every call
         self.layers[0].bias.add_(1.0)

@@ -1140,14 +1140,17 @@ def _static_or_dynamic(x):
 
 
 def _output_vectors(out, batch: int):
-    """Check that Cp returned one vector per patch and return it as (batch, K)."""
+    """Check that Cp returned one vector per patch and return it as (batch, K): (batch, K), (batch, 1, 1, K), or
+    one number per patch, (batch,) (K = 1; a matching cost squeezed, also () for one patch)."""
     if not tf.is_tensor(out):
         raise ConversionError(f"Cp must return one tensor, got {type(out).__name__}")
     shape = tuple(out.shape)
+    if shape == (batch,) or shape == () and batch == 1:
+        return tf.reshape(out, [batch, 1])
     if len(shape) < 2 or shape[0] != batch or any(s != 1 for s in shape[1:-1]):
         raise ConversionError(
             f"Cp's output for one patch is not a single vector: a batch of {batch} patches gave shape "
-            f"{shape}; expected ({batch}, K) or ({batch}, 1, 1, K)")
+            f"{shape}; expected ({batch}, K), ({batch}, 1, 1, K) or ({batch},)")
     return tf.reshape(out, [batch, -1])
 
 
