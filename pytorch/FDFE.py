@@ -291,10 +291,11 @@ _MIXED_GRID_REASON = ("values that cover different parts of the patch, such as a
                       "patch, differ for every patch and cannot be shared (a squeeze-and-excitation gate is one; where "
                       "the gated map is pooled over the patch next, pool first: the gate times the map's mean is the "
                       "mean of the gated map)")
-_MIXED_STRIDES_REASON = ("maps that went through different strides lie on different grids of the image; streams "
-                         "that pool or stride differently merge exactly only as one vector per position each (1x1 "
-                         "maps: pool, crop or flatten each stream to one position first), or give the streams the "
-                         "same strides")
+_MIXED_STRIDES_REASON = ("maps that went through different strides (even where their positions coincide, such as "
+                         "two strides of 2 and one of 4) hold their positions in different orders in CI, which stacks "
+                         "each stride's shifts on its own; streams that pool or stride differently merge exactly only "
+                         "as one vector per position each (1x1 maps: pool, crop or flatten each stream to one position "
+                         "first), or give the streams the same strides")
 _MIXED_LAYOUT_REASON = ("one holds the channels of every position where a transpose moved them and the other does "
                         "not; transpose one of them first, so that both hold them on the same axis")
 

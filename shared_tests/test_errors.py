@@ -116,7 +116,7 @@ def test_torch_refuses_ops_that_mix_positions(tb):
                    forward=lambda self, x: self.layers[1](self.layers[0](x).permute(0, 1, 3, 2)).flatten(1))
     _torch_refusal(tb, [nn.Conv2d(1, 2, 3, stride=2), nn.Conv2d(1, 2, 5)], 7,  # 3x3 maps at strides 2 and 1
                    r"torch\.cat .*combines a 2x3x3 map with a 2x3x3 map \(strides \[\(2, 2\)\] vs \[\]\); maps that "
-                   r"went through different strides lie on different grids.*merge exactly only as one vector per "
+                   r"went through different strides \(even where.*merge exactly only as one vector per "
                    r"position each", forward=lambda self, x: torch.cat([self.layers[0](x), self.layers[1](x)], 1))
     # ops over the batch of patches say so (they were "positions of the patch"), and index tensors are named
     _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"F\.softmax .*it works along dim 0, the batch of patches",
@@ -174,7 +174,8 @@ def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):
         _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"(torch|Tensor)\.(rand|randn_like|normal_) draws random numbers "
                        r"as Cp runs, so Cp's output changes from call to call",  # (was "internal check failed")
                        forward=lambda self, x, draw=draw: draw(self.layers[0](x)).flatten(1))
-    for scripted in (torch.jit.script(nn.Conv2d(1, 2, 5)), torch.jit.trace(nn.Conv2d(1, 2, 5), torch.zeros(1, 1, 5, 5))):
+    conv = nn.Conv2d(1, 2, 5)
+    for scripted in (torch.jit.script(conv), torch.jit.trace(conv, torch.zeros(1, 1, 5, 5))):
         with pytest.raises(tb.FDFE.ConversionError, match=r"module '0' of Cp is a TorchScript module \(\w+, from "
                            r"torch\.jit\.trace or torch\.jit\.script\).*put the original nn\.Module in its place"):
             tb.FDFE.convert(nn.Sequential(scripted, nn.Flatten()), 5)  # (was a message about hooks, or the next op)
@@ -532,7 +533,7 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
                    .mean((2, 3)))
     _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.mul" + after + r"a constant of shape \(3, 3, 4\) differs "
                    r"across positions of the patch \(a transposed map \(3x3x4\)\)",
-                   forward=lambda self, x: (self.layers[0](x).permute(0, 2, 3, 1) * torch.rand(3, 3, 4))
+                   forward=lambda self, x: (self.layers[0](x).permute(0, 2, 3, 1) * torch.arange(36.0).view(3, 3, 4))
                    .permute(0, 3, 1, 2).mean((2, 3)))
     _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"^[^\n]*Tensor\.permute" + after + r"it transposes a map with its "
                    r"positions transposed \(3x3x4\) \(dims \[0, 3, 1, 2\]\); a transposed map can only be transposed "

@@ -303,10 +303,11 @@ _MIXED_GRID_REASON = ("values that cover different parts of the patch, such as a
                       "patch, differ for every patch and cannot be shared (a squeeze-and-excitation gate is one; where "
                       "the gated map is pooled over the patch next, pool first: the gate times the map's mean is the "
                       "mean of the gated map)")
-_MIXED_STRIDES_REASON = ("maps that went through different strides lie on different grids of the image; streams "
-                         "that pool or stride differently merge exactly only as one vector per position each (1x1 "
-                         "maps: pool, crop or flatten each stream to one position first), or give the streams the "
-                         "same strides")
+_MIXED_STRIDES_REASON = ("maps that went through different strides (even where their positions coincide, such as "
+                         "two strides of 2 and one of 4) hold their positions in different orders in CI, which stacks "
+                         "each stride's shifts on its own; streams that pool or stride differently merge exactly only "
+                         "as one vector per position each (1x1 maps: pool, crop or flatten each stream to one position "
+                         "first), or give the streams the same strides")
 _MIXED_LAYOUT_REASON = ("one holds the channels of every position where a transpose moved them and the other does "
                         "not; transpose one of them first, so that both hold them on the same axis")
 
@@ -2101,8 +2102,9 @@ class _DictRecord:
 def _snapshot(value, depth=0):
     """A setting as recorded and compared (:func:`_same_setting`): numbers, strings and None as they are, tuples and
     lists as tuples of their records (a list changed in place differs from its record), dicts by the records of
-    their values (_DictRecord), configuration objects by the records of their fields (_ConfigRecord), numpy arrays (up to _ARRAY_BY_VALUE entries) and numbers by value (a copy:
-    _ArrayRecord), anything else (and what is nested deeper than 8 levels) by identity (_Same)."""
+    their values (_DictRecord), configuration objects by the records of their fields (_ConfigRecord), numpy arrays
+    (up to _ARRAY_BY_VALUE entries) and numbers by value (a copy: _ArrayRecord), anything else (and what is nested
+    deeper than 8 levels) by identity (_Same)."""
     if isinstance(value, _PLAIN_TYPES):
         return value
     if depth < 8 and isinstance(value, (tuple, list)):
