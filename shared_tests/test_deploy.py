@@ -493,11 +493,20 @@ def _check_keras_artifact(kb, net, run, name, sizes=UNSEEN):
 
 
 def test_keras_ci_is_a_model_of_any_image_size(kb):
-    """CI's symbolic inputs and outputs take any N, H, W; summary() lists the converted layers."""
-    _, ci = _keras_ci(kb)
+    """CI's symbolic inputs and outputs take any N, H, W and are one graph, the same tensors at every access, so
+    that Keras' idiom keras.Model(ci.inputs, head(ci.outputs[0])) builds a model (it failed with "Graph
+    disconnected", and ci.input / ci.output with "never been called"); summary() lists the converted layers."""
+    import keras
+    net, ci = _keras_ci(kb)
     assert [tuple(t.shape) for t in ci.inputs] == [(None, None, None, CHANNELS)]
     assert [tuple(t.shape) for t in ci.outputs] == [(None, None, None, 3)]
     assert (ci.input_shape, ci.output_shape) == ((None, None, None, CHANNELS), (None, None, None, 3))
+    assert ci.outputs[0] is ci.outputs[0] and ci.output is ci.outputs[0] and ci.input is ci.inputs[0]
+    head = keras.layers.Dense(2)
+    model = keras.Model(ci.input, head(ci.output))
+    images = _keras_images(2, 9, 8, 5)
+    ref = kb.FDFE.dense_reference(net, images, PATCH)
+    assert max_rel_error(model(images), head(ref)) <= TOL["float32"]
     lines = []
     ci.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
     text = "\n".join(lines)

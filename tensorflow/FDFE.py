@@ -89,6 +89,7 @@ import re
 import sys
 import threading
 import types
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -4645,6 +4646,10 @@ def _rule_pad_op(call, geoms):
 # CI as a Keras model: runs the functional core on the padded image, whole or tile by tile
 # ---------------------------------------------------------------------------
 
+#: CI -> (its symbolic input, CI called on it): DenseFeatureModel.outputs (kept outside CI, which is copied and saved)
+_SYMBOLIC_OUTPUTS = weakref.WeakKeyDictionary()
+
+
 @_register
 class DenseFeatureModel(keras.Model):
     """CI built by :func:`convert`: Cp's output for the patch around every pixel.
@@ -4783,9 +4788,24 @@ class DenseFeatureModel(keras.Model):
 
     @property
     def outputs(self):
-        """[a symbolic (None, None, None, K) feature map]: Cp's output at every pixel."""
-        spec = self.compute_output_shape(tuple(self.core.inputs[0].shape))
-        return [keras.KerasTensor(spec, dtype=self.core.outputs[0].dtype)]
+        """[a symbolic (None, None, None, K) feature map]: Cp's output at every pixel, CI called on :attr:`inputs`
+        (once: the same tensor at every access), so that ``keras.Model(ci.inputs, head(ci.outputs[0]))`` is a
+        graph, as for Keras' own models."""
+        cached = _SYMBOLIC_OUTPUTS.get(self)
+        if cached is None or cached[0] is not self.core.inputs[0]:
+            cached = (self.core.inputs[0], self(self.core.inputs[0]))
+            _SYMBOLIC_OUTPUTS[self] = cached
+        return [cached[1]]
+
+    @property
+    def input(self):
+        """:attr:`inputs`' tensor (Keras' ``model.input``)."""
+        return self.inputs[0]
+
+    @property
+    def output(self):
+        """:attr:`outputs`' tensor (Keras' ``model.output``)."""
+        return self.outputs[0]
 
     @property
     def input_shape(self):
