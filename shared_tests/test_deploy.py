@@ -547,6 +547,55 @@ def test_keras_tflite_with_builtin_ops_only(kb, tmp_path):
                           [(2, 17, 23)])
 
 
+def test_keras_exports_with_a_reflected_border(kb, tmp_path):
+    """border='reflect' in exported graphs (SavedModel, TFLite, tf2onnx), where the image size is known only as
+    they run: exact at unseen sizes; an image smaller than the patch reaches is refused by the SavedModel with the
+    eager message (it raised a raw MirrorPad error), and a TFLite interpreter, which cannot refuse, mirrors it again
+    at each end as numpy's reflection does (it read memory outside the image: other values at every run)."""
+    import onnxruntime
+    import tensorflow as tf
+    import tf2onnx
+    net, ci = _keras_ci(kb, border="reflect")
+    top, bottom, left, right = kb.FDFE.patch_padding(PATCH)
+    sizes = [(1, max(top, bottom) + 1, max(left, right) + 1), (2, 17, 23), (1, 29, 26)]
+
+    def check(run, name):
+        for seed, (n, h, w) in enumerate(sizes):
+            images = _keras_images(n, h, w, 30 + seed)
+            ref = kb.FDFE.dense_reference(net, tf.constant(images), PATCH, border="reflect")
+            assert max_rel_error(np.asarray(run(images)), ref) <= TOL["float32"], (name, (n, h, w))
+    path = str(tmp_path / "saved")
+    ci.export(path, verbose=False)
+    loaded = tf.saved_model.load(path)  # (kept: its functions read its variables)
+    served = loaded.serve
+    check(lambda images: served(tf.constant(images)), "SavedModel")
+    small = _keras_images(1, 3, 2, 7)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"border=reflect mirrors the image at its edge, so "
+                       r"it must be larger than the patch reaches beyond it"):
+        served(tf.constant(small))
+    converter = tf.lite.TFLiteConverter.from_saved_model(path)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    interpreter = tf.lite.Interpreter(model_content=converter.convert())
+
+    def tflite(images):
+        index = interpreter.get_input_details()[0]["index"]
+        interpreter.resize_tensor_input(index, list(images.shape))
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(index, images)
+        interpreter.invoke()
+        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    check(tflite, "TFLite")
+    padded = np.pad(small, ((0, 0), (top, bottom), (left, right), (0, 0)), mode="reflect")
+    patches = np.stack([padded[0, y:y + PATCH[0], x:x + PATCH[1]] for y in range(3) for x in range(2)])
+    ref = np.asarray(net(patches)).reshape(1, 3, 2, -1)
+    assert max_rel_error(tflite(small), ref) <= TOL["float32"]
+    spec = (tf.TensorSpec([None, None, None, CHANNELS], tf.float32, name="images"),)
+    proto, _ = tf2onnx.convert.from_function(tf.function(lambda images: ci(images), input_signature=spec),
+                                             input_signature=spec, opset=17)
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    check(lambda images: session.run(None, {session.get_inputs()[0].name: images})[0], "ONNX Runtime")
+
+
 def test_keras_tf2onnx_runs_exactly_in_onnxruntime(kb):
     """tf2onnx of CI's call with (None, None, None, C) images, fast and naive paths, in ONNX Runtime at
     sizes that are not multiples of the stride product."""

@@ -1353,11 +1353,32 @@ def _pad_border(images, patch_size, border="zeros"):
     top, bottom, left, right = patch_padding((ph, pw))
     if border == "zeros":
         return tf.pad(images, [[0, 0], [top, bottom], [left, right], [0, 0]])
-    if border == "reflect":
+    if border == "reflect" and all(isinstance(v, int) for v in shape[1:3]):
         return tf.pad(images, [[0, 0], [top, bottom], [left, right], [0, 0]], mode="REFLECT")
+    if border == "reflect":  # sizes known only as the graph runs (an export): checked there, with the message
+        # _check_border gives, and mirrored by indices that stay inside the image (a TFLite interpreter, which
+        # drops checks, reads no memory outside it on a smaller image: it gives values of no meaning instead)
+        large = tf.logical_and(shape[1] > max(top, bottom), shape[2] > max(left, right))
+        check = tf.debugging.Assert(large, [f"border=reflect mirrors the image at its edge, so it must be larger "
+                                            f"than the patch reaches beyond it: a {ph}x{pw} patch needs images of at "
+                                            f"least {max(top, bottom) + 1}x{max(left, right) + 1}, got", shape[1],
+                                            shape[2]])
+        with tf.control_dependencies([check]):
+            rows, cols = _reflected(shape[1], top, bottom), _reflected(shape[2], left, right)
+            return tf.gather(tf.gather(images, rows, axis=1), cols, axis=2)
     rows = [tf.repeat(images[:, :1], top, axis=1), images, tf.repeat(images[:, -1:], bottom, axis=1)]
     x = tf.concat(rows, 1)
     return tf.concat([tf.repeat(x[:, :, :1], left, axis=2), x, tf.repeat(x[:, :, -1:], right, axis=2)], 2)
+
+
+def _reflected(size, before, after):
+    """Indices into an axis of ``size`` (a scalar tensor) that extend it by ``before`` and ``after`` entries
+    mirrored at its ends without repeating them (tf.pad's "REFLECT"), for any size inside the axis (numpy's
+    reflection, repeated, where the axis is shorter than the reach)."""
+    period = tf.maximum(2 * size - 2, 1)
+    index = tf.range(size + before + after) - before + period * (before + 1)  # >= 0: exporters (tf2onnx) may lower
+    index = index % period  # % of a negative value to a truncating remainder
+    return tf.minimum(tf.where(index >= size, period - index, index), size - 1)
 
 
 def multipool_prepare(images, patch_size, stride_product=1, border="zeros"):
