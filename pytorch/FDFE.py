@@ -2534,7 +2534,8 @@ def _func_name(func) -> str:
 
 
 _METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "grad_fn", "layout", "is_leaf",
-                   "is_sparse", "is_quantized", "is_meta", "is_mps", "is_xpu", "names", "itemsize", "nbytes"}
+                   "is_sparse", "is_quantized", "is_meta", "is_mps", "is_xpu", "names", "itemsize", "nbytes",
+                   "is_nested"}
 _METADATA_METHODS = {getattr(torch.Tensor, n) for n in (
     "size", "dim", "ndimension", "numel", "nelement", "is_contiguous", "is_floating_point", "is_complex",
     "element_size", "get_device", "__len__", "stride", "storage_offset", "is_signed") if hasattr(torch.Tensor, n)}
