@@ -1074,9 +1074,9 @@ _SETTING_TYPES = (bool, int, float, str, type(None), np.generic)
 
 def _setting(value, depth=0):
     """A module attribute as :func:`_module_structure` compares it, or ``_NOT_A_SETTING``: numbers, strings and
-    None by value (NaN equal to NaN), tuples, lists and dicts of them by a copy of their values, configuration
-    objects (an argparse.Namespace, a dataclass: :func:`_config_fields`) by those of their fields that are settings,
-    functions and other callables (not modules) by identity; nothing nested deeper than 8 levels."""
+    None by value (NaN equal to NaN), tuples, lists and dicts of them by a copy of their values, functions and
+    other callables (not modules) by identity, configuration objects (an argparse.Namespace, a dataclass:
+    :func:`_config_fields`) by those of their fields that are settings; nothing nested deeper than 8 levels."""
     if isinstance(value, _SETTING_TYPES):
         return "NaN" if isinstance(value, (float, np.floating)) and value != value else value
     if depth >= 8:
@@ -1087,12 +1087,12 @@ def _setting(value, depth=0):
     if isinstance(value, dict):
         items = tuple((k, _setting(v, depth + 1)) for k, v in value.items())
         return _NOT_A_SETTING if any(v is _NOT_A_SETTING for _, v in items) else dict(items)
+    if callable(value) and not isinstance(value, (nn.Module, torch.Tensor)):
+        return value
     fields = _config_fields(value)
     if fields is not None:
         items = [(k, _setting(v, depth + 1)) for k, v in fields]
         return _ConfigRecord(type(value).__qualname__, [(k, v) for k, v in items if v is not _NOT_A_SETTING])
-    if callable(value) and not isinstance(value, (nn.Module, torch.Tensor)):
-        return value
     return _NOT_A_SETTING
 
 
@@ -1188,7 +1188,8 @@ def _module_structure(base_net: nn.Module, captured=(), settings=None, read=None
             parametrized = None
         kind = nn.utils.parametrize.type_before_parametrizations(module) if parametrized else type(module)
         attributes = module.__dict__
-        values = {k: "unset" if (v := _read_setting(attributes, k, _NOT_A_SETTING)) is _NOT_A_SETTING
+        values = {k: (_shown_setting(attributes[k]) if k in attributes else "unset") if "." not in k else
+                  "unset" if (v := _read_setting(attributes, k, _NOT_A_SETTING)) is _NOT_A_SETTING
                   else _shown_setting(v) for k in settings.get(name, ())}  # (k: an attribute, or "cfg.field")
         tensors = {}  # name -> the shape of a tensor CI reads, "held" for the others, "unset" for a parameter that
         for key, t in list(module._parameters.items()) + list(module._buffers.items()):  # is None (bias=False)
