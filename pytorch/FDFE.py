@@ -3637,6 +3637,10 @@ def _make_reduce_rule(kind):
             raise node.fail("it reduces over the batch of patches")
         per_pixel = dims and all(d % rank == 1 for d in dims) and (geom.kind == MAP or geom.is_pixel_vector
                                                                     or _view_by_channel(geom, shape))
+        if not per_pixel and geom.kind == MAP and sorted(d % 4 for d in dims) == [1, 2, 3] and kind is not None:
+            raise node.fail(f"it reduces {geom.describe()} over its channels and its positions together (dims "
+                            f"{dims}); reduce over the positions first, a global pooling (x.{node.name.split('.')[-1]}"
+                            f"((2, 3))), then over the channels (dim 1)")
         if not per_pixel:
             raise node.fail(f"it computes a statistic over positions of each patch (dims {dims} of "
                             f"{geom.describe()}), as per-patch normalisation does; {_PER_PATCH_REASON}")
