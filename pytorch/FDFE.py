@@ -3532,6 +3532,19 @@ _rule_for(["avg_pool2d"], _POOLING_LABEL, (torch, F))(_make_pool_rule("avg"))
 _rule_for(["lp_pool2d"], _POOLING_LABEL, (F,))(_make_pool_rule("lp"))
 
 
+class _PoolChannelsStep(_PoolStep):
+    """A global pooling over the patch-level map, then the same reduction over its channels (``x.mean((1, 2, 3))``,
+    ``x.sum((1, 2, 3))``): one value per patch, (N, 1, H, W) dense."""
+
+    @property
+    def per_pixel(self):
+        return False
+
+    def run(self, values, net, overwrite=False):
+        pooled = super().run(values, net, overwrite)[0]
+        return [pooled.mean(1, keepdim=True) if self.kind == "avg" else pooled.sum(1, keepdim=True)]
+
+
 def _global_pool_step(node, geom, kind, keep_map):
     """Pooling over the whole patch-level map: a stride-1 pooling with the map's size ("sum" and "min": see
     _pool)."""
@@ -3609,7 +3622,9 @@ def _make_reduce_rule(kind):
         (h, w), shape = geom.size, tuple(node.in_shapes[0])
         if geom.kind == TRANSPOSED:
             return _reduce_transposed(node, geom, dims, keepdim)
-        flattened = geom.kind == VIEW and shape[1:] == (geom.channels, h * w) and [d % 3 for d in dims] == [2]
+        flattened = geom.kind == VIEW and shape[1:] == (geom.channels, h * w) and [d % 3 for d in dims] == [2] or \
+            geom.kind == VIEW and geom.channels == 1 and shape[1:] == (h, w) and sorted(d % 3 for d in dims) == [1, 2]
+        # (also the (N, h, w) of one channel, x.amax(1), over its positions: the map's global pooling)
         spatial = sorted({d % 4 for d in dims}) if geom.kind == MAP else []
         if spatial in ([2], [3]):  # over the rows (or the columns) of the map: a pooling over windows of h x 1
             if p.get("dtype") is not None or kind is None:
@@ -3637,6 +3652,10 @@ def _make_reduce_rule(kind):
             raise node.fail("it reduces over the batch of patches")
         per_pixel = dims and all(d % rank == 1 for d in dims) and (geom.kind == MAP or geom.is_pixel_vector
                                                                     or _view_by_channel(geom, shape))
+        if geom.kind == MAP and sorted(d % 4 for d in dims) == [1, 2, 3] and kind in ("avg", "sum") and \
+                p.get("dtype") is None:  # over the positions (a global pooling), then over the channels: as Keras
+            step = _PoolChannelsStep(node, kind, geom.size, (1, 1))
+            return step, [_geom_of_shape(geom.with_(channels=1, size=(1, 1)), node.out_shapes[0])]
         if not per_pixel and geom.kind == MAP and sorted(d % 4 for d in dims) == [1, 2, 3] and kind is not None:
             raise node.fail(f"it reduces {geom.describe()} over its channels and its positions together (dims "
                             f"{dims}); reduce over the positions first, a global pooling (x.{node.name.split('.')[-1]}"

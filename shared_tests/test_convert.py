@@ -414,6 +414,47 @@ def test_torch_channel_reductions_without_keepdim(tb):
         _torch_check(tb, _conv_pool_conv(head, channels=3, middle=8, kernel=3), 8, 3)
 
 
+def test_torch_reductions_over_channels_and_positions_together(tb):
+    """x.mean((1, 2, 3)) and x.sum((1, 2, 3)) of a map (keepdim or not), and a channel reduction without keepdim
+    reduced over its positions (x.min(1).values.mean((1, 2)), x.amax(1).amax((-1, -2))): a global pooling, then
+    over the channels, as Keras does; both were refused as per-patch normalisation.  Tiles, a step, reflected
+    borders and gradients against Cp on every patch; amax / amin over (1, 2, 3) stay refused (their gradient at
+    ties across channels would be shared otherwise than Cp's), saying how to write them."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    torch.manual_seed(4)
+
+    class Global(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.last = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 3, 2)
+
+        def forward(self, x):
+            y = F.max_pool2d(self.conv(x), 2)
+            return torch.cat([y.mean((1, 2, 3))[:, None], y.sum((-3, -2, -1), keepdim=True).flatten(1),
+                              y.min(1).values.mean((1, 2))[:, None], y.amax(1).amax((-1, -2))[:, None],
+                              self.last(y).amax((2, 3))], 1)
+
+    net = Global().double().eval()
+    _torch_check(tb, net, (8, 7), 2, size=(13, 11))
+    images = torch.from_numpy(netspec.random_images(2, 2, 13, 11, seed=3).transpose(0, 3, 1, 2)).requires_grad_()
+    for options in ({"tile": (5, 4)}, {"output_stride": 2}, {"border": "reflect"}):
+        ci = tb.FDFE.convert(net, (8, 7), in_channels=2, **options)
+        reference = {k: v for k, v in options.items() if k != "tile"}
+        grad, = torch.autograd.grad(ci(images).square().sum(), images)
+        expected, = torch.autograd.grad(tb.FDFE.dense_reference(net, images, (8, 7), differentiable=True,
+                                                                **reference).square().sum(), images)
+        assert max_rel_error(grad, expected) <= TOL["float64"], options
+
+    class Extremum(Global):
+        def forward(self, x):
+            return F.max_pool2d(self.conv(x), 2).amax((1, 2, 3))
+    with pytest.raises(tb.FDFE.ConversionError, match=r"Tensor\.amax cannot be made dense exactly: it reduces a "
+                       r"4x3x2 map over its channels and its positions together"):
+        tb.FDFE.convert(Extremum().eval(), (8, 7), in_channels=2)
+
+
 def test_torch_instance_norm_with_running_statistics_is_per_channel(tb):
     """InstanceNorm2d(track_running_stats=True) in eval mode normalises with its running statistics, a
     per-channel affine map like batch normalisation: exact (it was refused as per-patch statistics, which it
