@@ -809,3 +809,26 @@ def test_keras_same_padding_of_1x1_convolutions_and_poolings_in_call(kb):
     with pytest.raises(kb.FDFE.ConversionError, match=r"\(Conv2D, created at test_keras_ops.py:\d+\).*it pads its "
                                                       r"input \(padding='SAME'\)"):
         kb.FDFE.convert(_built(Net(size=3), (5, 5), 2), 5)
+
+
+def test_keras_axes_computed_by_ops_from_constants(kb):
+    """An axis computed by ops from constants alone (tf.add(2, 1), a perm built with tf.range, as tf.nn.softmax(t,
+    axis=1) builds one) is that constant: concatenations, reductions, splits, reversals, gathers and arg maxima
+    along it convert (once refused as "computed from the patch"; a first version of this crashed with KeyError)."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+
+    def axis():
+        return tf.add(tf.constant(2), tf.constant(1))  # 3, the channels
+    ops = [lambda a, b: tf.concat([a, b], axis=axis()),
+           lambda a, b: tf.concat([tf.reduce_max(a, axis=axis(), keepdims=True), b], -1),
+           lambda a, b: tf.concat(tf.split(a, 2, axis=axis()) + [b], -1),
+           lambda a, b: tf.reverse(a, axis=tf.reshape(axis(), [1])) + b,
+           lambda a, b: tf.gather(a, [3, 2, 1, 0], axis=axis()) + b,
+           lambda a, b: tf.concat([tf.cast(tf.expand_dims(tf.argmax(a, axis=axis()), -1), tf.float32), b], -1)]
+    for op in ops:
+        inp = keras.Input((5, 5, 2))
+        a, b = L.Conv2D(4, 3)(inp), L.Conv2D(4, 3)(inp)
+        y = L.Lambda(lambda t, op=op: op(t[0], t[1]))([a, b])
+        _assert_exact(kb, keras.Model(inp, L.Dense(3)(L.Flatten()(y))), (5, 5), 2)

@@ -2469,9 +2469,12 @@ class _OpCall:
         if "const" in spec:
             return np.asarray(spec["const"], dtype=spec["dtype"])
         try:
-            return np.asarray(_operand_value(spec, [], []))
+            value = np.asarray(_operand_value(spec, [], []))
         except (ValueError, TypeError, IndexError, tf.errors.OpError):
             return None
+        # the operand becomes that constant, as one of the graph's own (the rules rebuild operands from its dtype)
+        self.args[name] = {"const": value.tolist(), "dtype": value.dtype.name, "shape": spec.get("shape")}
+        return value
 
 
 #: folders whose frames are not the user's code, in the places messages give for traced ops
