@@ -75,7 +75,6 @@ supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
 """
 
 import argparse
-import collections.abc
 import contextlib
 import dataclasses
 import inspect
@@ -139,29 +138,31 @@ class ConversionError(ValueError):
 
 
 def _config_fields(value):
-    """The fields of a configuration object (an argparse.Namespace, a types.SimpleNamespace, a dataclass instance,
-    a mapping that is not a dict such as OmegaConf's DictConfig) as (name, value) pairs, leaving out names with a
-    leading underscore; None for any other value.  A setting held in such an object (``self.cfg.temperature``) is
-    a setting of the module or layer that holds it, compared like its own attributes."""
-    if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):
-        return [(k, v) for k, v in vars(value).items() if not k.startswith("_")]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value) if not f.name.startswith("_")
-                and hasattr(value, f.name)]
-    if isinstance(value, collections.abc.Mapping) and not isinstance(value, dict):
-        try:
-            return [(k, value[k]) for k in list(value.keys()) if not (isinstance(k, str) and k.startswith("_"))]
-        except Exception:  # (a mapping whose entries cannot all be read, such as a missing interpolation)
-            return None
+    """The fields of a configuration object (an argparse.Namespace, a types.SimpleNamespace, a dataclass instance) as
+    (name, value) pairs, leaving out names with a leading underscore; None for any other value.  The settings such
+    an object holds for a module or layer (``self.cfg.temperature``) are compared like its own attributes, those
+    that Cp's forward reads (see :class:`_ConfigReads`)."""
+    if isinstance(value, (argparse.Namespace, types.SimpleNamespace)) or (
+            dataclasses.is_dataclass(value) and not isinstance(value, type)):
+        fields = getattr(value, "__dict__", None)  # (a dunder: not recorded as read, see _ConfigReads)
+        if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):
+            return [(k, v) for k, v in fields.items() if not k.startswith("_")]
+        names = [f.name for f in dataclasses.fields(value) if not f.name.startswith("_")]
+        if fields is None:  # (slots)
+            return [(k, getattr(value, k)) for k in names if hasattr(value, k)]
+        return [(k, fields[k]) for k in names if k in fields]
     return None
 
 
-def _setting_paths(name, value):
-    """The names under which an attribute ``name`` holding ``value`` is compared as a setting: ``name``, or, for a
-    configuration object (:func:`_config_fields`), ``name.field`` for each of its fields, so that a field that
-    forward changes as it runs (a counter: state) leaves the others compared; with their values."""
+def _setting_paths(name, value, read=None):
+    """The names under which an attribute ``name`` holding ``value`` is compared as a setting, with their values:
+    ``name``, or, for a configuration object (:func:`_config_fields`), ``name.field`` for each of its fields (those
+    in ``read`` where it is a set: the fields forward read), so that a field that forward changes as it runs (a
+    counter: state) or never reads (an epoch a training loop stores) leaves the others compared."""
     fields = _config_fields(value)
-    return [(name, value)] if fields is None else [(f"{name}.{k}", v) for k, v in fields]
+    if fields is None:
+        return [(name, value)]
+    return [(f"{name}.{k}", v) for k, v in fields if read is None or k in read]
 
 
 def _read_setting(attributes, path, missing):
@@ -171,25 +172,53 @@ def _read_setting(attributes, path, missing):
     value = attributes.get(name, missing)
     if not field or value is missing:
         return value
-    return next((v for k, v in _config_fields(value) or () if k == field), missing)
+    fields = getattr(value, "__dict__", None)
+    if fields is not None and _config_fields(value) is not None:
+        return fields.get(field, missing)
+    return getattr(value, field, missing) if _config_fields(value) is not None else missing
 
 
-class _ConfigRecord:
-    """A configuration object (:func:`_config_fields`) as recorded: its class name and its fields' records, equal to
-    another record of the same class and fields (a field changed, set or removed after convert differs)."""
-    __slots__ = ("kind", "fields")
+class _ConfigReads:
+    """Which fields of the configuration objects (:func:`_config_fields`) that Cp's modules or layers hold its
+    forward reads while convert runs it: a context in which each such object has a subclass of its class that
+    records the names read (an object whose class cannot be swapped, such as a dataclass with slots, is left as it
+    is: all its fields are compared).  ``read(value)``: the set of field names read, or None (all)."""
 
-    def __init__(self, kind, fields):
-        self.kind, self.fields = kind, tuple(fields)
+    def __init__(self, holders):
+        self._reads, self._swapped, self._holders = {}, [], list(holders)
 
-    def __eq__(self, other):
-        return isinstance(other, _ConfigRecord) and self.kind == other.kind and self.fields == other.fields
+    def __enter__(self):  # (may be entered again: the reads add up)
+        classes, reads, swapped = {}, self._reads, {id(v) for v, _ in self._swapped}
+        for holder in self._holders:
+            for value in list(vars(holder).values()):
+                if _config_fields(value) is None or id(value) in swapped:
+                    continue
+                kind = type(value)
+                if kind not in classes:
+                    def getattribute(obj, name, kind=kind):
+                        if name[:2] != "__":
+                            reads.get(id(obj), set()).add(name)
+                        return kind.__getattribute__(obj, name)
+                    classes[kind] = type(kind.__name__, (kind,), {"__getattribute__": getattribute,
+                                                                  "__module__": kind.__module__,
+                                                                  "__qualname__": kind.__qualname__})
+                try:
+                    value.__class__ = classes[kind]
+                except TypeError:  # (slots): its fields are all compared
+                    continue
+                reads.setdefault(id(value), set())
+                swapped.add(id(value))
+                self._swapped.append((value, kind))
+        return self
 
-    def __hash__(self):
-        return hash((self.kind, tuple(k for k, _ in self.fields)))
+    def __exit__(self, *exc):
+        for value, kind in self._swapped:
+            value.__class__ = kind
+        self._swapped = []
+        return False
 
-    def __repr__(self):
-        return f"{self.kind}(" + ", ".join(f"{k}={v!r}" for k, v in self.fields) + ")"
+    def read(self, value):
+        return self._reads.get(id(value))
 
 
 def _pair(value, name: str, minimum: int = 1) -> Tuple[int, int]:
@@ -1075,8 +1104,8 @@ _SETTING_TYPES = (bool, int, float, str, type(None), np.generic)
 def _setting(value, depth=0):
     """A module attribute as :func:`_module_structure` compares it, or ``_NOT_A_SETTING``: numbers, strings and
     None by value (NaN equal to NaN), tuples, lists and dicts of them by a copy of their values, functions and
-    other callables (not modules) by identity, configuration objects (an argparse.Namespace, a dataclass:
-    :func:`_config_fields`) by those of their fields that are settings; nothing nested deeper than 8 levels."""
+    other callables (not modules) by identity; nothing nested deeper than 8 levels.  (The fields of configuration
+    objects are settings of their own: :func:`_setting_paths`.)"""
     if isinstance(value, _SETTING_TYPES):
         return "NaN" if isinstance(value, (float, np.floating)) and value != value else value
     if depth >= 8:
@@ -1089,10 +1118,6 @@ def _setting(value, depth=0):
         return _NOT_A_SETTING if any(v is _NOT_A_SETTING for _, v in items) else dict(items)
     if callable(value) and not isinstance(value, (nn.Module, torch.Tensor)):
         return value
-    fields = _config_fields(value)
-    if fields is not None:
-        items = [(k, _setting(v, depth + 1)) for k, v in fields]
-        return _ConfigRecord(type(value).__qualname__, [(k, v) for k, v in items if v is not _NOT_A_SETTING])
     return _NOT_A_SETTING
 
 
@@ -1139,7 +1164,7 @@ def _attribute_values(base_net: nn.Module) -> Dict[Tuple[str, str], object]:
     return values
 
 
-def _compared_settings(base_net: nn.Module, snapshots) -> Dict[str, Tuple[str, ...]]:
+def _compared_settings(base_net: nn.Module, snapshots, reads=None) -> Dict[str, Tuple[str, ...]]:
     """module name -> the attributes CI compares at every call (:func:`_module_structure`): the public ones with a
     setting's value (:func:`_setting`), and ``forward`` (replaced on an instance, it is a change); leaving out
     state, which changed between the ``snapshots`` (:func:`_attribute_values`, taken around convert's runs of
@@ -1154,7 +1179,8 @@ def _compared_settings(base_net: nn.Module, snapshots) -> Dict[str, Tuple[str, .
         torch_layer = any(c.__module__.startswith("torch.nn.") for c in kind.__mro__[:-2])
         names[name] = tuple(sorted({"forward"} | {
             path for k, v in vars(module).items() if k[0] != "_" and k != "training"
-            and not (torch_layer and k in _TORCH_SETTINGS_CI_IGNORES) for path, value in _setting_paths(k, v)
+            and not (torch_layer and k in _TORCH_SETTINGS_CI_IGNORES)
+            for path, value in _setting_paths(k, v, None if reads is None else reads.read(v))
             if (name, path) not in state and _setting(value) is not _NOT_A_SETTING}))
     return names
 
@@ -4953,6 +4979,14 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     options = dict(naive=naive, tile=tile, memory_format=memory_format, progress=progress, max_memory=max_memory,
                    memory_guard=memory_guard, border=border, output_stride=output_stride, check=check)
+    with _ConfigReads(base_net.modules()) as reads:  # (the fields of configuration objects forward reads)
+        return _convert_traced(base_net, (ph, pw), int(in_channels), guessed, dict(options, reads=reads))
+
+
+def _convert_traced(base_net, patch_size, in_channels, guessed, options):
+    """:func:`convert` once its arguments are checked: trace Cp and build CI (again without gradients where Cp gives
+    other values with them)."""
+    ph, pw = patch_size
     traced = _trace(base_net, (ph, pw), int(in_channels), guessed)
     try:
         return _build(base_net, (ph, pw), int(in_channels), *traced, **options)
@@ -4971,7 +5005,7 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
 
 
 def _build(base_net, patch_size, in_channels, tracer, out, example, *, naive, tile, memory_format, progress,
-           max_memory, memory_guard, border, output_stride, check):
+           max_memory, memory_guard, border, output_stride, check, reads=None):
     """CI from a trace of Cp (:func:`_trace`): the rules, the plan, the DenseFeatureNet, and its self-check."""
     ph, pw = patch_size
     batch = example.shape[0]
@@ -5013,7 +5047,8 @@ def _build(base_net, patch_size, in_channels, tracer, out, example, *, naive, ti
                           tracer.constants, plan, naive=naive, tile=tile, memory_format=memory_format,
                           progress=progress, max_memory=max_memory, memory_guard=memory_guard,
                           grid_multiple=_grid_multiple(geoms.values()), border=border, output_stride=output_stride,
-                          expressions=tracer.expressions, settings=_compared_settings(base_net, tracer.snapshots),
+                          expressions=tracer.expressions,
+                          settings=_compared_settings(base_net, tracer.snapshots, reads),
                           captured=_captured_attributes(base_net, tracer, tracer.snapshots),
                           expression_no_grad=tracer.expression_no_grad,
                           read=_names_read(tracer.nodes, tracer.expressions),
@@ -5022,7 +5057,7 @@ def _build(base_net, patch_size, in_channels, tracer, out, example, *, naive, ti
     if check and _example_kind(base_net)[1].type != "meta":  # a meta Cp has no values to compare
         _self_check(net, base_net)  # (runs Cp again: what it changes is state too)
         snapshots = tracer.snapshots + [_attribute_values(base_net)]
-        net._settings_read = _compared_settings(base_net, snapshots)
+        net._settings_read = _compared_settings(base_net, snapshots, reads)
         net._captured_attributes = _captured_attributes(base_net, tracer, snapshots)
         net._structure = _module_structure(base_net, net._captured_attributes, net._settings_read, net._read)
     return net

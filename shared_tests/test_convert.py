@@ -1406,7 +1406,9 @@ def test_settings_held_in_configuration_objects_are_compared(tb, kb):
     """A setting read from a configuration object that a module or layer holds (``self.cfg = args``: an
     argparse.Namespace, a types.SimpleNamespace, a dataclass) and changed after convert is refused, naming it, in
     both backends; before, CI silently kept the value convert traced (0.67 off a softmax).  Set back, CI runs
-    again; a field that forward itself changes as it runs (a counter) is state, not compared."""
+    again; a field that forward itself changes as it runs (a counter) is state, and one forward never reads (an
+    epoch a training loop stores) is not compared either (a SimpleNamespace, whose reads cannot be recorded, has
+    all its fields compared)."""
     import argparse
     import copy
     import dataclasses
@@ -1419,6 +1421,7 @@ def test_settings_held_in_configuration_objects_are_compared(tb, kb):
     class Config:
         temperature: float = 1.0
         calls: int = 0
+        epoch: int = 0
 
     class Net(nn.Module):
         def __init__(self, cfg):
@@ -1431,9 +1434,13 @@ def test_settings_held_in_configuration_objects_are_compared(tb, kb):
             return torch.softmax(self.head(torch.tanh(self.conv(x))).flatten(1) / self.cfg.temperature, 1)
 
     images = torch.from_numpy(netspec.random_images(2, 2, 9, 8, seed=4).transpose(0, 3, 1, 2)).float()
-    for cfg in (argparse.Namespace(temperature=1.0), types.SimpleNamespace(temperature=1.0, calls=0), Config()):
+    for cfg in (argparse.Namespace(temperature=1.0, epoch=0), types.SimpleNamespace(temperature=1.0, calls=0),
+                Config()):
         net = Net(cfg).eval()
         ci = tb.FDFE.convert(net, (6, 6), in_channels=2)
+        assert type(net.cfg) is type(cfg)  # (convert records the fields forward reads, and leaves the class as it was)
+        if hasattr(cfg, "epoch"):
+            net.cfg.epoch = 3
         with torch.no_grad():
             assert max_rel_error(ci(images), tb.FDFE.dense_reference(net, images, (6, 6))) <= TOL["float32"]
             net.cfg.temperature = 0.1
@@ -1455,10 +1462,11 @@ def test_settings_held_in_configuration_objects_are_compared(tb, kb):
             return keras.ops.softmax(keras.ops.reshape(self.head(self.conv(x)), (-1, 4)) / self.cfg.temperature)
 
     keras_images = netspec.random_images(2, 2, 9, 8, seed=4).astype("float32")
-    for cfg in (argparse.Namespace(temperature=1.0), Config()):
+    for cfg in (argparse.Namespace(temperature=1.0, epoch=0), Config()):
         net = KerasNet(cfg)
         net(np.zeros((1, 6, 6, 2), "float32"))
         ci = kb.FDFE.convert(net, (6, 6))
+        net.cfg.epoch = 3
         assert max_rel_error(ci(keras_images), kb.FDFE.dense_reference(net, keras_images, (6, 6))) <= TOL["float32"]
         net.cfg.temperature = 0.1
         with pytest.raises(ValueError, match=r"layer '[a-z_0-9]*' changed its cfg\.temperature from 1\.0 "

@@ -80,7 +80,6 @@ supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
 """
 
 import argparse
-import collections.abc
 import dataclasses
 import inspect
 import numbers
@@ -89,7 +88,6 @@ import re
 import sys
 import threading
 import types
-import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -152,29 +150,31 @@ class ConversionError(ValueError):
 
 
 def _config_fields(value):
-    """The fields of a configuration object (an argparse.Namespace, a types.SimpleNamespace, a dataclass instance,
-    a mapping that is not a dict such as OmegaConf's DictConfig) as (name, value) pairs, leaving out names with a
-    leading underscore; None for any other value.  A setting held in such an object (``self.cfg.temperature``) is
-    a setting of the module or layer that holds it, compared like its own attributes."""
-    if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):
-        return [(k, v) for k, v in vars(value).items() if not k.startswith("_")]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value) if not f.name.startswith("_")
-                and hasattr(value, f.name)]
-    if isinstance(value, collections.abc.Mapping) and not isinstance(value, dict):
-        try:
-            return [(k, value[k]) for k in list(value.keys()) if not (isinstance(k, str) and k.startswith("_"))]
-        except Exception:  # (a mapping whose entries cannot all be read, such as a missing interpolation)
-            return None
+    """The fields of a configuration object (an argparse.Namespace, a types.SimpleNamespace, a dataclass instance) as
+    (name, value) pairs, leaving out names with a leading underscore; None for any other value.  The settings such
+    an object holds for a module or layer (``self.cfg.temperature``) are compared like its own attributes, those
+    that Cp's forward reads (see :class:`_ConfigReads`)."""
+    if isinstance(value, (argparse.Namespace, types.SimpleNamespace)) or (
+            dataclasses.is_dataclass(value) and not isinstance(value, type)):
+        fields = getattr(value, "__dict__", None)  # (a dunder: not recorded as read, see _ConfigReads)
+        if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):
+            return [(k, v) for k, v in fields.items() if not k.startswith("_")]
+        names = [f.name for f in dataclasses.fields(value) if not f.name.startswith("_")]
+        if fields is None:  # (slots)
+            return [(k, getattr(value, k)) for k in names if hasattr(value, k)]
+        return [(k, fields[k]) for k in names if k in fields]
     return None
 
 
-def _setting_paths(name, value):
-    """The names under which an attribute ``name`` holding ``value`` is compared as a setting: ``name``, or, for a
-    configuration object (:func:`_config_fields`), ``name.field`` for each of its fields, so that a field that
-    forward changes as it runs (a counter: state) leaves the others compared; with their values."""
+def _setting_paths(name, value, read=None):
+    """The names under which an attribute ``name`` holding ``value`` is compared as a setting, with their values:
+    ``name``, or, for a configuration object (:func:`_config_fields`), ``name.field`` for each of its fields (those
+    in ``read`` where it is a set: the fields forward read), so that a field that forward changes as it runs (a
+    counter: state) or never reads (an epoch a training loop stores) leaves the others compared."""
     fields = _config_fields(value)
-    return [(name, value)] if fields is None else [(f"{name}.{k}", v) for k, v in fields]
+    if fields is None:
+        return [(name, value)]
+    return [(f"{name}.{k}", v) for k, v in fields if read is None or k in read]
 
 
 def _read_setting(attributes, path, missing):
@@ -184,25 +184,53 @@ def _read_setting(attributes, path, missing):
     value = attributes.get(name, missing)
     if not field or value is missing:
         return value
-    return next((v for k, v in _config_fields(value) or () if k == field), missing)
+    fields = getattr(value, "__dict__", None)
+    if fields is not None and _config_fields(value) is not None:
+        return fields.get(field, missing)
+    return getattr(value, field, missing) if _config_fields(value) is not None else missing
 
 
-class _ConfigRecord:
-    """A configuration object (:func:`_config_fields`) as recorded: its class name and its fields' records, equal to
-    another record of the same class and fields (a field changed, set or removed after convert differs)."""
-    __slots__ = ("kind", "fields")
+class _ConfigReads:
+    """Which fields of the configuration objects (:func:`_config_fields`) that Cp's modules or layers hold its
+    forward reads while convert runs it: a context in which each such object has a subclass of its class that
+    records the names read (an object whose class cannot be swapped, such as a dataclass with slots, is left as it
+    is: all its fields are compared).  ``read(value)``: the set of field names read, or None (all)."""
 
-    def __init__(self, kind, fields):
-        self.kind, self.fields = kind, tuple(fields)
+    def __init__(self, holders):
+        self._reads, self._swapped, self._holders = {}, [], list(holders)
 
-    def __eq__(self, other):
-        return isinstance(other, _ConfigRecord) and self.kind == other.kind and self.fields == other.fields
+    def __enter__(self):  # (may be entered again: the reads add up)
+        classes, reads, swapped = {}, self._reads, {id(v) for v, _ in self._swapped}
+        for holder in self._holders:
+            for value in list(vars(holder).values()):
+                if _config_fields(value) is None or id(value) in swapped:
+                    continue
+                kind = type(value)
+                if kind not in classes:
+                    def getattribute(obj, name, kind=kind):
+                        if name[:2] != "__":
+                            reads.get(id(obj), set()).add(name)
+                        return kind.__getattribute__(obj, name)
+                    classes[kind] = type(kind.__name__, (kind,), {"__getattribute__": getattribute,
+                                                                  "__module__": kind.__module__,
+                                                                  "__qualname__": kind.__qualname__})
+                try:
+                    value.__class__ = classes[kind]
+                except TypeError:  # (slots): its fields are all compared
+                    continue
+                reads.setdefault(id(value), set())
+                swapped.add(id(value))
+                self._swapped.append((value, kind))
+        return self
 
-    def __hash__(self):
-        return hash((self.kind, tuple(k for k, _ in self.fields)))
+    def __exit__(self, *exc):
+        for value, kind in self._swapped:
+            value.__class__ = kind
+        self._swapped = []
+        return False
 
-    def __repr__(self):
-        return f"{self.kind}(" + ", ".join(f"{k}={v!r}" for k, v in self.fields) + ")"
+    def read(self, value):
+        return self._reads.get(id(value))
 
 
 def _pair(value, name: str, minimum: int = 1) -> Tuple[int, int]:
@@ -2048,9 +2076,9 @@ _PLAIN_TYPES = (bool, int, float, str, type(None))
 
 
 def _is_plain(value, depth=0) -> bool:
-    """Numbers, strings, None, numpy arrays (not of objects) and numbers, tuples, lists and dicts of them, and
-    configuration objects (an argparse.Namespace, a dataclass: :func:`_config_fields`): settings compared by value
-    (others by identity; :func:`_snapshot`)."""
+    """Numbers, strings, None, numpy arrays (not of objects) and numbers, and tuples, lists and dicts of them:
+    settings compared by value (others by identity; :func:`_snapshot`).  (The fields of configuration objects are
+    settings of their own: :func:`_setting_paths`.)"""
     if isinstance(value, _PLAIN_TYPES + (np.generic,)):
         return True
     if isinstance(value, np.ndarray):
@@ -2059,7 +2087,7 @@ def _is_plain(value, depth=0) -> bool:
         return all(_is_plain(v, depth + 1) for v in value)
     if depth < 8 and isinstance(value, dict):
         return all(_is_plain(k, depth + 1) and _is_plain(v, depth + 1) for k, v in value.items())
-    return depth < 8 and _config_fields(value) is not None  # (its fields: by value or by identity)
+    return False
 
 
 class _Same:
@@ -2124,18 +2152,14 @@ class _DictRecord:
 def _snapshot(value, depth=0):
     """A setting as recorded and compared (:func:`_same_setting`): numbers, strings and None as they are, tuples and
     lists as tuples of their records (a list changed in place differs from its record), dicts by the records of
-    their values (_DictRecord), configuration objects by the records of their fields (_ConfigRecord), numpy arrays
-    (up to _ARRAY_BY_VALUE entries) and numbers by value (a copy: _ArrayRecord), anything else (and what is nested
-    deeper than 8 levels) by identity (_Same)."""
+    their values (_DictRecord), numpy arrays (up to _ARRAY_BY_VALUE entries) and numbers by value (a copy:
+    _ArrayRecord), anything else (and what is nested deeper than 8 levels) by identity (_Same)."""
     if isinstance(value, _PLAIN_TYPES):
         return value
     if depth < 8 and isinstance(value, (tuple, list)):
         return tuple(_snapshot(v, depth + 1) for v in value)
     if depth < 8 and isinstance(value, dict):
         return _DictRecord(value, depth + 1)
-    fields = _config_fields(value) if depth < 8 else None
-    if fields is not None:
-        return _ConfigRecord(type(value).__qualname__, [(k, _snapshot(v, depth + 1)) for k, v in fields])
     if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.dtype != object
                                          and value.size <= _ARRAY_BY_VALUE):
         return _ArrayRecord(value)
@@ -2166,10 +2190,11 @@ def _attribute_values(layers) -> Dict[Tuple[int, str], object]:
     return values
 
 
-def _setting_names(layer, state=None) -> Tuple[str, ...]:
+def _setting_names(layer, state=None, reads=None) -> Tuple[str, ...]:
     """The settings of a layer that :func:`_layer_settings` records: for Keras' own layers those of
     ``_LAYER_SETTINGS`` they have; for layers and models of the user's own (subclasses of Keras' layers included),
-    the public attributes with plain values but Keras' bookkeeping and the ``state`` that call() changed as
+    the public attributes with plain values (and the fields of configuration objects that call() read, ``reads``:
+    a :class:`_ConfigReads`) but Keras' bookkeeping and the ``state`` that call() changed as
     convert ran Cp ((id of the layer, attribute) pairs; None: none compared, as in a copy made from a config);
     none for Sequential and functional models (their layers are compared) and for the layers FDFE builds (its
     LPPooling2D and LocalResponseNormalization are compared by their settings)."""
@@ -2184,7 +2209,8 @@ def _setting_names(layer, state=None) -> Tuple[str, ...]:
         return ()
     return tuple(path for k, v in attributes.items() if k[0] != "_" and k not in _KERAS_BOOKKEEPING
                  and not k.startswith("is_") and "lora" not in k and "quantiz" not in k
-                 and not k.endswith(("_regularizer", "_constraint")) for path, value in _setting_paths(k, v)
+                 and not k.endswith(("_regularizer", "_constraint"))
+                 for path, value in _setting_paths(k, v, None if reads is None else reads.read(v))
                  if (id(layer), path) not in state and (_is_plain(value) or k in _LAYER_SETTINGS))
 
 
@@ -2196,13 +2222,13 @@ def _setting_of(layer, path):
     return _read_setting(vars(layer), path, None)
 
 
-def _layer_settings(layers, state=None) -> List[Tuple]:
+def _layer_settings(layers, state=None, reads=None) -> List[Tuple]:
     """(layer, setting names, their values, activation) of each layer (:func:`_setting_names`): what the layers CI
     built from them depend on.  A change after convert changes the ops Cp runs, which CI would not follow: refused
     where CI runs (DenseFeatureModel._check_settings, which reads the names listed here)."""
     entries = []
     for layer in layers:
-        names = _setting_names(layer, state)
+        names = _setting_names(layer, state, reads)
         entries.append((layer, names, tuple(_snapshot(_setting_of(layer, k)) for k in names),
                         getattr(layer, "activation", None)))
     return entries
@@ -4670,10 +4696,6 @@ def _rule_pad_op(call, geoms):
 # CI as a Keras model: runs the functional core on the padded image, whole or tile by tile
 # ---------------------------------------------------------------------------
 
-#: CI -> (its symbolic input, CI called on it): DenseFeatureModel.outputs (kept outside CI, which is copied and saved)
-_SYMBOLIC_OUTPUTS = weakref.WeakKeyDictionary()
-
-
 @_register
 class DenseFeatureModel(keras.Model):
     """CI built by :func:`convert`: Cp's output for the patch around every pixel.
@@ -4815,10 +4837,10 @@ class DenseFeatureModel(keras.Model):
         """[a symbolic (None, None, None, K) feature map]: Cp's output at every pixel, CI called on :attr:`inputs`
         (once: the same tensor at every access), so that ``keras.Model(ci.inputs, head(ci.outputs[0]))`` is a
         graph, as for Keras' own models."""
-        cached = _SYMBOLIC_OUTPUTS.get(self)
+        cached = self.__dict__.get("_symbolic_io")  # (not tracked by Keras; copies and saves call CI again)
         if cached is None or cached[0] is not self.core.inputs[0]:
             cached = (self.core.inputs[0], self(self.core.inputs[0]))
-            _SYMBOLIC_OUTPUTS[self] = cached
+            self.__dict__["_symbolic_io"] = cached
         return [cached[1]]
 
     @property
@@ -5414,7 +5436,9 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     elif not isinstance(in_channels, numbers.Integral) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     _check_declared_input(base_net, (ph, pw), int(in_channels))
-    tracer, out, example = _trace(base_net, (ph, pw), int(in_channels), guessed)
+    reads = _ConfigReads(base_net._flatten_layers(include_self=True, recursive=True))  # (fields call() reads)
+    with reads:
+        tracer, out, example = _trace(base_net, (ph, pw), int(in_channels), guessed)
     batch = int(example.shape[0])
     dtype = tf.as_dtype(example.dtype)
     images = keras.Input((None, None, in_channels), dtype=dtype.name, name="padded_images")
@@ -5462,10 +5486,11 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
                 if id(layer) not in seen]
     object.__setattr__(net, "_cp_layers", net._cp_layers + replaced)
     if check:
-        _self_check(net, base_net, dtype)  # (runs Cp again: what it changes is state too)
+        with reads:
+            _self_check(net, base_net, dtype)  # (runs Cp again: what it changes is state too)
     snapshots = tracer.snapshots + [_attribute_values(net._cp_layers)]
     state = _changed_between(snapshots)
-    object.__setattr__(net, "_settings", _layer_settings(net._cp_layers, state))
+    object.__setattr__(net, "_settings", _layer_settings(net._cp_layers, state, reads))
     object.__setattr__(net, "_containers", _container_records(replaced))
     return net
 
