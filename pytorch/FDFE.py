@@ -137,13 +137,18 @@ class ConversionError(ValueError):
     """Raised when a patch network cannot be turned into an exact CI."""
 
 
+def _is_config(value) -> bool:
+    """Whether ``value`` is a configuration object (see :func:`_config_fields`)."""
+    return isinstance(value, (argparse.Namespace, types.SimpleNamespace)) or (
+        dataclasses.is_dataclass(value) and not isinstance(value, type))
+
+
 def _config_fields(value):
     """The fields of a configuration object (an argparse.Namespace, a types.SimpleNamespace, a dataclass instance) as
     (name, value) pairs, leaving out names with a leading underscore; None for any other value.  The settings such
     an object holds for a module or layer (``self.cfg.temperature``) are compared like its own attributes, those
     that Cp's forward reads (see :class:`_ConfigReads`)."""
-    if isinstance(value, (argparse.Namespace, types.SimpleNamespace)) or (
-            dataclasses.is_dataclass(value) and not isinstance(value, type)):
+    if _is_config(value):
         fields = getattr(value, "__dict__", None)  # (a dunder: not recorded as read, see _ConfigReads)
         if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):
             return [(k, v) for k, v in fields.items() if not k.startswith("_")]
@@ -172,10 +177,10 @@ def _read_setting(attributes, path, missing):
     value = attributes.get(name, missing)
     if not field or value is missing:
         return value
+    if not _is_config(value):
+        return missing
     fields = getattr(value, "__dict__", None)
-    if fields is not None and _config_fields(value) is not None:
-        return fields.get(field, missing)
-    return getattr(value, field, missing) if _config_fields(value) is not None else missing
+    return getattr(value, field, missing) if fields is None else fields.get(field, missing)
 
 
 class _ConfigReads:
