@@ -2823,7 +2823,9 @@ class _Tracer(TorchFunctionMode):
             self.note_hazard("tensor hook", f"a hook on the gradient of an activation (Tensor.{name}, in "
                                             f"{self.stack[-1]})")
             return func(*args, **kwargs)
-        if name in _RANDOM_FUNCTIONS and getattr(func, "__module__", "") != "torch.nn.functional":
+        if name in _RANDOM_FUNCTIONS and getattr(func, "__module__", "") != "torch.nn.functional" and \
+                kwargs.get("generator") is None:  # (one of Cp's own, seeded at every call, draws alike; the
+            # self-check sees the others)
             raise ConversionError(
                 f"{self.stack[-1]}: {_func_name(func)} draws random numbers as Cp runs, so Cp's output changes from "
                 f"call to call (also in eval mode), which CI, one pass over whole images, cannot reproduce; draw "
@@ -3143,20 +3145,22 @@ def _on_swapped(node, rule, geoms):
     def swap(geom, kind):
         return _Geom(kind, geom.channels, geom.size[::-1], [s[::-1] for s in geom.strides], geom.guessed)
     view = [swap(g, TRANSPOSED) if g.kind == SWAPPED else g for g in geoms]
-    out_geoms = None
+    out_geoms, reason = None, ""
     if rule in _TRANSPOSED_RULES and all(g.kind == SWAPPED for g in geoms):
         try:
             step, out_geoms = rule(node, view)
-        except ConversionError:
-            out_geoms = None
+        except ConversionError as exc:  # (its reason, told of the map seen as (N, h, w, C))
+            reason = f" (as a map of (N, h, w, C): {str(exc).split('cannot be made dense exactly: ', 1)[-1]})"
         if out_geoms is not None and all(g.kind == TRANSPOSED and g.size == view[0].size and
                                          g.strides == view[0].strides for g in out_geoms):
             return step, [swap(g, SWAPPED) for g in out_geoms]
     geom = next(g for g in geoms if g.kind == SWAPPED)
-    raise node.fail(f"it is applied to {geom.describe()}, a map transposed to (N, w, h, C) (x.transpose(1, 3)); "
-                    f"only ops per position along its channels (element-wise ops, Linear, LayerNorm, softmax, "
-                    f"reductions over dim -1) of such maps alone can follow one: transpose it back first "
-                    f"(x.transpose(1, 3))")
+    error = node.fail(f"it is applied to {geom.describe()}, a map transposed to (N, w, h, C) (x.transpose(1, 3)); "
+                      f"only ops per position along its channels (element-wise ops, Linear, LayerNorm, softmax, "
+                      f"reductions over dim -1) of such maps alone can follow one: transpose it back first "
+                      f"(x.transpose(1, 3)){reason}")
+    error.taints_outputs = True  # (what follows is not judged again: its geometry would be a guess)
+    raise error
 
 
 def _lookup_rule(func):
@@ -4113,6 +4117,8 @@ def _rule_transpose(node, geoms):
     geom, shape = geoms[0], tuple(node.in_shapes[0])
     index = torch.arange(_prod(shape)).reshape(shape)
     moved = node.func(index, *node.args[1:], **node.kwargs)
+    if torch.equal(moved, index):  # nothing moves (axes of size 1 swapped): the value as it is
+        return _AliasStep(node), [geom]
     if len(shape) == 4 and geom.kind in _AXES_OF:
         for kind, axes in _AXES_OF.items():  # (a 1x1 map too: the step transposes the dense values)
             order = tuple(_AXES_OF[geom.kind].index(a) for a in axes)
@@ -4120,8 +4126,6 @@ def _rule_transpose(node, geoms):
                     geom.kind == MAP and kind == SWAPPED and torch.equal(moved.flatten(), index.flatten())):
                 return _PermuteStep(node.in_slots[:1], node.out_slots, order), [geom.with_(kind=kind)]
     if geom.kind in (TRANSPOSED, SWAPPED):
-        if torch.equal(moved, index):
-            return _AliasStep(node), [geom]
         error = node.fail(f"it transposes {geom.describe()} (dims {dims}); a transposed map can only be "
                           f"transposed back to (N, C, h, w) (x.permute(0, 3, 1, 2) of (N, h, w, C), "
                           f"x.transpose(1, 3) of (N, w, h, C))")

@@ -2089,6 +2089,28 @@ def test_maps_with_their_positions_transposed_carry_ops_per_position(tb, kb):
                        r"applied to a map with its positions transposed \(5x5x6\), a map transposed to \(N, w, h, C\)"):
         tb.FDFE.convert(Crop(), (7, 7), in_channels=2)
 
+    class Strides(nn.Module):  # the rule's own reason is kept
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 4, 3, stride=2), nn.Conv2d(2, 4, 5)
+
+        def forward(self, x):
+            return torch.cat([self.a(x).transpose(1, 3), self.b(x).transpose(1, 3)], -1).amax((1, 2))
+
+    with pytest.raises(tb.FDFE.ConversionError, match=r"torch\.cat .*a map transposed to \(N, w, h, C\).* \(as a "
+                       r"map of \(N, h, w, C\): it combines .*went through different strides"):
+        tb.FDFE.convert(Strides(), (7, 7), in_channels=2)
+
+    class Identity(nn.Module):  # a transpose of axes of size 1 moves nothing: the value as it is (not a swap)
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 5)
+
+        def forward(self, x):
+            return self.conv(x).permute(0, 2, 3, 1).transpose(1, 2).flatten(1)
+
+    _torch_check(tb, Identity(), (5, 5), 2, size=(9, 8))
+
     L = keras.layers
     keras.utils.set_random_seed(3)
 
@@ -2121,6 +2143,9 @@ def test_maps_with_their_positions_transposed_carry_ops_per_position(tb, kb):
     with pytest.raises(kb.FDFE.ConversionError, match=r"\(StridedSlice, created at [^)]*\) cannot be made dense "
                        r"exactly: it is applied to a map with its positions transposed \(5x5x6\)"):
         kb.FDFE.convert(keras.Model(inp, L.Flatten()(L.Conv2D(3, 4)(L.Permute((2, 1, 3))(s)))), (7, 7))
+    inp = keras.Input((5, 5, 2))  # a transpose of axes of size 1 moves nothing (it failed inside convert)
+    t = L.Lambda(lambda t: keras.ops.transpose(t, (0, 1, 3, 2)))(L.Permute((3, 1, 2))(L.Conv2D(4, 5)(inp)))
+    _keras_check(kb, keras.Model(inp, L.Flatten()(L.Conv2D(3, 1)(L.Permute((2, 3, 1))(t)))), (5, 5), 2, size=(9, 7))
 
 
 def test_einsum_over_the_channels_of_every_position(tb, kb):

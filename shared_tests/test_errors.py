@@ -182,6 +182,17 @@ def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):
         _torch_refusal(tb, [nn.Conv2d(1, 2, 5)], 5, r"(torch|Tensor)\.(rand|randn_like|normal_) draws random numbers "
                        r"as Cp runs, so Cp's output changes from call to call",  # (was "internal check failed")
                        forward=lambda self, x, draw=draw: draw(self.layers[0](x)).flatten(1))
+    class Shuffled(nn.Module):  # a draw from a generator seeded at every call is the same every time: converts
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 5)
+
+        def forward(self, x):
+            order = torch.randperm(4, generator=torch.Generator().manual_seed(7))
+            return self.conv(x).index_select(1, order).flatten(1)
+    shuffled, images = Shuffled(), torch.randn(1, 1, 9, 8)
+    with torch.no_grad():
+        assert (tb.FDFE.convert(shuffled, 5)(images) - tb.FDFE.dense_reference(shuffled, images, 5)).abs().max() < 1e-5
     conv = nn.Conv2d(1, 2, 5)
     for scripted in (torch.jit.script(conv), torch.jit.trace(conv, torch.zeros(1, 1, 5, 5))):
         with pytest.raises(tb.FDFE.ConversionError, match=r"module '0' of Cp is a TorchScript module \(\w+, from "

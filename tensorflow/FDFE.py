@@ -3402,12 +3402,12 @@ def _on_swapped(call, rule, geoms):
     def swap(geom, kind):
         return _Geom(kind, geom.channels, geom.size[::-1], [s[::-1] for s in geom.strides], geom.guessed)
     view = [swap(g, MAP) if g.kind == SWAPPED else g for g in geoms]
-    out_geoms = None
+    out_geoms, reason = None, ""
     if rule in _SWAPPED_RULES and all(g.kind == SWAPPED for g in geoms):
         try:
             run, out_geoms = rule(call, view)
-        except ConversionError:
-            out_geoms = None
+        except ConversionError as exc:  # (its reason, told of the map seen as (N, h, w, C))
+            reason = f" (as a map of (N, h, w, C): {str(exc).split('cannot be made dense exactly: ', 1)[-1]})"
         if out_geoms is not None and all(g.kind == MAP and g.size == view[0].size and g.strides == view[0].strides
                                          for g in out_geoms):
             return run, [swap(g, SWAPPED) for g in out_geoms]
@@ -3416,7 +3416,7 @@ def _on_swapped(call, rule, geoms):
                     f"map, or (0, 3, 2, 1) of a transposed map, as tf.nn.softmax(t, axis=1) does inside); only ops "
                     f"per position along its channels (element-wise ops and activations, Dense, LayerNormalization, "
                     f"softmax, reductions over the channels) of such maps alone can follow one: transpose it back "
-                    f"first (perm (0, 2, 1, 3))")
+                    f"first (perm (0, 2, 1, 3)){reason}")
 
 
 def _along_transposed_channels(call, geom, axis, run, channels=None):
@@ -4243,6 +4243,8 @@ def _rule_permute(call, geoms):
     transposes swap positions of the patch or move the channels elsewhere: refused (one that keeps the values in
     their order, the identity or moving axes of size 1, is a reshape)."""
     dims, src = list(call.layer.dims), tuple(call.in_shapes[0])
+    if np.array_equal(np.transpose(np.arange(_prod(src)).reshape(src), [0] + dims), np.arange(_prod(src)).reshape(src)):
+        return _pass_through, [geoms[0]]  # nothing moves (axes of size 1 swapped): the value as it is
     geom = _transposed_geom(call, geoms[0], [0] + dims, src)
     if geom is None:  # the values keep their order
         return _pass_through, [_reshaped_geom(call, geoms[0], src, call.out_shape)]
@@ -4257,6 +4259,9 @@ def _rule_transpose_op(call, geoms):
     """tf.transpose / keras.ops.transpose: as Permute (perm (0, 3, 1, 2) and back (0, 2, 3, 1))."""
     perm, src = call.constant("perm"), tuple(call.in_shapes[0])
     perm = None if perm is None else [int(d) for d in np.ravel(perm)]
+    if perm is not None and np.array_equal(np.transpose(np.arange(_prod(src)).reshape(src), perm),
+                                           np.arange(_prod(src)).reshape(src)):
+        return _pass_through, [geoms[0]]  # nothing moves (axes of size 1 swapped): the value as it is
     geom = _transposed_geom(call, geoms[0], perm, src)
     if geom is None:  # (order kept)
         return _pass_through, [_reshaped_geom(call, geoms[0], src, call.out_shapes[0])]
