@@ -1389,8 +1389,8 @@ def _pad_border(images, patch_size, border="zeros"):
     if border == "reflect" and all(isinstance(v, int) for v in shape[1:3]):
         return tf.pad(images, [[0, 0], [top, bottom], [left, right], [0, 0]], mode="REFLECT")
     if border == "reflect":  # sizes known only as the graph runs (an export): checked there, with the message
-        # _check_border gives, and mirrored by indices that stay inside the image (a TFLite interpreter, which
-        # drops checks, reads no memory outside it on a smaller image: it gives values of no meaning instead)
+        # _check_border gives, and mirrored by indices that stay inside the image; where checks are dropped (a TFLite
+        # interpreter, XLA) a smaller image gives NaN (it read memory outside the image, or gave numbers)
         large = tf.logical_and(shape[1] > max(top, bottom), shape[2] > max(left, right))
         check = tf.debugging.Assert(large, [f"border=reflect mirrors the image at its edge, so it must be larger "
                                             f"than the patch reaches beyond it: a {ph}x{pw} patch needs images of at "
@@ -1398,7 +1398,8 @@ def _pad_border(images, patch_size, border="zeros"):
                                             shape[2]])
         with tf.control_dependencies([check]):
             rows, cols = _reflected(shape[1], top, bottom), _reflected(shape[2], left, right)
-            return tf.gather(tf.gather(images, rows, axis=1), cols, axis=2)
+            scale = tf.where(large, tf.constant(1.0, images.dtype), tf.constant(float("nan"), images.dtype))
+            return tf.gather(tf.gather(images, rows, axis=1), cols, axis=2) * scale
     rows = [tf.repeat(images[:, :1], top, axis=1), images, tf.repeat(images[:, -1:], bottom, axis=1)]
     x = tf.concat(rows, 1)
     return tf.concat([tf.repeat(x[:, :, :1], left, axis=2), x, tf.repeat(x[:, :, -1:], right, axis=2)], 2)
