@@ -77,6 +77,7 @@ supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
 import argparse
 import contextlib
 import dataclasses
+import enum
 import inspect
 import numbers
 import sys
@@ -1103,7 +1104,7 @@ def _compute_dtype(module: nn.Module) -> Optional[torch.dtype]:
 
 #: settings of PyTorch's own layers that do not change what CI computes (it runs Cp in inference mode)
 _TORCH_SETTINGS_CI_IGNORES = frozenset({"momentum", "inplace"})
-_SETTING_TYPES = (bool, int, float, str, type(None), np.generic)
+_SETTING_TYPES = (bool, int, float, str, type(None), np.generic, enum.Enum)  # (an Enum's members: by identity)
 
 
 def _setting(value, depth=0):

@@ -1412,6 +1412,7 @@ def test_settings_held_in_configuration_objects_are_compared(tb, kb):
     import argparse
     import copy
     import dataclasses
+    import enum
     import types
     import keras
     import torch
@@ -1474,6 +1475,32 @@ def test_settings_held_in_configuration_objects_are_compared(tb, kb):
             ci(keras_images)
         net.cfg.temperature = 1.0
         assert max_rel_error(ci(keras_images), kb.FDFE.dense_reference(net, keras_images, (6, 6))) <= TOL["float32"]
+
+    class Mode(enum.Enum):  # an Enum setting (of the module itself, or a field) is compared too (it was not)
+        SOFT = 1
+        HARD = 2
+
+    class Switch(Net):
+        def forward(self, x):
+            y = self.head(torch.tanh(self.conv(x))).flatten(1)
+            return torch.softmax(y, 1) if self.cfg.mode is Mode.SOFT else y
+    net = Switch(argparse.Namespace(mode=Mode.SOFT)).eval()
+    ci = tb.FDFE.convert(net, (6, 6), in_channels=2)
+    net.cfg.mode = Mode.HARD
+    with pytest.raises(tb.FDFE.ConversionError, match=r"changed its cfg\.mode from <Mode\.SOFT: 1> to <Mode\.HARD: 2>"):
+        ci(images)
+
+    class KerasSwitch(KerasNet):
+        def call(self, x):
+            y = keras.ops.reshape(self.head(self.conv(x)), (-1, 4))
+            return keras.ops.softmax(y) if self.mode is Mode.SOFT else y
+    net = KerasSwitch(None)
+    net.mode = Mode.SOFT
+    net(np.zeros((1, 6, 6, 2), "float32"))
+    ci = kb.FDFE.convert(net, (6, 6))
+    net.mode = Mode.HARD
+    with pytest.raises(ValueError, match=r"changed its mode from <Mode\.SOFT: 1> to <Mode\.HARD: 2>"):
+        ci(keras_images)
 
 
 def test_keras_predict_follows_settings_of_ci_changed_after_a_call(kb):

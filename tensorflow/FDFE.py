@@ -81,6 +81,7 @@ supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
 
 import argparse
 import dataclasses
+import enum
 import inspect
 import numbers
 import os
@@ -2078,7 +2079,7 @@ _KERAS_BOOKKEEPING = frozenset({"name", "built", "trainable", "autocast", "suppo
                                 "train_function", "test_function", "predict_function", "activity_regularizer",
                                 "stop_evaluating", "stop_predicting",
                                 "seed", "rate", "momentum", "renorm_momentum", "noise_shape", "stddev"})
-_PLAIN_TYPES = (bool, int, float, str, type(None))
+_PLAIN_TYPES = (bool, int, float, str, type(None), enum.Enum)  # (an Enum's members: by identity)
 
 
 def _is_plain(value, depth=0) -> bool:
