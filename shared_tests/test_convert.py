@@ -1476,6 +1476,20 @@ def test_settings_held_in_configuration_objects_are_compared(tb, kb):
         net.cfg.temperature = 1.0
         assert max_rel_error(ci(keras_images), kb.FDFE.dense_reference(net, keras_images, (6, 6))) <= TOL["float32"]
 
+    @dataclasses.dataclass(frozen=True)
+    class Frozen:  # (convert records its reads too)
+        temperature: float = 1.0
+
+    class ReadsAll(Net):  # vars(cfg) reads every field: all are compared
+        def forward(self, x):
+            return torch.softmax(self.head(torch.tanh(self.conv(x))).flatten(1) / vars(self.cfg)["temperature"], 1)
+    for net, field in ((Net(Frozen()), "temperature"),
+                       (ReadsAll(argparse.Namespace(temperature=1.0, epoch=0)), "epoch")):
+        ci = tb.FDFE.convert(net.eval(), (6, 6), in_channels=2)
+        object.__setattr__(net.cfg, field, 0.5)
+        with pytest.raises(tb.FDFE.ConversionError, match=rf"changed its cfg\.{field} from"):
+            ci(images)
+
     class Mode(enum.Enum):  # an Enum setting (of the module itself, or a field) is compared too (it was not)
         SOFT = 1
         HARD = 2

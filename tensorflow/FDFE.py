@@ -150,6 +150,15 @@ class ConversionError(ValueError):
     """Raised when a patch network cannot be turned into an exact CI."""
 
 
+def _own_dict(value):
+    """``value.__dict__`` (None for a class with slots), read past any ``__getattribute__`` of its class (not
+    recorded as a read, see :class:`_ConfigReads`)."""
+    try:
+        return object.__getattribute__(value, "__dict__")
+    except AttributeError:
+        return None
+
+
 def _is_config(value) -> bool:
     """Whether ``value`` is a configuration object (see :func:`_config_fields`)."""
     return isinstance(value, (argparse.Namespace, types.SimpleNamespace)) or (
@@ -162,7 +171,7 @@ def _config_fields(value):
     an object holds for a module or layer (``self.cfg.temperature``) are compared like its own attributes, those
     that Cp's forward reads (see :class:`_ConfigReads`)."""
     if _is_config(value):
-        fields = getattr(value, "__dict__", None)  # (a dunder: not recorded as read, see _ConfigReads)
+        fields = _own_dict(value)
         if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):
             return [(k, v) for k, v in fields.items() if not k.startswith("_")]
         names = [f.name for f in dataclasses.fields(value) if not f.name.startswith("_")]
@@ -180,7 +189,7 @@ def _setting_paths(name, value, read=None):
     fields = _config_fields(value)
     if fields is None:
         return [(name, value)]
-    return [(f"{name}.{k}", v) for k, v in fields if read is None or k in read]
+    return [(f"{name}.{k}", v) for k, v in fields if read is None or k in read or "__dict__" in read]
 
 
 def _read_setting(attributes, path, missing):
@@ -192,7 +201,7 @@ def _read_setting(attributes, path, missing):
         return value
     if not _is_config(value):
         return missing
-    fields = getattr(value, "__dict__", None)
+    fields = _own_dict(value)
     return getattr(value, field, missing) if fields is None else fields.get(field, missing)
 
 
@@ -214,15 +223,15 @@ class _ConfigReads:
                 kind = type(value)
                 if kind not in classes:
                     def getattribute(obj, name, kind=kind):
-                        if name[:2] != "__":
+                        if name[:2] != "__" or name == "__dict__":  # (vars(cfg): all its fields)
                             reads.get(id(obj), set()).add(name)
                         return kind.__getattribute__(obj, name)
                     classes[kind] = type(kind.__name__, (kind,), {"__getattribute__": getattribute,
                                                                   "__module__": kind.__module__,
                                                                   "__qualname__": kind.__qualname__})
-                try:
-                    value.__class__ = classes[kind]
-                except TypeError:  # (slots): its fields are all compared
+                try:  # (past a frozen dataclass' __setattr__)
+                    object.__setattr__(value, "__class__", classes[kind])
+                except (TypeError, AttributeError):  # (slots, SimpleNamespace): its fields are all compared
                     continue
                 reads.setdefault(id(value), set())
                 swapped.add(id(value))
@@ -231,7 +240,7 @@ class _ConfigReads:
 
     def __exit__(self, *exc):
         for value, kind in self._swapped:
-            value.__class__ = kind
+            object.__setattr__(value, "__class__", kind)
         self._swapped = []
         return False
 
