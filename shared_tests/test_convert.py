@@ -1490,6 +1490,25 @@ def test_settings_held_in_configuration_objects_are_compared(tb, kb):
         with pytest.raises(tb.FDFE.ConversionError, match=rf"changed its cfg\.{field} from"):
             ci(images)
 
+    class Checks(Net):  # convert traces Cp with the class as it is (recording the reads swapped it: a first
+        def forward(self, x):  # version traced the other branch, 2.1 off)
+            y = self.head(torch.tanh(self.conv(x))).flatten(1)
+            return torch.softmax(y, 1) if type(self.cfg) is Config else y
+
+    class Gain(Net):  # a field read with a default, absent at convert, is compared
+        def forward(self, x):
+            return self.head(torch.tanh(self.conv(x))).flatten(1) * getattr(self.cfg, "gain", 1.0)
+    net = Checks(Config()).eval()
+    ci = tb.FDFE.convert(net, (6, 6), in_channels=2)
+    with torch.no_grad():
+        assert max_rel_error(ci(images), tb.FDFE.dense_reference(net, images, (6, 6))) <= TOL["float32"]
+    assert type(net.cfg) is Config
+    net = Gain(Config()).eval()
+    ci = tb.FDFE.convert(net, (6, 6), in_channels=2)
+    net.cfg.gain = 2.0
+    with pytest.raises(tb.FDFE.ConversionError, match=r"changed its cfg\.gain from 'unset' to 2\.0"):
+        ci(images)
+
     class Mode(enum.Enum):  # an Enum setting (of the module itself, or a field) is compared too (it was not)
         SOFT = 1
         HARD = 2
@@ -1503,6 +1522,15 @@ def test_settings_held_in_configuration_objects_are_compared(tb, kb):
     net.cfg.mode = Mode.HARD
     with pytest.raises(tb.FDFE.ConversionError, match=r"changed its cfg\.mode from <Mode\.SOFT: 1> to <Mode\.HARD: 2>"):
         ci(images)
+
+    class KerasChecks(KerasNet):
+        def call(self, x):
+            y = keras.ops.reshape(self.head(self.conv(x)), (-1, 4))
+            return keras.ops.softmax(y) if type(self.cfg) is Config else y
+    net = KerasChecks(Config())
+    net(np.zeros((1, 6, 6, 2), "float32"))
+    ci = kb.FDFE.convert(net, (6, 6))
+    assert max_rel_error(ci(keras_images), kb.FDFE.dense_reference(net, keras_images, (6, 6))) <= TOL["float32"]
 
     class KerasSwitch(KerasNet):
         def call(self, x):

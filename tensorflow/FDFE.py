@@ -79,6 +79,7 @@ convert, DenseFeatureModel, ConversionError,
 supported_layers, plan_steps, tile_grid                 -- automatic Cp -> CI
 """
 
+import abc
 import argparse
 import dataclasses
 import enum
@@ -189,7 +190,10 @@ def _setting_paths(name, value, read=None):
     fields = _config_fields(value)
     if fields is None:
         return [(name, value)]
-    return [(f"{name}.{k}", v) for k, v in fields if read is None or k in read or "__dict__" in read]
+    paths = [(f"{name}.{k}", v) for k, v in fields if read is None or k in read or "__dict__" in read]
+    present = {k for k, _ in fields}  # (a field read but absent, getattr(cfg, "beta", 1.0): compared as absent)
+    return paths + [(f"{name}.{k}", None) for k in sorted(read or ()) if k not in present and k[:1] != "_"
+                    and not hasattr(type(value), k)]
 
 
 def _read_setting(attributes, path, missing):
@@ -207,42 +211,59 @@ def _read_setting(attributes, path, missing):
 
 class _ConfigReads:
     """Which fields of the configuration objects (:func:`_config_fields`) that Cp's modules or layers hold its
-    forward reads while convert runs it: a context in which each such object has a subclass of its class that
-    records the names read (an object whose class cannot be swapped, such as a dataclass with slots, is left as it
-    is: all its fields are compared).  ``read(value)``: the set of field names read, or None (all)."""
+    forward reads: :meth:`record` runs Cp once with each such object's class swapped for a subclass that records
+    the names read, then once as it is (convert traces and checks Cp with the classes as they are).  An object whose
+    class cannot be swapped (a dataclass with slots, a SimpleNamespace) or should not be (a class with its own
+    metaclass or ``__init_subclass__``, whose hooks a subclass would run) has all its fields compared, and so has
+    every object where the recording run fails or gives other values than Cp (a forward that checks the class).
+    ``read(value)``: the set of field names read, or None (all)."""
+
+    _lock = threading.Lock()  # (one recording run at a time: swaps of a configuration object shared by two Cps)
 
     def __init__(self, holders):
-        self._reads, self._swapped, self._holders = {}, [], list(holders)
+        self._reads, self._holders = {}, list(holders)
 
-    def __enter__(self):  # (may be entered again: the reads add up)
-        classes, reads, swapped = {}, self._reads, {id(v) for v, _ in self._swapped}
-        for holder in self._holders:
-            for value in list(vars(holder).values()):
-                if _config_fields(value) is None or id(value) in swapped:
-                    continue
-                kind = type(value)
-                if kind not in classes:
-                    def getattribute(obj, name, kind=kind):
-                        if name[:2] != "__" or name == "__dict__":  # (vars(cfg): all its fields)
-                            reads.get(id(obj), set()).add(name)
-                        return kind.__getattribute__(obj, name)
-                    classes[kind] = type(kind.__name__, (kind,), {"__getattribute__": getattribute,
+    def record(self, run, same):
+        """Run ``run()`` (Cp on some patches) recording reads, then again as it is; ``same(a, b)`` compares the two
+        results."""
+        swapped, reads = [], {}
+        with self._lock:
+            try:
+                for holder in self._holders:
+                    for value in list(vars(holder).values()):
+                        if _config_fields(value) is None or id(value) in reads:
+                            continue
+                        kind = type(value)
+                        if type(kind) not in (type, abc.ABCMeta) or any(
+                                "__init_subclass__" in vars(c) for c in kind.__mro__[:-1]):
+                            continue
+
+                        def getattribute(obj, name, kind=kind):
+                            if name[:2] != "__" or name == "__dict__":  # (vars(cfg): all its fields)
+                                reads.get(id(obj), set()).add(name)
+                            return kind.__getattribute__(obj, name)
+                        recording = type(kind.__name__, (kind,), {"__getattribute__": getattribute,
                                                                   "__module__": kind.__module__,
                                                                   "__qualname__": kind.__qualname__})
-                try:  # (past a frozen dataclass' __setattr__)
-                    object.__setattr__(value, "__class__", classes[kind])
-                except (TypeError, AttributeError):  # (slots, SimpleNamespace): its fields are all compared
-                    continue
-                reads.setdefault(id(value), set())
-                swapped.add(id(value))
-                self._swapped.append((value, kind))
-        return self
-
-    def __exit__(self, *exc):
-        for value, kind in self._swapped:
-            object.__setattr__(value, "__class__", kind)
-        self._swapped = []
-        return False
+                        try:  # (past a frozen dataclass' __setattr__)
+                            object.__setattr__(value, "__class__", recording)
+                        except (TypeError, AttributeError):  # (slots, SimpleNamespace): all its fields compared
+                            continue
+                        reads[id(value)] = set()
+                        swapped.append((value, kind))
+                recorded = run() if swapped else None
+            except Exception:  # (Cp fails with the classes swapped: all fields compared)
+                return
+            finally:
+                for value, kind in swapped:
+                    object.__setattr__(value, "__class__", kind)
+        if swapped:
+            try:
+                if not same(recorded, run()):
+                    return
+            except Exception:
+                return
+            self._reads = reads
 
     def read(self, value):
         return self._reads.get(id(value))
@@ -5458,8 +5479,10 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     _check_declared_input(base_net, (ph, pw), int(in_channels))
     reads = _ConfigReads(base_net._flatten_layers(include_self=True, recursive=True))  # (fields call() reads)
-    with reads:
-        tracer, out, example = _trace(base_net, (ph, pw), int(in_channels), guessed)
+    patches = np.random.default_rng(0).standard_normal((2, ph, pw, int(in_channels))).astype("float32")
+    reads.record(lambda: np.asarray(base_net(patches, training=False)),
+                 lambda a, b: a.shape == b.shape and np.array_equal(a, b, equal_nan=True))
+    tracer, out, example = _trace(base_net, (ph, pw), int(in_channels), guessed)
     batch = int(example.shape[0])
     dtype = tf.as_dtype(example.dtype)
     images = keras.Input((None, None, in_channels), dtype=dtype.name, name="padded_images")
@@ -5507,8 +5530,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
                 if id(layer) not in seen]
     object.__setattr__(net, "_cp_layers", net._cp_layers + replaced)
     if check:
-        with reads:
-            _self_check(net, base_net, dtype)  # (runs Cp again: what it changes is state too)
+        _self_check(net, base_net, dtype)  # (runs Cp again: what it changes is state too)
     snapshots = tracer.snapshots + [_attribute_values(net._cp_layers)]
     state = _changed_between(snapshots)
     object.__setattr__(net, "_settings", _layer_settings(net._cp_layers, state, reads))
