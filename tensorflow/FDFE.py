@@ -4243,6 +4243,13 @@ _TO_TRANSPOSED, _FROM_TRANSPOSED = [0, 3, 1, 2], [0, 2, 3, 1]
 _AXES_OF = {MAP: (0, 1, 2, 3), TRANSPOSED: (0, 3, 1, 2), SWAPPED: (0, 2, 1, 3)}
 
 
+def _moves_nothing(shape, perm) -> bool:
+    """Whether a transpose ``perm`` of a value of ``shape`` leaves every value where it was (it swaps axes of size
+    1 only): no transpose at all, for the dense values too."""
+    index = np.arange(_prod(shape)).reshape(shape)
+    return np.array_equal(np.transpose(index, perm), index)
+
+
 def _transposed_geom(call, geom, perm, src):
     """The geometry after a transpose ``perm`` of a value with ``geom``: a map's channels moved to axis 1 (a
     transposed map) or back; a transposed map's channels moved to the end with its positions transposed (a
@@ -4275,8 +4282,8 @@ def _rule_permute(call, geoms):
     transposes swap positions of the patch or move the channels elsewhere: refused (one that keeps the values in
     their order, the identity or moving axes of size 1, is a reshape)."""
     dims, src = list(call.layer.dims), tuple(call.in_shapes[0])
-    if np.array_equal(np.transpose(np.arange(_prod(src)).reshape(src), [0] + dims), np.arange(_prod(src)).reshape(src)):
-        return _pass_through, [geoms[0]]  # nothing moves (axes of size 1 swapped): the value as it is
+    if _moves_nothing(src, [0] + dims):  # (axes of size 1 swapped): the value as it is
+        return _pass_through, [geoms[0]]
     geom = _transposed_geom(call, geoms[0], [0] + dims, src)
     if geom is None:  # the values keep their order
         return _pass_through, [_reshaped_geom(call, geoms[0], src, call.out_shape)]
@@ -4291,9 +4298,8 @@ def _rule_transpose_op(call, geoms):
     """tf.transpose / keras.ops.transpose: as Permute (perm (0, 3, 1, 2) and back (0, 2, 3, 1))."""
     perm, src = call.constant("perm"), tuple(call.in_shapes[0])
     perm = None if perm is None else [int(d) for d in np.ravel(perm)]
-    if perm is not None and np.array_equal(np.transpose(np.arange(_prod(src)).reshape(src), perm),
-                                           np.arange(_prod(src)).reshape(src)):
-        return _pass_through, [geoms[0]]  # nothing moves (axes of size 1 swapped): the value as it is
+    if perm is not None and _moves_nothing(src, perm):  # (axes of size 1 swapped): the value as it is
+        return _pass_through, [geoms[0]]
     geom = _transposed_geom(call, geoms[0], perm, src)
     if geom is None:  # (order kept)
         return _pass_through, [_reshaped_geom(call, geoms[0], src, call.out_shapes[0])]
