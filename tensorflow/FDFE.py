@@ -418,6 +418,11 @@ class _Geom:
     def same_grid(self, other):
         return self.strides == other.strides and self.size == other.size and self.kind == other.kind
 
+    def with_positions_transposed(self, kind):
+        """A copy of ``kind`` with (h, w) and every stride transposed: a SWAPPED map seen as a map of size (w, h)
+        whose channels are last (see _on_swapped), and back."""
+        return _Geom(kind, self.channels, self.size[::-1], [s[::-1] for s in self.strides], self.guessed)
+
     def describe(self):
         """E.g. "a 16x5x5 map" (sizes in the backend's layout, _MAP_LAYOUT)."""
         (h, w), c = self.size, self.channels
@@ -3431,9 +3436,7 @@ def _on_swapped(call, rule, geoms):
     """A layer or op of maps with their positions transposed, (N, w, h, C): a rule of ops per position along the
     channels (_SWAPPED_RULES) sees them as maps of size (w, h) and must give such a map on the same grid (the
     op ran per position); anything else is refused (transpose back first)."""
-    def swap(geom, kind):
-        return _Geom(kind, geom.channels, geom.size[::-1], [s[::-1] for s in geom.strides], geom.guessed)
-    view = [swap(g, MAP) if g.kind == SWAPPED else g for g in geoms]
+    view = [g.with_positions_transposed(MAP) if g.kind == SWAPPED else g for g in geoms]
     out_geoms, reason = None, ""
     if rule in _SWAPPED_RULES and all(g.kind == SWAPPED for g in geoms):
         try:
@@ -3442,7 +3445,7 @@ def _on_swapped(call, rule, geoms):
             reason = f" (as a map of (N, h, w, C): {str(exc).split('cannot be made dense exactly: ', 1)[-1]})"
         if out_geoms is not None and all(g.kind == MAP and g.size == view[0].size and g.strides == view[0].strides
                                          for g in out_geoms):
-            return run, [swap(g, SWAPPED) for g in out_geoms]
+            return run, [g.with_positions_transposed(SWAPPED) for g in out_geoms]
     geom = next(g for g in geoms if g.kind == SWAPPED)
     raise call.fail(f"it is applied to {geom.describe()}, a map transposed to (N, w, h, C) (perm (0, 2, 1, 3) of a "
                     f"map, or (0, 3, 2, 1) of a transposed map, as tf.nn.softmax(t, axis=1) does inside); only ops "
