@@ -377,8 +377,11 @@ _MIXED_LAYOUT_REASON = ("one holds the channels of every position where a transp
 #: transpose back may use it.  SWAPPED: the map as (w, h, channels), its channels last and its positions
 #: transposed (PyTorch: ``x.transpose(1, 3)`` of a map; Keras: what a softmax along axis 1 makes of a transposed
 #: map inside); the dense tensor is transposed the same way, and only ops per position along the channels and the
-#: transposes back may use it.
-MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED = "map", "vector", "view", "transposed", "swapped"
+#: transposes back may use it.  ROWS: the map as one row of channels per position, (N, h*w, channels) (PyTorch:
+#: ``x.flatten(2).transpose(1, 2)`` of a map, tokens; Keras holds such rows as a VIEW, its maps having their
+#: channels last); the dense tensor is the transposed map's, and only ops per position along the channels, pooling
+#: over the rows and the transposes back may use it.
+MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED, ROWS = "map", "vector", "view", "transposed", "swapped", "rows"
 
 
 class _Geom:
@@ -387,7 +390,7 @@ class _Geom:
     __slots__ = ("kind", "channels", "size", "strides", "guessed")
 
     def __init__(self, kind, channels, size, strides=(), guessed=False):
-        if kind not in (MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED):
+        if kind not in (MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED, ROWS):
             raise ValueError(f"unknown geometry kind {kind!r}")
         self.kind, self.channels, self.size = kind, int(channels), (int(size[0]), int(size[1]))
         self.strides = tuple((int(s[0]), int(s[1])) for s in strides)
@@ -420,6 +423,8 @@ class _Geom:
             return f"a transposed map ({h}x{w}x{c})" if _MAP_LAYOUT == "CHW" else f"a transposed map ({c}x{h}x{w})"
         if self.kind == SWAPPED:
             return f"a map with its positions transposed ({w}x{h}x{c})"
+        if self.kind == ROWS:
+            return f"the rows of a {h}x{w} map ({h * w}x{c}, one per position)"
         return {MAP: f"a {what}", VECTOR: f"a flattened {what}"}.get(self.kind, f"a reshaped {what}")
 
     def __repr__(self):
@@ -434,7 +439,7 @@ def _same_grid(op, geoms):
             reason = _MIXED_GRID_REASON
             if first.strides != g.strides and not (first.is_pixel_vector or g.is_pixel_vector):
                 reason = _MIXED_STRIDES_REASON
-            elif {first.kind, g.kind} & {TRANSPOSED, SWAPPED} and first.kind != g.kind:
+            elif {first.kind, g.kind} & {TRANSPOSED, SWAPPED, ROWS} and first.kind != g.kind:
                 reason = _MIXED_LAYOUT_REASON
             raise op.fail(f"it combines {first.describe()} with {g.describe()} (strides {list(first.strides)} "
                           f"vs {list(g.strides)}); {reason}")
@@ -602,6 +607,10 @@ def _guessed_geom(shape, geoms, layout):
     if len(shape) == 4:
         channels, size = (shape[1], shape[2:]) if layout == "CHW" else (shape[3], shape[1:3])
         return _Geom(MAP, channels, size, strides, guessed=True)
+    rows = next((g for g in geoms if g.kind == ROWS), None)
+    if len(shape) == 3 and rows is not None:  # (still rows of positions, (N, h*w, C): their transpose back is no
+        size = rows.size if rows.size[0] * rows.size[1] == shape[1] else (shape[1], 1)  # problem)
+        return _Geom(ROWS, shape[2], size, strides, guessed=True)
     if len(shape) == 3:  # rows of positions: (N, C, h*w), Keras (N, h*w, C)
         channels, positions = (shape[1], shape[2]) if layout == "CHW" else (shape[2], shape[1])
         return _Geom(VIEW, channels, (positions, 1), strides, guessed=True)
@@ -3198,6 +3207,39 @@ def _on_swapped(node, rule, geoms):
     raise error
 
 
+def _on_rows(node, rule, geoms):
+    """An op of the rows of a map, (N, h*w, C) (``x.flatten(2).transpose(1, 2)`` of a map: tokens), whose dense
+    values are the transposed map's: a rule of transposed maps (_TRANSPOSED_RULES) sees them as the transposed map
+    (N, h, w, C), their traced shapes left as they are (its channel axis, dim -1 or 2, is the map's dim -1, see
+    _channel_dim), and must give such a map on the same grid with the channels of the traced rows; a mean, sum,
+    amax or amin over the rows (dim 1) is the map's global pooling (_pool_rows).  Anything else is refused
+    (transpose them back first)."""
+    rows = next(g for g in geoms if g.kind == ROWS)
+    reason = ""
+    if all(g.kind == ROWS for g in geoms):
+        if getattr(rule, "pool_kind", False) is not False:
+            pooled = _pool_rows(node, rule.pool_kind, rows)
+            if pooled is not None:
+                return pooled
+        if rule in _TRANSPOSED_RULES:
+            try:
+                step, out_geoms = rule(node, [g.with_(kind=TRANSPOSED) for g in geoms])
+            except ConversionError as exc:  # (its reason, told of the rows seen as a map (N, h, w, C))
+                reason = f" (as a map of (N, h, w, C): {str(exc).split('cannot be made dense exactly: ', 1)[-1]})"
+            else:
+                positions = rows.size[0] * rows.size[1]
+                if all(g.kind == TRANSPOSED and g.size == rows.size and g.strides == rows.strides and
+                       tuple(shape[1:]) == (positions, g.channels) for g, shape in zip(out_geoms, node.out_shapes)):
+                    return step, [g.with_(kind=ROWS) for g in out_geoms]
+    error = node.fail(f"it is applied to {rows.describe()}, a map's positions as rows (x.flatten(2).transpose(1, "
+                      f"2)); only ops per position along their channels (element-wise ops, Linear, LayerNorm, "
+                      f"softmax, slices and reductions over dim -1) of such rows alone, and a mean, sum, amax or "
+                      f"amin over the rows (dim 1), can follow them: transpose them back first (x.transpose(1, "
+                      f"2)){reason}")
+    error.taints_outputs = True  # (what follows is not judged again: its geometry would be a guess)
+    raise error
+
+
 def _lookup_rule(func):
     """The rule registered for ``func`` (Tensor's Python-level wrappers found by their name)."""
     rule = _RULES.get(func)
@@ -3238,9 +3280,11 @@ def _channel_dim(geom, dim, node):
     shape = tuple(node.in_shapes[0]) if node.in_shapes else ()
     view_by_channel = _view_by_channel(geom, shape)
     rank = 4 if geom.kind in (MAP, TRANSPOSED) else len(shape) if view_by_channel else 2
+    if geom.kind == TRANSPOSED and len(shape) == 3:  # the rows of a map, (N, h*w, C), seen as one (see _on_rows)
+        rank = 3
     d = dim + rank if dim < 0 else dim
     if geom.kind == TRANSPOSED:
-        if d == 3:
+        if d == rank - 1:
             return 3
         raise node.fail(f"it works along dim {dim} of {geom.describe()}, which mixes positions of the patch; only "
                         f"the channel axis (dim -1 of a transposed map) can be made dense")
@@ -3460,6 +3504,18 @@ def _rule_reshape(node, geoms):
     c, (h, w) = geom.channels, geom.size
     if dst == src:
         return _AliasStep(node), [geom]
+    if geom.kind == TRANSPOSED and tuple(dst) == (src[0], h * w, c):  # (N, h, w, C) -> (N, h*w, C): its rows
+        return _AliasStep(node), [geom.with_(kind=ROWS)]
+    if geom.kind == ROWS:
+        if tuple(dst) == (src[0], h, w, c):  # rows.unflatten(1, (h, w)): the transposed map they are the rows of
+            return _AliasStep(node), [geom.with_(kind=TRANSPOSED)]
+        if (geom.size == (1, 1) or c == 1) and dst[:1] == src[:1]:  # (N, 1, C) holds (N, C, 1, 1)'s order,
+            # (N, h*w, 1) (N, 1, h, w)'s: the map's values, transposed back
+            return _PermuteStep(node.in_slots[:1], node.out_slots, _FROM_TRANSPOSED), \
+                [_geom_of_shape(geom.with_(kind=MAP), dst)]
+        raise node.fail(f"it reshapes {geom.describe()} {src} to {dst}: rows hold the channels of one position "
+                        f"each, not the values in (C, h, w) order; transpose them back first (x.transpose(1, 2)), "
+                        f"or unflatten them to (N, h, w, C)")
     if geom.kind == TRANSPOSED:
         if (geom.size == (1, 1) or geom.channels == 1) and dst[:1] == src[:1]:  # (N, 1, 1, C) holds (N, C, 1, 1)'s
             # order, (N, h, w, 1) (N, 1, h, w)'s: the map's values, transposed back
@@ -3553,7 +3609,7 @@ def _rule_einsum(node, geoms):
     if reason is not None:
         raise node.fail(f"{reason}; only an einsum of a map and a (C, K) weight over the channels of every position "
                         f"('nchw,ck->nkhw') can be made dense")
-    return _CallStep(node), [geom.with_(channels=node.out_shapes[0][axis])]
+    return _CallStep(node), [geom.with_(channels=node.out_shapes[0][1 if geom.kind == MAP else -1])]
 
 
 def _pool_params(node, kind):
@@ -3613,6 +3669,37 @@ class _PoolChannelsStep(_PoolStep):
     def run(self, values, net, overwrite=False):
         pooled = super().run(values, net, overwrite)[0]
         return [pooled.mean(1, keepdim=True) if self.kind == "avg" else pooled.sum(1, keepdim=True)]
+
+
+class _PoolRowsStep(_PoolStep):
+    """A global pooling over the rows of a map (``rows.mean(1)``): its dense values (the transposed map's)
+    transposed back, pooled as the map's, and transposed again where the rows' axis is kept (keepdim=True)."""
+
+    def __init__(self, node, kind, size, keep_rows):
+        super().__init__(node, kind, size, (1, 1))
+        self.keep_rows = keep_rows
+
+    def run(self, values, net, overwrite=False):
+        pooled = super().run([values[0].permute(_FROM_TRANSPOSED)], net)[0]
+        return [pooled.permute(_TO_TRANSPOSED) if self.keep_rows else pooled]
+
+
+def _pool_rows(node, kind, rows):
+    """``rows.mean(1)`` (sum, amax, amin; keepdim or not) of the rows of a map (N, h*w, C): the map's global
+    pooling, one row of a 1x1 map, or its (N, C) vector; None where the op reduces over other dims."""
+    names = _REDUCE_SIGNATURES.get(getattr(node.func, "__name__", ""), ["input", "dim", "keepdim"])
+    p = node.bind(names, {"dim": None, "keepdim": False})
+    dims = p["dim"]
+    dims = [] if dims is None else [dims] if isinstance(dims, numbers.Integral) else list(dims)
+    if [d % 3 for d in dims] != [1]:
+        return None
+    if kind is None or p.get("dtype") is not None:
+        raise node.fail(f"over the rows of a map (dim 1: its positions) only mean, sum, amax and amin (without "
+                        f"dtype=) can be made dense, as a global pooling")
+    step = _PoolRowsStep(node, kind, rows.size, bool(p["keepdim"]))
+    step.split_ties = kind in ("max", "min")  # (amax, amin)
+    pooled = rows.with_(size=(1, 1))
+    return step, [pooled if p["keepdim"] else _geom_of_shape(pooled.with_(kind=MAP), node.out_shapes[0])]
 
 
 def _global_pool_step(node, geom, kind, keep_map):
@@ -3691,7 +3778,7 @@ def _make_reduce_rule(kind):
         keepdim = bool(p.pop("keepdim"))
         (h, w), shape = geom.size, tuple(node.in_shapes[0])
         if geom.kind == TRANSPOSED:
-            return _reduce_transposed(node, geom, dims, keepdim)
+            return _reduce_transposed(node, geom, dims, keepdim, p.pop(names[0]), p)
         flattened = geom.kind == VIEW and shape[1:] == (geom.channels, h * w) and [d % 3 for d in dims] == [2] or \
             geom.kind == VIEW and geom.channels == 1 and shape[1:] == (h, w) and sorted(d % 3 for d in dims) == [1, 2]
         # (also the (N, h, w) of one channel, x.amax(1), over its positions: the map's global pooling)
@@ -3738,23 +3825,27 @@ def _make_reduce_rule(kind):
         return (_CallStep(node, args=(first,), kwargs=dict(p, dim=1, keepdim=True)),
                 [_geom_of_shape(geom.with_(channels=1), out) for out in node.out_shapes])  # (torch.max's values,
         # indices)
+    rule.pool_kind = kind  # (over the rows of a map: its global pooling, see _on_rows)
     return _takes_transposed(rule)
 
 
-def _reduce_transposed(node, geom, dims, keepdim):
-    """A reduction (or a statistic) of a transposed map: over its channels (dim -1, keepdim=True) per position,
-    as the recorded call on the dense values; over positions of the patch refused."""
-    if any(d % 4 == 0 for d in dims):
+def _reduce_transposed(node, geom, dims, keepdim, first, kwargs):
+    """A reduction (or a statistic) of a transposed map (or of the rows of a map, see _on_rows): over its
+    channels (dim -1, keepdim=True) per position, as the recorded function on the dense values (``first``, the
+    input, and ``kwargs``, its other arguments but dim and keepdim); over positions of the patch refused."""
+    rank = len(node.in_shapes[0])  # 4; 3 for rows, whose channel axis is the dense values' last one too
+    if any(d % rank == 0 for d in dims):
         raise node.fail("it reduces over the batch of patches")
-    if [d % 4 for d in dims] != [3]:
+    if [d % rank for d in dims] != [rank - 1]:
         pooling = " (a global pooling: transpose back first and reduce over dims (2, 3))" \
-            if sorted(d % 4 for d in dims) == [1, 2] else ""
+            if rank == 4 and sorted(d % 4 for d in dims) == [1, 2] else ""
         raise node.fail(f"it reduces {geom.describe()} over dims {dims}, which mixes positions of the patch; only "
                         f"the channel axis (dim -1 of a transposed map) can be made dense{pooling}")
     if not keepdim:
         raise node.fail(f"it reduces the channels of {geom.describe()} without keepdim=True; CI keeps a transposed "
                         f"map's channel axis: pass keepdim=True (or transpose back first)")
-    return _CallStep(node), [geom.with_(channels=1)] * len(node.out_slots)
+    return _CallStep(node, args=(first,), kwargs=dict(kwargs, dim=-1, keepdim=True)), \
+        [geom.with_(channels=1)] * len(node.out_slots)
 
 
 _REDUCE_LABEL = "reductions over channels (per pixel) or over the whole map (mean, sum, amax, amin: global pooling)"
@@ -3772,7 +3863,8 @@ def _rule_statistic(node, geoms):
     dim = p.pop("dim")
     dims = None if dim is None else ([dim] if isinstance(dim, numbers.Integral) else list(dim))
     if geom.kind == TRANSPOSED and dims is not None:
-        return _reduce_transposed(node, geom, dims, bool(p.get("keepdim", False)))
+        keepdim = bool(p.pop("keepdim", False))
+        return _reduce_transposed(node, geom, dims, keepdim, p.pop("input"), p)
     by_channel = geom.kind == MAP or geom.is_pixel_vector or _view_by_channel(geom, shape)
     if dims is not None and by_channel and [d % len(shape) for d in dims] == [1]:  # over the channels: per pixel
         p.pop("keepdim", None)
@@ -4012,6 +4104,8 @@ def _rule_crop(node, geoms):
     shape = tuple(node.in_shapes[0])
     if geom.kind == TRANSPOSED:
         return _crop_transposed(node, geom, shape)
+    if geom.kind == ROWS:
+        return _crop_rows(node, geom, shape)
     by_channel = _view_by_channel(geom, shape)  # (N, C, h*w), the (N, C, 1) of a 1x1 map: its channels may be sliced
     if not (geom.kind == MAP or geom.is_pixel_vector or by_channel):
         raise node.fail(f"it slices {geom.describe()}; flatten after cropping, not before")
@@ -4059,6 +4153,25 @@ def _crop_transposed(node, geom, shape):
                         f"its values out of (C, h, w) order; slice them (i:i+1) or transpose it back first")
     step = _CropStep(node, bounds[3], a, h - b, c, w - d, transposed=True, back=True)
     return step, [_geom_of_shape(cropped.with_(kind=MAP), node.out_shapes[0])]
+
+
+def _crop_rows(node, geom, shape):
+    """A constant slice of the channels of the rows of a map, rows[..., c0:c1] (or narrow(-1, ...)): the same
+    channels of the dense values (the transposed map's); slices of the rows (positions of the patch), and integer
+    indices that drop the channel axis, refused."""
+    bounds = _slices_of(node, 3, channel_dim=2)
+    if bounds[0] != (0, shape[0]):
+        raise node.fail("it slices the batch of patches")
+    if bounds[1] != (0, shape[1]):
+        raise node.fail(f"it slices {geom.describe()} along dim 1, the positions of the patch; crop the (N, C, h, w) "
+                        f"map before making rows of it (the channels alone, rows[..., a:b], can be sliced here)")
+    taken = len(range(*bounds[2]))
+    if taken < 1:
+        raise node.fail("the slice is empty")
+    if len(node.out_shapes[0]) != 3:
+        raise node.fail(f"it indexes the channels of {geom.describe()} with an integer, which drops their axis; "
+                        f"slice them (rows[..., c:c + 1])")
+    return _CropStep(node, bounds[2], 0, 0, 0, 0, transposed=True), [geom.with_(channels=taken)]
 
 
 @_takes_transposed
@@ -4154,6 +4267,18 @@ def _rule_transpose(node, geoms):
     moved = node.func(index, *node.args[1:], **node.kwargs)
     if torch.equal(moved, index):  # nothing moves (axes of size 1 swapped): the value as it is
         return _AliasStep(node), [geom]
+    if len(shape) == 3 and torch.equal(moved, index.transpose(1, 2)):
+        if geom.kind == ROWS:  # rows back to (N, C, h*w), a view of the map
+            return _PermuteStep(node.in_slots[:1], node.out_slots, _FROM_TRANSPOSED), \
+                [_geom_of_shape(geom.with_(kind=MAP), node.out_shapes[0])]
+        if _view_by_channel(geom, shape) and not geom.guessed:  # (N, C, h*w) -> (N, h*w, C): the map's rows
+            return _PermuteStep(node.in_slots[:1], node.out_slots, _TO_TRANSPOSED), [geom.with_(kind=ROWS)]
+    if geom.kind == ROWS:
+        error = node.fail(f"it transposes {geom.describe()} (dims {dims}), which moves the rows (positions of the "
+                          f"patch: attention over them mixes them) or their channels elsewhere; rows of a map can "
+                          f"only be transposed back to (N, C, h*w) (x.transpose(1, 2))")
+        error.taints_outputs = True
+        raise error
     if len(shape) == 4 and geom.kind in _AXES_OF:
         for kind, axes in _AXES_OF.items():  # (a 1x1 map too: the step transposes the dense values)
             order = tuple(_AXES_OF[geom.kind].index(a) for a in axes)
@@ -4896,6 +5021,8 @@ def _apply_rules(nodes, geoms):
                                 f"follow one: transpose it back first (x.permute(0, 3, 1, 2))")
             if any(g.kind == SWAPPED for g in in_geoms) and rule is not _rule_transpose:
                 step, out_geoms = _on_swapped(node, rule, in_geoms)
+            elif any(g.kind == ROWS for g in in_geoms) and rule not in (_rule_transpose, _rule_reshape, _rule_crop):
+                step, out_geoms = _on_rows(node, rule, in_geoms)
             else:
                 step, out_geoms = rule(node, in_geoms)
         except ConversionError as exc:
@@ -4907,7 +5034,7 @@ def _apply_rules(nodes, geoms):
                 geoms[s] = _guessed_geom(shape, in_geoms, _MAP_LAYOUT)
                 if all(i in tainted for i in node.in_slots) or len(shape) != 4 or \
                         getattr(exc, "taints_outputs", False) or \
-                        len({g.kind in (TRANSPOSED, SWAPPED) for g in in_geoms}) > 1:  # a statistic; a transposed
+                        len({g.kind in (TRANSPOSED, SWAPPED, ROWS) for g in in_geoms}) > 1:  # a statistic; a transposed
                     # map; a map and a transposed map combined
                     tainted.add(s)
             continue

@@ -2217,6 +2217,111 @@ def test_maps_with_their_positions_transposed_carry_ops_per_position(tb, kb):
     _keras_check(kb, keras.Model(inp, L.Flatten()(L.Conv2D(3, 1)(L.Permute((2, 3, 1))(t)))), (5, 5), 2, size=(9, 7))
 
 
+def test_rows_of_a_map_carry_ops_per_position(tb, kb):
+    """The rows of a map, (N, h*w, C), one per position (tokens: PyTorch x.flatten(2).transpose(1, 2) of a map, or
+    x.permute(0, 2, 3, 1).flatten(1, 2); Keras a Reshape((h*w, C)), which it had) carry ops per position along their
+    channels (Linear / Dense, LayerNorm, GELU, softmax, channel slices, concatenation, reductions over dim -1) and a
+    mean / amax over the rows (a global pooling) until transposed back or unflattened: CI equals Cp on every patch
+    (odd and even patches, images not multiples of the stride, batches of 2, tiles, a step, reflected borders,
+    gradients), and PyTorch equals Keras with the same weights.  PyTorch refused them all before ("it transposes a
+    reshaped map").  Ops across positions (attention, a position embedding, a class token, slices of the rows) are
+    refused by name."""
+    import keras
+    import tensorflow as tf
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    torch.manual_seed(5)
+
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.norm, self.fc, self.last = nn.Conv2d(2, 6, 3), nn.LayerNorm(6), nn.Linear(6, 6), \
+                nn.Linear(6, 4)
+
+        def forward(self, x):
+            y = F.max_pool2d(self.embed(x), 2)
+            t = y.flatten(2).transpose(1, 2)  # (N, h*w, C)
+            t = t + self.fc(F.gelu(self.norm(t), approximate="tanh"))
+            t = torch.softmax(t, -1) * t[..., 1:].sum(-1, keepdim=True) + t.amax(2, keepdim=True)
+            z = torch.cat([t, y.permute(0, 2, 3, 1).flatten(1, 2).tanh()], 2)[..., ::2]  # (rows of a transposed map)
+            z = z.transpose(1, 2).unflatten(2, y.shape[2:])  # back to a map
+            return self.last((F.max_pool2d(z, 2).amax((2, 3)) + t.mean(1)).tanh())
+
+    for patch in ((8, 8), (9, 8), (10, 11)):
+        _torch_check(tb, Rows(), patch, 2, size=(13, 11))
+    net = Rows().double().eval()
+    images = torch.from_numpy(netspec.random_images(2, 2, 15, 13, seed=5).transpose(0, 3, 1, 2)).requires_grad_()
+    for options in ({"tile": (8, 8)}, {"output_stride": (3, 2)}, {"border": "reflect"}):
+        ci = tb.FDFE.convert(net, (9, 8), in_channels=2, **options)
+        reference = {k: v for k, v in options.items() if k != "tile"}
+        with torch.no_grad():
+            assert max_rel_error(ci(images), tb.FDFE.dense_reference(net, images, (9, 8), **reference)) \
+                <= TOL["float64"]
+    grad, = torch.autograd.grad(tb.FDFE.convert(net, (9, 8), in_channels=2)(images).square().sum(), images)
+    expected, = torch.autograd.grad(tb.FDFE.dense_reference(net, images, (9, 8), differentiable=True).square().sum(),
+                                    images)
+    assert max_rel_error(grad, expected) <= TOL["float64"]
+
+    class Einsum(nn.Module):  # over the channels of every row (it failed with an IndexError at first)
+        def __init__(self):
+            super().__init__()
+            self.embed, self.weight = nn.Conv2d(2, 4, 3, stride=2), nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, x):
+            t = self.embed(x).flatten(2).transpose(1, 2)
+            return torch.einsum("...c,ck->...k", t, self.weight).amax(1) + torch.einsum("...lc,kc->...lk", t,
+                                                                                       self.weight.T).mean(1)
+
+    _torch_check(tb, Einsum(), (8, 9), 2, size=(13, 11))
+
+    class Across(nn.Module):  # ops that mix the rows (positions of the patch)
+        def __init__(self, op):
+            super().__init__()
+            self.embed, self.op = nn.Conv2d(2, 4, 3, stride=2), op
+            self.pos, self.cls = nn.Parameter(torch.randn(1, 9, 4)), nn.Parameter(torch.randn(1, 1, 4))
+
+        def forward(self, x):
+            return self.op(self, self.embed(x).flatten(2).transpose(1, 2))
+
+    refused = {"Tensor.matmul": lambda m, t: (t @ t.transpose(1, 2)).mean((1, 2))[:, None],
+               "Tensor.add": lambda m, t: (t + m.pos).mean(1),  # a position embedding
+               "torch.cat": lambda m, t: torch.cat([m.cls.expand(t.shape[0], -1, -1), t], 1).mean(1),
+               "Tensor.__getitem__": lambda m, t: t[:, 1:].mean(1),
+               "Tensor.softmax": lambda m, t: t.softmax(1).sum(1),
+               "Tensor.flatten": lambda m, t: t.flatten(1)}
+    for name, op in refused.items():
+        with pytest.raises(tb.FDFE.ConversionError, match=rf"{name} cannot be made dense exactly: .*the rows of a "
+                           r"3x3 map \(9x4, one per position\)"):
+            tb.FDFE.convert(Across(op), (7, 7), in_channels=2)
+
+    L = keras.layers  # the same net in Keras, with the same weights: PyTorch equals Keras on every pixel
+    net = Rows().float().eval()
+    inp = keras.Input((9, 8, 2))
+    y = L.MaxPooling2D(2)(L.Conv2D(6, 3, name="embed")(inp))
+    t = L.Reshape((-1, 6))(y)
+    t = L.Add()([t, L.Dense(6, name="fc")(L.Activation(lambda v: keras.activations.gelu(v, approximate=True))(
+        L.LayerNormalization(epsilon=1e-5, name="norm")(t)))])
+    t = L.Lambda(lambda v: keras.ops.softmax(v, -1) * keras.ops.sum(v[..., 1:], -1, keepdims=True)
+                 + keras.ops.max(v, -1, keepdims=True))(t)
+    z = L.Lambda(lambda v: keras.ops.concatenate([v[0], keras.ops.tanh(v[1])], -1)[..., ::2])(
+        [t, L.Reshape((-1, 6))(y)])
+    z = L.GlobalMaxPooling2D()(L.MaxPooling2D(2)(L.Reshape((3, 3, 6))(z)))
+    out = L.Dense(4, name="last")(L.Activation("tanh")(L.Add()([z, L.GlobalAveragePooling1D()(t)])))
+    model = keras.Model(inp, out)
+    model.get_layer("embed").set_weights([net.embed.weight.detach().numpy().transpose(2, 3, 1, 0),
+                                          net.embed.bias.detach().numpy()])
+    for layer in ("norm", "fc", "last"):
+        weights = [p.detach().numpy() for p in getattr(net, layer).parameters()]
+        model.get_layer(layer).set_weights([weights[0].T if layer != "norm" else weights[0], weights[1]])
+    _keras_check(kb, model, (9, 8), 2, size=(13, 11))
+    image = netspec.random_images(2, 2, 13, 11, seed=6)
+    with torch.no_grad():
+        t_out = tb.FDFE.convert(net, (9, 8), in_channels=2)(torch.from_numpy(image.transpose(0, 3, 1, 2)))
+    k_out = kb.FDFE.convert(model, (9, 8))(tf.constant(image))
+    assert max_rel_error(t_out.numpy().transpose(0, 2, 3, 1), k_out) <= 10 * TOL["float32"]
+
+
 def test_einsum_over_the_channels_of_every_position(tb, kb):
     """An einsum of a map and a (C, K) weight that contracts the channels and keeps the other axes in their order
     ("nchw,ck->nkhw", any letters, either operand first, the weight either way round; of a transposed map

@@ -133,7 +133,8 @@ def test_torch_refuses_ops_that_mix_positions(tb):
                    r"positions first, a global pooling \(x\.amin\(\(2, 3\)\)\)",  # (was "per-patch normalisation")
                    forward=lambda self, x: self.layers[0](x).amin((1, 2, 3))[:, None])
     _torch_refusal(tb, [nn.Conv2d(1, 4, 2), nn.MultiheadAttention(4, 2, batch_first=True)], 5,  # (not is_nested)
-                   r"Tensor\.transpose cannot be made dense exactly: it transposes a reshaped 4x4x4 map",
+                   r"Tensor\.transpose cannot be made dense exactly: it transposes the rows of a 4x4 map \(16x4, one "
+                   r"per position\) \(dims \[1, 0\]\), which moves the rows \(positions of the patch: attention",
                    forward=lambda self, x: (lambda t: self.layers[1](t, t, t)[0].mean(1))(
                        self.layers[0](x).flatten(2).transpose(1, 2)))
     _torch_refusal(tb, [nn.Linear(2, 3).double(), nn.Conv2d(1, 2, 5)], 5,  # (a float64 head declared first)

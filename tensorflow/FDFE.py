@@ -388,8 +388,11 @@ _MIXED_LAYOUT_REASON = ("one holds the channels of every position where a transp
 #: transpose back may use it.  SWAPPED: the map as (w, h, channels), its channels last and its positions
 #: transposed (PyTorch: ``x.transpose(1, 3)`` of a map; Keras: what a softmax along axis 1 makes of a transposed
 #: map inside); the dense tensor is transposed the same way, and only ops per position along the channels and the
-#: transposes back may use it.
-MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED = "map", "vector", "view", "transposed", "swapped"
+#: transposes back may use it.  ROWS: the map as one row of channels per position, (N, h*w, channels) (PyTorch:
+#: ``x.flatten(2).transpose(1, 2)`` of a map, tokens; Keras holds such rows as a VIEW, its maps having their
+#: channels last); the dense tensor is the transposed map's, and only ops per position along the channels, pooling
+#: over the rows and the transposes back may use it.
+MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED, ROWS = "map", "vector", "view", "transposed", "swapped", "rows"
 
 
 class _Geom:
@@ -398,7 +401,7 @@ class _Geom:
     __slots__ = ("kind", "channels", "size", "strides", "guessed")
 
     def __init__(self, kind, channels, size, strides=(), guessed=False):
-        if kind not in (MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED):
+        if kind not in (MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED, ROWS):
             raise ValueError(f"unknown geometry kind {kind!r}")
         self.kind, self.channels, self.size = kind, int(channels), (int(size[0]), int(size[1]))
         self.strides = tuple((int(s[0]), int(s[1])) for s in strides)
@@ -431,6 +434,8 @@ class _Geom:
             return f"a transposed map ({h}x{w}x{c})" if _MAP_LAYOUT == "CHW" else f"a transposed map ({c}x{h}x{w})"
         if self.kind == SWAPPED:
             return f"a map with its positions transposed ({w}x{h}x{c})"
+        if self.kind == ROWS:
+            return f"the rows of a {h}x{w} map ({h * w}x{c}, one per position)"
         return {MAP: f"a {what}", VECTOR: f"a flattened {what}"}.get(self.kind, f"a reshaped {what}")
 
     def __repr__(self):
@@ -445,7 +450,7 @@ def _same_grid(op, geoms):
             reason = _MIXED_GRID_REASON
             if first.strides != g.strides and not (first.is_pixel_vector or g.is_pixel_vector):
                 reason = _MIXED_STRIDES_REASON
-            elif {first.kind, g.kind} & {TRANSPOSED, SWAPPED} and first.kind != g.kind:
+            elif {first.kind, g.kind} & {TRANSPOSED, SWAPPED, ROWS} and first.kind != g.kind:
                 reason = _MIXED_LAYOUT_REASON
             raise op.fail(f"it combines {first.describe()} with {g.describe()} (strides {list(first.strides)} "
                           f"vs {list(g.strides)}); {reason}")
@@ -613,6 +618,10 @@ def _guessed_geom(shape, geoms, layout):
     if len(shape) == 4:
         channels, size = (shape[1], shape[2:]) if layout == "CHW" else (shape[3], shape[1:3])
         return _Geom(MAP, channels, size, strides, guessed=True)
+    rows = next((g for g in geoms if g.kind == ROWS), None)
+    if len(shape) == 3 and rows is not None:  # (still rows of positions, (N, h*w, C): their transpose back is no
+        size = rows.size if rows.size[0] * rows.size[1] == shape[1] else (shape[1], 1)  # problem)
+        return _Geom(ROWS, shape[2], size, strides, guessed=True)
     if len(shape) == 3:  # rows of positions: (N, C, h*w), Keras (N, h*w, C)
         channels, positions = (shape[1], shape[2]) if layout == "CHW" else (shape[2], shape[1])
         return _Geom(VIEW, channels, (positions, 1), strides, guessed=True)
