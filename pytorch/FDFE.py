@@ -3099,8 +3099,9 @@ class _PoolStep(_Step):
         # no shifts to compute: none that an output uses (output_stride), or stride 1 in naive mode (the global
         # kinds "sum" and "min" among them, which multi_pool does not take)
         if net._without_shifts(self) or (net.naive and self.stride == (1, 1)):
-            return [_pool(values[0], self.kind, self.kernel, self.stride, self.dilation, self.norm_type,
-                          self.divisor_override)]
+            pooled = _pool(values[0], self.kind, self.kernel, self.stride, self.dilation, self.norm_type,
+                           self.divisor_override)
+            return [_first_shift(pooled, values[0], self.kernel, self.dilation, self.stride)]
         if not net.naive:  # one stride-1 pooling as in multi_pool, in the input's memory where the plan allows it
             pooled = _pool(values[0], self.kind, self.kernel, (1, 1), self.dilation, self.norm_type,
                            self.divisor_override, overwrite)
@@ -3109,6 +3110,16 @@ class _PoolStep(_Step):
             return [space_to_batch(pooled, self.stride)]
         return [multi_pool(values[0], self.kind, self.kernel, self.stride, self.dilation, net.naive,
                            self.norm_type, self.divisor_override)]
+
+
+def _first_shift(y, x, kernel, dilation, stride):
+    """``y``, a strided layer's output on ``x`` run without its shifts (output_stride), as multipooling's first
+    shift holds it: L // s positions per axis, L the size of its stride-1 output.  A plain strided layer gives
+    ceil(L / s), one more where s does not divide L, which streams cropped differently before the layer would
+    then not share (x[:, :, 1:, 1:] into a shortcut): their sizes would differ."""
+    rows = (x.shape[2] - dilation[0] * (kernel[0] - 1)) // stride[0]
+    cols = (x.shape[3] - dilation[1] * (kernel[1] - 1)) // stride[1]
+    return y[:, :, :rows, :cols]
 
 
 class _ConvStep(_Step):
@@ -3137,7 +3148,8 @@ class _ConvStep(_Step):
     def run(self, values, net, overwrite=False):
         weight, bias = self.weights(net)
         if net._without_shifts(self):
-            return [F.conv2d(values[0], weight, bias, self.stride, 0, self.dilation, self.groups)]
+            return [_first_shift(F.conv2d(values[0], weight, bias, self.stride, 0, self.dilation, self.groups),
+                                 values[0], weight.shape[2:], self.dilation, self.stride)]
         if net._shifts_in_place(self):  # only per-pixel steps follow: all shifts at once, left in place
             return [F.conv2d(values[0], weight, bias, 1, 0, self.dilation, self.groups)]
         return [multi_conv(values[0], weight, bias, self.stride, self.dilation, self.groups, net.naive)]

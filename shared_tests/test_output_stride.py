@@ -99,3 +99,35 @@ def test_output_stride_with_two_streams_and_borders(tb, kb):
     k_images = tf.constant(images.numpy().transpose(0, 2, 3, 1))
     assert max_rel_error(k_ci(k_images), kb.FDFE.dense_reference(k_net, k_images, 64, output_stride=(3, 2),
                                                                  border="replicate")) <= TOL["float32"]
+
+
+def test_torch_output_stride_with_streams_cropped_before_a_strided_layer(tb):
+    """A shortcut aligned by a crop before its strided 1x1 convolution (x[:, :, 1:, 1:], as valid ResNet blocks
+    write it) converts at every output stride: a strided layer run without its shifts keeps L // s positions, as
+    multipooling's first shift does (it gave ceil(L / s), and the add of the two streams failed with a size
+    mismatch inside convert's self-check, at every image size)."""
+    import torch
+    import torch.nn as nn
+    torch.manual_seed(4)
+
+    class Shortcut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.main, self.short = nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(3, 4, 1, stride=2)
+            self.pool, self.fc = nn.MaxPool2d(2), nn.Linear(4 * 3 * 3, 5)
+
+        def forward(self, x):
+            m = self.main(x)
+            s = self.short(x[:, :, 1:, 1:])[:, :, :m.shape[2], :m.shape[3]]
+            return self.fc(self.pool(torch.relu(m + s)).flatten(1))
+
+    net = Shortcut().double().eval()
+    for size in ((17, 13), (16, 16), (3, 2)):
+        images = torch.from_numpy(netspec.random_images(2, 3, *size, seed=size[0]).transpose(0, 3, 1, 2))
+        for step in (2, 4, 3, (2, 4)):
+            for options in ({}, {"tile": (8, 8)}, {"border": "replicate"}):
+                ci = tb.FDFE.convert(net, (15, 16), output_stride=step, **options)
+                reference = tb.FDFE.dense_reference(net, images, (15, 16), output_stride=step,
+                                                    **{k: v for k, v in options.items() if k != "tile"})
+                with torch.no_grad():
+                    assert max_rel_error(ci(images), reference) <= TOL["float64"], (size, step, options)
