@@ -4513,6 +4513,7 @@ class DenseFeatureNet(nn.Module):
                  expressions=(), captured=(), settings=None, expression_no_grad=(), gradient_hazards=(), read=()):
         super().__init__()
         self.base_net = base_net
+        self.training = base_net.training  # (CI's own mode: Cp's, at convert; see train)
         self.patch_size = _pair(patch_size, "patch_size")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.strides = [tuple(s) for s in strides]
@@ -4542,6 +4543,25 @@ class DenseFeatureNet(nn.Module):
         self._settings_read = dict(settings or {})  # module name -> the attributes compared (_compared_settings)
         self._read = frozenset(read)  # the names of Cp's parameters and buffers CI reads
         self._structure = _module_structure(base_net, captured, self._settings_read, self._read)  # (_check_structure)
+
+    def train(self, mode: bool = True):
+        """Set CI's own mode (``ci.training``); Cp's modules keep theirs.
+
+        CI computes Cp's inference whatever either mode (dropout off, batch-norm running statistics: see Train
+        densely), and Cp is the user's network, which CI shares: ``torch.onnx.export(ci, ...)`` switches CI to
+        eval and back, which through nn.Module's ``train`` would have left Cp (batch norm, dropout) in CI's
+        mode.  Set Cp's mode on Cp (``cp.eval()``).
+
+        Returns:
+            CI.
+        """
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self.training = mode
+        for child in self.children():
+            if child is not self.base_net:
+                child.train(mode)
+        return self
 
     def _check_structure(self):
         """Refuses to run where Cp's modules changed after convert in a way the traced ops do not follow

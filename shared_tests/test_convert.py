@@ -474,10 +474,11 @@ def test_torch_instance_norm_with_running_statistics_is_per_channel(tb):
         tb.FDFE.convert(nn.Sequential(nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4), nn.Conv2d(4, 3, 4)), 6)
 
 
-def test_torch_convert_keeps_training_flags_and_shares_weights(tb):
+def test_torch_convert_keeps_training_flags_and_shares_weights(tb, tmp_path):
     """convert() restores each of Cp's training flags as the user set them and shares Cp's weights; CI runs
     in inference mode whatever the flags say (dropout off, batch norm with its running statistics, which
-    it never updates)."""
+    it never updates); ci.train() / ci.eval() set CI's own flag alone, so that exporters, which switch CI to
+    eval and back, leave Cp's mode as it was."""
     import torch
     import torch.nn as nn
     net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Dropout(0.5), nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3)).train()
@@ -496,12 +497,18 @@ def test_torch_convert_keeps_training_flags_and_shares_weights(tb):
     assert not torch.allclose(before, after)
     net.eval()
     assert max_rel_error(after, tb.FDFE.dense_reference(net, images, 5)) <= TOL["float32"]
-    ci.train()
-    assert all(m.training for m in ci.modules()), "ci.train() did not reach Cp's dropout and batch norm"
+    ci.train()  # CI's own mode: Cp's modules keep theirs (an exporter switching CI to eval and back left Cp in
+    assert ci.training and not any(m.training for m in net.modules())  # CI's mode, batch norm and dropout on)
+    net.train()
     state = {k: v.clone() for k, v in net.state_dict().items()}
     with torch.no_grad():
         assert torch.equal(ci(images), after), "dropout or batch statistics leaked into CI"
     assert all(m.training for m in ci.modules()), "running CI changed the training flags"
+    net.eval()
+    ci.train()
+    torch.onnx.export(ci, (images,), str(tmp_path / "ci.onnx"), dynamo=False)  # eval, then CI's mode back
+    assert ci.training and not any(m.training for m in net.modules()), "exporting CI changed Cp's mode"
+    assert not tb.FDFE.convert(net, 5).training  # (CI's mode starts as Cp's)
     for k, v in net.state_dict().items():
         assert torch.equal(v, state[k]), f"CI in training mode updated {k}"
 
