@@ -4710,13 +4710,24 @@ class DenseFeatureNet(nn.Module):
     def _refuse_gradient(self, grad):
         raise RuntimeError(self._hazard_message())
 
+    def _check_images(self, images, dtype=None):
+        """:func:`check_images` against CI's channels, saying where convert inferred them."""
+        try:
+            return check_images(images, self.in_channels, dtype=dtype)
+        except ValueError as exc:
+            if not getattr(self, "_in_channels_inferred", False) or "channels but the network expects" not in str(exc):
+                raise
+            raise ValueError(f"{exc}; convert inferred in_channels={self.in_channels} from Cp's first layer with "
+                             f"in_channels: if Cp takes {images.shape[1]}-channel images (converting them itself), "
+                             f"convert with in_channels={images.shape[1]}") from None
+
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` without the checks of Cp's structure and gradients."""
         if not _recording_graph() and isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:
             # an empty batch, as Cp: Cp's own result on no patches (its dtype, and its gradient path), per pixel
             if min(images.shape[1:]) < 1:
                 raise ValueError(f"images must not be empty, got shape {tuple(images.shape)}")
-            check_images(images.new_empty((1,) + tuple(images.shape[1:]), device="meta"), self.in_channels)
+            self._check_images(images.new_empty((1,) + tuple(images.shape[1:]), device="meta"))
             patches = images[:, :, :1, :1].expand((0, self.in_channels) + self.patch_size)  # no patches, from images
             patches = patches.to(_compute_dtype(self.base_net) or patches.dtype)
             with _EvalMode(self.base_net):
@@ -4724,7 +4735,7 @@ class DenseFeatureNet(nn.Module):
             (sy, sx), (height, width) = self.output_stride, images.shape[2:]
             return vectors.reshape(0, self.out_channels, 1, 1).expand(0, self.out_channels, _ceil_div(height, sy),
                                                                       _ceil_div(width, sx))
-        images = check_images(images, self.in_channels, dtype=_compute_dtype(self.base_net))
+        images = self._check_images(images, dtype=_compute_dtype(self.base_net))
         height, width = images.shape[-2:]
         out_format = torch.channels_last if _is_channels_last(images) else torch.contiguous_format
         multiple = _lcm_pair(self.stride_product, self.output_stride)
@@ -5192,7 +5203,9 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
             return base_net(example)
     reads.record(run, lambda a, b: isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
                  and bool(torch.eq(a, b).logical_or(a.isnan() & b.isnan()).all()))
-    return _convert_traced(base_net, (ph, pw), int(in_channels), guessed, dict(options, reads=reads))
+    ci = _convert_traced(base_net, (ph, pw), int(in_channels), guessed, dict(options, reads=reads))
+    ci._in_channels_inferred = guessed  # (for the message where images have other channels: _check_images)
+    return ci
 
 
 def _convert_traced(base_net, patch_size, in_channels, guessed, options):

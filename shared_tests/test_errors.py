@@ -357,6 +357,24 @@ def test_an_inferred_channel_count_that_fails_says_so(tb, kb):
         tb.FDFE.convert(Net(), 5)
     tb.FDFE.convert(Net(), 5, in_channels=1)
 
+    class Grey(nn.Module):  # RGB made grey inside Cp: convert infers 1 channel, and CI says so when given 3
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3)
+
+        def forward(self, x):
+            return self.conv(x.mean(1, keepdim=True)).flatten(1)
+    images = torch.randn(2, 3, 6, 7)
+    with pytest.raises(ValueError, match=r"images has 3 channels but the network expects 1 .*; convert inferred "
+                                         r"in_channels=1 from Cp's first layer .* convert with in_channels=3"):
+        tb.FDFE.convert(Grey(), 3)(images)
+    with pytest.raises(ValueError, match=r"expects 1 \(layout is \(N, C, H, W\)\)$"):  # (given: no hint)
+        tb.FDFE.convert(Grey(), 3, in_channels=1)(images)
+    grey = Grey()
+    with torch.no_grad():
+        assert max_rel_error(tb.FDFE.convert(grey, 3, in_channels=3)(images),
+                             tb.FDFE.dense_reference(grey, images, 3)) <= TOL["float32"]
+
     class KerasNet(keras.Model):
         def __init__(self):
             super().__init__()
