@@ -588,7 +588,7 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
                    r"and reduce over dims \(2, 3\)\)", forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1)
                    .amax((1, 2)))
     _torch_refusal(tb, [nn.Conv2d(1, 3, 3)], 5, r"^[^\n]*Tensor\.add" + after + r"it combines a 3x3x3 map with a "
-                   r"transposed map \(3x3x3\) \(strides \[\] vs \[\]\); one holds the channels of every position "
+                   r"transposed map \(3x3x3\); one holds the channels of every position "
                    r"where a transpose moved them and the other does not[^\n]*$",
                    forward=lambda self, x: (lambda m: m + m.permute(0, 2, 3, 1))(self.layers[0](x)).flatten(1))
     _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.matmul" + after + r"it multiplies a 4x3x3 map by a "

@@ -356,8 +356,10 @@ def _progress(total: int, desc: str, enabled: Optional[bool]):
 
 # --- why a layer cannot be made dense exactly (used by the rules and the hand-wired blocks) ----
 
-_PADDING_REASON = ("inside Cp the padded border depends on where the patch ends, so a pixel near the "
-                   "patch border sees zeros in Cp but real neighbours in a whole image; CI cannot be exact. "
+_PADDING_REASON = ("inside Cp the padded border depends on where the patch ends, so a window near the "
+                   "patch border reads padding in Cp (zeros, values mirrored or repeated from the patch, or none "
+                   "at all for max pooling, whose padded cells never win) but real neighbours in a whole image; "
+                   "CI cannot be exact. "
                    "Use unpadded layers (padding=0 in PyTorch, padding='valid' in Keras), or use "
                    "dense_reference() for this net")
 _PER_PATCH_REASON = ("every patch is normalised with its own statistics, so the features of a pixel differ "
@@ -452,8 +454,8 @@ def _same_grid(op, geoms):
                 reason = _MIXED_STRIDES_REASON
             elif {first.kind, g.kind} & {TRANSPOSED, SWAPPED, ROWS} and first.kind != g.kind:
                 reason = _MIXED_LAYOUT_REASON
-            raise op.fail(f"it combines {first.describe()} with {g.describe()} (strides {list(first.strides)} "
-                          f"vs {list(g.strides)}); {reason}")
+            strides = f" (strides {list(first.strides)} vs {list(g.strides)})" if first.strides != g.strides else ""
+            raise op.fail(f"it combines {first.describe()} with {g.describe()}{strides}; {reason}")
     return first
 
 
@@ -582,11 +584,10 @@ def supported_layers() -> Dict[str, List[str]]:
 
 
 def _unsupported_message(subject, what):
-    """``subject`` (the op or layer, with where it is) is not supported: say so, and what is."""
-    supported = "; ".join(f"{label}: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
-                          for label, names in supported_layers().items() if not label.startswith("refused"))
-    return (f"{subject} is not supported by convert() (unknown {what}). Supported kinds -- "
-            f"{supported}. FDFE.supported_layers() lists them all")
+    """``subject`` (the op or layer, with where it is) is not supported: say so, and where the supported ones are
+    listed (the list itself, thousands of characters, made every such error unreadable)."""
+    return (f"{subject} is not supported by convert() (unknown {what}): no rule makes it dense. "
+            f"FDFE.supported_layers() lists the supported ones by kind, as the README's Supported layers does")
 
 
 def _all_problems(problems):
