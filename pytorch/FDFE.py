@@ -4058,9 +4058,10 @@ class _CropStep(_Step):
         return [x[:, channels, self.top:x.shape[2] - self.bottom, self.left:x.shape[3] - self.right]]
 
 
-def _slices_of(node, rank, channel_dim=1):
+def _slices_of(node, rank, channel_dim=1, position_steps=False):
     """The (start, stop) per axis of a constant slice or narrow, or the op's ConversionError; the channel axis
-    (``channel_dim``), which may be sliced with a step, gets (start, stop, step)."""
+    (``channel_dim``), which may be sliced with a step, gets (start, stop, step), and so do the other axes where
+    ``position_steps`` allows a step there (stop just after the last element taken)."""
     shape = node.in_shapes[0]
     bounds = [(0, n) for n in shape]
     if node.name.endswith("narrow"):
@@ -4095,6 +4096,9 @@ def _slices_of(node, rank, channel_dim=1):
         if d == channel_dim and taken > 1:  # channels: a step keeps the same channels of every pixel
             bounds[d] = (start, start + (taken - 1) * step + 1, step)
             continue
+        if step != 1 and taken > 1 and position_steps:  # (x[:, :, ::2]: a subsampling, see _rule_crop)
+            bounds[d] = (start, start + (taken - 1) * step + 1, step)
+            continue
         if step != 1 and taken > 1:  # (a step that keeps one element is a crop to it, as in Keras)
             raise node.fail(f"it slices axis {d} with step {step}; only contiguous slices of positions can be "
                             f"made dense")
@@ -4125,7 +4129,7 @@ def _rule_crop(node, geoms):
     rank = 4 if geom.kind == MAP else len(shape) if by_channel else 2
     if len(shape) != rank:
         raise node.fail(f"its input has shape {node.in_shapes[0]}")
-    bounds = _slices_of(node, rank)
+    bounds = _slices_of(node, rank, position_steps=rank == 4 and not by_channel)
     if bounds[0] != (0, shape[0]):
         raise node.fail("it slices the batch of patches")
     taken = len(range(*bounds[1]))  # channels
@@ -4137,13 +4141,62 @@ def _rule_crop(node, geoms):
     if rank == 2 or by_channel:
         cropped = geom.with_(channels=taken)
         return _CropStep(node, bounds[1], 0, 0, 0, 0), [_geom_of_shape(cropped, node.out_shapes[0])]
-    (a, b), (c, d) = bounds[2], bounds[3]
+    (a, b, sh), (c, d, sw) = (tuple(bounds[2]) + (1,))[:3], (tuple(bounds[3]) + (1,))[:3]
     h, w = geom.size
     if b - a < 1 or d - c < 1:
         raise node.fail("the slice is empty")
+    if (sh, sw) != (1, 1):  # x[:, :, a:b:sh, c:d:sw] (YOLOv5's Focus): the crop, subsampled
+        step = _SubsampleStep(node, bounds[1], (a, h - b, c, w - d), (sh, sw))
+        size = (len(range(0, b - a, sh)), len(range(0, d - c, sw)))
+        return step, [_geom_of_shape(geom.with_(channels=taken, size=size, stride=(sh, sw)), node.out_shapes[0])]
     step = _CropStep(node, bounds[1], a, h - b, c, w - d)
     # (integer indices, x[:, :, i, j], drop axes: the same values, reshaped)
     return step, [_geom_of_shape(geom.with_(channels=taken, size=(b - a, d - c)), node.out_shapes[0])]
+
+
+class _SubsampleStep(_PoolStep):
+    """A slice of positions with a step, x[:, :, a:b:sh, c:d:sw]: the crop (and the channels sliced), then
+    multipooling of 1x1 windows at stride (sh, sw), whose shifts each keep every s-th position from their own
+    offset: a strided layer like any other (output_stride, shifts left in place at the end)."""
+
+    def __init__(self, node, channels, crop, stride):
+        super().__init__(node, "avg", (1, 1), stride)
+        self.crop = _CropStep(node, channels, *crop)
+        self.label = f"subsample(channels={channels}, crop={crop}, stride={stride})"
+
+    def run(self, values, net, overwrite=False):
+        return super().run(self.crop.run(values, net), net)
+
+
+class _PixelUnshuffleStep(_PoolStep):
+    """``F.pixel_unshuffle(x, r)`` (nn.PixelUnshuffle, space to depth): the r*r subsamplings x[:, :, i::r, j::r]
+    of the map (see _SubsampleStep: each crop keeps rows i .. h-r+i, so that all have one size), interleaved as
+    channels c*r*r + i*r + j."""
+
+    def __init__(self, node, factor, size):
+        super().__init__(node, "avg", (1, 1), (factor, factor))
+        (h, w), r = size, factor
+        self.crops = [_CropStep(node, (0, None, 1), i, r - 1 - i, j, r - 1 - j) for i in range(r) for j in range(r)]
+        self.label = f"pixel_unshuffle({factor})"
+
+    def run(self, values, net, overwrite=False):
+        parts = [super(_PixelUnshuffleStep, self).run(crop.run(values, net), net)[0] for crop in self.crops]
+        y = torch.stack(parts, 2)
+        return [y.reshape(y.shape[0], -1, y.shape[3], y.shape[4])]
+
+
+@_rule_for(["pixel_unshuffle"], "space to depth (F.pixel_unshuffle, nn.PixelUnshuffle): r*r subsamplings of the "
+           "map as its channels", (torch, F))
+def _rule_pixel_unshuffle(node, geoms):
+    """``F.pixel_unshuffle(x, r)`` of a map: its r*r subsamplings, a strided layer (see _PixelUnshuffleStep)."""
+    geom = geoms[0]
+    _require_map(node, geom)
+    r = int(node.bind(["input", "downscale_factor"])["downscale_factor"])
+    (h, w), c = geom.size, geom.channels
+    if r == 1:
+        return _AliasStep(node), [geom]
+    return _PixelUnshuffleStep(node, r, geom.size), [geom.with_(channels=c * r * r, size=(h // r, w // r),
+                                                                stride=(r, r))]
 
 
 def _crop_transposed(node, geom, shape):

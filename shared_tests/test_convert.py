@@ -2329,6 +2329,65 @@ def test_rows_of_a_map_carry_ops_per_position(tb, kb):
     assert max_rel_error(t_out.numpy().transpose(0, 2, 3, 1), k_out) <= 10 * TOL["float32"]
 
 
+def test_torch_slices_of_positions_with_a_step_and_pixel_unshuffle(tb):
+    """A slice of positions with a step, x[:, :, a:b:sh, c:d:sw] (YOLOv5's Focus stem concatenates four), and
+    F.pixel_unshuffle / nn.PixelUnshuffle (space to depth) are strided layers: the crop then multipooling of 1x1
+    windows.  CI equals Cp on every patch (odd and even patches, factors 2 and 3, images smaller than the patch,
+    a step, tiles, borders, the paper's naive path, gradients); both were refused before (a step along a spatial
+    axis; pixel_unshuffle an unknown op)."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    torch.manual_seed(6)
+
+    class Focus(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.conv, self.fc = nn.Conv2d(3, 3, 2), nn.Conv2d(12, 6, 3), nn.Linear(6 * 2 * 2, 4)
+
+        def forward(self, x):
+            x = self.first(x)
+            y = torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], 1)
+            return self.fc(F.max_pool2d(self.conv(y).relu(), 2).flatten(1))
+
+    class Steps(nn.Module):  # other offsets, steps per axis, with the channels sliced too
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 2), nn.Linear(2 * 2 * 3, 4)
+
+        def forward(self, x):
+            return self.fc(self.conv(x)[:, 1:3, 1::3, ::2].flatten(1))
+
+    class Unshuffle(nn.Module):
+        def __init__(self, factor, first):
+            super().__init__()
+            self.first, self.unshuffle = nn.Conv2d(3, 3, first), nn.PixelUnshuffle(factor)
+            self.conv, self.fc = nn.Conv2d(3 * factor * factor, 5, 2), nn.LazyLinear(4)
+
+        def forward(self, x):
+            return self.fc(F.max_pool2d(self.conv(self.unshuffle(self.first(x))).tanh(), 2).flatten(1))
+
+    nets = [(Focus(), (13, 13)), (Steps(), (8, 6)), (Unshuffle(2, 2), (13, 13)), (Unshuffle(2, 1), (12, 16)),
+            (Unshuffle(3, 2), (16, 19))]
+    for net, patch in nets:
+        net = net.double().eval()
+        net(torch.zeros(1, 3, *patch, dtype=torch.float64))
+        for size in ((15, 13), (4, 5)):
+            images = torch.from_numpy(netspec.random_images(2, 3, *size, seed=size[0]).transpose(0, 3, 1, 2))
+            for options in ({}, {"output_stride": 2}, {"output_stride": (3, 2)}, {"tile": (8, 8)},
+                            {"border": "replicate"}, {"naive": True}):
+                ci = tb.FDFE.convert(net, patch, in_channels=3, **options)
+                reference = tb.FDFE.dense_reference(net, images, patch, **{
+                    k: v for k, v in options.items() if k in ("output_stride", "border")})
+                with torch.no_grad():
+                    assert max_rel_error(ci(images), reference) <= TOL["float64"], (type(net), size, options)
+        images.requires_grad_()
+        grad, = torch.autograd.grad(tb.FDFE.convert(net, patch, in_channels=3)(images).square().sum(), images)
+        expected, = torch.autograd.grad(tb.FDFE.dense_reference(net, images, patch, differentiable=True).square()
+                                        .sum(), images)
+        assert max_rel_error(grad, expected) <= TOL["float64"]
+
+
 def test_einsum_over_the_channels_of_every_position(tb, kb):
     """An einsum of a map and a (C, K) weight that contracts the channels and keeps the other axes in their order
     ("nchw,ck->nkhw", any letters, either operand first, the weight either way round; of a transposed map
