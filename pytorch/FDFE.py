@@ -4254,6 +4254,41 @@ def _rule_cat(node, geoms):
     return _aligned(step, unwarps), [geom.with_(channels=_channels_of(geom, out))]
 
 
+class _StackChannelsStep(_Step):
+    """``torch.stack([a, b, ...], dim=1)`` of one-channel values (N, h, w): their dense maps (N, 1, H, W)
+    concatenated along the channels; ``dim=-1`` gives the map transposed, (N, h, w, k)."""
+    per_pixel = True
+
+    def __init__(self, node, transposed):
+        super().__init__(node.in_slots, node.out_slots, f"stack_channels(transposed={transposed})")
+        self.transposed = transposed
+
+    def run(self, values, net, overwrite=False):
+        stacked = torch.cat(values, 1)
+        return [stacked.permute(_TO_TRANSPOSED) if self.transposed else stacked]
+
+
+@_rule_for(["stack"], "stacks of one-channel values (N, h, w) as the channels of a map (torch.stack([x[:, 2], "
+           "x[:, 1], x[:, 0]], 1): RGB to BGR)", (torch,))
+def _rule_stack(node, geoms):
+    """``torch.stack(values, dim=1)`` of one-channel values of one grid, (N, h, w) each (a channel x[:, c], a
+    channel reduction without keepdim): a map whose channels they are, their dense maps concatenated; ``dim=-1``
+    (or 3) gives it transposed, (N, h, w, k).  Stacks of anything else add an axis CI does not hold: refused."""
+    p = node.bind(["tensors", "dim"], {"dim": 0})
+    if any(not isinstance(t, _Ref) for t in p["tensors"]):
+        raise node.fail("it stacks an activation with a constant")
+    geom, unwarps = _merge_grids(node, geoms)
+    (h, w), shapes = geom.size, [tuple(s) for s in node.in_shapes]
+    dim = int(p["dim"]) % 4
+    one_channel = geom.kind == VIEW and geom.channels == 1 and all(s[1:] == (h, w) for s in shapes)
+    if not one_channel or dim not in (1, 3) or any(unwarps):
+        raise node.fail(f"it stacks {len(shapes)} values of {geom.describe()} along a new dim {p['dim']}; only "
+                        f"one-channel values (N, h, w) stacked as channels (dim 1, or -1 for (N, h, w, k)) can be "
+                        f"made dense (stack maps along their channels with torch.cat(..., 1))")
+    out = geom.with_(kind=MAP if dim == 1 else TRANSPOSED, channels=len(shapes))
+    return _StackChannelsStep(node, dim == 3), [out]
+
+
 @_takes_transposed
 @_rule_for(["split", "chunk", "tensor_split"], "splits along the channel axis (chunk(2, dim=1), split): the "
            "channels of every pixel", (torch, torch.Tensor))

@@ -2388,6 +2388,50 @@ def test_torch_slices_of_positions_with_a_step_and_pixel_unshuffle(tb):
         assert max_rel_error(grad, expected) <= TOL["float64"]
 
 
+def test_torch_stacks_of_one_channel_values_are_channels(tb):
+    """torch.stack of one-channel values (N, h, w) (channels x[:, c], a channel reduction) along dim 1 is a map
+    whose channels they are (RGB to BGR, as Keras' preprocess_input does with keras.ops.stack), along dim -1 the
+    map transposed: CI equals Cp on every patch (a step, tiles); stacks of maps along a new axis are refused by
+    name (torch.stack was an unknown op)."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    torch.manual_seed(7)
+
+    class Stack(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.conv, self.linear, self.dim = nn.Conv2d(3, 4, 3), nn.Linear(3, 3), dim
+
+        def forward(self, x):
+            y = torch.stack([x[:, 2], x[:, 1] - 0.5, x[:, :2].amax(1).tanh()], self.dim)
+            if self.dim in (-1, 3):
+                y = self.linear(y).permute(0, 3, 1, 2)
+            return F.max_pool2d(self.conv(y), 2).amax((2, 3))
+
+    images = torch.from_numpy(netspec.random_images(2, 3, 15, 13, seed=7).transpose(0, 3, 1, 2))
+    for dim in (1, -3, -1, 3):
+        net = Stack(dim).double().eval()
+        for options in ({}, {"output_stride": 2}, {"tile": (8, 8)}):
+            ci = tb.FDFE.convert(net, (8, 9), **options)
+            reference = tb.FDFE.dense_reference(net, images, (8, 9), **{k: v for k, v in options.items()
+                                                                        if k != "tile"})
+            with torch.no_grad():
+                assert max_rel_error(ci(images), reference) <= TOL["float64"]
+
+    class Maps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.stack([y, y * 2], 1).sum(1).amax((2, 3))
+    with pytest.raises(tb.FDFE.ConversionError, match=r"torch\.stack cannot be made dense exactly: it stacks 2 "
+                       r"values of a 4x6x6 map along a new dim 1; only one-channel values"):
+        tb.FDFE.convert(Maps(), 8)
+
+
 def test_einsum_over_the_channels_of_every_position(tb, kb):
     """An einsum of a map and a (C, K) weight that contracts the channels and keeps the other axes in their order
     ("nchw,ck->nkhw", any letters, either operand first, the weight either way round; of a transposed map
