@@ -5367,7 +5367,7 @@ def _build(base_net, patch_size, in_channels, tracer, out, example, *, naive, ti
                           expression_no_grad=tracer.expression_no_grad,
                           read=_names_read(tracer.nodes, tracer.expressions),
                           gradient_hazards=tracer.hazards + _backward_hooks_of(base_net))
-    net.transposed_slots = frozenset(slot for slot, g in geoms.items() if g.kind in (TRANSPOSED, SWAPPED))
+    net.transposed_slots = frozenset(slot for slot, g in geoms.items() if g.kind in (TRANSPOSED, SWAPPED, ROWS))
     if check and _example_kind(base_net)[1].type != "meta":  # a meta Cp has no values to compare
         _self_check(net, base_net)  # (runs Cp again: what it changes is state too)
         snapshots = tracer.snapshots + [_attribute_values(base_net)]
