@@ -2125,6 +2125,28 @@ _KERAS_BOOKKEEPING = frozenset({"name", "built", "trainable", "autocast", "suppo
                                 "seed", "rate", "momentum", "renorm_momentum", "noise_shape", "stddev"})
 _PLAIN_TYPES = (bool, int, float, str, type(None), enum.Enum)  # (an Enum's members: by identity)
 
+#: the modules of Keras' layer library (keras.layers' classes and their bases)
+_KERAS_LAYER_MODULES = ("keras.src.layers.", "keras.layers.", "keras.src.legacy.", "keras.legacy.")
+#: the layer classes keras.layers exports (a few live outside the layer modules: TFSMLayer, JaxLayer)
+_PUBLIC_KERAS_LAYERS = frozenset(v for v in vars(keras.layers).values()
+                                 if isinstance(v, type) and issubclass(v, keras.layers.Layer))
+
+
+def _keras_library_layer(kind) -> bool:
+    """Whether ``kind`` is a layer class of Keras' layer library (what keras.layers exports, and the classes of its
+    modules): layers with ops of their own, such as an LSTM or UpSampling2D, which convert() records as one op and
+    refuses by kind where no rule makes them dense, and whose settings it compares by name (_LAYER_SETTINGS).
+    Layers that Keras defines elsewhere, written as a user writes layers (keras.applications' ConvNeXt LayerScale and
+    StochasticDepth, InceptionResNetV2's CustomScaleLayer), are not: they are traced through and compared as the
+    user's own layers are."""
+    return kind in _PUBLIC_KERAS_LAYERS or kind.__module__.startswith(_KERAS_LAYER_MODULES)
+
+
+def _keras_own(kind) -> bool:
+    """Whether ``kind`` is a class of Keras' own library of layers and models (see :func:`_keras_library_layer`),
+    as opposed to the user's (and to the layers of keras.applications)."""
+    return kind.__module__.startswith("keras.") and (issubclass(kind, keras.Model) or _keras_library_layer(kind))
+
 
 def _is_plain(value, depth=0) -> bool:
     """Numbers, strings, None, numpy arrays (not of objects) and numbers, and tuples, lists and dicts of them:
@@ -2234,7 +2256,7 @@ def _attribute_values(layers) -> Dict[Tuple[int, str], object]:
     runs: a counter, a shape seen) from settings."""
     values = {}
     for layer in layers:
-        if not type(layer).__module__.startswith("keras.") and type(layer).__module__ != __name__:
+        if not _keras_own(type(layer)) and type(layer).__module__ != __name__:
             for k, v in vars(layer).items():
                 for path, value in _setting_paths(k, v) if k[0] != "_" else ():
                     values[(id(layer), path)] = _snapshot(value) if _is_plain(value) else id(value)
@@ -2254,7 +2276,7 @@ def _setting_names(layer, state=None, reads=None) -> Tuple[str, ...]:
         return tuple(k for k, v in attributes.items() if k[0] != "_" and k not in _KERAS_BOOKKEEPING and _is_plain(v))
     if kind.__module__ == __name__:
         return ()
-    if kind.__module__.startswith("keras."):
+    if _keras_own(kind):
         return () if isinstance(layer, keras.Model) else tuple(k for k in _LAYER_SETTINGS if k in attributes)
     if state is None:
         return ()
@@ -2715,12 +2737,13 @@ _CONTAINERS = tuple(c for c in (getattr(keras.layers, "Pipeline", None),) if isi
 
 
 def _is_leaf(layer) -> bool:
-    """Layers recorded as one op: those with a rule, and Keras' own layers (an LSTM, with its cell; an
-    unknown kind is named as such).  Models, Lambda layers and the user's own layers are traced through:
-    their ops are read from the graph."""
+    """Layers recorded as one op: those with a rule, and the layers of Keras' layer library (an LSTM, with its
+    cell; an unknown kind is named as such: :func:`_keras_library_layer`).  Models, Lambda layers, the user's own
+    layers and the layers Keras defines outside its layer library (keras.applications' LayerScale) are traced
+    through: their ops are read from the graph."""
     if isinstance(layer, (keras.Model, keras.layers.Lambda) + _CONTAINERS):
         return False
-    return _lookup_rule(layer) is not None or type(layer).__module__.startswith("keras.")
+    return _lookup_rule(layer) is not None or _keras_library_layer(type(layer))
 
 
 #: the tracer of the convert() running in this thread (other threads' Keras calls are not recorded)
@@ -5352,6 +5375,7 @@ def _apply_rules(calls, geoms, values):
     """Apply each recorded call's rule and wire its layers; fills ``geoms`` and ``values`` (slot ->
     symbolic tensor of CI's core)."""
     problems = []  # every layer and op that cannot be made dense, reported together
+    unknown = set()  # "op", "layer kind": what kinds of problems have no rule (the supported ones listed once)
     for call in calls:
         in_geoms = [geoms[s] for s in call.in_slots]
         rule = _rule_of(call)
@@ -5359,7 +5383,9 @@ def _apply_rules(calls, geoms, values):
             if call.problem is not None:
                 raise call.problem
             if rule is None:
-                raise ConversionError(_unsupported_message(call.where, "op" if call.is_op else "layer kind"))
+                unknown.add("op" if call.is_op else "layer kind")
+                raise ConversionError(f"{call.where} is not supported by convert() (unknown "
+                                      f"{'op' if call.is_op else 'layer kind'})")
             transposed = next((g for g in in_geoms if g.kind == TRANSPOSED), None)
             back = []  # inputs that are transposed 1x1 maps, given to a rule of other values
             if transposed is not None and rule not in _TRANSPOSED_RULES and all(
@@ -5395,7 +5421,25 @@ def _apply_rules(calls, geoms, values):
         geoms.update(zip(call.out_slots, out_geoms))
         values.update(zip(call.out_slots, outs))
     if problems:
-        raise _all_problems(problems)
+        error = _all_problems(problems)
+        if unknown:  # the supported kinds, once (not after every unknown layer or op)
+            text = str(error)
+            error = ConversionError(text + ("\n" if "\n" in text else ". ") + _supported_summary(unknown))
+        raise error
+
+
+def _supported_summary(unknown):
+    """The layer kinds (``"layer kind" in unknown``) and op kinds (``"op" in unknown``) convert() makes dense, by name,
+    for the message that refuses unknown ones (supported_layers() groups them by rule, saying what each becomes)."""
+    names = {n for label, kinds in supported_layers().items() if not label.startswith("refused") for n in kinds}
+    parts = []
+    if "layer kind" in unknown:
+        parts.append(f"Keras layers: {', '.join(sorted(n for n in names if not n.startswith('tf.raw_ops.')))}")
+    if "op" in unknown:
+        ops = sorted(n[len("tf.raw_ops."):] for n in names if n.startswith("tf.raw_ops."))
+        parts.append(f"TensorFlow ops in call() (by tf.raw_ops name): {', '.join(ops)}")
+    return (f"Supported kinds -- {'; '.join(parts)}. FDFE.supported_layers() lists them by rule, with what each "
+            f"becomes in CI (README: Supported layers)")
 
 
 def _strided_layers(core):
