@@ -78,3 +78,60 @@ def test_keras_library_layers_without_a_rule_are_refused_once_briefly(kb):
                                                       r"kinds -- Keras layers: .*Conv2D") as info:
         kb.FDFE.convert(one, 3)
     assert len(str(info.value)) < 1500, str(info.value)
+
+
+# --- 2. keras.ops.stack of one-channel values along the channel axis ----------------------------------------------
+
+@pytest.mark.parametrize("app", ["resnet50", "vgg16"])
+def test_preprocess_input_caffe_mode_in_a_lambda(kb, app):
+    """keras.applications' preprocess_input in "caffe" mode (ResNet50, VGG16, VGG19) turns RGB into BGR with
+    keras.ops.stack([x[..., 2], x[..., 1], x[..., 0]], axis=-1) (a Pack op, refused as unknown), then subtracts the
+    ImageNet mean: per pixel, a concatenation of one-channel maps.  Exact on 0..255 pixels, also at a step."""
+    import importlib
+    import keras
+    L = keras.layers
+    preprocess = importlib.import_module(f"keras.applications.{app}").preprocess_input
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, None, 3))
+    x = L.Conv2D(4, 3, strides=2)(L.Lambda(preprocess)(inp))
+    cp = keras.Model(inp, L.GlobalAveragePooling2D()(x))
+    images = np.random.default_rng(0).uniform(0, 255, (2, 23, 17, 3)).astype("float32")
+    _assert_exact(kb, cp, 10, images)
+    _assert_exact(kb, cp, (10, 11), images, output_stride=2)
+
+
+def test_stack_of_one_channel_values(kb):
+    """Stacks along a new last axis of one-channel values of a map after a strided layer (a channel slice, a
+    reduction over the channels, an element-wise op of one) and of vectors of one position, in a subclassed Cp:
+    exact.  Stacks along other axes, or of maps of several channels, are refused with the reason."""
+    import keras
+    L, ops = keras.layers, keras.ops
+
+    class Stacked(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool, self.head = L.Conv2D(4, 3), L.MaxPooling2D(2), L.Dense(3)
+
+        def call(self, x):
+            y = self.pool(self.conv(x))
+            y = ops.stack([y[..., 3], ops.max(y, axis=-1), ops.tanh(y[..., 0]) * 2.0], axis=-1)
+            v = ops.mean(y, axis=(1, 2))
+            v = ops.stack([ops.sum(v, axis=-1), v[:, 1]], axis=-1)
+            return self.head(v)
+    keras.utils.set_random_seed(0)
+    cp = Stacked()
+    cp(np.zeros((1, 12, 12, 2), "float32"))
+    images = _images(2, shape=(2, 23, 19))
+    _assert_exact(kb, cp, 12, images)
+    _assert_exact(kb, cp, 12, images, output_stride=2)
+    for stack, reason in [(lambda y: ops.stack([y[..., 0], y[..., 1]], axis=1),
+                           r"stacks 2 values of shape \(2, 4, 4\) along axis 1 of its \(2, 2, 4, 4\) result, which "
+                           r"puts them between positions of the patch"),
+                          (lambda y: ops.stack([y, y * 2.0], axis=-1), r"stacks a 4x4x4 map \(shape \(2, 4, 4, 4\)\)"),
+                          (lambda y: ops.stack([y[..., 0], ops.zeros_like(y[..., 0])], axis=-1),
+                           r"stacks a constant with values computed from the patch")]:
+        inp = keras.Input((6, 6, 1))
+        refused = keras.Model(inp, L.Flatten()(L.Lambda(stack)(L.Conv2D(4, 3)(inp))))
+        with pytest.raises(kb.FDFE.ConversionError, match=r"\(Pack, created at test_keras_applications\.py:\d+\) "
+                                                          r"cannot be made dense exactly: it " + reason):
+            kb.FDFE.convert(refused, 6)

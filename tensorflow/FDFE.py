@@ -4490,6 +4490,41 @@ def _rule_concat_op(call, geoms):
     return _op_runner(call, args, unwarps), [first.with_(channels=call.out_shapes[0][-1])]
 
 
+@_op_rule_for("Pack", label="TensorFlow stacks in call() of one-channel values along a new last axis (keras.ops."
+                            "stack([x[..., 2], x[..., 1], x[..., 0]], axis=-1)): a concatenation of channels")
+def _rule_stack_op(call, geoms):
+    """``keras.ops.stack`` / ``tf.stack`` along a new last axis of values that are each one channel of a map,
+    (N, h, w) (``x[..., c]``, a reduction over the channels without keepdims; also the (N,) value of a vector of one
+    position or the (N, h*w) of rows of positions): the channels of every pixel side by side, a concatenation of the
+    one-channel dense maps (keras.applications' preprocess_input in "caffe" mode turns RGB into BGR so).  A stack
+    along any other axis puts the values between positions of the patch (or patches): refused."""
+    values, out = call.args["values"], tuple(call.out_shapes[0])
+    if any("input" not in spec for spec in values):
+        raise call.fail("it stacks a constant with values computed from the patch; only values computed from the "
+                        "patch, each one channel of a map, can be made dense")
+    axis = int(call.attrs["axis"][1]) % len(out)
+    shapes = [tuple(shape) for shape in call.in_shapes]
+    if axis != len(out) - 1:
+        raise call.fail(f"it stacks {len(values)} values of shape {shapes[0]} along axis {axis} of its {out} result, "
+                        f"which puts them between positions of the patch (or between patches); only a stack along a "
+                        f"new last axis (axis=-1) of one-channel values (N, h, w), such as x[..., c], can be made "
+                        f"dense: it is a concatenation of their channels")
+    for geom, shape in zip(geoms, shapes):
+        if geom.channels != 1 or not _per_channel(geom, shape + (1,)):
+            raise call.fail(f"it stacks {geom.describe()} (shape {shape}) along a new last axis; only one-channel "
+                            f"values (N, h, w), such as x[..., c] of a map, stack into the channels of every pixel")
+    first, unwarps = _merge_grids(call, geoms)
+    concat = _TFOp("ConcatV2", {"values": [{"input": k} for k in range(len(values))],
+                                "axis": {"const": -1, "dtype": "int32"}}, {}, name=_op_layer_name(call))
+
+    def run(xs):
+        xs = _AlignStreams(unwarps)(list(xs)) if any(unwarps) else list(xs)
+        return [concat(xs)]
+    stacked = first.with_(kind=MAP, channels=len(values))
+    (h, w) = first.size
+    return run, [_reshaped_geom(call, stacked, (out[0], h, w, len(values)), out)]
+
+
 @_takes_swapped
 @_takes_transposed
 @_op_rule_for("StridedSlice", "Slice", label="TensorFlow slices in call(): crops of the map (a translation of the "
