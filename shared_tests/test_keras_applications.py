@@ -135,3 +135,49 @@ def test_stack_of_one_channel_values(kb):
         with pytest.raises(kb.FDFE.ConversionError, match=r"\(Pack, created at test_keras_applications\.py:\d+\) "
                                                           r"cannot be made dense exactly: it " + reason):
             kb.FDFE.convert(refused, 6)
+
+
+# --- 3. padding="same" that pads nothing at Cp's sizes ----------------------------------------------------------
+
+def _same_net(padding, patch=16):
+    """A ConvNeXt-like patchify stem (4x4 at stride 4, LayerNormalization) and strided 2x2 convolutions of each kind
+    at stride 2, all with ``padding``, on even maps; ZeroPadding2D(0) and tf.pad of nothing between."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((patch, patch, 3))
+    x = L.LayerNormalization(epsilon=1e-6)(L.Conv2D(8, 4, strides=4, padding=padding)(inp))
+    x = L.ZeroPadding2D(0)(x)
+    a = L.Conv2D(4, 2, strides=2, padding=padding)(x)
+    b = L.DepthwiseConv2D(2, strides=2, padding=padding, depth_multiplier=2)(x)
+    c = L.SeparableConv2D(4, 2, strides=2, padding=padding)(L.Lambda(lambda t: tf.pad(t, [[0, 0]] * 4))(x))
+    x = L.Concatenate()([a, b, c])
+    return keras.Model(inp, L.Dense(5)(L.Flatten()(x)))
+
+
+def test_same_padding_that_pads_nothing_is_valid(kb, tmp_path):
+    """padding="same" of convolutions whose windows end inside the map at Cp's sizes (4x4 at stride 4 on a 16x16
+    patch, 2x2 at stride 2 on the 4x4 map) pads nothing: Cp computes what the "valid" layers compute, and CI must
+    compute it with valid convolutions on whole images (the layer itself would pad the dense map).  They were
+    refused with "it pads its input"; ZeroPadding2D(0) and tf.pad of nothing too.  Exact, at a step, naive, and
+    loaded from a .keras file; where the windows overhang (a 15x15 patch) it still pads: refused."""
+    import keras
+    same, valid = _same_net("same"), _same_net("valid")
+    patches = _images(3, shape=(4, 16, 16))
+    assert np.array_equal(np.asarray(same(patches)), np.asarray(valid(patches)))  # the same net for Cp
+    images = _images(3)
+    ci = _assert_exact(kb, same, 16, images)
+    _assert_exact(kb, same, 16, images, output_stride=4)
+    _assert_exact(kb, same, 16, images, output_stride=2, naive=True)
+    assert np.array_equal(np.asarray(ci(images)), np.asarray(kb.FDFE.convert(valid, 16)(images)))
+    ci.save(tmp_path / "ci.keras")
+    loaded = keras.models.load_model(tmp_path / "ci.keras")
+    assert max_rel_error(loaded(images), ci(images)) == 0
+    with pytest.raises(kb.FDFE.ConversionError, match=r"\(Conv2D\) cannot be made dense exactly: it pads its input "
+                                                      r"\(padding='same'\)"):
+        kb.FDFE.convert(_same_net("same", 15), 15)
+    one = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3, strides=2, padding="same"),
+                            keras.layers.Flatten()])  # 3x3 windows at stride 2 of 8: the last one overhangs
+    with pytest.raises(kb.FDFE.ConversionError, match=r"it pads its input \(padding='same'\)"):
+        kb.FDFE.convert(one, 8)

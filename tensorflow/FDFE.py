@@ -1843,9 +1843,27 @@ def _require_float_kernel(layer, what):
         raise ValueError(f"{what}: layer '{layer.name}': {reason}")
 
 
-def _pads(conv) -> bool:
-    """Whether a convolution layer pads its input: padding="same" pads nothing for a 1x1 kernel."""
-    return conv.padding != "valid" and not (conv.padding == "same" and tuple(conv.kernel_size) == (1, 1))
+def _same_pads(size, kernel, stride, dilation=(1, 1)) -> bool:
+    """Whether padding="same" pads a map of ``size`` (h, w) for windows of ``kernel`` at ``stride`` and ``dilation``:
+    TensorFlow pads (ceil(n / s) - 1) * s + d * (k - 1) + 1 - n entries along an axis of n where that is positive.
+    Never for a 1x1 window; at stride 1 always for larger ones; at stride s only where the last window overhangs the
+    map (2x2 windows at stride 2 of an even-sized map, a 4x4 stride-4 patchify convolution on 16x16 pad nothing: the
+    "valid" layer's windows, outputs and values)."""
+    return any((_ceil_div(n, s) - 1) * s + d * (k - 1) + 1 > n
+               for n, k, s, d in zip(size, _pair(kernel, "kernel"), _pair(stride, "stride"),
+                                     _pair(dilation, "dilation")))
+
+
+def _pads(conv, size=None) -> bool:
+    """Whether a convolution layer pads its input (of ``size`` (h, w) in Cp, where given): padding="same" pads nothing
+    for a 1x1 kernel, nor where its windows end inside the map (:func:`_same_pads`), where it is the "valid" layer."""
+    if conv.padding == "valid":
+        return False
+    if conv.padding != "same":
+        return True
+    if size is None:
+        return tuple(conv.kernel_size) != (1, 1)
+    return _same_pads(size, conv.kernel_size, conv.strides, conv.dilation_rate)
 
 
 @_register
@@ -1858,6 +1876,8 @@ class multiConv(_ShiftOptions, _WrapperLayer):
     Args:
         conv: a trained ``keras.layers.Conv2D`` with padding='valid' (any strides, dilation, groups).
         naive: one strided convolution per shift instead of stride 1 + space-to-batch.
+        input_size: (h, w), the size of the convolution's input in Cp, where its padding is 'same': accepted where it
+            pads nothing at that size (a kernel equal to its stride on a multiple of it), as the 'valid' layer.
 
     Raises a ValueError where the input has other channels than the convolution takes, or is smaller
     than its window and shifts need.
@@ -1867,12 +1887,14 @@ class multiConv(_ShiftOptions, _WrapperLayer):
     """
     wrapped = "conv"
 
-    def __init__(self, conv, naive: bool = False, **kwargs):
+    def __init__(self, conv, naive: bool = False, input_size=None, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(conv, keras.layers.Conv2D):
             raise TypeError(f"multiConv needs a trained keras.layers.Conv2D, got {type(conv).__name__}")
-        if _pads(conv):
-            raise ConversionError(f"multiConv: the convolution pads its input (padding={conv.padding!r}); "
+        self.input_size = None if input_size is None else _pair(tuple(input_size), "input_size")
+        if _pads(conv, self.input_size):
+            at = "" if self.input_size is None else f" at its {self.input_size[0]}x{self.input_size[1]} input"
+            raise ConversionError(f"multiConv: the convolution pads its input (padding={conv.padding!r}{at}); "
                                   f"{_PADDING_REASON}")
         self.conv = conv
         self.naive = bool(naive)
@@ -1903,7 +1925,8 @@ class multiConv(_ShiftOptions, _WrapperLayer):
         return (None, None, None, self.conv.filters)
 
     def get_config(self):
-        return {**super().get_config(), "naive": self.naive}
+        size = None if self.input_size is None else list(self.input_size)
+        return {**super().get_config(), "naive": self.naive, "input_size": size}
 
 
 @_register
@@ -3704,11 +3727,16 @@ class _AdaptedNormalization(_WrapperLayer):
 @_register
 class _MultiDepthwise(_ShiftOptions, _WrapperLayer):
     """A trained DepthwiseConv2D or SeparableConv2D made dense (shared weights): the depthwise part as
-    multi-convolution (all shifts when strided), then the pointwise part, bias and activation."""
+    multi-convolution (all shifts when strided, no padding), then the pointwise part, bias and activation.
+    ``input_size``: as for :class:`multiConv`."""
     wrapped = "layer"
 
-    def __init__(self, layer, naive: bool = False, **kwargs):
+    def __init__(self, layer, naive: bool = False, input_size=None, **kwargs):
         super().__init__(**kwargs)
+        self.input_size = None if input_size is None else _pair(tuple(input_size), "input_size")
+        if _pads(layer, self.input_size):
+            raise ConversionError(f"layer '{layer.name}' pads its input (padding={layer.padding!r}); "
+                                  f"{_PADDING_REASON}")
         self.layer = layer
         self.naive = bool(naive)
 
@@ -3751,24 +3779,27 @@ class _MultiDepthwise(_ShiftOptions, _WrapperLayer):
         return (None, None, None, None if channels is None else channels * layer.depth_multiplier)
 
     def get_config(self):
-        return {**super().get_config(), "naive": self.naive}
+        size = None if self.input_size is None else list(self.input_size)
+        return {**super().get_config(), "naive": self.naive, "input_size": size}
 
 
 def _make_conv_rule(dense_layer):
-    """Convolutions without padding: reused when stride 1, made dense by ``dense_layer`` (all shifts)
-    when strided."""
+    """Convolutions without padding: reused when stride 1, made dense by ``dense_layer`` (all shifts, no padding)
+    when strided.  padding="same" that pads nothing at the patch-level size (:func:`_pads`) is the "valid" layer:
+    at stride 1 a 1x1 kernel (reused: "same" pads nothing on any map), strided where the windows end inside the
+    map, which ``dense_layer`` computes without padding on the dense map, as it must."""
     def rule(call, geoms):
         geom = geoms[0]
         layer = call.layer
         _require_map(call, geom)
-        if _pads(layer):
+        if _pads(layer, geom.size):
             raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
         _require_channels_last(call)
         stride = tuple(layer.strides)
         if stride == (1, 1):
             return _reuse(layer), [_map_geom(call, geom)]
         _require_plain_weights(call, "its strided form (all shifts)", "convolution_op")
-        return (lambda xs: [dense_layer(layer)(xs[0])]), [_map_geom(call, geom, stride)]
+        return (lambda xs: [dense_layer(layer, input_size=geom.size)(xs[0])]), [_map_geom(call, geom, stride)]
     rule.__doc__ = f"convolution without padding: reused at stride 1, {dense_layer.__name__} when strided."
     return rule
 
@@ -3787,8 +3818,7 @@ def _make_pool_rule(kind):
         kernel = tuple(layer.pool_size)
         stride = tuple(layer.strides) if layer.strides is not None else kernel
         padding = getattr(layer, "padding", "valid")
-        if padding != "valid" and (padding != "same" or any(
-                (_ceil_div(n, s) - 1) * s + k > n for n, k, s in zip(geom.size, kernel, stride))):
+        if padding != "valid" and (padding != "same" or _same_pads(geom.size, kernel, stride)):
             raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
         _require_channels_last(call)  # ("same" that pads nothing on the patch-level map, such as 2x2 windows of an
         # even-sized map, is "valid")
@@ -4038,9 +4068,14 @@ def _rule_center_crop(call, geoms):
     return run, [geom.with_(size=(th, tw))]
 
 
-@_rule_for(keras.layers.ZeroPadding2D, label="refused: padding inside Cp")
+_PAD_LABEL = "refused: padding inside Cp (of nothing, ZeroPadding2D(0) or tf.pad of zeros, the identity)"
+
+
+@_rule_for(keras.layers.ZeroPadding2D, label=_PAD_LABEL)
 def _rule_refuse_padding(call, geoms):
-    """Explicit padding inside Cp."""
+    """Explicit padding inside Cp (of nothing, ZeroPadding2D(0): the identity)."""
+    if call.out_shape == call.in_shapes[0] and np.all(np.asarray(call.layer.padding) == 0):
+        return _pass_through, [geoms[0]]
     raise call.fail(f"it pads an activation inside Cp; {_PADDING_REASON}")
 
 
@@ -4804,9 +4839,12 @@ def _rule_window_op(call, geoms):
     return _op_runner(call), [geom.with_(channels=out[3], size=out[1:3])]
 
 
-@_op_rule_for("Pad", "PadV2", "MirrorPad", label="refused: padding inside Cp")
+@_op_rule_for("Pad", "PadV2", "MirrorPad", label=_PAD_LABEL)
 def _rule_pad_op(call, geoms):
-    """tf.pad / keras.ops.pad inside Cp."""
+    """tf.pad / keras.ops.pad inside Cp (of nothing, paddings all 0: the identity)."""
+    paddings = call.constant("paddings")
+    if paddings is not None and not np.any(paddings) and tuple(call.out_shapes[0]) == tuple(call.in_shapes[0]):
+        return _pass_through, [geoms[0]]
     raise call.fail(f"it pads a value inside Cp; {_PADDING_REASON}")
 
 
