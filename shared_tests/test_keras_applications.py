@@ -181,3 +181,50 @@ def test_same_padding_that_pads_nothing_is_valid(kb, tmp_path):
                             keras.layers.Flatten()])  # 3x3 windows at stride 2 of 8: the last one overhangs
     with pytest.raises(kb.FDFE.ConversionError, match=r"it pads its input \(padding='same'\)"):
         kb.FDFE.convert(one, 8)
+
+
+# --- 4. Normalization statistics set without finalize_state() -------------------------------------------------------
+
+def _normalized_net():
+    """EfficientNet's include_preprocessing: Rescaling, then a Normalization whose statistics are variables (no mean
+    and variance given), then a strided convolution."""
+    import keras
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, None, 3))
+    x = L.Normalization(axis=-1)(L.Rescaling(1.0 / 255.0)(inp))
+    x = L.Conv2D(4, 3, strides=2)(x)
+    return keras.Model(inp, L.GlobalAveragePooling2D()(x))
+
+
+def test_normalization_statistics_set_without_finalize_state(kb):
+    """Keras' Normalization normalises with a copy of its statistics that finalize_state() makes (adapt(), building
+    and loading call it); set_weights() or assign() change the variables, which CI reads, but not that copy, so Cp
+    keeps computing with the old statistics.  convert failed with "internal check failed ... please report it", and
+    set after convert CI silently differed from Cp by 1.3.  Refused instead, at convert and where CI runs, naming
+    the layer and finalize_state(), which makes Cp compute with the statistics it holds (as the same Cp saved and
+    loaded does); CI then follows them without converting again."""
+    cp = _normalized_net()
+    norm = cp.layers[2]
+    stats = [np.array([0.5, 0.2, 0.7], "float32"), np.array([0.04, 0.25, 0.09], "float32"), np.array(0)]
+    images = np.random.default_rng(0).uniform(0, 255, (2, 23, 17, 3)).astype("float32")
+    norm.set_weights(stats)
+    with pytest.raises(kb.FDFE.ConversionError, match=r"^layer 'normalization[_0-9]*' \(Normalization\) cannot be "
+                                                      r"made dense exactly: Cp does not compute with the statistics "
+                                                      r"it holds: .*set_weights\(\) or assign\(\).*call "
+                                                      r"finalize_state\(\) on layer 'normalization[_0-9]*'"):
+        kb.FDFE.convert(cp, 8)
+    norm.finalize_state()
+    ci = _assert_exact(kb, cp, 8, images)
+
+    norm.adapt_variance.assign(np.array([1.0, 4.0, 0.25], "float32"))  # after convert
+    for run in (lambda: ci(images), lambda: ci.predict(images, verbose=0)):
+        with pytest.raises(ValueError, match=r"Cp changed after convert: layer 'normalization[_0-9]*' "
+                                             r"\(Normalization\) no longer computes with the statistics it holds, "
+                                             r"which CI reads: its statistics variables \(variance: .*call "
+                                             r"finalize_state\(\) on layer"):
+            run()
+    norm.finalize_state()
+    assert max_rel_error(ci(images), kb.FDFE.dense_reference(cp, images, 8)) <= TOL["float32"]
+    norm.adapt(images[:, :8, :8] / 255.0)  # (adapt() finalizes: followed)
+    assert max_rel_error(ci.predict(images, verbose=0), kb.FDFE.dense_reference(cp, images, 8)) <= TOL["float32"]

@@ -3675,6 +3675,9 @@ def _rule_channelwise(call, geoms):
     _per_pixel_ok(call, geom, shape=call.in_shapes[0])
     if isinstance(layer, keras.layers.Normalization) and getattr(layer, "input_mean", None) is None \
             and hasattr(layer, "adapt_mean"):
+        stale = _stale_statistics(layer)
+        if stale is not None:
+            raise call.fail(f"Cp does not compute with the statistics it holds: {stale}, and convert again")
         normalization = _AdaptedNormalization(layer)  # its statistics as they are at every call
         return (lambda xs: [normalization(xs[0])]), [geom]
     if rank in (2, 3):  # built for (B, C) vectors or (B, h*w, C) positions: may accept no (B, H, W, C) values
@@ -3696,6 +3699,31 @@ def _rule_layer_norm(call, geoms):
         raise call.fail(f"it normalises {geoms[0].describe()} over axes {axis}, with statistics of each patch; "
                         f"{_PER_PATCH_REASON}")
     return _rule_channelwise(call, geoms)
+
+
+def _stale_statistics(layer):
+    """Why an adapted ``keras.layers.Normalization`` (statistics in its ``adapt_mean`` / ``adapt_variance`` variables)
+    does not compute with the statistics it holds, or None.  Keras' call() normalises with tensors that
+    finalize_state() makes from the variables (adapt(), build and loading call it): statistics given by set_weights()
+    or assign() are held, saved and loaded, but Cp keeps computing with the old ones until finalize_state() is
+    called.  CI reads the variables (so it follows adapt() and load_weights() after convert) and would differ from
+    Cp; following the stale copy instead would make CI differ from the same Cp saved and loaded, or adapted: refused
+    (at convert, and where CI runs), naming the call that makes both agree.  (Two small reads per call of CI.)"""
+    copies = [getattr(layer, name, None) for name in ("mean", "variance")]
+    if not all(tf.is_tensor(c) for c in copies):
+        return None
+    for name, copy, variable in zip(("mean", "variance"), copies, (layer.adapt_mean, layer.adapt_variance)):
+        copy = np.asarray(copy).ravel()
+        handle = _handle_of(variable)  # (one read op: a Keras variable's numpy() runs three; in a stateless scope,
+        value = variable.value if handle is None else tf.raw_ops.ReadVariableOp(  # the value given)
+            resource=handle, dtype=tf.as_dtype(variable.dtype))
+        held = np.asarray(value).ravel().astype(copy.dtype)  # (as finalize_state() casts it)
+        if not np.array_equal(copy, held, equal_nan=True):
+            return (f"its statistics variables ({name}: {_short_value(held)}) were set (set_weights() or assign()) "
+                    f"without finalize_state(), and Keras' call() keeps normalising with the copy made before "
+                    f"({_short_value(copy)}, refreshed only by finalize_state(), adapt() and loading); call "
+                    f"finalize_state() on layer '{layer.name}' (Keras' own step after setting them)")
+    return None
 
 
 @_register
@@ -4929,6 +4957,9 @@ class DenseFeatureModel(keras.Model):
         # activity regularizers are checked where CI runs
         object.__setattr__(self, "_cp_layers", list(self.core._flatten_layers(include_self=False, recursive=True)))
         object.__setattr__(self, "_settings", _layer_settings(self._cp_layers))
+        # the adapted Normalization layers whose statistics CI reads (_stale_statistics, checked where CI runs)
+        object.__setattr__(self, "_normalizations", [layer.layer for layer in self._cp_layers
+                                                     if isinstance(layer, _AdaptedNormalization)])
 
     def _hold_read_variables(self, specs):
         """The variables of Cp that the core's ops (_TFOp) read outside its layers (``x * exp(self.log_s)`` in a
@@ -5140,6 +5171,12 @@ class DenseFeatureModel(keras.Model):
                                  f"layers than at convert ({len(held)} then, {len(now)} now: a layer added, removed "
                                  f"or replaced). CI runs the ops convert built, which no longer are Cp's: convert Cp "
                                  f"again")
+        for layer in self._normalizations:
+            stale = _stale_statistics(layer)
+            if stale is not None:
+                raise ValueError(f"Cp changed after convert: layer '{layer.name}' (Normalization) no longer computes "
+                                 f"with the statistics it holds, which CI reads: {stale}; CI then follows without "
+                                 f"converting again")
         for layer, names, values, activation in getattr(self, "_settings", ()):
             now = tuple(_snapshot(_setting_of(layer, k)) for k in names)
             activation_now = getattr(layer, "activation", None)
