@@ -228,3 +228,58 @@ def test_normalization_statistics_set_without_finalize_state(kb):
     assert max_rel_error(ci(images), kb.FDFE.dense_reference(cp, images, 8)) <= TOL["float32"]
     norm.adapt(images[:, :8, :8] / 255.0)  # (adapt() finalizes: followed)
     assert max_rel_error(ci.predict(images, verbose=0), kb.FDFE.dense_reference(cp, images, 8)) <= TOL["float32"]
+
+
+# --- 5. what the refusals of padded pooling and of a too small patch say ------------------------------------------
+
+def test_padded_pooling_refusal_says_what_is_true(kb):
+    """TensorFlow's max and average pooling ignore padded cells: a padded window at the patch border pools fewer
+    pixels than the same window of a whole image.  The refusal said the border "sees zeros"."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+    for pool, kind, padding in [(L.MaxPooling2D(3, strides=2, padding="same"), "max", "same"),
+                                (L.AveragePooling2D(2, padding="same"), "average", "same"),
+                                (L.Lambda(lambda t: tf.nn.max_pool2d(t, 3, 1, "SAME")), "max", "SAME")]:
+        cp = keras.Sequential([keras.Input((6, 6, 1)), L.Conv2D(2, 2), pool, L.Flatten()])
+        with pytest.raises(kb.FDFE.ConversionError) as info:
+            kb.FDFE.convert(cp, 6)
+        message = str(info.value)
+        assert f"pads its input (padding='{padding}'); inside Cp the windows that overhang the patch border pool " \
+               f"only the pixels inside the patch ({kind} pooling ignores the padded cells" in message, message
+        assert "the padded windows at the patch border differ from the dense image's" in message, message
+        assert "zeros" not in message, message
+
+
+def test_too_small_patch_is_named(kb):
+    """A patch too small for Cp's layers surfaced Keras' own shape error ("Computed output size would be negative",
+    or "Negative dimension size" when Cp runs eagerly on the empty map but cannot be traced) with no hint; convert
+    now tries Cp on larger patches and says the patch is too small.  A failure that larger patches share keeps the
+    general hint."""
+    import keras
+    L = keras.layers
+    convs = keras.Sequential([keras.Input((None, None, 3)), L.Conv2D(4, 3), L.Conv2D(4, 3), L.Conv2D(4, 3),
+                              L.GlobalAveragePooling2D()])
+    with pytest.raises(kb.FDFE.ConversionError, match=r"(?s)running Cp on a batch of 5x5x3 patches failed: .* the "
+                                                      r"patch 5x5 may be smaller \(or larger\) than the net needs: it "
+                                                      r"is too small, since Cp runs on 10x10 patches .*pass a larger "
+                                                      r"patch_size"):
+        kb.FDFE.convert(convs, 5)
+    pooled = keras.Sequential([keras.Input((None, None, 3)), L.Conv2D(4, 3), L.MaxPooling2D(2), L.Conv2D(4, 3),
+                               L.GlobalAveragePooling2D()])  # (eagerly, the last convolution gives an empty map)
+    with pytest.raises(kb.FDFE.ConversionError, match=r"(?s)cannot be traced into a TensorFlow graph .*-- the patch "
+                                                      r"6x6 is too small, since Cp can be traced on 12x12 patches"):
+        kb.FDFE.convert(pooled, 6)
+
+    class FixedSize(keras.Model):  # a Dense built for 7x7 maps fails on every other size
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = L.Conv2D(2, 3), L.Dense(3)
+
+        def call(self, x):
+            return self.head(keras.ops.reshape(self.conv(x), (-1, 50)))
+    fixed = FixedSize()
+    fixed(np.zeros((1, 7, 7, 1), "float32"))
+    with pytest.raises(kb.FDFE.ConversionError, match=r"(?s)the patch 5x5 may be smaller \(or larger\) than the net "
+                                                      r"needs; check patch_size against the size Cp was trained on$"):
+        kb.FDFE.convert(fixed, 5, in_channels=1)

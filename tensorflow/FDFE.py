@@ -3838,6 +3838,17 @@ _rule_for(keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
     _make_conv_rule(_MultiDepthwise))
 
 
+def _pool_padding_reason(kind):
+    """Why a padded pooling (Keras' "same", tf.nn's "SAME") cannot be exact: TensorFlow's max and average pooling
+    ignore the padded cells (no zeros are seen), so a window that overhangs the patch pools fewer pixels."""
+    name, what = ("max", "takes the maximum of") if kind == "max" else ("average", "averages")
+    return (f"inside Cp the windows that overhang the patch border pool only the pixels inside the patch ({name} "
+            f"pooling ignores the padded cells: it {what} the others), while in a whole image the same windows also "
+            f"cover the real neighbours, so the padded windows at the patch border differ from the dense image's and "
+            f"CI cannot be exact. Use padding='valid' (\"same\" whose windows end inside the map pads nothing and "
+            f"converts), or use dense_reference() for this net")
+
+
 def _make_pool_rule(kind):
     def rule(call, geoms):
         geom = geoms[0]
@@ -3847,7 +3858,7 @@ def _make_pool_rule(kind):
         stride = tuple(layer.strides) if layer.strides is not None else kernel
         padding = getattr(layer, "padding", "valid")
         if padding != "valid" and (padding != "same" or _same_pads(geom.size, kernel, stride)):
-            raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
+            raise call.fail(f"it pads its input (padding={layer.padding!r}); {_pool_padding_reason(kind)}")
         _require_channels_last(call)  # ("same" that pads nothing on the patch-level map, such as 2x2 windows of an
         # even-sized map, is "valid")
         cls = {"max": multiMaxPooling, "avg": multiAvgPooling, "lp": multiLPPooling}[kind]
@@ -4854,7 +4865,9 @@ def _rule_window_op(call, geoms):
     _require_map(call, geom)
     padding = call.attrs["padding"][1]
     if padding != "VALID" and not (padding == "SAME" and _window_size(call) == (1, 1)):
-        raise call.fail(f"it pads its input (padding={padding!r}); {_PADDING_REASON}")
+        reason = _pool_padding_reason({"MaxPool": "max", "AvgPool": "avg"}[call.type]) \
+            if call.type in ("MaxPool", "AvgPool") else _PADDING_REASON
+        raise call.fail(f"it pads its input (padding={padding!r}); {reason}")
     if call.attrs.get("data_format", ["string", "NHWC"])[1] != "NHWC":
         raise call.fail("only data_format='NHWC' (channels last) is supported")
     if list(call.attrs["strides"][1]) != [1, 1, 1, 1]:
@@ -5465,20 +5478,51 @@ def _trace(base_net, patch_size, in_channels, guessed=False):
             raise
         except Exception as exc:
             text = re.sub(r"\x1b\[[0-9;]*m", "", _error_text(exc))  # Keras' bold
+            larger = _larger_patch_that_runs(base_net, (ph, pw), in_channels, example.dtype, traced=True)
+            why = "(a forward that reads values of tensors, with Python conditions on them or .numpy(), cannot be " \
+                "made dense)" if larger is None else f"-- the patch {ph}x{pw} is " + \
+                _too_small_hint(larger, "can be traced on")
             raise ConversionError(
                 f"Cp runs on {ph}x{pw}x{in_channels} patches, but its call() cannot be traced into a TensorFlow "
-                f"graph ({type(exc).__name__}: {text}); convert() reads Cp's layers and ops from that graph (a "
-                f"forward that reads values of tensors, with Python conditions on them or .numpy(), cannot be made "
-                f"dense)") from exc
+                f"graph ({type(exc).__name__}: {text}); convert() reads Cp's layers and ops from that graph "
+                f"{why}") from exc
         return tracer, out, example
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(last_error))  # Keras' bold
     about_channels = any(word in text for word in ("channel", "depth", "axis -1", "axis 3"))
     hint = f" -- in_channels={in_channels} was inferred from Cp's first Conv2D; pass in_channels= if Cp's input " \
         f"has another number of channels" if guessed and about_channels else ""
+    larger = _larger_patch_that_runs(base_net, (ph, pw), in_channels, _input_dtype(base_net))
+    size = "; check patch_size against the size Cp was trained on" if larger is None else \
+        f": it is {_too_small_hint(larger, 'runs on')}"
     raise ConversionError(f"running Cp on a batch of {ph}x{pw}x{in_channels} patches failed: "
-                          f"{type(last_error).__name__}: {text} -- the patch {ph}x{pw} may be smaller "
-                          f"(or larger) than the net needs; check patch_size against the size Cp was trained "
-                          f"on{hint}") from last_error
+                          f"{type(last_error).__name__}: {text} -- the patch {ph}x{pw} may be smaller (or larger) "
+                          f"than the net needs{size}{hint}") from last_error
+
+
+def _larger_patch_that_runs(base_net, patch_size, in_channels, dtype, traced=False):
+    """Where Cp failed on patches of ``patch_size``: the first of 2, 4 and 8 times that size on which Cp runs (is traced
+    into a graph, where ``traced``), which shows the patch to be too small for Cp's layers; None if none does (the
+    failure has another cause, or Cp declares its input size)."""
+    for factor in (2, 4, 8):
+        size = (patch_size[0] * factor, patch_size[1] * factor)
+        try:
+            if traced:
+                spec = tf.TensorSpec([1, *size, in_channels], dtype)
+                tf.function(_GraphBody(lambda patches: base_net(patches, training=False)),
+                            autograph=False).get_concrete_function(spec)
+            else:
+                base_net(tf.random.normal([1, *size, in_channels], dtype=dtype), training=False)
+        except Exception:  # noqa: BLE001 - (any failure: not this size either)
+            continue
+        return size
+    return None
+
+
+def _too_small_hint(larger, runs):
+    """Why the patch is too small for Cp (Cp ``runs`` on the ``larger`` patch)."""
+    return (f"too small, since Cp {runs} {larger[0]}x{larger[1]} patches (its layers shrink this patch below "
+            f"the window of a later layer: a convolution or pooling gets a map smaller than its window, or an empty "
+            f"one); pass a larger patch_size, the size Cp was trained on")
 
 
 def _apply_rules(calls, geoms, values):
