@@ -283,3 +283,27 @@ def test_too_small_patch_is_named(kb):
     with pytest.raises(kb.FDFE.ConversionError, match=r"(?s)the patch 5x5 may be smaller \(or larger\) than the net "
                                                       r"needs; check patch_size against the size Cp was trained on$"):
         kb.FDFE.convert(fixed, 5, in_channels=1)
+
+
+# --- 6. output_stride with branches cropped differently before strided layers ----------------------------------------
+
+def test_output_stride_with_branches_cropped_before_strided_layers(kb):
+    """A shortcut cropped by one pixel before its strided layer and cropped to the main branch's size after it
+    (16x16 patch: main 3x3 at stride 2 gives 7x7 of a 14x14 stride-1 map; the shortcut's 1x1 window at stride 2 gives
+    8x8 of 15x15, cropped to 7x7).  With an output_stride that skips their shifts, CI ran them as ordinary strided
+    layers, which give ceil(L / s) positions where multipooling's shift (0, 0) gives L // s (L: the stride-1 size):
+    the branches met with different sizes (InvalidArgumentError in Add).  Each kind of strided layer
+    (Conv2D, DepthwiseConv2D, pooling) in the shortcut; exact at every step."""
+    import keras
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3))
+    x = L.Conv2D(4, 1)(inp)
+    branches = [L.Conv2D(4, 3, strides=2)(x)]
+    for strided in (L.Conv2D(4, 1, strides=2), L.DepthwiseConv2D(1, strides=2), L.MaxPooling2D(1, strides=2)):
+        branches.append(L.Cropping2D(((0, 1), (0, 1)))(strided(L.Cropping2D(((1, 0), (1, 0)))(x))))
+    cp = keras.Model(inp, L.Dense(5)(L.Flatten()(L.Add()(branches))))
+    images = _images(3)
+    for step in (2, 4, (2, 4), 3):
+        _assert_exact(kb, cp, 16, images, output_stride=step)
+    _assert_exact(kb, cp, 16, images, output_stride=2, naive=True, tile=(9, 11))

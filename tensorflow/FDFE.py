@@ -1613,6 +1613,19 @@ def _multi(x, op, kernel, stride, dil, naive):
     return tf.concat(shifts, 0)
 
 
+def _shift_zero(y, x, kernel, stride, dilation=(1, 1)):
+    """``y``, the output of an ordinary strided layer (window ``kernel`` at ``stride``, ``dilation``) on ``x``, cropped
+    to the positions of its shift (0, 0) in multipooling: L // s along an axis whose stride-1 output has L positions
+    (:func:`space_to_batch` crops every shift to that), where the strided layer gives ceil(L / s).  CI runs its
+    leading strided layers so where output_stride skips their shifts (_ShiftOptions.shifts): branches cropped
+    differently before such layers (a shortcut cropped to its main branch's size) then keep the sizes they have with
+    all shifts, and merge."""
+    _, lh, lw, _ = _static_or_dynamic(x)
+    hq = (lh - dilation[0] * (kernel[0] - 1)) // stride[0]
+    wq = (lw - dilation[1] * (kernel[1] - 1)) // stride[1]
+    return y[:, :hq, :wq, :]
+
+
 def unwarp_layer(x, stride):
     """Undo one multipooling layer (the outermost one): interleave its shifts into the image.
 
@@ -1724,7 +1737,8 @@ class _MultiPoolBase(_ShiftOptions, _Layer):
 
     def call(self, x):
         if not self.shifts:
-            return _pool(x, self.kind, self.kernel_size, self.stride, float(self._options().get("norm_type", 2.0)))
+            y = _pool(x, self.kind, self.kernel_size, self.stride, float(self._options().get("norm_type", 2.0)))
+            return _shift_zero(y, x, self.kernel_size, self.stride)
         if self.shifts_in_place and not self.naive:
             return _pool(x, self.kind, self.kernel_size, (1, 1), float(self._options().get("norm_type", 2.0)))
         return multi_pool(x, self.kind, self.kernel_size, self.stride, self.naive, **self._options())
@@ -1914,6 +1928,7 @@ class multiConv(_ShiftOptions, _WrapperLayer):
         x, kernel, bias = _in_compute_dtype(c, x, c.kernel, c.bias if c.use_bias else None)
         if not self.shifts:  # an ordinary strided convolution (output_stride)
             y = multi_conv(x, kernel, bias, 1, c.dilation_rate)[:, ::c.strides[0], ::c.strides[1], :]
+            y = _shift_zero(y, x, tuple(c.kernel_size), tuple(c.strides), tuple(c.dilation_rate))
         elif self.shifts_in_place and not self.naive:
             y = multi_conv(x, kernel, bias, 1, c.dilation_rate)
         else:
@@ -3787,7 +3802,7 @@ class _MultiDepthwise(_ShiftOptions, _WrapperLayer):
             y = tf.nn.depthwise_conv2d(t, tf.cast(depthwise, t.dtype), [1, 1, 1, 1], "VALID", dilations=dil)
             return y[:, ::s[0], ::s[1], :]
         if not self.shifts:
-            y = conv(x, stride)
+            y = _shift_zero(conv(x, stride), x, tuple(depthwise.shape[:2]), stride, dil)
         elif self.shifts_in_place and not self.naive:
             y = conv(x, (1, 1))
         else:
