@@ -1614,6 +1614,19 @@ def _multi(x, op, kernel, stride, dil, naive):
     return tf.concat(shifts, 0)
 
 
+def _shift_zero(y, x, kernel, stride, dilation=(1, 1)):
+    """``y``, the output of an ordinary strided layer (window ``kernel`` at ``stride``, ``dilation``) on ``x``, cropped
+    to the positions of its shift (0, 0) in multipooling: L // s along an axis whose stride-1 output has L positions
+    (:func:`space_to_batch` crops every shift to that), where the strided layer gives ceil(L / s).  CI runs its
+    leading strided layers so where output_stride skips their shifts (_ShiftOptions.shifts): branches cropped
+    differently before such layers (a shortcut cropped to its main branch's size) then keep the sizes they have with
+    all shifts, and merge."""
+    _, lh, lw, _ = _static_or_dynamic(x)
+    hq = (lh - dilation[0] * (kernel[0] - 1)) // stride[0]
+    wq = (lw - dilation[1] * (kernel[1] - 1)) // stride[1]
+    return y[:, :hq, :wq, :]
+
+
 def unwarp_layer(x, stride):
     """Undo one multipooling layer (the outermost one): interleave its shifts into the image.
 
@@ -1725,7 +1738,8 @@ class _MultiPoolBase(_ShiftOptions, _Layer):
 
     def call(self, x):
         if not self.shifts:
-            return _pool(x, self.kind, self.kernel_size, self.stride, float(self._options().get("norm_type", 2.0)))
+            y = _pool(x, self.kind, self.kernel_size, self.stride, float(self._options().get("norm_type", 2.0)))
+            return _shift_zero(y, x, self.kernel_size, self.stride)
         if self.shifts_in_place and not self.naive:
             return _pool(x, self.kind, self.kernel_size, (1, 1), float(self._options().get("norm_type", 2.0)))
         return multi_pool(x, self.kind, self.kernel_size, self.stride, self.naive, **self._options())
@@ -1844,9 +1858,27 @@ def _require_float_kernel(layer, what):
         raise ValueError(f"{what}: layer '{layer.name}': {reason}")
 
 
-def _pads(conv) -> bool:
-    """Whether a convolution layer pads its input: padding="same" pads nothing for a 1x1 kernel."""
-    return conv.padding != "valid" and not (conv.padding == "same" and tuple(conv.kernel_size) == (1, 1))
+def _same_pads(size, kernel, stride, dilation=(1, 1)) -> bool:
+    """Whether padding="same" pads a map of ``size`` (h, w) for windows of ``kernel`` at ``stride`` and ``dilation``:
+    TensorFlow pads (ceil(n / s) - 1) * s + d * (k - 1) + 1 - n entries along an axis of n where that is positive.
+    Never for a 1x1 window; at stride 1 always for larger ones; at stride s only where the last window overhangs the
+    map (2x2 windows at stride 2 of an even-sized map, a 4x4 stride-4 patchify convolution on 16x16 pad nothing: the
+    "valid" layer's windows, outputs and values)."""
+    return any((_ceil_div(n, s) - 1) * s + d * (k - 1) + 1 > n
+               for n, k, s, d in zip(size, _pair(kernel, "kernel"), _pair(stride, "stride"),
+                                     _pair(dilation, "dilation")))
+
+
+def _pads(conv, size=None) -> bool:
+    """Whether a convolution layer pads its input (of ``size`` (h, w) in Cp, where given): padding="same" pads nothing
+    for a 1x1 kernel, nor where its windows end inside the map (:func:`_same_pads`), where it is the "valid" layer."""
+    if conv.padding == "valid":
+        return False
+    if conv.padding != "same":
+        return True
+    if size is None:
+        return tuple(conv.kernel_size) != (1, 1)
+    return _same_pads(size, conv.kernel_size, conv.strides, conv.dilation_rate)
 
 
 @_register
@@ -1859,6 +1891,8 @@ class multiConv(_ShiftOptions, _WrapperLayer):
     Args:
         conv: a trained ``keras.layers.Conv2D`` with padding='valid' (any strides, dilation, groups).
         naive: one strided convolution per shift instead of stride 1 + space-to-batch.
+        input_size: (h, w), the size of the convolution's input in Cp, where its padding is 'same': accepted where it
+            pads nothing at that size (a kernel equal to its stride on a multiple of it), as the 'valid' layer.
 
     Raises a ValueError where the input has other channels than the convolution takes, or is smaller
     than its window and shifts need.
@@ -1868,12 +1902,14 @@ class multiConv(_ShiftOptions, _WrapperLayer):
     """
     wrapped = "conv"
 
-    def __init__(self, conv, naive: bool = False, **kwargs):
+    def __init__(self, conv, naive: bool = False, input_size=None, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(conv, keras.layers.Conv2D):
             raise TypeError(f"multiConv needs a trained keras.layers.Conv2D, got {type(conv).__name__}")
-        if _pads(conv):
-            raise ConversionError(f"multiConv: the convolution pads its input (padding={conv.padding!r}); "
+        self.input_size = None if input_size is None else _pair(tuple(input_size), "input_size")
+        if _pads(conv, self.input_size):
+            at = "" if self.input_size is None else f" at its {self.input_size[0]}x{self.input_size[1]} input"
+            raise ConversionError(f"multiConv: the convolution pads its input (padding={conv.padding!r}{at}); "
                                   f"{_PADDING_REASON}")
         self.conv = conv
         self.naive = bool(naive)
@@ -1893,6 +1929,7 @@ class multiConv(_ShiftOptions, _WrapperLayer):
         x, kernel, bias = _in_compute_dtype(c, x, c.kernel, c.bias if c.use_bias else None)
         if not self.shifts:  # an ordinary strided convolution (output_stride)
             y = multi_conv(x, kernel, bias, 1, c.dilation_rate)[:, ::c.strides[0], ::c.strides[1], :]
+            y = _shift_zero(y, x, tuple(c.kernel_size), tuple(c.strides), tuple(c.dilation_rate))
         elif self.shifts_in_place and not self.naive:
             y = multi_conv(x, kernel, bias, 1, c.dilation_rate)
         else:
@@ -1904,7 +1941,8 @@ class multiConv(_ShiftOptions, _WrapperLayer):
         return (None, None, None, self.conv.filters)
 
     def get_config(self):
-        return {**super().get_config(), "naive": self.naive}
+        size = None if self.input_size is None else list(self.input_size)
+        return {**super().get_config(), "naive": self.naive, "input_size": size}
 
 
 @_register
@@ -2126,6 +2164,28 @@ _KERAS_BOOKKEEPING = frozenset({"name", "built", "trainable", "autocast", "suppo
                                 "seed", "rate", "momentum", "renorm_momentum", "noise_shape", "stddev"})
 _PLAIN_TYPES = (bool, int, float, str, type(None), enum.Enum)  # (an Enum's members: by identity)
 
+#: the modules of Keras' layer library (keras.layers' classes and their bases)
+_KERAS_LAYER_MODULES = ("keras.src.layers.", "keras.layers.", "keras.src.legacy.", "keras.legacy.")
+#: the layer classes keras.layers exports (a few live outside the layer modules: TFSMLayer, JaxLayer)
+_PUBLIC_KERAS_LAYERS = frozenset(v for v in vars(keras.layers).values()
+                                 if isinstance(v, type) and issubclass(v, keras.layers.Layer))
+
+
+def _keras_library_layer(kind) -> bool:
+    """Whether ``kind`` is a layer class of Keras' layer library (what keras.layers exports, and the classes of its
+    modules): layers with ops of their own, such as an LSTM or UpSampling2D, which convert() records as one op and
+    refuses by kind where no rule makes them dense, and whose settings it compares by name (_LAYER_SETTINGS).
+    Layers that Keras defines elsewhere, written as a user writes layers (keras.applications' ConvNeXt LayerScale and
+    StochasticDepth, InceptionResNetV2's CustomScaleLayer), are not: they are traced through and compared as the
+    user's own layers are."""
+    return kind in _PUBLIC_KERAS_LAYERS or kind.__module__.startswith(_KERAS_LAYER_MODULES)
+
+
+def _keras_own(kind) -> bool:
+    """Whether ``kind`` is a class of Keras' own library of layers and models (see :func:`_keras_library_layer`),
+    as opposed to the user's (and to the layers of keras.applications)."""
+    return kind.__module__.startswith("keras.") and (issubclass(kind, keras.Model) or _keras_library_layer(kind))
+
 
 def _is_plain(value, depth=0) -> bool:
     """Numbers, strings, None, numpy arrays (not of objects) and numbers, and tuples, lists and dicts of them:
@@ -2235,7 +2295,7 @@ def _attribute_values(layers) -> Dict[Tuple[int, str], object]:
     runs: a counter, a shape seen) from settings."""
     values = {}
     for layer in layers:
-        if not type(layer).__module__.startswith("keras.") and type(layer).__module__ != __name__:
+        if not _keras_own(type(layer)) and type(layer).__module__ != __name__:
             for k, v in vars(layer).items():
                 for path, value in _setting_paths(k, v) if k[0] != "_" else ():
                     values[(id(layer), path)] = _snapshot(value) if _is_plain(value) else id(value)
@@ -2255,7 +2315,7 @@ def _setting_names(layer, state=None, reads=None) -> Tuple[str, ...]:
         return tuple(k for k, v in attributes.items() if k[0] != "_" and k not in _KERAS_BOOKKEEPING and _is_plain(v))
     if kind.__module__ == __name__:
         return ()
-    if kind.__module__.startswith("keras."):
+    if _keras_own(kind):
         return () if isinstance(layer, keras.Model) else tuple(k for k in _LAYER_SETTINGS if k in attributes)
     if state is None:
         return ()
@@ -2716,12 +2776,13 @@ _CONTAINERS = tuple(c for c in (getattr(keras.layers, "Pipeline", None),) if isi
 
 
 def _is_leaf(layer) -> bool:
-    """Layers recorded as one op: those with a rule, and Keras' own layers (an LSTM, with its cell; an
-    unknown kind is named as such).  Models, Lambda layers and the user's own layers are traced through:
-    their ops are read from the graph."""
+    """Layers recorded as one op: those with a rule, and the layers of Keras' layer library (an LSTM, with its
+    cell; an unknown kind is named as such: :func:`_keras_library_layer`).  Models, Lambda layers, the user's own
+    layers and the layers Keras defines outside its layer library (keras.applications' LayerScale) are traced
+    through: their ops are read from the graph."""
     if isinstance(layer, (keras.Model, keras.layers.Lambda) + _CONTAINERS):
         return False
-    return _lookup_rule(layer) is not None or type(layer).__module__.startswith("keras.")
+    return _lookup_rule(layer) is not None or _keras_library_layer(type(layer))
 
 
 #: the tracer of the convert() running in this thread (other threads' Keras calls are not recorded)
@@ -3630,6 +3691,9 @@ def _rule_channelwise(call, geoms):
     _per_pixel_ok(call, geom, shape=call.in_shapes[0])
     if isinstance(layer, keras.layers.Normalization) and getattr(layer, "input_mean", None) is None \
             and hasattr(layer, "adapt_mean"):
+        stale = _stale_statistics(layer)
+        if stale is not None:
+            raise call.fail(f"Cp does not compute with the statistics it holds: {stale}, and convert again")
         normalization = _AdaptedNormalization(layer)  # its statistics as they are at every call
         return (lambda xs: [normalization(xs[0])]), [geom]
     if rank in (2, 3):  # built for (B, C) vectors or (B, h*w, C) positions: may accept no (B, H, W, C) values
@@ -3651,6 +3715,31 @@ def _rule_layer_norm(call, geoms):
         raise call.fail(f"it normalises {geoms[0].describe()} over axes {axis}, with statistics of each patch; "
                         f"{_PER_PATCH_REASON}")
     return _rule_channelwise(call, geoms)
+
+
+def _stale_statistics(layer):
+    """Why an adapted ``keras.layers.Normalization`` (statistics in its ``adapt_mean`` / ``adapt_variance`` variables)
+    does not compute with the statistics it holds, or None.  Keras' call() normalises with tensors that
+    finalize_state() makes from the variables (adapt(), build and loading call it): statistics given by set_weights()
+    or assign() are held, saved and loaded, but Cp keeps computing with the old ones until finalize_state() is
+    called.  CI reads the variables (so it follows adapt() and load_weights() after convert) and would differ from
+    Cp; following the stale copy instead would make CI differ from the same Cp saved and loaded, or adapted: refused
+    (at convert, and where CI runs), naming the call that makes both agree.  (Two small reads per call of CI.)"""
+    copies = [getattr(layer, name, None) for name in ("mean", "variance")]
+    if not all(tf.is_tensor(c) for c in copies):
+        return None
+    for name, copy, variable in zip(("mean", "variance"), copies, (layer.adapt_mean, layer.adapt_variance)):
+        copy = np.asarray(copy).ravel()
+        handle = _handle_of(variable)  # (one read op: a Keras variable's numpy() runs three; in a stateless scope,
+        value = variable.value if handle is None else tf.raw_ops.ReadVariableOp(  # the value given)
+            resource=handle, dtype=tf.as_dtype(variable.dtype))
+        held = np.asarray(value).ravel().astype(copy.dtype)  # (as finalize_state() casts it)
+        if not np.array_equal(copy, held, equal_nan=True):
+            return (f"its statistics variables ({name}: {_short_value(held)}) were set (set_weights() or assign()) "
+                    f"without finalize_state(), and Keras' call() keeps normalising with the copy made before "
+                    f"({_short_value(copy)}, refreshed only by finalize_state(), adapt() and loading); call "
+                    f"finalize_state() on layer '{layer.name}' (Keras' own step after setting them)")
+    return None
 
 
 @_register
@@ -3682,11 +3771,16 @@ class _AdaptedNormalization(_WrapperLayer):
 @_register
 class _MultiDepthwise(_ShiftOptions, _WrapperLayer):
     """A trained DepthwiseConv2D or SeparableConv2D made dense (shared weights): the depthwise part as
-    multi-convolution (all shifts when strided), then the pointwise part, bias and activation."""
+    multi-convolution (all shifts when strided, no padding), then the pointwise part, bias and activation.
+    ``input_size``: as for :class:`multiConv`."""
     wrapped = "layer"
 
-    def __init__(self, layer, naive: bool = False, **kwargs):
+    def __init__(self, layer, naive: bool = False, input_size=None, **kwargs):
         super().__init__(**kwargs)
+        self.input_size = None if input_size is None else _pair(tuple(input_size), "input_size")
+        if _pads(layer, self.input_size):
+            raise ConversionError(f"layer '{layer.name}' pads its input (padding={layer.padding!r}); "
+                                  f"{_PADDING_REASON}")
         self.layer = layer
         self.naive = bool(naive)
 
@@ -3709,7 +3803,7 @@ class _MultiDepthwise(_ShiftOptions, _WrapperLayer):
             y = tf.nn.depthwise_conv2d(t, tf.cast(depthwise, t.dtype), [1, 1, 1, 1], "VALID", dilations=dil)
             return y[:, ::s[0], ::s[1], :]
         if not self.shifts:
-            y = conv(x, stride)
+            y = _shift_zero(conv(x, stride), x, tuple(depthwise.shape[:2]), stride, dil)
         elif self.shifts_in_place and not self.naive:
             y = conv(x, (1, 1))
         else:
@@ -3729,24 +3823,27 @@ class _MultiDepthwise(_ShiftOptions, _WrapperLayer):
         return (None, None, None, None if channels is None else channels * layer.depth_multiplier)
 
     def get_config(self):
-        return {**super().get_config(), "naive": self.naive}
+        size = None if self.input_size is None else list(self.input_size)
+        return {**super().get_config(), "naive": self.naive, "input_size": size}
 
 
 def _make_conv_rule(dense_layer):
-    """Convolutions without padding: reused when stride 1, made dense by ``dense_layer`` (all shifts)
-    when strided."""
+    """Convolutions without padding: reused when stride 1, made dense by ``dense_layer`` (all shifts, no padding)
+    when strided.  padding="same" that pads nothing at the patch-level size (:func:`_pads`) is the "valid" layer:
+    at stride 1 a 1x1 kernel (reused: "same" pads nothing on any map), strided where the windows end inside the
+    map, which ``dense_layer`` computes without padding on the dense map, as it must."""
     def rule(call, geoms):
         geom = geoms[0]
         layer = call.layer
         _require_map(call, geom)
-        if _pads(layer):
+        if _pads(layer, geom.size):
             raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
         _require_channels_last(call)
         stride = tuple(layer.strides)
         if stride == (1, 1):
             return _reuse(layer), [_map_geom(call, geom)]
         _require_plain_weights(call, "its strided form (all shifts)", "convolution_op")
-        return (lambda xs: [dense_layer(layer)(xs[0])]), [_map_geom(call, geom, stride)]
+        return (lambda xs: [dense_layer(layer, input_size=geom.size)(xs[0])]), [_map_geom(call, geom, stride)]
     rule.__doc__ = f"convolution without padding: reused at stride 1, {dense_layer.__name__} when strided."
     return rule
 
@@ -3757,6 +3854,17 @@ _rule_for(keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
     _make_conv_rule(_MultiDepthwise))
 
 
+def _pool_padding_reason(kind):
+    """Why a padded pooling (Keras' "same", tf.nn's "SAME") cannot be exact: TensorFlow's max and average pooling
+    ignore the padded cells (no zeros are seen), so a window that overhangs the patch pools fewer pixels."""
+    name, what = ("max", "takes the maximum of") if kind == "max" else ("average", "averages")
+    return (f"inside Cp the windows that overhang the patch border pool only the pixels inside the patch ({name} "
+            f"pooling ignores the padded cells: it {what} the others), while in a whole image the same windows also "
+            f"cover the real neighbours, so the padded windows at the patch border differ from the dense image's and "
+            f"CI cannot be exact. Use padding='valid' (\"same\" whose windows end inside the map pads nothing and "
+            f"converts), or use dense_reference() for this net")
+
+
 def _make_pool_rule(kind):
     def rule(call, geoms):
         geom = geoms[0]
@@ -3765,9 +3873,8 @@ def _make_pool_rule(kind):
         kernel = tuple(layer.pool_size)
         stride = tuple(layer.strides) if layer.strides is not None else kernel
         padding = getattr(layer, "padding", "valid")
-        if padding != "valid" and (padding != "same" or any(
-                (_ceil_div(n, s) - 1) * s + k > n for n, k, s in zip(geom.size, kernel, stride))):
-            raise call.fail(f"it pads its input (padding={layer.padding!r}); {_PADDING_REASON}")
+        if padding != "valid" and (padding != "same" or _same_pads(geom.size, kernel, stride)):
+            raise call.fail(f"it pads its input (padding={layer.padding!r}); {_pool_padding_reason(kind)}")
         _require_channels_last(call)  # ("same" that pads nothing on the patch-level map, such as 2x2 windows of an
         # even-sized map, is "valid")
         cls = {"max": multiMaxPooling, "avg": multiAvgPooling, "lp": multiLPPooling}[kind]
@@ -4016,9 +4123,14 @@ def _rule_center_crop(call, geoms):
     return run, [geom.with_(size=(th, tw))]
 
 
-@_rule_for(keras.layers.ZeroPadding2D, label="refused: padding inside Cp")
+_PAD_LABEL = "refused: padding inside Cp (of nothing, ZeroPadding2D(0) or tf.pad of zeros, the identity)"
+
+
+@_rule_for(keras.layers.ZeroPadding2D, label=_PAD_LABEL)
 def _rule_refuse_padding(call, geoms):
-    """Explicit padding inside Cp."""
+    """Explicit padding inside Cp (of nothing, ZeroPadding2D(0): the identity)."""
+    if call.out_shape == call.in_shapes[0] and np.all(np.asarray(call.layer.padding) == 0):
+        return _pass_through, [geoms[0]]
     raise call.fail(f"it pads an activation inside Cp; {_PADDING_REASON}")
 
 
@@ -4468,6 +4580,41 @@ def _rule_concat_op(call, geoms):
     return _op_runner(call, args, unwarps), [first.with_(channels=call.out_shapes[0][-1])]
 
 
+@_op_rule_for("Pack", label="TensorFlow stacks in call() of one-channel values along a new last axis (keras.ops."
+                            "stack([x[..., 2], x[..., 1], x[..., 0]], axis=-1)): a concatenation of channels")
+def _rule_stack_op(call, geoms):
+    """``keras.ops.stack`` / ``tf.stack`` along a new last axis of values that are each one channel of a map,
+    (N, h, w) (``x[..., c]``, a reduction over the channels without keepdims; also the (N,) value of a vector of one
+    position or the (N, h*w) of rows of positions): the channels of every pixel side by side, a concatenation of the
+    one-channel dense maps (keras.applications' preprocess_input in "caffe" mode turns RGB into BGR so).  A stack
+    along any other axis puts the values between positions of the patch (or patches): refused."""
+    values, out = call.args["values"], tuple(call.out_shapes[0])
+    if any("input" not in spec for spec in values):
+        raise call.fail("it stacks a constant with values computed from the patch; only values computed from the "
+                        "patch, each one channel of a map, can be made dense")
+    axis = int(call.attrs["axis"][1]) % len(out)
+    shapes = [tuple(shape) for shape in call.in_shapes]
+    if axis != len(out) - 1:
+        raise call.fail(f"it stacks {len(values)} values of shape {shapes[0]} along axis {axis} of its {out} result, "
+                        f"which puts them between positions of the patch (or between patches); only a stack along a "
+                        f"new last axis (axis=-1) of one-channel values (N, h, w), such as x[..., c], can be made "
+                        f"dense: it is a concatenation of their channels")
+    for geom, shape in zip(geoms, shapes):
+        if geom.channels != 1 or not _per_channel(geom, shape + (1,)):
+            raise call.fail(f"it stacks {geom.describe()} (shape {shape}) along a new last axis; only one-channel "
+                            f"values (N, h, w), such as x[..., c] of a map, stack into the channels of every pixel")
+    first, unwarps = _merge_grids(call, geoms)
+    concat = _TFOp("ConcatV2", {"values": [{"input": k} for k in range(len(values))],
+                                "axis": {"const": -1, "dtype": "int32"}}, {}, name=_op_layer_name(call))
+
+    def run(xs):
+        xs = _AlignStreams(unwarps)(list(xs)) if any(unwarps) else list(xs)
+        return [concat(xs)]
+    stacked = first.with_(kind=MAP, channels=len(values))
+    (h, w) = first.size
+    return run, [_reshaped_geom(call, stacked, (out[0], h, w, len(values)), out)]
+
+
 @_takes_swapped
 @_takes_transposed
 @_op_rule_for("StridedSlice", "Slice", label="TensorFlow slices in call(): crops of the map (a translation of the "
@@ -4734,7 +4881,9 @@ def _rule_window_op(call, geoms):
     _require_map(call, geom)
     padding = call.attrs["padding"][1]
     if padding != "VALID" and not (padding == "SAME" and _window_size(call) == (1, 1)):
-        raise call.fail(f"it pads its input (padding={padding!r}); {_PADDING_REASON}")
+        reason = _pool_padding_reason({"MaxPool": "max", "AvgPool": "avg"}[call.type]) \
+            if call.type in ("MaxPool", "AvgPool") else _PADDING_REASON
+        raise call.fail(f"it pads its input (padding={padding!r}); {reason}")
     if call.attrs.get("data_format", ["string", "NHWC"])[1] != "NHWC":
         raise call.fail("only data_format='NHWC' (channels last) is supported")
     if list(call.attrs["strides"][1]) != [1, 1, 1, 1]:
@@ -4747,9 +4896,12 @@ def _rule_window_op(call, geoms):
     return _op_runner(call), [geom.with_(channels=out[3], size=out[1:3])]
 
 
-@_op_rule_for("Pad", "PadV2", "MirrorPad", label="refused: padding inside Cp")
+@_op_rule_for("Pad", "PadV2", "MirrorPad", label=_PAD_LABEL)
 def _rule_pad_op(call, geoms):
-    """tf.pad / keras.ops.pad inside Cp."""
+    """tf.pad / keras.ops.pad inside Cp (of nothing, paddings all 0: the identity)."""
+    paddings = call.constant("paddings")
+    if paddings is not None and not np.any(paddings) and tuple(call.out_shapes[0]) == tuple(call.in_shapes[0]):
+        return _pass_through, [geoms[0]]
     raise call.fail(f"it pads a value inside Cp; {_PADDING_REASON}")
 
 
@@ -4834,6 +4986,9 @@ class DenseFeatureModel(keras.Model):
         # activity regularizers are checked where CI runs
         object.__setattr__(self, "_cp_layers", list(self.core._flatten_layers(include_self=False, recursive=True)))
         object.__setattr__(self, "_settings", _layer_settings(self._cp_layers))
+        # the adapted Normalization layers whose statistics CI reads (_stale_statistics, checked where CI runs)
+        object.__setattr__(self, "_normalizations", [layer.layer for layer in self._cp_layers
+                                                     if isinstance(layer, _AdaptedNormalization)])
 
     def _hold_read_variables(self, specs):
         """The variables of Cp that the core's ops (_TFOp) read outside its layers (``x * exp(self.log_s)`` in a
@@ -5045,6 +5200,12 @@ class DenseFeatureModel(keras.Model):
                                  f"layers than at convert ({len(held)} then, {len(now)} now: a layer added, removed "
                                  f"or replaced). CI runs the ops convert built, which no longer are Cp's: convert Cp "
                                  f"again")
+        for layer in self._normalizations:
+            stale = _stale_statistics(layer)
+            if stale is not None:
+                raise ValueError(f"Cp changed after convert: layer '{layer.name}' (Normalization) no longer computes "
+                                 f"with the statistics it holds, which CI reads: {stale}; CI then follows without "
+                                 f"converting again")
         for layer, names, values, activation in getattr(self, "_settings", ()):
             now = tuple(_snapshot(_setting_of(layer, k)) for k in names)
             activation_now = getattr(layer, "activation", None)
@@ -5333,26 +5494,58 @@ def _trace(base_net, patch_size, in_channels, guessed=False):
             raise
         except Exception as exc:
             text = re.sub(r"\x1b\[[0-9;]*m", "", _error_text(exc))  # Keras' bold
+            larger = _larger_patch_that_runs(base_net, (ph, pw), in_channels, example.dtype, traced=True)
+            why = "(a forward that reads values of tensors, with Python conditions on them or .numpy(), cannot be " \
+                "made dense)" if larger is None else f"-- the patch {ph}x{pw} is " + \
+                _too_small_hint(larger, "can be traced on")
             raise ConversionError(
                 f"Cp runs on {ph}x{pw}x{in_channels} patches, but its call() cannot be traced into a TensorFlow "
-                f"graph ({type(exc).__name__}: {text}); convert() reads Cp's layers and ops from that graph (a "
-                f"forward that reads values of tensors, with Python conditions on them or .numpy(), cannot be made "
-                f"dense)") from exc
+                f"graph ({type(exc).__name__}: {text}); convert() reads Cp's layers and ops from that graph "
+                f"{why}") from exc
         return tracer, out, example
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(last_error))  # Keras' bold
     about_channels = any(word in text for word in ("channel", "depth", "axis -1", "axis 3"))
     hint = f" -- in_channels={in_channels} was inferred from Cp's first Conv2D; pass in_channels= if Cp's input " \
         f"has another number of channels" if guessed and about_channels else ""
+    larger = _larger_patch_that_runs(base_net, (ph, pw), in_channels, _input_dtype(base_net))
+    size = "; check patch_size against the size Cp was trained on" if larger is None else \
+        f": it is {_too_small_hint(larger, 'runs on')}"
     raise ConversionError(f"running Cp on a batch of {ph}x{pw}x{in_channels} patches failed: "
-                          f"{type(last_error).__name__}: {text} -- the patch {ph}x{pw} may be smaller "
-                          f"(or larger) than the net needs; check patch_size against the size Cp was trained "
-                          f"on{hint}") from last_error
+                          f"{type(last_error).__name__}: {text} -- the patch {ph}x{pw} may be smaller (or larger) "
+                          f"than the net needs{size}{hint}") from last_error
+
+
+def _larger_patch_that_runs(base_net, patch_size, in_channels, dtype, traced=False):
+    """Where Cp failed on patches of ``patch_size``: the first of 2, 4 and 8 times that size on which Cp runs (is traced
+    into a graph, where ``traced``), which shows the patch to be too small for Cp's layers; None if none does (the
+    failure has another cause, or Cp declares its input size)."""
+    for factor in (2, 4, 8):
+        size = (patch_size[0] * factor, patch_size[1] * factor)
+        try:
+            if traced:
+                spec = tf.TensorSpec([1, *size, in_channels], dtype)
+                tf.function(_GraphBody(lambda patches: base_net(patches, training=False)),
+                            autograph=False).get_concrete_function(spec)
+            else:
+                base_net(tf.random.normal([1, *size, in_channels], dtype=dtype), training=False)
+        except Exception:  # noqa: BLE001 - (any failure: not this size either)
+            continue
+        return size
+    return None
+
+
+def _too_small_hint(larger, runs):
+    """Why the patch is too small for Cp (Cp ``runs`` on the ``larger`` patch)."""
+    return (f"too small, since Cp {runs} {larger[0]}x{larger[1]} patches (its layers shrink this patch below "
+            f"the window of a later layer: a convolution or pooling gets a map smaller than its window, or an empty "
+            f"one); pass a larger patch_size, the size Cp was trained on")
 
 
 def _apply_rules(calls, geoms, values):
     """Apply each recorded call's rule and wire its layers; fills ``geoms`` and ``values`` (slot ->
     symbolic tensor of CI's core)."""
     problems = []  # every layer and op that cannot be made dense, reported together
+    unknown = set()  # "op", "layer kind": what kinds of problems have no rule (the supported ones listed once)
     for call in calls:
         in_geoms = [geoms[s] for s in call.in_slots]
         rule = _rule_of(call)
@@ -5360,7 +5553,9 @@ def _apply_rules(calls, geoms, values):
             if call.problem is not None:
                 raise call.problem
             if rule is None:
-                raise ConversionError(_unsupported_message(call.where, "op" if call.is_op else "layer kind"))
+                unknown.add("op" if call.is_op else "layer kind")
+                raise ConversionError(f"{call.where} is not supported by convert() (unknown "
+                                      f"{'op' if call.is_op else 'layer kind'})")
             transposed = next((g for g in in_geoms if g.kind == TRANSPOSED), None)
             back = []  # inputs that are transposed 1x1 maps, given to a rule of other values
             if transposed is not None and rule not in _TRANSPOSED_RULES and all(
@@ -5396,7 +5591,25 @@ def _apply_rules(calls, geoms, values):
         geoms.update(zip(call.out_slots, out_geoms))
         values.update(zip(call.out_slots, outs))
     if problems:
-        raise _all_problems(problems)
+        error = _all_problems(problems)
+        if unknown:  # the supported kinds, once (not after every unknown layer or op)
+            text = str(error)
+            error = ConversionError(text + ("\n" if "\n" in text else ". ") + _supported_summary(unknown))
+        raise error
+
+
+def _supported_summary(unknown):
+    """The layer kinds (``"layer kind" in unknown``) and op kinds (``"op" in unknown``) convert() makes dense, by name,
+    for the message that refuses unknown ones (supported_layers() groups them by rule, saying what each becomes)."""
+    names = {n for label, kinds in supported_layers().items() if not label.startswith("refused") for n in kinds}
+    parts = []
+    if "layer kind" in unknown:
+        parts.append(f"Keras layers: {', '.join(sorted(n for n in names if not n.startswith('tf.raw_ops.')))}")
+    if "op" in unknown:
+        ops = sorted(n[len("tf.raw_ops."):] for n in names if n.startswith("tf.raw_ops."))
+        parts.append(f"TensorFlow ops in call() (by tf.raw_ops name): {', '.join(ops)}")
+    return (f"Supported kinds -- {'; '.join(parts)}. FDFE.supported_layers() lists them by rule, with what each "
+            f"becomes in CI (README: Supported layers)")
 
 
 def _strided_layers(core):
