@@ -5545,7 +5545,6 @@ def _apply_rules(calls, geoms, values):
     """Apply each recorded call's rule and wire its layers; fills ``geoms`` and ``values`` (slot ->
     symbolic tensor of CI's core)."""
     problems = []  # every layer and op that cannot be made dense, reported together
-    unknown = set()  # "op", "layer kind": what kinds of problems have no rule (the supported ones listed once)
     for call in calls:
         in_geoms = [geoms[s] for s in call.in_slots]
         rule = _rule_of(call)
@@ -5553,9 +5552,7 @@ def _apply_rules(calls, geoms, values):
             if call.problem is not None:
                 raise call.problem
             if rule is None:
-                unknown.add("op" if call.is_op else "layer kind")
-                raise ConversionError(f"{call.where} is not supported by convert() (unknown "
-                                      f"{'op' if call.is_op else 'layer kind'})")
+                raise ConversionError(_unsupported_message(call.where, "op" if call.is_op else "layer kind"))
             transposed = next((g for g in in_geoms if g.kind == TRANSPOSED), None)
             back = []  # inputs that are transposed 1x1 maps, given to a rule of other values
             if transposed is not None and rule not in _TRANSPOSED_RULES and all(
@@ -5591,25 +5588,7 @@ def _apply_rules(calls, geoms, values):
         geoms.update(zip(call.out_slots, out_geoms))
         values.update(zip(call.out_slots, outs))
     if problems:
-        error = _all_problems(problems)
-        if unknown:  # the supported kinds, once (not after every unknown layer or op)
-            text = str(error)
-            error = ConversionError(text + ("\n" if "\n" in text else ". ") + _supported_summary(unknown))
-        raise error
-
-
-def _supported_summary(unknown):
-    """The layer kinds (``"layer kind" in unknown``) and op kinds (``"op" in unknown``) convert() makes dense, by name,
-    for the message that refuses unknown ones (supported_layers() groups them by rule, saying what each becomes)."""
-    names = {n for label, kinds in supported_layers().items() if not label.startswith("refused") for n in kinds}
-    parts = []
-    if "layer kind" in unknown:
-        parts.append(f"Keras layers: {', '.join(sorted(n for n in names if not n.startswith('tf.raw_ops.')))}")
-    if "op" in unknown:
-        ops = sorted(n[len("tf.raw_ops."):] for n in names if n.startswith("tf.raw_ops."))
-        parts.append(f"TensorFlow ops in call() (by tf.raw_ops name): {', '.join(ops)}")
-    return (f"Supported kinds -- {'; '.join(parts)}. FDFE.supported_layers() lists them by rule, with what each "
-            f"becomes in CI (README: Supported layers)")
+        raise _all_problems(problems)
 
 
 def _strided_layers(core):
