@@ -337,7 +337,8 @@ def test_layers_forced_into_training_mode_are_refused_by_name(tb, kb):
 def test_an_inferred_channel_count_that_fails_says_so(tb, kb):
     """Cp whose first convolution is not a module / layer with in_channels (F.conv2d with its own weight):
     convert infers the channels of its first Conv2d; when Cp then fails, the error says the count was
-    inferred and to pass in_channels= (it showed the framework's error alone)."""
+    inferred and to pass in_channels= (it showed the framework's error alone); where Cp converts (an RGB Cp
+    that makes its input grey first) and CI then gets images of other channels, CI's error says so too."""
     import keras
     import tensorflow as tf
     import torch
@@ -389,6 +390,22 @@ def test_an_inferred_channel_count_that_fails_says_so(tb, kb):
                                                       r"inferred from Cp's first Conv2D; pass in_channels="):
         kb.FDFE.convert(net, 5)
     kb.FDFE.convert(net, 5, in_channels=3)
+
+    class KerasGrey(keras.Model):  # the same in Keras: its channels inferred from its first Conv2D
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(3, 3)
+
+        def call(self, x):
+            return keras.ops.reshape(self.conv(keras.ops.mean(x, -1, keepdims=True)), (-1, 3))
+    grey = KerasGrey()
+    grey(np.zeros((1, 3, 3, 3), "float32"))
+    images = tf.random.normal((2, 6, 7, 3))
+    with pytest.raises(ValueError, match=r"images has 3 channels but the network expects 1 .*; convert inferred "
+                                         r"in_channels=1 from Cp's first Conv2D: .* convert with in_channels=3"):
+        kb.FDFE.convert(grey, 3)(images)
+    assert max_rel_error(kb.FDFE.convert(grey, 3, in_channels=3)(images),
+                         kb.FDFE.dense_reference(grey, images, 3)) <= TOL["float32"]
 
 
 def test_torch_bad_inputs(tb):

@@ -5267,6 +5267,17 @@ class DenseFeatureModel(keras.Model):
                                                         tf.constant(out_w, tf.int32)], [spec, scalar, scalar],
                             cache="_graph_fn")
 
+    def _check_images(self, images):
+        """:func:`check_images` against CI's channels, saying where convert inferred them."""
+        try:
+            check_images(images, self.in_channels)
+        except ValueError as exc:
+            if not getattr(self, "_in_channels_inferred", False) or "channels but the network expects" not in str(exc):
+                raise
+            raise ValueError(f"{exc}; convert inferred in_channels={self.in_channels} from Cp's first Conv2D: if Cp "
+                             f"takes {images.shape[-1]}-channel images (converting them itself), convert with "
+                             f"in_channels={images.shape[-1]}") from None
+
     def call(self, images, training=None, mask=None):
         out = self._call(images, training, mask)
         hazards = getattr(self, "gradient_hazards", ())
@@ -5285,11 +5296,11 @@ class DenseFeatureModel(keras.Model):
                              f"Set their activity_regularizer to None (or remove ActivityRegularization layers; "
                              f"outputs do not change) before training through CI")
         if tuple(getattr(images, "shape", ()))[:1] == (0,) and len(images.shape) == 4:  # an empty batch, as Cp
-            check_images(tf.zeros((1,) + tuple(images.shape[1:]), images.dtype), self.in_channels)
+            self._check_images(tf.zeros((1,) + tuple(images.shape[1:]), images.dtype))
             sy, sx = self.output_stride
             return tf.zeros((0, _ceil_div(images.shape[1], sy), _ceil_div(images.shape[2], sx), self.out_channels),
                             self.core.outputs[0].dtype)
-        check_images(images, self.in_channels)
+        self._check_images(images)
         images = tf.cast(images, self.core.inputs[0].dtype)
         shape = _static_or_dynamic(images)
         padded = multipool_prepare(images, self.patch_size, _lcm_pair(self.stride_product, self.output_stride),
@@ -5746,6 +5757,7 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     state = _changed_between(snapshots)
     object.__setattr__(net, "_settings", _layer_settings(net._cp_layers, state, reads))
     object.__setattr__(net, "_containers", _container_records(replaced))
+    object.__setattr__(net, "_in_channels_inferred", guessed)  # (for the message where images have other channels)
     return net
 
 
