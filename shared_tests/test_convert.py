@@ -2388,6 +2388,41 @@ def test_torch_slices_of_positions_with_a_step_and_pixel_unshuffle(tb):
         assert max_rel_error(grad, expected) <= TOL["float64"]
 
 
+def test_keras_slices_of_positions_with_a_step(kb):
+    """Keras: a slice of positions with a step, x[:, a:b:sh, c:d:sw, :] (YOLOv5's Focus stem: four concatenated),
+    with or without a slice of the channels, is a strided layer, the crop then multipooling of 1x1 windows, as in
+    PyTorch: CI equals Cp on every patch (images smaller than the patch, a step, tiles, borders, the naive path).
+    They were refused as "a strided, reversed or reordered slice"."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+    keras.utils.set_random_seed(6)
+
+    def focus(patch):
+        inp = keras.Input(patch + (3,))
+        x = L.Conv2D(3, 2)(inp)
+        y = L.Lambda(lambda t: keras.ops.concatenate([t[:, ::2, ::2], t[:, 1::2, ::2], t[:, ::2, 1::2],
+                                                      t[:, 1::2, 1::2]], -1))(x)
+        y = L.MaxPooling2D(2)(L.Conv2D(6, 3, activation="relu")(y))
+        return keras.Model(inp, L.Dense(4)(L.Flatten()(y)))
+
+    def steps(patch):
+        inp = keras.Input(patch + (3,))
+        y = L.Lambda(lambda t: t[:, 1::3, ::2, 1:3])(L.Conv2D(4, 2)(inp))
+        return keras.Model(inp, L.Dense(4)(L.Flatten()(y)))
+
+    for make, patch in ((focus, (13, 13)), (steps, (8, 6))):
+        net = make(patch)
+        for size in ((15, 13), (4, 5)):
+            images = tf.constant(netspec.random_images(2, 3, *size, seed=size[0]), tf.float32)
+            for options in ({}, {"output_stride": 2}, {"output_stride": (3, 2)}, {"tile": (8, 8)},
+                            {"border": "replicate"}, {"naive": True}):
+                ci = kb.FDFE.convert(net, patch, **options)
+                reference = kb.FDFE.dense_reference(net, images, patch, **{
+                    k: v for k, v in options.items() if k in ("output_stride", "border")})
+                assert max_rel_error(ci(images), reference) <= TOL["float32"], (make.__name__, size, options)
+
+
 def test_torch_stacks_of_one_channel_values_are_channels(tb):
     """torch.stack of one-channel values (N, h, w) (channels x[:, c], a channel reduction) along dim 1 is a map
     whose channels they are (RGB to BGR, as Keras' preprocess_input does with keras.ops.stack), along dim -1 the

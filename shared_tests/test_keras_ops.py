@@ -233,7 +233,7 @@ def test_keras_op_refusals_name_the_op_and_why(kb):
          r"TensorFlow op '.*/sub' \(Sub, created at test_keras_ops.py:\d+\).*cannot be made dense exactly: it "
          r"combines a 5x5x4 map with a 1x1x4 map, a value of the whole patch \(such as its mean or standard "
          r"deviation\) used at every position, as per-patch normalisation does; every patch is normalised"),
-        (lambda s, x: s.b(s.a(x)[:, ::2, ::2, :]), r"\(StridedSlice.*it takes a strided, reversed or reordered slice"),
+        (lambda s, x: s.b(s.a(x)[:, ::-1, :, :]), r"\(StridedSlice.*it takes a reversed or reordered slice"),
         (lambda s, x: s.b(s.a(x)[:1]), r"\(StridedSlice.*it slices the batch of patches"),
         (lambda s, x: s.b(s.a(x) + tf.random.normal((1, 5, 5, 4))),
          r"\(AddV2.*computes a constant with RandomStandardNormal .*a random or stateful op"),

@@ -4666,14 +4666,27 @@ def _slice_of(call, geom, src, dst, picked, transposed=False):
     if box.size != picked.size or not np.array_equal(box.ravel(), picked.ravel()):
         channels = _channel_selection(picked, src, geom)
         if channels is None:
-            raise call.fail("it takes a strided, reversed or reordered slice of positions; only contiguous crops "
-                            "(x[:, a:b, c:d, :]) and slices, steps or reversals of channels can be made dense"
+            raise call.fail("it takes a reversed or reordered slice of positions; only crops (x[:, a:b, c:d, :], "
+                            "also every few positions: x[:, ::2, ::2, :]) and slices, steps or reversals of channels "
+                            "can be made dense"
                             + ("; of a transposed map, only those that keep it one or give the values of the map "
                                "transposed back in their order" if geom.kind == MAP and len(src) != len(dst) else ""))
-        (y0, x0), (bh, bw) = channels[1:]
+        (y0, x0), (bh, bw), (sh, sw) = channels[1:]
         gather = _TFOp("GatherV2", {"params": {"input": 0}, "indices": {"const": channels[0], "dtype": "int32"},
                                     "axis": {"const": 1 if transposed else -1, "dtype": "int32"}},
                        {"batch_dims": ["int", 0]})
+        if geom.kind == MAP and (sh, sw) != (1, 1):  # every (sh, sw)-th position (x[:, ::2, ::2], YOLOv5's Focus):
+            if transposed:  # the crop, then multipooling of 1x1 windows at that stride (a strided layer)
+                raise call.fail("it takes every few positions of a transposed map; transpose it back first")
+            box = geom.size[0] - y0 - (bh - 1) * sh - 1, geom.size[1] - x0 - (bw - 1) * sw - 1
+            crop = _crop_runner(y0, box[0], x0, box[1], 0, geom.channels, geom.channels)
+            subsample, every = multiAvgPooling(1, 1, sw, sh), channels[0] == list(range(geom.channels))
+
+            def run(xs):  # (the channels first: the strided layer gives the value, as CI's depths expect)
+                y = crop(xs)[0]
+                return [subsample(y if every else gather(y))]
+            picked_geom = geom.with_(size=(bh, bw), channels=len(channels[0]), stride=(sh, sw))
+            return run, [_reshaped_geom(call, picked_geom, (src[0], bh, bw, len(channels[0])), dst)]
         if geom.kind == MAP:
             crop = _crop_runner(y0, geom.size[0] - y0 - bh, x0, geom.size[1] - x0 - bw, 0, geom.channels,
                                 geom.channels, transposed)
@@ -4762,10 +4775,11 @@ def _rule_gather_op(call, geoms):
 
 
 def _channel_selection(picked, src, geom):
-    """Where a slice of a map (N, h, w, C) or of a vector of one position (N, C) takes every patch, a contiguous
-    box of positions and the same channels at each (x[..., ::-1], x[:, a:b, c:d, ::2]), with the output in
-    that order: (channel indices, (y0, x0), (box height, box width)); else None.  Of (N, h*w, C) rows of a map's
-    positions, only slices that keep every position (rows[..., ::2]) qualify."""
+    """Where a slice of a map (N, h, w, C) or of a vector of one position (N, C) takes every patch, a box of
+    positions, contiguous or every (sh, sw)-th (x[:, ::2, ::2, :]), and the same channels at each (x[..., ::-1],
+    x[:, a:b, c:d, ::2]), with the output in that order: (channel indices, (y0, x0), (box height, box width),
+    (sh, sw)); else None.  Of (N, h*w, C) rows of a map's positions, only slices that keep every position
+    (rows[..., ::2]) qualify."""
     rows = geom.kind == VIEW and _per_channel(geom, src) and picked.shape[:-1] == src[:-1]
     if not (geom.kind == MAP and len(src) == 4 or geom.is_pixel_vector and len(src) == 2 or rows) or \
             picked.ndim != len(src):
@@ -4782,12 +4796,15 @@ def _channel_selection(picked, src, geom):
         coords = np.unravel_index(picked, src)
     n, y, x, c = coords
     (bn, bh, bw, _), (y0, x0) = n.shape, (int(y.flat[0]), int(x.flat[0]))
+    sh = int(y[0, 1, 0, 0]) - y0 if bh > 1 else 1
+    sw = int(x[0, 0, 1, 0]) - x0 if bw > 1 else 1
     channels = c[0, 0, 0]
-    ok = (bn == src[0] and np.array_equal(n, np.broadcast_to(np.arange(bn)[:, None, None, None], n.shape))
-          and np.array_equal(y, np.broadcast_to((y0 + np.arange(bh))[None, :, None, None], y.shape))
-          and np.array_equal(x, np.broadcast_to((x0 + np.arange(bw))[None, None, :, None], x.shape))
+    ok = (bn == src[0] and sh >= 1 and sw >= 1 and (not rows or (sh, sw) == (1, 1))
+          and np.array_equal(n, np.broadcast_to(np.arange(bn)[:, None, None, None], n.shape))
+          and np.array_equal(y, np.broadcast_to((y0 + sh * np.arange(bh))[None, :, None, None], y.shape))
+          and np.array_equal(x, np.broadcast_to((x0 + sw * np.arange(bw))[None, None, :, None], x.shape))
           and np.array_equal(c, np.broadcast_to(channels, c.shape)))
-    return ([int(i) for i in channels], (y0, x0), (bh, bw)) if ok else None
+    return ([int(i) for i in channels], (y0, x0), (bh, bw), (sh, sw)) if ok else None
 
 
 _REDUCTIONS = {"Mean": "avg", "Max": "max", "Min": "min", "Sum": "sum", "Prod": None, "All": None, "Any": None,
