@@ -3095,7 +3095,9 @@ class _PoolStep(_Step):
         return self.kernel == (1, 1) and self.stride == (1, 1)
 
     def run(self, values, net, overwrite=False):
-        if self.split_ties and _autodiff_watches(values[0]):  # (stride 1: a pooling over positions of the patch)
+        if self.split_ties and _autodiff_watches(values[0]) and not torch.jit.is_tracing():  # (stride 1: a pooling
+            # over positions of the patch; torch.jit.trace's check of its graph fails on the split, so a traced CI
+            # gives the gradient at exact ties to one tied pixel, as max pooling does)
             return [_pool_split_ties(values[0], self.kind, self.kernel)]
         # no shifts to compute: none that an output uses (output_stride), or stride 1 in naive mode (the global
         # kinds "sum" and "min" among them, which multi_pool does not take)

@@ -351,6 +351,25 @@ def test_torch_jit_trace_and_script_serve_any_image_size(tb, tmp_path):
     with torch.no_grad():
         assert max_rel_error(scripted(images), tb.FDFE.dense_reference(strided, images, 9, border="reflect")) \
             <= TOL["float32"]
+    # amax over the patch's positions, traced with gradients on (the default): torch.jit.trace's check of the graph
+    # failed ("Graphs differed across invocations") on the split of the gradient among tied maxima
+    class Amax(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(CHANNELS, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x).amax((2, 3))
+    pooled = Amax().eval()
+    ci = tb.FDFE.convert(pooled, 6)
+    traced = torch.jit.trace(ci, _torch_images(2, 9, 8, 3))
+    images = _torch_images(2, 13, 12, 8).requires_grad_()
+    with torch.no_grad():
+        assert max_rel_error(traced(images), tb.FDFE.dense_reference(pooled, images, 6)) <= TOL["float32"]
+    grad, = torch.autograd.grad(traced(images).square().sum(), images)
+    expected, = torch.autograd.grad(tb.FDFE.dense_reference(pooled, images, 6, differentiable=True).square().sum(),
+                                    images)
+    assert max_rel_error(grad, expected) <= TOL["float32"]  # (random values: no ties)
 
 
 def test_torch_output_layout_follows_the_input(tb):
