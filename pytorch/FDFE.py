@@ -3618,13 +3618,24 @@ def _rule_einsum(node, geoms):
         operands = list(operands[0])
     refs = [i for i, v in enumerate(operands) if isinstance(v, _Ref)]
     axis = 3 if geom.kind == TRANSPOSED else 1
+    equation = str(node.args[0])
+    if len(refs) == 1 and len(operands) == 2 and len(node.in_shapes[0]) == 3 and "." not in equation and \
+            "->" in equation:  # the rows of a map (see _on_rows), 'nlc,ck->nlk': on their dense values (N, H, W, C),
+        # a letter more for the columns, after the rows' ('nlXc,ck->nlXk')
+        spare = next(chr(c) for c in range(ord("A"), ord("Z") + 1) if chr(c) not in equation)
+        terms, out = equation.replace(" ", "").split("->")
+        terms = terms.split(",")
+        if len(terms[refs[0]]) == 3 and len(out) == 3:
+            terms[refs[0]] = terms[refs[0]][:2] + spare + terms[refs[0]][2:]
+            equation = ",".join(terms) + "->" + out[:2] + spare + out[2:]
     reason = "it multiplies two activations" if len(refs) != 1 else \
         f"it is applied to {geom.describe()}" if geom.kind not in (MAP, TRANSPOSED) else \
-        _einsum_over_channels(str(node.args[0]), refs[0], axis) if len(operands) == 2 else "it has other operands"
+        _einsum_over_channels(equation, refs[0], axis) if len(operands) == 2 else "it has other operands"
     if reason is not None:
         raise node.fail(f"{reason}; only an einsum of a map and a (C, K) weight over the channels of every position "
-                        f"('nchw,ck->nkhw') can be made dense")
-    return _CallStep(node), [geom.with_(channels=node.out_shapes[0][1 if geom.kind == MAP else -1])]
+                        f"('nchw,ck->nkhw'; of rows of a map 'nlc,ck->nlk') can be made dense")
+    step = _CallStep(node) if equation == node.args[0] else _CallStep(node, args=(equation,) + tuple(node.args[1:]))
+    return step, [geom.with_(channels=node.out_shapes[0][1 if geom.kind == MAP else -1])]
 
 
 def _pool_params(node, kind):
@@ -4236,10 +4247,15 @@ def _crop_rows(node, geom, shape):
     taken = len(range(*bounds[2]))
     if taken < 1:
         raise node.fail("the slice is empty")
-    if len(node.out_shapes[0]) != 3:
+    if len(node.out_shapes[0]) == 3:
+        return _CropStep(node, bounds[2], 0, 0, 0, 0, transposed=True), [geom.with_(channels=taken)]
+    if shape[1] != 1 and taken != 1:
         raise node.fail(f"it indexes the channels of {geom.describe()} with an integer, which drops their axis; "
                         f"slice them (rows[..., c:c + 1])")
-    return _CropStep(node, bounds[2], 0, 0, 0, 0, transposed=True), [geom.with_(channels=taken)]
+    # (the one row of a 1x1 map, rows[:, 0]: its vector; one channel of every row, rows[..., c]: that channel's
+    # values in the map's order) the values transposed back to the map's
+    step = _CropStep(node, bounds[2], 0, 0, 0, 0, transposed=True, back=True)
+    return step, [_geom_of_shape(geom.with_(kind=MAP, channels=taken), node.out_shapes[0])]
 
 
 @_takes_transposed
@@ -4274,21 +4290,31 @@ class _StackChannelsStep(_Step):
            "x[:, 1], x[:, 0]], 1): RGB to BGR)", (torch,))
 def _rule_stack(node, geoms):
     """``torch.stack(values, dim=1)`` of one-channel values of one grid, (N, h, w) each (a channel x[:, c], a
-    channel reduction without keepdim): a map whose channels they are, their dense maps concatenated; ``dim=-1``
-    (or 3) gives it transposed, (N, h, w, k).  Stacks of anything else add an axis CI does not hold: refused."""
+    channel reduction without keepdim), or of one number per patch, (N,) or (N, 1, 1) (also from streams that pool
+    differently, unwarped first as torch.cat does): a map whose channels they are, their dense maps concatenated;
+    ``dim=-1`` of (N, h, w) values gives it transposed, (N, h, w, k).  Stacks of anything else add an axis CI
+    does not hold: refused."""
     p = node.bind(["tensors", "dim"], {"dim": 0})
     if any(not isinstance(t, _Ref) for t in p["tensors"]):
         raise node.fail("it stacks an activation with a constant")
+    shapes, out_shape = [tuple(s) for s in node.in_shapes], tuple(node.out_shapes[0])
+    geoms = [g.with_(kind=VECTOR) if g.kind == VIEW and g.size == (1, 1) and _prod(s[1:]) == g.channels else g
+             for g, s in zip(geoms, shapes)]  # (one number per patch, (N,): a vector of one position, as it is)
     geom, unwarps = _merge_grids(node, geoms)
-    (h, w), shapes = geom.size, [tuple(s) for s in node.in_shapes]
-    dim = int(p["dim"]) % 4
+    h, w = geom.size
+    dim = int(p["dim"]) % len(out_shape)
     one_channel = geom.kind == VIEW and geom.channels == 1 and all(s[1:] == (h, w) for s in shapes)
-    if not one_channel or dim not in (1, 3) or any(unwarps):
+    numbers = geom.is_pixel_vector and geom.channels == 1 and all(_prod(s[1:]) == 1 for s in shapes)
+    if not (one_channel and dim in (1, 3) or numbers and dim == 1):
         raise node.fail(f"it stacks {len(shapes)} values of {geom.describe()} along a new dim {p['dim']}; only "
-                        f"one-channel values (N, h, w) stacked as channels (dim 1, or -1 for (N, h, w, k)) can be "
-                        f"made dense (stack maps along their channels with torch.cat(..., 1))")
-    out = geom.with_(kind=MAP if dim == 1 else TRANSPOSED, channels=len(shapes))
-    return _StackChannelsStep(node, dim == 3), [out]
+                        f"one-channel values (N, h, w) stacked as channels (dim 1, or -1 for (N, h, w, k)), or one "
+                        f"number per patch stacked along dim 1, can be made dense (stack maps along their channels "
+                        f"with torch.cat(..., 1))")
+    if numbers:
+        out = _geom_of_shape(geom.with_(kind=MAP, channels=len(shapes)), out_shape)
+    else:
+        out = geom.with_(kind=MAP if dim == 1 else TRANSPOSED, channels=len(shapes))
+    return _aligned(_StackChannelsStep(node, dim == 3), unwarps), [out]
 
 
 @_takes_transposed

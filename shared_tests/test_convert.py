@@ -2277,8 +2277,11 @@ def test_rows_of_a_map_carry_ops_per_position(tb, kb):
 
         def forward(self, x):
             t = self.embed(x).flatten(2).transpose(1, 2)
+            one = t.mean(1, keepdim=True)  # the rows of a 1x1 map: rows[:, 0] is its vector
             return torch.einsum("...c,ck->...k", t, self.weight).amax(1) + torch.einsum("...lc,kc->...lk", t,
-                                                                                       self.weight.T).mean(1)
+                                                                                       self.weight.T).mean(1) \
+                + torch.einsum("nlc,ck->nlk", t, self.weight).sum(1) + one[:, 0, :3] \
+                + t[..., 1].reshape(t.shape[0], 1, -1).amax(2)  # (one channel of every row: the map's order)
 
     _torch_check(tb, Einsum(), (8, 9), 2, size=(13, 11))
 
@@ -2444,7 +2447,20 @@ def test_torch_stacks_of_one_channel_values_are_channels(tb):
                 y = self.linear(y).permute(0, 3, 1, 2)
             return F.max_pool2d(self.conv(y), 2).amax((2, 3))
 
+    class Numbers(nn.Module):  # one number per patch from streams that pool differently, as torch.cat takes them
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.linear = nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(3, 4, 3), nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.linear(torch.stack([F.max_pool2d(self.a(x), 2).mean((1, 2, 3)), self.b(x).sum((1, 2, 3))], 1))
+
     images = torch.from_numpy(netspec.random_images(2, 3, 15, 13, seed=7).transpose(0, 3, 1, 2))
+    for options in ({}, {"output_stride": 2}, {"tile": (8, 8)}):
+        net = Numbers().double().eval()
+        with torch.no_grad():
+            assert max_rel_error(tb.FDFE.convert(net, 9, **options)(images), tb.FDFE.dense_reference(
+                net, images, 9, **{k: v for k, v in options.items() if k != "tile"})) <= TOL["float64"]
     for dim in (1, -3, -1, 3):
         net = Stack(dim).double().eval()
         for options in ({}, {"output_stride": 2}, {"tile": (8, 8)}):
