@@ -166,6 +166,25 @@ def _torch_check(tb, net, patch, channels, size=(9, 11), batch=2):
     return out
 
 
+def _torch_options_and_gradient(tb, net, patch, channels, seed, options, size=(15, 13)):
+    """CI of ``net`` (in float64) with each of ``options`` equals Cp on every patch (dense_reference with the same
+    step and border), and CI's gradient with respect to the image equals Cp's on every patch."""
+    import torch
+    net = net.double().eval()
+    images = torch.from_numpy(netspec.random_images(2, channels, *size, seed=seed).transpose(0, 3, 1, 2))
+    images.requires_grad_()
+    for option in options:
+        ci = tb.FDFE.convert(net, patch, in_channels=channels, **option)
+        reference = {k: v for k, v in option.items() if k != "tile"}
+        with torch.no_grad():
+            assert max_rel_error(ci(images), tb.FDFE.dense_reference(net, images, patch, **reference)) \
+                <= TOL["float64"], option
+    grad, = torch.autograd.grad(tb.FDFE.convert(net, patch, in_channels=channels)(images).square().sum(), images)
+    expected, = torch.autograd.grad(tb.FDFE.dense_reference(net, images, patch, differentiable=True).square().sum(),
+                                    images)
+    assert max_rel_error(grad, expected) <= TOL["float64"]
+
+
 def _conv_pool_conv(head, channels=2, middle=4, out=3, kernel=2):
     """Cp: a 3x3 convolution, a 2x2 max pooling, a convolution of ``kernel``, then ``head`` of its map."""
     import torch.nn as nn
@@ -2140,18 +2159,8 @@ def test_maps_with_their_positions_transposed_carry_ops_per_position(tb, kb):
 
     for patch in ((8, 8), (9, 8)):
         _torch_check(tb, Swapped(), patch, 2, size=(13, 11))
-    net = Swapped().double().eval()
-    images = torch.from_numpy(netspec.random_images(2, 2, 15, 13, seed=3).transpose(0, 3, 1, 2)).requires_grad_()
-    for options in ({"tile": (8, 8)}, {"output_stride": 2}, {"border": "reflect"}):
-        ci = tb.FDFE.convert(net, (9, 8), in_channels=2, **options)
-        reference = {k: v for k, v in options.items() if k != "tile"}
-        with torch.no_grad():
-            assert max_rel_error(ci(images), tb.FDFE.dense_reference(net, images, (9, 8), **reference)) \
-                <= TOL["float64"]
-    grad, = torch.autograd.grad(tb.FDFE.convert(net, (9, 8), in_channels=2)(images).square().sum(), images)
-    expected, = torch.autograd.grad(tb.FDFE.dense_reference(net, images, (9, 8), differentiable=True).square().sum(),
-                                    images)
-    assert max_rel_error(grad, expected) <= TOL["float64"]
+    _torch_options_and_gradient(tb, Swapped(), (9, 8), 2, seed=3,
+                                options=({"tile": (8, 8)}, {"output_stride": 2}, {"border": "reflect"}))
 
     class Crop(nn.Module):
         def __init__(self):
@@ -2257,18 +2266,8 @@ def test_rows_of_a_map_carry_ops_per_position(tb, kb):
 
     for patch in ((8, 8), (9, 8), (10, 11)):
         _torch_check(tb, Rows(), patch, 2, size=(13, 11))
-    net = Rows().double().eval()
-    images = torch.from_numpy(netspec.random_images(2, 2, 15, 13, seed=5).transpose(0, 3, 1, 2)).requires_grad_()
-    for options in ({"tile": (8, 8)}, {"output_stride": (3, 2)}, {"border": "reflect"}):
-        ci = tb.FDFE.convert(net, (9, 8), in_channels=2, **options)
-        reference = {k: v for k, v in options.items() if k != "tile"}
-        with torch.no_grad():
-            assert max_rel_error(ci(images), tb.FDFE.dense_reference(net, images, (9, 8), **reference)) \
-                <= TOL["float64"]
-    grad, = torch.autograd.grad(tb.FDFE.convert(net, (9, 8), in_channels=2)(images).square().sum(), images)
-    expected, = torch.autograd.grad(tb.FDFE.dense_reference(net, images, (9, 8), differentiable=True).square().sum(),
-                                    images)
-    assert max_rel_error(grad, expected) <= TOL["float64"]
+    _torch_options_and_gradient(tb, Rows(), (9, 8), 2, seed=5,
+                                options=({"tile": (8, 8)}, {"output_stride": (3, 2)}, {"border": "reflect"}))
 
     class Einsum(nn.Module):  # over the channels of every row (it failed with an IndexError at first)
         def __init__(self):
