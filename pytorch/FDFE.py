@@ -4186,14 +4186,15 @@ class _PixelUnshuffleStep(_PoolStep):
     of the map (see _SubsampleStep: each crop keeps rows i .. h-r+i, so that all have one size), interleaved as
     channels c*r*r + i*r + j."""
 
-    def __init__(self, node, factor, size):
+    def __init__(self, node, factor):
         super().__init__(node, "avg", (1, 1), (factor, factor))
-        (h, w), r = size, factor
+        r = factor
         self.crops = [_CropStep(node, (0, None, 1), i, r - 1 - i, j, r - 1 - j) for i in range(r) for j in range(r)]
         self.label = f"pixel_unshuffle({factor})"
 
     def run(self, values, net, overwrite=False):
-        parts = [super(_PixelUnshuffleStep, self).run(crop.run(values, net), net)[0] for crop in self.crops]
+        subsample = super().run  # (each crop, subsampled)
+        parts = [subsample(crop.run(values, net), net)[0] for crop in self.crops]
         y = torch.stack(parts, 2)
         return [y.reshape(y.shape[0], -1, y.shape[3], y.shape[4])]
 
@@ -4208,8 +4209,7 @@ def _rule_pixel_unshuffle(node, geoms):
     (h, w), c = geom.size, geom.channels
     if r == 1:
         return _AliasStep(node), [geom]
-    return _PixelUnshuffleStep(node, r, geom.size), [geom.with_(channels=c * r * r, size=(h // r, w // r),
-                                                                stride=(r, r))]
+    return _PixelUnshuffleStep(node, r), [geom.with_(channels=c * r * r, size=(h // r, w // r), stride=(r, r))]
 
 
 def _crop_transposed(node, geom, shape):
