@@ -346,8 +346,8 @@ def _progress(total: int, desc: str, enabled: Optional[bool]):
 # --- why a layer cannot be made dense exactly (used by the rules and the hand-wired blocks) ----
 
 _PADDING_REASON = ("inside Cp the padded border depends on where the patch ends, so a window near the "
-                   "patch border reads padding in Cp (zeros, values mirrored or repeated from the patch, or none "
-                   "at all for max pooling, whose padded cells never win) but real neighbours in a whole image; "
+                   "patch border reads padding in Cp (zeros, or values mirrored or repeated from the patch; a "
+                   "padded pooling skips those cells and pools fewer pixels) but real neighbours in a whole image; "
                    "CI cannot be exact. "
                    "Use unpadded layers (padding=0 in PyTorch, padding='valid' in Keras), or use "
                    "dense_reference() for this net")

@@ -2413,7 +2413,12 @@ def test_keras_slices_of_positions_with_a_step(kb):
         y = L.Lambda(lambda t: t[:, 1::3, ::2, 1:3])(L.Conv2D(4, 2)(inp))
         return keras.Model(inp, L.Dense(4)(L.Flatten()(y)))
 
-    for make, patch in ((focus, (13, 13)), (steps, (8, 6))):
+    def one_channel(patch):  # an integer index drops the channel axis (refused as "reordered" at first)
+        inp = keras.Input(patch + (3,))
+        y = L.Lambda(lambda t: t[:, ::2, 1::2, 0])(L.Conv2D(4, 2)(inp))
+        return keras.Model(inp, L.Dense(4)(L.Flatten()(y)))
+
+    for make, patch in ((focus, (13, 13)), (steps, (8, 6)), (one_channel, (9, 8))):
         net = make(patch)
         for size in ((15, 13), (4, 5)):
             images = tf.constant(netspec.random_images(2, 3, *size, seed=size[0]), tf.float32)

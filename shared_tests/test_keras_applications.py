@@ -123,6 +123,20 @@ def test_stack_of_one_channel_values(kb):
     images = _images(2, shape=(2, 23, 19))
     _assert_exact(kb, cp, 12, images)
     _assert_exact(kb, cp, 12, images, output_stride=2)
+
+    class Streams(keras.Model):  # one number per patch from streams that pool differently, and a stack of one
+        def __init__(self):  # value (it crashed inside FDFE; the streams were refused)
+            super().__init__()
+            self.a, self.b, self.head = L.Conv2D(4, 3, strides=2), L.Conv2D(4, 3), L.Dense(3)
+
+        def call(self, x):
+            va, vb = ops.mean(self.a(x), axis=(1, 2)), ops.max(self.b(x), axis=(1, 2))
+            one = ops.mean(ops.stack([self.b(x)[..., 0]], axis=-1), axis=(1, 2))
+            return self.head(ops.concatenate([ops.stack([va[:, 0], vb[:, 1]], axis=-1), one], -1))
+    cp = Streams()
+    cp(np.zeros((1, 9, 9, 2), "float32"))
+    _assert_exact(kb, cp, 9, images)
+    _assert_exact(kb, cp, 9, images, output_stride=2)
     for stack, reason in [(lambda y: ops.stack([y[..., 0], y[..., 1]], axis=1),
                            r"stacks 2 values of shape \(2, 4, 4\) along axis 1 of its \(2, 2, 4, 4\) result, which "
                            r"puts them between positions of the patch"),
@@ -169,7 +183,10 @@ def test_same_padding_that_pads_nothing_is_valid(kb, tmp_path):
     ci = _assert_exact(kb, same, 16, images)
     _assert_exact(kb, same, 16, images, output_stride=4)
     _assert_exact(kb, same, 16, images, output_stride=2, naive=True)
-    assert np.array_equal(np.asarray(ci(images)), np.asarray(kb.FDFE.convert(valid, 16)(images)))
+    valid_ci = kb.FDFE.convert(valid, 16)
+    assert np.array_equal(np.asarray(ci(images)), np.asarray(valid_ci(images)))
+    configs = [layer.get_config() for layer in valid_ci._flatten_layers() if isinstance(layer, kb.FDFE.multiConv)]
+    assert configs and not any("input_size" in c for c in configs)  # (a CI of valid layers saves what it saved)
     ci.save(tmp_path / "ci.keras")
     loaded = keras.models.load_model(tmp_path / "ci.keras")
     assert max_rel_error(loaded(images), ci(images)) == 0
@@ -261,13 +278,14 @@ def test_too_small_patch_is_named(kb):
                               L.GlobalAveragePooling2D()])
     with pytest.raises(kb.FDFE.ConversionError, match=r"(?s)running Cp on a batch of 5x5x3 patches failed: .* the "
                                                       r"patch 5x5 may be smaller \(or larger\) than the net needs: it "
-                                                      r"is too small, since Cp runs on 10x10 patches .*pass a larger "
-                                                      r"patch_size"):
+                                                      r"is likely too small, since Cp runs on 10x10 patches .*pass the "
+                                                      r"patch_size Cp was trained on"):
         kb.FDFE.convert(convs, 5)
     pooled = keras.Sequential([keras.Input((None, None, 3)), L.Conv2D(4, 3), L.MaxPooling2D(2), L.Conv2D(4, 3),
                                L.GlobalAveragePooling2D()])  # (eagerly, the last convolution gives an empty map)
     with pytest.raises(kb.FDFE.ConversionError, match=r"(?s)cannot be traced into a TensorFlow graph .*-- the patch "
-                                                      r"6x6 is too small, since Cp can be traced on 12x12 patches"):
+                                                      r"6x6 is likely too small, since Cp can be traced on 12x12 "
+                                                      r"patches"):
         kb.FDFE.convert(pooled, 6)
 
     class FixedSize(keras.Model):  # a Dense built for 7x7 maps fails on every other size
@@ -282,6 +300,20 @@ def test_too_small_patch_is_named(kb):
     with pytest.raises(kb.FDFE.ConversionError, match=r"(?s)the patch 5x5 may be smaller \(or larger\) than the net "
                                                       r"needs; check patch_size against the size Cp was trained on$"):
         kb.FDFE.convert(fixed, 5, in_channels=1)
+
+    class Unbuilt(keras.Model):  # never called: larger patches would build its Dense for their size and break Cp
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = L.Conv2D(4, 5), L.Conv2D(4, 5), L.Dense(3)
+
+        def call(self, x):
+            return self.head(L.Flatten()(self.b(self.a(x))))
+    unbuilt = Unbuilt()
+    with pytest.raises(kb.FDFE.ConversionError, match=r"the patch 8x8 may be smaller"):
+        kb.FDFE.convert(unbuilt, 8, in_channels=3)  # (a typo: Cp takes 12x12 patches)
+    images = np.random.default_rng(0).standard_normal((1, 15, 14, 3)).astype("float32")
+    assert max_rel_error(kb.FDFE.convert(unbuilt, 12, in_channels=3)(images),
+                         kb.FDFE.dense_reference(unbuilt, images, 12)) <= TOL["float32"]
 
 
 # --- 6. output_stride with branches cropped differently before strided layers ----------------------------------------

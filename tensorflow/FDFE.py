@@ -357,8 +357,8 @@ def _progress(total: int, desc: str, enabled: Optional[bool]):
 # --- why a layer cannot be made dense exactly (used by the rules and the hand-wired blocks) ----
 
 _PADDING_REASON = ("inside Cp the padded border depends on where the patch ends, so a window near the "
-                   "patch border reads padding in Cp (zeros, values mirrored or repeated from the patch, or none "
-                   "at all for max pooling, whose padded cells never win) but real neighbours in a whole image; "
+                   "patch border reads padding in Cp (zeros, or values mirrored or repeated from the patch; a "
+                   "padded pooling skips those cells and pools fewer pixels) but real neighbours in a whole image; "
                    "CI cannot be exact. "
                    "Use unpadded layers (padding=0 in PyTorch, padding='valid' in Keras), or use "
                    "dense_reference() for this net")
@@ -1941,8 +1941,8 @@ class multiConv(_ShiftOptions, _WrapperLayer):
         return (None, None, None, self.conv.filters)
 
     def get_config(self):
-        size = None if self.input_size is None else list(self.input_size)
-        return {**super().get_config(), "naive": self.naive, "input_size": size}
+        size = {} if self.input_size is None else {"input_size": list(self.input_size)}
+        return {**super().get_config(), "naive": self.naive, **size}
 
 
 @_register
@@ -3823,8 +3823,8 @@ class _MultiDepthwise(_ShiftOptions, _WrapperLayer):
         return (None, None, None, None if channels is None else channels * layer.depth_multiplier)
 
     def get_config(self):
-        size = None if self.input_size is None else list(self.input_size)
-        return {**super().get_config(), "naive": self.naive, "input_size": size}
+        size = {} if self.input_size is None else {"input_size": list(self.input_size)}
+        return {**super().get_config(), "naive": self.naive, **size}
 
 
 def _make_conv_rule(dense_layer):
@@ -3843,7 +3843,9 @@ def _make_conv_rule(dense_layer):
         if stride == (1, 1):
             return _reuse(layer), [_map_geom(call, geom)]
         _require_plain_weights(call, "its strided form (all shifts)", "convolution_op")
-        return (lambda xs: [dense_layer(layer, input_size=geom.size)(xs[0])]), [_map_geom(call, geom, stride)]
+        size = geom.size if getattr(layer, "padding", "valid") != "valid" else None  # (only a 'same' that pads
+        # nothing needs it; a CI of valid layers saves the config it had before input_size existed)
+        return (lambda xs: [dense_layer(layer, input_size=size)(xs[0])]), [_map_geom(call, geom, stride)]
     rule.__doc__ = f"convolution without padding: reused at stride 1, {dense_layer.__name__} when strided."
     return rule
 
@@ -4603,13 +4605,15 @@ def _rule_stack_op(call, geoms):
         if geom.channels != 1 or not _per_channel(geom, shape + (1,)):
             raise call.fail(f"it stacks {geom.describe()} (shape {shape}) along a new last axis; only one-channel "
                             f"values (N, h, w), such as x[..., c] of a map, stack into the channels of every pixel")
+    geoms = [g.with_(kind=VECTOR) if g.kind == VIEW and g.size == (1, 1) and _prod(s[1:]) == g.channels else g
+             for g, s in zip(geoms, shapes)]  # (one number per patch, (N,): a vector of one position, as it is)
     first, unwarps = _merge_grids(call, geoms)
     concat = _TFOp("ConcatV2", {"values": [{"input": k} for k in range(len(values))],
                                 "axis": {"const": -1, "dtype": "int32"}}, {}, name=_op_layer_name(call))
 
     def run(xs):
         xs = _AlignStreams(unwarps)(list(xs)) if any(unwarps) else list(xs)
-        return [concat(xs)]
+        return [concat(xs) if len(xs) > 1 else xs[0]]  # (a stack of one value: its one-channel map)
     stacked = first.with_(kind=MAP, channels=len(values))
     (h, w) = first.size
     return run, [_reshaped_geom(call, stacked, (out[0], h, w, len(values)), out)]
@@ -4665,6 +4669,10 @@ def _slice_of(call, geom, src, dst, picked, transposed=False):
     box = index[tuple(slice(a, b + 1) for a, b in zip(lo, hi))]
     if box.size != picked.size or not np.array_equal(box.ravel(), picked.ravel()):
         channels = _channel_selection(picked, src, geom)
+        if channels is None and geom.kind == MAP and len(src) == 4 == picked.ndim + 1:  # every few positions and an
+            # integer index that drops an axis (x[:, ::2, ::2, 0]): the same with that axis kept, reshaped
+            kept = (_channel_selection(np.expand_dims(picked, axis), src, geom) for axis in (3, 1, 2))
+            channels = next((c for c in kept if c is not None and c[3] != (1, 1)), None)
         if channels is None:
             raise call.fail("it takes a reversed or reordered slice of positions; only crops (x[:, a:b, c:d, :], "
                             "also every few positions: x[:, ::2, ::2, :]) and slices, steps or reversals of channels "
@@ -5546,7 +5554,10 @@ def _trace(base_net, patch_size, in_channels, guessed=False):
 def _larger_patch_that_runs(base_net, patch_size, in_channels, dtype, traced=False):
     """Where Cp failed on patches of ``patch_size``: the first of 2, 4 and 8 times that size on which Cp runs (is traced
     into a graph, where ``traced``), which shows the patch to be too small for Cp's layers; None if none does (the
-    failure has another cause, or Cp declares its input size)."""
+    failure has another cause, or Cp declares its input size).  Not where a layer of Cp is not built yet: running
+    Cp on a larger patch would build it for that size (a Dense after Flatten), and break Cp for the right one."""
+    if not all(layer.built for layer in base_net._flatten_layers(include_self=True, recursive=True)):
+        return None
     for factor in (2, 4, 8):
         size = (patch_size[0] * factor, patch_size[1] * factor)
         try:
@@ -5564,9 +5575,9 @@ def _larger_patch_that_runs(base_net, patch_size, in_channels, dtype, traced=Fal
 
 def _too_small_hint(larger, runs):
     """Why the patch is too small for Cp (Cp ``runs`` on the ``larger`` patch)."""
-    return (f"too small, since Cp {runs} {larger[0]}x{larger[1]} patches (its layers shrink this patch below "
-            f"the window of a later layer: a convolution or pooling gets a map smaller than its window, or an empty "
-            f"one); pass a larger patch_size, the size Cp was trained on")
+    return (f"likely too small, since Cp {runs} {larger[0]}x{larger[1]} patches (its layers may shrink this patch "
+            f"below the window of a later layer: a convolution or pooling gets a map smaller than its window, or an "
+            f"empty one); pass the patch_size Cp was trained on")
 
 
 def _apply_rules(calls, geoms, values):
