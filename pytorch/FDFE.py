@@ -448,6 +448,14 @@ def _same_grid(op, geoms):
     return first
 
 
+def _numbers_as_vectors(geoms, shapes):
+    """``geoms`` (of values of traced ``shapes``) with each value of one number per patch, (N,) or any reshape of a
+    1x1 map's channels, taken as the vector of one position it holds (the dense values are the 1x1 map's either
+    way), so that such values of streams that pool differently merge as vectors do (_merge_grids)."""
+    return [g.with_(kind=VECTOR) if g.kind == VIEW and g.size == (1, 1) and _prod(s[1:]) == g.channels else g
+            for g, s in zip(geoms, shapes)]
+
+
 def _grid_multiple(geoms):
     """(SH, SW) the image is padded and tiled to: the least common multiple of the stride products of
     every value (for a chain of layers, the product of its strides; branches that pool differently
@@ -4298,8 +4306,7 @@ def _rule_stack(node, geoms):
     if any(not isinstance(t, _Ref) for t in p["tensors"]):
         raise node.fail("it stacks an activation with a constant")
     shapes, out_shape = [tuple(s) for s in node.in_shapes], tuple(node.out_shapes[0])
-    geoms = [g.with_(kind=VECTOR) if g.kind == VIEW and g.size == (1, 1) and _prod(s[1:]) == g.channels else g
-             for g, s in zip(geoms, shapes)]  # (one number per patch, (N,): a vector of one position, as it is)
+    geoms = _numbers_as_vectors(geoms, shapes)
     geom, unwarps = _merge_grids(node, geoms)
     h, w = geom.size
     dim = int(p["dim"]) % len(out_shape)

@@ -459,6 +459,14 @@ def _same_grid(op, geoms):
     return first
 
 
+def _numbers_as_vectors(geoms, shapes):
+    """``geoms`` (of values of traced ``shapes``) with each value of one number per patch, (N,) or any reshape of a
+    1x1 map's channels, taken as the vector of one position it holds (the dense values are the 1x1 map's either
+    way), so that such values of streams that pool differently merge as vectors do (_merge_grids)."""
+    return [g.with_(kind=VECTOR) if g.kind == VIEW and g.size == (1, 1) and _prod(s[1:]) == g.channels else g
+            for g, s in zip(geoms, shapes)]
+
+
 def _grid_multiple(geoms):
     """(SH, SW) the image is padded and tiled to: the least common multiple of the stride products of
     every value (for a chain of layers, the product of its strides; branches that pool differently
@@ -4605,8 +4613,7 @@ def _rule_stack_op(call, geoms):
         if geom.channels != 1 or not _per_channel(geom, shape + (1,)):
             raise call.fail(f"it stacks {geom.describe()} (shape {shape}) along a new last axis; only one-channel "
                             f"values (N, h, w), such as x[..., c] of a map, stack into the channels of every pixel")
-    geoms = [g.with_(kind=VECTOR) if g.kind == VIEW and g.size == (1, 1) and _prod(s[1:]) == g.channels else g
-             for g, s in zip(geoms, shapes)]  # (one number per patch, (N,): a vector of one position, as it is)
+    geoms = _numbers_as_vectors(geoms, shapes)
     first, unwarps = _merge_grids(call, geoms)
     concat = _TFOp("ConcatV2", {"values": [{"input": k} for k in range(len(values))],
                                 "axis": {"const": -1, "dtype": "int32"}}, {}, name=_op_layer_name(call))
