@@ -2418,7 +2418,17 @@ def test_keras_slices_of_positions_with_a_step(kb):
         y = L.Lambda(lambda t: t[:, ::2, 1::2, 0])(L.Conv2D(4, 2)(inp))
         return keras.Model(inp, L.Dense(4)(L.Flatten()(y)))
 
-    for make, patch in ((focus, (13, 13)), (steps, (8, 6)), (one_channel, (9, 8))):
+    def space_to_depth(factor, first):  # tf.nn.space_to_depth (an unknown op before), channels (i*r + j)*C + c
+        def make(patch):
+            inp = keras.Input(patch + (3,))
+            y = L.Lambda(lambda t: tf.nn.space_to_depth(t, factor))(L.Conv2D(3, first)(inp))
+            y = L.MaxPooling2D(2)(L.Conv2D(5, 2, activation="tanh")(y))
+            return keras.Model(inp, L.Dense(4)(L.Flatten()(y)))
+        return make
+
+    nets = ((focus, (13, 13)), (steps, (8, 6)), (one_channel, (9, 8)), (space_to_depth(2, 2), (13, 13)),
+            (space_to_depth(2, 1), (12, 16)), (space_to_depth(3, 2), (16, 19)))
+    for make, patch in nets:
         net = make(patch)
         for size in ((15, 13), (4, 5)):
             images = tf.constant(netspec.random_images(2, 3, *size, seed=size[0]), tf.float32)
@@ -2428,6 +2438,11 @@ def test_keras_slices_of_positions_with_a_step(kb):
                 reference = kb.FDFE.dense_reference(net, images, patch, **{
                     k: v for k, v in options.items() if k in ("output_stride", "border")})
                 assert max_rel_error(ci(images), reference) <= TOL["float32"], (make.__name__, size, options)
+        with tf.GradientTape(persistent=True) as tape:  # gradients with respect to the images, against Cp's
+            tape.watch(images)
+            loss = tf.reduce_sum(tf.square(kb.FDFE.convert(net, patch)(images)))
+            expected = tf.reduce_sum(tf.square(kb.FDFE.dense_reference(net, images, patch, differentiable=True)))
+        assert max_rel_error(tape.gradient(loss, images), tape.gradient(expected, images)) <= TOL["float32"]
 
 
 def test_torch_stacks_of_one_channel_values_are_channels(tb):

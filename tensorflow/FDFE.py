@@ -4726,6 +4726,27 @@ def _slice_of(call, geom, src, dst, picked, transposed=False):
                     f"made dense")
 
 
+@_op_rule_for("SpaceToDepth", label="TensorFlow space to depth in call() (tf.nn.space_to_depth(x, r)): r*r "
+                                     "subsamplings of the map as its channels")
+def _rule_space_to_depth_op(call, geoms):
+    """``tf.nn.space_to_depth(x, r)`` of a map: its r*r subsamplings x[:, i::r, j::r, :] side by side as channels
+    (i*r + j)*C + c: the crops that keep rows i .. h-r+i (so that all have one size), concatenated, and multipooling
+    of 1x1 windows at stride (r, r), a strided layer, like a slice with a step (see _slice_of)."""
+    geom = geoms[0]
+    _require_map(call, geom)
+    if call.attrs.get("data_format", ["string", "NHWC"])[1] != "NHWC":
+        raise call.fail("only data_format='NHWC' (channels last) is supported")
+    r, (h, w), c = int(call.attrs["block_size"][1]), geom.size, geom.channels
+    crops = [_crop_runner(i, r - 1 - i, j, r - 1 - j, 0, c, c) for i in range(r) for j in range(r)]
+    subsample = multiAvgPooling(1, 1, r, r)
+    concat = _TFOp("ConcatV2", {"values": [{"input": k} for k in range(r * r)],
+                                "axis": {"const": -1, "dtype": "int32"}}, {}, name=_op_layer_name(call))
+
+    def run(xs):  # (the strided layer last: it gives the value, as CI's depths expect)
+        return [subsample(concat([crop(xs)[0] for crop in crops]))]
+    return run, [geom.with_(channels=c * r * r, size=(h // r, w // r), stride=(r, r))]
+
+
 @_takes_swapped
 @_takes_transposed
 @_op_rule_for("Split", "SplitV", label="TensorFlow splits along the channel axis in call() (tf.split(x, 2, axis=-1), "
