@@ -1816,20 +1816,33 @@ def _pool(x, kind, kernel, stride, dilation, norm_type, divisor_override, reuse_
     return F.lp_pool2d(x, norm_type, kernel, stride)
 
 
-def _pool_split_ties(x, kind, kernel):
+def _pool_split_ties(x, kind, kernel, over_channels=False):
     """Stride-1 max (``kind`` "min": min) pooling whose gradient, like that of ``torch.amax`` over the window, is
     shared equally among the window's tied extrema (``F.max_pool2d`` gives it to one of them): the pooled values
     plus a term that is zero but carries that gradient.  The term is the mean of each window's tied entries, taken
     in two stages: the mean of the tied entries of each row's kw entries, then those means of the rows that tie the
     window's extremum, weighted by their counts (kh + kw passes, not kh * kw; used only where autograd or
-    forward-mode AD watches)."""
+    forward-mode AD watches).  ``over_channels``: the window spans the channels too (``x.amax((1, 2, 3))``): a
+    first stage takes each pixel's extremum over its channels, the mean of its tied channels and their count, and
+    the result has one channel."""
     (kh, kw), values = _pair(kernel, "kernel"), x.detach()
+    extreme = torch.amax if kind == "max" else torch.amin
+    if over_channels:  # each pixel's tied channels: their count and mean, weights of the stages below
+        values = extreme(values, 1, keepdim=True)
+        tied = x.detach() == values
+        weight = tied.sum(1, keepdim=True).to(x.dtype)
+        x = torch.where(tied, x, torch.zeros_like(x)).sum(1, keepdim=True) / weight
     rows = _pool(values, kind, (1, kw), (1, 1), (1, 1), 2.0, None)  # (N, C, H, W - kw + 1)
     pooled = _pool(rows, kind, (kh, 1), (1, 1), (1, 1), 2.0, None)
     (h, _), w = pooled.shape[-2:], rows.shape[-1]
     tied = [values[..., dx:dx + w] == rows for dx in range(kw)]
-    count = sum(t.to(x.dtype) for t in tied)  # ties in each row's kw entries
-    row_mean = sum(torch.where(t, x[..., dx:dx + w], torch.zeros_like(rows)) for dx, t in enumerate(tied)) / count
+    if over_channels:  # ties in each row's kw entries, weighted by their tied channels
+        tied = [torch.where(t, weight[..., dx:dx + w], torch.zeros_like(rows)) for dx, t in enumerate(tied)]
+        count = sum(tied)
+        row_mean = sum(t * x[..., dx:dx + w] for dx, t in enumerate(tied)) / count
+    else:
+        count = sum(t.to(x.dtype) for t in tied)  # ties in each row's kw entries
+        row_mean = sum(torch.where(t, x[..., dx:dx + w], torch.zeros_like(rows)) for dx, t in enumerate(tied)) / count
     tied = [rows[..., dy:dy + h, :] == pooled for dy in range(kh)]
     weights = [torch.where(t, count[..., dy:dy + h, :], torch.zeros_like(pooled)) for dy, t in enumerate(tied)]
     mean = sum(wt * row_mean[..., dy:dy + h, :] for dy, wt in enumerate(weights)) / sum(weights)
@@ -3249,6 +3262,11 @@ def _on_rows(node, rule, geoms):
                 step, out_geoms = rule(node, [g.with_(kind=TRANSPOSED) for g in geoms])
             except ConversionError as exc:  # (its reason, told of the rows seen as a map (N, h, w, C))
                 reason = f" (as a map of (N, h, w, C): {str(exc).split('cannot be made dense exactly: ', 1)[-1]})"
+                dim = node.bind(["input", "dim", "keepdim"], {"dim": None}).get("dim") \
+                    if node.name.split(".")[-1] in ("max", "min") else None
+                if isinstance(dim, numbers.Integral) and dim % 3 == 1:  # (rows.max(1): values and indices)
+                    reason = (f"; torch.max / min over the rows also give indices, positions inside one patch: use "
+                              f"{node.name.split('.')[-1].replace('m', 'am', 1)}(1)")
             else:
                 positions = rows.size[0] * rows.size[1]
                 if all(g.kind == TRANSPOSED and g.size == rows.size and g.strides == rows.strides and
@@ -3694,13 +3712,20 @@ _rule_for(["lp_pool2d"], _POOLING_LABEL, (F,))(_make_pool_rule("lp"))
 
 class _PoolChannelsStep(_PoolStep):
     """A global pooling over the patch-level map, then the same reduction over its channels (``x.mean((1, 2, 3))``,
-    ``x.sum((1, 2, 3))``): one value per patch, (N, 1, H, W) dense."""
+    ``x.sum((1, 2, 3))``); ``x.amax((1, 2, 3))`` and ``amin``: the extremum over the channels of each pixel, then
+    the global pooling of that one channel, whose gradient is shared among every tied channel and position of the
+    patch, as amax's is (see _pool_split_ties): one value per patch, (N, 1, H, W) dense."""
 
     @property
     def per_pixel(self):
         return False
 
     def run(self, values, net, overwrite=False):
+        if self.kind in ("max", "min"):
+            if _autodiff_watches(values[0]) and not torch.jit.is_tracing():  # (traced: see _PoolStep.run)
+                return [_pool_split_ties(values[0], self.kind, self.kernel, over_channels=True)]
+            extreme = torch.amax if self.kind == "max" else torch.amin
+            return super().run([extreme(values[0], 1, keepdim=True)], net)
         pooled = super().run(values, net, overwrite)[0]
         return [pooled.mean(1, keepdim=True) if self.kind == "avg" else pooled.sum(1, keepdim=True)]
 
@@ -3843,14 +3868,13 @@ def _make_reduce_rule(kind):
             raise node.fail("it reduces over the batch of patches")
         per_pixel = dims and all(d % rank == 1 for d in dims) and (geom.kind == MAP or geom.is_pixel_vector
                                                                     or _view_by_channel(geom, shape))
-        if geom.kind == MAP and sorted(d % 4 for d in dims) == [1, 2, 3] and kind in ("avg", "sum") and \
-                p.get("dtype") is None:  # over the positions (a global pooling), then over the channels: as Keras
+        if geom.kind == MAP and sorted(d % 4 for d in dims) == [1, 2, 3] and kind is not None and \
+                p.get("dtype") is None:  # over the positions (a global pooling) and the channels: as Keras
             step = _PoolChannelsStep(node, kind, geom.size, (1, 1))
             return step, [_geom_of_shape(geom.with_(channels=1, size=(1, 1)), node.out_shapes[0])]
         if not per_pixel and geom.kind == MAP and sorted(d % 4 for d in dims) == [1, 2, 3] and kind is not None:
-            raise node.fail(f"it reduces {geom.describe()} over its channels and its positions together (dims "
-                            f"{dims}); reduce over the positions first, a global pooling (x.{node.name.split('.')[-1]}"
-                            f"((2, 3))), then over the channels (dim 1)")
+            raise node.fail(f"a reduction over the channels and positions with dtype={p['dtype']} (cast before it "
+                            f"instead: x.to({p['dtype']}).{node.name.split('.')[-1]}((1, 2, 3)))")
         if not per_pixel:
             raise node.fail(f"it computes a statistic over positions of each patch (dims {dims} of "
                             f"{geom.describe()}), as per-patch normalisation does; {_PER_PATCH_REASON}")
@@ -4436,6 +4460,11 @@ def _rule_transpose(node, geoms):
                       f"mean/var over dim 1")
     error.taints_outputs = True  # (what follows a transpose is not judged again: its geometry would be a guess)
     raise error
+
+
+# x.mT (x.mH, equal for real values): the transpose of the last two dims, a property (its getter is the op traced)
+_register_rule(_rule_transpose, [torch.Tensor.mT.__get__, torch.Tensor.mH.__get__], ["Tensor.mT", "Tensor.mH"],
+               next(label for label, names in _SUPPORTED.items() if "permute" in names))
 
 
 class _RepeatChannelsStep(_Step):

@@ -437,8 +437,9 @@ def test_torch_reductions_over_channels_and_positions_together(tb):
     """x.mean((1, 2, 3)) and x.sum((1, 2, 3)) of a map (keepdim or not), and a channel reduction without keepdim
     reduced over its positions (x.min(1).values.mean((1, 2)), x.amax(1).amax((-1, -2))): a global pooling, then
     over the channels, as Keras does; both were refused as per-patch normalisation.  Tiles, a step, reflected
-    borders and gradients against Cp on every patch; amax / amin over (1, 2, 3) stay refused (their gradient at
-    ties across channels would be shared otherwise than Cp's), saying how to write them."""
+    borders and gradients against Cp on every patch.  amax / amin over (1, 2, 3) (refused before) also share their
+    gradient among the tied channels and positions of each patch as Cp's do: tested on an image with a saturated
+    region after a ReLU, where whole windows tie across channels."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -468,10 +469,26 @@ def test_torch_reductions_over_channels_and_positions_together(tb):
 
     class Extremum(Global):
         def forward(self, x):
-            return F.max_pool2d(self.conv(x), 2).amax((1, 2, 3))
-    with pytest.raises(tb.FDFE.ConversionError, match=r"Tensor\.amax cannot be made dense exactly: it reduces a "
-                       r"4x3x2 map over its channels and its positions together"):
-        tb.FDFE.convert(Extremum().eval(), (8, 7), in_channels=2)
+            y = F.max_pool2d(torch.relu(self.conv(x) - 0.3), 2)
+            return torch.cat([y.amax((1, 2, 3))[:, None], y.amin((-1, -2, -3), keepdim=True).flatten(1),
+                              (-y).amax((1, 2, 3), keepdim=True).flatten(1), (x * 2).amax((1, 2, 3))[:, None],
+                              F.avg_pool2d(x, 2).amin((1, 2, 3))[:, None]], 1)
+
+    net = Extremum().double().eval()
+    _torch_check(tb, net, (8, 7), 2, size=(13, 11))
+    image = np.random.default_rng(1).integers(0, 8, (2, 2, 13, 11)).astype(np.float64)
+    image[..., 2:10, 3:9] = 7.0  # (few levels and a saturated region: the image's extrema tie across positions
+    images = torch.from_numpy(image / 7.0).requires_grad_()  # and channels, each channel a different number of
+    weights = torch.from_numpy(np.random.default_rng(2).standard_normal((2, 5, 13, 11)))  # times)
+    for options in ({}, {"tile": (5, 4)}, {"output_stride": 2}, {"border": "reflect"}, {"naive": True}):
+        ci = tb.FDFE.convert(net, (8, 7), in_channels=2, **options)
+        reference = tb.FDFE.dense_reference(net, images, (8, 7), differentiable=True,
+                                            **{k: v for k, v in options.items() if k in ("output_stride", "border")})
+        out = ci(images)
+        assert max_rel_error(out.detach(), reference.detach()) <= TOL["float64"], options
+        grad, = torch.autograd.grad((out * weights[..., :out.shape[2], :out.shape[3]]).sum(), images)
+        expected, = torch.autograd.grad((reference * weights[..., :out.shape[2], :out.shape[3]]).sum(), images)
+        assert max_rel_error(grad, expected) <= TOL["float64"], options
 
 
 def test_torch_instance_norm_with_running_statistics_is_per_channel(tb):
@@ -2280,7 +2297,8 @@ def test_rows_of_a_map_carry_ops_per_position(tb, kb):
             return torch.einsum("...c,ck->...k", t, self.weight).amax(1) + torch.einsum("...lc,kc->...lk", t,
                                                                                        self.weight.T).mean(1) \
                 + torch.einsum("nlc,ck->nlk", t, self.weight).sum(1) + one[:, 0, :3] \
-                + t[..., 1].reshape(t.shape[0], 1, -1).amax(2)  # (one channel of every row: the map's order)
+                + t[..., 1].reshape(t.shape[0], 1, -1).amax(2) \
+                + t.mT.mean(2)[:, :1]  # (one channel of every row: the map's order; .mT back to (N, C, h*w))
 
     _torch_check(tb, Einsum(), (8, 9), 2, size=(13, 11))
 
@@ -2298,10 +2316,12 @@ def test_rows_of_a_map_carry_ops_per_position(tb, kb):
                "torch.cat": lambda m, t: torch.cat([m.cls.expand(t.shape[0], -1, -1), t], 1).mean(1),
                "Tensor.__getitem__": lambda m, t: t[:, 1:].mean(1),
                "Tensor.softmax": lambda m, t: t.softmax(1).sum(1),
-               "Tensor.flatten": lambda m, t: t.flatten(1)}
+               "Tensor.flatten": lambda m, t: t.flatten(1),
+               "Tensor.max": lambda m, t: t.max(1).values}  # (says to use amax(1))
     for name, op in refused.items():
         with pytest.raises(tb.FDFE.ConversionError, match=rf"{name} cannot be made dense exactly: .*the rows of a "
-                           r"3x3 map \(9x4, one per position\)"):
+                           r"3x3 map \(9x4, one per position\)" + (".*indices.*use amax\\(1\\)" if name == "Tensor.max"
+                                                                    else "")):
             tb.FDFE.convert(Across(op), (7, 7), in_channels=2)
 
     L = keras.layers  # the same net in Keras, with the same weights: PyTorch equals Keras on every pixel

@@ -128,10 +128,10 @@ def test_torch_refuses_ops_that_mix_positions(tb):
     _torch_refusal(tb, [nn.Conv2d(1, 4, 2)], 5, r"Tensor\.flip cannot be made dense exactly: it reorders dims "
                    r"\[1, 2\], which moves values between positions",  # (was "unexpected arguments to Tensor.flip")
                    forward=lambda self, x: self.layers[0](x).flip(1, 2).mean((2, 3)))
-    _torch_refusal(tb, [nn.Conv2d(1, 4, 2)], 5, r"Tensor\.amin cannot be made dense exactly: it reduces a 4x4x4 map "
-                   r"over its channels and its positions together \(dims \[1, 2, 3\]\); reduce over the "
-                   r"positions first, a global pooling \(x\.amin\(\(2, 3\)\)\)",  # (was "per-patch normalisation")
-                   forward=lambda self, x: self.layers[0](x).amin((1, 2, 3))[:, None])
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 2)], 5, r"Tensor\.sum cannot be made dense exactly: a reduction over the "
+                   r"channels and positions with dtype=torch\.float64 \(cast before it instead: "
+                   r"x\.to\(torch\.float64\)\.sum\(\(1, 2, 3\)\)\)",  # (was "per-patch normalisation")
+                   forward=lambda self, x: self.layers[0](x).sum((1, 2, 3), dtype=torch.float64)[:, None])
     _torch_refusal(tb, [nn.Conv2d(1, 4, 2), nn.MultiheadAttention(4, 2, batch_first=True)], 5,  # (not is_nested)
                    r"Tensor\.transpose cannot be made dense exactly: it transposes the rows of a 4x4 map \(16x4, one "
                    r"per position\) \(dims \[1, 0\]\), which moves the rows \(positions of the patch: attention",

@@ -584,6 +584,42 @@ def test_keras_custom_gradients_are_refused_and_ties_share_their_gradient(kb, tm
         _compare(got, expected, reduce.__name__)
 
 
+def test_keras_extrema_over_channels_and_positions_share_their_gradient_among_ties(kb, tmp_path):
+    """Keras: keras.ops.max / min (and tf.reduce_max) over axes (1, 2, 3), the channels and positions together, share
+    their gradient among every tied channel and position of the patch, as Cp's reduction does; CI took the extremum
+    over the positions, then over the channels, which shares it otherwise (0.22 off on the image's gradient, silently).
+    An image of few levels with a saturated region makes the extrema tie across positions and channels, each channel
+    a different number of times.  Values and gradients against Cp on every patch, tiles, a step, borders, the naive
+    path and a .keras round trip."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((8, 7, 2), dtype="float64")
+    pooled = L.AveragePooling2D(2, dtype="float64")(inp)
+    y = L.Lambda(lambda t: keras.ops.concatenate([
+        keras.ops.max(t[0] * 2, axis=(1, 2, 3))[:, None], keras.ops.min(t[1], axis=(-3, -2, -1))[:, None],
+        tf.reduce_max(t[0], axis=[1, 2, 3], keepdims=True)[:, 0, 0]], -1), dtype="float64")([inp, pooled])
+    cp = keras.Model(inp, y)
+    image = np.random.default_rng(1).integers(0, 8, (2, 13, 11, 2)).astype(np.float64)
+    image[:, 2:10, 3:9] = 7.0
+    images = tf.constant(image / 7.0)
+    weights = tf.constant(np.random.default_rng(2).standard_normal((2, 13, 11, 3)))
+    path = str(tmp_path / "ci.keras")
+    kb.FDFE.convert(cp, (8, 7)).save(path)
+    for options in ({}, {"tile": (5, 4)}, {"output_stride": 2}, {"border": "reflect"}, {"naive": True}, None):
+        ci = keras.models.load_model(path) if options is None else kb.FDFE.convert(cp, (8, 7), **options)
+        reference = {k: v for k, v in (options or {}).items() if k in ("output_stride", "border")}
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(images)
+            out, expected = ci(images), kb.FDFE.dense_reference(cp, images, (8, 7), differentiable=True, **reference)
+            step = weights[:, :out.shape[1], :out.shape[2]]
+            loss, expected_loss = tf.reduce_sum(out * step), tf.reduce_sum(expected * step)
+        assert max_rel_error(out, expected) <= TOL["float64"], options
+        assert max_rel_error(tape.gradient(loss, images), tape.gradient(expected_loss, images)) <= TOL["float64"], \
+            options
+
+
 def test_torch_gradients_that_ci_cannot_give_are_refused_when_asked_for(tb):
     """A custom autograd.Function (a straight-through rounding, a gradient reversal, one whose forward runs autograd
     itself), a hook on an activation's gradient or on its autograd node, a module backward hook, hooks on the tensors

@@ -3277,23 +3277,33 @@ def _window_combine(x, axis, k, combine):
     return x
 
 
-def _window_extremum(x, window, combine):
+def _window_extremum(x, window, combine, over_channels=False):
     """The max (``combine`` tf.maximum) or min (tf.minimum) of every kh x kw window of ``x`` at stride 1
     (:func:`_window_combine`, along the rows, then the columns), whose gradient, like tf.reduce_max's
     (GlobalMaxPooling2D), is shared equally among each window's tied extrema: tf.maximum's gives it to one of them.
     The gradient goes back through the two stages (an entry ties its window's extremum where it ties its column's
-    kh entries and that column's extremum ties the window's): kh + kw passes, not kh * kw."""
+    kh entries and that column's extremum ties the window's): kh + kw passes, not kh * kw.  ``over_channels``: the
+    window spans the channels too (``keras.ops.max(x, axis=(1, 2, 3))``): each pixel's extremum over its channels
+    first, its tied channels counted in the shares, and one channel out."""
     kh, kw = window
+    reduce = tf.reduce_max if combine is tf.maximum else tf.reduce_min
 
     @tf.custom_gradient
     def extremum(v):
-        columns = _window_combine(v, 1, kh, combine)  # (B, L_h - kh + 1, L_w, C): each column's kh entries
+        pixels = reduce(v, -1, keepdims=True) if over_channels else v
+        columns = _window_combine(pixels, 1, kh, combine)  # (B, L_h - kh + 1, L_w, C): each column's kh entries
         y = _window_combine(columns, 2, kw, combine)
 
         def grad(upstream):
             h, w = tf.shape(columns)[1], tf.shape(y)[2]
-            in_column = [tf.equal(v[:, dy:dy + h], columns) for dy in range(kh)]
-            count = tf.add_n([tf.cast(t, upstream.dtype) for t in in_column])  # ties in each column
+            in_column = [tf.equal(pixels[:, dy:dy + h], columns) for dy in range(kh)]
+            if over_channels:  # (each pixel counts as many ties as it has tied channels)
+                in_pixel = tf.equal(v, pixels)
+                channels = tf.reduce_sum(tf.cast(in_pixel, upstream.dtype), -1, keepdims=True)
+                count = tf.add_n([tf.where(t, channels[:, dy:dy + h], tf.zeros_like(columns))
+                                  for dy, t in enumerate(in_column)])
+            else:
+                count = tf.add_n([tf.cast(t, upstream.dtype) for t in in_column])  # ties in each column
             in_window = [tf.equal(columns[:, :, dx:dx + w], y) for dx in range(kw)]
             ties = tf.add_n([tf.where(t, count[:, :, dx:dx + w], tf.zeros_like(upstream))
                              for dx, t in enumerate(in_window)])
@@ -3301,8 +3311,10 @@ def _window_extremum(x, window, combine):
             to_columns = tf.add_n([tf.pad(tf.where(t, share, tf.zeros_like(share)), [[0, 0], [0, 0], [dx, kw - 1 - dx],
                                                                                      [0, 0]])
                                    for dx, t in enumerate(in_window)])
-            return tf.add_n([tf.pad(tf.where(t, to_columns, tf.zeros_like(to_columns)),
-                                    [[0, 0], [dy, kh - 1 - dy], [0, 0], [0, 0]]) for dy, t in enumerate(in_column)])
+            to_pixels = tf.add_n([tf.pad(tf.where(t, to_columns, tf.zeros_like(to_columns)),
+                                         [[0, 0], [dy, kh - 1 - dy], [0, 0], [0, 0]])
+                                  for dy, t in enumerate(in_column)])
+            return tf.where(in_pixel, to_pixels, tf.zeros_like(v)) if over_channels else to_pixels
         return y, grad
     return extremum(x)
 
@@ -3321,30 +3333,35 @@ class _WindowReduce(_Layer):
     Args:
         kind: "max", "min", "avg" or "sum".
         window: (kh, kw), the size of the patch-level map reduced (1 for an axis not reduced).
+        over_channels: "max" and "min" only: the channels too (``keras.ops.max(x, axis=(1, 2, 3))``), one channel
+            out, the gradient shared among the tied channels and positions of each window.
 
     Shape:
-        (B, L_h, L_w, C) -> (B, L_h - kh + 1, L_w - kw + 1, C).
+        (B, L_h, L_w, C) -> (B, L_h - kh + 1, L_w - kw + 1, C) (C = 1 over_channels).
     """
     KINDS = ("max", "min", "avg", "sum")
 
-    def __init__(self, kind, window, **kwargs):
+    def __init__(self, kind, window, over_channels=False, **kwargs):
         super().__init__(**kwargs)
         if kind not in self.KINDS:
             raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
-        self.kind, self.window = kind, _pair(window, "window")
+        if over_channels and kind not in ("max", "min"):
+            raise ValueError(f"over_channels is for kind 'max' or 'min', got {kind!r}")
+        self.kind, self.window, self.over_channels = kind, _pair(window, "window"), bool(over_channels)
 
     def call(self, x):
         kh, kw = self.window
         if self.kind in ("avg", "sum"):
             y = tf.nn.avg_pool2d(x, (kh, kw), 1, "VALID")
             return y if self.kind == "avg" else y * tf.cast(kh * kw, y.dtype)
-        return _window_extremum(x, (kh, kw), tf.maximum if self.kind == "max" else tf.minimum)
+        return _window_extremum(x, (kh, kw), tf.maximum if self.kind == "max" else tf.minimum, self.over_channels)
 
     def compute_output_spec(self, x):
-        return keras.KerasTensor((x.shape[0], None, None, x.shape[-1]), dtype=x.dtype)
+        return keras.KerasTensor((x.shape[0], None, None, 1 if self.over_channels else x.shape[-1]), dtype=x.dtype)
 
     def get_config(self):
-        return {**super().get_config(), "kind": self.kind, "window": list(self.window)}
+        config = {**super().get_config(), "kind": self.kind, "window": list(self.window)}
+        return {**config, "over_channels": True} if self.over_channels else config  # (loads in earlier versions)
 
 
 # ---------------------------------------------------------------------------
@@ -4886,8 +4903,9 @@ def _rule_reduce_op(call, geoms):
             if kind is None:
                 raise call.fail(f"it reduces over positions of the patch with {call.type}; only mean, max, min and "
                                 f"sum over positions (global pooling) can be made dense")
-            steps.append(_WindowReduce(kind, (h if 1 in axes else 1, w if 2 in axes else 1)))
-        if 3 in axes:
+            over_channels = 3 in axes and kind in ("max", "min")  # (ties shared among channels and positions)
+            steps.append(_WindowReduce(kind, (h if 1 in axes else 1, w if 2 in axes else 1), over_channels))
+        if 3 in axes and not (steps and steps[-1].over_channels):
             steps.append(per_pixel())
         reduced = geom.with_(size=(1 if 1 in axes else h, 1 if 2 in axes else w), channels=1 if 3 in axes else c)
 
