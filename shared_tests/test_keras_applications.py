@@ -271,7 +271,7 @@ def test_too_small_patch_is_named(kb):
     """A patch too small for Cp's layers surfaced Keras' own shape error ("Computed output size would be negative",
     or "Negative dimension size" when Cp runs eagerly on the empty map but cannot be traced) with no hint; convert
     now tries Cp on larger patches and says the patch is too small.  A failure that larger patches share keeps the
-    general hint."""
+    general hint.  An unbuilt Sequential stays usable after a wrong patch."""
     import keras
     L = keras.layers
     convs = keras.Sequential([keras.Input((None, None, 3)), L.Conv2D(4, 3), L.Conv2D(4, 3), L.Conv2D(4, 3),
@@ -314,6 +314,19 @@ def test_too_small_patch_is_named(kb):
     images = np.random.default_rng(0).standard_normal((1, 15, 14, 3)).astype("float32")
     assert max_rel_error(kb.FDFE.convert(unbuilt, 12, in_channels=3)(images),
                          kb.FDFE.dense_reference(unbuilt, images, 12)) <= TOL["float32"]
+
+    # an unbuilt Sequential (no keras.Input): Keras built it for the too-small patch, batch included, and kept that
+    # input, so convert with the right patch failed too ("already configured to use input shape (2, 6, 6, 3)"), as
+    # did every later call of Cp; now its input is undone, and a copy of it is probed on larger patches
+    sequential = keras.Sequential([L.Conv2D(4, 3), L.MaxPooling2D(2), L.Conv2D(8, 3), L.Flatten(), L.Dense(5)])
+    with pytest.raises(kb.FDFE.ConversionError, match=r"(?s)running Cp on a batch of 6x6x3 patches failed: .*Computed "
+                                                      r"output size would be zero or negative.* it is likely too "
+                                                      r"small, since Cp runs on 12x12 patches"):
+        kb.FDFE.convert(sequential, 6, in_channels=3)
+    images = np.random.default_rng(1).standard_normal((2, 15, 14, 3)).astype("float32")
+    assert max_rel_error(kb.FDFE.convert(sequential, 12, in_channels=3)(images),
+                         kb.FDFE.dense_reference(sequential, images, 12)) <= TOL["float32"]
+    assert tuple(sequential(images[:, :12, :12]).shape) == (2, 5)
 
 
 # --- 6. output_stride with branches cropped differently before strided layers ----------------------------------------

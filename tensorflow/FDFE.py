@@ -5557,12 +5557,15 @@ def _trace(base_net, patch_size, in_channels, guessed=False):
         example = tf.random.normal([batch, ph, pw, in_channels], dtype=dtype)
         layers = list(base_net._flatten_layers(include_self=True, recursive=True))
         snapshots = [_attribute_values(layers)]  # the user's layers' attributes around convert's runs of Cp
+        unbuilt = [(m, m._layers[0] if m._layers else None) for m in layers
+                   if isinstance(m, keras.Sequential) and not m.built]
         try:
             out = base_net(example, training=False)  # builds the layers outside the recording
             if _input_dtype(base_net) != dtype:  # the layers' dtypes are known once they are built
                 example = tf.random.normal([batch, ph, pw, in_channels], dtype=_input_dtype(base_net))
                 out = base_net(example, training=False)
         except Exception as exc:  # the net rejected this example; report it below
+            _unbuild_sequentials(unbuilt)
             last_error = exc
             continue
         tracer = _Tracer(base_net)
@@ -5597,13 +5600,30 @@ def _trace(base_net, patch_size, in_channels, guessed=False):
                           f"than the net needs{size}{hint}") from last_error
 
 
+def _unbuild_sequentials(unbuilt):
+    """Undo what a failed first call left in Sequential models that had no input (``unbuilt``: (model, its first
+    layer then)): Keras builds one for the first input's shape, batch included, with an InputLayer in front, and
+    keeps that layer where the build fails, so that every later call, convert's with the right patch or batch
+    included, fails ("has already been configured to use input shape ..."): a wrong patch_size would break Cp."""
+    for model, first in unbuilt:
+        if model._layers and model._layers[0] is not first and isinstance(model._layers[0], keras.layers.InputLayer):
+            del model._layers[0]
+            model._functional, model.built = None, False
+
+
 def _larger_patch_that_runs(base_net, patch_size, in_channels, dtype, traced=False):
     """Where Cp failed on patches of ``patch_size``: the first of 2, 4 and 8 times that size on which Cp runs (is traced
     into a graph, where ``traced``), which shows the patch to be too small for Cp's layers; None if none does (the
-    failure has another cause, or Cp declares its input size).  Not where a layer of Cp is not built yet: running
-    Cp on a larger patch would build it for that size (a Dense after Flatten), and break Cp for the right one."""
+    failure has another cause, or Cp declares its input size).  Where a layer of Cp is not built yet, running Cp on a
+    larger patch would build it for that size (a Dense after Flatten) and break Cp for the right one: a Sequential
+    Cp is probed through a copy (keras.models.clone_model), others not at all."""
     if not all(layer.built for layer in base_net._flatten_layers(include_self=True, recursive=True)):
-        return None
+        if not isinstance(base_net, keras.Sequential):
+            return None
+        try:
+            base_net = keras.models.clone_model(base_net)  # (new, unbuilt layers of the same configuration)
+        except Exception:  # noqa: BLE001 - (layers that cannot be copied from their configuration: no probe)
+            return None
     for factor in (2, 4, 8):
         size = (patch_size[0] * factor, patch_size[1] * factor)
         try:
