@@ -218,6 +218,7 @@ def _keras_refusal(kb, layers, patch, match, channels=1):
 
 def test_keras_refusals(kb):
     import keras
+    import tensorflow as tf
     L = keras.layers
     _keras_refusal(kb, [L.Conv2D(4, 3, padding="same"), L.Conv2D(2, 5)], 5,
                    r"layer 'conv2d.*' \(Conv2D\).*pads its input \(padding='same'\).*patch border")
@@ -261,6 +262,20 @@ def test_keras_refusals(kb):
     with pytest.raises(kb.FDFE.ConversionError) as refused:
         kb.FDFE.convert(keras.Model(inp, L.GlobalAveragePooling1D()(L.Lambda(lambda r: r[:, 1:, :])(rows))), 8)
     assert "slices a reshaped 6x6x4 map" in str(refused.value) and "problems" not in str(refused.value)
+
+    class ScaledByBatch(keras.Model):  # a rank-0 statistic of the whole batch (its square root crashed: IndexError)
+        def __init__(self, statistic):
+            super().__init__()
+            self.conv, self.pool, self.statistic = L.Conv2D(4, 3), L.GlobalAveragePooling2D(), statistic
+
+        def call(self, x):
+            return self.pool(self.conv(x) / self.statistic(x))
+    for statistic in (keras.ops.std, tf.math.reduce_std):
+        net = ScaledByBatch(statistic)
+        net(np.zeros((1, 7, 7, 3), "float32"))
+        with pytest.raises(kb.FDFE.ConversionError, match=r"Mean.*cannot be made dense exactly: it reduces over the "
+                                                          r"batch of patches"):
+            kb.FDFE.convert(net, 7)
 
 
 def test_keras_refuses_unknown_tensorflow_ops_between_layers(kb):

@@ -99,7 +99,10 @@ def _reductions_net():
             top = ops.squeeze(ops.max(y, axis=(1, 2), keepdims=True), axis=(1, 2))
             low, total = tf.reduce_min(y, axis=[1, 2]), tf.reduce_sum(y[..., 1:4], axis=[1, 2])
             channel = ops.mean(ops.mean(y, axis=-1, keepdims=True), axis=(1, 2))
-            return ops.concatenate([m, top, low, total, channel, ops.softmax(m), y[:, 0, 1, :2]], axis=-1)
+            # the (N, h, w) of a channel reduction without keepdims, over its positions (refused as "mixes positions")
+            views = ops.stack([ops.mean(ops.max(y, axis=-1), axis=(1, 2)),
+                               tf.reduce_min(tf.reduce_sum(y, -1), axis=[-1, -2])], -1)
+            return ops.concatenate([m, top, low, total, channel, ops.softmax(m), y[:, 0, 1, :2], views], axis=-1)
     return Reductions()
 
 

@@ -4895,6 +4895,10 @@ def _rule_reduce_op(call, geoms):
     def per_pixel():  # the op itself over the channel axis, keeping it (dense values stay 4-D)
         return _TFOp(call.type, dict(call.args, axis={"const": [-1], "dtype": call.args["axis"]["dtype"]}),
                      dict(call.attrs, keep_dims=["bool", True]), call.variables, name=_op_layer_name(call))
+    if geom.kind == VIEW and geom.channels == 1 and len(src) == 3 and src[1:] == tuple(geom.size):
+        # the (N, h, w) of a channel reduction without keepdims (keras.ops.max(x, axis=-1)), whose dense values keep
+        # their channel axis: reduced over its positions as the one-channel map (N, h, w, 1)
+        geom, src = geom.with_(kind=MAP), src + (1,)
     if geom.kind == MAP and len(src) == 4:
         (h, w), c = geom.size, geom.channels
         steps = []
@@ -5676,8 +5680,11 @@ def _apply_rules(calls, geoms, values):
                 run, out_geoms = _on_swapped(call, rule, in_geoms)
             else:
                 run, out_geoms = rule(call, in_geoms)
-        except ConversionError as exc:
-            problems.append(str(exc))
+        except Exception as exc:  # noqa: BLE001 - (a rule's own failure on a guessed geometry: see below)
+            if not isinstance(exc, ConversionError) and not (problems and _reads_guessed(call, geoms)):
+                raise
+            if isinstance(exc, ConversionError):  # (else: a rule given a guessed value where an earlier problem
+                problems.append(str(exc))         # left one, such as a rank-0 statistic of the whole batch)
             geoms.update((s, _guessed_geom(shape, in_geoms, _MAP_LAYOUT))
                          for s, shape in zip(call.out_slots, call.out_shapes))
             continue
@@ -5694,6 +5701,11 @@ def _apply_rules(calls, geoms, values):
         values.update(zip(call.out_slots, outs))
     if problems:
         raise _all_problems(problems)
+
+
+def _reads_guessed(call, geoms):
+    """Whether ``call`` reads a value whose geometry was guessed after a refused call (see _guessed_geom)."""
+    return any(geoms[s].guessed for s in call.in_slots)
 
 
 def _strided_layers(core):
