@@ -5187,7 +5187,7 @@ def _trace(base_net, patch_size, in_channels, guessed=False, gradients=True):
                               "shapes cannot be multiplied", "size mismatch")):
         hint = (f" -- the patch {ph}x{pw} may be smaller (or larger) than the net needs; check patch_size "
                 f"against the size Cp was trained on")
-    if guessed and "channel" in msg:
+    if guessed:  # (whatever the error says: an index of a channel the guess lacks, x[:, 2], says "dimension 1")
         hint += f" -- in_channels={in_channels} was inferred from Cp's modules; pass in_channels= if Cp's input " \
                 f"has another number of channels"
     dtype = _example_kind(base_net)[0]

@@ -422,6 +422,33 @@ def test_an_inferred_channel_count_that_fails_says_so(tb, kb):
     assert max_rel_error(kb.FDFE.convert(grey, 3, in_channels=3)(images),
                          kb.FDFE.dense_reference(grey, images, 3)) <= TOL["float32"]
 
+    # grey by channel indices: Cp fails on the inferred single channel with an index error that names no channel
+    # (the hint was given only where the framework's error mentioned channels)
+    class IndexGrey(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3)
+
+        def forward(self, x):
+            return self.conv((0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]).flatten(1)
+    with pytest.raises(tb.FDFE.ConversionError, match=r"1x3x3 patches failed: IndexError: .* -- in_channels=1 was "
+                                                      r"inferred from Cp's modules; pass in_channels="):
+        tb.FDFE.convert(IndexGrey(), 3)
+
+    class KerasIndexGrey(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(3, 3)
+
+        def call(self, x):
+            grey = 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
+            return keras.ops.reshape(self.conv(grey[..., None]), (-1, 3))
+    grey = KerasIndexGrey()
+    grey(np.zeros((1, 3, 3, 3), "float32"))
+    with pytest.raises(kb.FDFE.ConversionError, match=r"(?s)3x3x1 patches failed: .* -- in_channels=1 was inferred "
+                                                      r"from Cp's first Conv2D; pass in_channels="):
+        kb.FDFE.convert(grey, 3)
+
 
 def test_torch_bad_inputs(tb):
     import torch

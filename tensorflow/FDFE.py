@@ -5593,9 +5593,9 @@ def _trace(base_net, patch_size, in_channels, guessed=False):
                 f"{why}") from exc
         return tracer, out, example
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(last_error))  # Keras' bold
-    about_channels = any(word in text for word in ("channel", "depth", "axis -1", "axis 3"))
     hint = f" -- in_channels={in_channels} was inferred from Cp's first Conv2D; pass in_channels= if Cp's input " \
-        f"has another number of channels" if guessed and about_channels else ""
+        f"has another number of channels" if guessed else ""  # (whatever the error says: x[..., 2] of a guess of 1
+    # channel fails with "slice index 2 of dimension 3 out of bounds")
     larger = _larger_patch_that_runs(base_net, (ph, pw), in_channels, _input_dtype(base_net))
     size = "; check patch_size against the size Cp was trained on" if larger is None else \
         f": it is {_too_small_hint(larger, 'runs on')}"
