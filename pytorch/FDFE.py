@@ -1826,9 +1826,8 @@ def _pool_split_ties(x, kind, kernel, over_channels=False):
     first stage takes each pixel's extremum over its channels, the mean of its tied channels and their count, and
     the result has one channel."""
     (kh, kw), values = _pair(kernel, "kernel"), x.detach()
-    extreme = torch.amax if kind == "max" else torch.amin
     if over_channels:  # each pixel's tied channels: their count and mean, weights of the stages below
-        values = extreme(values, 1, keepdim=True)
+        values = (torch.amax if kind == "max" else torch.amin)(values, 1, keepdim=True)
         tied = x.detach() == values
         weight = tied.sum(1, keepdim=True).to(x.dtype)
         x = torch.where(tied, x, torch.zeros_like(x)).sum(1, keepdim=True) / weight
