@@ -3713,7 +3713,8 @@ class _PoolChannelsStep(_PoolStep):
     """A global pooling over the patch-level map, then the same reduction over its channels (``x.mean((1, 2, 3))``,
     ``x.sum((1, 2, 3))``); ``x.amax((1, 2, 3))`` and ``amin``: the extremum over the channels of each pixel, then
     the global pooling of that one channel, whose gradient is shared among every tied channel and position of the
-    patch, as amax's is (see _pool_split_ties): one value per patch, (N, 1, H, W) dense."""
+    patch, as amax's is (see _pool_split_ties): one value per patch, (N, 1, H, W) dense.  Over the channels and
+    one spatial axis (``x.mean((1, 2))``): the same with a pooling over the rows (or columns) alone."""
 
     @property
     def per_pixel(self):
@@ -3867,11 +3868,15 @@ def _make_reduce_rule(kind):
             raise node.fail("it reduces over the batch of patches")
         per_pixel = dims and all(d % rank == 1 for d in dims) and (geom.kind == MAP or geom.is_pixel_vector
                                                                     or _view_by_channel(geom, shape))
-        if geom.kind == MAP and sorted(d % 4 for d in dims) == [1, 2, 3] and kind is not None and \
-                p.get("dtype") is None:  # over the positions (a global pooling) and the channels: as Keras
-            step = _PoolChannelsStep(node, kind, geom.size, (1, 1))
-            return step, [_geom_of_shape(geom.with_(channels=1, size=(1, 1)), node.out_shapes[0])]
-        if not per_pixel and geom.kind == MAP and sorted(d % 4 for d in dims) == [1, 2, 3] and kind is not None:
+        together = sorted({d % 4 for d in dims}) in ([1, 2, 3], [1, 2], [1, 3])  # the channels and positions
+        if geom.kind == MAP and together and kind is not None and p.get("dtype") is None:  # over the positions (a
+            # global pooling, or one over the rows or columns) and the channels: as Keras
+            reduced = {d % 4 for d in dims}
+            window = (h if 2 in reduced else 1, w if 3 in reduced else 1)
+            size = (1 if 2 in reduced else h, 1 if 3 in reduced else w)
+            step = _PoolChannelsStep(node, kind, window, (1, 1))
+            return step, [_geom_of_shape(geom.with_(channels=1, size=size), node.out_shapes[0])]
+        if not per_pixel and geom.kind == MAP and together and kind is not None:
             raise node.fail(f"a reduction over the channels and positions with dtype={p['dtype']} (cast before it "
                             f"instead: x.to({p['dtype']}).{node.name.split('.')[-1]}((1, 2, 3)))")
         if not per_pixel:

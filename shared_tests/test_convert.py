@@ -438,8 +438,9 @@ def test_torch_reductions_over_channels_and_positions_together(tb):
     reduced over its positions (x.min(1).values.mean((1, 2)), x.amax(1).amax((-1, -2))): a global pooling, then
     over the channels, as Keras does; both were refused as per-patch normalisation.  Tiles, a step, reflected
     borders and gradients against Cp on every patch.  amax / amin over (1, 2, 3) (refused before) also share their
-    gradient among the tied channels and positions of each patch as Cp's do: tested on an image with a saturated
-    region after a ReLU, where whole windows tie across channels."""
+    gradient among the tied channels and positions of each patch as Cp's do: tested on an image of few levels with a
+    saturated region.  Reductions over the channels and one spatial axis (x.mean((1, 2))) convert too (refused
+    before, as Keras converted them)."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -474,20 +475,40 @@ def test_torch_reductions_over_channels_and_positions_together(tb):
                               (-y).amax((1, 2, 3), keepdim=True).flatten(1), (x * 2).amax((1, 2, 3))[:, None],
                               F.avg_pool2d(x, 2).amin((1, 2, 3))[:, None]], 1)
 
-    net = Extremum().double().eval()
+    class OneAxis(Global):  # over the channels and the rows (or the columns) alone: refused before
+        def __init__(self):
+            super().__init__()
+            self.rows, self.maxima = nn.Linear(2, 4), nn.Linear(2, 4)  # (y: 4 channels of 3x2)
+            self.columns, self.image = nn.Linear(3, 4), nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = F.max_pool2d(torch.relu(self.conv(x) - 0.3), 2)
+            return self.rows(y.mean((1, 2))) + self.maxima(y.amax((-3, -2))) \
+                + self.columns(y.amin((1, 3), keepdim=True).flatten(1)) + self.image((x * 2).amax((1, 3)))
+
+    for net in (Extremum().double().eval(), OneAxis().double().eval()):
+        _check_reductions_with_ties(tb, net)
+
+
+def _check_reductions_with_ties(tb, net):
+    """CI of ``net`` (patch 8x7, 2 channels) against Cp on every patch, values and gradients, on an image whose
+    extrema tie across positions and channels (few levels, a saturated region), with tiles, a step, borders and the
+    naive path."""
+    import torch
     _torch_check(tb, net, (8, 7), 2, size=(13, 11))
     image = np.random.default_rng(1).integers(0, 8, (2, 2, 13, 11)).astype(np.float64)
     image[..., 2:10, 3:9] = 7.0  # (few levels and a saturated region: the image's extrema tie across positions
     images = torch.from_numpy(image / 7.0).requires_grad_()  # and channels, each channel a different number of
-    weights = torch.from_numpy(np.random.default_rng(2).standard_normal((2, 5, 13, 11)))  # times)
+    weights = torch.from_numpy(np.random.default_rng(2).standard_normal((2, 8, 13, 11)))  # times)
     for options in ({}, {"tile": (5, 4)}, {"output_stride": 2}, {"border": "reflect"}, {"naive": True}):
         ci = tb.FDFE.convert(net, (8, 7), in_channels=2, **options)
         reference = tb.FDFE.dense_reference(net, images, (8, 7), differentiable=True,
                                             **{k: v for k, v in options.items() if k in ("output_stride", "border")})
         out = ci(images)
         assert max_rel_error(out.detach(), reference.detach()) <= TOL["float64"], options
-        grad, = torch.autograd.grad((out * weights[..., :out.shape[2], :out.shape[3]]).sum(), images)
-        expected, = torch.autograd.grad((reference * weights[..., :out.shape[2], :out.shape[3]]).sum(), images)
+        weight = weights[:, :out.shape[1], :out.shape[2], :out.shape[3]]
+        grad, = torch.autograd.grad((out * weight).sum(), images)
+        expected, = torch.autograd.grad((reference * weight).sum(), images)
         assert max_rel_error(grad, expected) <= TOL["float64"], options
 
 
