@@ -590,7 +590,7 @@ def test_keras_extrema_over_channels_and_positions_share_their_gradient_among_ti
     over the positions, then over the channels, which shares it otherwise (0.22 off on the image's gradient, silently).
     An image of few levels with a saturated region makes the extrema tie across positions and channels, each channel
     a different number of times.  Values and gradients against Cp on every patch, tiles, a step, borders, the naive
-    path and a .keras round trip."""
+    path and a .keras round trip; also over the channels and one spatial axis (axis=(1, 3))."""
     import keras
     import tensorflow as tf
     L = keras.layers
@@ -600,14 +600,20 @@ def test_keras_extrema_over_channels_and_positions_share_their_gradient_among_ti
     y = L.Lambda(lambda t: keras.ops.concatenate([
         keras.ops.max(t[0] * 2, axis=(1, 2, 3))[:, None], keras.ops.min(t[1], axis=(-3, -2, -1))[:, None],
         tf.reduce_max(t[0], axis=[1, 2, 3], keepdims=True)[:, 0, 0]], -1), dtype="float64")([inp, pooled])
-    cp = keras.Model(inp, y)
+    whole = keras.Model(inp, y)
+    rows = L.Lambda(lambda t: keras.ops.max(t * 2, axis=(1, 3)), dtype="float64")(inp)  # (and one spatial axis)
+    columns = L.Lambda(lambda t: keras.ops.min(t, axis=(-2, -1)), dtype="float64")(pooled)
+    one_axis = keras.Model(inp, L.Add(dtype="float64")([L.Dense(3, dtype="float64")(rows),
+                                                         L.Dense(3, dtype="float64")(columns)]))
     image = np.random.default_rng(1).integers(0, 8, (2, 13, 11, 2)).astype(np.float64)
     image[:, 2:10, 3:9] = 7.0
     images = tf.constant(image / 7.0)
     weights = tf.constant(np.random.default_rng(2).standard_normal((2, 13, 11, 3)))
     path = str(tmp_path / "ci.keras")
-    kb.FDFE.convert(cp, (8, 7)).save(path)
-    for options in ({}, {"tile": (5, 4)}, {"output_stride": 2}, {"border": "reflect"}, {"naive": True}, None):
+    kb.FDFE.convert(whole, (8, 7)).save(path)
+    cases = [(whole, o) for o in ({}, {"tile": (5, 4)}, {"output_stride": 2}, {"border": "reflect"}, {"naive": True},
+                                  None)] + [(one_axis, {}), (one_axis, {"output_stride": 2})]  # (None: the .keras)
+    for cp, options in cases:
         ci = keras.models.load_model(path) if options is None else kb.FDFE.convert(cp, (8, 7), **options)
         reference = {k: v for k, v in (options or {}).items() if k in ("output_stride", "border")}
         with tf.GradientTape(persistent=True) as tape:
