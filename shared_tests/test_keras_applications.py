@@ -315,6 +315,19 @@ def test_too_small_patch_is_named(kb):
     assert max_rel_error(kb.FDFE.convert(unbuilt, 12, in_channels=3)(images),
                          kb.FDFE.dense_reference(unbuilt, images, 12)) <= TOL["float32"]
 
+    class Built(keras.Model):  # in_channels inferred (rightly) from its first Conv2D: the probe ran Cp with them, so
+        def __init__(self):    # the message does not point at the channels
+            super().__init__()
+            self.a, self.b, self.pool = L.Conv2D(3, 3), L.Conv2D(2, 3), L.GlobalAveragePooling2D()
+
+        def call(self, x):
+            return self.pool(self.b(L.MaxPooling2D(2)(self.a(x))))
+    built = Built()
+    built(np.zeros((1, 8, 8, 3), "float32"))
+    with pytest.raises(kb.FDFE.ConversionError, match=r"likely too small, since Cp runs on 8x8 patches") as refused:
+        kb.FDFE.convert(built, 4)
+    assert "in_channels" not in str(refused.value), str(refused.value)
+
     # an unbuilt Sequential (no keras.Input): Keras built it for the too-small patch, batch included, and kept that
     # input, so convert with the right patch failed too ("already configured to use input shape (2, 6, 6, 3)"), as
     # did every later call of Cp; now its input is undone, and a copy of it is probed on larger patches

@@ -5593,10 +5593,11 @@ def _trace(base_net, patch_size, in_channels, guessed=False):
                 f"{why}") from exc
         return tracer, out, example
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(last_error))  # Keras' bold
-    hint = f" -- in_channels={in_channels} was inferred from Cp's first Conv2D; pass in_channels= if Cp's input " \
-        f"has another number of channels" if guessed else ""  # (whatever the error says: x[..., 2] of a guess of 1
-    # channel fails with "slice index 2 of dimension 3 out of bounds")
     larger = _larger_patch_that_runs(base_net, (ph, pw), in_channels, _input_dtype(base_net))
+    hint = f" -- in_channels={in_channels} was inferred from Cp's first Conv2D; pass in_channels= if Cp's input " \
+        f"has another number of channels" if guessed and larger is None else ""  # (whatever the error says: x[..., 2]
+    # of a guess of 1 channel fails with "slice index 2 of dimension 3 out of bounds"; not where Cp ran on these
+    # channels with a larger patch)
     size = "; check patch_size against the size Cp was trained on" if larger is None else \
         f": it is {_too_small_hint(larger, 'runs on')}"
     raise ConversionError(f"running Cp on a batch of {ph}x{pw}x{in_channels} patches failed: "
