@@ -3868,6 +3868,13 @@ def _make_reduce_rule(kind):
             raise node.fail("it reduces over the batch of patches")
         per_pixel = dims and all(d % rank == 1 for d in dims) and (geom.kind == MAP or geom.is_pixel_vector
                                                                     or _view_by_channel(geom, shape))
+        if geom.kind in (VIEW, VECTOR) and not geom.guessed and kind is not None and p.get("dtype") is None and \
+                (h, w) != (1, 1) and _prod(shape[1:]) == geom.channels * h * w and \
+                sorted({d % len(shape) for d in dims}) == list(range(1, len(shape))):
+            # every entry of a flattened map (x.flatten(1).amax(1), x.flatten(2).mean((1, 2))): in any order, as
+            # x.amax((1, 2, 3)) of the map
+            step = _PoolChannelsStep(node, kind, geom.size, (1, 1))
+            return step, [_geom_of_shape(geom.with_(kind=MAP, channels=1, size=(1, 1)), node.out_shapes[0])]
         together = sorted({d % 4 for d in dims}) in ([1, 2, 3], [1, 2], [1, 3])  # the channels and positions
         if geom.kind == MAP and together and kind is not None and p.get("dtype") is None:  # over the positions (a
             # global pooling, or one over the rows or columns) and the channels: as Keras
@@ -3878,7 +3885,7 @@ def _make_reduce_rule(kind):
             return step, [_geom_of_shape(geom.with_(channels=1, size=size), node.out_shapes[0])]
         if not per_pixel and geom.kind == MAP and together and kind is not None:
             raise node.fail(f"a reduction over the channels and positions with dtype={p['dtype']} (cast before it "
-                            f"instead: x.to({p['dtype']}).{node.name.split('.')[-1]}((1, 2, 3)))")
+                            f"instead: x.to({p['dtype']}).{node.name.split('.')[-1]}({tuple(dims)}))")
         if not per_pixel:
             raise node.fail(f"it computes a statistic over positions of each patch (dims {dims} of "
                             f"{geom.describe()}), as per-patch normalisation does; {_PER_PATCH_REASON}")
@@ -4425,7 +4432,7 @@ def _rule_transpose(node, geoms):
     Other transposes swap positions of the patch or move the channels elsewhere: refused (one that keeps the
     values in their order, the identity or moving axes of size 1, is a reshape)."""
     dims = [d for v in list(node.args[1:]) + list(node.kwargs.values())
-            for d in (v if isinstance(v, (tuple, list)) else [v])]
+            for d in (v if isinstance(v, (tuple, list)) else [v])] or [-2, -1]  # (x.mT: a property, no arguments)
     geom, shape = geoms[0], tuple(node.in_shapes[0])
     index = torch.arange(_prod(shape)).reshape(shape)
     moved = node.func(index, *node.args[1:], **node.kwargs)

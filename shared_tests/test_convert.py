@@ -440,7 +440,7 @@ def test_torch_reductions_over_channels_and_positions_together(tb):
     borders and gradients against Cp on every patch.  amax / amin over (1, 2, 3) (refused before) also share their
     gradient among the tied channels and positions of each patch as Cp's do: tested on an image of few levels with a
     saturated region.  Reductions over the channels and one spatial axis (x.mean((1, 2))) convert too (refused
-    before, as Keras converted them)."""
+    before, as Keras converted them), and so do reductions of every entry of a flattened map (x.flatten(1).amax(1))."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -486,7 +486,14 @@ def test_torch_reductions_over_channels_and_positions_together(tb):
             return self.rows(y.mean((1, 2))) + self.maxima(y.amax((-3, -2))) \
                 + self.columns(y.amin((1, 3), keepdim=True).flatten(1)) + self.image((x * 2).amax((1, 3)))
 
-    for net in (Extremum().double().eval(), OneAxis().double().eval()):
+    class Flattened(Global):  # every entry of a flattened map, in any order: refused as per-patch statistics
+        def forward(self, x):
+            y = F.max_pool2d(torch.relu(self.conv(x) - 0.3), 2)
+            return torch.cat([y.flatten(1).amax(1, keepdim=True), y.flatten(2).mean((1, 2))[:, None],
+                              y.view(y.shape[0], 4, -1).amin((-1, -2))[:, None],
+                              (x * 2).flatten(1).amax(-1, keepdim=True)], 1)
+
+    for net in (Extremum().double().eval(), OneAxis().double().eval(), Flattened().double().eval()):
         _check_reductions_with_ties(tb, net)
 
 
