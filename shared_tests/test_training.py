@@ -590,7 +590,8 @@ def test_keras_extrema_over_channels_and_positions_share_their_gradient_among_ti
     over the positions, then over the channels, which shares it otherwise (0.22 off on the image's gradient, silently).
     An image of few levels with a saturated region makes the extrema tie across positions and channels, each channel
     a different number of times.  Values and gradients against Cp on every patch, tiles, a step, borders, the naive
-    path and a .keras round trip; also over the channels and one spatial axis (axis=(1, 3))."""
+    path and a .keras round trip; also over the channels and one spatial axis (axis=(1, 3)), and over every entry of a
+    flattened map (refused before)."""
     import keras
     import tensorflow as tf
     L = keras.layers
@@ -599,7 +600,10 @@ def test_keras_extrema_over_channels_and_positions_share_their_gradient_among_ti
     pooled = L.AveragePooling2D(2, dtype="float64")(inp)
     y = L.Lambda(lambda t: keras.ops.concatenate([
         keras.ops.max(t[0] * 2, axis=(1, 2, 3))[:, None], keras.ops.min(t[1], axis=(-3, -2, -1))[:, None],
-        tf.reduce_max(t[0], axis=[1, 2, 3], keepdims=True)[:, 0, 0]], -1), dtype="float64")([inp, pooled])
+        tf.reduce_max(t[0], axis=[1, 2, 3], keepdims=True)[:, 0, 0],
+        keras.ops.max(keras.ops.reshape(t[0], (-1, 8 * 7 * 2)), axis=1)[:, None],  # (every entry of a flattened
+        keras.ops.min(keras.ops.reshape(t[1], (-1, 4 * 3, 2)), axis=(1, 2))[:, None]], -1),  # map: refused before)
+        dtype="float64")([inp, pooled])
     whole = keras.Model(inp, y)
     rows = L.Lambda(lambda t: keras.ops.max(t * 2, axis=(1, 3)), dtype="float64")(inp)  # (and one spatial axis)
     columns = L.Lambda(lambda t: keras.ops.min(t, axis=(-2, -1)), dtype="float64")(pooled)
@@ -608,7 +612,7 @@ def test_keras_extrema_over_channels_and_positions_share_their_gradient_among_ti
     image = np.random.default_rng(1).integers(0, 8, (2, 13, 11, 2)).astype(np.float64)
     image[:, 2:10, 3:9] = 7.0
     images = tf.constant(image / 7.0)
-    weights = tf.constant(np.random.default_rng(2).standard_normal((2, 13, 11, 3)))
+    weights = tf.constant(np.random.default_rng(2).standard_normal((2, 13, 11, 5)))
     path = str(tmp_path / "ci.keras")
     kb.FDFE.convert(whole, (8, 7)).save(path)
     cases = [(whole, o) for o in ({}, {"tile": (5, 4)}, {"output_stride": 2}, {"border": "reflect"}, {"naive": True},
@@ -619,7 +623,7 @@ def test_keras_extrema_over_channels_and_positions_share_their_gradient_among_ti
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(images)
             out, expected = ci(images), kb.FDFE.dense_reference(cp, images, (8, 7), differentiable=True, **reference)
-            step = weights[:, :out.shape[1], :out.shape[2]]
+            step = weights[:, :out.shape[1], :out.shape[2], :out.shape[3]]
             loss, expected_loss = tf.reduce_sum(out * step), tf.reduce_sum(expected * step)
         assert max_rel_error(out, expected) <= TOL["float64"], options
         assert max_rel_error(tape.gradient(loss, images), tape.gradient(expected_loss, images)) <= TOL["float64"], \

@@ -4895,6 +4895,11 @@ def _rule_reduce_op(call, geoms):
     def per_pixel():  # the op itself over the channel axis, keeping it (dense values stay 4-D)
         return _TFOp(call.type, dict(call.args, axis={"const": [-1], "dtype": call.args["axis"]["dtype"]}),
                      dict(call.attrs, keep_dims=["bool", True]), call.variables, name=_op_layer_name(call))
+    if geom.kind in (VIEW, VECTOR) and not geom.guessed and geom.size != (1, 1) and axes == list(range(1, len(src))) \
+            and _prod(src[1:]) == geom.channels * geom.size[0] * geom.size[1]:
+        # every entry of a flattened map (keras.ops.max(keras.ops.reshape(x, (-1, h * w * C)), axis=1)), in any order:
+        # over the positions and the channels of the map (N, h, w, C)
+        geom, src, axes = geom.with_(kind=MAP), (src[0],) + tuple(geom.size) + (geom.channels,), [1, 2, 3]
     if geom.kind == VIEW and geom.channels == 1 and len(src) == 3 and src[1:] == tuple(geom.size):
         # the (N, h, w) of a channel reduction without keepdims (keras.ops.max(x, axis=-1)), whose dense values keep
         # their channel axis: reduced over its positions as the one-channel map (N, h, w, 1)
