@@ -72,7 +72,8 @@ def test_hardnet_is_refused_for_its_padding(tb):
 
 
 def test_hardnet_with_input_normalisation_is_refused_for_it(tb):
-    """Every problem at once: the per-patch statistics (mean and std) and the padded convolutions."""
+    """Every problem at once: the per-patch statistics (mean and std), each reported once, and the padded
+    convolutions."""
     with pytest.raises(tb.FDFE.ConversionError, match=r"HardNet\.forward: .*computes a statistic over "
                        r"positions of each patch.*as per-patch normalisation does") as info:
         tb.FDFE.convert(_hardnet(input_norm=True), 32)
@@ -81,7 +82,10 @@ def test_hardnet_with_input_normalisation_is_refused_for_it(tb):
     assert "Tensor.std cannot be made dense exactly: it computes a statistic over positions" in message
     assert "features.0 (Conv2d): torch.conv2d, features.3 (Conv2d): torch.conv2d" in message
     assert "features.15 (Conv2d): torch.conv2d cannot be made dense exactly: it pads its input" in message
-    assert "Tensor.sub" not in message  # the statistic is reported once, not again where it is used
+    # the mean of every entry (flat.mean(1), a value of the whole patch that converts) is reported where it meets the
+    # map; the std where it is computed, and not again where it is used
+    assert "Tensor.sub cannot be made dense exactly: it combines a 1x32x32 map with a 1x1x1 map" in message
+    assert "div" not in message
 
 
 def test_tfeat_with_instance_norm_is_refused(tb):
