@@ -3873,12 +3873,11 @@ def _make_reduce_rule(kind):
                 sorted({d % len(shape) for d in dims}) == list(range(1, len(shape))):
             # every entry of a flattened map (x.flatten(1).amax(1), x.flatten(2).mean((1, 2))): in any order, as
             # x.amax((1, 2, 3)) of the map
-            step = _PoolChannelsStep(node, kind, geom.size, (1, 1))
-            return step, [_geom_of_shape(geom.with_(kind=MAP, channels=1, size=(1, 1)), node.out_shapes[0])]
-        together = sorted({d % 4 for d in dims}) in ([1, 2, 3], [1, 2], [1, 3])  # the channels and positions
+            geom, dims = geom.with_(kind=MAP), [1, 2, 3]
+        reduced = {d % 4 for d in dims}
+        together = sorted(reduced) in ([1, 2, 3], [1, 2], [1, 3])  # the channels and positions
         if geom.kind == MAP and together and kind is not None and p.get("dtype") is None:  # over the positions (a
             # global pooling, or one over the rows or columns) and the channels: as Keras
-            reduced = {d % 4 for d in dims}
             window = (h if 2 in reduced else 1, w if 3 in reduced else 1)
             size = (1 if 2 in reduced else h, 1 if 3 in reduced else w)
             step = _PoolChannelsStep(node, kind, window, (1, 1))
