@@ -382,27 +382,38 @@ _MIXED_LAYOUT_REASON = ("one holds the channels of every position where a transp
 #: transposes back may use it.  ROWS: the map as one row of channels per position, (N, h*w, channels) (PyTorch:
 #: ``x.flatten(2).transpose(1, 2)`` of a map, tokens; Keras holds such rows as a VIEW, its maps having their
 #: channels last); the dense tensor is the transposed map's, and only ops per position along the channels, pooling
-#: over the rows and the transposes back may use it.
-MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED, ROWS = "map", "vector", "view", "transposed", "swapped", "rows"
+#: over the rows and the transposes back may use it.  GROUPS: the map with its channel axis split into several
+#: (group) axes, (g1, ..., gk, h, w) (Keras: (h, w, g1, ..., gk)), by a reshape (maxout, channel shuffle) or a stack
+#: of maps along a new axis; the dense tensor has the same axes, its batch and positions CI's, so that ops along the
+#: group axes only (element-wise ops, reductions, softmax, transposes among them, concatenations, slices) run on it
+#: as they are, and a reshape gives the map back.
+MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED, ROWS, GROUPS = "map", "vector", "view", "transposed", "swapped", "rows", \
+    "groups"
 
 
 class _Geom:
     """Geometry of one dense value: its kind, the channels and (h, w) size Cp sees, and the
     strides of the multipooling/striding layers it went through (network order)."""
-    __slots__ = ("kind", "channels", "size", "strides", "guessed")
+    __slots__ = ("kind", "channels", "size", "strides", "guessed", "groups")
 
-    def __init__(self, kind, channels, size, strides=(), guessed=False):
-        if kind not in (MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED, ROWS):
+    def __init__(self, kind, channels, size, strides=(), guessed=False, groups=None):
+        if kind not in (MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED, ROWS, GROUPS):
             raise ValueError(f"unknown geometry kind {kind!r}")
         self.kind, self.channels, self.size = kind, int(channels), (int(size[0]), int(size[1]))
         self.strides = tuple((int(s[0]), int(s[1])) for s in strides)
         self.guessed = guessed  # a stand-in after a refused op (see _guessed_geom), or derived from one
+        # GROUPS: the sizes of the group axes (their product is ``channels``); None for the other kinds
+        self.groups = tuple(int(g) for g in groups) if kind == GROUPS else None
 
-    def with_(self, kind=None, channels=None, size=None, stride=(1, 1)):
+    def with_(self, kind=None, channels=None, size=None, stride=(1, 1), groups=None):
         """A copy with some fields replaced; ``stride`` other than (1, 1) is appended to the strides."""
         strides = self.strides + ((tuple(stride),) if tuple(stride) != (1, 1) else ())
-        return _Geom(self.kind if kind is None else kind, self.channels if channels is None else channels,
-                     self.size if size is None else size, strides, self.guessed)
+        kind = self.kind if kind is None else kind
+        groups = self.groups if groups is None else groups
+        if kind == GROUPS:
+            channels = _prod(groups)
+        return _Geom(kind, self.channels if channels is None else channels,
+                     self.size if size is None else size, strides, self.guessed, groups)
 
     @property
     def is_pixel_vector(self):
@@ -427,6 +438,9 @@ class _Geom:
             return f"a map with its positions transposed ({w}x{h}x{c})"
         if self.kind == ROWS:
             return f"the rows of a {h}x{w} map ({h * w}x{c}, one per position)"
+        if self.kind == GROUPS:
+            return f"a map with its channels split into groups ({'x'.join(map(str, self.groups))} channels, {h}x{w} " \
+                f"positions)"
         return {MAP: f"a {what}", VECTOR: f"a flattened {what}"}.get(self.kind, f"a reshaped {what}")
 
     def __repr__(self):
@@ -3280,6 +3294,216 @@ def _on_rows(node, rule, geoms):
     raise error
 
 
+_GROUPS_OPS = ("element-wise ops, reductions (sum, mean, amax, amin, max, min, std, var, norm, logsumexp), "
+               "softmax and normalize over the group axes, transposes among them, concatenations, splits, stacks, "
+               "slices and indices along them, and reshapes back to a map (N, C, h, w)")
+
+
+class _RegroupStep(_Step):
+    """A reshape that keeps the positions: the dense map's channels (all its axes but the batch and the last two)
+    regrouped as ``groups`` (a map's channels split: x.view(N, G, C // G, h, w)), or flattened back to one channel
+    axis where ``groups`` is None.  Views where the memory allows, as Cp's reshape."""
+    aliases = True
+    per_pixel = True
+
+    def __init__(self, node, groups):
+        super().__init__(node.in_slots[:1], node.out_slots[:1], f"regroup_channels({groups})")
+        self.groups = None if groups is None else tuple(int(g) for g in groups)
+
+    def run(self, values, net, overwrite=False):
+        v = values[0]
+        if v.dim() > 4:
+            v = v.flatten(1, v.dim() - 3)
+        return [v if self.groups is None else v.unflatten(1, self.groups)]
+
+
+class _GroupsCallStep(_CallStep):
+    """:class:`_CallStep` of an op along the group axes whose outputs lose them all, (N, h, w): each output kept as
+    the one-channel map (N, 1, H, W) that the dense values of such a value are (the op runs with keepdim=True)."""
+
+    def run(self, values, net, overwrite=False):
+        return [t.flatten(1, t.dim() - 3) if t.dim() > 4 else t for t in super().run(values, net, overwrite)]
+
+
+def _geom_of_groups(geom, shape):
+    """The geometry of a value of traced ``shape`` made from values of ``geom``'s grid by an op along group axes:
+    (N, g1, ..., gk, h, w) with k >= 2 GROUPS, (N, C, h, w) a MAP, (N, h, w) the view of a one-channel map."""
+    shape = tuple(shape)
+    if len(shape) >= 5:
+        return geom.with_(kind=GROUPS, groups=shape[1:-2])
+    if len(shape) == 4:
+        return geom.with_(kind=MAP, channels=shape[1])
+    return geom.with_(kind=MAP, channels=1).with_(kind=VIEW)
+
+
+def _groups_dims(node, dims, rank, what):
+    """``dims`` (ints, any sign) of a value of ``rank`` made non-negative, or the op's ConversionError where one
+    is the batch or a position axis (the last two)."""
+    out = []
+    for d in dims:
+        if not isinstance(d, numbers.Integral) or isinstance(d, bool):
+            raise node.fail(f"it {what} along {d!r}, which convert cannot read as an axis")
+        d = int(d) % rank
+        if d == 0:
+            raise node.fail(f"it {what} along the batch of patches (dim 0)")
+        if d >= rank - 2:
+            raise node.fail(f"it {what} along dim {d}, a position axis of the patch (the last two of a map with its "
+                            f"channels split into groups), which mixes positions of the patch; only the group axes "
+                            f"(dims 1 to {rank - 3}) can be made dense")
+        out.append(d)
+    return out
+
+
+def _groups_constant(node, value, rank):
+    """A constant operand of an element-wise op of values with group axes: as it is where it is the same for every
+    patch and every position (its batch and last two axes of size 1 once broadcast to ``rank``)."""
+    if not isinstance(value, (torch.Tensor,) + _OPERANDS):
+        return value
+    shape = tuple(value.shape)
+    padded = (1,) * (rank - len(shape)) + shape
+    if _prod(shape) == 1 or (len(shape) <= rank and padded[0] == 1 and padded[-2:] == (1, 1)):
+        return value
+    raise node.fail(f"a constant of shape {shape} differs across positions of the patch or across patches, so "
+                    f"overlapping patches cannot share work")
+
+
+def _on_groups(node, rule, geoms):
+    """An op of a map with its channels split into group axes (GROUPS, (N, g1, ..., gk, h, w)), whose dense values
+    have the same axes (CI's batch and positions): an op along group axes only runs on them as it is (_CallStep), a
+    reshape that keeps the positions regroups them (_RegroupStep).  Anything else is refused (reshape back to the
+    map (N, C, h, w) first)."""
+    groups = next(g for g in geoms if g.kind == GROUPS)
+    shape, name = tuple(node.in_shapes[0]), node.name.split(".")[-1]
+    rank = len(shape)
+    if rule is _rule_reshape or rule is _rule_crop and None in _index_of(node) and all(
+            i is None or i is Ellipsis or i == slice(None) for i in _index_of(node)):  # (x[:, None])
+        return _reshape_groups(node, groups)
+    if rule in (_rule_identity, _rule_dropout):
+        return rule(node, geoms)
+    if any(g.kind != GROUPS for g in geoms):
+        other = next(g for g in geoms if g.kind != GROUPS)
+        raise node.fail(f"it combines {groups.describe()} with {other.describe()}; give both the same axes first "
+                        f"(x.unsqueeze(1) of a map is (N, 1, C, h, w))")
+    _same_grid(node, geoms)
+    elementwise = rule in (_rule_elementwise, _rule_rrelu) or rule is _rule_max_min and isinstance(
+        node.bind(["input", "other"], {}).get("other"), (torch.Tensor, _Ref) + _OPERANDS)
+    if elementwise:
+        if rule is _rule_rrelu and node.bind(["input", "lower", "upper", "training"], {"training": False})["training"]:
+            return rule(node, geoms)  # (its refusal)
+        for in_shape in node.in_shapes:
+            for out in node.out_shapes:
+                if len(in_shape) != len(out) or in_shape[0] != out[0] or tuple(in_shape[-2:]) != tuple(out[-2:]):
+                    raise node.fail(f"its output {tuple(out)} does not have the batch and positions of its input "
+                                    f"{tuple(in_shape)} (broadcasting an activation over the patch is not per-pixel)")
+        args = _map_structure(node.args, lambda v: _groups_constant(node, v, rank))
+        kwargs = _map_structure(node.kwargs, lambda v: _groups_constant(node, v, rank))
+        return _CallStep(node, args=args, kwargs=kwargs), [_geom_of_groups(groups, s) for s in node.out_shapes]
+    reduction = getattr(rule, "pool_kind", False) is not False or rule in (_rule_max_min, _rule_statistic)
+    dim_of = {"softmax": ("dim", 1), "log_softmax": ("dim", 1), "softmin": ("dim", 1), "normalize": ("dim", 2),
+              "glu": ("dim", 1), "cat": ("dim", 1), "concat": ("dim", 1), "concatenate": ("dim", 1),
+              "split": ("dim", 2), "chunk": ("dim", 2), "tensor_split": ("dim", 2), "flip": ("dims", 1)}
+    step = None
+    if reduction:
+        names = _REDUCE_SIGNATURES.get(name, ["input", "dim", "keepdim"])
+        if rule is _rule_statistic:
+            names = ["input", "dim", "unbiased", "keepdim"]
+        p = node.bind(names, {"dim": None, "keepdim": False})
+        if p["dim"] is None:
+            raise node.fail("it reduces over the whole tensor, batch included")
+        _groups_dims(node, [p["dim"]] if isinstance(p["dim"], numbers.Integral) else list(p["dim"]), rank,
+                     "reduces")
+        if any(len(out) < 4 for out in node.out_shapes):  # every group axis reduced away: kept, as a map of one
+            step = _GroupsCallStep(node, kwargs=dict(node.kwargs, keepdim=True),  # channel, (N, 1, H, W)
+                                   args=tuple(node.args[:names.index("keepdim")]))
+    elif getattr(rule, "along_channels", False) or rule is _rule_glu or rule in (_rule_cat, _rule_split, _rule_channel_order):
+        key, position = dim_of.get(name, ("dim", 1))
+        if name == "index_select":
+            key, position = "dim", 1
+        values = dict(zip(["input"] + [None] * (position - 1) + [key], node.args))
+        values.update(node.kwargs)
+        dim = values.get(key, 0 if rule in (_rule_cat, _rule_split) else None)
+        if dim is None:
+            raise node.fail("it works along an implicit axis; pass dim=")
+        if rule is _rule_cat and not all(isinstance(t, _Ref) for t in node.bind(["tensors", "dim"])["tensors"]):
+            raise node.fail("it concatenates an activation with a constant")
+        _groups_dims(node, list(dim) if isinstance(dim, (tuple, list)) else [dim], rank, "works")
+    elif rule is _rule_transpose:
+        index = torch.arange(_prod(shape)).reshape(shape)
+        moved = node.func(index, *node.args[1:], **node.kwargs)
+        kept = [0, rank - 2, rank - 1]
+        if moved.dim() != rank or [moved.shape[d] for d in kept] != [shape[d] for d in kept] \
+                or not _permutes_group_axes(index, moved, rank):
+            raise node.fail(f"it transposes {groups.describe()} so that a position axis or the batch moves; only "
+                            f"the group axes (dims 1 to {rank - 3}) can be reordered")
+    elif rule is _rule_stack:
+        p = node.bind(["tensors", "dim"], {"dim": 0})
+        if not all(isinstance(t, _Ref) for t in p["tensors"]):
+            raise node.fail("it stacks an activation with a constant")
+        _groups_dims(node, [p["dim"]], rank + 1, "stacks")
+    elif rule is _rule_crop:
+        _groups_index(node, rank)
+    else:
+        raise node.fail(f"it is applied to {groups.describe()}; only {_GROUPS_OPS} can follow one: reshape it back to "
+                        f"the map (N, C, h, w) first")
+    step = step or _CallStep(node)
+    step.aliases = rule in (_rule_transpose, _rule_split, _rule_crop)  # (views of the input)
+    return step, [_geom_of_groups(groups, s) for s in node.out_shapes]
+
+
+def _permutes_group_axes(index, moved, rank):
+    """Whether ``moved`` (an op applied to ``index``, the arange of a traced shape) only reorders the group axes:
+    every entry keeps its batch and position indices."""
+    shape = tuple(index.shape)
+    coords = torch.stack(torch.unravel_index(moved.flatten(), shape))  # (rank, entries): where each came from
+    mine = torch.stack(torch.unravel_index(torch.arange(moved.numel()), tuple(moved.shape)))
+    return all(torch.equal(coords[d], mine[d]) for d in (0, rank - 2, rank - 1))
+
+
+def _index_of(node):
+    """The index of a recorded ``x[index]`` as a tuple."""
+    index = node.args[1] if len(node.args) > 1 else None
+    return index if isinstance(index, tuple) else (index,)
+
+
+def _groups_index(node, rank):
+    """Check ``x[index]`` of a value with group axes: constant ints and slices of the group axes only."""
+    index = _index_of(node)
+    if node.name.endswith("narrow"):
+        p = node.bind(["input", "dim", "start", "length"])
+        _groups_dims(node, [p["dim"]], rank, "narrows")
+        return
+    if sum(i is Ellipsis for i in index) > 1 or not all(
+            i is Ellipsis or isinstance(i, slice) or isinstance(i, numbers.Integral) and not isinstance(i, bool)
+            for i in index):
+        raise node.fail(f"it indexes with {index!r}; only constant slices and indices of the group axes can be made "
+                        f"dense")
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1:]
+    index = index + (slice(None),) * (rank - len(index))
+    for d, i in enumerate(index):
+        if (d == 0 or d >= rank - 2) and i != slice(None):
+            raise node.fail(f"it indexes dim {d} ({i!r}), {'the batch' if d == 0 else 'a position axis'} of a map "
+                            f"with its channels split into groups; only the group axes (dims 1 to {rank - 3}) can be "
+                            f"sliced or indexed")
+        if isinstance(i, slice) and not all(v is None or isinstance(v, numbers.Integral)
+                                            for v in (i.start, i.stop, i.step)):
+            raise node.fail("it slices by amounts computed from the data")
+
+
+def _reshape_groups(node, geom):
+    """A reshape of a map with its channels split into groups: to (N, g'..., h, w) its channels regrouped, to
+    (N, C, h, w) the map; to anything else (flatten(1), (N, C, h*w)) the map's reshape (its values in Cp's
+    (C, h, w) order either way)."""
+    src, dst = tuple(node.in_shapes[0]), tuple(node.out_shapes[0])
+    (h, w), c = geom.size, geom.channels
+    if len(dst) < 1 or dst[0] != src[0] or _prod(dst[1:]) != c * h * w:
+        raise node.fail(f"it reshapes {src} to {dst}, which moves values between patches (the batch axis)")
+    if len(dst) >= 5 and dst[-2:] == (h, w):
+        return _RegroupStep(node, dst[1:-2]), [geom.with_(kind=GROUPS, groups=dst[1:-2])]
+    return _RegroupStep(node, None), [_geom_of_shape(geom.with_(kind=MAP), dst)]
+
+
 def _lookup_rule(func):
     """The rule registered for ``func`` (Tensor's Python-level wrappers found by their name)."""
     rule = _RULES.get(func)
@@ -3569,6 +3793,10 @@ def _rule_reshape(node, geoms):
         # (N, h, w, 1) holds (N, 1, h, w)'s order, (N, 1, 1, C) (N, C, 1, 1)'s: a transposed map, its dense values
         # transposed alike (y[..., 2][..., None] of a transposed map y, keeping one channel)
         return _PermuteStep(node.in_slots[:1], node.out_slots, _TO_TRANSPOSED), [geom.with_(kind=TRANSPOSED)]
+    if geom.kind in (MAP, VECTOR, VIEW) and len(dst) >= 5 and dst[0] == src[0] and tuple(dst[-2:]) == (h, w) and \
+            _prod(dst[1:-2]) == c:  # the channels split into group axes, the positions kept (maxout, channel
+        # shuffle): the dense map's channels split alike
+        return _RegroupStep(node, dst[1:-2]), [geom.with_(kind=GROUPS, groups=dst[1:-2])]
     if len(dst) >= 1 and dst[0] == src[0] and _prod(dst[1:]) == c * h * w:
         return _AliasStep(node), [_geom_of_shape(geom, dst)]
     raise node.fail(f"it reshapes {src} to {dst}, which moves values between patches (the batch axis)")
@@ -3985,6 +4213,7 @@ def _make_channel_rule(dim_name, position, default):
             kwargs[dim_name] = dense_dim
         _check_same_shape(node)
         return _CallStep(node, args=tuple(args), kwargs=kwargs), [geom]
+    rule.along_channels = True  # (along a group axis of a map with its channels split: see _on_groups)
     return _takes_transposed(rule)
 
 
@@ -4344,13 +4573,16 @@ def _rule_stack(node, geoms):
     geom, unwarps = _merge_grids(node, geoms)
     h, w = geom.size
     dim = int(p["dim"]) % len(out_shape)
+    if geom.kind == MAP and len(out_shape) == 5 and dim in (1, 2) and not any(unwarps or ()):  # maps along a new
+        # group axis (before or after the channels): the dense maps stacked alike
+        return _CallStep(node), [geom.with_(kind=GROUPS, groups=out_shape[1:-2])]
     one_channel = geom.kind == VIEW and geom.channels == 1 and all(s[1:] == (h, w) for s in shapes)
     numbers = geom.is_pixel_vector and geom.channels == 1 and all(_prod(s[1:]) == 1 for s in shapes)
     if not (one_channel and dim in (1, 3) or numbers and dim == 1):
         raise node.fail(f"it stacks {len(shapes)} values of {geom.describe()} along a new dim {p['dim']}; only "
+                        f"maps stacked along a new dim 1 or 2 (a group axis before or after the channels), "
                         f"one-channel values (N, h, w) stacked as channels (dim 1, or -1 for (N, h, w, k)), or one "
-                        f"number per patch stacked along dim 1, can be made dense (stack maps along their channels "
-                        f"with torch.cat(..., 1))")
+                        f"number per patch stacked along dim 1, can be made dense")
     if numbers:
         out = _geom_of_shape(geom.with_(kind=MAP, channels=len(shapes)), out_shape)
     else:
@@ -5220,12 +5452,14 @@ def _apply_rules(nodes, geoms):
             if rule is None:
                 raise ConversionError(_unsupported_message(f"{node.where}: {node.name}", "op"))
             transposed = next((g for g in in_geoms if g.kind == TRANSPOSED), None)
-            if transposed is not None and rule not in _TRANSPOSED_RULES:
+            if any(g.kind == GROUPS for g in in_geoms):
+                step, out_geoms = _on_groups(node, rule, in_geoms)
+            elif transposed is not None and rule not in _TRANSPOSED_RULES:
                 raise node.fail(f"it is applied to {transposed.describe()}, the channels moved to dim -1 by a "
                                 f"transpose; only ops per position along the channels (element-wise ops, Linear, "
                                 f"LayerNorm, softmax, reductions, slices, splits or concatenations over dim -1) can "
                                 f"follow one: transpose it back first (x.permute(0, 3, 1, 2))")
-            if any(g.kind == SWAPPED for g in in_geoms) and rule is not _rule_transpose:
+            elif any(g.kind == SWAPPED for g in in_geoms) and rule is not _rule_transpose:
                 step, out_geoms = _on_swapped(node, rule, in_geoms)
             elif any(g.kind == ROWS for g in in_geoms) and rule not in (_rule_transpose, _rule_reshape, _rule_crop):
                 step, out_geoms = _on_rows(node, rule, in_geoms)
