@@ -3415,10 +3415,8 @@ def _on_groups(node, rule, geoms):
         if any(len(out) < 4 for out in node.out_shapes):  # every group axis reduced away: kept, as a map of one
             step = _GroupsCallStep(node, kwargs=dict(node.kwargs, keepdim=True),  # channel, (N, 1, H, W)
                                    args=tuple(node.args[:names.index("keepdim")]))
-    elif getattr(rule, "along_channels", False) or rule is _rule_glu or rule in (_rule_cat, _rule_split, _rule_channel_order):
-        key, position = dim_of.get(name, ("dim", 1))
-        if name == "index_select":
-            key, position = "dim", 1
+    elif getattr(rule, "along_channels", False) or rule in (_rule_glu, _rule_cat, _rule_split, _rule_channel_order):
+        key, position = dim_of.get(name, ("dim", 1))  # (index_select(input, dim, index) too)
         values = dict(zip(["input"] + [None] * (position - 1) + [key], node.args))
         values.update(node.kwargs)
         dim = values.get(key, 0 if rule in (_rule_cat, _rule_split) else None)
@@ -3448,6 +3446,11 @@ def _on_groups(node, rule, geoms):
     step = step or _CallStep(node)
     step.aliases = rule in (_rule_transpose, _rule_split, _rule_crop)  # (views of the input)
     return step, [_geom_of_groups(groups, s) for s in node.out_shapes]
+
+
+_SUPPORTED.setdefault(f"maps with their channels split into group axes, (N, g1, ..., gk, h, w): by a reshape "
+                      f"(x.view(N, G, C // G, h, w): maxout, channel shuffle) or a stack of maps along dim 1 or 2; "
+                      f"then {_GROUPS_OPS}", set()).update(["view", "reshape", "unflatten", "stack"])
 
 
 def _permutes_group_axes(index, moved, rank):
@@ -4558,7 +4561,7 @@ class _StackChannelsStep(_Step):
 
 
 @_rule_for(["stack"], "stacks of one-channel values (N, h, w) as the channels of a map (torch.stack([x[:, 2], "
-           "x[:, 1], x[:, 0]], 1): RGB to BGR)", (torch,))
+           "x[:, 1], x[:, 0]], 1): RGB to BGR), and of maps along a new dim 1 or 2 (a group axis)", (torch,))
 def _rule_stack(node, geoms):
     """``torch.stack(values, dim=1)`` of one-channel values of one grid, (N, h, w) each (a channel x[:, c], a
     channel reduction without keepdim), or of one number per patch, (N,) or (N, 1, 1) (also from streams that pool

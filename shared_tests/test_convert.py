@@ -2496,8 +2496,8 @@ def test_keras_slices_of_positions_with_a_step(kb):
 def test_torch_stacks_of_one_channel_values_are_channels(tb):
     """torch.stack of one-channel values (N, h, w) (channels x[:, c], a channel reduction) along dim 1 is a map
     whose channels they are (RGB to BGR, as Keras' preprocess_input does with keras.ops.stack), along dim -1 the
-    map transposed: CI equals Cp on every patch (a step, tiles); stacks of maps along a new axis are refused by
-    name (torch.stack was an unknown op)."""
+    map transposed: CI equals Cp on every patch (a step, tiles); stacks of maps along a new axis among the positions
+    are refused by name (torch.stack was an unknown op)."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -2537,17 +2537,21 @@ def test_torch_stacks_of_one_channel_values_are_channels(tb):
             with torch.no_grad():
                 assert max_rel_error(ci(images), reference) <= TOL["float64"]
 
-    class Maps(nn.Module):
-        def __init__(self):
+    class Maps(nn.Module):  # (maps stacked along a new dim 1 or 2 are maps with group axes: test_channel_groups_*)
+        def __init__(self, dim):
             super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
+            self.conv, self.dim = nn.Conv2d(3, 4, 3), dim
 
         def forward(self, x):
             y = self.conv(x)
-            return torch.stack([y, y * 2], 1).sum(1).amax((2, 3))
+            return torch.stack([y, y * 2], self.dim).sum(self.dim).amax((2, 3))
+    net = Maps(1).double().eval()
+    with torch.no_grad():
+        assert max_rel_error(tb.FDFE.convert(net, 8)(images), tb.FDFE.dense_reference(net, images, 8)) \
+            <= TOL["float64"]
     with pytest.raises(tb.FDFE.ConversionError, match=r"torch\.stack cannot be made dense exactly: it stacks 2 "
-                       r"values of a 4x6x6 map along a new dim 1; only one-channel values"):
-        tb.FDFE.convert(Maps(), 8)
+                       r"values of a 4x6x6 map along a new dim 3; only maps stacked along a new dim 1 or 2"):
+        tb.FDFE.convert(Maps(3), 8)
 
 
 def test_einsum_over_the_channels_of_every_position(tb, kb):
