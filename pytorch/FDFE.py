@@ -4777,6 +4777,29 @@ def _rule_refuse_padding(node, geoms):
     raise node.fail(f"it pads an activation inside Cp; {_PADDING_REASON}")
 
 
+_RESIZE_REASON = ("the resized maps of neighbouring patches are not shifted copies of one another (one pixel further in "
+                  "the image is one position further in the input map, but s positions, or a fraction of one, in the "
+                  "resized map), so no dense map holds them; FDFE makes dense the layers that keep or reduce the "
+                  "resolution (convolutions, pooling, striding)")
+
+
+@_rule_for(["interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "pixel_shuffle",
+            "conv_transpose2d"], "refused: upsampling and resizing (F.interpolate, nn.Upsample, pixel_shuffle, "
+           "ConvTranspose2d)", (torch, F))
+def _rule_refuse_resizing(node, geoms):
+    """Upsampling, resizing and transposed convolutions inside Cp: refused by name (a nearest downsampling by an
+    integer factor is a slice with a step, which converts; a transposed convolution at stride 1 pads)."""
+    if node.name.split(".")[-1] == "conv_transpose2d":
+        stride = node.bind(["input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"],
+                           {"bias": None, "stride": 1})["stride"]
+        if _pair(stride, "stride") == (1, 1):
+            raise node.fail(f"a transposed convolution at stride 1 pads its input by the kernel size - 1 on every "
+                            f"side; {_PADDING_REASON}")
+    hint = "; a nearest downsampling by an integer factor s is x[:, :, ::s, ::s], which converts" \
+        if node.name.split(".")[-1] == "interpolate" else ""
+    raise node.fail(f"it resizes a map; {_RESIZE_REASON}{hint}")
+
+
 @_rule_for(["max_pool2d_with_indices", "adaptive_max_pool2d_with_indices"], "refused: pooling indices", (torch, F))
 def _rule_refuse_indices(node, geoms):
     """Pooling that returns indices: they refer to positions inside one patch."""

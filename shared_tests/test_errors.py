@@ -98,8 +98,8 @@ def test_torch_refuses_ops_that_mix_positions(tb):
     _torch_refusal(tb, [nn.Conv2d(1, 4, 5)], 5,
                    r"Tensor\.view .*reshapes \(2, 4, 1, 1\) to \(8,\), which moves values between patches",
                    forward=lambda self, x: self.layers[0](x).view(-1))
-    _torch_refusal(tb, [nn.Conv2d(1, 4, 2)], 5, r"F\.interpolate is not supported.*unknown op",
-                   forward=lambda self, x: F.interpolate(self.layers[0](x), size=1))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 2)], 5, r"torch\.roll is not supported.*unknown op",
+                   forward=lambda self, x: torch.roll(self.layers[0](x), 1, 2).mean((2, 3)))
     _torch_refusal(tb, [nn.Conv2d(1, 4, 2), nn.MaxPool2d(2, return_indices=True)], 5,
                    r"layers\.1 \(MaxPool2d\).*returns pooling indices, which refer to positions inside one patch",
                    forward=lambda self, x: self.layers[1](self.layers[0](x))[0].flatten(1))
@@ -710,3 +710,28 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
     _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.Permute((1, 3, 2)), L.Permute((2, 3, 1)), pool], 5,
                    r"^[^\n]*\(Permute\)" + after + r"it transposes a transposed map \(4x3x3\) \(perm \[0, 1, 3, 2\]\); "
                    r"a transposed map can only be transposed back[^\n]*$")
+
+
+def test_upsampling_and_resizing_are_refused_by_name(tb):
+    """Upsampling, resizing and transposed convolutions inside Cp: the resized maps of neighbouring patches are not
+    shifted copies of one another, so no dense map holds them; refused with that reason (they were unknown ops).  A
+    transposed convolution at stride 1 pads; F.interpolate names the slice that downsamples."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Interpolate(nn.Module):
+        def forward(self, x):
+            return F.interpolate(x, scale_factor=0.5)
+    cases = [(nn.Upsample(scale_factor=2), 4, r"F\.interpolate cannot be made dense exactly: it resizes a map; the "
+              r"resized maps of neighbouring patches are not shifted copies"),
+             (nn.UpsamplingBilinear2d(scale_factor=2), 4, r"F\.interpolate .*it resizes a map"),
+             (Interpolate(), 4, r"it resizes a map;.*x\[:, :, ::s, ::s\], which converts"),
+             (nn.PixelShuffle(2), 1, r"torch\.pixel_shuffle cannot be made dense exactly: it resizes a map"),
+             (nn.ConvTranspose2d(4, 4, 2, 2), 4, r"torch\.conv_transpose2d .*it resizes a map"),
+             (nn.ConvTranspose2d(4, 4, 3), 4, r"a transposed convolution at stride 1 pads its input by the kernel "
+              r"size - 1 on every side; inside Cp the padded border")]
+    for layer, channels, says in cases:
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), layer, nn.Conv2d(channels, 5, 1),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+        with pytest.raises(tb.FDFE.ConversionError, match=says):
+            tb.FDFE.convert(net, 10)
