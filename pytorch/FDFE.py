@@ -4778,8 +4778,8 @@ def _rule_refuse_padding(node, geoms):
 
 
 _RESIZE_REASON = ("the resized maps of neighbouring patches are not shifted copies of one another (one pixel further "
-                  "in the image is one position further in the input map, but s positions, or a fraction of one, in the "
-                  "resized map), so no dense map holds them; FDFE makes dense the layers that keep or reduce the "
+                  "in the image is one position further in the input map, but s positions, or a fraction of one, in "
+                  "the resized map), so no dense map holds them; FDFE makes dense the layers that keep or reduce the "
                   "resolution (convolutions, pooling, striding)")
 
 
