@@ -366,6 +366,8 @@ _MIXED_STRIDES_REASON = ("maps that went through different strides (even where t
                          "first), or give the streams the same strides")
 _MIXED_LAYOUT_REASON = ("one holds the channels of every position where a transpose moved them and the other does "
                         "not; transpose one of them first, so that both hold them on the same axis")
+_MIXED_GROUPS_REASON = ("one holds the channels of every position split into groups (on axes of their own) and the "
+                        "other does not; reshape one of them first, so that both hold their channels alike")
 
 
 # --- geometry: what a dense value holds, in patch terms ---------------------------------------
@@ -382,34 +384,38 @@ _MIXED_LAYOUT_REASON = ("one holds the channels of every position where a transp
 #: transposes back may use it.  ROWS: the map as one row of channels per position, (N, h*w, channels) (PyTorch:
 #: ``x.flatten(2).transpose(1, 2)`` of a map, tokens; Keras holds such rows as a VIEW, its maps having their
 #: channels last); the dense tensor is the transposed map's, and only ops per position along the channels, pooling
-#: over the rows and the transposes back may use it.  GROUPS: the map with its channel axis split into several
-#: (group) axes, (g1, ..., gk, h, w) (Keras: (h, w, g1, ..., gk)), by a reshape (maxout, channel shuffle) or a stack
-#: of maps along a new axis; the dense tensor has the same axes, its batch and positions CI's, so that ops along the
-#: group axes only (element-wise ops, reductions, softmax, transposes among them, concatenations, slices) run on it
-#: as they are, and a reshape gives the map back.
-MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED, ROWS, GROUPS = "map", "vector", "view", "transposed", "swapped", "rows", \
-    "groups"
+#: over the rows and the transposes back may use it.  GROUPS: the map with its channels split into groups, on axes of
+#: their own beside the positions (PyTorch: (N, g1, ..., gk, h, w); Keras: (N, h, w, g1, ..., gk), k >= 2; a reshape of
+#: the channels, ``x.view(N, G, C // G, h, w)``, or a stack of maps along a new axis); the dense tensor holds the same
+#: axes with CI's batch and spatial sizes, so that ops along the group axes alone (element-wise ops, reductions,
+#: softmax, transposes of the groups, reshapes back) are exact on it; ``groups`` holds (g1, ..., gk).
+MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED, ROWS = "map", "vector", "view", "transposed", "swapped", "rows"
+GROUPS = "groups"
 
 
 class _Geom:
     """Geometry of one dense value: its kind, the channels and (h, w) size Cp sees, and the
-    strides of the multipooling/striding layers it went through (network order)."""
+    strides of the multipooling/striding layers it went through (network order); of a map with its channels split
+    into groups (GROUPS), the group sizes (g1, ..., gk), whose product is the channels (empty for other kinds)."""
     __slots__ = ("kind", "channels", "size", "strides", "guessed", "groups")
 
-    def __init__(self, kind, channels, size, strides=(), guessed=False, groups=None):
+    def __init__(self, kind, channels, size, strides=(), guessed=False, groups=()):
         if kind not in (MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED, ROWS, GROUPS):
             raise ValueError(f"unknown geometry kind {kind!r}")
         self.kind, self.channels, self.size = kind, int(channels), (int(size[0]), int(size[1]))
         self.strides = tuple((int(s[0]), int(s[1])) for s in strides)
         self.guessed = guessed  # a stand-in after a refused op (see _guessed_geom), or derived from one
-        # GROUPS: the sizes of the group axes (their product is ``channels``); None for the other kinds
-        self.groups = tuple(int(g) for g in groups) if kind == GROUPS else None
+        self.groups = tuple(int(g) for g in groups) if kind == GROUPS else ()
+        if kind == GROUPS and (len(self.groups) < 2 or _prod(self.groups) != self.channels):
+            raise ValueError(f"groups {self.groups} of {self.channels} channels: at least two axes, whose product "
+                             f"is the channels")
 
     def with_(self, kind=None, channels=None, size=None, stride=(1, 1), groups=None):
-        """A copy with some fields replaced; ``stride`` other than (1, 1) is appended to the strides."""
+        """A copy with some fields replaced; ``stride`` other than (1, 1) is appended to the strides.  A GROUPS copy
+        keeps the groups unless ``groups`` is given, and its channels are their product."""
         strides = self.strides + ((tuple(stride),) if tuple(stride) != (1, 1) else ())
         kind = self.kind if kind is None else kind
-        groups = self.groups if groups is None else groups
+        groups = self.groups if groups is None else tuple(groups)
         if kind == GROUPS:
             channels = _prod(groups)
         return _Geom(kind, self.channels if channels is None else channels,
@@ -439,12 +445,13 @@ class _Geom:
         if self.kind == ROWS:
             return f"the rows of a {h}x{w} map ({h * w}x{c}, one per position)"
         if self.kind == GROUPS:
-            return f"a map with its channels split into groups ({'x'.join(map(str, self.groups))} channels, {h}x{w} " \
-                f"positions)"
+            return (f"a map with its channels split into groups ({h}x{w} positions, "
+                    f"{'x'.join(str(g) for g in self.groups)} channels)")
         return {MAP: f"a {what}", VECTOR: f"a flattened {what}"}.get(self.kind, f"a reshaped {what}")
 
     def __repr__(self):
-        return f"_Geom({self.kind!r}, {self.channels}, {self.size}, {self.strides})"
+        groups = f", groups={self.groups}" if self.kind == GROUPS else ""
+        return f"_Geom({self.kind!r}, {self.channels}, {self.size}, {self.strides}{groups})"
 
 
 def _same_grid(op, geoms):
@@ -455,6 +462,8 @@ def _same_grid(op, geoms):
             reason = _MIXED_GRID_REASON
             if first.strides != g.strides and not (first.is_pixel_vector or g.is_pixel_vector):
                 reason = _MIXED_STRIDES_REASON
+            elif GROUPS in (first.kind, g.kind) and first.kind != g.kind:
+                reason = _MIXED_GROUPS_REASON
             elif {first.kind, g.kind} & {TRANSPOSED, SWAPPED, ROWS} and first.kind != g.kind:
                 reason = _MIXED_LAYOUT_REASON
             strides = f" (strides {list(first.strides)} vs {list(g.strides)})" if first.strides != g.strides else ""
@@ -622,6 +631,9 @@ def _guessed_geom(shape, geoms, layout):
     ops after it can still report their own problems (a reshape of a stand-in to 4 dims guesses a map
     again, rather than reporting a reshaped vector as a second problem)."""
     strides = geoms[0].strides if geoms else ()
+    if len(shape) >= 5 and any(g.kind == GROUPS for g in geoms):  # (still a map split into groups)
+        groups, size = (shape[3:], shape[1:3]) if layout == "HWC" else (shape[1:-2], shape[-2:])
+        return _Geom(GROUPS, _prod(groups), size, strides, guessed=True, groups=groups)
     if len(shape) == 4 and any(g.kind == TRANSPOSED for g in geoms):  # (still a transposed map: its transpose back
         channels, size = (shape[3], shape[1:3]) if layout == "CHW" else (shape[1], shape[2:])  # is no problem)
         return _Geom(TRANSPOSED, channels, size, strides, guessed=True)
