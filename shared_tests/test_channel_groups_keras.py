@@ -95,7 +95,8 @@ def _dense_on_groups(x, h, w, c):  # Dense along the last group axis (a product 
     import keras
     L, ops = keras.layers, keras.ops
     y = L.Dense(3, activation="tanh")(L.Reshape((h, w, c // 2, 2))(x))
-    return ops.reshape(L.Activation("relu")(y), (-1, h, w, 3 * c // 2))
+    y = L.UnitNormalization(axis=-1)(L.LeakyReLU(0.2)(L.Rescaling(2.0, offset=[0.5, -1.0, 0.25])(y)))
+    return ops.reshape(L.ELU()(L.Activation("relu")(y) - 0.5), (-1, h, w, 3 * c // 2))
 
 
 def _sliced_groups(x, h, w, c):  # slices of the group axes: a member of every group, a range of groups, ...
@@ -177,6 +178,24 @@ def test_keras_channel_groups_with_tiles_steps_naive_and_float64(kb):
     def body(x, h, w, c):
         return _selective_kernel(x, h, w, c) + _grouped_softmax(x, h, w, c)[..., :c]
     _assert_exact(kb, _net(body, (10, 11), dtype="float64"), (10, 11), dtype="float64")
+
+
+def test_keras_channel_groups_after_the_last_pooling_and_as_the_output(kb):
+    """Maxout and a shuffle after the last pooling of a Cp whose output is one position (CI leaves that pooling's
+    shifts in place: the grouped values are per pixel), and a Cp that returns its vector split into groups,
+    (N, 1, 1, 1, K): exact, also with an output stride and tiles."""
+    import keras
+    L, ops = keras.layers, keras.ops
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((10, 9, 3))
+    x = L.MaxPooling2D(2)(L.Conv2D(8, (7, 6))(L.Conv2D(6, 3)(inp)))  # (N, 1, 1, 8)
+    y = _maxout_ops(_shuffle_ops(x, 1, 1, 8), 1, 1, 8)
+    for out in (L.Flatten()(y), ops.reshape(y, (-1, 1, 1, 1, 4))):
+        net = keras.Model(inp, out)
+        ci = _assert_exact(kb, net, (10, 9))
+        assert ci.shifts_in_place  # (the pooling leaves its shifts in place)
+        for options in ({"output_stride": 2}, {"tile": (6, 5)}):
+            _assert_exact(kb, net, (10, 9), **options)
 
 
 # --- gradients ---------------------------------------------------------------------------------------------------

@@ -5309,8 +5309,7 @@ def _groups_reshape(call, geoms):
     if dst == src:
         return _pass_through, [geom]
     if geom.guessed:  # (after a refused op: the rules that follow judge a value of that shape)
-        return _pass_through, [_guessed_geom(dst, [geom], _MAP_LAYOUT) if len(dst) >= 4 else
-                               _reshaped_geom(call, geom.with_(kind=MAP), src[:3] + (geom.channels,), dst)]
+        return _pass_through, [_guessed_geom(dst, [geom], _MAP_LAYOUT)]
     if not call.is_op and getattr(call.layer, "data_format", "channels_last") == "channels_first":
         raise call.fail(f"Flatten(data_format='channels_first') moves axis 1 of {src} to the end before flattening, "
                         f"which reorders the values of {geom.describe()}; only channels-last flattening can be made "
