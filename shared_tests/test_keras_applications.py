@@ -102,7 +102,8 @@ def test_preprocess_input_caffe_mode_in_a_lambda(kb, app):
 def test_stack_of_one_channel_values(kb):
     """Stacks along a new last axis of one-channel values of a map after a strided layer (a channel slice, a
     reduction over the channels, an element-wise op of one) and of vectors of one position, in a subclassed Cp:
-    exact.  Stacks along other axes, or of maps of several channels, are refused with the reason."""
+    exact.  Stacks along other axes, or of vectors of several channels, are refused with the reason; stacks of maps
+    along a new last axis (maps with their channels split into groups) are exact."""
     import keras
     L, ops = keras.layers, keras.ops
 
@@ -140,7 +141,8 @@ def test_stack_of_one_channel_values(kb):
     for stack, reason in [(lambda y: ops.stack([y[..., 0], y[..., 1]], axis=1),
                            r"stacks 2 values of shape \(2, 4, 4\) along axis 1 of its \(2, 2, 4, 4\) result, which "
                            r"puts them between positions of the patch"),
-                          (lambda y: ops.stack([y, y * 2.0], axis=-1), r"stacks a 4x4x4 map \(shape \(2, 4, 4, 4\)\)"),
+                          (lambda y: ops.stack([ops.mean(y, axis=(1, 2)), ops.max(y, axis=(1, 2))], axis=-1),
+                           r"stacks a flattened 1x1x4 map \(shape \(2, 4\)\)"),
                           (lambda y: ops.stack([y[..., 0], ops.zeros_like(y[..., 0])], axis=-1),
                            r"stacks a constant with values computed from the patch")]:
         inp = keras.Input((6, 6, 1))
@@ -148,6 +150,9 @@ def test_stack_of_one_channel_values(kb):
         with pytest.raises(kb.FDFE.ConversionError, match=r"\(Pack, created at test_keras_applications\.py:\d+\) "
                                                           r"cannot be made dense exactly: it " + reason):
             kb.FDFE.convert(refused, 6)
+    inp = keras.Input((6, 6, 1))  # maps stacked along a new last axis: a map with its channels split into groups
+    stacked = keras.Model(inp, L.Flatten()(L.Lambda(lambda y: ops.stack([y, y * 2.0], axis=-1))(L.Conv2D(4, 3)(inp))))
+    _assert_exact(kb, stacked, 6, _images(1, shape=(2, 11, 9)))
 
 
 # --- 3. padding="same" that pads nothing at Cp's sizes ----------------------------------------------------------

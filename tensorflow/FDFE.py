@@ -377,6 +377,8 @@ _MIXED_STRIDES_REASON = ("maps that went through different strides (even where t
                          "first), or give the streams the same strides")
 _MIXED_LAYOUT_REASON = ("one holds the channels of every position where a transpose moved them and the other does "
                         "not; transpose one of them first, so that both hold them on the same axis")
+_MIXED_GROUPS_REASON = ("one holds the channels of every position split into groups (on axes of their own) and the "
+                        "other does not; reshape one of them first, so that both hold their channels alike")
 
 
 # --- geometry: what a dense value holds, in patch terms ---------------------------------------
@@ -393,27 +395,42 @@ _MIXED_LAYOUT_REASON = ("one holds the channels of every position where a transp
 #: transposes back may use it.  ROWS: the map as one row of channels per position, (N, h*w, channels) (PyTorch:
 #: ``x.flatten(2).transpose(1, 2)`` of a map, tokens; Keras holds such rows as a VIEW, its maps having their
 #: channels last); the dense tensor is the transposed map's, and only ops per position along the channels, pooling
-#: over the rows and the transposes back may use it.
+#: over the rows and the transposes back may use it.  GROUPS: the map with its channels split into groups, on axes of
+#: their own beside the positions (PyTorch: (N, g1, ..., gk, h, w); Keras: (N, h, w, g1, ..., gk), k >= 2; a reshape of
+#: the channels, ``x.view(N, G, C // G, h, w)``, or a stack of maps along a new axis); the dense tensor holds the same
+#: axes with CI's batch and spatial sizes, so that ops along the group axes alone (element-wise ops, reductions,
+#: softmax, transposes of the groups, reshapes back) are exact on it; ``groups`` holds (g1, ..., gk).
 MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED, ROWS = "map", "vector", "view", "transposed", "swapped", "rows"
+GROUPS = "groups"
 
 
 class _Geom:
     """Geometry of one dense value: its kind, the channels and (h, w) size Cp sees, and the
-    strides of the multipooling/striding layers it went through (network order)."""
-    __slots__ = ("kind", "channels", "size", "strides", "guessed")
+    strides of the multipooling/striding layers it went through (network order); of a map with its channels split
+    into groups (GROUPS), the group sizes (g1, ..., gk), whose product is the channels (empty for other kinds)."""
+    __slots__ = ("kind", "channels", "size", "strides", "guessed", "groups")
 
-    def __init__(self, kind, channels, size, strides=(), guessed=False):
-        if kind not in (MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED, ROWS):
+    def __init__(self, kind, channels, size, strides=(), guessed=False, groups=()):
+        if kind not in (MAP, VECTOR, VIEW, TRANSPOSED, SWAPPED, ROWS, GROUPS):
             raise ValueError(f"unknown geometry kind {kind!r}")
         self.kind, self.channels, self.size = kind, int(channels), (int(size[0]), int(size[1]))
         self.strides = tuple((int(s[0]), int(s[1])) for s in strides)
         self.guessed = guessed  # a stand-in after a refused op (see _guessed_geom), or derived from one
+        self.groups = tuple(int(g) for g in groups) if kind == GROUPS else ()
+        if kind == GROUPS and (len(self.groups) < 2 or _prod(self.groups) != self.channels):
+            raise ValueError(f"groups {self.groups} of {self.channels} channels: at least two axes, whose product "
+                             f"is the channels")
 
-    def with_(self, kind=None, channels=None, size=None, stride=(1, 1)):
-        """A copy with some fields replaced; ``stride`` other than (1, 1) is appended to the strides."""
+    def with_(self, kind=None, channels=None, size=None, stride=(1, 1), groups=None):
+        """A copy with some fields replaced; ``stride`` other than (1, 1) is appended to the strides.  A GROUPS copy
+        keeps the groups unless ``groups`` is given, and its channels are their product."""
         strides = self.strides + ((tuple(stride),) if tuple(stride) != (1, 1) else ())
-        return _Geom(self.kind if kind is None else kind, self.channels if channels is None else channels,
-                     self.size if size is None else size, strides, self.guessed)
+        kind = self.kind if kind is None else kind
+        groups = self.groups if groups is None else tuple(groups)
+        if kind == GROUPS:
+            channels = _prod(groups)
+        return _Geom(kind, self.channels if channels is None else channels,
+                     self.size if size is None else size, strides, self.guessed, groups)
 
     @property
     def is_pixel_vector(self):
@@ -438,10 +455,14 @@ class _Geom:
             return f"a map with its positions transposed ({w}x{h}x{c})"
         if self.kind == ROWS:
             return f"the rows of a {h}x{w} map ({h * w}x{c}, one per position)"
+        if self.kind == GROUPS:
+            return (f"a map with its channels split into groups ({h}x{w} positions, "
+                    f"{'x'.join(str(g) for g in self.groups)} channels)")
         return {MAP: f"a {what}", VECTOR: f"a flattened {what}"}.get(self.kind, f"a reshaped {what}")
 
     def __repr__(self):
-        return f"_Geom({self.kind!r}, {self.channels}, {self.size}, {self.strides})"
+        groups = f", groups={self.groups}" if self.kind == GROUPS else ""
+        return f"_Geom({self.kind!r}, {self.channels}, {self.size}, {self.strides}{groups})"
 
 
 def _same_grid(op, geoms):
@@ -452,6 +473,8 @@ def _same_grid(op, geoms):
             reason = _MIXED_GRID_REASON
             if first.strides != g.strides and not (first.is_pixel_vector or g.is_pixel_vector):
                 reason = _MIXED_STRIDES_REASON
+            elif GROUPS in (first.kind, g.kind) and first.kind != g.kind:
+                reason = _MIXED_GROUPS_REASON
             elif {first.kind, g.kind} & {TRANSPOSED, SWAPPED, ROWS} and first.kind != g.kind:
                 reason = _MIXED_LAYOUT_REASON
             strides = f" (strides {list(first.strides)} vs {list(g.strides)})" if first.strides != g.strides else ""
@@ -619,6 +642,9 @@ def _guessed_geom(shape, geoms, layout):
     ops after it can still report their own problems (a reshape of a stand-in to 4 dims guesses a map
     again, rather than reporting a reshaped vector as a second problem)."""
     strides = geoms[0].strides if geoms else ()
+    if len(shape) >= 5 and any(g.kind == GROUPS for g in geoms):  # (still a map split into groups)
+        groups, size = (shape[3:], shape[1:3]) if layout == "HWC" else (shape[1:-2], shape[-2:])
+        return _Geom(GROUPS, _prod(groups), size, strides, guessed=True, groups=groups)
     if len(shape) == 4 and any(g.kind == TRANSPOSED for g in geoms):  # (still a transposed map: its transpose back
         channels, size = (shape[3], shape[1:3]) if layout == "CHW" else (shape[1], shape[2:])  # is no problem)
         return _Geom(TRANSPOSED, channels, size, strides, guessed=True)
@@ -3386,14 +3412,16 @@ def _takes_transposed(rule):
     return rule
 
 
-def _lookup_rule(layer):
-    """The rule of the layer's class, or of the nearest base class whose call() it does not override."""
+def _lookup_rule(layer, rules=None):
+    """The rule of the layer's class, or of the nearest base class whose call() it does not override (in ``rules``,
+    by default the table of all rules, _RULES)."""
+    rules = _RULES if rules is None else rules
     cls = type(layer)
-    if cls in _RULES:
-        return _RULES[cls]
+    if cls in rules:
+        return rules[cls]
     for base in cls.__mro__[1:]:
-        if base in _RULES and cls.call is base.call:
-            return _RULES[base]
+        if base in rules and cls.call is base.call:
+            return rules[base]
     return None
 
 
@@ -4018,7 +4046,22 @@ def _reshaped(call, geom, src, dst):
             dst == (src[0], c, h, w) != (src[0], h, w, c):
         transpose = keras.layers.Permute((3, 1, 2))
         return (lambda xs: [transpose(xs[0])]), [geom.with_(kind=TRANSPOSED)]
+    groups = _split_channels(geom, src, dst)
+    if groups is not None:  # (N, h, w, g1, ..., gk): the channels of every position split into groups
+        split = _ChannelGroups(groups)
+        return (lambda xs: [split(xs[0])]), [geom.with_(kind=GROUPS, groups=groups)]
     return _pass_through, [_reshaped_geom(call, geom, src, dst)]
+
+
+def _split_channels(geom, src, dst):
+    """The groups (g1, ..., gk) where a reshape of ``geom`` (a map, or a reshape of one: its dense values are the
+    map's) from ``src`` to ``dst`` keeps the batch and the positions as axes 0, 1, 2 and splits the channels into
+    k >= 2 axes after them (Keras' H, W, C order keeps every position's channels together); else None."""
+    (h, w), c = geom.size, geom.channels
+    if geom.kind not in (MAP, VECTOR, VIEW) or geom.guessed or len(dst) < 5 or dst[:1] != src[:1] or \
+            tuple(dst[1:3]) != (h, w) or _prod(dst[3:]) != c or _prod(src[1:]) != h * w * c:
+        return None
+    return tuple(int(g) for g in dst[3:])
 
 
 def _reshaped_geom(call, geom, src, dst):
@@ -4621,6 +4664,13 @@ def _rule_stack_op(call, geoms):
                         "patch, each one channel of a map, can be made dense")
     axis = int(call.attrs["axis"][1]) % len(out)
     shapes = [tuple(shape) for shape in call.in_shapes]
+    if len(out) == 5 and axis >= 3 and all(g.kind == MAP and not g.guessed and len(s) == 4
+                                           for g, s in zip(geoms, shapes)):
+        # maps (N, h, w, C) stacked along a new axis after their positions: every position's channels side by side,
+        # (N, h, w, n, C) or (N, h, w, C, n), a map with its channels split into groups; the same stack of the dense
+        # maps (which have as many axes)
+        first, unwarps = _merge_grids(call, geoms)
+        return _op_runner(call, unwarps=unwarps), [first.with_(kind=GROUPS, groups=out[3:])]
     if axis != len(out) - 1:
         raise call.fail(f"it stacks {len(values)} values of shape {shapes[0]} along axis {axis} of its {out} result, "
                         f"which puts them between positions of the patch (or between patches); only a stack along a "
@@ -4983,6 +5033,345 @@ def _rule_pad_op(call, geoms):
     if paddings is not None and not np.any(paddings) and tuple(call.out_shapes[0]) == tuple(call.in_shapes[0]):
         return _pass_through, [geoms[0]]
     raise call.fail(f"it pads a value inside Cp; {_PADDING_REASON}")
+
+
+# --- rules for maps with their channels split into groups (GROUPS) --------------------------------------------------
+#
+# A reshape of a map (N, h, w, C) to (N, h, w, g1, ..., gk) (maxout, channel shuffle, grouped softmax), or a stack of
+# maps along a new axis after their positions (selective-kernel attention), holds every position's channels on axes
+# of their own.  CI reshapes (stacks) its dense values alike, (B, H, W, g1, ..., gk): every axis but the batch and the
+# positions is Cp's, so an op along the group axes alone computes every position as Cp does, replayed as it is (its
+# gradient too).  Such values reach only the rules of _GROUPS_RULES (see _apply_rules); the rest refuse them.
+
+@_register
+class _ChannelGroups(_Layer):
+    """CI's dense values (B, H, W, ...) reshaped to (B, H, W, g1, ..., gk), with B, H and W read where CI runs (the
+    image size is unknown where CI is traced for export): a map's channels split into groups as Cp's reshape splits
+    them, regrouped, or merged back (``groups=[C]``).
+
+    Args:
+        groups: the sizes of the axes after the positions.
+
+    Shape:
+        (B, H, W, ...) -> (B, H, W, g1, ..., gk).
+    """
+
+    def __init__(self, groups, **kwargs):
+        super().__init__(**kwargs)
+        self.groups = [int(g) for g in groups]
+
+    def call(self, x):
+        shape = tf.shape(x)
+        return tf.reshape(x, tf.concat([shape[:3], tf.constant(self.groups, shape.dtype)], 0))
+
+    def get_config(self):
+        return {**super().get_config(), "groups": list(self.groups)}
+
+
+_GROUPS_RULES = {}  # key (a layer class or an _OpKind) -> its rule where an input is a map split into groups
+
+_GROUPS_LABEL = ("maps with their channels split into groups, (N, h, w, g1, ..., gk) (a reshape of the channels: "
+                 "maxout, channel shuffle, grouped softmax; a stack of maps along a new axis after the positions): "
+                 "ops along the group axes (element-wise ops, reductions, softmax, transposes, concatenations, "
+                 "stacks) and reshapes back")
+
+
+def _groups_rule_for(*kinds):
+    """Decorator: the rule of the given layer classes or op names (each also has a rule of its own, for other values)
+    where an input is a map with its channels split into groups (GROUPS); listed in supported_layers()."""
+    def register(rule):
+        keys = [_OpKind(kind) if isinstance(kind, str) else kind for kind in kinds]
+        missing = [key.__name__ for key in keys if key not in _RULES]
+        if missing:
+            raise AssertionError(f"{missing} have no rule of their own")
+        _GROUPS_RULES.update((key, rule) for key in keys)
+        _SUPPORTED.setdefault(_GROUPS_LABEL, set()).update(key.__name__ for key in keys)
+        return rule
+    return register
+
+
+def _on_groups(call, geom, geoms):
+    """A layer or op of which an input (``geom``) is a map with its channels split into groups: its rule in
+    _GROUPS_RULES, or refused (the rules of other values would read the group axes as positions or channels)."""
+    rule = _GROUPS_RULES.get(_OpKind(call.type)) if call.is_op else _lookup_rule(call.layer, _GROUPS_RULES)
+    if rule is None:
+        raise call.fail(f"it is applied to {geom.describe()}, the channels of every position split into axes of "
+                        f"their own (by a reshape or a stack); only ops along those group axes (element-wise ops "
+                        f"and activations, reductions, softmax, transposes, concatenations and stacks over the group "
+                        f"axes, reshapes) can follow one: reshape it back to (N, h, w, C) first")
+    return rule(call, geoms)
+
+
+def _fits_groups(shape, out, constant=False):
+    """Whether a value of ``shape`` broadcasts to ``out``, a map split into groups (N, h, w, g1, ..., gk), along the
+    group axes alone: ``out`` but for axes of size 1 among the group axes.  A ``constant`` (or weight) may have fewer
+    axes (aligned on the right, as they broadcast) and must have size 1 along the batch and the positions."""
+    shape, out = tuple(int(d) for d in shape), tuple(out)
+    if len(shape) > len(out) or not constant and len(shape) != len(out):
+        return False
+    full = (1,) * (len(out) - len(shape)) + shape
+    lead = all(d == 1 for d in full[:3]) if constant else full[:3] == out[:3]
+    return lead and all(d in (1, o) for d, o in zip(full[3:], out[3:]))
+
+
+def _groups_constant(spec, out):
+    """A constant operand whose axes against the batch and the positions of ``out`` (a map split into groups) are
+    larger than 1 (``tf.ones_like(x)``) and that is the same for every patch and position: its values along the
+    other axes (size 1 along those), which broadcast to the same values; ``spec`` otherwise (see
+    _same_at_every_position)."""
+    shape = tuple(spec.get("shape") or ()) if isinstance(spec, dict) else ()
+    lead = len(shape) - (len(out) - 3)  # (its axes that stand against the batch and the positions)
+    if not isinstance(spec, dict) or "input" in spec or lead <= 0 or len(shape) > len(out) or \
+            all(d == 1 for d in shape[:lead]) or not _constant_only(spec):
+        return spec
+    if "const" in spec:
+        value, dtype = np.asarray(spec["const"]), spec["dtype"]
+    else:  # an op of constants only: its value, computed once
+        value = _operand_value(spec, [], [])
+        value, dtype = np.asarray(value.numpy()), value.dtype.name
+    first = value[(slice(0, 1),) * lead]
+    if value.shape != shape or not np.array_equal(value, np.broadcast_to(first, value.shape), equal_nan=True):
+        return spec
+    return {"const": first.tolist(), "dtype": dtype, "shape": list(first.shape)}
+
+
+@_groups_rule_for(*_ELEMENTWISE_OPS)
+def _groups_elementwise_op(call, geoms):
+    """Element-wise ops of maps split into groups on one grid, broadcast along their group axes (a sum over a group
+    with keepdims=True divides its members), and of constants and weights that vary along the group axes alone
+    ((g1, ..., gk), (1, 1, 1, g1, ..., gk), scalars; a constant of the value's shape that is the same at every
+    position stands for its values along the group axes): the same op on the dense values, which have those axes."""
+    if call.attrs.get("data_format", ["string", "NHWC"])[1] != "NHWC":
+        raise call.fail("only data_format='NHWC' (channels last) is supported")
+    first = _same_grid(call, geoms)
+    out = tuple(call.out_shapes[0])
+    for spec, geom in zip((spec for spec in _flat_specs(call.args) if "input" in spec), geoms):
+        if not _fits_groups(spec["shape"], out):
+            raise call.fail(f"it broadcasts {geom.describe()} (shape {tuple(spec['shape'])}) to {out}; only values of "
+                            f"the same positions, broadcast along their group axes, can be combined")
+    args = {name: [_groups_constant(s, out) for s in spec] if isinstance(spec, list)
+            else _groups_constant(spec, out) for name, spec in call.args.items()}
+    for spec in _flat_specs(args):
+        shape = tuple(spec.get("shape") or ())
+        if "input" not in spec and not _fits_groups(shape, out, constant=True):
+            what = "a constant" if _constant_only(spec) else "a value computed from Cp's weights"
+            raise call.fail(f"it combines {first.describe()} with {what} of shape {list(shape)}, which differs per "
+                            f"position of the patch (or per patch); only scalars and values along the group axes "
+                            f"(of shape {list(out[3:])} or broadcast to it) can be made dense")
+    return _op_runner(call, _broadcast_replaced(call, call.args, args)), [first.with_(groups=out[3:])]
+
+
+@_groups_rule_for(*_REDUCTIONS)
+def _groups_reduce_op(call, geoms):
+    """Reductions of a map split into groups over group axes (keras.ops.max(x, axis=-1) of maxout): the same op on
+    the dense values; a map split into groups where two or more group axes are left (or keepdims=True), a map where
+    one is.  Over every group axis without keepdims, (N, h, w): as a channel reduction of a map without keepdims,
+    whose dense values keep a one-channel axis.  Over the positions (or the batch): refused."""
+    geom, src, dst = geoms[0], tuple(call.in_shapes[0]), tuple(call.out_shapes[0])
+    axes = call.constant("axis")
+    if axes is None:
+        raise call.fail("its axes are computed from the patch")
+    axes = sorted({int(a) % len(src) for a in np.ravel(axes)})
+    if not axes:
+        return _pass_through, [geom]
+    if axes[0] < 3:
+        what = "the batch of patches" if axes[0] == 0 else "positions of the patch"
+        raise call.fail(f"it reduces {geom.describe()} over axes {axes}, which mixes {what}; only reductions over its "
+                        f"group axes ({', '.join(str(a) for a in range(3, len(src)))}) can be made dense (for a global "
+                        f"pooling, reshape it back to (N, h, w, C) first)")
+    if call.attrs.get("keep_dims", ["bool", False])[1]:
+        return _op_runner(call), [geom.with_(groups=dst[3:])]
+    left = [g for axis, g in enumerate(src[3:], 3) if axis not in axes]
+    if len(left) >= 2:
+        return _op_runner(call), [geom.with_(groups=left)]
+    if len(left) == 1:
+        return _op_runner(call), [geom.with_(kind=MAP, channels=left[0])]
+    reduce = _TFOp(call.type, call.args, dict(call.attrs, keep_dims=["bool", True]), call.variables,
+                   name=_op_layer_name(call))
+    merge = _ChannelGroups([1])
+    return (lambda xs: [merge(reduce(xs[0]))]), [_reshaped_geom(call, geom.with_(kind=MAP, channels=1),
+                                                                src[:3] + (1,), dst)]
+
+
+@_groups_rule_for("Softmax", "LogSoftmax")
+def _groups_last_axis_op(call, geoms):
+    """Softmax and log-softmax along the last axis, a group axis (tf.nn.softmax along another group axis transposes
+    it to the end and back: transposes of the group axes): the same op on the dense values."""
+    return _op_runner(call), [geoms[0]]
+
+
+def _groups_transposed(call, geom, perm, src):
+    """The geometry after a transpose ``perm`` of a map split into groups (traced shape ``src``) that reorders its
+    group axes; one that moves the positions or the batch is refused."""
+    if list(perm[:3]) != [0, 1, 2]:
+        raise call.fail(f"it transposes {geom.describe()} (perm {list(perm)}), which moves the positions of the patch "
+                        f"(axes 1, 2) or its batch; only transposes of the group axes among themselves (a perm that "
+                        f"begins 0, 1, 2) can be made dense")
+    return geom.with_(groups=[src[p] for p in perm[3:]])
+
+
+@_groups_rule_for("Transpose", "ConjugateTranspose")
+def _groups_transpose_op(call, geoms):
+    """tf.transpose / keras.ops.transpose of the group axes among themselves (channel shuffle, perm (0, 1, 2, 4, 3)):
+    the same op on the dense values."""
+    perm, src = call.constant("perm"), tuple(call.in_shapes[0])
+    if perm is None:
+        raise call.fail(f"it transposes {geoms[0].describe()} with a perm computed from the patch")
+    perm = [int(p) for p in np.ravel(perm)]
+    if _moves_nothing(src, perm):
+        return _pass_through, [geoms[0]]
+    return _op_runner(call), [_groups_transposed(call, geoms[0], perm, src)]
+
+
+@_groups_rule_for(keras.layers.Permute)
+def _groups_permute(call, geoms):
+    """Permute of the group axes among themselves (Permute((1, 2, 4, 3))): the layer on the dense values."""
+    perm, src = [0] + [int(d) for d in call.layer.dims], tuple(call.in_shapes[0])
+    if _moves_nothing(src, perm):
+        return _pass_through, [geoms[0]]
+    return _reuse(call.layer), [_groups_transposed(call, geoms[0], perm, src)]
+
+
+def _groups_concat(call, geoms, axis, run):
+    """A concatenation of maps split into groups on one grid along ``axis``, which must be a group axis."""
+    first, out = _same_grid(call, geoms), tuple(call.out_shapes[0])
+    if axis % len(out) < 3:
+        raise call.fail(f"it concatenates {first.describe()} along axis {axis}, which puts values between positions "
+                        f"of the patch (or patches); only a concatenation along a group axis (3 and after) can be "
+                        f"made dense")
+    return run, [first.with_(groups=out[3:])]
+
+
+@_groups_rule_for("ConcatV2")
+def _groups_concat_op(call, geoms):
+    """keras.ops.concatenate / tf.concat of maps split into groups along a group axis: the same op."""
+    axis = call.constant("axis")
+    if axis is None or any("input" not in spec for spec in call.args["values"]):
+        raise call.fail("it concatenates a constant (or along an axis computed from the patch) with values "
+                        "computed from the patch")
+    return _groups_concat(call, geoms, int(axis), _op_runner(call))
+
+
+@_groups_rule_for("Pack")
+def _groups_stack_op(call, geoms):
+    """keras.ops.stack / tf.stack of maps split into groups along a new axis after the positions: the same op."""
+    out = tuple(call.out_shapes[0])
+    axis = int(call.attrs["axis"][1]) % len(out)
+    if any("input" not in spec for spec in call.args["values"]):
+        raise call.fail("it stacks a constant with values computed from the patch")
+    first = _same_grid(call, geoms)
+    if axis < 3:
+        raise call.fail(f"it stacks {first.describe()} along axis {axis}, which puts values between positions of the "
+                        f"patch (or patches); only a stack along a new axis after the positions can be made dense")
+    return _op_runner(call), [first.with_(groups=out[3:])]
+
+
+@_groups_rule_for("StridedSlice", "Slice")
+def _groups_slice_op(call, geoms):
+    """Slices of a map split into groups that take the same entries of its groups at every position of every patch
+    (``x[..., 0]``, ``x[:, :, :, 1:3]``): applied to the indices of the traced value, the op shows which; CI gathers
+    those channels of the map the groups hold and splits them as the result does (a map split into groups, a map, or
+    the (N, h, w) of one channel).  A slice of positions of the patch is refused."""
+    geom, src, dst = geoms[0], tuple(call.in_shapes[0]), tuple(call.out_shapes[0])
+    index = np.arange(_prod(src), dtype=np.int64).reshape(src)
+    probe = {name: {"const": index, "dtype": "int64"} if isinstance(spec, dict) and "input" in spec else spec
+             for name, spec in call.args.items()}
+    if any("input" in spec for spec in _flat_specs(probe)):
+        raise call.fail("its bounds are computed from the patch")
+    picked = np.asarray(_run_op(call.type, probe, call.attrs, [], call.variables))
+    channels = picked.reshape(src[:3] + (-1,)) - index.reshape(src[:3] + (-1,))[..., :1] if \
+        picked.shape[:3] == src[:3] and picked.size else None
+    if channels is None or not np.array_equal(channels, np.broadcast_to(channels[:1, :1, :1], channels.shape)) \
+            or channels.min() < 0 or channels.max() >= geom.channels:
+        raise call.fail(f"it slices {geom.describe()} across its positions (or patches); only slices of its group "
+                        f"axes, the same at every position (x[..., 0], x[:, :, :, 1:3]), can be made dense")
+    merge, taken = _ChannelGroups([geom.channels]), [int(c) for c in channels[0, 0, 0]]
+    gather = _TFOp("GatherV2", {"params": {"input": 0}, "indices": {"const": taken, "dtype": "int32"},
+                                "axis": {"const": 3, "dtype": "int32"}}, {"batch_dims": ["int", 0]},
+                   name=_op_layer_name(call))
+    groups = list(dst[3:]) if len(dst) > 3 else [1]
+    split = _ChannelGroups(groups) if len(groups) != 1 else None
+
+    def run(xs):
+        x = gather(merge(xs[0]))
+        return [x if split is None else split(x)]
+    if len(groups) >= 2:
+        return run, [geom.with_(groups=groups)]
+    return run, [_reshaped_geom(call, geom.with_(kind=MAP, channels=groups[0]), src[:3] + (groups[0],), dst)]
+
+
+@_groups_rule_for("Reshape", "Squeeze", "ExpandDims", keras.layers.Reshape, keras.layers.Flatten)
+def _groups_reshape(call, geoms):
+    """Reshapes of a map split into groups that keep the batch axis: to other groups of the same positions (a dense
+    reshape), or, through the map (N, h, w, C) that holds the same values (Keras' H, W, C order), to whatever a
+    reshape of that map is (the map itself, a flattened map, ...: see _reshaped)."""
+    geom, src, dst = geoms[0], tuple(call.in_shapes[0]), tuple(call.out_shapes[0])
+    if dst == src:
+        return _pass_through, [geom]
+    if geom.guessed:  # (after a refused op: the rules that follow judge a value of that shape)
+        return _pass_through, [_guessed_geom(dst, [geom], _MAP_LAYOUT)]
+    if not call.is_op and getattr(call.layer, "data_format", "channels_last") == "channels_first":
+        raise call.fail(f"Flatten(data_format='channels_first') moves axis 1 of {src} to the end before flattening, "
+                        f"which reorders the values of {geom.describe()}; only channels-last flattening can be made "
+                        f"dense")
+    merge = _ChannelGroups([geom.channels])
+    run, outs = _reshaped(call, geom.with_(kind=MAP), src[:3] + (geom.channels,), dst)
+    return (lambda xs: run([merge(xs[0])])), outs
+
+
+@_groups_rule_for(keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.GaussianNoise,
+                  keras.layers.GaussianDropout, keras.layers.AlphaDropout, keras.layers.ActivityRegularization,
+                  keras.layers.Identity)
+def _groups_identity(call, geoms):
+    """Dropout, noise and regularisation layers: identity at inference."""
+    return _pass_through, [geoms[0]]
+
+
+@_groups_rule_for(keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.Rescaling,
+                  keras.layers.Activation, keras.layers.Softmax, keras.layers.UnitNormalization, keras.layers.Dense)
+def _groups_layer(call, geoms):
+    """Element-wise layers (Keras' own activations; Rescaling by scalars or values along the group axes), Softmax
+    and UnitNormalization along group axes, and Dense (a product over the last group axis of every position): the
+    layer on the dense values."""
+    geom, layer = geoms[0], call.layer
+    src, out = tuple(call.in_shapes[0]), tuple(call.out_shape)
+    if isinstance(layer, (keras.layers.Softmax, keras.layers.UnitNormalization)):
+        axes = [layer.axis] if isinstance(layer.axis, numbers.Integral) else list(layer.axis)
+        if any(int(a) % len(src) < 3 for a in axes):
+            raise call.fail(f"it works along axes {layer.axis} of {geom.describe()}, which mixes positions of the "
+                            f"patch; only its group axes (3 and after) can be made dense")
+    if isinstance(layer, keras.layers.Rescaling):
+        for key in ("scale", "offset"):
+            value = getattr(layer, key)
+            dims = tuple(int(d) for d in getattr(value, "shape", np.shape(value)))
+            if not _fits_groups(dims, src, constant=True):
+                raise call.fail(f"its {key} (shape {dims}) differs per position of the patch; only scalars and values "
+                                f"along the group axes of {geom.describe()} can be made dense")
+    act = _activation_of(layer)
+    name = getattr(act, "__name__", None)
+    if act is not None and not (name and getattr(keras.activations, name, None) is act):
+        raise call.fail(f"its activation {name or type(act).__name__!r} is not one of keras.activations, and it is "
+                        f"applied to {geom.describe()}; write it with keras.ops in a Lambda layer, whose ops are read "
+                        f"one by one")
+    if len(out) != len(src) or out[:3] != src[:3]:
+        raise call.fail(f"its output {out} does not keep the batch and positions of its input {src}")
+    return _reuse(layer), [geom.with_(groups=out[3:])]
+
+
+@_groups_rule_for(keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, keras.layers.Average,
+                  keras.layers.Maximum, keras.layers.Minimum, keras.layers.Concatenate)
+def _groups_merge(call, geoms):
+    """Add, Multiply, ... of maps split into groups on one grid (broadcast along their group axes), and Concatenate
+    along a group axis: the layer on the dense values."""
+    layer, out = call.layer, tuple(call.out_shape)
+    if isinstance(layer, keras.layers.Concatenate):
+        return _groups_concat(call, geoms, int(layer.axis), lambda xs: [layer(list(xs))])
+    first = _same_grid(call, geoms)
+    for shape, geom in zip(call.in_shapes, geoms):
+        if not _fits_groups(shape, out):
+            raise call.fail(f"it broadcasts {geom.describe()} (shape {tuple(shape)}) to {out}; only values of the "
+                            f"same positions, broadcast along their group axes, can be combined")
+    return (lambda xs: [layer(list(xs))]), [first.with_(groups=out[3:])]
 
 
 # ---------------------------------------------------------------------------
@@ -5666,26 +6055,13 @@ def _apply_rules(calls, geoms, values):
         try:
             if call.problem is not None:
                 raise call.problem
-            if rule is None:
+            grouped, back = next((g for g in in_geoms if g.kind == GROUPS), None), []
+            if grouped is not None:  # only the rules for maps split into groups see one (_GROUPS_RULES)
+                run, out_geoms = _on_groups(call, grouped, in_geoms)
+            elif rule is None:
                 raise ConversionError(_unsupported_message(call.where, "op" if call.is_op else "layer kind"))
-            transposed = next((g for g in in_geoms if g.kind == TRANSPOSED), None)
-            back = []  # inputs that are transposed 1x1 maps, given to a rule of other values
-            if transposed is not None and rule not in _TRANSPOSED_RULES and all(
-                    g.kind != TRANSPOSED or g.size == (1, 1) or g.channels == 1 for g in in_geoms):
-                # (N, C, 1, 1) (or (N, 1, h, w)) holds the values of (N, 1, 1, C) (of (N, h, w, 1)) in their order:
-                # a reshape of the map, on whose dense values (transposed back) the rule runs
-                back = [i for i, g in enumerate(in_geoms) if g.kind == TRANSPOSED]
-                in_geoms = [_reshaped_geom(call, g.with_(kind=MAP), (s[0],) + tuple(s[2:]) + (s[1],), s)
-                            if i in back else g for i, (g, s) in enumerate(zip(in_geoms, call.in_shapes))]
-                transposed = None
-            if transposed is not None and rule not in _TRANSPOSED_RULES:
-                raise _on_transposed(call, transposed)
-            if not call.is_op:
-                _check_activation_per_pixel(call, in_geoms)
-            if any(g.kind == SWAPPED for g in in_geoms) and rule not in (_rule_permute, _rule_transpose_op):
-                run, out_geoms = _on_swapped(call, rule, in_geoms)
             else:
-                run, out_geoms = rule(call, in_geoms)
+                run, out_geoms, back = _apply_rule(call, rule, in_geoms)
         except Exception as exc:  # noqa: BLE001 - (a rule's own failure on a guessed geometry: see below)
             if not isinstance(exc, ConversionError) and not (problems and _reads_guessed(call, geoms)):
                 raise
@@ -5707,6 +6083,31 @@ def _apply_rules(calls, geoms, values):
         values.update(zip(call.out_slots, outs))
     if problems:
         raise _all_problems(problems)
+
+
+def _apply_rule(call, rule, in_geoms):
+    """``rule`` applied to ``call`` (of inputs of ``in_geoms``, none of them a map split into groups): what CI runs,
+    the output geometries, and the inputs that are transposed 1x1 maps given to a rule of other values (transposed
+    back where CI runs; ``in_geoms`` is changed in place to the geometries the rule saw)."""
+    transposed = next((g for g in in_geoms if g.kind == TRANSPOSED), None)
+    back = []  # inputs that are transposed 1x1 maps, given to a rule of other values
+    if transposed is not None and rule not in _TRANSPOSED_RULES and all(
+            g.kind != TRANSPOSED or g.size == (1, 1) or g.channels == 1 for g in in_geoms):
+        # (N, C, 1, 1) (or (N, 1, h, w)) holds the values of (N, 1, 1, C) (of (N, h, w, 1)) in their order:
+        # a reshape of the map, on whose dense values (transposed back) the rule runs
+        back = [i for i, g in enumerate(in_geoms) if g.kind == TRANSPOSED]
+        in_geoms[:] = [_reshaped_geom(call, g.with_(kind=MAP), (s[0],) + tuple(s[2:]) + (s[1],), s)
+                       if i in back else g for i, (g, s) in enumerate(zip(in_geoms, call.in_shapes))]
+        transposed = None
+    if transposed is not None and rule not in _TRANSPOSED_RULES:
+        raise _on_transposed(call, transposed)
+    if not call.is_op:
+        _check_activation_per_pixel(call, in_geoms)
+    if any(g.kind == SWAPPED for g in in_geoms) and rule not in (_rule_permute, _rule_transpose_op):
+        run, out_geoms = _on_swapped(call, rule, in_geoms)
+    else:
+        run, out_geoms = rule(call, in_geoms)
+    return run, out_geoms, back
 
 
 def _reads_guessed(call, geoms):
@@ -5831,6 +6232,8 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     stacked = values[out_slot]
     out_channels = int(_output_vectors(out, batch).shape[1])
     channels = {slot: g.channels for slot, g in geoms.items()}
+    if geom.kind == GROUPS:  # (N, 1, 1, 1, K): the vector of one position, its channels merged back
+        stacked = _ChannelGroups([geom.channels])(stacked)
     if geom.size != (1, 1):
         if geom.kind == MAP:
             raise ConversionError(
