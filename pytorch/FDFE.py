@@ -3397,8 +3397,12 @@ def _on_groups(node, rule, geoms):
         raise node.fail(f"it combines {groups.describe()} with {other.describe()}; give both the same axes first "
                         f"(x.unsqueeze(1) of a map is (N, 1, C, h, w))")
     _same_grid(node, geoms)
+    empty = next((tuple(out) for out in node.out_shapes if 0 in tuple(out)), None)
+    if empty is not None:
+        raise node.fail(f"it gives an empty value (shape {empty}) of {groups.describe()}")
+    bound = node.bind(["input", "dim", "keepdim"], {"dim": None}) if rule is _rule_max_min else {}
     elementwise = rule in (_rule_elementwise, _rule_rrelu) or rule is _rule_max_min and isinstance(
-        node.bind(["input", "other"], {}).get("other"), (torch.Tensor, _Ref) + _OPERANDS)
+        bound.get("other", bound.get("dim")), (torch.Tensor, _Ref) + _OPERANDS)  # (torch.max(x, y))
     if elementwise:
         if rule is _rule_rrelu and node.bind(["input", "lower", "upper", "training"], {"training": False})["training"]:
             return rule(node, geoms)  # (its refusal)
@@ -3416,7 +3420,7 @@ def _on_groups(node, rule, geoms):
               "split": ("dim", 2), "chunk": ("dim", 2), "tensor_split": ("dim", 2), "flip": ("dims", 1)}
     step = None
     if reduction:
-        names = _REDUCE_SIGNATURES.get(name, ["input", "dim", "keepdim"])
+        names = _reduce_signature(node)
         if rule is _rule_statistic:
             names = ["input", "dim", "unbiased", "keepdim"]
         p = node.bind(names, {"dim": None, "keepdim": False})
@@ -3989,7 +3993,7 @@ class _PoolRowsStep(_PoolStep):
 def _pool_rows(node, kind, rows):
     """``rows.mean(1)`` (sum, amax, amin; keepdim or not) of the rows of a map (N, h*w, C): the map's global
     pooling, one row of a 1x1 map, or its (N, C) vector; None where the op reduces over other dims."""
-    names = _REDUCE_SIGNATURES.get(getattr(node.func, "__name__", ""), ["input", "dim", "keepdim"])
+    names = _reduce_signature(node)
     p = node.bind(names, {"dim": None, "keepdim": False})
     dims = p["dim"]
     dims = [] if dims is None else [dims] if isinstance(dims, numbers.Integral) else list(dims)
@@ -4063,7 +4067,13 @@ _rule_for(["adaptive_avg_pool1d"], _ADAPTIVE_ROWS_LABEL, (torch, F))(_make_adapt
 _rule_for(["adaptive_max_pool1d"], _ADAPTIVE_ROWS_LABEL, (torch, F))(_make_adaptive_rows_rule("max"))
 
 
-_REDUCE_SIGNATURES = {"norm": ["input", "p", "dim", "keepdim"], "vector_norm": ["x", "ord", "dim", "keepdim"]}
+_REDUCE_SIGNATURES = {"norm": ["input", "p", "dim", "keepdim"], "vector_norm": ["x", "ord", "dim", "keepdim"],
+                      "linalg_vector_norm": ["x", "ord", "dim", "keepdim"]}  # (torch.linalg.vector_norm's __name__)
+
+
+def _reduce_signature(node):
+    """The argument names of a recorded reduction, in order (the input, dim, keepdim, and ord or p of a norm)."""
+    return _REDUCE_SIGNATURES.get(getattr(node.func, "__name__", ""), ["input", "dim", "keepdim"])
 
 
 def _make_reduce_rule(kind):
@@ -4071,7 +4081,7 @@ def _make_reduce_rule(kind):
     are a global pooling (mean -> average pooling, amax -> max pooling)."""
     def rule(node, geoms):
         geom = geoms[0]
-        names = _REDUCE_SIGNATURES.get(getattr(node.func, "__name__", ""), ["input", "dim", "keepdim"])
+        names = _reduce_signature(node)
         p = node.bind(names, {"dim": None, "keepdim": False})
         dim = p.pop("dim")
         if dim is None:

@@ -192,3 +192,35 @@ def test_what_cannot_be_made_dense_is_refused_by_name(tb, forward, says):
         tb.FDFE.convert(Cp().eval(), 8)
     for text in says:
         assert text in str(info.value), str(info.value)
+
+
+def test_reductions_with_positional_arguments_and_empty_values(tb):
+    """torch.linalg.vector_norm(x, ord, dim) with ord positional (its dim was read from ord: the norm of the whole
+    patch for a plain map, silently 0.6 off where convert's check was off), torch.max(x, dim, keepdim) and
+    x.max(dim, keepdim) with keepdim positional (refused as 'unexpected arguments' on group axes) equal Cp on every
+    patch; an empty part of a map split into groups is refused by name (it crashed)."""
+    norm = torch.linalg.vector_norm
+
+    def groups(y):
+        return y.unflatten(1, (2, 4))
+
+    class Cp(torch.nn.Module):
+        def __init__(self, f):
+            super().__init__()
+            self.conv, self.f = torch.nn.Conv2d(2, 8, 3), f
+
+        def forward(self, x):
+            return self.f(torch.tanh(self.conv(x))).mean((2, 3))
+
+    images = _images(2, 2, 9, 8, seed=7, dtype="float64")
+    for f in (lambda y: y * norm(y, 1, 1).unsqueeze(1), lambda y: y * norm(groups(y), 2, (1, 2)).unsqueeze(1),
+              lambda y: norm(groups(y), float("inf"), 1), lambda y: norm(groups(y), 3, 2, True).flatten(1, 2),
+              lambda y: groups(y).max(2, True)[0].flatten(1, 2), lambda y: torch.min(groups(y), 1, True).values[:, 0]):
+        cp = Cp(f).double().eval()
+        ci = tb.FDFE.convert(cp, 7, check=False)
+        with torch.no_grad():
+            assert max_rel_error(ci(images), tb.FDFE.dense_reference(cp, images, 7)) <= TOL["float64"]
+    cp = Cp(lambda y: (y[:, None].tensor_split(2, 1)[1] + 1).flatten(1, 2)).double().eval()
+    with pytest.raises(tb.FDFE.ConversionError, match=r"tensor_split cannot be made dense exactly: it gives an empty "
+                       r"value \(shape \(2, 0, 8, 5, 5\)\) of a map with its channels split into groups"):
+        tb.FDFE.convert(cp, 7)
