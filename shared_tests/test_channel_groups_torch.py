@@ -169,8 +169,8 @@ def test_channel_groups_copy_pickle_and_export(tb, tmp_path):
 
 
 @pytest.mark.parametrize("forward, says", [
-    (lambda s, y: y.view(y.shape[0], 2, 4, *y.shape[2:]).repeat(1, 1, 2, 1, 1), ["split into groups (6x6 positions, 2x4 channels)",
-                                                                                  "reshape it back"]),
+    (lambda s, y: y.view(y.shape[0], 2, 4, *y.shape[2:]).repeat(1, 1, 2, 1, 1),
+     ["split into groups (6x6 positions, 2x4 channels)", "reshape it back"]),
     (lambda s, y: y.view(y.shape[0], 2, 4, *y.shape[2:]).amax(3), ["position axis", "dims 1 to 2"]),
     (lambda s, y: y.view(y.shape[0], 2, 4, *y.shape[2:]).transpose(2, 3), ["transposes", "position axis"]),
     (lambda s, y: y.view(y.shape[0], 2, 4, *y.shape[2:])[:, :, :, 1:], ["indexes dim 3", "position axis"]),
