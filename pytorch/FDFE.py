@@ -355,6 +355,21 @@ _PER_PATCH_REASON = ("every patch is normalised with its own statistics, so the 
                      "for every patch that contains it and no work can be shared between overlapping "
                      "patches: CI cannot be exact (normalise the whole image instead, or use dense_reference)")
 _INDICES_REASON = "it returns pooling indices, which refer to positions inside one patch"
+_RESIZE_REASON = ("the resized maps of neighbouring patches are not shifted copies of one another (one pixel further "
+                  "in the image is one position further in the input map, but s positions, or a fraction of one, in "
+                  "the resized map), so no dense map holds them; FDFE makes dense the layers that keep or reduce the "
+                  "resolution (convolutions, pooling, striding)")
+
+
+def _transposed_conv_reason(stride, kernel):
+    """Why a transposed convolution of ``stride`` and ``kernel`` ((sh, sw), (kh, kw)) cannot be made dense."""
+    if tuple(stride) != (1, 1):
+        return f"it resizes a map; {_RESIZE_REASON}"
+    if tuple(kernel) == (1, 1):
+        return ("a 1x1 transposed convolution at stride 1 is a 1x1 convolution, which convert does not read it as: "
+                "write it as one (its kernel's two channel axes swapped)")
+    return f"a transposed convolution at stride 1 pads its input by the kernel size - 1 on every side; " \
+        f"{_PADDING_REASON}"
 _MIXED_GRID_REASON = ("values that cover different parts of the patch, such as a statistic of the whole "
                       "patch, differ for every patch and cannot be shared (a squeeze-and-excitation gate is one; where "
                       "the gated map is pooled over the patch next, pool first: the gate times the map's mean is the "
@@ -4799,12 +4814,6 @@ def _rule_refuse_padding(node, geoms):
     raise node.fail(f"it pads an activation inside Cp; {_PADDING_REASON}")
 
 
-_RESIZE_REASON = ("the resized maps of neighbouring patches are not shifted copies of one another (one pixel further "
-                  "in the image is one position further in the input map, but s positions, or a fraction of one, in "
-                  "the resized map), so no dense map holds them; FDFE makes dense the layers that keep or reduce the "
-                  "resolution (convolutions, pooling, striding)")
-
-
 @_rule_for(["interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "pixel_shuffle",
             "conv_transpose2d"], "refused: upsampling and resizing (F.interpolate, nn.Upsample, pixel_shuffle, "
            "ConvTranspose2d)", (torch, F))
@@ -4812,11 +4821,9 @@ def _rule_refuse_resizing(node, geoms):
     """Upsampling, resizing and transposed convolutions inside Cp: refused by name (a nearest downsampling by an
     integer factor is a slice with a step, which converts; a transposed convolution at stride 1 pads)."""
     if node.name.split(".")[-1] == "conv_transpose2d":
-        stride = node.bind(["input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"],
-                           {"bias": None, "stride": 1})["stride"]
-        if _pair(stride, "stride") == (1, 1):
-            raise node.fail(f"a transposed convolution at stride 1 pads its input by the kernel size - 1 on every "
-                            f"side; {_PADDING_REASON}")
+        p = node.bind(["input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"],
+                      {"bias": None, "stride": 1})
+        raise node.fail(_transposed_conv_reason(_pair(p["stride"], "stride"), tuple(p["weight"].shape[-2:])))
     hint = "; a nearest downsampling by an integer factor s is x[:, :, ::s, ::s], which converts" \
         if node.name.split(".")[-1] == "interpolate" else ""
     raise node.fail(f"it resizes a map; {_RESIZE_REASON}{hint}")

@@ -712,7 +712,7 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
                    r"a transposed map can only be transposed back[^\n]*$")
 
 
-def test_upsampling_and_resizing_are_refused_by_name(tb):
+def test_upsampling_and_resizing_are_refused_by_name(tb, kb):
     """Upsampling, resizing and transposed convolutions inside Cp: the resized maps of neighbouring patches are not
     shifted copies of one another, so no dense map holds them; refused with that reason (they were unknown ops).  A
     transposed convolution at stride 1 pads; F.interpolate names the slice that downsamples."""
@@ -728,6 +728,7 @@ def test_upsampling_and_resizing_are_refused_by_name(tb):
              (Interpolate(), 4, r"it resizes a map;.*x\[:, :, ::s, ::s\], which converts"),
              (nn.PixelShuffle(2), 1, r"torch\.pixel_shuffle cannot be made dense exactly: it resizes a map"),
              (nn.ConvTranspose2d(4, 4, 2, 2), 4, r"torch\.conv_transpose2d .*it resizes a map"),
+             (nn.ConvTranspose2d(4, 4, 1), 4, r"a 1x1 transposed convolution at stride 1 is a 1x1 convolution"),
              (nn.ConvTranspose2d(4, 4, 3), 4, r"a transposed convolution at stride 1 pads its input by the kernel "
               r"size - 1 on every side; inside Cp the padded border")]
     for layer, channels, says in cases:
@@ -735,3 +736,26 @@ def test_upsampling_and_resizing_are_refused_by_name(tb):
                             nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
         with pytest.raises(tb.FDFE.ConversionError, match=says):
             tb.FDFE.convert(net, 10)
+    # Keras: the layers, and the ops in call()
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+    resized = r"it resizes a map; the resized maps of neighbouring patches are not shifted copies"
+    cases = [(L.UpSampling2D(2), r"\(UpSampling2D\) cannot be made dense exactly: " + resized),
+             (L.Resizing(8, 8), r"\(Resizing\) .*" + resized),
+             (L.Conv2DTranspose(4, 2, 2), r"\(Conv2DTranspose\) .*" + resized),
+             (L.Conv2DTranspose(4, 3), r"a transposed convolution at stride 1 pads its input"),
+             (L.Conv2DTranspose(4, 1), r"a 1x1 transposed convolution at stride 1 is a 1x1 convolution"),
+             (L.Lambda(lambda t: tf.image.resize(t, (8, 8))), r"\(ResizeBilinear, created at .*" + resized),
+             (L.Lambda(lambda t: tf.nn.depth_to_space(t, 2)), r"\(DepthToSpace, created at .*" + resized)]
+    for layer, says in cases:
+        inp = keras.Input((10, 10, 3))
+        y = layer(L.MaxPooling2D(2)(L.Conv2D(4, 3)(inp)))
+        cp = keras.Model(inp, L.GlobalAveragePooling2D()(L.Conv2D(5, 1)(y)))
+        with pytest.raises(kb.FDFE.ConversionError, match=says):
+            kb.FDFE.convert(cp, 10)
+    inp = keras.Input((10, 10, 3))  # an UpSampling2D of size 1 (and a Resizing to the same size) pass values through
+    x = L.Resizing(4, 4)(L.UpSampling2D(1)(L.MaxPooling2D(2)(L.Conv2D(4, 3)(inp))))
+    cp = keras.Model(inp, L.GlobalAveragePooling2D()(L.Conv2D(5, 1)(x)))
+    images = np.random.default_rng(0).standard_normal((2, 13, 11, 3)).astype("float32")
+    assert max_rel_error(kb.FDFE.convert(cp, 10)(images), kb.FDFE.dense_reference(cp, images, 10)) <= TOL["float32"]

@@ -366,6 +366,21 @@ _PER_PATCH_REASON = ("every patch is normalised with its own statistics, so the 
                      "for every patch that contains it and no work can be shared between overlapping "
                      "patches: CI cannot be exact (normalise the whole image instead, or use dense_reference)")
 _INDICES_REASON = "it returns pooling indices, which refer to positions inside one patch"
+_RESIZE_REASON = ("the resized maps of neighbouring patches are not shifted copies of one another (one pixel further "
+                  "in the image is one position further in the input map, but s positions, or a fraction of one, in "
+                  "the resized map), so no dense map holds them; FDFE makes dense the layers that keep or reduce the "
+                  "resolution (convolutions, pooling, striding)")
+
+
+def _transposed_conv_reason(stride, kernel):
+    """Why a transposed convolution of ``stride`` and ``kernel`` ((sh, sw), (kh, kw)) cannot be made dense."""
+    if tuple(stride) != (1, 1):
+        return f"it resizes a map; {_RESIZE_REASON}"
+    if tuple(kernel) == (1, 1):
+        return ("a 1x1 transposed convolution at stride 1 is a 1x1 convolution, which convert does not read it as: "
+                "write it as one (its kernel's two channel axes swapped)")
+    return f"a transposed convolution at stride 1 pads its input by the kernel size - 1 on every side; " \
+        f"{_PADDING_REASON}"
 _MIXED_GRID_REASON = ("values that cover different parts of the patch, such as a statistic of the whole "
                       "patch, differ for every patch and cannot be shared (a squeeze-and-excitation gate is one; where "
                       "the gated map is pooled over the patch next, pool first: the gate times the map's mean is the "
@@ -4204,6 +4219,21 @@ def _rule_refuse_padding(call, geoms):
     raise call.fail(f"it pads an activation inside Cp; {_PADDING_REASON}")
 
 
+_RESIZE_LABEL = "refused: upsampling and resizing (UpSampling2D, Conv2DTranspose, Resizing; tf.image.resize, " \
+    "tf.nn.depth_to_space, tf.nn.conv2d_transpose in call())"
+
+
+@_rule_for(keras.layers.UpSampling2D, keras.layers.Conv2DTranspose, keras.layers.Resizing, label=_RESIZE_LABEL)
+def _rule_refuse_resizing(call, geoms):
+    """Upsampling, resizing and transposed convolutions inside Cp: refused by name (an UpSampling2D or Resizing that
+    keeps the size passes the value through; a transposed convolution at stride 1 pads)."""
+    if tuple(call.out_shape) == tuple(call.in_shapes[0]) and not isinstance(call.layer, keras.layers.Conv2DTranspose):
+        return _pass_through, [geoms[0]]
+    if isinstance(call.layer, keras.layers.Conv2DTranspose):
+        raise call.fail(_transposed_conv_reason(call.layer.strides, call.layer.kernel_size))
+    raise call.fail(f"it resizes a map; {_RESIZE_REASON}")
+
+
 @_rule_for(keras.layers.GroupNormalization, label="refused: per-patch normalisation")
 def _rule_refuse_per_patch(call, geoms):
     """Normalisation with statistics of each patch."""
@@ -5033,6 +5063,17 @@ def _rule_pad_op(call, geoms):
     if paddings is not None and not np.any(paddings) and tuple(call.out_shapes[0]) == tuple(call.in_shapes[0]):
         return _pass_through, [geoms[0]]
     raise call.fail(f"it pads a value inside Cp; {_PADDING_REASON}")
+
+
+@_op_rule_for("ResizeBilinear", "ResizeNearestNeighbor", "ResizeBicubic", "ResizeArea", "ScaleAndTranslate",
+              "DepthToSpace", "Conv2DBackpropInput", label=_RESIZE_LABEL)
+def _rule_refuse_resizing_op(call, geoms):
+    """tf.image.resize, tf.nn.depth_to_space and tf.nn.conv2d_transpose in call(): refused by name."""
+    if call.type == "Conv2DBackpropInput":
+        strides = list(call.attrs.get("strides", ["list", [1, 2, 2, 1]])[1])  # (NHWC)
+        kernel = tuple(call.in_shapes[1][:2]) if len(call.in_shapes) > 1 and len(call.in_shapes[1]) == 4 else (3, 3)
+        raise call.fail(_transposed_conv_reason(tuple(strides[1:3]), kernel))
+    raise call.fail(f"it resizes a map; {_RESIZE_REASON}")
 
 
 # --- rules for maps with their channels split into groups (GROUPS) --------------------------------------------------
