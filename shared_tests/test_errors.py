@@ -496,6 +496,13 @@ def test_keras_bad_inputs(kb):
         ci(tf.random.normal((1, 8, 8, 3)))
     with pytest.raises(TypeError, match=r"floating-point.*int32"):
         ci(tf.ones((1, 8, 8, 1), tf.int32))
+    images = tf.random.normal((2, 9, 8, 1))  # inputs= names the images, as for Keras' own models (a TypeError)
+    assert np.array_equal(ci(inputs=images), ci(images)) and np.array_equal(ci(images=images, training=False),
+                                                                            ci(images))
+    for call in (lambda: ci(), lambda: ci(images, inputs=images)):
+        with pytest.raises(TypeError, match=r"CI takes one batch of images: ci\(images\), ci\(images=x\) or "
+                                            r"ci\(inputs=x\)"):
+            call()
     with pytest.raises(ValueError, match=r"patch_size must be at least 1, got \(15, 0\)"):
         kb.FDFE.convert(net, (15, 0))
     with pytest.raises(kb.FDFE.ConversionError, match=r"(?s)running Cp on a batch of 7x7x1 patches failed: .*"

@@ -5537,10 +5537,13 @@ class DenseFeatureModel(keras.Model):
         return children
 
     @tf.autograph.experimental.do_not_convert  # autograph (export's serving function) cannot convert super()
-    def __call__(self, images, *args, **kwargs):
+    def __call__(self, images=None, *args, inputs=None, **kwargs):
         """CI on ``images``: a tensor, a numpy array, or nested lists of numbers (converted as a numpy array;
-        Keras itself refuses lists in a model's call)."""
-        return super().__call__(_as_images(images), *args, **kwargs)
+        Keras itself refuses lists in a model's call).  ``inputs=`` names them too, as for Keras' own models."""
+        if (images is None) == (inputs is None):
+            raise TypeError("CI takes one batch of images: ci(images), ci(images=x) or ci(inputs=x)" +
+                            (", not both" if images is not None else ""))
+        return super().__call__(_as_images(images if inputs is None else inputs), *args, **kwargs)
 
     def build(self, input_shape=None):
         """CI takes images of any N, H, W: built for (None, None, None, C) whatever shape comes first,
