@@ -231,8 +231,8 @@ def test_keras_refusals(kb):
     _keras_refusal(kb, [L.LayerNormalization(axis=[1, 2, 3]), L.Conv2D(2, 5)], 5,
                    r"\(LayerNormalization\).*normalises a 5x5x1 map over axes \[1, 2, 3\], "
                    r"with statistics of each patch")
-    _keras_refusal(kb, [L.Conv2D(4, 3), L.UpSampling2D(2), L.Conv2D(2, 6)], 5,
-                   r"\(UpSampling2D\) is not supported by convert\(\) \(unknown layer kind\)")
+    _keras_refusal(kb, [L.Conv2D(4, 3), L.Masking(0.0), L.Conv2D(2, 3)], 5,
+                   r"\(Masking\) is not supported by convert\(\) \(unknown layer kind\)")
     _keras_refusal(kb, [L.Conv2D(4, 3), L.PReLU(), L.Conv2D(2, 3)], 5,
                    r"\(PReLU\).*slopes differ per position \(use shared_axes=\[1, 2\]\)")
     _keras_refusal(kb, [L.Conv2D(2, 3)], 5, r"not a single vector.*\(2, 3, 3, 2\)")
