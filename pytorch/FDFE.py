@@ -3344,6 +3344,17 @@ class _RegroupStep(_Step):
         return [v if self.groups is None else v.unflatten(1, self.groups)]
 
 
+class _OnMapStep(_Step):
+    """Runs ``inner``, a step of maps, on values with group axes flattened back to the map (N, C, H, W)."""
+
+    def __init__(self, inner):
+        super().__init__(inner.inputs, inner.outputs, f"{inner.label} of the map")
+        self.inner, self.per_pixel = inner, inner.per_pixel
+
+    def run(self, values, net, overwrite=False):
+        return self.inner.run([v.flatten(1, v.dim() - 3) if v.dim() > 4 else v for v in values], net, False)
+
+
 class _GroupsCallStep(_CallStep):
     """:class:`_CallStep` of an op along the group axes whose outputs lose them all, (N, h, w): each output kept as
     the one-channel map (N, 1, H, W) that the dense values of such a value are (the op runs with keepdim=True)."""
@@ -3441,8 +3452,12 @@ def _on_groups(node, rule, geoms):
         p = node.bind(names, {"dim": None, "keepdim": False})
         if p["dim"] is None:
             raise node.fail("it reduces over the whole tensor, batch included")
-        _groups_dims(node, [p["dim"]] if isinstance(p["dim"], numbers.Integral) else list(p["dim"]), rank,
-                     "reduces")
+        dims = [p["dim"]] if isinstance(p["dim"], numbers.Integral) else list(p["dim"])
+        if sorted({int(d) % rank for d in dims}) == list(range(1, rank)):
+            # every entry (a global reduction of the patch): the map's, on the map that holds the same values
+            step, out_geoms = rule(node, [groups.with_(kind=VIEW)])
+            return _OnMapStep(step), out_geoms
+        _groups_dims(node, dims, rank, "reduces")
         if any(len(out) < 4 for out in node.out_shapes):  # every group axis reduced away: kept, as a map of one
             step = _GroupsCallStep(node, kwargs=dict(node.kwargs, keepdim=True),  # channel, (N, 1, H, W)
                                    args=tuple(node.args[:names.index("keepdim")]))

@@ -349,3 +349,53 @@ def test_keras_channel_groups_are_listed_and_a_gate_of_the_patch_refused(kb):
                                                       r"split into groups \(1x1 positions, 4x2 channels\); values that "
                                                       r"cover different parts of the patch"):
         kb.FDFE.convert(_net(body), 10)
+
+
+def test_keras_global_reductions_of_grouped_maps_and_one_problem_each(kb):
+    """A reduction over every axis of a map split into groups (keras.ops.max(ops.reshape(x, (-1, h, w, G, K)),
+    axis=(1, 2, 3, 4))) is the map's global one, as for the reshapes of a map before groups were held (converted
+    then, refused as 'mixes positions' with the groups, found by a fuzzer); a maxout after a refused op is not reported
+    as a second problem (the map split after the refusal was not recognised as one)."""
+    import keras
+    L, ops = keras.layers, keras.ops
+
+    def global_max(x, h, w, c):
+        return ops.expand_dims(ops.max(ops.reshape(x, (-1, h, w, c // 2, 2)), axis=(1, 2, 3, 4)), -1)
+
+    def global_sum(x, h, w, c):
+        return ops.sum(ops.reshape(ops.tanh(x), (-1, h, w, 2, c // 2)), axis=(-1, -2, -3, -4), keepdims=True)
+    for body in (global_max, global_sum):
+        _assert_exact(kb, _net(body), (10, 10))
+
+    def refused_then_maxout(x, h, w, c):
+        g = L.Conv3D(2, 1)(ops.reshape(x, (-1, h, w, c // 2, 2)))
+        y = L.Conv2D(8, 1)(ops.reshape(g, (-1, h, w, c)))
+        return ops.max(ops.reshape(y, (-1, h, w, c // 2, 2)), axis=-1)
+    with pytest.raises(kb.FDFE.ConversionError) as info:
+        kb.FDFE.convert(_net(refused_then_maxout), 10)
+    assert "(Conv3D)" in str(info.value) and "problems" not in str(info.value), str(info.value)
+
+
+def test_keras_fusions_tensorflow_cannot_run_are_named(kb):
+    """TensorFlow 2.21's oneDNN graph optimizer fuses a convolution, sigmoid(x) * x and a LeakyReLU into an op it has
+    no kernel for; Cp fails as a graph too.  convert raised TensorFlow's UnimplementedError from its self-check; it
+    names the fused ops and the way round (found by a fuzzer).  Where TensorFlow runs the graph, CI is exact."""
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((12, 14, 1))
+    x = L.Conv2D(12, 1)(L.MaxPooling2D(2, strides=3)(L.Conv2D(8, 2, strides=3)(inp)))
+    x = L.LeakyReLU(0.3)(L.Lambda(lambda t: keras.ops.sigmoid(t) * t)(x))
+    cp = keras.Model(inp, L.Dense(2)(L.Flatten()(x)))
+    try:
+        tf.function(cp)(tf.zeros((1, 12, 14, 1)))
+    except tf.errors.UnimplementedError:
+        with pytest.raises(kb.FDFE.ConversionError, match=r"convert's self-check could not run CI, a TensorFlow "
+                           r"graph: Fusion is not implemented: \[BiasAdd,_MklSwish,LeakyRelu\] -- .*"
+                           r"TF_ENABLE_ONEDNN_OPTS=0"):
+            kb.FDFE.convert(cp, (12, 14))
+        return
+    images = np.random.default_rng(0).standard_normal((2, 13, 11, 1)).astype("float32")
+    assert max_rel_error(kb.FDFE.convert(cp, (12, 14))(images), kb.FDFE.dense_reference(cp, images, (12, 14))) \
+        <= TOL["float32"]

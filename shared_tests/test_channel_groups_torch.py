@@ -224,3 +224,29 @@ def test_reductions_with_positional_arguments_and_empty_values(tb):
     with pytest.raises(tb.FDFE.ConversionError, match=r"tensor_split cannot be made dense exactly: it gives an empty "
                        r"value \(shape \(2, 0, 8, 5, 5\)\) of a map with its channels split into groups"):
         tb.FDFE.convert(cp, 7)
+
+
+def test_global_reductions_of_grouped_maps(tb):
+    """A reduction over every dim of a map split into groups (x.view(N, G, C // G, h, w).amax((1, 2, 3, 4)), sum,
+    mean, flatten(1).amin(1)) is the map's global one, as for the reshapes of a map before groups were held
+    (converted then, refused as over a position axis with the groups, found by a fuzzer); std over every dim is
+    refused as a statistic of the patch, as before."""
+    class Cp(torch.nn.Module):
+        def __init__(self, f):
+            super().__init__()
+            self.conv, self.fc, self.f = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(1, 5), f
+
+        def forward(self, x):
+            y = torch.nn.functional.max_pool2d(torch.tanh(self.conv(x)), 2)
+            return self.fc(self.f(y.view(y.shape[0], 4, 2, *y.shape[2:])).reshape(-1, 1))
+
+    images = _images(2, 3, 13, 11, seed=8, dtype="float64")
+    for f in (lambda g: g.amax((1, 2, 3, 4)), lambda g: g.sum((-1, -2, -3, -4)), lambda g: g.mean((1, 2, 3, 4)),
+              lambda g: g.flatten(1).amin(1)):
+        cp = Cp(f).double().eval()
+        with torch.no_grad():
+            assert max_rel_error(tb.FDFE.convert(cp, 10)(images), tb.FDFE.dense_reference(cp, images, 10)) \
+                <= TOL["float64"]
+    with pytest.raises(tb.FDFE.ConversionError, match=r"Tensor\.std cannot be made dense exactly: it computes a "
+                                                      r"statistic over positions of each patch"):
+        tb.FDFE.convert(Cp(lambda g: g.std((1, 2, 3, 4))).eval(), 10)

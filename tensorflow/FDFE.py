@@ -1280,7 +1280,7 @@ def _output_vectors(out, batch: int):
     if len(shape) < 2 or shape[0] != batch or any(s != 1 for s in shape[1:-1]):
         raise ConversionError(
             f"Cp's output for one patch is not a single vector: a batch of {batch} patches gave shape "
-            f"{shape}; expected ({batch}, K), ({batch}, 1, 1, K) or ({batch},)")
+            f"{shape}; expected ({batch}, K), ({batch}, 1, 1, K) (any axes of size 1 before K) or ({batch},)")
     return tf.reshape(out, [batch, -1])
 
 
@@ -4073,7 +4073,7 @@ def _split_channels(geom, src, dst):
     map's) from ``src`` to ``dst`` keeps the batch and the positions as axes 0, 1, 2 and splits the channels into
     k >= 2 axes after them (Keras' H, W, C order keeps every position's channels together); else None."""
     (h, w), c = geom.size, geom.channels
-    if geom.kind not in (MAP, VECTOR, VIEW) or geom.guessed or len(dst) < 5 or dst[:1] != src[:1] or \
+    if geom.kind not in (MAP, VECTOR, VIEW) or len(dst) < 5 or dst[:1] != src[:1] or \
             tuple(dst[1:3]) != (h, w) or _prod(dst[3:]) != c or _prod(src[1:]) != h * w * c:
         return None
     return tuple(int(g) for g in dst[3:])
@@ -5215,6 +5215,11 @@ def _groups_reduce_op(call, geoms):
     axes = sorted({int(a) % len(src) for a in np.ravel(axes)})
     if not axes:
         return _pass_through, [geom]
+    if axes == list(range(1, len(src))):  # every entry (a global reduction of the patch): the map's (see
+        # _rule_reduce_op), on the map that holds the same values
+        merge = _ChannelGroups([geom.channels])
+        run, outs = _rule_reduce_op(call, [geom.with_(kind=VIEW)])
+        return (lambda xs: run([merge(xs[0])])), outs
     if axes[0] < 3:
         what = "the batch of patches" if axes[0] == 0 else "positions of the patch"
         raise call.fail(f"it reduces {geom.describe()} over axes {axes}, which mixes {what}; only reductions over its "
@@ -6341,6 +6346,14 @@ def _self_check(net, base_net, dtype):
     net.tile = net.max_memory = None
     try:
         dense = net(images)
+    except tf.errors.UnimplementedError as error:  # (TensorFlow's graph optimizer fuses ops it cannot run)
+        lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines()
+                 if line.strip() and not line.strip().startswith(("File ", "[[", "Detected at"))]
+        what = next((line for line in lines if "not implemented" in line.lower()), lines[-1] if lines else "")
+        raise ConversionError(f"convert's self-check could not run CI, a TensorFlow graph: {what} -- "
+                              f"TensorFlow's oneDNN graph optimizer fused ops it has no kernel for; Cp fails the same "
+                              f"way as a graph (tf.function(cp), predict). TF_ENABLE_ONEDNN_OPTS=0, set before "
+                              f"TensorFlow is imported, avoids it") from error
     finally:
         net.tile, net.max_memory = tile, max_memory
     expected = patch_outputs(base_net, images, net.patch_size, positions,
