@@ -4723,6 +4723,16 @@ def _rule_stack_op(call, geoms):
     return run, [_reshaped_geom(call, stacked, (out[0], h, w, len(values)), out)]
 
 
+def _sliced_indices(call, index):
+    """The entries of ``index`` (the indices of the traced value, any layout) that a recorded slice takes, from the
+    op run on them; its ConversionError where its bounds are computed from the patch."""
+    probe = {name: {"const": index, "dtype": "int64"} if isinstance(spec, dict) and "input" in spec else spec
+             for name, spec in call.args.items()}
+    if any("input" in spec for spec in _flat_specs(probe)):
+        raise call.fail("its bounds are computed from the patch")
+    return np.asarray(_run_op(call.type, probe, call.attrs, [], call.variables))
+
+
 @_takes_swapped
 @_takes_transposed
 @_op_rule_for("StridedSlice", "Slice", label="TensorFlow slices in call(): crops of the map (a translation of the "
@@ -4743,11 +4753,7 @@ def _rule_slice_op(call, geoms):
         geom = geom.with_(kind=MAP)
     else:
         index = np.arange(_prod(src), dtype=np.int64).reshape(src)
-    probe = {name: {"const": index, "dtype": "int64"} if isinstance(spec, dict) and "input" in spec else spec
-             for name, spec in call.args.items()}
-    if any("input" in spec for spec in _flat_specs(probe)):
-        raise call.fail("its bounds are computed from the patch")
-    picked = np.asarray(_run_op(call.type, probe, call.attrs, [], call.variables))
+    picked = _sliced_indices(call, index)
     if picked.size == 0:
         raise call.fail("it takes an empty slice")
     if transposed and len(dst) == 4:  # still a transposed map: the same crop and channels of the transposed values
@@ -5320,11 +5326,7 @@ def _groups_slice_op(call, geoms):
     the (N, h, w) of one channel).  A slice of positions of the patch is refused."""
     geom, src, dst = geoms[0], tuple(call.in_shapes[0]), tuple(call.out_shapes[0])
     index = np.arange(_prod(src), dtype=np.int64).reshape(src)
-    probe = {name: {"const": index, "dtype": "int64"} if isinstance(spec, dict) and "input" in spec else spec
-             for name, spec in call.args.items()}
-    if any("input" in spec for spec in _flat_specs(probe)):
-        raise call.fail("its bounds are computed from the patch")
-    picked = np.asarray(_run_op(call.type, probe, call.attrs, [], call.variables))
+    picked = _sliced_indices(call, index)
     channels = picked.reshape(src[:3] + (-1,)) - index.reshape(src[:3] + (-1,))[..., :1] if \
         picked.shape[:3] == src[:3] and picked.size else None
     if channels is None or not np.array_equal(channels, np.broadcast_to(channels[:1, :1, :1], channels.shape)) \
