@@ -3385,9 +3385,11 @@ def _groups_dims(node, dims, rank, what):
         if d == 0:
             raise node.fail(f"it {what} along the batch of patches (dim 0)")
         if d >= rank - 2:
+            pooling = " (for a global pooling, reshape it back to the map (N, C, h, w) first)" \
+                if what == "reduces" else ""
             raise node.fail(f"it {what} along dim {d}, a position axis of the patch (the last two of a map with its "
                             f"channels split into groups), which mixes positions of the patch; only the group axes "
-                            f"(dims 1 to {rank - 3}) can be made dense")
+                            f"(dims 1 to {rank - 3}) can be made dense{pooling}")
         out.append(d)
     return out
 

@@ -49,9 +49,15 @@ def _every_group_axis(x):  # a reduction over every group axis, (N, h, w): a one
     return x * x.unflatten(1, (2, 4)).amax((1, 2)).unsqueeze(1)
 
 
-def _selective_kernel(x, conv):  # two branches weighted by a softmax over a new stack axis
+def _stack_attention(x, conv):  # two branches weighted per pixel by a softmax over a new stack axis
     branches = torch.stack([x, conv(x)], 1)
-    weights = branches.mean((3, 4), keepdim=True).softmax(1)  # (a global pooling per branch: not per pixel)
+    weights = (branches * 0.7).tanh().softmax(1)
+    return (branches * weights).sum(1)
+
+
+def _selective_kernel(x, conv):  # SKNet's weights, from a global pooling of the branches: a gate of the patch
+    branches = torch.stack([x, conv(x)], 1)
+    weights = branches.mean((3, 4), keepdim=True).softmax(1)
     return (branches * weights).sum(1)
 
 
@@ -66,7 +72,8 @@ def _stack_max(x, conv):
 
 GROUP_OPS = {"maxout": _maxout, "maxout_values": _maxout_values, "shuffle": _shuffle, "shuffle_flat": _shuffle_flat,
              "grouped_softmax": _grouped_softmax, "group_share": _group_share, "group_std": _group_std,
-             "every_group_axis": _every_group_axis, "stack_pair": _stack_pair, "stack_max": _stack_max}
+             "every_group_axis": _every_group_axis, "stack_pair": _stack_pair, "stack_max": _stack_max,
+             "stack_attention": _stack_attention}
 
 
 class GroupsCp(torch.nn.Module):
@@ -112,8 +119,8 @@ def test_channel_groups_equal_cp_on_every_patch(tb, op_name, patch):
     assert max_rel_error(ci(images).detach(), ref) <= TOL["float32"]
 
 
-@pytest.mark.parametrize("op_name", ["shuffle", "stack_pair"])
-def test_channel_groups_in_float64_and_at_a_step(tb, op_name):
+@pytest.mark.parametrize("op_name", ["shuffle", "stack_pair", "stack_attention"])
+def test_channel_groups_in_float64_at_a_step_and_naive(tb, op_name):
     cp = _cp(op_name, 11).double()
     images = _images(1, 3, 12, 9, seed=2, dtype="float64")
     ci = tb.FDFE.convert(cp, 11)
@@ -121,6 +128,8 @@ def test_channel_groups_in_float64_and_at_a_step(tb, op_name):
     ci = tb.FDFE.convert(cp, 11, output_stride=(2, 3))
     assert max_rel_error(ci(images).detach(), tb.FDFE.dense_reference(cp, images, 11, output_stride=(2, 3))) \
         <= TOL["float64"]
+    ci = tb.FDFE.convert(cp, 11, naive=True)
+    assert max_rel_error(ci(images).detach(), tb.FDFE.dense_reference(cp, images, 11)) <= TOL["float64"]
 
 
 def test_maxout_gradients_at_ties_and_shuffle_gradients_equal_cp(tb):
@@ -178,6 +187,8 @@ def test_channel_groups_copy_pickle_and_export(tb, tmp_path):
                                                                 "unsqueeze"]),
     (lambda s, y: y.unflatten(1, (2, 4)).softmax(-1), ["position axis"]),
     (lambda s, y: torch.stack([y, y], 0).amax(0), ["new dim 0", "dim 1 or 2"]),
+    (lambda s, y: _selective_kernel(y, lambda t: t * 2), ["Tensor.mean", "a position axis of the patch",
+                                                         "for a global pooling, reshape it back to the map"]),
 ])
 def test_what_cannot_be_made_dense_is_refused_by_name(tb, forward, says):
     class Cp(torch.nn.Module):
