@@ -399,3 +399,34 @@ def test_keras_fusions_tensorflow_cannot_run_are_named(kb):
     images = np.random.default_rng(0).standard_normal((2, 13, 11, 1)).astype("float32")
     assert max_rel_error(kb.FDFE.convert(cp, (12, 14))(images), kb.FDFE.dense_reference(cp, images, (12, 14))) \
         <= TOL["float32"]
+
+
+def test_keras_ops_along_one_group_axis(kb):
+    """keras.ops.argmax / argmin, flip (tf.reverse), take (tf.gather with constant indices) and split along group axes
+    of a map split into groups: the same op per pixel, as PyTorch's argmax, flip, index_select and split (they were
+    refused, found by a README check); along a position axis refused."""
+    import keras
+    import tensorflow as tf
+    L, ops = keras.layers, keras.ops
+
+    def along(x, h, w, c):
+        def body(t):
+            g = ops.reshape(t, (-1, h, w, c // 2, 2))
+            first, second = ops.split(g, 2, axis=3)
+            return ops.concatenate([
+                ops.cast(ops.argmax(g, axis=-1), t.dtype), ops.cast(ops.argmin(g, axis=3), t.dtype),
+                ops.reshape(ops.flip(g, axis=-1) * tf.reverse(g, [3, 4]), (-1, h, w, c)),
+                ops.reshape(ops.take(g, [1, 0, 1], axis=-1), (-1, h, w, 3 * c // 2)),
+                ops.reshape(tf.gather(g, [3, 0], axis=3) + first, (-1, h, w, 4)),
+                ops.squeeze(ops.split(g, 2, axis=-1)[1], -1) * ops.squeeze(tf.split(g, [1, 1], axis=-1)[0], -1),
+                ops.reshape(second, (-1, h, w, c // 2))], axis=-1)
+        return L.Lambda(body, output_shape=(h, w, 38))(x)  # (c = 8: 4 + 2 + 8 + 12 + 4 + 4 + 4 channels)
+    for patch in ((10, 10), (11, 9)):
+        _assert_exact(kb, _net(along, patch), patch)
+
+    def flip_positions(x, h, w, c):
+        return L.Lambda(lambda t: ops.reshape(ops.flip(ops.reshape(t, (-1, h, w, c // 2, 2)), axis=1),
+                                              (-1, h, w, c)))(x)
+    with pytest.raises(kb.FDFE.ConversionError, match=r"\(ReverseV2, created at .*it works along axes \[1\] of "
+                       + GROUPED + r", which mixes positions of the patch"):
+        kb.FDFE.convert(_net(flip_positions), 10)

@@ -5245,6 +5245,27 @@ def _groups_reduce_op(call, geoms):
                                                                 src[:3] + (1,), dst)]
 
 
+@_groups_rule_for("ArgMax", "ArgMin", "ReverseV2", "GatherV2", "Split", "SplitV")
+def _groups_along_op(call, geoms):
+    """keras.ops.argmax / argmin, flip, take (tf.gather with constant indices) and split along group axes of a map
+    split into groups: the same op on the dense values; each result is a map split into groups, or a map where one
+    group axis is left.  Along the positions or the batch: refused."""
+    geom, src = geoms[0], tuple(call.in_shapes[0])
+    axes = call.constant("dimension" if call.type.startswith("Arg") else "axis")
+    gather = call.type == "GatherV2"
+    if axes is None or gather and ("input" not in call.args["params"] or not isinstance(call.args["indices"], dict)
+                                   or not _constant_only(call.args["indices"])
+                                   or call.attrs.get("batch_dims", ["int", 0])[1] != 0):
+        raise call.fail(f"it works along axes or with indices computed from the patch, of {geom.describe()}")
+    axes = sorted({int(a) % len(src) for a in np.ravel(axes)})
+    if not axes or axes[0] < 3:
+        raise call.fail(f"it works along axes {axes} of {geom.describe()}, which mixes positions of the patch (or "
+                        f"patches); only its group axes ({', '.join(str(a) for a in range(3, len(src)))}) can be made "
+                        f"dense")
+    return _op_runner(call), [geom.with_(groups=out[3:]) if len(out) >= 5 else geom.with_(kind=MAP, channels=out[3])
+                              for out in map(tuple, call.out_shapes)]
+
+
 @_groups_rule_for("Softmax", "LogSoftmax")
 def _groups_last_axis_op(call, geoms):
     """Softmax and log-softmax along the last axis, a group axis (tf.nn.softmax along another group axis transposes
