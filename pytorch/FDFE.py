@@ -3516,22 +3516,28 @@ def _index_of(node):
     return index if isinstance(index, tuple) else (index,)
 
 
+def _constant_index(node, rank, reason):
+    """The index of a recorded ``x[index]`` of a value of ``rank`` dims, one entry per dim (the Ellipsis expanded,
+    the dims after it filled with full slices), or the op's ConversionError (``reason``) where it holds anything but
+    ints, slices and one Ellipsis."""
+    index = _index_of(node)
+    if sum(i is Ellipsis for i in index) > 1 or not all(
+            i is Ellipsis or isinstance(i, slice) or isinstance(i, numbers.Integral) and not isinstance(i, bool)
+            for i in index):
+        raise node.fail(f"it indexes with {index!r}; {reason}")
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1:]
+    return index + (slice(None),) * (rank - len(index))
+
+
 def _groups_index(node, rank):
     """Check ``x[index]`` of a value with group axes: constant ints and slices of the group axes only."""
-    index = _index_of(node)
     if node.name.endswith("narrow"):
         p = node.bind(["input", "dim", "start", "length"])
         _groups_dims(node, [p["dim"]], rank, "narrows")
         return
-    if sum(i is Ellipsis for i in index) > 1 or not all(
-            i is Ellipsis or isinstance(i, slice) or isinstance(i, numbers.Integral) and not isinstance(i, bool)
-            for i in index):
-        raise node.fail(f"it indexes with {index!r}; only constant slices and indices of the group axes can be made "
-                        f"dense")
-    if Ellipsis in index:
-        at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1:]
-    index = index + (slice(None),) * (rank - len(index))
+    index = _constant_index(node, rank, "only constant slices and indices of the group axes can be made dense")
     for d, i in enumerate(index):
         if (d == 0 or d >= rank - 2) and i != slice(None):
             raise node.fail(f"it indexes dim {d} ({i!r}), {'the batch' if d == 0 else 'a position axis'} of a map "
@@ -4413,18 +4419,9 @@ def _slices_of(node, rank, channel_dim=1, position_steps=False):
         bounds[dim] = (start, start + int(p["length"]))
         bounds[channel_dim] += (1,)
         return bounds
-    index = node.args[1] if len(node.args) > 1 else None
-    index = index if isinstance(index, tuple) else (index,)
-    if sum(i is Ellipsis for i in index) > 1 or not all(
-            i is Ellipsis or isinstance(i, slice) or isinstance(i, numbers.Integral) and not isinstance(i, bool)
-            for i in index):
-        raise node.fail(f"it indexes with {index!r}; only constant slices (start:stop) and indices of the channel "
-                        f"or spatial axes can be made dense (reorder channels with x.flip(1) or "
-                        f"x.index_select(1, index))")
-    if Ellipsis in index:
-        at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1:]
-    index = index + (slice(None),) * (rank - len(index))
+    index = _constant_index(node, rank, "only constant slices (start:stop) and indices of the channel or spatial "
+                                        "axes can be made dense (reorder channels with x.flip(1) or "
+                                        "x.index_select(1, index))")
     for d, sl in enumerate(index[:rank]):
         if isinstance(sl, numbers.Integral):  # x[:, :, i, j]: a crop to one row or column, that axis dropped
             if not -shape[d] <= sl < shape[d]:
@@ -4455,8 +4452,7 @@ def _rule_crop(node, geoms):
     patch-level map that is a translation of the dense map (every patch's rows a.. are rows a.. of
     the dense tensor, in every shift branch)."""
     geom = geoms[0]
-    index = node.args[1] if len(node.args) > 1 else None
-    index = index if isinstance(index, tuple) else (index,)
+    index = _index_of(node)
     if None in index and all(i is None or i is Ellipsis or i == slice(None) for i in index):  # x[:, None]: a reshape
         return _rule_reshape(node, geoms)
     shape = tuple(node.in_shapes[0])
