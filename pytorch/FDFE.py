@@ -3321,8 +3321,9 @@ def _on_rows(node, rule, geoms):
     raise error
 
 
-_GROUPS_OPS = ("element-wise ops, reductions (sum, mean, amax, amin, max, min, std, var, norm, logsumexp), "
-               "softmax and normalize over the group axes, transposes among them, concatenations, splits, stacks, "
+_GROUPS_OPS = ("element-wise ops, reductions (sum, mean, amax, amin, max, min, std, var, norm, logsumexp, median, "
+               "...), softmax, normalize, cumulative ops, sorts and topk along the group axes, transposes among them, "
+               "concatenations, splits, stacks, "
                "slices and indices along them, and reshapes back to a map (N, C, h, w)")
 
 
@@ -3444,14 +3445,14 @@ def _on_groups(node, rule, geoms):
         return _CallStep(node, args=args, kwargs=kwargs), [_geom_of_groups(groups, s) for s in node.out_shapes]
     reduction = getattr(rule, "pool_kind", False) is not False or rule in (_rule_max_min, _rule_statistic)
     dim_of = {"softmax": ("dim", 1), "log_softmax": ("dim", 1), "softmin": ("dim", 1), "normalize": ("dim", 2),
-              "glu": ("dim", 1), "cat": ("dim", 1), "concat": ("dim", 1), "concatenate": ("dim", 1),
+              "topk": ("dim", 2), "glu": ("dim", 1), "cat": ("dim", 1), "concat": ("dim", 1), "concatenate": ("dim", 1),
               "split": ("dim", 2), "chunk": ("dim", 2), "tensor_split": ("dim", 2), "flip": ("dims", 1)}
     step = None
     if reduction:
         names = _reduce_signature(node)
         if rule is _rule_statistic:
             names = ["input", "dim", "unbiased", "keepdim"]
-        p = node.bind(names, {"dim": None, "keepdim": False})
+        p = node.bind(names, {"dim": None, "keepdim": False}) if rule is _rule_statistic else _bind_reduction(node)
         if p["dim"] is None:
             raise node.fail("it reduces over the whole tensor, batch included")
         dims = [p["dim"]] if isinstance(p["dim"], numbers.Integral) else list(p["dim"])
@@ -4031,8 +4032,7 @@ class _PoolRowsStep(_PoolStep):
 def _pool_rows(node, kind, rows):
     """``rows.mean(1)`` (sum, amax, amin; keepdim or not) of the rows of a map (N, h*w, C): the map's global
     pooling, one row of a 1x1 map, or its (N, C) vector; None where the op reduces over other dims."""
-    names = _reduce_signature(node)
-    p = node.bind(names, {"dim": None, "keepdim": False})
+    p = _bind_reduction(node)
     dims = p["dim"]
     dims = [] if dims is None else [dims] if isinstance(dims, numbers.Integral) else list(dims)
     if [d % 3 for d in dims] != [1]:
@@ -4106,12 +4106,27 @@ _rule_for(["adaptive_max_pool1d"], _ADAPTIVE_ROWS_LABEL, (torch, F))(_make_adapt
 
 
 _REDUCE_SIGNATURES = {"norm": ["input", "p", "dim", "keepdim"], "vector_norm": ["x", "ord", "dim", "keepdim"],
-                      "linalg_vector_norm": ["x", "ord", "dim", "keepdim"]}  # (torch.linalg.vector_norm's __name__)
+                      "linalg_vector_norm": ["x", "ord", "dim", "keepdim"],  # (torch.linalg.vector_norm's __name__)
+                      "kthvalue": ["input", "k", "dim", "keepdim"], "quantile": ["input", "q", "dim", "keepdim"],
+                      "nanquantile": ["input", "q", "dim", "keepdim"]}
+_REDUCE_DEFAULT_DIM = {"kthvalue": -1, "mode": -1}  # (the others without dim reduce the whole tensor)
 
 
 def _reduce_signature(node):
-    """The argument names of a recorded reduction, in order (the input, dim, keepdim, and ord or p of a norm)."""
+    """The argument names of a recorded reduction, in order (the input, dim, keepdim, and ord or p of a norm, k of
+    kthvalue, q of quantile)."""
     return _REDUCE_SIGNATURES.get(getattr(node.func, "__name__", ""), ["input", "dim", "keepdim"])
+
+
+def _bind_reduction(node):
+    """The arguments of a recorded reduction by name (:func:`_reduce_signature`), dim and keepdim filled in with
+    their defaults.  Several quantiles at once (a tensor q) are refused: they put a new axis before the batch."""
+    name = getattr(node.func, "__name__", "")
+    p = node.bind(_reduce_signature(node), {"dim": _REDUCE_DEFAULT_DIM.get(name), "keepdim": False})
+    if len(getattr(p.get("q"), "shape", ())) > 0:
+        raise node.fail("it computes several quantiles at once, which puts a new axis before the batch; compute "
+                        "one quantile per call (a float q) and concatenate them along the channels")
+    return p
 
 
 def _make_reduce_rule(kind):
@@ -4120,10 +4135,11 @@ def _make_reduce_rule(kind):
     def rule(node, geoms):
         geom = geoms[0]
         names = _reduce_signature(node)
-        p = node.bind(names, {"dim": None, "keepdim": False})
+        p = _bind_reduction(node)
         dim = p.pop("dim")
         if dim is None:
             raise node.fail("it reduces over the whole tensor, batch included")
+
         dims = [dim] if isinstance(dim, numbers.Integral) else list(dim)
         keepdim = bool(p.pop("keepdim"))
         (h, w), shape = geom.size, tuple(node.in_shapes[0])
@@ -4242,6 +4258,8 @@ _rule_for(["amin"], _REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule("min
 _CHANNEL_REDUCE_LABEL = "reductions over channels (per pixel)"
 _rule_reduce = _rule_for(["norm", "logsumexp"], _CHANNEL_REDUCE_LABEL, (torch, torch.Tensor))(_make_reduce_rule(None))
 _register_rule(_rule_reduce, [torch.linalg.vector_norm], ["linalg.vector_norm"], _CHANNEL_REDUCE_LABEL)
+_rule_for(["prod", "nansum", "nanmean", "any", "all", "aminmax", "median", "nanmedian", "mode", "kthvalue",
+           "quantile", "nanquantile"], _CHANNEL_REDUCE_LABEL, (torch, torch.Tensor))(_rule_reduce)
 
 
 @_takes_transposed
@@ -4256,8 +4274,10 @@ def _rule_max_min(node, geoms):
     return _rule_reduce(node, geoms)
 
 
-def _make_channel_rule(dim_name, position, default):
-    """Ops that work along one axis (softmax, normalize, ...): per pixel when that axis is the channels."""
+def _make_channel_rule(dim_name, position, default, resizes=False):
+    """Ops that work along one axis (softmax, normalize, cumsum, sort, ...): per pixel when that axis is the
+    channels.  ``dim_name`` is the axis argument, ``position`` its place among the positional arguments,
+    ``default`` its default (None: no default); ``resizes``: the op changes the channel count (topk)."""
     def rule(node, geoms):
         geom = geoms[0]
         names = ["input"] + [None] * (position - 1) + [dim_name]
@@ -4274,8 +4294,12 @@ def _make_channel_rule(dim_name, position, default):
             args[position] = dense_dim
         else:
             kwargs[dim_name] = dense_dim
-        _check_same_shape(node)
-        return _CallStep(node, args=tuple(args), kwargs=kwargs), [geom]
+        if not resizes:
+            _check_same_shape(node)
+            return _CallStep(node, args=tuple(args), kwargs=kwargs), [geom] * len(node.out_shapes)
+        # (the values and indices of topk)
+        return _CallStep(node, args=tuple(args), kwargs=kwargs), [geom.with_(channels=_channels_of(geom, out))
+                                                                  for out in node.out_shapes]
     rule.along_channels = True  # (along a group axis of a map with its channels split: see _on_groups)
     return _takes_transposed(rule)
 
@@ -4284,6 +4308,11 @@ _CHANNEL_LABEL = "ops along the channel axis (normalize, softmax)"
 _register_rule(_make_channel_rule("dim", 2, 1), [F.normalize], ["normalize"], _CHANNEL_LABEL)
 _rule_for(["softmax", "log_softmax", "softmin"], _CHANNEL_LABEL, (torch, F, torch.Tensor))(
     _make_channel_rule("dim", 1, None))
+_ORDER_LABEL = "cumulative ops, sorts and top-k along the channel axis (per pixel)"
+_rule_for(["cumsum", "cumprod", "logcumsumexp", "cummax", "cummin"], _ORDER_LABEL, (torch, torch.Tensor))(
+    _make_channel_rule("dim", 1, None))
+_rule_for(["sort", "argsort"], _ORDER_LABEL, (torch, torch.Tensor))(_make_channel_rule("dim", 1, -1))
+_rule_for(["topk"], _ORDER_LABEL, (torch, torch.Tensor))(_make_channel_rule("dim", 2, -1, resizes=True))
 
 
 @_takes_transposed

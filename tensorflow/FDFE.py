@@ -4658,6 +4658,37 @@ def _rule_channel_op(call, geoms):
     return _op_runner(call), [geom]
 
 
+@_takes_transposed
+@_op_rule_for("Cumsum", "Cumprod", "CumulativeLogsumexp",
+              label="TensorFlow cumulative ops along the channel axis in call() (keras.ops.cumsum(x, -1), cumprod, "
+                    "tf.math.cumulative_logsumexp; axis 1 of a transposed map): per pixel")
+def _rule_cumulative_op(call, geoms):
+    """Cumulative sums, products and log-sum-exps along the channels of a map, a vector of one position or (N, h*w,
+    C) rows, or along axis 1 of a transposed map: the same op along the channel axis of every pixel."""
+    geom, src = geoms[0], tuple(call.in_shapes[0])
+    axis = _constant_axis(call, call.constant("axis"))
+    if geom.kind == TRANSPOSED:
+        return _along_transposed_channels(call, geom, axis, _op_runner(call))
+    if np.ndim(axis) != 0 or int(axis) % len(src) != len(src) - 1 or not _per_channel(geom, src):
+        raise call.fail(f"it works along axis {axis} of {geom.describe()}, which mixes positions of the patch; only "
+                        f"the channel axis (-1) can be made dense")
+    args = dict(call.args, axis={"const": -1, "dtype": call.args["axis"]["dtype"]})
+    return _op_runner(call, args), [geom]
+
+
+@_op_rule_for("TopKV2", label="TensorFlow top-k and sorts along the channel axis in call() (keras.ops.top_k, "
+                              "keras.ops.sort(x, -1), argsort, tf.math.top_k): per pixel")
+def _rule_top_k_op(call, geoms):
+    """The k largest channels of every pixel (keras.ops.top_k, and keras.ops.sort / argsort along the last axis,
+    which TensorFlow computes with top-k): the op along the last axis of a map, a vector of one position or (N, h*w,
+    C) rows, where that axis is the channels; the values and their indices have k channels."""
+    geom, src = geoms[0], tuple(call.in_shapes[0])
+    if not _per_channel(geom, src):
+        raise call.fail(f"it takes the top k along the last axis of {geom.describe()}, which mixes positions of the "
+                        f"patch; only the channel axis can be made dense (sort along axis -1 of a map)")
+    return _op_runner(call), [geom.with_(channels=int(out[-1])) for out in call.out_shapes]
+
+
 @_takes_swapped
 @_takes_transposed
 @_op_rule_for("ConcatV2", label="TensorFlow concatenation on channels in call() (keras.ops.concatenate, tf.concat; "
@@ -4909,6 +4940,13 @@ def _rule_gather_op(call, geoms):
             or call.attrs.get("batch_dims", ["int", 0])[1] != 0 or not _per_channel(geom, call.in_shapes[0]):
         raise call.fail(f"it gathers from {geom.describe()} along axis {axis}; only constant indices into the channel "
                         f"axis (-1) of a map or of a vector of one position can be made dense")
+    src, out = tuple(call.in_shapes[0]), tuple(call.out_shapes[0])
+    if len(out) == len(src) - 1:  # one channel by a scalar index (tf.gather(x, 3, axis=-1)), (N, h, w): gathered as
+        # [3], since the dense values keep a one-channel axis (as after argmax)
+        index = call.constant("indices")
+        call.args["indices"] = {"const": [int(index)], "dtype": call.args["indices"]["dtype"]}
+        args = dict(call.args, axis={"const": -1, "dtype": call.args["axis"]["dtype"]})
+        return _op_runner(call, args), [_reshaped_geom(call, geom.with_(channels=1), src[:-1] + (1,), out)]
     args = dict(call.args, axis={"const": -1, "dtype": call.args["axis"]["dtype"]})
     return _op_runner(call, args), [geom.with_(channels=call.out_shapes[0][-1])]
 
@@ -5245,11 +5283,12 @@ def _groups_reduce_op(call, geoms):
                                                                 src[:3] + (1,), dst)]
 
 
-@_groups_rule_for("ArgMax", "ArgMin", "ReverseV2", "GatherV2", "Split", "SplitV")
+@_groups_rule_for("ArgMax", "ArgMin", "ReverseV2", "GatherV2", "Split", "SplitV", "Cumsum", "Cumprod",
+                  "CumulativeLogsumexp")
 def _groups_along_op(call, geoms):
-    """keras.ops.argmax / argmin, flip, take (tf.gather with constant indices) and split along group axes of a map
-    split into groups: the same op on the dense values; each result is a map split into groups, or a map where one
-    group axis is left.  Along the positions or the batch: refused."""
+    """keras.ops.argmax / argmin, flip, take (tf.gather with constant indices), split and cumulative ops (cumsum,
+    cumprod) along group axes of a map split into groups: the same op on the dense values; each result is a map split
+    into groups, or a map where one group axis is left.  Along the positions or the batch: refused."""
     geom, src = geoms[0], tuple(call.in_shapes[0])
     axes = call.constant("dimension" if call.type.startswith("Arg") else "axis")
     gather = call.type == "GatherV2"
@@ -5266,11 +5305,11 @@ def _groups_along_op(call, geoms):
                               for out in map(tuple, call.out_shapes)]
 
 
-@_groups_rule_for("Softmax", "LogSoftmax")
+@_groups_rule_for("Softmax", "LogSoftmax", "TopKV2")
 def _groups_last_axis_op(call, geoms):
-    """Softmax and log-softmax along the last axis, a group axis (tf.nn.softmax along another group axis transposes
-    it to the end and back: transposes of the group axes): the same op on the dense values."""
-    return _op_runner(call), [geoms[0]]
+    """Softmax, log-softmax and top-k (sorts) along the last axis, a group axis (tf.nn.softmax along another group
+    axis transposes it to the end and back: transposes of the group axes): the same op on the dense values."""
+    return _op_runner(call), [geoms[0].with_(groups=tuple(out[3:])) for out in call.out_shapes]
 
 
 def _groups_transposed(call, geom, perm, src):
