@@ -1339,7 +1339,22 @@ def _module_structure(base_net: nn.Module, captured=(), settings=None, read=None
         entries[f"{name}:{key}"] = (_TensorAttribute, {"value": _TensorAttribute(value)}, {}, ())
     tied = frozenset(frozenset(names) for names in owners.values() if len(names) > 1)
     entries[_TIED] = (_TiedTensors, {"groups": tied}, {}, ())
+    entries[_GLOBAL_HOOKS] = (_GlobalHooks, {}, {}, _global_forward_hooks())
     return entries
+
+
+def _global_forward_hooks() -> Tuple:
+    """The keys of the global module forward hooks and pre-hooks (``register_module_forward_hook``,
+    ``register_module_forward_pre_hook``), which run on Cp's modules like their own hooks; those of PyTorch's own
+    tools (FlopCounterMode's module tracker), which only observe, are left out."""
+    from torch.nn.modules import module as modules
+    keys = []
+    for kind in ("_global_forward_pre_hooks", "_global_forward_hooks"):
+        for key, hook in getattr(modules, kind, {}).items():
+            owner = getattr(getattr(hook, "__func__", hook), "__module__", None) or ""
+            if not owner.startswith("torch."):
+                keys.append((kind, key))
+    return tuple(keys)
 
 
 class _TiedTensors:
@@ -1348,6 +1363,14 @@ class _TiedTensors:
 
 
 _TIED = "\0tied"  # (no module has this name)
+
+
+class _GlobalHooks:
+    """Marks the entry of :func:`_module_structure` that holds the global module forward hooks
+    (:func:`_global_forward_hooks`)."""
+
+
+_GLOBAL_HOOKS = "\0global hooks"
 
 
 def _captured_attributes(base_net: nn.Module, tracer, snapshots=()) -> List[Tuple[str, str]]:
@@ -1376,6 +1399,12 @@ def _structure_change(before: Dict, now: Dict) -> Optional[str]:
             if untied:
                 return (f"the parameters or buffers {', '.join(repr(n) for n in untied[0])} were one tensor at convert "
                         f"(tied) and no longer are (CI reads one of them for all their uses)")
+            continue
+        if kind is _GlobalHooks:
+            if now.get(name, (kind, {}, {}, ()))[3] != hooks:
+                return ("global module forward hooks (register_module_forward_hook, register_module_forward_pre_hook) "
+                        "were added or removed (CI does not call Cp's modules: the hooks present at convert were "
+                        "traced into its ops and still act, later ones would not run)")
             continue
         if kind is _TensorAttribute and now.get(name) != (kind, settings, tensors, hooks):
             module, _, key = name.partition(":")
@@ -3493,7 +3522,7 @@ def _on_groups(node, rule, geoms):
         raise node.fail(f"it is applied to {groups.describe()}; only {_GROUPS_OPS} can follow one: reshape it back to "
                         f"the map (N, C, h, w) first")
     step = step or _CallStep(node)
-    step.aliases = rule in (_rule_transpose, _rule_split, _rule_crop)  # (views of the input)
+    step.aliases = rule in (_rule_transpose, _rule_split, _rule_crop, _rule_unbind)  # (views of the input)
     return step, [_geom_of_groups(groups, s) for s in node.out_shapes]
 
 
@@ -4143,6 +4172,13 @@ def _make_reduce_rule(kind):
         dims = [dim] if isinstance(dim, numbers.Integral) else list(dim)
         keepdim = bool(p.pop("keepdim"))
         (h, w), shape = geom.size, tuple(node.in_shapes[0])
+        if geom.kind == TRANSPOSED and len(shape) == 4 and sorted({d % 4 for d in dims}) == [1, 2] and \
+                kind is not None and p.get("dtype") is None:  # over the positions of (N, h, w, C) (timm's heads
+            # of NHWC maps, x.mean((1, 2))): the map's global pooling, as over the rows of a map
+            step = _PoolRowsStep(node, kind, geom.size, keepdim)
+            step.split_ties = kind in ("max", "min")  # (amax, amin)
+            pooled = geom.with_(size=(1, 1))
+            return step, [pooled if keepdim else _geom_of_shape(pooled.with_(kind=MAP), node.out_shapes[0])]
         if geom.kind == TRANSPOSED:
             return _reduce_transposed(node, geom, dims, keepdim, p.pop(names[0]), p)
         flattened = geom.kind == VIEW and shape[1:] == (geom.channels, h * w) and [d % 3 for d in dims] == [2] or \
@@ -4212,7 +4248,7 @@ def _reduce_transposed(node, geom, dims, keepdim, first, kwargs):
     if any(d % rank == 0 for d in dims):
         raise node.fail("it reduces over the batch of patches")
     if [d % rank for d in dims] != [rank - 1]:
-        pooling = " (a global pooling: transpose back first and reduce over dims (2, 3))" \
+        pooling = " (only mean, sum, amax and amin, without dtype=, pool them globally)" \
             if rank == 4 and sorted(d % 4 for d in dims) == [1, 2] else ""
         raise node.fail(f"it reduces {geom.describe()} over dims {dims}, which mixes positions of the patch; only "
                         f"the channel axis (dim -1 of a transposed map) can be made dense{pooling}")
@@ -4687,6 +4723,33 @@ def _rule_split(node, geoms):
     step = _CallStep(node, args=(p[names[0]], p[names[1]]), kwargs={"dim": dense})
     step.aliases = True  # the parts are views of the input: no in-place op may change one while the input is read
     return step, [geom.with_(channels=_channels_of(geom, shape)) for shape in node.out_shapes]
+
+
+def _unbind_channels(x, dim, back):
+    """The one-channel parts of dense values along their channel axis ``dim``, each keeping that axis (the dense
+    values of ``x.unbind(1)``); ``back``: parts of a transposed map (dim 3), each transposed back to (N, 1, H, W)."""
+    parts = x.split(1, dim)
+    return tuple(part.permute(_FROM_TRANSPOSED) for part in parts) if back else parts
+
+
+@_takes_transposed
+@_rule_for(["unbind"], "the channels one by one (r, g, b = x.unbind(1)): one-channel values of every "
+           "pixel", (torch, torch.Tensor))
+def _rule_unbind(node, geoms):
+    """``x.unbind(1)`` of a map (of a vector of one position, of a (N, C, h*w) reshape; dim -1 of a transposed map):
+    one (N, h, w) value per channel, as ``x[:, c]`` gives (the dense values keep a one-channel axis); along a spatial
+    axis or the batch: refused."""
+    geom = geoms[0]
+    p = node.bind(["input", "dim"], {"dim": 0})
+    dense = _channel_dim(geom, int(p["dim"]), node)
+    transposed = geom.kind == TRANSPOSED
+    step = _CallStep(node, func=_unbind_channels, args=(p["input"], dense, transposed), kwargs={})
+    step.aliases = True  # (views of the input)
+    one = geom.with_(kind=MAP, channels=1) if transposed else geom.with_(channels=1)
+    return step, [_geom_of_shape(one, shape) for shape in node.out_shapes]
+
+
+_rule_unbind.along_channels = True  # (along a group axis of a map with its channels split: see _on_groups)
 
 
 @_takes_transposed
@@ -5677,6 +5740,12 @@ def convert(base_net: nn.Module, patch_size, in_channels: Optional[int] = None, 
                               f"nn.Module in its place (its state_dict loads into it)")
     ph, pw = _pair(patch_size, "patch_size")
     _check_border(border, (None, None), (ph, pw))
+    lazy = [name or "Cp" for name, m in base_net.named_modules()
+            if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise ConversionError(f"Cp has lazy modules whose parameters are not created yet ({', '.join(lazy[:4])}"
+                              f"{', ...' if len(lazy) > 4 else ''}): run Cp once on a batch of patches first "
+                              f"(cp(torch.zeros(1, C, {ph}, {pw}))), which creates them, then convert")
     guessed = in_channels is None
     if guessed:
         in_channels = _infer_in_channels(base_net, (ph, pw))

@@ -1357,6 +1357,49 @@ def test_torch_ci_follows_new_weights_and_refuses_new_ops_of_cp_after_convert(tb
     ci(images)
 
 
+def test_torch_global_module_hooks_added_or_removed_after_convert_are_refused(tb):
+    """A global module forward hook (register_module_forward_hook) runs on Cp's modules like their own hooks: one
+    present at convert is traced into CI's ops and CI stays exact; one added or removed after convert changed Cp
+    but not CI (0.67 off, silently), and is refused when CI runs.  The observers of PyTorch's own tools
+    (FlopCounterMode's module tracker) are not counted."""
+    import torch
+    import torch.nn as nn
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+    from torch.utils.flop_counter import FlopCounterMode
+    FDFE = tb.FDFE
+    torch.manual_seed(0)
+    cp = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 2), nn.Flatten(),
+                       nn.Linear(16, 3)).double().eval()
+    images = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 1, 13, 11)))
+
+    def doubled(module, inputs, output):
+        return output * 2 if isinstance(module, nn.ReLU) else None
+    refused = r"Cp changed after convert: global module forward hooks .* were added or removed"
+    handles = []
+    try:
+        ci = FDFE.convert(cp, 8)
+        handles.append(register_module_forward_hook(doubled))
+        with pytest.raises(FDFE.ConversionError, match=refused):
+            ci(images)
+        ci = FDFE.convert(cp, 8)  # (with the hook: traced into CI's ops)
+        assert max_rel_error(ci(images).detach(), FDFE.dense_reference(cp, images, 8)) <= TOL["float64"]
+        handles.pop().remove()
+        with pytest.raises(FDFE.ConversionError, match=refused):
+            ci(images)
+        ci = FDFE.convert(cp, 8)
+        handles.append(register_module_forward_pre_hook(lambda module, inputs: None))
+        with pytest.raises(FDFE.ConversionError, match=refused):
+            ci(images)
+        handles.pop().remove()
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            out = ci(images)
+        assert counter.get_total_flops() > 0
+        assert max_rel_error(out, FDFE.dense_reference(cp, images, 8)) <= TOL["float64"]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_keras_stateless_call_computes_with_the_values_given(kb):
     """Keras' model.stateless_call runs a model with the variable values it is given (as JAX-style training
     loops do).  Eager CI ran its graph traced before, which read the variables themselves: 7.4 off, silently.
@@ -2173,6 +2216,65 @@ def test_slices_splits_and_indices_of_transposed_maps(tb, kb, tmp_path):
     path = str(tmp_path / "ci.keras")
     ci.save(path)
     np.testing.assert_allclose(keras.models.load_model(path)(images).numpy(), ci(images).numpy(), rtol=0, atol=1e-6)
+
+
+def test_global_pooling_of_transposed_maps(tb, kb):
+    """A global pooling over the positions of a transposed map (PyTorch: the NHWC heads of timm's ConvNeXt and Swin,
+    x.mean((1, 2)); Keras: channels-first code, keras.ops.mean(t, axis=(2, 3))), with or without keepdim, is the
+    map's global pooling: CI equals Cp on every patch (float64), gradients too; it was refused (transpose back
+    first).  Keras float64 CIs whose transposed values were transposed back by a Permute layer (autocast to float32)
+    failed with a raw TypeError."""
+    import keras
+    import tensorflow as tf
+    import torch
+    import torch.nn as nn
+    from test_training import _compare, keras_gradients, torch_gradients
+    torch.manual_seed(7)
+
+    class Head(nn.Module):  # conv stem, a max pooling, then NHWC: Linear, LayerNorm, global poolings, a head
+        def __init__(self):
+            super().__init__()
+            self.conv, self.lin, self.norm, self.fc = nn.Conv2d(2, 6, 3), nn.Linear(6, 5), nn.LayerNorm(5), \
+                nn.Linear(20, 3)
+
+        def forward(self, x):
+            y = self.norm(self.lin(nn.functional.max_pool2d(torch.tanh(self.conv(x)), 2).permute(0, 2, 3, 1)))
+            pooled = [y.mean((1, 2)), y.amax((-3, -2), keepdim=True).flatten(1), torch.sum(y, dim=(2, 1)) * 0.1,
+                      y.amin((1, 2), keepdim=True).permute(0, 3, 1, 2).flatten(1)]
+            return self.fc(torch.cat(pooled, 1))
+    cp = Head().double().eval()
+    _torch_check(tb, cp, (10, 11), 2, size=(13, 9))
+    images = torch.from_numpy(netspec.random_images(2, 2, 12, 9, seed=3).transpose(0, 3, 1, 2))
+    weights = torch.from_numpy(np.random.default_rng(4).standard_normal((2, 3, 12, 9)))
+    _compare(torch_gradients(tb, cp, images, 10, weights, ci=tb.FDFE.convert(cp, 10)),
+             torch_gradients(tb, cp, images, 10, weights), "NHWC global pooling")
+
+    L, ops, d = keras.layers, keras.ops, "float64"
+
+    def pools(t):  # (N, 6, h, w)
+        return ops.concatenate([ops.mean(t, axis=(2, 3)), ops.reshape(ops.max(t, axis=(-2, -1), keepdims=True),
+                                                                      (-1, 6)),
+                                ops.reshape(ops.transpose(tf.reduce_sum(t, [2, 3], keepdims=True), (0, 2, 3, 1)),
+                                            (-1, 6)), ops.min(t, axis=(3, 2))], axis=1)
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((10, 11, 2), dtype=d)
+    x = L.MaxPooling2D(2, dtype=d)(L.Conv2D(6, 3, activation="tanh", dtype=d)(inp))
+    net = keras.Model(inp, L.Dense(3, dtype=d)(L.Lambda(lambda x: pools(ops.transpose(x, (0, 3, 1, 2))),
+                                                        dtype=d)(x)))
+    images = tf.constant(netspec.random_images(2, 2, 13, 9, seed=5))
+    ci = kb.FDFE.convert(net, (10, 11))
+    assert ci(images).dtype == tf.float64
+    assert max_rel_error(ci(images), kb.FDFE.dense_reference(net, images, (10, 11))) <= TOL["float64"]
+    weights = tf.constant(np.random.default_rng(6).standard_normal((2, 13, 9, 3)))
+    _compare(keras_gradients(kb, net, images, (10, 11), weights, ci=ci),
+             keras_gradients(kb, net, images, (10, 11), weights), "NCHW global pooling")
+    for body in (lambda x: ops.transpose(x, (0, 3, 1, 2))[:, 2][..., None] * x,  # (a Permute back: float32)
+                 lambda x: ops.transpose(ops.reshape(ops.max(x, axis=-1), (-1, 1, 4, 4)), (0, 2, 3, 1)) + x):
+        inp = keras.Input((10, 10, 2), dtype=d)
+        x = L.MaxPooling2D(2, dtype=d)(L.Conv2D(6, 3, dtype=d)(inp))
+        net = keras.Model(inp, L.Dense(3, dtype=d)(L.Flatten(dtype=d)(L.Lambda(body, dtype=d)(x))))
+        assert max_rel_error(kb.FDFE.convert(net, 10)(images), kb.FDFE.dense_reference(net, images, 10)) \
+            <= TOL["float64"]
 
 
 def test_maps_with_their_positions_transposed_carry_ops_per_position(tb, kb):

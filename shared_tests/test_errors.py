@@ -199,6 +199,15 @@ def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):
         with pytest.raises(tb.FDFE.ConversionError, match=r"module '0' of Cp is a TorchScript module \(\w+, from "
                            r"torch\.jit\.trace or torch\.jit\.script\).*put the original nn\.Module in its place"):
             tb.FDFE.convert(nn.Sequential(scripted, nn.Flatten()), 5)  # (was a message about hooks, or the next op)
+    lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.LazyLinear(3))
+    with pytest.raises(tb.FDFE.ConversionError, match=r"Cp has lazy modules whose parameters are not created yet "
+                                                      r"\(0, 4\): run Cp once on a batch of patches first "
+                                                      r"\(cp\(torch\.zeros\(1, C, 8, 8\)\)\)"):
+        tb.FDFE.convert(lazy, 8, in_channels=2)  # (was "running Cp on a batch of 2x8x8 patches failed")
+    lazy(torch.randn(2, 2, 8, 8))
+    images = torch.randn(1, 2, 11, 9)
+    with torch.no_grad():
+        assert (tb.FDFE.convert(lazy, 8)(images) - tb.FDFE.dense_reference(lazy, images, 8)).abs().max() < 1e-5
 
     def grows_its_bias(self, x):  # a forward that changes its own parameter: CI would repeat it at every call
         self.layers[0].bias.add_(1.0)
@@ -629,8 +638,8 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
                    r"map \(3x3x4\) without keepdim=True",
                    forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1).mean(-1).flatten(1))
     _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.mean" + after + r"it reduces a transposed map \(3x3x4\) "
-                   r"over dims \[1, 2\], which mixes positions of the patch",
-                   forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1).mean((1, 2), keepdim=True).flatten(1))
+                   r"over dims \[1\], which mixes positions of the patch",
+                   forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1).mean(1, keepdim=True).flatten(1))
     _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"^[^\n]*Tensor\.softmax" + after + r"it works along dim 1 of a "
                    r"transposed map \(3x3x4\), which mixes positions of the patch[^\n]*$",
                    forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1).softmax(1).permute(0, 3, 1, 2)
@@ -649,10 +658,10 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
                    forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1)[:, 0].flatten(1))
     _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.mean" + after + r"it reduces over the batch of patches",
                    forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1).mean(0, keepdim=True).flatten(1))
-    _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.amax" + after + r"it reduces a transposed map \(3x3x4\) "
-                   r"over dims \[1, 2\], which mixes positions of the patch;.*\(a global pooling: transpose back first "
-                   r"and reduce over dims \(2, 3\)\)", forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1)
-                   .amax((1, 2)))
+    _torch_refusal(tb, [nn.Conv2d(1, 4, 3)], 5, r"Tensor\.std" + after + r"it reduces a transposed map \(3x3x4\) "
+                   r"over dims \[1, 2\], which mixes positions of the patch;.*\(only mean, sum, amax and amin, without "
+                   r"dtype=, pool them globally\)", forward=lambda self, x: self.layers[0](x).permute(0, 2, 3, 1)
+                   .std((1, 2)))
     _torch_refusal(tb, [nn.Conv2d(1, 3, 3)], 5, r"^[^\n]*Tensor\.add" + after + r"it combines a 3x3x3 map with a "
                    r"transposed map \(3x3x3\); one holds the channels of every position "
                    r"where a transpose moved them and the other does not[^\n]*$",
@@ -708,9 +717,9 @@ def test_transposed_maps_refuse_what_is_not_per_position_along_their_channels(tb
                    r"value of "
                    r"shape \[3\], which differs per position of the patch[^\n]*$")
     _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)),
-                        L.Lambda(lambda t: keras.ops.mean(t, axis=(2, 3), keepdims=True)), L.Flatten()], 5,
-                   r"\(Mean, created at.*it reduces a transposed map \(4x3x3\) over axes \[2, 3\], which mixes "
-                   r"positions of the patch \(a global pooling: transpose back first")
+                        L.Lambda(lambda t: keras.ops.prod(t, axis=(2, 3), keepdims=True)), L.Flatten()], 5,
+                   r"\(Prod, created at.*it reduces a transposed map \(4x3x3\) over its positions with Prod; only "
+                   r"mean, max, min and sum over positions \(global pooling\) can be made dense")
     _keras_refusal(kb, [L.Conv2D(4, 3), L.Permute((3, 1, 2)), L.Lambda(lambda t: keras.ops.mean(t, axis=1)),
                         L.Flatten()], 5, r"\(Mean, created at.*it reduces the channels of a transposed map \(4x3x3\) "
                    r"without keepdims=True")

@@ -1,10 +1,10 @@
 """Keras: ops that order or accumulate the channels of each pixel (keras.ops.cumsum, cumprod,
-tf.math.cumulative_logsumexp, keras.ops.sort, argsort, top_k, median, quantile) and a channel picked by a scalar
-index (tf.gather(x, 3, axis=-1), keras.ops.take).  Along the channel axis they act per pixel (of a map, a vector of
-one position, (N, h*w, C) rows, a transposed map, or a group axis of a map split into groups); convert() refused
-them (unknown ops, or a false "moves values between patches").  CI equals Cp on every patch: float32 within
-TOL["float32"] = 1e-5 of the largest |Cp|, float64 within 1e-10; gradients too.  Along a position axis: refused,
-naming why."""
+tf.math.cumulative_logsumexp, keras.ops.sort, argsort, top_k, median, quantile), a channel picked by a scalar
+index (tf.gather(x, 3, axis=-1), keras.ops.take), and the channels one by one (keras.ops.unstack(x, axis=-1)).
+Along the channel axis they act per pixel (of a map, a vector of one position, (N, h*w, C) rows, a transposed map,
+or a group axis of a map split into groups); convert() refused them (unknown ops, or a false "moves values between
+patches").  CI equals Cp on every patch: float32 within TOL["float32"] = 1e-5 of the largest |Cp|, float64 within
+1e-10; gradients too.  Along a position axis: refused, naming why."""
 
 import numpy as np
 import pytest
@@ -78,9 +78,18 @@ def _groups(x):  # along the last group axis of (N, h, w, 2, 4): cumsum, top_k, 
     return ops.reshape(parts[..., 3:7], (-1,) + tuple(x.shape[1:3]) + (8,)) * ops.concatenate([second, second], -1)
 
 
+def _unstack(x):  # the channels one by one: of the map, of a transposed map, of (N, h, w, 2, 4) groups
+    ops, tf = _ops()
+    channels = ops.unstack(x, axis=-1)
+    t = tf.unstack(ops.transpose(x, (0, 3, 1, 2)), axis=1)
+    a, b = ops.unstack(ops.reshape(x, (-1,) + tuple(x.shape[1:3]) + (2, 4)), axis=3)
+    return ops.stack([channels[3] * t[1], channels[0] + t[7]] + list(channels[2:]), axis=-1) \
+        * ops.concatenate([a, b * b], -1)
+
+
 BODIES = {"cumulative": _cumulative, "sorts": _sorts, "median_quantile": _median_quantile,
           "scalar_gather": _scalar_gather, "rows_sort": _rows_sort, "transposed_cumsum": _transposed_cumsum,
-          "groups": _groups}
+          "groups": _groups, "unstack": _unstack}
 
 
 @pytest.mark.parametrize("name", list(BODIES))
@@ -127,7 +136,7 @@ def test_keras_order_ops_save_load_and_export(kb, tmp_path):
     net = _net(lambda x: _sorts(x) + _cumulative(x)[..., :8], (10, 10), seed=6)
     ci = kb.FDFE.convert(net, 10)
     ci.save(str(tmp_path / "ci.keras"))
-    loaded = keras.models.load_model(str(tmp_path / "ci.keras"), safe_mode=False)
+    loaded = keras.models.load_model(str(tmp_path / "ci.keras"))
     ci.export(str(tmp_path / "exported"), verbose=False)
     served = tf.saved_model.load(str(tmp_path / "exported"))
     for n, h, w in [(1, 17, 9), (3, 8, 15)]:
@@ -146,6 +155,8 @@ REFUSALS = {
     "top_k along a position axis of groups": (
         lambda x: _ops()[0].reshape(_ops()[0].top_k(_ops()[0].reshape(x, (-1, 4, 2, 4, 4)), 4)[0], (-1, 4, 4, 8)),
         "TopKV2.*mixes positions of the patch"),
+    "unstack along positions": (lambda x: _ops()[0].stack(_ops()[0].unstack(x, axis=2), axis=-1)[..., 0],
+                                "Unpack.*along axis 2, which mixes positions of the patch"),
 }
 
 
@@ -158,4 +169,4 @@ def test_keras_order_ops_along_positions_are_refused(kb, name):
 
 def test_keras_order_ops_are_listed(kb):
     listed = {name for names in kb.FDFE.supported_layers().values() for name in names}
-    assert {f"tf.raw_ops.{op}" for op in ("Cumsum", "Cumprod", "CumulativeLogsumexp", "TopKV2")} <= listed
+    assert {f"tf.raw_ops.{op}" for op in ("Cumsum", "Cumprod", "CumulativeLogsumexp", "TopKV2", "Unpack")} <= listed

@@ -1,6 +1,7 @@
 """PyTorch: ops that order or accumulate the channels of each pixel (cumsum, cumprod, logcumsumexp, cummax, cummin,
 sort, argsort, topk) and reductions over them (prod, nansum, nanmean, any, all, aminmax, median, nanmedian, mode,
-kthvalue, quantile, nanquantile).  Along the channel axis they act per pixel (of a map, a vector of one position, a
+kthvalue, quantile, nanquantile), and the channels one by one (r, g, b = x.unbind(1)).  Along the channel axis they
+act per pixel (of a map, a vector of one position, a
 transposed map, or a group axis of a map split into groups); convert() refused them as unknown ops.  CI equals Cp on
 every patch: float64 within TOL["float64"] = 1e-10 of the largest |Cp|, float32 within 1e-5; gradients too.  Along
 a position axis, over the whole tensor, or several quantiles at once: refused, naming why."""
@@ -55,6 +56,10 @@ ELSEWHERE = {  # the same kinds of op on other values whose channels they order
     "groups_topk": ("map", lambda y: y.unflatten(1, (2, 4)).topk(4, dim=2)[0].flatten(1, 2)),
     "groups_sort": ("map", lambda y: torch.sort(y.unflatten(1, (2, 4)), dim=1)[0].flatten(1, 2)),
     "sort_topk_cumsum": ("map", lambda y: torch.cat([y.sort(1)[0][:, :3], y.topk(3, 1)[0], y.cumsum(1)[:, :2]], 1)),
+    "unbind": ("map", lambda y: torch.stack(y.unbind(1)[::-1], 1) * sum(torch.unbind(y, dim=-3))[:, None]),
+    "vector_unbind": ("vector", lambda v: torch.stack([a * b for a, b in zip(v.unbind(1), v.unbind(-1)[1:])], 1)),
+    "transposed_unbind": ("map", lambda y: torch.stack(y.permute(0, 2, 3, 1).unbind(-1)[1:] + (y[:, 0],), 1)),
+    "groups_unbind": ("map", lambda y: torch.cat(y.unflatten(1, (2, 4)).unbind(1), 1)),
     "groups_median_quantile": ("map", lambda y: torch.cat([y.unflatten(1, (4, 2)).median(1).values,
                                                            y.unflatten(1, (2, 4)).quantile(0.25, 2),
                                                            y[:, :4]], 1)),
@@ -73,7 +78,8 @@ class OrderCp(torch.nn.Module):
         self.conv1, self.pool, self.conv2 = nn.Conv2d(3, 6, 3), nn.MaxPool2d(2), nn.Conv2d(6, 8, 2)
         size = (patch[0] - 2) // 2 - 1, (patch[1] - 2) // 2 - 1
         self.fc = nn.Linear(8 * size[0] * size[1], 6 if self.where == "vector" else 5)
-        self.head = nn.Linear(8 if op_name == "vector_topk" else 6, 5) if self.where == "vector" else None
+        self.head = nn.Linear({"vector_topk": 8, "vector_unbind": 5}.get(op_name, 6), 5) if self.where == "vector" \
+            else None
 
     def forward(self, x):
         op = ELSEWHERE[self.op_name][1] if self.op_name in ELSEWHERE else ORDER_OPS[self.op_name]
@@ -166,6 +172,8 @@ def test_order_ops_copy_pickle_and_export(tb, tmp_path):
     (lambda y: y - y.median(2, keepdim=True)[0].median(3, keepdim=True)[0], ["Tensor.median", "over one spatial "
                                                                              "axis"]),
     (lambda y: y.unflatten(1, (2, 4)).sort(-1)[0].flatten(1, 2), ["Tensor.sort", "position axis"]),
+    (lambda y: torch.stack(y.unbind(2), 2), ["Tensor.unbind", "dim 2", "mixes positions"]),
+    (lambda y: torch.stack(y.unbind(), 0), ["Tensor.unbind", "dim 0, the batch of patches"]),
 ])
 def test_order_ops_along_positions_are_refused_by_name(tb, op, says):
     class Cp(torch.nn.Module):
@@ -186,4 +194,4 @@ def test_order_ops_are_listed(tb):
     listed = {name for names in tb.FDFE.supported_layers().values() for name in names}
     assert {"cumsum", "cumprod", "logcumsumexp", "cummax", "cummin", "sort", "argsort", "topk", "prod", "nansum",
             "nanmean", "any", "all", "aminmax", "median", "nanmedian", "mode", "kthvalue", "quantile",
-            "nanquantile"} <= listed
+            "nanquantile", "unbind"} <= listed

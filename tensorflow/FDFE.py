@@ -3252,6 +3252,12 @@ class _FlattenOutput(_Layer):
         return {**super().get_config(), "size": list(self.size)}
 
 
+def _transposer(perm):
+    """A layer that transposes dense values by ``perm`` in their own dtype (keras.layers.Permute autocasts to the
+    default float32 policy: a float64 CI would lose its precision)."""
+    return _TFOp("Transpose", {"x": {"input": 0}, "perm": {"const": list(perm), "dtype": "int32"}}, {})
+
+
 @_register
 class _TFOp(_Layer):
     """A TensorFlow op of Cp's call() applied to dense values: the same op, with the same constants and
@@ -3988,6 +3994,20 @@ def _global_pool_of_rows(call, geom, kind):
                                                         call.out_shapes[0])]
 
 
+def _global_pool_of_transposed(call, geom, kind):
+    """Global ``kind`` pooling over the positions of a transposed map (N, C, h, w) (axes 2, 3): the map's global
+    pooling of the dense values transposed back (a stride-1 reduction over windows of its size), transposed again
+    where the op keeps the axes (a transposed 1x1 map); without them, the (N, C) vector of one position."""
+    layer = _WindowReduce(kind, geom.size)
+    to_map = _transposer((0, 2, 3, 1))
+    if call.attrs.get("keep_dims", ["bool", False])[1]:
+        back = _transposer((0, 3, 1, 2))
+        return (lambda xs: [back(layer(to_map(xs[0])))]), [geom.with_(size=(1, 1))]
+    pooled = geom.with_(kind=MAP, size=(1, 1))
+    return (lambda xs: [layer(to_map(xs[0]))]), [_reshaped_geom(call, pooled, (call.in_shapes[0][0], 1, 1,
+                                                                                geom.channels), call.out_shapes[0])]
+
+
 def _make_global_pool_rows_rule(kind):
     def rule(call, geoms):
         geom, src = geoms[0], tuple(call.in_shapes[0])
@@ -4059,7 +4079,7 @@ def _reshaped(call, geom, src, dst):
     (h, w), c = geom.size, geom.channels
     if dst != src and geom.kind != TRANSPOSED and not geom.guessed and (c == 1 or (h, w) == (1, 1)) and \
             dst == (src[0], c, h, w) != (src[0], h, w, c):
-        transpose = keras.layers.Permute((3, 1, 2))
+        transpose = _transposer((0, 3, 1, 2))
         return (lambda xs: [transpose(xs[0])]), [geom.with_(kind=TRANSPOSED)]
     groups = _split_channels(geom, src, dst)
     if groups is not None:  # (N, h, w, g1, ..., gk): the channels of every position split into groups
@@ -4796,7 +4816,7 @@ def _rule_slice_op(call, geoms):
     run, outs = _slice_of(call, geom, src, dst, picked)
     if not transposed:
         return run, outs
-    back = keras.layers.Permute((2, 3, 1))
+    back = _transposer((0, 2, 3, 1))
     return (lambda xs: run([back(xs[0])])), outs
 
 
@@ -4899,6 +4919,31 @@ def _rule_split_op(call, geoms):
                         f"vector of one position can be made dense")
     args = dict(call.args, axis={"const": -1, "dtype": call.args["axis"]["dtype"]})
     return _op_runner(call, args), [geom.with_(channels=shape[-1]) for shape in call.out_shapes]
+
+
+@_takes_transposed
+@_op_rule_for("Unpack", label="TensorFlow unstacks of the channels in call() (r, g, b = keras.ops.unstack(x, axis=-1), "
+                               "tf.unstack; axis 1 of a transposed map): one-channel values of every pixel")
+def _rule_unstack_op(call, geoms):
+    """``keras.ops.unstack(x, axis=-1)`` of a map (of a vector of one position, of (N, h*w, C) rows; axis 1 of a
+    transposed map): one (N, h, w) value per channel, as ``x[..., c]`` gives; the dense values are split into
+    one-channel maps (N, H, W, 1).  Along a position axis or the batch: refused."""
+    geom, src = geoms[0], tuple(call.in_shapes[0])
+    axis, parts = int(call.attrs["axis"][1]), len(call.out_shapes)
+    split = _TFOp("Split", {"axis": {"const": 1 if geom.kind == TRANSPOSED else -1, "dtype": "int32"},
+                            "value": {"input": 0}}, {"num_split": ["int", parts]}, name=_op_layer_name(call))
+    if geom.kind == TRANSPOSED:
+        _along_transposed_channels(call, geom, axis, None)
+        back = _transposer((0, 2, 3, 1))
+        one = geom.with_(kind=MAP, channels=1)  # (the (N, h, w) of one channel: the map's values)
+        return (lambda xs: [back(part) for part in split(xs[0])]), \
+            [_reshaped_geom(call, one, (src[0],) + one.size + (1,), out) for out in call.out_shapes]
+    if axis % len(src) != len(src) - 1 or not _per_channel(geom, src):
+        why = "splits the batch of patches" if axis % len(src) == 0 else "mixes positions of the patch"
+        raise call.fail(f"it unstacks {geom.describe()} along axis {axis}, which {why}; only the channel axis (-1) "
+                        f"can be made dense")
+    return (lambda xs: list(split(xs[0]))), [_reshaped_geom(call, geom.with_(channels=1), src[:-1] + (1,), out)
+                                              for out in call.out_shapes]
 
 
 @_takes_swapped
@@ -5011,9 +5056,12 @@ def _rule_reduce_op(call, geoms):
         if not call.attrs.get("keep_dims", ["bool", False])[1] and axes == [1]:
             raise call.fail(f"it reduces the channels of {geom.describe()} without keepdims=True; CI keeps a "
                             f"transposed map's channel axis: pass keepdims=True (or transpose back first)")
-        if axes == [2, 3]:
-            raise call.fail(f"it reduces {geom.describe()} over axes {axes}, which mixes positions of the patch (a "
-                            f"global pooling: transpose back first and reduce over axes (1, 2))")
+        if axes == [2, 3]:  # over the positions of (N, C, h, w) (channels-first code): the map's global pooling
+            kind = _REDUCTIONS[call.type]
+            if kind is None:
+                raise call.fail(f"it reduces {geom.describe()} over its positions with {call.type}; only mean, max, "
+                                f"min and sum over positions (global pooling) can be made dense")
+            return _global_pool_of_transposed(call, geom, kind)
         return _along_transposed_channels(call, geom, axes, _op_runner(call), channels=1)
 
     def per_pixel():  # the op itself over the channel axis, keeping it (dense values stay 4-D)
@@ -5376,6 +5424,20 @@ def _groups_stack_op(call, geoms):
         raise call.fail(f"it stacks {first.describe()} along axis {axis}, which puts values between positions of the "
                         f"patch (or patches); only a stack along a new axis after the positions can be made dense")
     return _op_runner(call), [first.with_(groups=out[3:])]
+
+
+@_groups_rule_for("Unpack")
+def _groups_unstack_op(call, geoms):
+    """keras.ops.unstack / tf.unstack of a map split into groups along a group axis: the same op; each part is a map
+    split into groups, or a map where one group axis is left."""
+    geom, src = geoms[0], tuple(call.in_shapes[0])
+    axis = int(call.attrs["axis"][1]) % len(src)
+    if axis < 3:
+        raise call.fail(f"it unstacks {geom.describe()} along axis {axis}, which mixes positions of the patch (or "
+                        f"patches); only its group axes ({', '.join(str(a) for a in range(3, len(src)))}) can be made "
+                        f"dense")
+    return _op_runner(call), [geom.with_(groups=out[3:]) if len(out) >= 5 else geom.with_(kind=MAP, channels=out[3])
+                              for out in map(tuple, call.out_shapes)]
 
 
 @_groups_rule_for("StridedSlice", "Slice")
@@ -6184,7 +6246,7 @@ def _apply_rules(calls, geoms, values):
         if problems:  # CI will not be built: later layers only report their own problems
             geoms.update(zip(call.out_slots, out_geoms))
             continue
-        inputs = [keras.layers.Permute((2, 3, 1))(values[s]) if i in back else values[s]
+        inputs = [_transposer((0, 2, 3, 1))(values[s]) if i in back else values[s]
                   for i, s in enumerate(call.in_slots)]
         outs = run(inputs if call.is_op else [_cast_as_layer_input(call.layer, x) for x in inputs])
         if len(out_geoms) != len(call.out_slots) or len(outs) != len(call.out_slots):
