@@ -598,6 +598,10 @@ def _merge_grids(op, geoms):
 # generator (shared_tests/netspec.py).
 
 _RULES = {}           # key (a function or a layer class) -> rule
+_SPECIAL_ELEMENTWISE = [n for n in ("expit", "logit", "erf", "erfc", "erfinv", "expm1", "exp2", "log1p", "sinc",
+                                    "xlogy", "xlog1py", "ndtr", "ndtri", "log_ndtr", "i0", "i0e", "i1", "i1e",
+                                    "gammaln", "digamma", "psi", "entr", "round")
+                        if callable(getattr(torch.special, n, None))]  # (torch.special's element-wise functions)
 _SUPPORTED = {}       # label -> names of the supported ops or layers of that label
 
 
@@ -3757,11 +3761,19 @@ def _padding_of(p, kernel=None):
             "__pow__", "__rpow__", "__neg__", "__abs__", "rsub", "gt", "lt", "ge", "le", "eq", "ne", "greater",
             "less", "greater_equal", "less_equal", "not_equal", "__gt__", "__lt__", "__ge__", "__le__", "__eq__",
             "__ne__", "logical_and", "logical_or", "logical_xor", "logical_not", "__and__", "__or__", "__xor__",
-            "__invert__", "isnan", "isinf", "isfinite", "nan_to_num", "zeros_like", "ones_like", "full_like"],
+            "__invert__", "isnan", "isinf", "isfinite", "nan_to_num", "zeros_like", "ones_like", "full_like",
+            "masked_fill", "masked_fill_", "addcmul", "addcmul_", "addcdiv", "addcdiv_", "lerp", "lerp_", "hypot",
+            "atan2", "arctan2", "fmod", "fmod_", "remainder", "remainder_", "floor_divide", "floor_divide_",
+            "__floordiv__", "__rfloordiv__", "__ifloordiv__", "__mod__", "__rmod__", "__imod__", "tan", "asin", "acos",
+            "sinh", "cosh", "asinh", "acosh", "atanh", "arcsin", "arccos", "arctan", "arcsinh", "arccosh", "arctanh",
+            "exp2", "log2", "log10", "logit", "xlogy", "copysign", "frac", "sinc", "erfc", "erfinv", "lgamma",
+            "digamma", "heaviside", "fmax", "fmin", "float_power", "positive", "negative", "multiply", "divide",
+            "subtract", "absolute", "fix", "deg2rad", "rad2deg", "signbit", "sgn", "logaddexp", "logaddexp2",
+            "square_", "clamp_min_", "clamp_max_"],
            "element-wise functions, arithmetic, comparisons and casts (applied per pixel)")
 def _rule_elementwise(node, geoms):
-    """Element-wise functions (activations, arithmetic, casts): applied unchanged (values of streams
-    that pooled differently are unwarped first, see _merge_grids)."""
+    """Element-wise functions (activations, arithmetic, casts; torch.special's too): applied unchanged (values of
+    streams that pooled differently are unwarped first, see _merge_grids)."""
     geom, unwarps = _merge_grids(node, geoms)
     args = _map_structure(node.args, lambda v: _constant_for(geom, v, node))
     kwargs = _map_structure(node.kwargs, lambda v: _constant_for(geom, v, node))
@@ -3772,6 +3784,11 @@ def _rule_elementwise(node, geoms):
     if node.in_shapes[0] != node.out_shapes[0]:  # a one-channel value first (g * x): C channels out
         geom = geom.with_(channels=_channels_of(geom, node.out_shapes[0]))
     return _aligned(_CallStep(node, args=args, kwargs=kwargs), unwarps), [geom] * len(node.out_slots)
+
+
+_register_rule(_rule_elementwise, [getattr(torch.special, n) for n in _SPECIAL_ELEMENTWISE],
+               [f"special.{n}" for n in _SPECIAL_ELEMENTWISE],
+               "element-wise functions, arithmetic, comparisons and casts (applied per pixel)")
 
 
 class _AlignedStep(_Step):
@@ -4719,10 +4736,40 @@ def _rule_split(node, geoms):
     names = {"split": ["tensor", "split_size_or_sections", "dim"], "chunk": ["input", "chunks", "dim"],
              "tensor_split": ["input", "indices_or_sections", "dim"]}[node.name.split(".")[-1]]
     p = node.bind(names, {"dim": 0})
+    if geom.kind == MAP and len(node.in_shapes[0]) == 4 and int(p[names[2]]) % 4 in (2, 3):
+        return _split_positions(node, geom, int(p[names[2]]) % 4)
     dense = _channel_dim(geom, int(p[names[2]]), node)
     step = _CallStep(node, args=(p[names[0]], p[names[1]]), kwargs={"dim": dense})
     step.aliases = True  # the parts are views of the input: no in-place op may change one while the input is read
     return step, [geom.with_(channels=_channels_of(geom, shape)) for shape in node.out_shapes]
+
+
+class _SplitPositionsStep(_Step):
+    """A split of the patch-level map into bands of rows (or columns): each band a crop, on the dense tensor the
+    same rows (a translation of the dense map, see _CropStep)."""
+    aliases = True
+
+    def __init__(self, node, dim, bounds):
+        """``dim``: 2 (rows) or 3 (columns); ``bounds``: for each part, (first, last + 1) along it of the map."""
+        super().__init__(node.in_slots[:1], node.out_slots, f"split(dim={dim}, parts={bounds})")
+        self.dim, self.bounds, self.size = dim, bounds, bounds[-1][1]
+
+    def run(self, values, net, overwrite=False):
+        x = values[0]
+        extent = x.shape[self.dim]
+        return [x.narrow(self.dim, a, extent - (self.size - b) - a) for a, b in self.bounds]
+
+
+def _split_positions(node, geom, dim):
+    """``torch.split`` / ``chunk`` / ``tensor_split`` of a map along a spatial axis: each part a crop of the map
+    (bands of rows or columns), exact as crops are."""
+    sizes = [int(shape[dim]) for shape in node.out_shapes]
+    if 0 in sizes:
+        raise node.fail(f"it splits {geom.describe()} into parts of sizes {sizes} along dim {dim}, one of them empty")
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    bounds = [(a, a + n) for a, n in zip(starts, sizes)]
+    h, w = geom.size
+    return _SplitPositionsStep(node, dim, bounds), [geom.with_(size=(n, w) if dim == 2 else (h, n)) for n in sizes]
 
 
 def _unbind_channels(x, dim, back):

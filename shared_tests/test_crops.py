@@ -360,3 +360,67 @@ def test_torch_negative_padding_is_a_crop(tb):
         assert max_rel_error(ci(images), tb.FDFE.dense_reference(net, images, (7, 9))) <= TOL["float64"]
     with pytest.raises(tb.FDFE.ConversionError, match=r"F\.pad cannot be made dense exactly: it pads an activation"):
         tb.FDFE.convert(PositivePad().double(), (7, 9))
+
+
+def _band_ops(kind):
+    """Bands of rows and columns of a 5x5 map (split, chunk, tensor_split; tf.split, keras.ops.split), each pooled
+    (two of them cropped and added first): (N, 32) per patch."""
+    if kind == "torch":
+        import torch
+        return lambda y: torch.cat([p.amax((2, 3)) for p in y.split([2, 3], dim=2)]
+                                   + [p.mean((2, 3)) for p in y.chunk(2, -1)]
+                                   + [p.mean((2, 3)) for p in torch.tensor_split(y, [1, 3], dim=-1)]
+                                   + [sum(p[:, :, :2] for p in y.split(2, 2)[:2]).mean((2, 3))], 1)
+    import keras
+    import tensorflow as tf
+    ops = keras.ops
+    return lambda y: ops.concatenate([ops.max(p, axis=(1, 2)) for p in tf.split(y, [2, 3], axis=1)]
+                                     + [ops.mean(p, axis=(1, 2)) for p in ops.split(y, 5, axis=2)]
+                                     + [ops.mean(sum(p[:, :2] for p in tf.split(y, [2, 2, 1], axis=-3)[:2]),
+                                                 axis=(1, 2))], -1)
+
+
+def test_splits_into_bands_of_rows_or_columns_are_crops_in_both_backends(tb, kb):
+    """A split of a map along a spatial axis (torch.split / chunk / tensor_split along dim 2 or 3; tf.split /
+    keras.ops.split along axis 1 or 2) gives crops of the map: CI equals Cp on every patch (float64), also tiled
+    and at a step, and its gradients too; it was refused as "mixes positions of the patch"."""
+    import keras
+    import tensorflow as tf
+    import torch
+    import torch.nn as nn
+    from test_training import _compare, keras_gradients, torch_gradients
+
+    class Bands(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.head = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 2), nn.Linear(32, 3)
+            self.bands = _band_ops("torch")
+
+        def forward(self, x):
+            return self.head(self.bands(self.conv2(nn.functional.max_pool2d(torch.tanh(self.conv1(x)), 2))))
+    torch.manual_seed(3)
+    cp = Bands().double().eval()
+    images = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 2, 15, 13)))
+    ref = tb.FDFE.dense_reference(cp, images, 14)
+    for options in ({}, {"tile": (6, 5)}, {"output_stride": (2, 3)}):
+        ci = tb.FDFE.convert(cp, 14, **options)
+        want = ref[..., ::2, ::3] if options.get("output_stride") else ref
+        assert max_rel_error(ci(images).detach(), want) <= TOL["float64"], options
+    weights = torch.from_numpy(np.random.default_rng(2).standard_normal((2, 3, 15, 13)))
+    _compare(torch_gradients(tb, cp, images, 14, weights, ci=tb.FDFE.convert(cp, 14)),
+             torch_gradients(tb, cp, images, 14, weights), "bands")
+
+    L, d = keras.layers, "float64"
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((14, 14, 2), dtype=d)
+    x = L.Conv2D(4, 2, dtype=d)(L.MaxPooling2D(2, dtype=d)(L.Conv2D(4, 3, activation="tanh", dtype=d)(inp)))
+    net = keras.Model(inp, L.Dense(3, dtype=d)(L.Lambda(_band_ops("keras"), dtype=d)(x)))
+    images = tf.constant(np.random.default_rng(1).standard_normal((2, 15, 13, 2)))
+    ref = kb.FDFE.dense_reference(net, images, 14)
+    for options in ({}, {"tile": (6, 5)}, {"output_stride": (2, 3)}):
+        ci = kb.FDFE.convert(net, 14, **options)
+        want = ref[:, ::2, ::3] if options.get("output_stride") else ref
+        assert max_rel_error(ci(images), want) <= TOL["float64"], options
+    weights = tf.constant(np.random.default_rng(2).standard_normal((2, 15, 13, 3)))
+    _compare(keras_gradients(kb, net, images, 14, weights, ci=kb.FDFE.convert(net, 14)),
+             keras_gradients(kb, net, images, 14, weights), "bands")

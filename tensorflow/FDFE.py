@@ -4377,10 +4377,12 @@ _ELEMENTWISE_OPS = (
     "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Softplus", "Softsign", "Sigmoid", "Tanh", "Abs", "Neg", "Sign",
     "Square", "Sqrt", "Rsqrt", "Reciprocal", "Inv", "Exp", "Expm1", "Log", "Log1p", "Erf", "Erfc", "Floor", "Ceil",
     "Round", "Rint", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh",
-    "IsNan", "IsInf", "IsFinite", "LogicalNot", "Cast", "StopGradient", "PreventGradient",
+    "IsNan", "IsInf", "IsFinite", "LogicalNot", "Cast", "StopGradient", "PreventGradient", "Lgamma", "Digamma",
+    "Erfinv", "Ndtri", "BesselI0e", "BesselI1e",
     # arithmetic and comparisons of values on one grid and of constants
     "AddV2", "Add", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "MulNoNan", "FloorDiv", "FloorMod", "TruncateDiv",
-    "Maximum", "Minimum", "Pow", "SquaredDifference", "Atan2", "Xdivy", "Xlogy", "BiasAdd", "ClipByValue",
+    "Maximum", "Minimum", "Pow", "SquaredDifference", "Atan2", "Xdivy", "Xlogy", "Xlog1py", "TruncateMod",
+    "NextAfter", "BiasAdd", "ClipByValue",
     "Greater", "GreaterEqual", "Less", "LessEqual", "Equal", "NotEqual", "LogicalAnd", "LogicalOr",
     "Select", "SelectV2", "AddN",
     # bits (keras.ops.argmax tests the sign bit of zeros): a Bitcast between types of one width keeps the shape
@@ -4914,9 +4916,22 @@ def _rule_split_op(call, geoms):
     if geom.kind == TRANSPOSED:
         run, _ = _along_transposed_channels(call, geom, _constant_axis(call, axis), _op_runner(call))
         return run, [geom.with_(channels=shape[1]) for shape in call.out_shapes]
+    if axis is not None and geom.kind == MAP and rank == 4 and int(axis) % 4 in (1, 2):  # bands of rows or
+        # columns: each a crop of the map
+        axis, (h, w), c = int(axis) % 4, geom.size, geom.channels
+        sizes = [int(shape[axis]) for shape in call.out_shapes]
+        if 0 in sizes:
+            raise call.fail(f"it splits {geom.describe()} along axis {axis} into parts of sizes {sizes}, one of them "
+                            f"empty")
+        extent, runs, out = (h, w)[axis - 1], [], []
+        for start, n in zip([sum(sizes[:i]) for i in range(len(sizes))], sizes):
+            box = (start, extent - start - n, 0, 0) if axis == 1 else (0, 0, start, extent - start - n)
+            runs.append(_crop_runner(*box, 0, c, c))
+            out.append(geom.with_(size=(n, w) if axis == 1 else (h, n)))
+        return (lambda xs: [run(xs)[0] for run in runs]), out
     if axis is None or int(axis) % rank != rank - 1 or not _per_channel(geom, call.in_shapes[0]):
         raise call.fail(f"it splits {geom.describe()} along axis {axis}; only the channel axis (-1) of a map or of a "
-                        f"vector of one position can be made dense")
+                        f"vector of one position, or the rows or columns of a map (crops), can be made dense")
     args = dict(call.args, axis={"const": -1, "dtype": call.args["axis"]["dtype"]})
     return _op_runner(call, args), [geom.with_(channels=shape[-1]) for shape in call.out_shapes]
 
