@@ -598,10 +598,6 @@ def _merge_grids(op, geoms):
 # generator (shared_tests/netspec.py).
 
 _RULES = {}           # key (a function or a layer class) -> rule
-_SPECIAL_ELEMENTWISE = [n for n in ("expit", "logit", "erf", "erfc", "erfinv", "expm1", "exp2", "log1p", "sinc",
-                                    "xlogy", "xlog1py", "ndtr", "ndtri", "log_ndtr", "i0", "i0e", "i1", "i1e",
-                                    "gammaln", "digamma", "psi", "entr", "round")
-                        if callable(getattr(torch.special, n, None))]  # (torch.special's element-wise functions)
 _SUPPORTED = {}       # label -> names of the supported ops or layers of that label
 
 
@@ -3786,6 +3782,10 @@ def _rule_elementwise(node, geoms):
     return _aligned(_CallStep(node, args=args, kwargs=kwargs), unwarps), [geom] * len(node.out_slots)
 
 
+_SPECIAL_ELEMENTWISE = [n for n in ("expit", "logit", "erf", "erfc", "erfinv", "expm1", "exp2", "log1p", "sinc",
+                                    "xlogy", "xlog1py", "ndtr", "ndtri", "log_ndtr", "i0", "i0e", "i1", "i1e",
+                                    "gammaln", "digamma", "psi", "entr", "round")
+                        if callable(getattr(torch.special, n, None))]  # (torch.special's element-wise functions)
 _register_rule(_rule_elementwise, [getattr(torch.special, n) for n in _SPECIAL_ELEMENTWISE],
                [f"special.{n}" for n in _SPECIAL_ELEMENTWISE],
                "element-wise functions, arithmetic, comparisons and casts (applied per pixel)")
