@@ -306,6 +306,16 @@ def test_keras_refuses_unknown_tensorflow_ops_between_layers(kb):
                                                       r"test_errors.py:\d+\) is not supported by convert\(\) "
                                                       r"\(unknown op\)"):
         kb.FDFE.convert(net, 5)
+    weight = np.random.default_rng(0).standard_normal((3, 3, 1, 2)).astype("float32")
+
+    class Dilated(keras.Model):  # TensorFlow: space to batch, a convolution, batch to space (were "unknown op"s)
+        def call(self, x):
+            return keras.ops.mean(keras.ops.conv(x, weight, 1, "valid", dilation_rate=2), axis=(1, 2))
+    with pytest.raises(kb.FDFE.ConversionError, match=r"1 problem:\n.*\(SpaceToBatchND, created at test_errors.py:"
+                                                      r"\d+\), .*\(BatchToSpaceND, .*it moves positions of the patch "
+                                                      r"into the batch.*use the layers \(Conv2D, DepthwiseConv2D with "
+                                                      r"dilation_rate\) or tf.nn.conv2d\(..., dilations=d\)"):
+        kb.FDFE.convert(Dilated(), 9, in_channels=1)
 
 
 # --- bad input to CI, dense_reference, convert and SlimNet ------------------------------------------

@@ -666,6 +666,72 @@ def test_keras_dicts_and_arrays_of_ones_own_layers_changed_after_convert_are_ref
     assert max_rel_error(ci(images), kb.FDFE.dense_reference(cp, images, 6)) <= TOL["float32"]
 
 
+def test_keras_tensors_and_functions_of_ones_own_models_replaced_after_convert_are_refused(kb, tmp_path):
+    """A tensor or a function that one's own model or layer holds (``self.gain = tf.constant(...)``, ``self.act =
+    keras.activations.relu``, a functools.partial) was not compared: replaced after convert, CI kept the old one (2.9
+    off for the gain, 8.6 for the activation), silently.  They are compared by identity now; fit, compile and save
+    of Cp or CI (which set functions in Keras' attributes) are not refused."""
+    import functools
+    import keras
+    import tensorflow as tf
+    L = keras.layers
+
+    class Cp(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv, self.pool = L.Conv2D(4, 3), L.GlobalAveragePooling2D()
+            self.gain, self.act = tf.constant([1.0, 2.0, 3.0, 4.0]), keras.activations.relu
+            self.shift = keras.ops.convert_to_tensor(np.ones(4, "float32"))
+            self.leaky, self.calls = functools.partial(tf.nn.leaky_relu, alpha=0.1), 0
+
+        def call(self, x):
+            self.calls += 1  # (state)
+            return self.pool(self.leaky(self.act(self.conv(x)) * self.gain + self.shift))
+    images = _images(1)[:, :9, :11]
+    changes = [(lambda c: setattr(c, "gain", tf.constant([5.0, 2.0, 3.0, 4.0])), r"gain from a tensor of shape "
+                                                                                  r"\(4,\)"),
+               (lambda c: setattr(c, "act", keras.activations.tanh), r"act from 'relu' to 'tanh'"),
+               (lambda c: setattr(c, "shift", tf.zeros(4)), r"shift from a tensor"),
+               (lambda c: setattr(c, "leaky", tf.nn.relu), r"leaky from functools.partial")]
+    for change, message in changes:
+        cp = Cp()
+        cp(np.zeros((1, 10, 10, 1), "float32"))
+        ci = kb.FDFE.convert(cp, 10)
+        assert max_rel_error(ci(images), kb.FDFE.dense_reference(cp, images, 10)) <= TOL["float32"]
+        change(cp)
+        with pytest.raises(ValueError, match=r"Cp changed after convert: layer 'cp.*' changed its " + message +
+                                             r".*convert Cp again"):
+            ci(images)
+    cp = Cp()
+    cp(np.zeros((1, 10, 10, 1), "float32"))
+    ci = kb.FDFE.convert(cp, 10)
+    cp.compile(optimizer="sgd", loss="mse")
+    cp.fit(np.zeros((2, 10, 10, 1), "float32"), np.zeros((2, 4), "float32"), epochs=1, verbose=0)
+    ci.compile(optimizer="sgd", loss="mse")
+    ci.fit(images, np.zeros(images.shape[:3] + (4,), "float32"), epochs=1, verbose=0)
+    assert max_rel_error(ci(images), kb.FDFE.dense_reference(cp, images, 10)) <= TOL["float32"]
+
+
+def test_keras_explicit_padding_of_nothing_converts(kb):
+    """tf.nn.conv2d with explicit paddings of zeros pads nothing: it converts (it was refused as padding); explicit
+    paddings that pad stay refused."""
+    import keras
+    import tensorflow as tf
+    weight = np.random.default_rng(0).standard_normal((3, 3, 2, 4)).astype("float32")
+
+    class Cp(keras.Model):
+        def __init__(self, pads, **kwargs):
+            super().__init__(**kwargs)
+            self.pads = pads
+
+        def call(self, x):
+            return keras.ops.max(tf.nn.conv2d(x, weight, 1, self.pads), axis=(1, 2))
+    _assert_exact(kb, Cp([[0, 0]] * 4), (8, 8), 2)
+    with pytest.raises(kb.FDFE.ConversionError, match=r"\(Conv2D, created at .*it pads its input "
+                                                      r"\(padding='EXPLICIT'\)"):
+        kb.FDFE.convert(Cp([[0, 0], [1, 1], [1, 1], [0, 0]]), 8, in_channels=2)
+
+
 def test_keras_ops_that_do_not_broadcast_with_constants_of_the_maps_shape(kb, tmp_path):
     """TensorFlow's Select (tf.compat.v1.where, and inside tf.clip_by_norm), ClipByValue with tensor bounds and
     AddN (tf.add_n) take operands of one shape.  A constant of the map's shape (``tf.zeros_like(h)``) becomes its

@@ -149,6 +149,31 @@ def test_lp_pooling_gradient_is_zero_at_all_zero_windows(tb, kb):
                                rtol=1e-12)
 
 
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 1.5, 0.5, float("inf"), -float("inf")])
+def test_keras_lp_pooling_is_torchs_for_every_p(kb, p):
+    """FDFE.LPPooling2D gives torch.nn.LPPool2d's values on inputs of both signs (float64), NaN where torch gives NaN
+    (a window whose sum of x^p is negative and 1/p not an integer: odd p; x^p of a negative x for p = 1.5), and
+    torch's max (min) of |x| for p = inf (-inf).  It gave -|t|^(1/p) where torch gives NaN, and inf or 0 for p = inf;
+    CI's multipooling uses the same op, so CI follows its Cp either way (checked below for positive p)."""
+    import tensorflow as tf
+    import torch
+    x = np.random.default_rng(3).standard_normal((2, 9, 9, 7))
+    got = kb.FDFE.LPPooling2D(p, 3, 2, dtype="float64")(tf.constant(x)).numpy()
+    want = torch.nn.LPPool2d(p, 3, 2)(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and (p not in (3.0, 1.5, 0.5) or np.isnan(want).any())
+    np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], rtol=1e-12, atol=1e-14)
+    if p < 0:
+        return  # (multipooling takes a positive power)
+    import keras
+    L = keras.layers
+    net = keras.Sequential([keras.Input((8, 8, 1), dtype="float64"), L.Conv2D(3, 3, dtype="float64"),
+                            kb.FDFE.LPPooling2D(p, 2, dtype="float64"), L.Conv2D(2, 3, dtype="float64")])
+    images = tf.constant(np.random.default_rng(4).standard_normal((1, 11, 10, 1)))
+    out, ref = kb.FDFE.convert(net, 8, check=False)(images).numpy(), kb.FDFE.dense_reference(net, images, 8)
+    assert np.array_equal(np.isnan(out), np.isnan(ref))
+    np.testing.assert_allclose(out[~np.isnan(out)], ref[~np.isnan(ref)], rtol=1e-10, atol=1e-12)
+
+
 def test_relu_net_with_lp_pooling_trains_without_nan(kb):
     """A ReLU net with L2 pooling: one SGD step through CI leaves every weight finite."""
     import keras

@@ -83,6 +83,7 @@ import abc
 import argparse
 import dataclasses
 import enum
+import functools
 import inspect
 import numbers
 import os
@@ -1567,13 +1568,16 @@ def _pool(x, kind, kernel, stride, norm_type):
         return tf.nn.max_pool2d(x, kernel, stride, "VALID")
     if kind == "avg":
         return tf.nn.avg_pool2d(x, kernel, stride, "VALID")
-    # power-average pooling as in PyTorch: sign(t) * |t|^(1/p), t = sum of x^p over the window.  At
-    # t = 0 the root's derivative is infinite; like PyTorch, the gradient there is 0 (not NaN).
+    # power-average pooling as in PyTorch: t^(1/p), t = sum of x^p over the window (NaN where t < 0 and 1/p is
+    # not an integer: an odd p over negative values); p = inf: the max of |x|, -inf: the min.  At t = 0 the
+    # root's derivative is infinite; like PyTorch, the gradient there is 0 (not NaN).
+    if norm_type in (float("inf"), -float("inf")):
+        largest = tf.nn.max_pool2d(tf.abs(x) if norm_type > 0 else -tf.abs(x), kernel, stride, "VALID")
+        return largest if norm_type > 0 else -largest
     total = tf.nn.avg_pool2d(tf.pow(x, norm_type), kernel, stride, "VALID") * float(kernel[0] * kernel[1])
-    magnitude = tf.abs(total)
-    nonzero = magnitude > 0
-    root = tf.pow(tf.where(nonzero, magnitude, tf.ones_like(magnitude)), 1.0 / norm_type)
-    return tf.sign(total) * tf.where(nonzero, root, tf.zeros_like(root))
+    nonzero = tf.not_equal(total, 0)
+    root = tf.pow(tf.where(nonzero, total, tf.ones_like(total)), 1.0 / norm_type)
+    return tf.where(nonzero, root, tf.zeros_like(root))
 
 
 def multi_pool(x, kind: str, kernel_size, stride=None, naive: bool = False, norm_type: float = 2.0):
@@ -2267,7 +2271,19 @@ class _Same:
         return id(self.value)
 
     def __repr__(self):
+        if tf.is_tensor(self.value):
+            return f"a tensor of shape {tuple(self.value.shape)} (id {id(self.value):#x})"
         return repr(getattr(self.value, "__name__", self.value))
+
+
+def _held_by_identity(name, value) -> bool:
+    """A tensor or a function that a layer of one's own holds (``self.gain = tf.constant(...)``, ``self.act =
+    keras.activations.relu``): call() reads it, so one put in its place after convert changes Cp (compared by
+    identity).  Variables (weights, followed) and the methods Keras keeps in a layer's attributes are not."""
+    if name in ("build", "quantize") or isinstance(value, (tf.Variable, keras.Variable, keras.KerasTensor)):
+        return False
+    return tf.is_tensor(value) or isinstance(value, (types.FunctionType, types.BuiltinFunctionType,
+                                                     functools.partial))
 
 
 class _ArrayRecord:
@@ -2372,7 +2388,8 @@ def _setting_names(layer, state=None, reads=None) -> Tuple[str, ...]:
                  and not k.startswith("is_") and "lora" not in k and "quantiz" not in k
                  and not k.endswith(("_regularizer", "_constraint"))
                  for path, value in _setting_paths(k, v, None if reads is None else reads.read(v))
-                 if (id(layer), path) not in state and (_is_plain(value) or k in _LAYER_SETTINGS))
+                 if (id(layer), path) not in state and (_is_plain(value) or k in _LAYER_SETTINGS
+                                                        or _held_by_identity(k, value)))
 
 
 def _setting_of(layer, path):
@@ -5147,6 +5164,9 @@ def _rule_window_op(call, geoms):
     geom = geoms[0]
     _require_map(call, geom)
     padding = call.attrs["padding"][1]
+    explicit = list(call.attrs.get("explicit_paddings", ["list", []])[1] or [])
+    if padding == "EXPLICIT" and not any(explicit):  # (tf.nn.conv2d(x, w, 1, [[0, 0]] * 4): pads nothing)
+        padding = "VALID"
     if padding != "VALID" and not (padding == "SAME" and _window_size(call) == (1, 1)):
         reason = _pool_padding_reason({"MaxPool": "max", "AvgPool": "avg"}[call.type]) \
             if call.type in ("MaxPool", "AvgPool") else _PADDING_REASON
@@ -5181,6 +5201,17 @@ def _rule_refuse_resizing_op(call, geoms):
         kernel = tuple(call.in_shapes[1][:2]) if len(call.in_shapes) > 1 and len(call.in_shapes[1]) == 4 else (3, 3)
         raise call.fail(_transposed_conv_reason(tuple(strides[1:3]), kernel))
     raise call.fail(f"it resizes a map; {_RESIZE_REASON}")
+
+
+@_op_rule_for("SpaceToBatchND", "BatchToSpaceND", label="refused: space-to-batch in call() (TensorFlow's dilated "
+                                                         "keras.ops.conv / depthwise_conv, tf.nn.depthwise_conv2d)")
+def _rule_refuse_space_to_batch_op(call, geoms):
+    """tf.space_to_batch_nd / batch_to_space_nd in call(), which TensorFlow builds for a dilated keras.ops.conv or
+    depthwise_conv and a dilated tf.nn.depthwise_conv2d: refused by name, pointing to the dilated layers."""
+    raise call.fail("it moves positions of the patch into the batch (or back); TensorFlow computes a dilated "
+                    "keras.ops.conv, keras.ops.depthwise_conv or tf.nn.depthwise_conv2d so (space to batch, a "
+                    "convolution, batch to space): use the layers (Conv2D, DepthwiseConv2D with dilation_rate) or "
+                    "tf.nn.conv2d(..., dilations=d), which convert")
 
 
 # --- rules for maps with their channels split into groups (GROUPS) --------------------------------------------------
