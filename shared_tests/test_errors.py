@@ -216,6 +216,36 @@ def test_torch_refuses_data_dependent_forward_and_non_vector_output(tb):
                    forward=grows_its_bias)
 
 
+def test_keras_in_channels_inferred_from_the_convolution_cp_calls_first(kb):
+    """A subclassed Cp without keras.Input that creates its convolutions in another order than it calls them (or
+    starts with a DepthwiseConv2D) got the channel count of the first one created, and convert failed: the count
+    with which Cp runs on a patch is taken now."""
+    import keras
+    L = keras.layers
+
+    class Cp(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.second, self.first, self.head = L.Conv2D(5, 3), L.Conv2D(4, 3), L.Dense(3)
+
+        def call(self, x):
+            return self.head(keras.ops.mean(self.second(self.first(x)), axis=(1, 2)))
+
+    class Depthwise(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.depthwise, self.head = L.DepthwiseConv2D(3), L.Dense(3)
+
+        def call(self, x):
+            return self.head(keras.ops.mean(self.depthwise(x), axis=(1, 2)))
+    for net, channels in ((Cp(), 2), (Depthwise(), 3)):
+        net(np.zeros((1, 8, 8, channels), "float32"))
+        images = np.random.default_rng(channels).standard_normal((1, 10, 9, channels)).astype("float32")
+        ci = kb.FDFE.convert(net, 8)
+        assert ci.in_channels == channels
+        np.testing.assert_allclose(ci(images), kb.FDFE.dense_reference(net, images, 8), rtol=0, atol=1e-5)
+
+
 # --- refusals of convert(): Keras ----------------------------------------------------------------------
 
 def _keras_refusal(kb, layers, patch, match, channels=1):
@@ -531,7 +561,7 @@ def test_keras_bad_inputs(kb):
         kb.FDFE.patch_outputs(net, tf.random.normal((1, 4, 4, 1)), 15, np.array([[1, 0, 0]]))
     unbuilt = keras.Sequential([keras.layers.Conv2D(4, 3), keras.layers.Flatten()], name="unbuilt")
     with pytest.raises(ValueError, match=r"in_channels cannot be inferred from base_net \(unbuilt\): it declares no "
-                                         r"input \(no keras.Input\) and has no built Conv2D"):
+                                         r"input \(no keras.Input\) and has no built convolution"):
         kb.FDFE.convert(unbuilt, 3)
     with pytest.raises(ValueError, match=r"sL2=3 does not fit the net: its pooling layer pools with stride 2"):
         kb.SlimNet.SlimNet(net, 15, 15, sL2=3)

@@ -6131,15 +6131,33 @@ def _declared_channels(base_net):
         return None
 
 
-def _infer_in_channels(base_net):
-    """C of the input: declared by Cp's input, else its first built Conv2D's."""
+def _infer_in_channels(base_net, patch_size=None):
+    """C of the input: declared by Cp's input, else the input channels of one of its built convolutions (Conv2D,
+    DepthwiseConv2D, SeparableConv2D).  Candidates are tried in the order the layers were created (the first created
+    need not be the first called); the first with which Cp runs on a patch of ``patch_size`` wins."""
     declared = _declared_channels(base_net)
     if declared is not None:
         return declared
+    candidates = []
     for layer in base_net._flatten_layers(include_self=False):
-        if isinstance(layer, keras.layers.Conv2D) and layer.built:
-            return int(layer.kernel.shape[2]) * int(layer.groups)
-    return None
+        if not layer.built:
+            continue
+        if isinstance(layer, keras.layers.Conv2D):
+            candidates.append(int(layer.kernel.shape[2]) * int(layer.groups))
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
+            candidates.append(int(layer.kernel.shape[2]))
+        elif isinstance(layer, keras.layers.SeparableConv2D):
+            candidates.append(int(layer.depthwise_kernel.shape[2]))
+    candidates = list(dict.fromkeys(candidates))
+    if len(candidates) <= 1 or patch_size is None:
+        return candidates[0] if candidates else None
+    for c in candidates:
+        try:
+            base_net(tf.zeros((1,) + tuple(patch_size) + (c,), _input_dtype(base_net)), training=False)
+            return c
+        except Exception:  # another channel count; try the next
+            continue
+    return candidates[0]
 
 
 def _check_declared_input(base_net, patch_size, in_channels):
@@ -6424,11 +6442,11 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
     ph, pw = _pair(patch_size, "patch_size")
     guessed = in_channels is None and _declared_channels(base_net) is None
     if in_channels is None:
-        in_channels = _infer_in_channels(base_net)
+        in_channels = _infer_in_channels(base_net, (ph, pw))
         if in_channels is None:
             raise ValueError(f"in_channels cannot be inferred from base_net ({base_net.name}): it declares no input "
-                             f"(no keras.Input) and has no built Conv2D whose kernel gives the channel count; pass "
-                             f"in_channels= (or build Cp first)")
+                             f"(no keras.Input) and has no built convolution whose kernel gives the channel count; "
+                             f"pass in_channels= (or build Cp first)")
     elif not isinstance(in_channels, numbers.Integral) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     _check_declared_input(base_net, (ph, pw), int(in_channels))
