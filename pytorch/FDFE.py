@@ -1343,13 +1343,14 @@ def _module_structure(base_net: nn.Module, captured=(), settings=None, read=None
     return entries
 
 
-def _global_forward_hooks() -> Tuple:
+def _global_forward_hooks(kinds=("_global_forward_pre_hooks", "_global_forward_hooks")) -> Tuple:
     """The keys of the global module forward hooks and pre-hooks (``register_module_forward_hook``,
-    ``register_module_forward_pre_hook``), which run on Cp's modules like their own hooks; those of PyTorch's own
-    tools (FlopCounterMode's module tracker), which only observe, are left out."""
+    ``register_module_forward_pre_hook``; or of the other ``kinds``, such as the backward hooks), which run on Cp's
+    modules like their own hooks; those of PyTorch's own tools (FlopCounterMode's module tracker), which only
+    observe, are left out."""
     from torch.nn.modules import module as modules
     keys = []
-    for kind in ("_global_forward_pre_hooks", "_global_forward_hooks"):
+    for kind in kinds:
         for key, hook in getattr(modules, kind, {}).items():
             owner = getattr(getattr(hook, "__func__", hook), "__module__", None) or ""
             if not owner.startswith("torch."):
@@ -2281,8 +2282,9 @@ class multiLPPooling(_MultiPoolBase):
 
     def __init__(self, norm_type: float, kW, kH, dW=None, dH=None, naive: bool = False):
         super().__init__(kW, kH, dW, dH, naive)
-        if not _is_positive(norm_type):
-            raise ValueError(f"multiLPPooling: norm_type (the power p) must be a positive number, got {norm_type!r}")
+        if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real) or not norm_type == norm_type \
+                or norm_type == 0:  # (any other power, also negative or infinite: LPPool2d's)
+            raise ValueError(f"multiLPPooling: norm_type (the power p) must be a nonzero number, got {norm_type!r}")
         self.norm_type = float(norm_type)
 
     def _options(self):
@@ -3165,10 +3167,23 @@ def _inplace_variants(func):
     if func in _INPLACE_TWINS:
         return _INPLACE_TWINS[func], func, False
     name = getattr(func, "__name__", "")
-    if name.endswith("_") and not name.endswith("__") and hasattr(torch.Tensor, name[:-1]) \
-            and getattr(torch.Tensor, name, None) is func:
-        return func, getattr(torch.Tensor, name[:-1]), False
+    if name.endswith("_") and not name.endswith("__"):  # an in-place function (x.relu_(), torch.relu_, F.elu_)
+        for space in (torch.Tensor, torch, F):
+            if getattr(space, name, None) is func and callable(getattr(space, name[:-1], None)):
+                return func, getattr(space, name[:-1]), False
+        return func, _OnACopy(func), False  # (no out-of-place twin: on a copy, never on a value still read)
     return func, func, False
+
+
+class _OnACopy:
+    """The out-of-place form of an in-place function without a twin: the function applied to a copy of its first
+    argument (picklable, unlike a closure)."""
+
+    def __init__(self, func):
+        self.func = func
+
+    def __call__(self, x, *args, **kwargs):
+        return self.func(x.clone(), *args, **kwargs)
 
 
 class _PoolStep(_Step):
@@ -3371,7 +3386,10 @@ class _RegroupStep(_Step):
         v = values[0]
         if v.dim() > 4:
             v = v.flatten(1, v.dim() - 3)
-        return [v if self.groups is None else v.unflatten(1, self.groups)]
+        if self.groups is None:
+            return [v]
+        # (sizes read from the value, not unflatten's: TorchScript's ONNX exporter froze the whole graph's shapes)
+        return [v.reshape(v.shape[0], *self.groups, v.shape[-2], v.shape[-1])]
 
 
 class _OnMapStep(_Step):
@@ -4919,6 +4937,17 @@ def _rule_expand_channels(node, geoms):
     """``g.expand_as(x)``, ``g.expand(-1, C, -1, -1)``, ``g.repeat(1, C, 1, 1)``, ``torch.broadcast_to`` of a
     one-channel value to C channels at the same positions: the same channel repeated at every pixel."""
     geom, src, dst = geoms[0], tuple(node.in_shapes[0]), tuple(node.out_shapes[0])
+    operand = node.args[0] if node.args else None
+    if isinstance(operand, _OPERANDS):  # p.expand_as(x): a parameter, buffer or constant expanded to an activation's
+        # shape (the activation is the target): per channel, the same expand of the dense values' shape
+        shape, rank = tuple(operand.shape), len(dst)
+        padded = (1,) * (rank - len(shape)) + shape
+        channel = rank - 1 if geom.kind == TRANSPOSED else 1
+        if geom.kind in (MAP, TRANSPOSED) or geom.is_pixel_vector:
+            if len(shape) <= rank and all(n == 1 for d, n in enumerate(padded) if d != channel):
+                return _CallStep(node), [geom]
+        raise node.fail(f"it expands a value of shape {shape} that is not an activation to the shape {dst} of "
+                        f"{geom.describe()}; only one value per channel (shape (1, C, 1, 1)) can be made dense")
     if src == dst:
         return _AliasStep(node), [geom]
     by_channel = geom.kind == MAP or geom.is_pixel_vector or _view_by_channel(geom, src)
@@ -5295,22 +5324,25 @@ class DenseFeatureNet(nn.Module):
         """
         if not _recording_graph():
             self._check_structure()
-        hazards = getattr(self, "_gradient_hazards", ())
+        hazards = list(getattr(self, "_gradient_hazards", ()))
+        if not _recording_graph():
+            hazards += _global_backward_hooks()
         if hazards and not _recording_graph() and (_forward_ad_active() or torch._C._are_functorch_transforms_active()):
-            raise RuntimeError(self._hazard_message())
+            raise RuntimeError(self._hazard_message(hazards))
         out = self._forward(images)
         if hazards and not _recording_graph() and out.requires_grad:  # a backward through CI is refused when it runs
-            out.register_hook(self._refuse_gradient)
+            out.register_hook(lambda grad: self._refuse_gradient(grad, hazards))
         return out
 
-    def _hazard_message(self):
-        return (f"CI cannot give Cp's gradients: Cp uses {'; and '.join(self._gradient_hazards)}, which set its "
+    def _hazard_message(self, hazards=None):
+        hazards = self._gradient_hazards if hazards is None else hazards
+        return (f"CI cannot give Cp's gradients: Cp uses {'; and '.join(hazards)}, which set its "
                 f"gradients in a way CI's dense ops do not follow. CI's values are exact (call it under "
                 f"torch.no_grad() for inference); to train through CI, write those parts with plain ops "
                 f"(torch.no_grad() and detach() are followed)")
 
-    def _refuse_gradient(self, grad):
-        raise RuntimeError(self._hazard_message())
+    def _refuse_gradient(self, grad, hazards=None):
+        raise RuntimeError(self._hazard_message(hazards))
 
     def _check_images(self, images, dtype=None):
         """:func:`check_images` against CI's channels, saying where convert inferred them."""
@@ -5947,10 +5979,19 @@ def _names_read(nodes, expressions):
     return names
 
 
+def _global_backward_hooks() -> List[str]:
+    """The global module backward hooks (register_module_full_backward_hook, ..._pre_hook) as a gradient hazard:
+    they run on Cp's modules in a backward through Cp, not through CI, which does not call them (those of PyTorch's
+    own tools are not counted, see :func:`_global_forward_hooks`).  Read where CI runs."""
+    if _global_forward_hooks(("_global_backward_pre_hooks", "_global_backward_hooks")):
+        return ["global module backward hooks (register_module_full_backward_hook or "
+                "register_module_full_backward_pre_hook)"]
+    return []
+
+
 def _backward_hooks_of(base_net: nn.Module) -> List[str]:
     """Module backward hooks that change or read Cp's gradients (register_full_backward_hook, ..._pre_hook): CI
-    does not call Cp's modules, so they would not run.  (The global ones, register_module_full_backward_hook, are
-    the process's instruments, such as profilers, not Cp's: not counted.)"""
+    does not call Cp's modules, so they would not run.  (The global ones: :func:`_global_backward_hooks`.)"""
     return [f"backward hooks of its module '{name or type(base_net).__name__}' (register_full_backward_hook or "
             f"register_full_backward_pre_hook)"
             for name, module in base_net.named_modules()

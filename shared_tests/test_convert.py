@@ -1361,10 +1361,11 @@ def test_torch_global_module_hooks_added_or_removed_after_convert_are_refused(tb
     """A global module forward hook (register_module_forward_hook) runs on Cp's modules like their own hooks: one
     present at convert is traced into CI's ops and CI stays exact; one added or removed after convert changed Cp
     but not CI (0.67 off, silently), and is refused when CI runs.  The observers of PyTorch's own tools
-    (FlopCounterMode's module tracker) are not counted."""
+    (FlopCounterMode's module tracker) are not counted.  A global backward hook refuses a backward through CI."""
     import torch
     import torch.nn as nn
-    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+    from torch.nn.modules.module import (register_module_forward_hook, register_module_forward_pre_hook,
+                                         register_module_full_backward_hook)
     from torch.utils.flop_counter import FlopCounterMode
     FDFE = tb.FDFE
     torch.manual_seed(0)
@@ -1395,6 +1396,17 @@ def test_torch_global_module_hooks_added_or_removed_after_convert_are_refused(tb
             out = ci(images)
         assert counter.get_total_flops() > 0
         assert max_rel_error(out, FDFE.dense_reference(cp, images, 8)) <= TOL["float64"]
+        # a global backward hook changes Cp's gradients (0.5 off, silently): a backward through CI is refused
+        handles.append(register_module_full_backward_hook(
+            lambda module, grad_in, grad_out: tuple(None if g is None else g * 2 for g in grad_in)
+            if isinstance(module, nn.Conv2d) else None))
+        with torch.no_grad():
+            assert max_rel_error(ci(images), FDFE.dense_reference(cp, images, 8)) <= TOL["float64"]
+        with pytest.raises(RuntimeError, match=r"CI cannot give Cp's gradients: Cp uses global module backward "
+                                               r"hooks \(register_module_full_backward_hook"):
+            ci(images.clone().requires_grad_()).sum().backward()
+        handles.pop().remove()
+        ci(images.clone().requires_grad_()).sum().backward()
     finally:
         for handle in handles:
             handle.remove()
@@ -2273,6 +2285,42 @@ def test_keras_special_functions_in_call(kb):
     images = np.random.default_rng(3).standard_normal((2, 13, 12, 3))
     assert max_rel_error(kb.FDFE.convert(net, 10)(images), kb.FDFE.dense_reference(net, images, 10)) \
         <= TOL["float64"]
+
+
+def test_torch_parameters_expanded_to_an_activations_shape(tb):
+    """A parameter, buffer or constant expanded to an activation's shape (``p.view(1, -1, 1, 1).expand_as(y)``, a
+    per-channel bool mask for masked_fill) was taken for the activation itself: CI computed y - y (0.99 off with
+    check=False) or failed inside masked_fill.  One value per channel is expanded to the dense values' shape now
+    (exact, gradients too); one per position is refused; in-place functions without an out-of-place twin
+    (torch.clamp_min_ on y.clone()) no longer overwrite y in CI (0.61 off)."""
+    import torch
+    import torch.nn as nn
+    torch.manual_seed(5)
+
+    class Net(nn.Module):
+        def __init__(self, per_position=False):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 25, 5)
+            self.offset = nn.Parameter(torch.randn(1, 4, 5, 5) if per_position else torch.randn(4))
+            self.register_buffer("keep", torch.tensor([True, False, True, False]).view(1, 4, 1, 1))
+
+        def forward(self, x):
+            y = torch.tanh(self.conv(x))
+            b = self.offset.view(1, 4, -1, self.offset.shape[-1] if self.offset.dim() == 4 else 1).expand_as(y)
+            z = torch.clamp_min_(y.clone(), 0.1) + (b - y).masked_fill(self.keep.expand_as(y), 0.5)
+            return self.fc((z + y).flatten(1))
+    cp = Net().double().eval()
+    images = torch.from_numpy(np.random.default_rng(6).standard_normal((2, 3, 12, 11)))
+    ci = tb.FDFE.convert(cp, 7, check=False)
+    with torch.no_grad():
+        assert max_rel_error(ci(images), tb.FDFE.dense_reference(cp, images, 7)) <= TOL["float64"]
+    from test_training import _compare, torch_gradients
+    weights = torch.from_numpy(np.random.default_rng(7).standard_normal((2, 5, 12, 11)))
+    _compare(torch_gradients(tb, cp, images, 7, weights, ci=ci), torch_gradients(tb, cp, images, 7, weights),
+             "expand_as")
+    with pytest.raises(tb.FDFE.ConversionError, match=r"Tensor.expand_as cannot be made dense exactly: it expands a "
+                                                      r"value of shape \(1, 4, 5, 5\) that is not an activation"):
+        tb.FDFE.convert(Net(per_position=True).double().eval(), 7)
 
 
 def test_global_pooling_of_transposed_maps(tb, kb):

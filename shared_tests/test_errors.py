@@ -597,7 +597,7 @@ def test_public_functions_name_bad_arguments(tb, kb):
                 fdfe.tile_grid(10, 10, tile, (2, 2))
         with pytest.raises(ValueError, match=r"in_channels must be None or a positive int, got -1"):
             fdfe.check_images(np.zeros((1, 4, 4, 1), np.float32) if fdfe is kb.FDFE else torch.zeros(1, 1, 4, 4), -1)
-        with pytest.raises(ValueError, match=r"norm_type \(the power p\) must be a positive number, got 0"):
+        with pytest.raises(ValueError, match=r"norm_type \(the power p\) must be a nonzero number, got 0"):
             fdfe.multiLPPooling(0, 2, 2, 2, 2)
     with pytest.raises(ValueError, match=r"image_size must be at least 1, got \(-10, 10\)"):
         t_ci.estimate_memory((-10, 10))

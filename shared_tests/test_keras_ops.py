@@ -702,6 +702,50 @@ def test_keras_tensors_and_functions_of_ones_own_models_replaced_after_convert_a
         with pytest.raises(ValueError, match=r"Cp changed after convert: layer 'cp.*' changed its " + message +
                                              r".*convert Cp again"):
             ci(images)
+    class Held(L.Layer):  # tensors and functions in a list and a dict
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.gains, self.fns = [tf.constant(2.0), 1.5], {"act": tf.nn.relu}
+
+        def call(self, x):
+            return self.fns["act"](x) * self.gains[0] * self.gains[1]
+    for change, message in [(lambda h: h.gains.__setitem__(0, tf.constant(3.0)), r"gains from \(a tensor"),
+                            (lambda h: h.fns.__setitem__("act", tf.nn.elu), r"fns from \{'act': 'relu'\}")]:
+        held = Held()
+        net = keras.Sequential([keras.Input((5, 5, 1)), L.Conv2D(4, 3), held, L.Flatten(), L.Dense(3)])
+        ci = kb.FDFE.convert(net, 5)
+        change(held)
+        with pytest.raises(ValueError, match=r"layer 'held.*' changed its " + message):
+            ci(images)
+
+    class Monitored(keras.Model):  # a tensor train_step stores, which call() does not read: not compared
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv, self.pool, self.last_loss = L.Conv2D(4, 3), L.GlobalAveragePooling2D(), tf.constant(0.0)
+
+        def call(self, x):
+            return self.pool(self.conv(x))
+
+        def train_step(self, data):
+            out = super().train_step(data)
+            self.last_loss = out["loss"]
+            return out
+    monitored = Monitored()
+    monitored(np.zeros((1, 10, 10, 1), "float32"))
+    ci = kb.FDFE.convert(monitored, 10)
+    monitored.compile(optimizer="sgd", loss="mse")
+    monitored.fit(np.zeros((2, 10, 10, 1), "float32"), np.zeros((2, 4), "float32"), epochs=1, verbose=0)
+    assert max_rel_error(ci(images), kb.FDFE.dense_reference(monitored, images, 10)) <= TOL["float32"]
+
+    class MyNorm(L.Normalization):  # Keras' own statistics tensors (rebuilt by finalize_state): not compared
+        pass
+    norm = MyNorm(axis=-1)
+    norm.adapt(np.random.default_rng(1).standard_normal((20, 5, 5, 1)).astype("float32"))
+    normed = keras.Sequential([keras.Input((5, 5, 1)), norm, L.Conv2D(4, 3), L.Flatten(), L.Dense(3)])
+    ci = kb.FDFE.convert(normed, 5)
+    norm.adapt(np.random.default_rng(2).standard_normal((20, 5, 5, 1)).astype("float32") * 3 + 1)
+    assert max_rel_error(ci(images), kb.FDFE.dense_reference(normed, images, 5)) <= TOL["float32"]
+
     cp = Cp()
     cp(np.zeros((1, 10, 10, 1), "float32"))
     ci = kb.FDFE.convert(cp, 10)
@@ -730,6 +774,39 @@ def test_keras_explicit_padding_of_nothing_converts(kb):
     with pytest.raises(kb.FDFE.ConversionError, match=r"\(Conv2D, created at .*it pads its input "
                                                       r"\(padding='EXPLICIT'\)"):
         kb.FDFE.convert(Cp([[0, 0], [1, 1], [1, 1], [0, 0]]), 8, in_channels=2)
+
+
+def test_keras_gathers_of_one_channel_of_transposed_maps_and_bfloat16_nan_constants(kb):
+    """keras.ops.take(t, 2, axis=1) of a transposed map (one channel by a scalar index: the map's values) converts (it
+    was refused as "indices computed from the patch"); a gather with 2-D indices is refused naming them (it crashed
+    inside the self-check); keras.ops.median under mixed_bfloat16, whose NaN constants are bfloat16, converts (they
+    were taken for values that change with the batch size)."""
+    import keras
+    import tensorflow as tf
+    L, ops, d = keras.layers, keras.ops, "float64"
+    inp = keras.Input((10, 10, 3), dtype=d)
+    x = L.MaxPooling2D(2, dtype=d)(L.Conv2D(5, 3, dtype=d)(inp))
+    y = L.Lambda(lambda y: ops.expand_dims(ops.take(ops.transpose(y, (0, 3, 1, 2)), 2, axis=1), -1) * y
+                 + tf.gather(ops.transpose(y, (0, 3, 1, 2)), 4, axis=1)[..., None], dtype=d)(x)
+    net = keras.Model(inp, L.Dense(3, dtype=d)(L.Flatten(dtype=d)(y)))
+    images = np.random.default_rng(0).standard_normal((2, 13, 11, 3))
+    assert max_rel_error(kb.FDFE.convert(net, 10)(images), kb.FDFE.dense_reference(net, images, 10)) \
+        <= TOL["float64"]
+    inp = keras.Input((5, 5, 3))
+    y = L.Lambda(lambda y: ops.reshape(tf.gather(y, [[1, 2]], axis=-1), (-1, 3, 3, 2)))(L.Conv2D(5, 3)(inp))
+    with pytest.raises(kb.FDFE.ConversionError, match=r"\(GatherV2, .*it gathers with indices of 2 dims"):
+        kb.FDFE.convert(keras.Model(inp, L.Dense(2)(L.Flatten()(y))), 5)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        inp = keras.Input((6, 6, 3))
+        y = L.Lambda(lambda t: ops.median(t, axis=-1, keepdims=True) + t)(L.Conv2D(4, 3)(inp))
+        net = keras.Model(inp, L.Dense(2, dtype="float32")(L.Flatten()(y)))
+        images = np.random.default_rng(1).standard_normal((1, 9, 8, 3)).astype("float32")
+        ci = kb.FDFE.convert(net, 6)
+        assert max_rel_error(ci(images), kb.FDFE.dense_reference(net, images, 6)) <= TOL["bfloat16"]
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def test_keras_ops_that_do_not_broadcast_with_constants_of_the_maps_shape(kb, tmp_path):

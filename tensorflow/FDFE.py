@@ -1834,8 +1834,9 @@ class multiLPPooling(_MultiPoolBase):
 
     def __init__(self, norm_type: float, kW, kH, dW=None, dH=None, naive: bool = False, **kwargs):
         super().__init__(kW, kH, dW, dH, naive, **kwargs)
-        if not _is_positive(norm_type):
-            raise ValueError(f"multiLPPooling: norm_type (the power p) must be a positive number, got {norm_type!r}")
+        if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real) or not norm_type == norm_type \
+                or norm_type == 0:  # (any other power, also negative or infinite: LPPool2d's)
+            raise ValueError(f"multiLPPooling: norm_type (the power p) must be a nonzero number, got {norm_type!r}")
         self.norm_type = float(norm_type)
 
     def _options(self):
@@ -2276,14 +2277,32 @@ class _Same:
         return repr(getattr(self.value, "__name__", self.value))
 
 
-def _held_by_identity(name, value) -> bool:
-    """A tensor or a function that a layer of one's own holds (``self.gain = tf.constant(...)``, ``self.act =
-    keras.activations.relu``): call() reads it, so one put in its place after convert changes Cp (compared by
-    identity).  Variables (weights, followed) and the methods Keras keeps in a layer's attributes are not."""
-    if name in ("build", "quantize") or isinstance(value, (tf.Variable, keras.Variable, keras.KerasTensor)):
+def _held_by_identity(name, value, captured=None, depth=0) -> bool:
+    """A tensor that call() read as convert traced it (its id in ``captured``, the eager tensors the traced graph
+    captured; None: any tensor) or a function that a layer of one's own holds (``self.gain = tf.constant(...)``,
+    ``self.act = keras.activations.relu``, a functools.partial), or a list, tuple or dict of them and of plain values:
+    one put in its place after convert changes Cp (compared by identity).  Variables (weights, followed), tensors
+    call() does not read (a loss a train_step stores) and the methods Keras keeps in a layer's attributes are not."""
+    if name in ("build", "quantize") or depth > 8:
         return False
-    return tf.is_tensor(value) or isinstance(value, (types.FunctionType, types.BuiltinFunctionType,
-                                                     functools.partial))
+    if isinstance(value, (list, tuple, dict)):
+        items = list(value.values()) if isinstance(value, dict) else list(value)
+        keys_plain = not isinstance(value, dict) or all(_is_plain(k) for k in value)
+        return keys_plain and any(_held_by_identity(name, v, captured, depth + 1) for v in items) and all(
+            _is_plain(v) or _held_by_identity(name, v, captured, depth + 1) for v in items)
+    if isinstance(value, (tf.Variable, keras.Variable, keras.KerasTensor)):
+        return False
+    if tf.is_tensor(value):
+        return captured is None or id(value) in captured
+    return isinstance(value, (types.FunctionType, types.BuiltinFunctionType, functools.partial))
+
+
+def _extends_a_keras_layer(layer) -> bool:
+    """Whether ``layer`` is of a subclass of one of Keras' own layers other than Layer and Model (a Normalization of
+    one's own): the tensors its Keras base holds (a Normalization's statistics, rebuilt by finalize_state()) are
+    Keras' to manage, not settings."""
+    return any(issubclass(c, keras.layers.Layer) and _keras_own(c) and c not in (keras.layers.Layer, keras.Model)
+               for c in type(layer).__mro__[1:])
 
 
 class _ArrayRecord:
@@ -2367,7 +2386,7 @@ def _attribute_values(layers) -> Dict[Tuple[int, str], object]:
     return values
 
 
-def _setting_names(layer, state=None, reads=None) -> Tuple[str, ...]:
+def _setting_names(layer, state=None, reads=None, captured=None) -> Tuple[str, ...]:
     """The settings of a layer that :func:`_layer_settings` records: for Keras' own layers those of
     ``_LAYER_SETTINGS`` they have; for layers and models of the user's own (subclasses of Keras' layers included),
     the public attributes with plain values (and the fields of configuration objects that call() read, ``reads``:
@@ -2384,12 +2403,13 @@ def _setting_names(layer, state=None, reads=None) -> Tuple[str, ...]:
         return () if isinstance(layer, keras.Model) else tuple(k for k in _LAYER_SETTINGS if k in attributes)
     if state is None:
         return ()
+    by_identity = not _extends_a_keras_layer(layer)
     return tuple(path for k, v in attributes.items() if k[0] != "_" and k not in _KERAS_BOOKKEEPING
                  and not k.startswith("is_") and "lora" not in k and "quantiz" not in k
                  and not k.endswith(("_regularizer", "_constraint"))
                  for path, value in _setting_paths(k, v, None if reads is None else reads.read(v))
                  if (id(layer), path) not in state and (_is_plain(value) or k in _LAYER_SETTINGS
-                                                        or _held_by_identity(k, value)))
+                                                        or by_identity and _held_by_identity(k, value, captured)))
 
 
 def _setting_of(layer, path):
@@ -2400,13 +2420,13 @@ def _setting_of(layer, path):
     return _read_setting(vars(layer), path, None)
 
 
-def _layer_settings(layers, state=None, reads=None) -> List[Tuple]:
+def _layer_settings(layers, state=None, reads=None, captured=None) -> List[Tuple]:
     """(layer, setting names, their values, activation) of each layer (:func:`_setting_names`): what the layers CI
     built from them depend on.  A change after convert changes the ops Cp runs, which CI would not follow: refused
     where CI runs (DenseFeatureModel._check_settings, which reads the names listed here)."""
     entries = []
     for layer in layers:
-        names = _setting_names(layer, state, reads)
+        names = _setting_names(layer, state, reads, captured)
         entries.append((layer, names, tuple(_snapshot(_setting_of(layer, k)) for k in names),
                         getattr(layer, "activation", None)))
     return entries
@@ -2905,6 +2925,8 @@ def _differ_by_batch(was, now) -> bool:
     """Whether an operand computed from shapes differs between traces of Cp on two batch sizes: by value where
     it has one shape in both; else by the values it holds (a constant of the batch's shape, such as
     ``tf.zeros_like(x)``, holds the same values for any batch)."""
+    if "float" in was.dtype.name and was.dtype.kind not in "fc":  # (ml_dtypes' bfloat16, float8: kind "V")
+        was, now = was.astype(np.float32), now.astype(np.float32)
     if was.shape == now.shape:
         return not np.array_equal(was, now, equal_nan=was.dtype.kind in "fc")
     return not np.array_equal(np.unique(was), np.unique(now), equal_nan=was.dtype.kind in "fc")
@@ -5005,6 +5027,16 @@ def _rule_gather_op(call, geoms):
     geom, rank = geoms[0], len(call.in_shapes[0])
     axis, indices = call.constant("axis"), call.args["indices"]
     indices = None if not isinstance(indices, dict) or not _constant_only(indices) else indices
+    if geom.kind == TRANSPOSED and indices is not None and len(call.out_shapes[0]) == 3 and "input" in \
+            call.args["params"] and call.attrs.get("batch_dims", ["int", 0])[1] == 0:  # one channel by a scalar
+        # index (keras.ops.take(t, 2, axis=1)): its (N, h, w), the map's values; gathered as [2] and transposed back
+        _along_transposed_channels(call, geom, _constant_axis(call, axis), None)
+        index = call.constant("indices")
+        call.args["indices"] = {"const": [int(index)], "dtype": call.args["indices"]["dtype"]}
+        gather, back = _TFOp(call.type, call.args, call.attrs, name=_op_layer_name(call)), _transposer((0, 2, 3, 1))
+        one = geom.with_(kind=MAP, channels=1)
+        return (lambda xs: [back(gather(xs[0]))]), [_reshaped_geom(call, one, (call.in_shapes[0][0],)
+                                                                   + one.size + (1,), call.out_shapes[0])]
     if geom.kind == TRANSPOSED:
         if "input" not in call.args["params"] or indices is None or call.attrs.get("batch_dims", ["int", 0])[1] != 0 \
                 or len(call.out_shapes[0]) != 4:
@@ -5018,6 +5050,9 @@ def _rule_gather_op(call, geoms):
         raise call.fail(f"it gathers from {geom.describe()} along axis {axis}; only constant indices into the channel "
                         f"axis (-1) of a map or of a vector of one position can be made dense")
     src, out = tuple(call.in_shapes[0]), tuple(call.out_shapes[0])
+    if len(out) > len(src):
+        raise call.fail(f"it gathers with indices of {len(out) - len(src) + 1} dims, which add axes after the "
+                        f"channels; only one list of channel indices (or one index) can be made dense")
     if len(out) == len(src) - 1:  # one channel by a scalar index (tf.gather(x, 3, axis=-1)), (N, h, w): gathered as
         # [3], since the dense values keep a one-channel axis (as after argmax)
         index = call.constant("indices")
@@ -6507,7 +6542,8 @@ def convert(base_net, patch_size, in_channels: Optional[int] = None, *, naive: b
         _self_check(net, base_net, dtype)  # (runs Cp again: what it changes is state too)
     snapshots = tracer.snapshots + [_attribute_values(net._cp_layers)]
     state = _changed_between(snapshots)
-    object.__setattr__(net, "_settings", _layer_settings(net._cp_layers, state, reads))
+    captured = {id(external) for external, _ in tracer.graph.captures} if tracer.graph is not None else None
+    object.__setattr__(net, "_settings", _layer_settings(net._cp_layers, state, reads, captured))
     object.__setattr__(net, "_containers", _container_records(replaced))
     object.__setattr__(net, "_in_channels_inferred", guessed)  # (for the message where images have other channels)
     return net
