@@ -154,7 +154,8 @@ def test_keras_lp_pooling_is_torchs_for_every_p(kb, p):
     """FDFE.LPPooling2D gives torch.nn.LPPool2d's values on inputs of both signs (float64), NaN where torch gives NaN
     (a window whose sum of x^p is negative and 1/p not an integer: odd p; x^p of a negative x for p = 1.5), and
     torch's max (min) of |x| for p = inf (-inf).  It gave -|t|^(1/p) where torch gives NaN, and inf or 0 for p = inf;
-    CI's multipooling uses the same op, so CI follows its Cp either way (negative p converts too: it was a ValueError)."""
+    CI's multipooling uses the same op, so CI follows its Cp either way (negative p converts too: it was a
+    ValueError)."""
     import tensorflow as tf
     import torch
     x = np.random.default_rng(3).standard_normal((2, 9, 9, 7))
