@@ -1339,11 +1339,11 @@ def _module_structure(base_net: nn.Module, captured=(), settings=None, read=None
         entries[f"{name}:{key}"] = (_TensorAttribute, {"value": _TensorAttribute(value)}, {}, ())
     tied = frozenset(frozenset(names) for names in owners.values() if len(names) > 1)
     entries[_TIED] = (_TiedTensors, {"groups": tied}, {}, ())
-    entries[_GLOBAL_HOOKS] = (_GlobalHooks, {}, {}, _global_forward_hooks())
+    entries[_GLOBAL_HOOKS] = (_GlobalHooks, {}, {}, _global_module_hooks())
     return entries
 
 
-def _global_forward_hooks(kinds=("_global_forward_pre_hooks", "_global_forward_hooks")) -> Tuple:
+def _global_module_hooks(kinds=("_global_forward_pre_hooks", "_global_forward_hooks")) -> Tuple:
     """The keys of the global module forward hooks and pre-hooks (``register_module_forward_hook``,
     ``register_module_forward_pre_hook``; or of the other ``kinds``, such as the backward hooks), which run on Cp's
     modules like their own hooks; those of PyTorch's own tools (FlopCounterMode's module tracker), which only
@@ -1368,7 +1368,7 @@ _TIED = "\0tied"  # (no module has this name)
 
 class _GlobalHooks:
     """Marks the entry of :func:`_module_structure` that holds the global module forward hooks
-    (:func:`_global_forward_hooks`)."""
+    (:func:`_global_module_hooks`)."""
 
 
 _GLOBAL_HOOKS = "\0global hooks"
@@ -5982,8 +5982,8 @@ def _names_read(nodes, expressions):
 def _global_backward_hooks() -> List[str]:
     """The global module backward hooks (register_module_full_backward_hook, ..._pre_hook) as a gradient hazard:
     they run on Cp's modules in a backward through Cp, not through CI, which does not call them (those of PyTorch's
-    own tools are not counted, see :func:`_global_forward_hooks`).  Read where CI runs."""
-    if _global_forward_hooks(("_global_backward_pre_hooks", "_global_backward_hooks")):
+    own tools are not counted, see :func:`_global_module_hooks`).  Read where CI runs."""
+    if _global_module_hooks(("_global_backward_pre_hooks", "_global_backward_hooks")):
         return ["global module backward hooks (register_module_full_backward_hook or "
                 "register_module_full_backward_pre_hook)"]
     return []

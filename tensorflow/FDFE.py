@@ -5031,8 +5031,7 @@ def _rule_gather_op(call, geoms):
             call.args["params"] and call.attrs.get("batch_dims", ["int", 0])[1] == 0:  # one channel by a scalar
         # index (keras.ops.take(t, 2, axis=1)): its (N, h, w), the map's values; gathered as [2] and transposed back
         _along_transposed_channels(call, geom, _constant_axis(call, axis), None)
-        index = call.constant("indices")
-        call.args["indices"] = {"const": [int(index)], "dtype": call.args["indices"]["dtype"]}
+        _one_index_as_a_list(call)
         gather, back = _TFOp(call.type, call.args, call.attrs, name=_op_layer_name(call)), _transposer((0, 2, 3, 1))
         one = geom.with_(kind=MAP, channels=1)
         return (lambda xs: [back(gather(xs[0]))]), [_reshaped_geom(call, one, (call.in_shapes[0][0],)
@@ -5055,12 +5054,18 @@ def _rule_gather_op(call, geoms):
                         f"channels; only one list of channel indices (or one index) can be made dense")
     if len(out) == len(src) - 1:  # one channel by a scalar index (tf.gather(x, 3, axis=-1)), (N, h, w): gathered as
         # [3], since the dense values keep a one-channel axis (as after argmax)
-        index = call.constant("indices")
-        call.args["indices"] = {"const": [int(index)], "dtype": call.args["indices"]["dtype"]}
+        _one_index_as_a_list(call)
         args = dict(call.args, axis={"const": -1, "dtype": call.args["axis"]["dtype"]})
         return _op_runner(call, args), [_reshaped_geom(call, geom.with_(channels=1), src[:-1] + (1,), out)]
     args = dict(call.args, axis={"const": -1, "dtype": call.args["axis"]["dtype"]})
     return _op_runner(call, args), [geom.with_(channels=call.out_shapes[0][-1])]
+
+
+def _one_index_as_a_list(call):
+    """Make the scalar index of a recorded gather (tf.gather(x, 3, axis=-1)) a list of one, [3]: the dense values keep
+    the axis it drops."""
+    index = call.constant("indices")
+    call.args["indices"] = {"const": [int(index)], "dtype": call.args["indices"]["dtype"]}
 
 
 def _channel_selection(picked, src, geom):
@@ -5430,8 +5435,14 @@ def _groups_along_op(call, geoms):
         raise call.fail(f"it works along axes {axes} of {geom.describe()}, which mixes positions of the patch (or "
                         f"patches); only its group axes ({', '.join(str(a) for a in range(3, len(src)))}) can be made "
                         f"dense")
-    return _op_runner(call), [geom.with_(groups=out[3:]) if len(out) >= 5 else geom.with_(kind=MAP, channels=out[3])
-                              for out in map(tuple, call.out_shapes)]
+    return _op_runner(call), _groups_parts(call, geom)
+
+
+def _groups_parts(call, geom):
+    """The geometries of the results of an op along group axes of a map split into groups: maps split into groups,
+    or maps where one group axis is left."""
+    return [geom.with_(groups=out[3:]) if len(out) >= 5 else geom.with_(kind=MAP, channels=out[3])
+            for out in map(tuple, call.out_shapes)]
 
 
 @_groups_rule_for("Softmax", "LogSoftmax", "TopKV2")
@@ -5517,8 +5528,7 @@ def _groups_unstack_op(call, geoms):
         raise call.fail(f"it unstacks {geom.describe()} along axis {axis}, which mixes positions of the patch (or "
                         f"patches); only its group axes ({', '.join(str(a) for a in range(3, len(src)))}) can be made "
                         f"dense")
-    return _op_runner(call), [geom.with_(groups=out[3:]) if len(out) >= 5 else geom.with_(kind=MAP, channels=out[3])
-                              for out in map(tuple, call.out_shapes)]
+    return _op_runner(call), _groups_parts(call, geom)
 
 
 @_groups_rule_for("StridedSlice", "Slice")
