@@ -4104,10 +4104,17 @@ def _pool_rows(node, kind, rows):
     if kind is None or p.get("dtype") is not None:
         raise node.fail(f"over the rows of a map (dim 1: its positions) only mean, sum, amax and amin (without "
                         f"dtype=) can be made dense, as a global pooling")
-    step = _PoolRowsStep(node, kind, rows.size, bool(p["keepdim"]))
+    return _pool_transposed_values(node, kind, rows, bool(p["keepdim"]))
+
+
+def _pool_transposed_values(node, kind, geom, keepdim):
+    """The global ``kind`` pooling of values whose dense values are a transposed map's (rows of a map, or a
+    transposed map over its positions): the map's, transposed again where the positions' axes are kept; without
+    them, one row of a 1x1 map's, or its (N, C) vector."""
+    step = _PoolRowsStep(node, kind, geom.size, keepdim)
     step.split_ties = kind in ("max", "min")  # (amax, amin)
-    pooled = rows.with_(size=(1, 1))
-    return step, [pooled if p["keepdim"] else _geom_of_shape(pooled.with_(kind=MAP), node.out_shapes[0])]
+    pooled = geom.with_(size=(1, 1))
+    return step, [pooled if keepdim else _geom_of_shape(pooled.with_(kind=MAP), node.out_shapes[0])]
 
 
 def _global_pool_step(node, geom, kind, keep_map):
@@ -4210,10 +4217,7 @@ def _make_reduce_rule(kind):
         if geom.kind == TRANSPOSED and len(shape) == 4 and sorted({d % 4 for d in dims}) == [1, 2] and \
                 kind is not None and p.get("dtype") is None:  # over the positions of (N, h, w, C) (timm's heads
             # of NHWC maps, x.mean((1, 2))): the map's global pooling, as over the rows of a map
-            step = _PoolRowsStep(node, kind, geom.size, keepdim)
-            step.split_ties = kind in ("max", "min")  # (amax, amin)
-            pooled = geom.with_(size=(1, 1))
-            return step, [pooled if keepdim else _geom_of_shape(pooled.with_(kind=MAP), node.out_shapes[0])]
+            return _pool_transposed_values(node, kind, geom, keepdim)
         if geom.kind == TRANSPOSED:
             return _reduce_transposed(node, geom, dims, keepdim, p.pop(names[0]), p)
         flattened = geom.kind == VIEW and shape[1:] == (geom.channels, h * w) and [d % 3 for d in dims] == [2] or \
